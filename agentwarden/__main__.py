@@ -1,0 +1,3 @@
+from agentwarden.cli import main
+
+main()

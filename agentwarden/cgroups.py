@@ -1,0 +1,149 @@
+"""cgroup v2: where it is mounted, which cgroups are agents, and their processes.
+
+A cgroup is an agent when its directory carries the xattr
+``trusted.agentwarden.agent=<name>``. Only root can set trusted.* xattrs, so an
+agent cannot tag or untag itself. Its cgroup id (as BPF sees it) is the inode
+number of the directory; its level is its depth below the cgroup2 root.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AgentwardenError
+
+TAG_XATTR = "trusted.agentwarden.agent"
+AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+
+class CgroupError(AgentwardenError):
+    pass
+
+
+@dataclass(frozen=True)
+class TaggedCgroup:
+    cgroup_id: int
+    agent: str
+    path: Path
+    level: int
+
+
+def _unescape_mount_field(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path:
+    """The cgroup v2 mount point: /sys/fs/cgroup (pure v2) or .../unified (hybrid)."""
+    try:
+        with open(mountinfo) as f:
+            lines = f.readlines()
+    except OSError as exc:
+        raise CgroupError(f"cannot read {mountinfo}: {exc.strerror}") from None
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        if sep and right.split()[0] == "cgroup2":
+            return Path(_unescape_mount_field(left.split()[4]))
+    raise CgroupError(
+        "cgroup v2 is not mounted; mount it with: "
+        "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified")
+
+
+def validate_agent_name(name: str) -> str:
+    if not AGENT_NAME.match(name):
+        raise CgroupError(
+            f"invalid agent name {name!r}: use 1-64 letters, digits, '_', '.', '@' or '-', "
+            "starting with a letter or digit")
+    return name
+
+
+def resolve(cgroup: str | os.PathLike, root: Path | None = None, create: bool = False) -> Path:
+    """A cgroup directory from an absolute path or one relative to the cgroup2 root."""
+    root = root or cgroup2_root()
+    given = Path(cgroup)
+    path = given if given.is_absolute() else root / given
+    path = Path(os.path.normpath(path))
+    if path != root and root not in path.parents:
+        raise CgroupError(f"{given} is not a cgroup: it is outside the cgroup v2 mount {root}")
+    if create and not path.exists():
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise CgroupError(f"cannot create cgroup {path}: {exc.strerror}") from None
+    if not path.is_dir():
+        raise CgroupError(f"{given} is not a cgroup: no such directory under {root}")
+    if not (path / "cgroup.procs").exists():
+        raise CgroupError(f"{given} is not a cgroup: {path} has no cgroup.procs")
+    return path
+
+
+def cgroup_id(path: Path) -> int:
+    return os.stat(path).st_ino
+
+
+def level(path: Path, root: Path) -> int:
+    return len(path.relative_to(root).parts)
+
+
+def read_tag(path: Path) -> str | None:
+    try:
+        return os.getxattr(path, TAG_XATTR).decode("utf-8", "replace")
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOENT, errno.ENOTSUP):
+            return None
+        raise
+
+
+def _xattr_error(action: str, path: Path, exc: OSError) -> CgroupError:
+    if exc.errno == errno.EPERM:
+        return CgroupError(f"cannot {action} {path}: trusted.* xattrs need root (run with sudo)")
+    return CgroupError(f"cannot {action} {path}: {exc.strerror}")
+
+
+def tag(path: Path, agent: str) -> None:
+    validate_agent_name(agent)
+    try:
+        os.setxattr(path, TAG_XATTR, agent.encode())
+    except OSError as exc:
+        raise _xattr_error("tag", path, exc) from None
+
+
+def untag(path: Path) -> bool:
+    """Remove the tag; False when there was none."""
+    try:
+        os.removexattr(path, TAG_XATTR)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return False
+        raise _xattr_error("untag", path, exc) from None
+    return True
+
+
+def scan_tagged(root: Path) -> dict[int, TaggedCgroup]:
+    """Every tagged cgroup below (and including) root, by cgroup id."""
+    tagged: dict[int, TaggedCgroup] = {}
+    for dirpath, _dirs, _files in os.walk(root):
+        path = Path(dirpath)
+        try:
+            agent = read_tag(path)
+            if agent is None or not AGENT_NAME.match(agent):
+                continue
+            tagged[cgroup_id(path)] = TaggedCgroup(cgroup_id(path), agent, path, level(path, root))
+        except OSError:
+            continue  # removed while we walked
+    return tagged
+
+
+def processes(path: Path) -> list[int]:
+    """Process ids in the cgroup and all its descendants."""
+    pids: list[int] = []
+    for dirpath, _dirs, _files in os.walk(path):
+        try:
+            with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                pids.extend(int(line) for line in f if line.strip())
+        except OSError:
+            continue
+    return pids

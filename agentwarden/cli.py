@@ -1,0 +1,281 @@
+"""The `agentwarden` command. Only parsing and error translation live here."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import typer
+import zmq
+
+from . import cgroups, control, doctor, render, wire
+from .errors import AgentwardenError, NeedsRoot
+from .settings import Settings
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Watch and govern what AI agents execute and open.\n\n"
+                       "Example: sudo agentwarden up")
+
+TAIL_KINDS = {"exec", "open", "chdir", "fork", "exit", "gap"}
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _logging(name: str) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"agentwarden-{name}: %(message)s")
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise NeedsRoot(what)
+
+
+@app.command()
+def up(ready_timeout: float = typer.Option(60.0, help="Seconds to wait for the probe to load.")):
+    """Run probe and daemon in the foreground with embedded defaults.
+
+    Example: sudo agentwarden up
+    """
+    _need_root("agentwarden up")
+    settings = _settings()
+    children: dict[str, subprocess.Popen] = {}
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for part in ("daemon", "probe"):
+        children[part] = subprocess.Popen([sys.executable, "-m", "agentwarden", part])
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not stopping and time.monotonic() < deadline:
+            if any(c.poll() is not None for c in children.values()):
+                break
+            try:
+                if control.request(settings, "status", timeout=1)["status"]["probe"]["health"]:
+                    _print_banner(settings)
+                    break
+            except AgentwardenError:
+                pass
+            time.sleep(0.2)
+        while not stopping and all(c.poll() is None for c in children.values()):
+            time.sleep(0.2)
+    finally:
+        # Probe first, so its last records reach the daemon before it closes.
+        for part in ("probe", "daemon"):
+            child = children[part]
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+    failed = {p: c.returncode for p, c in children.items() if c.returncode not in (0, -15)}
+    if failed and not stopping:
+        raise AgentwardenError("stopped: " + ", ".join(f"{p} exited with {rc}" for p, rc in failed.items()))
+
+
+def _print_banner(settings: Settings) -> None:
+    root = cgroups.cgroup2_root()
+    typer.echo(f"agentwarden is watching.\n"
+               f"  archive:   {settings.archive_dir}\n"
+               f"  sockets:   {settings.run_dir} (ingest.sock, events.sock, control.sock)\n"
+               f"  cgroup v2: {root}\n"
+               f"Put a shell under watch as agent 'demo' (in another terminal, as root):\n"
+               f"  agentwarden tag demo --agent demo --create && echo $$ > {root}/demo/cgroup.procs\n"
+               f"Then watch it: agentwarden tail --agent demo")
+
+
+@app.command()
+def probe():
+    """Run the probe alone (for service managers)."""
+    _logging("probe")
+    from agentwarden.probe import main as probe_main
+    probe_main.main(_settings())
+
+
+@app.command()
+def daemon():
+    """Run the daemon alone (for service managers)."""
+    _need_root("the daemon")
+    _logging("daemon")
+    from agentwarden.daemon import main as daemon_main
+    daemon_main.main(_settings())
+
+
+def _wait_for_probe(settings: Settings, cgid: int, present: bool, timeout: float = 5.0) -> Optional[bool]:
+    """True when the probe reports the tag change, None when no daemon runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            tags = control.request(settings, "status", timeout=1)["status"]["probe"]["tags"]
+        except control.DaemonUnavailable:
+            return None
+        if (str(cgid) in tags) == present:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@app.command()
+def tag(cgroup: str = typer.Argument(..., help="cgroup path, absolute or relative to the cgroup v2 root"),
+        agent: str = typer.Option(..., "--agent", help="agent name (letters, digits, _ . @ -)"),
+        create: bool = typer.Option(False, "--create", help="create the cgroup if it does not exist")):
+    """Mark a cgroup (and every cgroup below it) as an agent.
+
+    Example: sudo agentwarden tag agents/coder --agent coder --create
+    """
+    _need_root("tagging a cgroup")
+    cgroups.validate_agent_name(agent)
+    path = cgroups.resolve(cgroup, create=create)
+    cgroups.tag(path, agent)
+    cgid = cgroups.cgroup_id(path)
+    typer.echo(f"tagged {path} as agent {agent!r} (cgroup id {cgid})")
+    seen = _wait_for_probe(_settings(), cgid, present=True)
+    if seen is None:
+        typer.echo("agentwarden is not running: the probe will watch it when it starts")
+    elif not seen:
+        raise AgentwardenError("the probe did not pick up the tag within 5 s; check `agentwarden status`")
+    else:
+        typer.echo("the probe watches it now")
+
+
+@app.command()
+def untag(cgroup: str = typer.Argument(..., help="cgroup path, absolute or relative to the cgroup v2 root")):
+    """Stop treating a cgroup as an agent.
+
+    Example: sudo agentwarden untag agents/coder
+    """
+    _need_root("untagging a cgroup")
+    path = cgroups.resolve(cgroup)
+    if not cgroups.untag(path):
+        raise AgentwardenError(f"{path} is not tagged")
+    typer.echo(f"untagged {path}")
+    cgid = cgroups.cgroup_id(path)
+    if _wait_for_probe(_settings(), cgid, present=False) is False:
+        raise AgentwardenError("the probe did not drop the tag within 5 s; check `agentwarden status`")
+
+
+@app.command()
+def agents(as_json: bool = typer.Option(False, "--json", help="one JSON object per agent cgroup")):
+    """List tagged cgroups with their live process counts.
+
+    Example: agentwarden agents --json
+    """
+    root = cgroups.cgroup2_root()
+    found = sorted(cgroups.scan_tagged(root).values(), key=lambda t: str(t.path))
+    for t in found:
+        count = len(cgroups.processes(t.path))
+        if as_json:
+            typer.echo(json.dumps({"agent": t.agent, "cgroup": str(t.path), "cgroup_id": t.cgroup_id,
+                                   "processes": count}))
+        else:
+            typer.echo(f"{t.agent:<16} {count:>5} processes  {t.path}  (id {t.cgroup_id})")
+    if not found and not as_json:
+        typer.echo(f"no tagged cgroups under {root}; tag one with `agentwarden tag`")
+
+
+@app.command()
+def tail(agent: Optional[str] = typer.Option(None, "--agent", help="only this agent's events"),
+         as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
+         count: int = typer.Option(0, "--count", help="exit after this many records (0: never)")):
+    """Follow agent events live.
+
+    Example: sudo agentwarden tail --agent coder --json
+    """
+    settings = _settings()
+    control.check_reachable(settings, settings.events_endpoint)
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(settings.events_endpoint)
+    shown, last_seq = 0, None
+    try:
+        while True:
+            try:
+                batch = wire.decode_batch(sock.recv())
+            except wire.WireError as exc:
+                typer.echo(f"agentwarden: skipped a malformed message: {exc}", err=True)
+                continue
+            if last_seq is not None and batch.seq > last_seq + 1:
+                typer.echo(f"agentwarden: this tail missed {batch.seq - last_seq - 1} batches "
+                           "(it read too slowly; the archive has them)", err=True)
+            last_seq = batch.seq
+            for record in batch.records:
+                if record["kind"] not in TAIL_KINDS:
+                    continue
+                if agent and record["kind"] != "gap" and record.get("agent") != agent:
+                    continue
+                typer.echo(render.as_json(record) if as_json else render.human(record))
+                shown += 1
+                if count and shown >= count:
+                    return
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="the full status as JSON")):
+    """Is each part up, events per second, drops per stage.
+
+    Example: sudo agentwarden status
+    """
+    settings = _settings()
+    st = control.request(settings, "status")["status"]
+    if as_json:
+        typer.echo(json.dumps(st, sort_keys=True))
+        return
+    d, p = st["daemon"], st["probe"]
+    age = (time.time_ns() - p["last_seen"]) / 1e9 if p["last_seen"] else None
+    typer.echo(f"daemon: up (pid {d['pid']}), {d['events_per_second']:.0f} events/s, "
+               f"{d['counters'].get('events', 0)} events, archive {d['archive']}")
+    if age is None:
+        typer.echo("probe:  no contact yet")
+    else:
+        state = "up" if age < 5 else f"SILENT for {age:.0f}s"
+        h = p["health"]
+        typer.echo(f"probe:  {state}, {h.get('tagged_cgroups', 0)} tagged cgroups, "
+                   f"{h.get('decoded', 0)} records decoded")
+    for cgid, info in sorted(p["tags"].items()):
+        typer.echo(f"  agent {info['agent']:<16} {info['path']} (id {cgid})")
+    drops = st["drops"]
+    typer.echo("drops:  " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
+
+
+@app.command("doctor")
+def doctor_cmd():
+    """Check every prerequisite and say how to fix what is missing.
+
+    Example: sudo agentwarden doctor
+    """
+    failed = False
+    for check in doctor.run_checks():
+        mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
+        typer.echo(f"[{mark}] {check.name}: {check.detail}")
+        if not check.ok:
+            typer.echo(f"       fix: {check.fix}")
+            failed = failed or check.required
+    if failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except AgentwardenError as exc:
+        typer.echo(f"agentwarden: error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,47 @@
+"""Client side of the daemon's control socket (REQ/REP, msgpack)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgpack
+import zmq
+
+from .errors import AgentwardenError
+from .settings import Settings
+
+
+class DaemonUnavailable(AgentwardenError):
+    pass
+
+
+def _socket_path(endpoint: str) -> str:
+    return endpoint[len("ipc://"):]
+
+
+def check_reachable(settings: Settings, endpoint: str) -> None:
+    path = _socket_path(endpoint)
+    if not os.access(settings.run_dir, os.X_OK) and os.path.isdir(settings.run_dir):
+        raise AgentwardenError(f"{settings.run_dir} is root's alone: run this with sudo")
+    if not os.path.exists(path):
+        raise DaemonUnavailable(
+            f"the daemon is not running (no socket at {path}); start it with `agentwarden up`")
+
+
+def request(settings: Settings, cmd: str, timeout: float = 3.0, **args: Any) -> dict[str, Any]:
+    endpoint = settings.control_endpoint
+    check_reachable(settings, endpoint)
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(msgpack.packb({"cmd": cmd, **args}, use_bin_type=True))
+        if not sock.poll(int(timeout * 1000)):
+            raise DaemonUnavailable(
+                f"the daemon did not answer on {endpoint} within {timeout:g}s; is it running?")
+        reply = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False)
+    finally:
+        sock.close()
+    if not reply.get("ok"):
+        raise AgentwardenError(f"daemon refused {cmd!r}: {reply.get('error')}")
+    return reply

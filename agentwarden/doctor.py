@@ -1,0 +1,113 @@
+"""Checks every prerequisite and says how to fix what is missing."""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cgroups
+
+TRACEFS = Path("/sys/kernel/tracing")
+SYS_BPF = 321  # x86_64
+BPF_MAP_CREATE = 0
+BPF_MAP_TYPE_ARRAY = 2
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def _root() -> Check:
+    ok = os.geteuid() == 0
+    return Check("root", ok, "running as root" if ok else f"running as uid {os.geteuid()}",
+                 "run agentwarden as root (sudo)")
+
+
+def _bcc() -> Check:
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return Check("bcc", False, "python module bcc not importable",
+                     "apt-get install python3-bpfcc; use a venv made with --system-site-packages")
+    return Check("bcc", True, f"bcc from {os.path.dirname(bcc.__file__)}")
+
+
+def _bpf_syscall() -> Check:
+    if platform.machine() != "x86_64":
+        return Check("bpf", True, "not checked on this architecture", required=False)
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 30)()
+    attr[0], attr[1], attr[2], attr[3] = BPF_MAP_TYPE_ARRAY, 4, 4, 1
+    fd = libc.syscall(SYS_BPF, BPF_MAP_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        return Check("bpf", False, f"bpf() failed: {os.strerror(err)}",
+                     "run as root with CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); in a "
+                     "container, allow the bpf() syscall (e.g. --system-call-filter=bpf)")
+    os.close(fd)
+    return Check("bpf", True, "bpf() creates maps")
+
+
+def _btf() -> Check:
+    ok = Path("/sys/kernel/btf/vmlinux").exists()
+    return Check("btf", ok, "/sys/kernel/btf/vmlinux present" if ok else "no kernel BTF",
+                 "not needed by the tracepoint-only program; later backends want "
+                 "CONFIG_DEBUG_INFO_BTF=y", required=False)
+
+
+def _tracefs() -> Check:
+    if (TRACEFS / "events").is_dir():
+        ok = (TRACEFS / "events/syscalls/sys_enter_openat").is_dir()
+        return Check("tracefs", ok,
+                     f"mounted at {TRACEFS}" if ok else "mounted, but no syscall tracepoints",
+                     "the kernel needs CONFIG_FTRACE_SYSCALLS=y")
+    return Check("tracefs", True, f"not mounted at {TRACEFS}; the probe mounts it at start",
+                 f"mount -t tracefs tracefs {TRACEFS}", required=False)
+
+
+def _headers() -> Check:
+    build = Path("/lib/modules") / platform.release() / "build"
+    ok = build.exists()
+    target = os.path.realpath(build) if ok else ""
+    return Check("kernel headers", ok, f"{build} -> {target}" if ok else f"missing: {build}",
+                 f"apt-get install linux-headers-{platform.release()}, or run scripts/setup.sh "
+                 "to link Debian's generic headers (the program reads only tracepoint "
+                 "arguments, so headers of another version compile it)")
+
+
+def _cgroup2() -> Check:
+    try:
+        root = cgroups.cgroup2_root()
+    except cgroups.CgroupError as exc:
+        return Check("cgroup v2", False, str(exc), "mount -t cgroup2 none /sys/fs/cgroup/unified")
+    freeze = (root / "cgroup.freeze").exists() or any(root.glob("*/cgroup.freeze"))
+    return Check("cgroup v2", True, f"mounted at {root}" + ("" if freeze else " (no cgroup.freeze)"))
+
+
+def _seccomp() -> Check:
+    try:
+        actions = Path("/proc/sys/kernel/seccomp/actions_avail").read_text().split()
+    except OSError:
+        return Check("seccomp", False, "seccomp not available", "a kernel with CONFIG_SECCOMP_FILTER=y")
+    if "user_notif" not in actions:
+        return Check("seccomp", False, "no seccomp user notification", "kernel 5.0 or newer")
+    try:
+        import seccomp  # noqa: F401  Debian's python3-seccomp
+    except ImportError:
+        return Check("seccomp", False, "user_notif available, python module seccomp missing",
+                     "apt-get install python3-seccomp")
+    return Check("seccomp", True, "user_notif available, libseccomp bindings present")
+
+
+CHECKS = (_root, _bcc, _bpf_syscall, _btf, _tracefs, _headers, _cgroup2, _seccomp)
+
+
+def run_checks() -> list[Check]:
+    return [check() for check in CHECKS]

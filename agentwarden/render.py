@@ -1,0 +1,65 @@
+"""How records look to a person (tail) and as JSON lines (tail --json)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from .wire import text
+
+_ACCESS = {os.O_RDONLY: "r", os.O_WRONLY: "w", os.O_RDWR: "rw"}
+
+
+def open_mode(flags: int) -> str:
+    mode = _ACCESS.get(flags & 3, "?")
+    if flags & os.O_CREAT:
+        mode += "+create"
+    if flags & os.O_TRUNC:
+        mode += "+trunc"
+    if flags & os.O_APPEND:
+        mode += "+append"
+    return mode
+
+
+def _clock(ns: int) -> str:
+    seconds = ns / 1e9
+    return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{int(ns % 1_000_000_000) // 1_000_000:03d}"
+
+
+def _result(record: dict[str, Any]) -> str:
+    if record.get("error"):
+        return f"-> {record['error']}"
+    return "-> ok" if record["kind"] != "open" else f"-> fd {record['ret']}"
+
+
+def human(record: dict[str, Any]) -> str:
+    kind = record["kind"]
+    if kind == "gap":
+        return (f"{_clock(record['time'])} LOST {record['count']} records at stage "
+                f"{record['stage']}: {record.get('detail') or ''}")
+    agent = record.get("agent") or f"cgroup:{record.get('agent_cgroup_id')}"
+    head = f"{_clock(record['time'])} {agent:<12} {kind:<5} pid {record['pid']:<7}"
+    if kind == "exec":
+        argv = " ".join(text(a) for a in record["argv"]) + (" …" if record["argv_truncated"] else "")
+        shown = record.get("resolved_exec_path") or record.get("resolved_filename") or record["filename"]
+        return f"{head} {text(shown)}  [{argv}] {_result(record)}"
+    if kind in ("open", "chdir"):
+        path = record.get("resolved_path") or record["path"]
+        extra = f" {open_mode(record['flags'])}" if kind == "open" else ""
+        return f"{head} {text(path)}{extra} {_result(record)}"
+    if kind == "fork":
+        return f"{head} child {record['child_pid']}"
+    if kind == "exit":
+        return f"{head} ({text(record['comm'])})"
+    return f"{head} {record}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return text(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def as_json(record: dict[str, Any]) -> str:
+    return json.dumps(record, default=_jsonable, sort_keys=True)

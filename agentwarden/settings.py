@@ -1,0 +1,49 @@
+"""Where things live. Embedded defaults, overridable by environment for tests
+and packaging; the config file of a later release slots in between."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_RUN_DIR = "/run/agentwarden"
+DEFAULT_STATE_DIR = "/var/lib/agentwarden"
+
+
+@dataclass(frozen=True)
+class Settings:
+    run_dir: Path
+    state_dir: Path
+    health_interval: float = 1.0   # seconds between health records
+    tag_scan_interval: float = 0.5  # seconds between cgroup tag rescans
+
+    @property
+    def ingest_endpoint(self) -> str:
+        """probe PUSH -> daemon PULL"""
+        return f"ipc://{self.run_dir / 'ingest.sock'}"
+
+    @property
+    def events_endpoint(self) -> str:
+        """daemon PUB -> tail SUB"""
+        return f"ipc://{self.run_dir / 'events.sock'}"
+
+    @property
+    def control_endpoint(self) -> str:
+        """CLI REQ -> daemon REP"""
+        return f"ipc://{self.run_dir / 'control.sock'}"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.state_dir / "archive"
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            run_dir=Path(os.environ.get("AGENTWARDEN_RUN_DIR", DEFAULT_RUN_DIR)),
+            state_dir=Path(os.environ.get("AGENTWARDEN_STATE_DIR", DEFAULT_STATE_DIR)),
+        )
+
+    def prepare_run_dir(self) -> None:
+        """The socket directory is root's alone: agents must not reach it."""
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o700)

@@ -1,0 +1,148 @@
+"""The one wire schema: what travels over ZeroMQ and what the archive stores.
+
+A message is a msgpack map ``{"v": SCHEMA_VERSION, "type": ..., ...}``.
+Probe -> daemon: ``batch`` messages carrying a list of records. Daemon -> tail
+subscribers: ``batch`` messages of records the daemon has enriched. Records are
+msgpack maps whose ``kind`` picks the required fields below; extra fields are
+allowed (the daemon adds ``agent``, ``resolved_path``, ``seq``...).
+
+Paths and argv items are ``str`` when they are valid UTF-8, else ``bytes``:
+the archive keeps the exact bytes the agent used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+SCHEMA_VERSION = 1
+
+PathLike = (str, bytes)
+Int = (int,)
+Bool = (bool,)
+Str = (str,)
+OptStr = (str, type(None))
+
+_TASK = {
+    "time": Int, "pid": Int, "tid": Int, "ppid": Int, "uid": Int, "gid": Int,
+    "comm": PathLike, "cgroup_id": Int, "agent_cgroup_id": Int,
+}
+
+# kind -> required field -> accepted types. The one definition of a record.
+RECORD_FIELDS: dict[str, dict[str, tuple]] = {
+    "exec": {**_TASK, "syscall": Str, "filename": PathLike, "exec_path": PathLike,
+             "argv": (list,), "argv_truncated": Bool, "dirfd": Int, "at_flags": Int,
+             "ret": Int, "error": OptStr, "died_before_return": Bool,
+             "filename_unreadable": Bool, "filename_truncated": Bool},
+    "open": {**_TASK, "syscall": Str, "path": PathLike, "dirfd": Int, "flags": Int,
+             "mode": Int, "resolve": Int, "ret": Int, "error": OptStr,
+             "path_unreadable": Bool, "path_truncated": Bool},
+    "chdir": {**_TASK, "syscall": Str, "path": PathLike, "dirfd": Int, "ret": Int,
+              "error": OptStr, "path_unreadable": Bool, "path_truncated": Bool},
+    "fork": {**_TASK, "child_pid": Int},
+    "exit": dict(_TASK),
+    # Records lost somewhere: `stage` says where, `count` how many.
+    "gap": {"time": Int, "stage": Str, "count": Int, "detail": OptStr},
+    # Periodic counters of one stage ("probe", "daemon").
+    "health": {"time": Int, "stage": Str, "counters": (dict,)},
+    # The tagged cgroups the probe watches: {str(cgroup id): {"agent", "path"}}.
+    "tags": {"time": Int, "agents": (dict,)},
+}
+
+MESSAGE_TYPES = ("batch",)
+# Bounds that keep a hostile or broken sender from making us allocate wildly.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_RECORDS_PER_BATCH = 100_000
+MAX_CONTROL_BYTES = 1 << 20
+
+
+class WireError(ValueError):
+    """A message that does not follow the schema; it is counted and dropped."""
+
+
+@dataclass
+class Batch:
+    source: str
+    seq: int
+    records: list[dict[str, Any]]
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def encode_batch(source: str, seq: int, records: list[dict[str, Any]]) -> bytes:
+    return pack({"v": SCHEMA_VERSION, "type": "batch", "source": source, "seq": seq,
+                 "records": records})
+
+
+def validate_record(record: Any) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise WireError(f"record is {type(record).__name__}, not a map")
+    kind = record.get("kind")
+    fields = RECORD_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise WireError(f"unknown record kind {kind!r}")
+    for name, types in fields.items():
+        value = record.get(name, _MISSING)
+        if value is _MISSING:
+            raise WireError(f"{kind} record lacks field {name!r}")
+        # bool is an int subclass; an int field must not accept True.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise WireError(f"{kind} record field {name!r} has type {type(value).__name__}")
+    return record
+
+
+_MISSING = object()
+
+
+def decode_batch(raw: bytes) -> Batch:
+    """Parse and validate one message; raise WireError on anything malformed."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise WireError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        msg = msgpack.unpackb(raw, raw=False, strict_map_key=False,
+                              max_array_len=MAX_RECORDS_PER_BATCH)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"not msgpack: {exc.__class__.__name__}: {exc}") from None
+    if not isinstance(msg, dict):
+        raise WireError("message is not a map")
+    if msg.get("v") != SCHEMA_VERSION:
+        raise WireError(f"schema version {msg.get('v')!r}, expected {SCHEMA_VERSION}")
+    if msg.get("type") not in MESSAGE_TYPES:
+        raise WireError(f"unknown message type {msg.get('type')!r}")
+    source, seq, records = msg.get("source"), msg.get("seq"), msg.get("records")
+    if not isinstance(source, str) or not isinstance(seq, int) or isinstance(seq, bool):
+        raise WireError("batch lacks a source name or sequence number")
+    if not isinstance(records, list):
+        raise WireError("batch records is not a list")
+    for record in records:
+        validate_record(record)
+    return Batch(source, seq, records)
+
+
+def text(value: str | bytes) -> str:
+    """A path or argv item for display: bytes that are not UTF-8 shown escaped."""
+    return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
+
+
+def from_c(raw: bytes) -> str | bytes:
+    """A C string from the kernel, as str when it is UTF-8, else the bytes."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
+def decode_control(raw: bytes) -> dict[str, Any]:
+    """A control request: a map with a string ``cmd``."""
+    if len(raw) > MAX_CONTROL_BYTES:
+        raise WireError(f"control request of {len(raw)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        msg = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise WireError(f"control request is not msgpack: {exc.__class__.__name__}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("cmd"), str):
+        raise WireError("control request must be a map with a string 'cmd'")
+    return msg

@@ -1,0 +1,1 @@
+"""The BPF C sources, shipped as package data (agentwarden.bpf)."""

@@ -1,0 +1,385 @@
+/* agentwarden: exec, file-open, chdir, fork and exit records for agent cgroups.
+ *
+ * Reads only tracepoint arguments and BPF helpers, never kernel struct
+ * fields, so kernel headers of another version compile it correctly.
+ * Compiled by BCC from the probe; agentwarden.h defines every record.
+ */
+#include "agentwarden.h"
+
+#define AW_AT_FDCWD -100
+
+struct aw_config {
+    u32 tagged_levels;  /* bit L set: some tagged cgroup sits at depth L */
+    u32 reserved;
+};
+
+/* [0] -> aw_config; written by the probe whenever the tag set changes. */
+BPF_ARRAY(config, struct aw_config, 1);
+/* cgroup id -> agent number (nonzero); the probe mirrors the
+ * trusted.agentwarden.agent xattrs of cgroup directories into it. */
+BPF_HASH(agent_cgroups, u64, u32, AW_MAX_AGENT_CGROUPS);
+/* pid_tgid -> record being built between a syscall's entry and exit. */
+BPF_HASH(inflight_exec, u64, struct aw_exec, AW_MAX_INFLIGHT);
+BPF_HASH(inflight_file, u64, struct aw_file, AW_MAX_INFLIGHT);
+/* pid_tgid -> user pointer of a path that could not be read at entry
+ * (page not yet faulted in); read again at exit, once the kernel has. */
+BPF_HASH(unread_paths, u64, u64, AW_MAX_INFLIGHT);
+/* task id -> parent tgid, learned at fork (no task_struct reads). */
+BPF_TABLE("lru_hash", u32, u32, parents, 65536);
+/* Records are larger than the BPF stack: build them here. The probe also
+ * takes the record layouts from these maps' leaf types. */
+BPF_PERCPU_ARRAY(exec_scratch, struct aw_exec, 1);
+BPF_PERCPU_ARRAY(file_scratch, struct aw_file, 1);
+BPF_PERCPU_ARRAY(task_scratch, struct aw_task, 1);
+/* [kind] emitted, [AW_COUNTER_DROPPED_BASE + kind] lost; summed by the probe. */
+BPF_PERCPU_ARRAY(counters, u64, AW_COUNTER_SLOTS);
+BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
+
+static __always_inline void count(u32 slot)
+{
+    u64 *c = counters.lookup(&slot);
+    if (c)
+        (*c)++;
+}
+
+/* The tagged cgroup the current task belongs to (itself or the deepest
+ * tagged ancestor), or 0. Untagged tasks leave after one array lookup when
+ * nothing is tagged, else after one helper call and one hash lookup per
+ * depth that holds a tag. */
+static __always_inline u64 agent_cgroup(void)
+{
+    u32 zero = 0;
+    struct aw_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->tagged_levels)
+        return 0;
+    u32 levels = cfg->tagged_levels;
+    for (int level = AW_MAX_CGROUP_LEVELS - 1; level >= 0; level--) {
+        if (!(levels & (1u << level)))
+            continue;
+        u64 id = bpf_get_current_ancestor_cgroup_id(level);
+        if (id && agent_cgroups.lookup(&id))
+            return id;
+    }
+    return 0;
+}
+
+static __always_inline void fill_header(struct aw_header *h, u32 kind, u64 agent)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u64 ugid = bpf_get_current_uid_gid();
+    u32 tgid = id >> 32;
+    u32 *parent = parents.lookup(&tgid);
+
+    h->ts_ns = bpf_ktime_get_boot_ns();
+    h->cgroup_id = bpf_get_current_cgroup_id();
+    h->agent_cgroup_id = agent;
+    h->kind = kind;
+    h->pid = (u32)id;
+    h->tgid = tgid;
+    h->ppid = parent ? *parent : 0;
+    h->uid = (u32)ugid;
+    h->gid = ugid >> 32;
+    bpf_get_current_comm(h->comm, sizeof(h->comm));
+}
+
+static __always_inline void emit(void *record, u32 size, u32 kind)
+{
+    if (events.ringbuf_output(record, size, 0) == 0)
+        count(kind);
+    else
+        count(AW_COUNTER_DROPPED_BASE + kind);
+}
+
+/* ---- exec ---------------------------------------------------------------- */
+
+static __always_inline int exec_enter(u32 syscall, s32 dirfd, const char *filename,
+                                      const char *const *argv, u32 at_flags)
+{
+    u64 agent = agent_cgroup();
+    if (!agent)
+        return 0;
+    u32 zero = 0;
+    struct aw_exec *e = exec_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+
+    fill_header(&e->h, AW_KIND_EXEC, agent);
+    e->ret = 0;
+    e->dirfd = dirfd;
+    e->at_flags = at_flags;
+    e->syscall = syscall;
+    e->flags = 0;
+    e->argc = 0;
+    e->argv_len = 0;
+    e->exec_path[0] = 0;
+
+    int n = bpf_probe_read_user_str(e->filename, sizeof(e->filename), filename);
+    if (n < 0) {
+        e->filename[0] = 0;
+        e->flags |= AW_EXEC_FILENAME_UNREADABLE;
+    } else if (n == sizeof(e->filename)) {
+        e->flags |= AW_EXEC_FILENAME_TRUNCATED;
+    }
+
+    /* argv: NUL-separated, at most AW_MAX_ARGS args of AW_ARG_MAX bytes. */
+    u32 off = 0;
+    const char *arg = 0;
+    for (int i = 0; i < AW_MAX_ARGS; i++) {
+        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) || !arg)
+            goto done;
+        if (off > AW_ARGV_BYTES) {
+            e->flags |= AW_EXEC_ARGV_TRUNCATED;
+            goto done;
+        }
+        int len = bpf_probe_read_user_str(&e->argv[off], AW_ARG_MAX, arg);
+        if (len <= 0) {
+            e->flags |= AW_EXEC_ARGV_TRUNCATED;
+            goto done;
+        }
+        if (len == AW_ARG_MAX)
+            e->flags |= AW_EXEC_ARGV_TRUNCATED;
+        off += len;
+        e->argc++;
+    }
+    /* All AW_MAX_ARGS slots used: is there more? */
+    if (bpf_probe_read_user(&arg, sizeof(arg), &argv[AW_MAX_ARGS]) == 0 && arg)
+        e->flags |= AW_EXEC_ARGV_TRUNCATED;
+done:
+    e->argv_len = off;
+
+    u64 key = bpf_get_current_pid_tgid();
+    if (inflight_exec.update(&key, e))
+        count(AW_COUNTER_DROPPED_BASE + AW_KIND_EXEC);
+    return 0;
+}
+
+static __always_inline void emit_exec(struct aw_exec *e)
+{
+    u32 len = e->argv_len;
+    if (len > sizeof(e->argv))
+        len = sizeof(e->argv);
+    emit(e, offsetof(struct aw_exec, argv) + len, AW_KIND_EXEC);
+}
+
+static __always_inline int exec_exit(long ret)
+{
+    u64 key = bpf_get_current_pid_tgid();
+    struct aw_exec *e = inflight_exec.lookup(&key);
+    if (!e)
+        return 0;
+    e->ret = ret;
+    if (ret == 0) {
+        /* The new program: its comm and, for set-id binaries, its ids. */
+        u64 ugid = bpf_get_current_uid_gid();
+        e->h.uid = (u32)ugid;
+        e->h.gid = ugid >> 32;
+        bpf_get_current_comm(e->h.comm, sizeof(e->h.comm));
+    }
+    emit_exec(e);
+    inflight_exec.delete(&key);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+    return exec_enter(AW_SYS_EXECVE, AW_AT_FDCWD, args->filename, args->argv, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+    return exec_enter(AW_SYS_EXECVEAT, (s32)args->fd, args->filename, args->argv,
+                      (u32)args->flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execve) { return exec_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_execveat) { return exec_exit(args->ret); }
+
+/* What really runs: the kernel's own copy of the filename, taken past the
+ * point of no return and before the new program's first instruction. */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    /* A non-leader thread that execs takes over the leader's pid. */
+    u64 old_key = (id & 0xffffffff00000000ULL) | (u32)args->old_pid;
+    struct aw_exec *e = inflight_exec.lookup(&old_key);
+    if (!e)
+        return 0;
+    TP_DATA_LOC_READ_STR(e->exec_path, filename, sizeof(e->exec_path));
+    e->flags |= AW_EXEC_SEEN_BY_KERNEL;
+    if (old_key != id) {
+        if (inflight_exec.update(&id, e))
+            count(AW_COUNTER_DROPPED_BASE + AW_KIND_EXEC);
+        inflight_exec.delete(&old_key);
+    }
+    return 0;
+}
+
+/* ---- files: open, openat, openat2, creat, chdir, fchdir ------------------ */
+
+static __always_inline int file_enter(u32 kind, u32 syscall, s32 dirfd, const char *path,
+                                      u64 open_flags, u64 mode, u64 resolve, u32 flags)
+{
+    u64 agent = agent_cgroup();
+    if (!agent)
+        return 0;
+    u32 zero = 0;
+    struct aw_file *e = file_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+
+    fill_header(&e->h, kind, agent);
+    e->ret = 0;
+    e->open_flags = open_flags;
+    e->mode = mode;
+    e->resolve = resolve;
+    e->dirfd = dirfd;
+    e->syscall = syscall;
+    e->flags = flags;
+    e->path_len = 0;
+
+    u64 key = bpf_get_current_pid_tgid();
+    if (path) {
+        int n = bpf_probe_read_user_str(e->path, sizeof(e->path), path);
+        if (n > 0) {
+            e->path_len = n;
+            if (n == sizeof(e->path))
+                e->flags |= AW_FILE_PATH_TRUNCATED;
+        } else {
+            u64 ptr = (u64)path;
+            e->flags |= AW_FILE_PATH_UNREADABLE;
+            unread_paths.update(&key, &ptr);
+        }
+    }
+    if (inflight_file.update(&key, e))
+        count(AW_COUNTER_DROPPED_BASE + kind);
+    return 0;
+}
+
+static __always_inline int file_exit(long ret)
+{
+    u64 key = bpf_get_current_pid_tgid();
+    struct aw_file *e = inflight_file.lookup(&key);
+    if (!e)
+        return 0;
+    e->ret = ret;
+    if (e->flags & AW_FILE_PATH_UNREADABLE) {
+        u64 *ptr = unread_paths.lookup(&key);
+        if (ptr) {
+            int n = bpf_probe_read_user_str(e->path, sizeof(e->path), (const char *)*ptr);
+            if (n > 0) {
+                e->path_len = n;
+                e->flags &= ~AW_FILE_PATH_UNREADABLE;
+                if (n == sizeof(e->path))
+                    e->flags |= AW_FILE_PATH_TRUNCATED;
+            }
+        }
+        unread_paths.delete(&key);
+    }
+    u32 len = e->path_len;
+    if (len > sizeof(e->path))
+        len = sizeof(e->path);
+    emit(e, offsetof(struct aw_file, path) + len, e->h.kind);
+    inflight_file.delete(&key);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_open)
+{
+    return file_enter(AW_KIND_OPEN, AW_SYS_OPEN, AW_AT_FDCWD, args->filename,
+                      (u32)args->flags, (u32)args->mode, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_openat)
+{
+    return file_enter(AW_KIND_OPEN, AW_SYS_OPENAT, (s32)args->dfd, args->filename,
+                      (u32)args->flags, (u32)args->mode, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_openat2)
+{
+    /* struct open_how starts with u64 flags, u64 mode, u64 resolve. */
+    u64 how[3] = {};
+    bpf_probe_read_user(how, sizeof(how), args->how);
+    return file_enter(AW_KIND_OPEN, AW_SYS_OPENAT2, (s32)args->dfd, args->filename,
+                      how[0], how[1], how[2], AW_FILE_OPENAT2);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_creat)
+{
+    /* creat(path, mode) is open(path, O_CREAT|O_WRONLY|O_TRUNC, mode). */
+    return file_enter(AW_KIND_OPEN, AW_SYS_CREAT, AW_AT_FDCWD, args->pathname,
+                      01101, (u32)args->mode, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_chdir)
+{
+    return file_enter(AW_KIND_CHDIR, AW_SYS_CHDIR, AW_AT_FDCWD, args->filename, 0, 0, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchdir)
+{
+    return file_enter(AW_KIND_CHDIR, AW_SYS_FCHDIR, (s32)args->fd, 0, 0, 0, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_open) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_creat) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_chdir) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchdir) { return file_exit(args->ret); }
+
+/* ---- process lineage ----------------------------------------------------- */
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u64 agent = agent_cgroup();
+    if (!agent)
+        return 0;
+    u32 zero = 0;
+    struct aw_task *t = task_scratch.lookup(&zero);
+    if (!t)
+        return 0;
+    u32 child = args->child_pid;
+    u32 parent_tgid = bpf_get_current_pid_tgid() >> 32;
+    parents.update(&child, &parent_tgid);
+    fill_header(&t->h, AW_KIND_FORK, agent);
+    t->child_pid = child;
+    t->reserved = 0;
+    emit(t, sizeof(*t), AW_KIND_FORK);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+
+    /* An exec killed past its point of no return never reaches sys_exit. */
+    struct aw_exec *e = inflight_exec.lookup(&id);
+    if (e) {
+        e->flags |= AW_EXEC_DIED_BEFORE_RETURN;
+        emit_exec(e);
+        inflight_exec.delete(&id);
+    }
+    inflight_file.delete(&id);
+    unread_paths.delete(&id);
+
+#ifdef AW_HAVE_GROUP_DEAD
+    int process_ends = args->group_dead;
+#else
+    int process_ends = tid == (u32)(id >> 32);
+#endif
+    if (process_ends) {
+        u64 agent = agent_cgroup();
+        u32 zero = 0;
+        struct aw_task *t = task_scratch.lookup(&zero);
+        if (agent && t) {
+            fill_header(&t->h, AW_KIND_EXIT, agent);
+            t->child_pid = 0;
+            t->reserved = 0;
+            emit(t, sizeof(*t), AW_KIND_EXIT);
+        }
+    }
+    parents.delete(&tid);
+    return 0;
+}

@@ -1,0 +1,111 @@
+/* agentwarden kernel -> user event records.
+ *
+ * This header is the one definition of the records the BPF program emits.
+ * User space never retypes them: the probe takes the layouts from BCC (the
+ * leaf types of the scratch maps below, which hold exactly these structs)
+ * and the numeric constants from the `#define AW_*` lines of this file.
+ * Keep every constant a plain `#define AW_NAME <integer>` so it can be read.
+ */
+#ifndef AGENTWARDEN_H
+#define AGENTWARDEN_H
+
+/* Record kinds (aw_header.kind). */
+#define AW_KIND_EXEC 1
+#define AW_KIND_OPEN 2
+#define AW_KIND_FORK 3
+#define AW_KIND_EXIT 4
+#define AW_KIND_CHDIR 5
+#define AW_KIND_COUNT 6
+
+/* Per-CPU counters: emitted records at index kind, lost records at
+ * AW_COUNTER_DROPPED_BASE + kind. */
+#define AW_COUNTER_DROPPED_BASE 8
+#define AW_COUNTER_SLOTS 16
+
+/* Limits. A path longer than AW_MAX_PATH is cut and flagged; it then never
+ * matches an allow rule (user space treats it as unresolvable). */
+#define AW_MAX_PATH 4096
+#define AW_MAX_ARGS 64
+#define AW_ARG_MAX 1024
+#define AW_ARGV_BYTES 4096
+#define AW_COMM_LEN 16
+#define AW_MAX_CGROUP_LEVELS 32
+#define AW_MAX_AGENT_CGROUPS 4096
+#define AW_MAX_INFLIGHT 16384
+#define AW_RINGBUF_PAGES 4096
+
+/* aw_exec.flags */
+#define AW_EXEC_ARGV_TRUNCATED 1
+#define AW_EXEC_FILENAME_UNREADABLE 2
+#define AW_EXEC_SEEN_BY_KERNEL 4
+#define AW_EXEC_DIED_BEFORE_RETURN 8
+#define AW_EXEC_FILENAME_TRUNCATED 16
+
+/* aw_file.flags */
+#define AW_FILE_PATH_UNREADABLE 1
+#define AW_FILE_PATH_TRUNCATED 2
+#define AW_FILE_OPENAT2 4
+
+/* Syscall identifiers carried in aw_file.syscall and aw_exec.syscall. */
+#define AW_SYS_EXECVE 1
+#define AW_SYS_EXECVEAT 2
+#define AW_SYS_OPEN 3
+#define AW_SYS_OPENAT 4
+#define AW_SYS_OPENAT2 5
+#define AW_SYS_CREAT 6
+#define AW_SYS_CHDIR 7
+#define AW_SYS_FCHDIR 8
+
+/* Common header of every record. */
+struct aw_header {
+    u64 ts_ns;            /* bpf_ktime_get_boot_ns() */
+    u64 cgroup_id;        /* the task's own cgroup (v2) */
+    u64 agent_cgroup_id;  /* the tagged cgroup (itself or nearest tagged ancestor) */
+    u32 kind;             /* AW_KIND_* */
+    u32 pid;              /* thread id */
+    u32 tgid;             /* process id */
+    u32 ppid;             /* parent process id if seen forking, else 0 */
+    u32 uid;
+    u32 gid;
+    char comm[AW_COMM_LEN];
+};
+
+/* execve / execveat: argv and filename as given, the kernel's own copy of
+ * the filename from sched_process_exec, and the syscall result. */
+struct aw_exec {
+    struct aw_header h;
+    s64 ret;
+    s32 dirfd;            /* execveat dirfd; AT_FDCWD for execve */
+    u32 at_flags;         /* execveat flags */
+    u32 syscall;          /* AW_SYS_EXECVE / AW_SYS_EXECVEAT */
+    u32 flags;            /* AW_EXEC_* */
+    u32 argc;             /* arguments read (<= AW_MAX_ARGS) */
+    u32 argv_len;         /* bytes used in argv, NUL separated */
+    char filename[AW_MAX_PATH];
+    char exec_path[AW_MAX_PATH];
+    char argv[AW_ARGV_BYTES + AW_ARG_MAX];
+};
+
+/* open / openat / openat2 / creat / chdir / fchdir. Emitted at syscall exit;
+ * only the first path_len bytes of path travel. */
+struct aw_file {
+    struct aw_header h;
+    s64 ret;
+    u64 open_flags;
+    u64 mode;
+    u64 resolve;          /* openat2 how->resolve */
+    s32 dirfd;            /* AT_FDCWD when not given; the fd for fchdir */
+    u32 syscall;          /* AW_SYS_* */
+    u32 flags;            /* AW_FILE_* */
+    u32 path_len;         /* bytes of path including the NUL, 0 if unread */
+    char path[AW_MAX_PATH];
+};
+
+/* sched_process_fork (the child may be a thread) and process exit. */
+struct aw_task {
+    struct aw_header h;
+    u32 child_pid;        /* fork: new task id; exit: 0 */
+    u32 reserved;
+};
+
+#endif

@@ -1,0 +1,1 @@
+"""The daemon: receives, resolves, archives and republishes agent events."""

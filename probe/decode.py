@@ -1,0 +1,159 @@
+"""Kernel records -> wire records.
+
+The record layouts are not retyped here: they come from the ctypes classes BCC
+builds from agentwarden.h (the scratch maps' leaf types), turned once into
+``struct.Struct`` formats for fast unpacking. Constants come from the header.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import struct
+from typing import Any, Iterator
+
+from agentwarden.wire import from_c
+
+
+class DecodeError(ValueError):
+    pass
+
+
+def _flatten(cls, base: int = 0) -> Iterator[tuple[str, int, Any]]:
+    """(name, offset, ctype) of every leaf field; nested structs are inlined."""
+    for name, ftype, *_ in cls._fields_:
+        offset = base + getattr(cls, name).offset
+        if issubclass(ftype, ct.Structure):
+            yield from _flatten(ftype, offset)
+        else:
+            yield name, offset, ftype
+
+
+def _struct_code(ftype) -> str:
+    if issubclass(ftype, ct.Array):
+        if ftype._type_ is not ct.c_char:
+            raise DecodeError(f"unsupported array field type {ftype}")
+        return f"{ftype._length_}s"
+    code = {1: "b", 2: "h", 4: "i", 8: "q"}[ct.sizeof(ftype)]
+    signed = ftype._type_.islower() and ftype._type_ != "c"
+    return code if signed else code.upper()
+
+
+class Layout:
+    """The fixed part of one record type as a struct.Struct, plus where its
+    variable-length tail (a char array sent only as far as it is used) starts."""
+
+    def __init__(self, cls, tail: str | None = None):
+        fmt, pos, names = "<", 0, []
+        self.tail_offset = None
+        self.offsets = {}
+        for name, offset, ftype in sorted(_flatten(cls), key=lambda f: f[1]):
+            self.offsets[name] = offset
+            if name == tail:
+                self.tail_offset = offset
+                break
+            if offset > pos:
+                fmt += f"{offset - pos}x"
+            fmt += _struct_code(ftype)
+            names.append(name)
+            pos = offset + ct.sizeof(ftype)
+        if tail is not None and self.tail_offset is None:
+            raise DecodeError(f"{cls.__name__} has no field {tail}")
+        self.struct = struct.Struct(fmt)
+        self.names = tuple(names)
+
+    def unpack(self, raw: bytes) -> dict[str, Any]:
+        if len(raw) < self.struct.size:
+            raise DecodeError(f"record of {len(raw)} bytes, expected at least {self.struct.size}")
+        return dict(zip(self.names, self.struct.unpack_from(raw)))
+
+
+def _cstr(raw: bytes) -> bytes:
+    return raw.split(b"\0", 1)[0]
+
+
+def _error(ret: int) -> str | None:
+    return errno.errorcode.get(-ret, f"E{-ret}") if ret < 0 else None
+
+
+class Decoder:
+    def __init__(self, exec_cls, file_cls, task_cls, constants: dict[str, int],
+                 boot_to_wall_ns: int):
+        c = constants
+        self.c = c
+        self.boot_to_wall_ns = boot_to_wall_ns
+        exec_layout = Layout(exec_cls, tail="argv")
+        file_layout = Layout(file_cls, tail="path")
+        task_layout = Layout(task_cls)
+        self.kind_offset = task_layout.offsets["kind"]
+        self.layouts = {
+            c["AW_KIND_EXEC"]: (exec_layout, self._exec),
+            c["AW_KIND_OPEN"]: (file_layout, self._open),
+            c["AW_KIND_CHDIR"]: (file_layout, self._chdir),
+            c["AW_KIND_FORK"]: (task_layout, self._fork),
+            c["AW_KIND_EXIT"]: (task_layout, self._exit),
+        }
+        self.kind_names = {c[f"AW_KIND_{n.upper()}"]: n for n in ("exec", "open", "chdir", "fork", "exit")}
+        self.syscalls = {v: k[len("AW_SYS_"):].lower() for k, v in c.items() if k.startswith("AW_SYS_")}
+
+    def decode(self, raw: bytes) -> dict[str, Any]:
+        if len(raw) < self.kind_offset + 4:
+            raise DecodeError(f"record of {len(raw)} bytes is too short")
+        kind = struct.unpack_from("<I", raw, self.kind_offset)[0]
+        entry = self.layouts.get(kind)
+        if entry is None:
+            raise DecodeError(f"unknown record kind {kind}")
+        layout, build = entry
+        f = layout.unpack(raw)
+        record = {
+            "kind": self.kind_names[kind],
+            "time": f["ts_ns"] + self.boot_to_wall_ns,
+            "pid": f["tgid"], "tid": f["pid"], "ppid": f["ppid"],
+            "uid": f["uid"], "gid": f["gid"], "comm": from_c(_cstr(f["comm"])),
+            "cgroup_id": f["cgroup_id"], "agent_cgroup_id": f["agent_cgroup_id"],
+        }
+        build(record, f, raw, layout)
+        return record
+
+    def _exec(self, record, f, raw, layout):
+        c, flags = self.c, f["flags"]
+        tail = raw[layout.tail_offset:layout.tail_offset + f["argv_len"]]
+        argv = tail.split(b"\0")
+        if argv and argv[-1] == b"":
+            argv.pop()
+        record.update({
+            "syscall": self.syscalls.get(f["syscall"], str(f["syscall"])),
+            "filename": from_c(_cstr(f["filename"])),
+            "exec_path": from_c(_cstr(f["exec_path"])),
+            "argv": [from_c(a) for a in argv],
+            "argv_truncated": bool(flags & c["AW_EXEC_ARGV_TRUNCATED"]),
+            "dirfd": f["dirfd"], "at_flags": f["at_flags"],
+            "ret": f["ret"], "error": _error(f["ret"]),
+            "died_before_return": bool(flags & c["AW_EXEC_DIED_BEFORE_RETURN"]),
+            "filename_unreadable": bool(flags & c["AW_EXEC_FILENAME_UNREADABLE"]),
+            "filename_truncated": bool(flags & c["AW_EXEC_FILENAME_TRUNCATED"]),
+        })
+
+    def _file_common(self, record, f, raw, layout):
+        c, flags = self.c, f["flags"]
+        length = f["path_len"]
+        path = raw[layout.tail_offset:layout.tail_offset + length]
+        record.update({
+            "syscall": self.syscalls.get(f["syscall"], str(f["syscall"])),
+            "path": from_c(_cstr(path)),
+            "dirfd": f["dirfd"], "ret": f["ret"], "error": _error(f["ret"]),
+            "path_unreadable": bool(flags & c["AW_FILE_PATH_UNREADABLE"]),
+            "path_truncated": bool(flags & c["AW_FILE_PATH_TRUNCATED"]),
+        })
+
+    def _open(self, record, f, raw, layout):
+        self._file_common(record, f, raw, layout)
+        record.update({"flags": f["open_flags"], "mode": f["mode"], "resolve": f["resolve"]})
+
+    def _chdir(self, record, f, raw, layout):
+        self._file_common(record, f, raw, layout)
+
+    def _fork(self, record, f, raw, layout):
+        record["child_pid"] = f["child_pid"]
+
+    def _exit(self, record, f, raw, layout):
+        pass

@@ -1,0 +1,86 @@
+"""Kernel prerequisites and loading the BPF program with BCC."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+from agentwarden.errors import AgentwardenError, NeedsRoot
+
+TRACEFS = Path("/sys/kernel/tracing")
+PROGRAM = "agentwarden.bpf.c"
+HEADER = "agentwarden.h"
+EXIT_FORMAT = "events/sched/sched_process_exit/format"
+_DEFINE = re.compile(r"^#define\s+(AW_\w+)\s+(-?(?:0x[0-9a-fA-F]+|\d+))\s*$", re.M)
+
+
+def bpf_dir() -> Path:
+    return Path(str(resources.files("agentwarden.bpf")))
+
+
+def header_constants(header_text: str | None = None) -> dict[str, int]:
+    """The `#define AW_* <int>` constants of the one event header."""
+    if header_text is None:
+        header_text = (bpf_dir() / HEADER).read_text()
+    return {name: int(value, 0) for name, value in _DEFINE.findall(header_text)}
+
+
+def kernel_headers_dir() -> Path:
+    return Path("/lib/modules") / platform.release() / "build"
+
+
+def ensure_tracefs() -> Path:
+    """Syscall tracepoints need tracefs; mount it when it is missing."""
+    if (TRACEFS / "events").is_dir():
+        return TRACEFS
+    TRACEFS.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tracefs", "tracefs", str(TRACEFS)],
+                            capture_output=True, text=True)
+    if result.returncode != 0 or not (TRACEFS / "events").is_dir():
+        raise AgentwardenError(
+            f"tracefs is not mounted at {TRACEFS} and mounting it failed "
+            f"({result.stderr.strip() or 'no events directory'}); "
+            f"fix: mount -t tracefs tracefs {TRACEFS}")
+    return TRACEFS
+
+
+def check_kernel_headers() -> Path:
+    build = kernel_headers_dir()
+    if not (build / "include").is_dir() and not (build / "Makefile").exists():
+        raise AgentwardenError(
+            f"no kernel headers at {build}: BCC needs them to compile the BPF program; "
+            f"fix: run scripts/setup.sh (installs linux-headers-{platform.release()} or, "
+            "when Debian has none for this kernel, links its generic headers there)")
+    return build
+
+
+def load_bcc():
+    try:
+        import bcc  # Debian's python3-bpfcc
+    except ImportError:
+        raise AgentwardenError(
+            "the BCC Python module is missing; fix: apt-get install python3-bpfcc "
+            "(and use a venv made with --system-site-packages)") from None
+    return bcc
+
+
+def compile_and_attach():
+    """Compile, load and attach the program; returns the bcc.BPF object."""
+    if os.geteuid() != 0:
+        raise NeedsRoot("loading the BPF program")
+    tracefs = ensure_tracefs()
+    check_kernel_headers()
+    bcc = load_bcc()
+    cflags = [f"-I{bpf_dir()}"]
+    # sched_process_exit says whether the whole process ends (newer kernels).
+    if "group_dead" in (tracefs / EXIT_FORMAT).read_text():
+        cflags.append("-DAW_HAVE_GROUP_DEAD=1")
+    try:
+        return bcc.BPF(src_file=str(bpf_dir() / PROGRAM).encode(), cflags=cflags)
+    except Exception as exc:  # BCC raises bare Exception; its details went to stderr
+        raise AgentwardenError(f"failed to load BPF program: {exc} (see the compiler or "
+                               "verifier output above; `agentwarden doctor` checks "
+                               "the prerequisites)") from None

@@ -1,0 +1,239 @@
+"""The probe's run loop: tags -> BPF maps, ring buffer -> msgpack batches -> daemon."""
+from __future__ import annotations
+
+import collections
+import ctypes as ct
+import logging
+import signal
+import time
+from pathlib import Path
+
+import zmq
+
+from agentwarden import cgroups, wire
+from agentwarden.settings import Settings
+
+from . import loader
+from .decode import DecodeError, Decoder
+
+log = logging.getLogger("agentwarden.probe")
+
+MAX_BATCH = 4096            # records per ZeroMQ message
+MAX_BACKLOG = 1_000_000     # records held while the daemon is not reading
+POLL_MS = 50
+
+
+def wall_minus_boot_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_REALTIME) - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+class TagMirror:
+    """Keeps the BPF agent_cgroups map and level mask equal to the tagged
+    cgroups found on disk. Tags added or removed take effect at the next sync."""
+
+    def __init__(self, bpf, root: Path, max_levels: int):
+        self.bpf = bpf
+        self.root = root
+        self.max_levels = max_levels
+        self.current: dict[int, cgroups.TaggedCgroup] = {}
+        self.too_deep: set[int] = set()
+        self._numbers: dict[str, int] = {}
+
+    def _agent_number(self, agent: str) -> int:
+        return self._numbers.setdefault(agent, len(self._numbers) + 1)
+
+    def sync(self) -> bool:
+        found = cgroups.scan_tagged(self.root)
+        if found == self.current:
+            return False
+        table = self.bpf["agent_cgroups"]
+        mask = 0
+        self.too_deep = set()
+        # Add first, then publish the level mask, then remove: a tagged task is
+        # never left without a matching map entry for its level.
+        for cgid, tagged in found.items():
+            if tagged.level >= self.max_levels:
+                self.too_deep.add(cgid)
+                log.error("cannot watch %s: cgroup depth %d exceeds %d", tagged.path,
+                          tagged.level, self.max_levels - 1)
+                continue
+            table[table.Key(cgid)] = table.Leaf(self._agent_number(tagged.agent))
+            mask |= 1 << tagged.level
+        config = self.bpf["config"]
+        leaf = config.Leaf()
+        leaf.tagged_levels = mask
+        config[config.Key(0)] = leaf
+        for cgid in set(self.current) - set(found):
+            try:
+                del table[table.Key(cgid)]
+            except KeyError:
+                pass
+        self.current = found
+        return True
+
+    def record(self) -> dict:
+        return {"kind": "tags", "time": now_ns(), "agents": {
+            str(cgid): {"agent": t.agent, "path": str(t.path), "level": t.level,
+                        "watched": cgid not in self.too_deep}
+            for cgid, t in self.current.items()}}
+
+
+class Probe:
+    def __init__(self, settings: Settings, bpf, constants: dict[str, int]):
+        self.settings = settings
+        self.bpf = bpf
+        self.c = constants
+        self.decoder = Decoder(self._leaf(bpf["exec_scratch"]), self._leaf(bpf["file_scratch"]),
+                               self._leaf(bpf["task_scratch"]), constants, wall_minus_boot_ns())
+        self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"])
+        self.raw: list[bytes] = []
+        self.backlog: collections.deque[list[dict]] = collections.deque()
+        self.backlog_records = 0
+        self.seq = 0
+        self.stopping = False
+        self.counters = collections.Counter()
+        self.kernel_dropped_seen = [0] * (constants["AW_COUNTER_SLOTS"])
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, 1000)
+        self.sock.connect(settings.ingest_endpoint)
+
+    @staticmethod
+    def _leaf(table):
+        leaf = table.Leaf
+        return getattr(leaf, "_type_", leaf)  # per-CPU leaves are arrays of the struct
+
+    def _on_record(self, _ctx, data, size):
+        self.raw.append(ct.string_at(data, size))
+        return 0
+
+    def stop(self, *_):
+        self.stopping = True
+
+    # -- counters --------------------------------------------------------------
+
+    def kernel_counters(self) -> list[int]:
+        table = self.bpf["counters"]
+        return [int(table.sum(table.Key(i)).value) for i in range(self.c["AW_COUNTER_SLOTS"])]
+
+    def _kernel_gap(self, counts: list[int]) -> dict | None:
+        base = self.c["AW_COUNTER_DROPPED_BASE"]
+        lost = {}
+        for kind, name in self.decoder.kind_names.items():
+            delta = counts[base + kind] - self.kernel_dropped_seen[base + kind]
+            if delta:
+                lost[name] = delta
+        self.kernel_dropped_seen = counts
+        if not lost:
+            return None
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(lost.items()))
+        return {"kind": "gap", "time": now_ns(), "stage": "kernel", "count": sum(lost.values()),
+                "detail": f"ring buffer or in-flight map full: {detail}"}
+
+    def health(self) -> list[dict]:
+        counts = self.kernel_counters()
+        base = self.c["AW_COUNTER_DROPPED_BASE"]
+        names = self.decoder.kind_names
+        records = [self.tags.record()]
+        gap = self._kernel_gap(counts)
+        if gap:
+            records.append(gap)
+        records.append({"kind": "health", "time": now_ns(), "stage": "probe", "counters": {
+            "kernel_emitted": {n: counts[k] for k, n in names.items()},
+            "kernel_dropped": {n: counts[base + k] for k, n in names.items()},
+            "decoded": self.counters["decoded"],
+            "decode_errors": self.counters["decode_errors"],
+            "batches_sent": self.counters["batches_sent"],
+            "records_sent": self.counters["records_sent"],
+            "backlog_dropped": self.counters["backlog_dropped"],
+            "backlog": self.backlog_records,
+            "tagged_cgroups": len(self.tags.current),
+        }})
+        return records
+
+    # -- sending ---------------------------------------------------------------
+
+    def _queue(self, records: list[dict]) -> None:
+        for i in range(0, len(records), MAX_BATCH):
+            chunk = records[i:i + MAX_BATCH]
+            self.backlog.append(chunk)
+            self.backlog_records += len(chunk)
+        while self.backlog_records > MAX_BACKLOG and len(self.backlog) > 1:
+            lost = self.backlog.popleft()
+            self.backlog_records -= len(lost)
+            self.counters["backlog_dropped"] += len(lost)
+            self.backlog.append([{"kind": "gap", "time": now_ns(), "stage": "probe-backlog",
+                                  "count": len(lost), "detail": "daemon not reading"}])
+            self.backlog_records += 1
+
+    def _flush(self) -> None:
+        while self.backlog:
+            batch = self.backlog[0]
+            try:
+                self.sock.send(wire.encode_batch("probe", self.seq, batch), zmq.NOBLOCK)
+            except zmq.Again:
+                return  # daemon slow or absent: keep the backlog, the ring keeps filling
+            self.backlog.popleft()
+            self.backlog_records -= len(batch)
+            self.seq += 1
+            self.counters["batches_sent"] += 1
+            self.counters["records_sent"] += len(batch)
+
+    def _drain_ring(self) -> list[dict]:
+        raw, self.raw = self.raw, []
+        records = []
+        decode = self.decoder.decode
+        for item in raw:
+            try:
+                records.append(decode(item))
+            except DecodeError as exc:
+                self.counters["decode_errors"] += 1
+                records.append({"kind": "gap", "time": now_ns(), "stage": "probe-decode",
+                                "count": 1, "detail": str(exc)})
+        self.counters["decoded"] += len(raw)
+        return records
+
+    def run(self) -> None:
+        self.tags.sync()
+        self.bpf["events"].open_ring_buffer(self._on_record)
+        self._queue(self.health())
+        next_tags = next_health = time.monotonic()
+        while not self.stopping:
+            self.bpf.ring_buffer_poll(POLL_MS)
+            records = self._drain_ring()
+            now = time.monotonic()
+            if now >= next_tags:
+                next_tags = now + self.settings.tag_scan_interval
+                if self.tags.sync():
+                    records.append(self.tags.record())
+            if now >= next_health:
+                next_health = now + self.settings.health_interval
+                self.bpf.ring_buffer_consume()
+                records.extend(self._drain_ring())
+                records.extend(self.health())
+            if records:
+                self._queue(records)
+            self._flush()
+        # Last words: whatever is left in the ring and the final counters.
+        self.bpf.ring_buffer_consume()
+        self._queue(self._drain_ring() + self.health())
+        deadline = time.monotonic() + 2
+        while self.backlog and time.monotonic() < deadline:
+            self._flush()
+            time.sleep(0.01)
+        self.sock.close()
+
+
+def main(settings: Settings) -> None:
+    bpf = loader.compile_and_attach()
+    settings.prepare_run_dir()
+    probe = Probe(settings, bpf, loader.header_constants())
+    signal.signal(signal.SIGTERM, probe.stop)
+    signal.signal(signal.SIGINT, probe.stop)
+    log.info("probe running: BPF attached, sending to %s", settings.ingest_endpoint)
+    probe.run()

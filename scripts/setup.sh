@@ -1,0 +1,70 @@
+#!/bin/sh
+# Idempotent set-up of a Debian machine for running and testing agentwarden:
+# Debian packages, kernel headers BCC can compile against, and a venv.
+set -eu
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: run as root (it installs Debian packages and links kernel headers)" >&2
+    exit 1
+fi
+
+say() { echo "setup: $*"; }
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" = 0 ]; then
+        say "apt-get update"
+        apt-get update -qq
+        apt_updated=1
+    fi
+    say "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# 1. Debian packages: BCC and libseccomp bindings exist only there; the rest
+#    are bookworm's versions, which the .deb depends on too.
+missing=""
+for pkg in python3-bpfcc python3-seccomp python3-venv python3-setuptools python3-pip \
+           python3-zmq python3-msgpack python3-psutil python3-typer python3-pytest \
+           mount util-linux; do
+    installed "$pkg" || missing="$missing $pkg"
+done
+[ -z "$missing" ] || apt_install $missing
+
+# 2. Kernel headers. Those of the running kernel when Debian has them;
+#    otherwise Debian's generic headers, linked where BCC looks. The BPF
+#    program reads only tracepoint arguments, so another version compiles it.
+release=$(uname -r)
+build=/lib/modules/$release/build
+if [ ! -e "$build" ]; then
+    if apt-cache show "linux-headers-$release" >/dev/null 2>&1 ||
+       { [ "$apt_updated" = 0 ] && apt-get update -qq && apt_updated=1 &&
+         apt-cache show "linux-headers-$release" >/dev/null 2>&1; }; then
+        apt_install "linux-headers-$release"
+    else
+        arch=$(dpkg --print-architecture)
+        installed "linux-headers-$arch" || apt_install "linux-headers-$arch"
+        generic=$(ls -d /usr/src/linux-headers-*-"$arch" | sort -V | tail -n 1)
+        common=$(echo "$generic" | sed "s/-$arch\$/-common/")
+        say "no headers for kernel $release in Debian; linking $generic"
+        mkdir -p "/lib/modules/$release"
+        ln -sfn "$generic" "$build"
+        [ -d "$common" ] && ln -sfn "$common" "/lib/modules/$release/source"
+    fi
+fi
+
+# 3. The venv, seeing Debian's bcc and seccomp; the package installed editable
+#    with Debian's setuptools (no download needed).
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv"
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.agentwarden-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    say "installing agentwarden into .venv"
+    .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . 
+    touch "$stamp"
+fi
+.venv/bin/python -c "import bcc, seccomp, zmq, msgpack, typer, psutil, pytest" ||
+    { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }
