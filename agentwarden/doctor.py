@@ -68,7 +68,7 @@ def _tracefs() -> Check:
         return Check("tracefs", ok,
                      f"mounted at {TRACEFS}" if ok else "mounted, but no syscall tracepoints",
                      "the kernel needs CONFIG_FTRACE_SYSCALLS=y")
-    return Check("tracefs", True, f"not mounted at {TRACEFS}; the probe mounts it at start",
+    return Check("tracefs", False, f"not mounted at {TRACEFS}; the probe mounts it at start",
                  f"mount -t tracefs tracefs {TRACEFS}", required=False)
 
 

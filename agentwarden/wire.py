@@ -91,6 +91,8 @@ def validate_record(record: Any) -> dict[str, Any]:
         # bool is an int subclass; an int field must not accept True.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise WireError(f"{kind} record field {name!r} has type {type(value).__name__}")
+    if kind == "exec" and not all(isinstance(a, PathLike) for a in record["argv"]):
+        raise WireError("exec record field 'argv' has an item that is not str or bytes")
     return record
 
 
@@ -108,7 +110,8 @@ def decode_batch(raw: bytes) -> Batch:
         raise WireError(f"not msgpack: {exc.__class__.__name__}: {exc}") from None
     if not isinstance(msg, dict):
         raise WireError("message is not a map")
-    if msg.get("v") != SCHEMA_VERSION:
+    # type(): True == 1 and 1.0 == 1, neither is a schema version.
+    if type(msg.get("v")) is not int or msg["v"] != SCHEMA_VERSION:
         raise WireError(f"schema version {msg.get('v')!r}, expected {SCHEMA_VERSION}")
     if msg.get("type") not in MESSAGE_TYPES:
         raise WireError(f"unknown message type {msg.get('type')!r}")

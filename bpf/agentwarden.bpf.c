@@ -24,7 +24,7 @@ BPF_HASH(inflight_file, u64, struct aw_file, AW_MAX_INFLIGHT);
 /* pid_tgid -> user pointer of a path that could not be read at entry
  * (page not yet faulted in); read again at exit, once the kernel has. */
 BPF_HASH(unread_paths, u64, u64, AW_MAX_INFLIGHT);
-/* task id -> parent tgid, learned at fork (no task_struct reads). */
+/* task id -> parent tgid, learned at every fork (no task_struct reads). */
 BPF_TABLE("lru_hash", u32, u32, parents, 65536);
 /* Records are larger than the BPF stack: build them here. The probe also
  * takes the record layouts from these maps' leaf types. */
@@ -332,6 +332,12 @@ TRACEPOINT_PROBE(syscalls, sys_exit_fchdir) { return file_exit(args->ret); }
 
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
+    /* Lineage of every task, so one that joins an agent cgroup after fork
+     * still names its parent. Fork is rare next to open: cheap enough. */
+    u32 child = args->child_pid;
+    u32 parent_tgid = bpf_get_current_pid_tgid() >> 32;
+    parents.update(&child, &parent_tgid);
+
     u64 agent = agent_cgroup();
     if (!agent)
         return 0;
@@ -339,9 +345,6 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     struct aw_task *t = task_scratch.lookup(&zero);
     if (!t)
         return 0;
-    u32 child = args->child_pid;
-    u32 parent_tgid = bpf_get_current_pid_tgid() >> 32;
-    parents.update(&child, &parent_tgid);
     fill_header(&t->h, AW_KIND_FORK, agent);
     t->child_pid = child;
     t->reserved = 0;

@@ -36,14 +36,18 @@ def ensure_tracefs() -> Path:
     """Syscall tracepoints need tracefs; mount it when it is missing."""
     if (TRACEFS / "events").is_dir():
         return TRACEFS
-    TRACEFS.mkdir(parents=True, exist_ok=True)
+    fix = f"fix: mount -t tracefs tracefs {TRACEFS} (the kernel needs CONFIG_FTRACE)"
+    try:
+        TRACEFS.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AgentwardenError(f"tracefs is not mounted and {TRACEFS} cannot be created "
+                               f"({exc.strerror}); {fix}") from None
     result = subprocess.run(["mount", "-t", "tracefs", "tracefs", str(TRACEFS)],
                             capture_output=True, text=True)
     if result.returncode != 0 or not (TRACEFS / "events").is_dir():
         raise AgentwardenError(
             f"tracefs is not mounted at {TRACEFS} and mounting it failed "
-            f"({result.stderr.strip() or 'no events directory'}); "
-            f"fix: mount -t tracefs tracefs {TRACEFS}")
+            f"({result.stderr.strip() or 'no events directory'}); {fix}")
     return TRACEFS
 
 

@@ -50,7 +50,7 @@ class TagMirror:
         found = cgroups.scan_tagged(self.root)
         if found == self.current:
             return False
-        table = self.bpf["agent_cgroups"]
+        table = self.bpf[b"agent_cgroups"]
         mask = 0
         self.too_deep = set()
         # Add first, then publish the level mask, then remove: a tagged task is
@@ -63,7 +63,7 @@ class TagMirror:
                 continue
             table[table.Key(cgid)] = table.Leaf(self._agent_number(tagged.agent))
             mask |= 1 << tagged.level
-        config = self.bpf["config"]
+        config = self.bpf[b"config"]
         leaf = config.Leaf()
         leaf.tagged_levels = mask
         config[config.Key(0)] = leaf
@@ -87,8 +87,8 @@ class Probe:
         self.settings = settings
         self.bpf = bpf
         self.c = constants
-        self.decoder = Decoder(self._leaf(bpf["exec_scratch"]), self._leaf(bpf["file_scratch"]),
-                               self._leaf(bpf["task_scratch"]), constants, wall_minus_boot_ns())
+        self.decoder = Decoder(self._leaf(bpf[b"exec_scratch"]), self._leaf(bpf[b"file_scratch"]),
+                               self._leaf(bpf[b"task_scratch"]), constants, wall_minus_boot_ns())
         self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"])
         self.raw: list[bytes] = []
         self.backlog: collections.deque[list[dict]] = collections.deque()
@@ -118,7 +118,7 @@ class Probe:
     # -- counters --------------------------------------------------------------
 
     def kernel_counters(self) -> list[int]:
-        table = self.bpf["counters"]
+        table = self.bpf[b"counters"]
         return [int(table.sum(table.Key(i)).value) for i in range(self.c["AW_COUNTER_SLOTS"])]
 
     def _kernel_gap(self, counts: list[int]) -> dict | None:
@@ -200,7 +200,7 @@ class Probe:
 
     def run(self) -> None:
         self.tags.sync()
-        self.bpf["events"].open_ring_buffer(self._on_record)
+        self.bpf[b"events"].open_ring_buffer(self._on_record)
         self._queue(self.health())
         next_tags = next_health = time.monotonic()
         while not self.stopping:

@@ -1,0 +1,137 @@
+/* Benchmark workloads for bench/run.py, built with gcc at bench time.
+ *
+ * Each mode times only its loop (not process start-up) and prints one JSON
+ * object on stdout.
+ *
+ *   workload open COUNT PATH
+ *       COUNT x open(PATH, O_RDONLY) + close: the per-open cost.
+ *   workload exec COUNT PROGRAM
+ *       COUNT x fork + execve(PROGRAM) + waitpid: the per-exec cost.
+ *   workload rate RATE SECONDS DIR FILES [CGROUP_PROCS]
+ *       Joins the cgroup first when CGROUP_PROCS is given (so every open that
+ *       follows is an agent event and nothing before it is), then opens
+ *       DIR/f<i> (i cycling over FILES names) at RATE opens/s for SECONDS,
+ *       paced in 1 ms ticks. Reports how many opens it made and how many of
+ *       them it was late for, so the caller knows the rate it really got.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NS_PER_S 1000000000LL
+#define TICK_NS 1000000LL
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * NS_PER_S + ts.tv_nsec;
+}
+
+static void die(const char *what)
+{
+    fprintf(stderr, "workload: %s: %s\n", what, strerror(errno));
+    exit(2);
+}
+
+static int open_loop(long count, const char *path)
+{
+    long long start = now_ns();
+    for (long i = 0; i < count; i++) {
+        int fd = open(path, O_RDONLY);
+        if (fd < 0)
+            die(path);
+        close(fd);
+    }
+    long long elapsed = now_ns() - start;
+    printf("{\"ops\": %ld, \"elapsed_ns\": %lld}\n", count, elapsed);
+    return 0;
+}
+
+static int exec_loop(long count, const char *program)
+{
+    char *const argv[] = {(char *)program, NULL};
+    char *const envp[] = {NULL};
+    long long start = now_ns();
+    for (long i = 0; i < count; i++) {
+        pid_t pid = fork();
+        if (pid < 0)
+            die("fork");
+        if (pid == 0) {
+            execve(program, argv, envp);
+            _exit(127);
+        }
+        int status;
+        if (waitpid(pid, &status, 0) < 0)
+            die("waitpid");
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+            fprintf(stderr, "workload: %s failed (status %d)\n", program, status);
+            return 2;
+        }
+    }
+    long long elapsed = now_ns() - start;
+    printf("{\"ops\": %ld, \"elapsed_ns\": %lld}\n", count, elapsed);
+    return 0;
+}
+
+static void join_cgroup(const char *procs)
+{
+    FILE *f = fopen(procs, "w");
+    if (!f || fprintf(f, "%d\n", getpid()) < 0 || fclose(f) != 0)
+        die(procs);
+}
+
+static int rate_loop(long rate, double seconds, const char *dir, long files, const char *procs)
+{
+    char path[4096];
+    long total = (long)(rate * seconds);
+    long made = 0, late_ticks = 0, file = 0;
+    /* Opens due by the end of each tick; fractional rates carry over. */
+    double per_tick = rate * (double)TICK_NS / NS_PER_S;
+    if (procs)
+        join_cgroup(procs);
+    long long start = now_ns();
+    for (long tick = 1; made < total; tick++) {
+        long due = (long)(per_tick * tick);
+        if (due > total)
+            due = total;
+        for (; made < due; made++) {
+            snprintf(path, sizeof(path), "%s/f%ld", dir, file);
+            file = (file + 1) % files;
+            int fd = open(path, O_RDONLY);
+            if (fd >= 0)
+                close(fd);
+        }
+        long long tick_end = start + tick * TICK_NS;
+        if (now_ns() > tick_end) {
+            late_ticks++;
+            continue;
+        }
+        struct timespec until = {tick_end / NS_PER_S, tick_end % NS_PER_S};
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL) == EINTR)
+            ;
+    }
+    long long elapsed = now_ns() - start;
+    printf("{\"ops\": %ld, \"elapsed_ns\": %lld, \"late_ticks\": %ld}\n", made, elapsed, late_ticks);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 4 && strcmp(argv[1], "open") == 0)
+        return open_loop(atol(argv[2]), argv[3]);
+    if (argc == 4 && strcmp(argv[1], "exec") == 0)
+        return exec_loop(atol(argv[2]), argv[3]);
+    if ((argc == 6 || argc == 7) && strcmp(argv[1], "rate") == 0)
+        return rate_loop(atol(argv[2]), atof(argv[3]), argv[4], atol(argv[5]),
+                         argc == 7 ? argv[6] : NULL);
+    fprintf(stderr, "usage: workload open COUNT PATH | exec COUNT PROGRAM |\n"
+                    "       workload rate RATE SECONDS DIR FILES [CGROUP_PROCS]\n");
+    return 2;
+}

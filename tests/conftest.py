@@ -1,0 +1,223 @@
+"""Shared fixtures. Kernel fixtures load the real BPF program, make real
+cgroups and run real programs. Without root/BPF they skip, unless
+AGENTWARDEN_REQUIRE_KERNEL=1, where such a skip is a failure."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agentwarden import cgroups, control
+from agentwarden.daemon.archive import read_records
+from agentwarden.errors import AgentwardenError
+from agentwarden.settings import Settings
+
+REQUIRE_KERNEL = os.environ.get("AGENTWARDEN_REQUIRE_KERNEL") == "1"
+TEST_CGROUP_PARENT = "agentwarden-test"
+
+
+def kernel_unavailable() -> str | None:
+    """Why kernel tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "not root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "python3-bpfcc not importable"
+    try:
+        cgroups.cgroup2_root()
+    except AgentwardenError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="session")
+def kernel():
+    reason = kernel_unavailable()
+    if reason:
+        if REQUIRE_KERNEL:
+            pytest.fail(f"kernel test cannot run ({reason}) and AGENTWARDEN_REQUIRE_KERNEL=1")
+        pytest.skip(f"kernel test skipped: {reason}")
+    return cgroups.cgroup2_root()
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Warden:
+    """A running `agentwarden up` with its own run and state directories."""
+
+    def __init__(self, tmp: Path):
+        self.settings = Settings(run_dir=tmp / "run", state_dir=tmp / "state")
+        self.env = {**os.environ, "AGENTWARDEN_RUN_DIR": str(self.settings.run_dir),
+                    "AGENTWARDEN_STATE_DIR": str(self.settings.state_dir)}
+        self.log = open(tmp / "up.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "up"], env=self.env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(self._ready, timeout=90, what="agentwarden up to report a probe")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"agentwarden up did not start:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"agentwarden up exited {self.proc.returncode}:\n{self.output()}")
+        try:
+            return bool(self.status()["probe"]["health"])
+        except AgentwardenError:
+            return False
+
+    def status(self) -> dict:
+        return control.request(self.settings, "status", timeout=2)["status"]
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "agentwarden", *args], env=self.env,
+                                capture_output=True, text=True, timeout=timeout, **kw)
+        if check and result.returncode != 0:
+            raise AssertionError(f"agentwarden {' '.join(args)} failed ({result.returncode}):\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def records(self) -> list[dict]:
+        return list(read_records(self.settings.archive_dir))
+
+    def probe_records_sent(self) -> int:
+        return self.status()["probe"]["health"].get("records_sent", 0)
+
+    def settle(self, timeout: float = 15.0) -> None:
+        """Wait until the daemon has archived everything the kernel emitted so far:
+        two probe health reports in a row with nothing new decoded."""
+        def quiet():
+            first = self.status()
+            time.sleep(self.settings.health_interval * 1.2)
+            second = self.status()
+            h1, h2 = first["probe"]["health"], second["probe"]["health"]
+            emitted = sum(h2["kernel_emitted"].values())
+            return (h1 == h2 or h1.get("decoded") == h2.get("decoded")) and \
+                h2.get("decoded", 0) >= emitted and h2.get("backlog", 0) == 0
+        wait_for(quiet, timeout=timeout, interval=0, what="the pipeline to settle")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def warden(kernel, tmp_path_factory):
+    w = Warden(tmp_path_factory.mktemp("warden"))
+    yield w
+    w.stop()
+
+
+class AgentCgroup:
+    def __init__(self, root: Path, warden: Warden | None, name: str):
+        self.root = root
+        self.warden = warden
+        self.agent = name
+        self.path = root / TEST_CGROUP_PARENT / f"{name}-{uuid.uuid4().hex[:8]}"
+        self.path.mkdir(parents=True)
+        self.id = cgroups.cgroup_id(self.path)
+
+    def tag(self) -> None:
+        cgroups.tag(self.path, self.agent)
+        if self.warden:
+            wait_for(lambda: str(self.id) in self.warden.status()["probe"]["tags"],
+                     what=f"the probe to watch {self.path}")
+
+    def untag(self) -> None:
+        cgroups.untag(self.path)
+        if self.warden:
+            wait_for(lambda: str(self.id) not in self.warden.status()["probe"]["tags"],
+                     what=f"the probe to drop {self.path}")
+
+    def child(self, name: str) -> Path:
+        path = self.path / name
+        path.mkdir()
+        return path
+
+    def run(self, argv, cgroup: Path | None = None, **kw) -> subprocess.CompletedProcess:
+        """Run argv as a process that joins the cgroup before it execs."""
+        procs = str((cgroup or self.path) / "cgroup.procs")
+
+        def join():
+            with open(procs, "w") as f:
+                f.write("0")
+
+        kw.setdefault("capture_output", True)
+        kw.setdefault("timeout", 60)
+        return subprocess.run(argv, preexec_fn=join, **kw)
+
+    def remove(self) -> None:
+        for dirpath, dirs, _ in os.walk(self.path, topdown=False):
+            kill = Path(dirpath) / "cgroup.kill"
+            if kill.exists():
+                kill.write_text("1")
+            for _ in range(100):
+                try:
+                    os.rmdir(dirpath)
+                    break
+                except OSError:
+                    time.sleep(0.02)
+
+
+@pytest.fixture
+def agent_cgroup(kernel, warden, request):
+    made: list[AgentCgroup] = []
+
+    def make(name: str = "agent", tag: bool = True) -> AgentCgroup:
+        cg = AgentCgroup(kernel, warden, name)
+        made.append(cg)
+        if tag:
+            cg.tag()
+        return cg
+
+    yield make
+    for cg in made:
+        cg.remove()
+
+
+def events_of(records: list[dict], cgroup_id: int, kind: str | None = None) -> list[dict]:
+    return [r for r in records if r.get("agent_cgroup_id") == cgroup_id
+            and (kind is None or r["kind"] == kind)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_test_cgroups():
+    yield
+    try:
+        parent = cgroups.cgroup2_root() / TEST_CGROUP_PARENT
+    except AgentwardenError:
+        return
+    if parent.is_dir():
+        shutil.rmtree(parent, ignore_errors=True)  # rmdir-only fs: removes empty ones
+        try:
+            os.rmdir(parent)
+        except OSError:
+            pass

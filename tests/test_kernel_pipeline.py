@@ -1,0 +1,260 @@
+"""End to end on the real kernel: BPF -> probe -> ZeroMQ -> daemon -> archive / tail."""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from conftest import events_of, wait_for
+
+pytestmark = pytest.mark.kernel
+
+
+def _opens_of(records, cg, path):
+    return [r for r in events_of(records, cg.id, "open") if r.get("resolved_path") == str(path)]
+
+
+def _execs_of(records, cg, argv0):
+    return [r for r in events_of(records, cg.id, "exec") if r["argv"][:1] == [argv0]]
+
+
+def test_exec_and_open_events_carry_exact_fields(warden, agent_cgroup, tmp_path):
+    cg = agent_cgroup("coder")
+    target = tmp_path / "hello.txt"
+    target.write_text("hi\n")
+    result = cg.run(["/usr/bin/cat", str(target), "--", "-"], input=b"")
+    assert result.stdout == b"hi\n"
+    warden.settle()
+    records = warden.records()
+
+    [exec_rec] = [r for r in _execs_of(records, cg, "/usr/bin/cat") if str(target) in r["argv"]]
+    assert exec_rec["argv"] == ["/usr/bin/cat", str(target), "--", "-"]
+    assert exec_rec["filename"] == "/usr/bin/cat"
+    assert exec_rec["exec_path"] == "/usr/bin/cat"
+    assert exec_rec["resolved_exec_path"] == "/usr/bin/cat"
+    assert exec_rec["syscall"] == "execve"
+    assert (exec_rec["ret"], exec_rec["error"]) == (0, None)
+    assert exec_rec["comm"] == "cat"
+    assert exec_rec["agent"] == "coder"
+    assert exec_rec["cgroup_id"] == cg.id and exec_rec["agent_cgroup_id"] == cg.id
+    assert exec_rec["uid"] == os.getuid() and exec_rec["gid"] == os.getgid()
+    assert exec_rec["ppid"] == os.getpid()
+    assert exec_rec["argv_truncated"] is False
+
+    [open_rec] = _opens_of(records, cg, target)
+    assert open_rec["pid"] == exec_rec["pid"]
+    assert open_rec["path"] == str(target)
+    assert open_rec["syscall"] == "openat"
+    assert open_rec["flags"] & os.O_ACCMODE == os.O_RDONLY
+    assert open_rec["ret"] >= 0 and open_rec["error"] is None
+    assert open_rec["agent"] == "coder"
+    # Lineage: the exit of cat is recorded too.
+    assert any(r["pid"] == exec_rec["pid"] for r in events_of(records, cg.id, "exit"))
+
+
+def test_relative_open_after_cd_in_shell_is_resolved(warden, agent_cgroup, tmp_path):
+    cg = agent_cgroup("shell")
+    work = tmp_path / "work dir"
+    work.mkdir()
+    (work / "notes.txt").write_text("x")
+    cg.run(["/bin/sh", "-c", f"cd '{work}' && cat notes.txt missing.txt; true"])
+    warden.settle()
+    records = warden.records()
+
+    chdirs = [r for r in events_of(records, cg.id, "chdir") if r["path"] == str(work)]
+    assert chdirs and chdirs[0]["ret"] == 0
+    [ok] = _opens_of(records, cg, work / "notes.txt")
+    assert ok["path"] == "notes.txt" and ok["ret"] >= 0
+    [failed] = _opens_of(records, cg, work / "missing.txt")
+    assert failed["path"] == "missing.txt"
+    assert failed["error"] == "ENOENT" and failed["ret"] == -2
+    # cat ran as a child of sh: its parent is the shell.
+    [sh_exec] = _execs_of(records, cg, "/bin/sh")
+    [cat_exec] = _execs_of(records, cg, "cat")
+    assert cat_exec["ppid"] == sh_exec["pid"]
+    assert cat_exec["exec_path"] == "/usr/bin/cat"  # found on PATH by the shell
+
+
+def test_python_script_opens_with_flags_dirfd_and_openat2(warden, agent_cgroup, tmp_path):
+    cg = agent_cgroup("py")
+    script = f"""
+import os
+d = os.open({str(tmp_path)!r}, os.O_RDONLY | os.O_DIRECTORY)
+fd = os.open("created.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640, dir_fd=d)
+os.write(fd, b"data")
+os.close(fd)
+with open({str(tmp_path / 'appended.txt')!r}, "a") as f:
+    f.write("more")
+"""
+    cg.run([sys.executable, "-S", "-c", script], check=True)
+    warden.settle()
+    records = warden.records()
+    [created] = _opens_of(records, cg, tmp_path / "created.txt")
+    assert created["path"] == "created.txt"
+    assert created["dirfd"] >= 0
+    assert created["flags"] & (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) == os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    assert created["mode"] == 0o640
+    [appended] = _opens_of(records, cg, tmp_path / "appended.txt")
+    assert appended["flags"] & os.O_APPEND
+
+
+def test_failed_exec_carries_its_error(warden, agent_cgroup):
+    cg = agent_cgroup("failing")
+    with pytest.raises(FileNotFoundError):
+        cg.run(["/nonexistent/agentwarden-missing-prog", "arg1"])
+    warden.settle()
+    [failed] = [r for r in events_of(warden.records(), cg.id, "exec")
+                if r["filename"] == "/nonexistent/agentwarden-missing-prog"]
+    assert failed["error"] == "ENOENT" and failed["ret"] == -2
+    assert failed["argv"] == ["/nonexistent/agentwarden-missing-prog", "arg1"]
+    assert failed["exec_path"] == ""  # the kernel never got to run anything
+
+
+def test_untagged_process_child_cgroup_and_untag(warden, agent_cgroup, tmp_path):
+    cg = agent_cgroup("nested")
+    sub = cg.child("session-1")
+    marker = tmp_path / "marker"
+    marker.write_text("")
+
+    # Outside any agent cgroup: nothing recorded.
+    subprocess.run(["/usr/bin/cat", str(marker)], check=True)
+    # A child cgroup created after tagging is covered.
+    cg.run(["/usr/bin/cat", str(marker)], cgroup=sub, check=True)
+    warden.settle()
+    records = warden.records()
+    seen = [r for r in records if r.get("resolved_path") == str(marker)]
+    assert len(seen) == 1, seen
+    assert seen[0]["cgroup_id"] == os.stat(sub).st_ino
+    assert seen[0]["agent_cgroup_id"] == cg.id and seen[0]["agent"] == "nested"
+
+    # Untagging stops events.
+    cg.untag()
+    after = tmp_path / "after-untag"
+    after.write_text("")
+    cg.run(["/usr/bin/cat", str(after)], cgroup=sub, check=True)
+    warden.settle()
+    assert not [r for r in warden.records() if r.get("resolved_path") == str(after)]
+
+
+def test_tail_json_shows_the_agents_events(warden, agent_cgroup, tmp_path):
+    cg = agent_cgroup("tailed")
+    other = agent_cgroup("other")
+    target = tmp_path / "tailed.txt"
+    target.write_text("")
+    tail = subprocess.Popen([sys.executable, "-m", "agentwarden", "tail", "--json", "--agent", "tailed"],
+                            env=warden.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    sel = selectors.DefaultSelector()
+    sel.register(tail.stdout, selectors.EVENT_READ)
+
+    def read_some():
+        for _ in sel.select(timeout=0.2):
+            lines.append(tail.stdout.readline())
+        return lines
+
+    try:
+        # PUB/SUB joins asynchronously: poke until the tail shows it is connected.
+        wait_for(lambda: (cg.run(["/bin/true"]), read_some())[1], timeout=20, what="tail to connect")
+        other.run(["/usr/bin/cat", str(target)])
+        cg.run(["/usr/bin/cat", str(target)])
+        import json
+        def saw_target():
+            read_some()
+            return [json.loads(l) for l in lines if l.strip() and str(target) in l]
+        found = wait_for(saw_target, timeout=20, what="the open on tail --json")
+    finally:
+        tail.terminate()
+        tail.wait(timeout=10)
+    assert all(r["agent"] == "tailed" for r in found)
+
+
+def test_every_open_and_exec_is_archived_or_counted_as_dropped(warden, agent_cgroup, tmp_path):
+    files = tmp_path / "many"
+    files.mkdir()
+    count = 10_000
+    for i in range(count):
+        (files / f"f{i}").write_bytes(b"")
+    cg = agent_cgroup("bulk")
+    before = warden.status()
+    script = (f"import os\nfor i in range({count}):\n"
+              f"    os.close(os.open('{files}/f%d' % i, os.O_RDONLY))\n")
+    cg.run([sys.executable, "-S", "-c", script], check=True)
+    cg.run(["/bin/sh", "-c", "i=0; while [ $i -lt 500 ]; do /bin/true; i=$((i+1)); done"], check=True)
+    warden.settle()
+    after = warden.status()
+    records = warden.records()
+    opened = {r["resolved_path"] for r in events_of(records, cg.id, "open")
+              if str(r.get("resolved_path", "")).startswith(f"{files}/")}
+    execs = [r for r in _execs_of(records, cg, "/bin/true")]
+    dropped = {kind: after["probe"]["health"]["kernel_dropped"][kind]
+               - before["probe"]["health"]["kernel_dropped"][kind] for kind in ("open", "exec")}
+    other_losses = {k: v for k, v in after["drops"].items() if k != "kernel" and v}
+    assert not other_losses
+    assert len(opened) + dropped["open"] == count
+    assert len(execs) + dropped["exec"] == 500
+    print(f"opens archived {len(opened)}, dropped {dropped['open']}; "
+          f"execs archived {len(execs)}, dropped {dropped['exec']}")
+
+
+def test_garbage_on_ingest_and_control_sockets_is_counted_not_fatal(warden):
+    before = warden.status()["daemon"]["counters"].get("malformed", 0)
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.connect(warden.settings.ingest_endpoint)
+    valid = __import__("agentwarden.wire", fromlist=["encode_batch"]).encode_batch(
+        "fuzzer", 0, [{"kind": "gap", "time": 1, "stage": "x", "count": 0, "detail": None}])
+    garbage = [b"", b"\xc1", b"not msgpack at all", valid[: len(valid) // 2], b"\x91\x01",
+               b"\x81\xa1v\x02", os.urandom(4096)]
+    for g in garbage:
+        push.send(g)
+    push.close()
+    wait_for(lambda: warden.status()["daemon"]["counters"].get("malformed", 0) - before == len(garbage),
+             what="the daemon to count every malformed message")
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(warden.settings.control_endpoint)
+    req.send(b"\xff\xfe garbage")
+    assert req.poll(5000)
+    reply = __import__("msgpack").unpackb(req.recv())
+    req.close()
+    assert reply["ok"] is False and "msgpack" in reply["error"]
+    # The loss is recorded in the archive, and the daemon still answers.
+    warden.settle()
+    gaps = [r for r in warden.records() if r["kind"] == "gap" and r["stage"] == "daemon-ingest"]
+    assert sum(g["count"] for g in gaps) >= len(garbage)
+    assert warden.status()["daemon"]["pid"]
+
+
+def test_decoder_layouts_match_the_c_header(kernel):
+    """The decoder takes layouts from BCC's view of agentwarden.h: every field
+    the header declares is decoded at the offset the compiler gave it."""
+    import re
+
+    from agentwarden.probe import loader
+    from agentwarden.probe.decode import Layout
+    header = (loader.bpf_dir() / loader.HEADER).read_text()
+    bpf = loader.compile_and_attach()
+    try:
+        for struct_name, scratch, tail in (("aw_exec", "exec_scratch", "argv"),
+                                           ("aw_file", "file_scratch", "path"),
+                                           ("aw_task", "task_scratch", None)):
+            leaf = bpf[scratch.encode()].Leaf
+            leaf = getattr(leaf, "_type_", leaf)
+            body = re.search(r"struct %s \{(.*?)\n\};" % struct_name, header, re.S).group(1)
+            declared = re.findall(r"^\s+\w+\s+(\w+)(?:\[\w+(?: \+ \w+)?\])?;", body, re.M)
+            layout = Layout(leaf, tail=tail)
+            header_fields = re.findall(r"^\s+\w+\s+(\w+)(?:\[\w+\])?;",
+                                       re.search(r"struct aw_header \{(.*?)\n\};", header, re.S).group(1), re.M)
+            expected = header_fields + [f for f in declared if f != "h"]
+            decoded = list(layout.names) + ([tail] if tail else [])
+            assert decoded == expected
+            assert layout.struct.size == (layout.tail_offset if tail else __import__("ctypes").sizeof(leaf))
+    finally:
+        bpf.cleanup()

@@ -1,0 +1,253 @@
+"""Path resolution from the event stream: cwd and fd tracking, exec, fork, /proc fallback."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agentwarden.daemon.resolver import AT_FDCWD, O_CLOEXEC, Resolver, normalise
+
+# Above PID_MAX_LIMIT (2**22): /proc/<pid> can never exist, so the fallback finds nothing.
+PARENT = 5_000_000
+CHILD = 5_000_001
+O_DIRECTORY = os.O_DIRECTORY
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("/", "/"),
+    ("", "/"),
+    ("/a/b", "/a/b"),
+    ("/a/b/", "/a/b"),
+    ("//a//b", "/a/b"),
+    ("/a/./b/.", "/a/b"),
+    ("/a/b/../c", "/a/c"),
+    ("/a/b/../../..", "/"),
+    ("/../etc/passwd", "/etc/passwd"),
+    ("/a/../../b/./../c/", "/c"),
+    ("/a/.../b", "/a/.../b"),
+    ("/a/..b/c", "/a/..b/c"),
+    ("/tmp/\udcff/x/..", "/tmp/\udcff"),
+])
+def test_normalise(path, expected):
+    assert normalise(path) == expected
+
+
+def _task(kind, pid, ppid=0, **fields):
+    return {"kind": kind, "pid": pid, "ppid": ppid, **fields}
+
+
+def open_(pid, path, ret=3, dirfd=AT_FDCWD, flags=0, unreadable=False, truncated=False):
+    return _task("open", pid, syscall="openat", path=path, dirfd=dirfd, flags=flags, ret=ret,
+                 path_unreadable=unreadable, path_truncated=truncated)
+
+
+def chdir(pid, path, ret=0, unreadable=False, truncated=False):
+    return _task("chdir", pid, syscall="chdir", path=path, dirfd=AT_FDCWD, ret=ret,
+                 path_unreadable=unreadable, path_truncated=truncated)
+
+
+def fchdir(pid, fd, ret=0):
+    return _task("chdir", pid, syscall="fchdir", path="", dirfd=fd, ret=ret,
+                 path_unreadable=False, path_truncated=False)
+
+
+def exec_(pid, filename, exec_path="", ret=0, dirfd=AT_FDCWD, unreadable=False, truncated=False):
+    return _task("exec", pid, filename=filename, exec_path=exec_path, dirfd=dirfd, ret=ret,
+                 filename_unreadable=unreadable, filename_truncated=truncated)
+
+
+def fork(pid, child, ppid=0):
+    return _task("fork", pid, ppid=ppid, child_pid=child)
+
+
+def annotated(resolver, record):
+    resolver.annotate(record)
+    return record
+
+
+def resolved(resolver, record):
+    return annotated(resolver, record)["resolved_path"]
+
+
+@pytest.fixture
+def r():
+    """A resolver that has seen PARENT chdir to /home/agent."""
+    resolver = Resolver()
+    assert resolved(resolver, chdir(PARENT, "/home/agent")) == "/home/agent"
+    return resolver
+
+
+def test_relative_opens_follow_chdir(r):
+    assert resolved(r, open_(PARENT, "main.py")) == "/home/agent/main.py"
+    assert resolved(r, open_(PARENT, "./src/../README")) == "/home/agent/README"
+    assert resolved(r, open_(PARENT, "../../etc/shadow")) == "/etc/shadow"
+    assert resolved(r, chdir(PARENT, "src//lib/")) == "/home/agent/src/lib"
+    assert resolved(r, open_(PARENT, "x.c")) == "/home/agent/src/lib/x.c"
+    assert resolved(r, chdir(PARENT, "..")) == "/home/agent/src"
+    assert resolved(r, open_(PARENT, "y.c")) == "/home/agent/src/y.c"
+    # absolute paths ignore the cwd but are normalised
+    assert resolved(r, open_(PARENT, "/etc//./hosts")) == "/etc/hosts"
+
+
+def test_failed_chdir_keeps_the_cwd(r):
+    assert resolved(r, chdir(PARENT, "/nonexistent", ret=-2)) == "/nonexistent"
+    assert resolved(r, open_(PARENT, "f")) == "/home/agent/f"
+
+
+def test_fchdir_through_an_fd_from_an_earlier_open(r):
+    assert resolved(r, open_(PARENT, "/srv/data/", ret=5, flags=O_DIRECTORY)) == "/srv/data"
+    assert resolved(r, fchdir(PARENT, 5)) == "/srv/data"
+    assert resolved(r, open_(PARENT, "f")) == "/srv/data/f"
+
+
+def test_fchdir_to_an_unknown_fd_makes_the_cwd_unknown(r):
+    assert resolved(r, fchdir(PARENT, 9)) is None
+    assert resolved(r, open_(PARENT, "f")) is None
+    assert resolved(r, open_(PARENT, "/abs")) == "/abs"
+
+
+def test_failed_open_does_not_register_an_fd(r):
+    assert resolved(r, open_(PARENT, "/etc", ret=-13)) == "/etc"
+    assert r.processes[PARENT].fds == {}
+    resolved(r, open_(PARENT, "/etc", ret=3))
+    assert r.processes[PARENT].fds == {3: ("/etc", False)}
+
+
+def test_openat_with_dirfd(r):
+    assert resolved(r, open_(PARENT, "/etc", ret=7, flags=O_DIRECTORY)) == "/etc"
+    assert resolved(r, open_(PARENT, "passwd", dirfd=7, ret=8)) == "/etc/passwd"
+    assert resolved(r, open_(PARENT, "../root/.ssh/id_rsa", dirfd=7)) == "/root/.ssh/id_rsa"
+    # an absolute path ignores dirfd
+    assert resolved(r, open_(PARENT, "/tmp/x", dirfd=7)) == "/tmp/x"
+    # an empty path (AT_EMPTY_PATH) is the fd itself
+    assert resolved(r, open_(PARENT, "", dirfd=7)) == "/etc"
+    # but an empty path relative to the cwd is not resolved
+    assert resolved(r, open_(PARENT, "")) is None
+    # an fd never seen, of a process /proc cannot show: unresolved
+    assert resolved(r, open_(PARENT, "passwd", dirfd=42)) is None
+
+
+def test_fork_inherits_cwd_and_fds_then_diverges(r):
+    resolved(r, open_(PARENT, "/etc", ret=4, flags=O_DIRECTORY))
+    f = annotated(r, fork(PARENT, CHILD, ppid=77))
+    assert f["ppid"] == 77
+    assert resolved(r, open_(CHILD, "a")) == "/home/agent/a"
+    assert resolved(r, open_(CHILD, "hosts", dirfd=4)) == "/etc/hosts"
+    # the child's record gets its parent pid from the fork
+    child_open = annotated(r, open_(CHILD, "b"))
+    assert child_open["ppid"] == PARENT
+    # later changes in one do not leak into the other
+    resolved(r, chdir(CHILD, "/tmp"))
+    resolved(r, open_(CHILD, "/var", ret=4, flags=O_DIRECTORY))
+    assert resolved(r, open_(PARENT, "a")) == "/home/agent/a"
+    assert resolved(r, open_(PARENT, "hosts", dirfd=4)) == "/etc/hosts"
+    assert resolved(r, open_(CHILD, "a")) == "/tmp/a"
+    assert resolved(r, open_(CHILD, "log", dirfd=4)) == "/var/log"
+
+
+def test_fork_record_ppid_comes_from_the_parent_state(r):
+    grandchild = CHILD + 1
+    annotated(r, fork(PARENT, CHILD))
+    f = annotated(r, fork(CHILD, grandchild))
+    assert f["ppid"] == PARENT
+    assert annotated(r, open_(grandchild, "x"))["ppid"] == CHILD
+    # a ppid the kernel already knew is kept
+    assert annotated(r, open_(grandchild, "x", ret=-1) | {"ppid": 12})["ppid"] == 12
+
+
+def test_exec_drops_close_on_exec_fds(r):
+    resolved(r, open_(PARENT, "/etc", ret=3, flags=O_DIRECTORY | O_CLOEXEC))
+    resolved(r, open_(PARENT, "/var", ret=4, flags=O_DIRECTORY))
+    # a failed exec keeps every fd
+    annotated(r, exec_(PARENT, "/nonexistent", ret=-2))
+    assert resolved(r, open_(PARENT, "passwd", dirfd=3, ret=-1)) == "/etc/passwd"
+    annotated(r, exec_(PARENT, "/usr/bin/true"))
+    assert resolved(r, open_(PARENT, "passwd", dirfd=3, ret=-1)) is None
+    assert resolved(r, open_(PARENT, "log", dirfd=4, ret=-1)) == "/var/log"
+    # exec keeps the cwd
+    assert resolved(r, open_(PARENT, "a", ret=-1)) == "/home/agent/a"
+
+
+def test_exec_resolves_filename_and_exec_path(r):
+    e = annotated(r, exec_(PARENT, "./bin/../run.sh", exec_path="./run.sh"))
+    assert e["resolved_filename"] == "/home/agent/run.sh"
+    assert e["resolved_exec_path"] == "/home/agent/run.sh"
+    e = annotated(r, exec_(PARENT, "/usr/bin/env"))
+    assert e["resolved_filename"] == "/usr/bin/env"
+    assert e["resolved_exec_path"] is None
+    resolved(r, open_(PARENT, "/opt/tools", ret=6, flags=O_DIRECTORY))
+    e = annotated(r, exec_(PARENT, "tool", dirfd=6))
+    assert e["resolved_filename"] == "/opt/tools/tool"
+
+
+@pytest.mark.parametrize("flags", [{"unreadable": True}, {"truncated": True}])
+def test_unreadable_or_truncated_paths_resolve_to_none(r, flags):
+    assert resolved(r, open_(PARENT, "/etc/passwd", **flags)) is None
+    e = annotated(r, exec_(PARENT, "/usr/bin/ls", exec_path="/usr/bin/ls", **flags))
+    assert e["resolved_filename"] is None
+    # the kernel's own copy of the path still resolves
+    assert e["resolved_exec_path"] == "/usr/bin/ls"
+    # an fd opened through an unusable path is not tracked
+    resolved(r, open_(PARENT, "/etc", ret=5, **flags))
+    assert resolved(r, open_(PARENT, "x", dirfd=5)) is None
+    # a chdir to an unusable path makes every later relative path unresolvable
+    assert resolved(r, chdir(PARENT, "/tmp", **flags)) is None
+    assert resolved(r, open_(PARENT, "x")) is None
+    assert resolved(r, open_(PARENT, "/abs/x")) == "/abs/x"
+
+
+def test_unknown_process_falls_back_to_proc_and_gets_nothing():
+    r = Resolver()
+    rec = annotated(r, open_(PARENT, "relative"))
+    assert rec["resolved_path"] is None
+    assert rec["ppid"] == 0
+    assert r.proc_fallbacks == 1
+    assert resolved(r, open_(PARENT, "/abs/./x")) == "/abs/x"
+    assert r.proc_fallbacks == 1  # now known
+    # a child of an unknown process inherits the unknown cwd
+    annotated(r, fork(PARENT, CHILD))
+    assert resolved(r, open_(CHILD, "relative")) is None
+
+
+def test_unknown_process_that_exists_reads_proc(tmp_path):
+    r = Resolver()
+    pid = os.getpid()
+    rec = annotated(r, open_(pid, "x", ret=-1))
+    assert rec["resolved_path"] == os.path.join(os.getcwd(), "x")
+    assert rec["ppid"] == os.getppid()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert resolved(r, open_(pid, "y", dirfd=fd, ret=-1)) == f"{tmp_path}/y"
+    finally:
+        os.close(fd)
+
+
+def test_exit_forgets_the_process(r):
+    annotated(r, _task("exit", PARENT))
+    assert PARENT not in r.processes
+    assert resolved(r, open_(PARENT, "x")) is None
+    annotated(r, _task("exit", CHILD + 99))  # never seen: no error
+
+
+def test_least_recently_used_process_is_evicted():
+    r = Resolver(max_processes=2)
+    for pid in (PARENT, CHILD, CHILD + 1):
+        resolved(r, chdir(pid, f"/p{pid}"))
+    assert list(r.processes) == [CHILD, CHILD + 1]
+    resolved(r, open_(CHILD, "x"))  # touch CHILD
+    resolved(r, chdir(CHILD + 2, "/q"))
+    assert list(r.processes) == [CHILD, CHILD + 2]
+
+
+def test_non_utf8_paths_round_trip_as_bytes(r):
+    assert resolved(r, open_(PARENT, b"/tmp/\xff//x")) == b"/tmp/\xff/x"
+    assert resolved(r, open_(PARENT, b"caf\xe9")) == b"/home/agent/caf\xe9"
+    # valid UTF-8 given as bytes comes back as str
+    assert resolved(r, open_(PARENT, "é".encode())) == "/home/agent/é"
+    assert resolved(r, chdir(PARENT, b"/data/\xfe\xff")) == b"/data/\xfe\xff"
+    assert resolved(r, open_(PARENT, "plain")) == b"/data/\xfe\xff/plain"
+    assert resolved(r, open_(PARENT, b"..")) == "/data"
+    assert resolved(r, open_(PARENT, b"\x80", ret=9, flags=O_DIRECTORY)) == b"/data/\xfe\xff/\x80"
+    assert resolved(r, open_(PARENT, "f", dirfd=9)) == b"/data/\xfe\xff/\x80/f"
+    e = annotated(r, exec_(PARENT, b"./\xff", exec_path=b"./\xff"))
+    assert e["resolved_filename"] == e["resolved_exec_path"] == b"/data/\xfe\xff/\xff"

@@ -1,0 +1,271 @@
+"""The wire schema: round trips, and every malformed message becomes WireError."""
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+
+from agentwarden import wire
+from agentwarden.wire import WireError
+
+TASK = {"time": 1_700_000_000_123_456_789, "pid": 4242, "tid": 4243, "ppid": 1, "uid": 1000,
+        "gid": 1000, "comm": "python3", "cgroup_id": 9001, "agent_cgroup_id": 9000}
+
+RECORDS = {
+    "exec": {"kind": "exec", **TASK, "syscall": "execve", "filename": "/usr/bin/ls",
+             "exec_path": "/usr/bin/ls", "argv": ["ls", "-l", b"\xff\xfe"],
+             "argv_truncated": False, "dirfd": -100, "at_flags": 0, "ret": 0, "error": None,
+             "died_before_return": False, "filename_unreadable": False,
+             "filename_truncated": False},
+    "open": {"kind": "open", **TASK, "syscall": "openat", "path": b"/tmp/\xff.txt", "dirfd": -100,
+             "flags": 0o2000101, "mode": 0o644, "resolve": 0, "ret": 3, "error": None,
+             "path_unreadable": False, "path_truncated": False},
+    "chdir": {"kind": "chdir", **TASK, "syscall": "chdir", "path": "/tmp", "dirfd": -100,
+              "ret": -2, "error": "ENOENT", "path_unreadable": False, "path_truncated": False},
+    "fork": {"kind": "fork", **TASK, "child_pid": 4250},
+    "exit": {"kind": "exit", **TASK},
+    "gap": {"kind": "gap", "time": 5, "stage": "kernel", "count": 17, "detail": None},
+    "health": {"kind": "health", "time": 6, "stage": "probe", "counters": {"decoded": 3}},
+    "tags": {"kind": "tags", "time": 7, "agents": {"9000": {"agent": "coder", "path": "/x"}}},
+}
+
+
+def record(of: str, **changes) -> dict:
+    """A sample record of kind `of` with fields changed, or removed when set to DROP."""
+    r = {**RECORDS[of], **changes}
+    return {k: v for k, v in r.items() if v is not DROP}
+
+
+DROP = object()
+
+
+def batch_bytes(records, **changes) -> bytes:
+    msg = {"v": wire.SCHEMA_VERSION, "type": "batch", "source": "probe", "seq": 7,
+           "records": records, **changes}
+    return msgpack.packb({k: v for k, v in msg.items() if v is not DROP}, use_bin_type=True)
+
+
+def test_every_kind_has_a_sample_record():
+    assert set(RECORDS) == set(wire.RECORD_FIELDS)
+
+
+def test_round_trip_keeps_every_record_exactly():
+    records = [dict(r) for r in RECORDS.values()]
+    records[0]["resolved_path"] = "/extra/fields/are/allowed"
+    batch = wire.decode_batch(wire.encode_batch("probe", 12, records))
+    assert batch == wire.Batch("probe", 12, records)
+    # bytes stay bytes, str stays str
+    assert batch.records[1]["path"] == b"/tmp/\xff.txt"
+    assert batch.records[0]["argv"] == ["ls", "-l", b"\xff\xfe"]
+
+
+def test_empty_batch_round_trips():
+    assert wire.decode_batch(wire.encode_batch("daemon", 0, [])) == wire.Batch("daemon", 0, [])
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"\xc1", b"garbage that is not msgpack", b"\x92\x01",  # \x92: array of 2, one given
+])
+def test_garbage_is_rejected(raw):
+    with pytest.raises(WireError):
+        wire.decode_batch(raw)
+
+
+def test_truncated_msgpack_is_rejected():
+    raw = wire.encode_batch("probe", 1, [RECORDS["open"]])
+    for cut in (1, len(raw) // 2, len(raw) - 1):
+        with pytest.raises(WireError, match="not msgpack"):
+            wire.decode_batch(raw[:cut])
+
+
+def test_trailing_bytes_are_rejected():
+    with pytest.raises(WireError, match="not msgpack"):
+        wire.decode_batch(wire.encode_batch("probe", 1, []) + b"\x00")
+
+
+@pytest.mark.parametrize("msg", [[1, 2], "batch", 1, None])
+def test_message_must_be_a_map(msg):
+    with pytest.raises(WireError, match="message is not a map"):
+        wire.decode_batch(msgpack.packb(msg))
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None, True, 1.0, DROP])
+def test_wrong_schema_version_is_rejected(version):
+    with pytest.raises(WireError, match="schema version"):
+        wire.decode_batch(batch_bytes([], v=version))
+
+
+@pytest.mark.parametrize("type_", ["control", None, 1, DROP])
+def test_unknown_message_type_is_rejected(type_):
+    with pytest.raises(WireError, match="unknown message type"):
+        wire.decode_batch(batch_bytes([], type=type_))
+
+
+@pytest.mark.parametrize("changes", [
+    {"source": DROP}, {"source": b"probe"}, {"source": 1},
+    {"seq": DROP}, {"seq": "7"}, {"seq": True}, {"seq": 7.0},
+])
+def test_batch_needs_source_and_integer_seq(changes):
+    with pytest.raises(WireError, match="lacks a source name or sequence number"):
+        wire.decode_batch(batch_bytes([], **changes))
+
+
+@pytest.mark.parametrize("records", [DROP, None, {"kind": "exit"}, "records"])
+def test_records_must_be_a_list(records):
+    with pytest.raises(WireError, match="records is not a list"):
+        wire.decode_batch(batch_bytes(records))
+
+
+@pytest.mark.parametrize("item", [1, "exit", [RECORDS["exit"]], None])
+def test_record_must_be_a_map(item):
+    with pytest.raises(WireError, match="not a map"):
+        wire.decode_batch(batch_bytes([RECORDS["exit"], item]))
+
+
+@pytest.mark.parametrize("kind", ["execve", "", None, 1, DROP, ["exec"]])
+def test_unknown_kind_is_rejected(kind):
+    with pytest.raises(WireError, match="unknown record kind"):
+        wire.decode_batch(batch_bytes([record("exit", kind=kind)]))
+
+
+@pytest.mark.parametrize("kind,field", [
+    (kind, field) for kind, fields in wire.RECORD_FIELDS.items() for field in fields])
+def test_each_missing_field_is_rejected(kind, field):
+    with pytest.raises(WireError, match=f"{kind} record lacks field '{field}'"):
+        wire.decode_batch(batch_bytes([record(kind, **{field: DROP})]))
+
+
+@pytest.mark.parametrize("kind,field,value", [
+    ("exec", "pid", True),            # bool where int is required
+    ("exec", "ret", False),
+    ("open", "flags", True),
+    ("gap", "count", True),
+    ("exec", "pid", "4242"),
+    ("exec", "pid", 4242.0),
+    ("exec", "argv_truncated", 0),    # int where bool is required
+    ("open", "path_truncated", 1),
+    ("open", "path", 5),
+    ("open", "path", None),
+    ("exec", "argv", "ls -l"),
+    ("exec", "argv", ["ls", 5]),      # argv items are str or bytes
+    ("exec", "argv", ["ls", None]),
+    ("exec", "syscall", b"execve"),
+    ("chdir", "error", 2),
+    ("exit", "comm", None),
+    ("health", "counters", [1]),
+    ("tags", "agents", "coder"),
+    ("gap", "detail", b"x"),
+])
+def test_wrong_field_types_are_rejected(kind, field, value):
+    with pytest.raises(WireError, match=f"{kind} record field '{field}'"):
+        wire.decode_batch(batch_bytes([record(kind, **{field: value})]))
+
+
+def test_optional_fields_accept_none_and_str():
+    for detail in (None, "ring buffer full"):
+        batch = wire.decode_batch(batch_bytes([record("gap", detail=detail)]))
+        assert batch.records[0]["detail"] == detail
+
+
+def test_one_bad_record_rejects_the_batch():
+    good = [RECORDS["exit"]] * 3
+    with pytest.raises(WireError):
+        wire.decode_batch(batch_bytes(good + [record("exit", pid=None)] + good))
+
+
+def test_oversized_message_is_rejected_before_parsing():
+    raw = b"\x00" * (wire.MAX_MESSAGE_BYTES + 1)
+    with pytest.raises(WireError, match="exceeds"):
+        wire.decode_batch(raw)
+
+
+def test_too_many_records_is_rejected():
+    raw = batch_bytes([RECORDS["gap"]] * (wire.MAX_RECORDS_PER_BATCH + 1))
+    assert len(raw) <= wire.MAX_MESSAGE_BYTES
+    with pytest.raises(WireError, match="not msgpack"):
+        wire.decode_batch(raw)
+
+
+def test_invalid_utf8_in_a_str_is_rejected():
+    # a msgpack str (not bin) holding invalid UTF-8
+    raw = batch_bytes([]).replace(b"\xa5probe", b"\xa5pr\xffbe")
+    with pytest.raises(WireError, match="not msgpack"):
+        wire.decode_batch(raw)
+
+
+def test_unhashable_map_key_is_rejected():
+    # fixmap of 1 entry whose key is an array: msgpack cannot build that dict
+    with pytest.raises(WireError):
+        wire.decode_batch(b"\x81\x91\x01\x01")
+
+
+def test_fuzz_only_wire_errors():
+    rng = random.Random(20240611)
+    valid = wire.encode_batch("probe", 3, list(RECORDS.values()))
+    outcomes = {"ok": 0, "error": 0}
+    for case in range(500):
+        choice = case % 4
+        if choice == 0:
+            raw = rng.randbytes(rng.randrange(0, 200))
+        elif choice == 1:
+            raw = valid[:rng.randrange(0, len(valid))]
+        elif choice == 2:  # flip a few bytes of a valid batch
+            data = bytearray(valid)
+            for _ in range(rng.randrange(1, 6)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            raw = bytes(data)
+        else:  # a valid prefix followed by noise
+            raw = valid[:rng.randrange(len(valid))] + rng.randbytes(rng.randrange(1, 50))
+        try:
+            batch = wire.decode_batch(raw)
+        except WireError:
+            outcomes["error"] += 1
+        else:
+            assert isinstance(batch, wire.Batch)
+            outcomes["ok"] += 1
+    assert outcomes["error"] > 400
+
+
+def test_decode_control():
+    assert wire.decode_control(wire.pack({"cmd": "status", "id": 3})) == {"cmd": "status", "id": 3}
+
+
+@pytest.mark.parametrize("raw,match", [
+    (b"\xc1", "not msgpack"),
+    (b"", "not msgpack"),
+    (msgpack.packb({"cmd": "status"})[:-1], "not msgpack"),
+    (msgpack.packb(["status"]), "string 'cmd'"),
+    (msgpack.packb({"cmd": 1}), "string 'cmd'"),
+    (msgpack.packb({"cmd": b"status"}, use_bin_type=True), "string 'cmd'"),
+    (msgpack.packb({"command": "status"}), "string 'cmd'"),
+    (b"\x00" * (wire.MAX_CONTROL_BYTES + 1), "exceeds"),
+])
+def test_decode_control_rejects(raw, match):
+    with pytest.raises(WireError, match=match):
+        wire.decode_control(raw)
+
+
+def test_decode_control_fuzz_only_wire_errors():
+    rng = random.Random(7)
+    for _ in range(300):
+        try:
+            msg = wire.decode_control(rng.randbytes(rng.randrange(0, 64)))
+        except WireError:
+            continue
+        assert isinstance(msg["cmd"], str)
+
+
+@pytest.mark.parametrize("raw,expected", [
+    (b"/usr/bin/ls", "/usr/bin/ls"),
+    ("é".encode(), "é"),
+    (b"/tmp/\xff", b"/tmp/\xff"),
+    (b"", ""),
+])
+def test_from_c(raw, expected):
+    assert wire.from_c(raw) == expected
+
+
+def test_text_escapes_non_utf8_bytes():
+    assert wire.text("/a") == "/a"
+    assert wire.text(b"/tmp/\xff") == "/tmp/\\xff"
