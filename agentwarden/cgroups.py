@@ -16,7 +16,8 @@ from pathlib import Path
 from .errors import AgentwardenError
 
 TAG_XATTR = "trusted.agentwarden.agent"
-AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+# \Z, not $: "$" would also accept a name followed by a newline.
+AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")
 
 
 class CgroupError(AgentwardenError):
@@ -39,7 +40,8 @@ def _unescape_mount_field(field: str) -> str:
 def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path:
     """The cgroup v2 mount point: /sys/fs/cgroup (pure v2) or .../unified (hybrid)."""
     try:
-        with open(mountinfo) as f:
+        # Mount points are raw bytes: one that is not UTF-8 must not stop the search.
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.readlines()
     except OSError as exc:
         raise CgroupError(f"cannot read {mountinfo}: {exc.strerror}") from None

@@ -23,8 +23,9 @@ def open_mode(flags: int) -> str:
 
 
 def _clock(ns: int) -> str:
-    seconds = ns / 1e9
-    return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{int(ns % 1_000_000_000) // 1_000_000:03d}"
+    # Integer division: ns / 1e9 rounds x.9995... up to the next second.
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{rest // 1_000_000:03d}"
 
 
 def _result(record: dict[str, Any]) -> str:
@@ -36,8 +37,8 @@ def _result(record: dict[str, Any]) -> str:
 def human(record: dict[str, Any]) -> str:
     kind = record["kind"]
     if kind == "gap":
-        return (f"{_clock(record['time'])} LOST {record['count']} records at stage "
-                f"{record['stage']}: {record.get('detail') or ''}")
+        detail = f": {record['detail']}" if record.get("detail") else ""
+        return f"{_clock(record['time'])} LOST {record['count']} records at stage {record['stage']}{detail}"
     agent = record.get("agent") or f"cgroup:{record.get('agent_cgroup_id')}"
     head = f"{_clock(record['time'])} {agent:<12} {kind:<5} pid {record['pid']:<7}"
     if kind == "exec":

@@ -45,11 +45,13 @@ class Layout:
     def __init__(self, cls, tail: str | None = None):
         fmt, pos, names = "<", 0, []
         self.tail_offset = None
+        self.tail_size = 0
         self.offsets = {}
         for name, offset, ftype in sorted(_flatten(cls), key=lambda f: f[1]):
             self.offsets[name] = offset
             if name == tail:
                 self.tail_offset = offset
+                self.tail_size = ct.sizeof(ftype)
                 break
             if offset > pos:
                 fmt += f"{offset - pos}x"
@@ -65,6 +67,14 @@ class Layout:
         if len(raw) < self.struct.size:
             raise DecodeError(f"record of {len(raw)} bytes, expected at least {self.struct.size}")
         return dict(zip(self.names, self.struct.unpack_from(raw)))
+
+    def tail(self, raw: bytes, name: str, length: int) -> bytes:
+        """The first `length` bytes of the tail (the kernel sends at most its size);
+        a record cut short of them is an error, not a shorter path or argv."""
+        end = self.tail_offset + min(length, self.tail_size)
+        if len(raw) < end:
+            raise DecodeError(f"record of {len(raw)} bytes, but its {name} needs {end}")
+        return raw[self.tail_offset:end]
 
 
 def _cstr(raw: bytes) -> bytes:
@@ -116,8 +126,7 @@ class Decoder:
 
     def _exec(self, record, f, raw, layout):
         c, flags = self.c, f["flags"]
-        tail = raw[layout.tail_offset:layout.tail_offset + f["argv_len"]]
-        argv = tail.split(b"\0")
+        argv = layout.tail(raw, "argv", f["argv_len"]).split(b"\0")
         if argv and argv[-1] == b"":
             argv.pop()
         record.update({
@@ -135,8 +144,7 @@ class Decoder:
 
     def _file_common(self, record, f, raw, layout):
         c, flags = self.c, f["flags"]
-        length = f["path_len"]
-        path = raw[layout.tail_offset:layout.tail_offset + length]
+        path = layout.tail(raw, "path", f["path_len"])
         record.update({
             "syscall": self.syscalls.get(f["syscall"], str(f["syscall"])),
             "path": from_c(_cstr(path)),
