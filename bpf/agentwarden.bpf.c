@@ -18,6 +18,10 @@ BPF_ARRAY(config, struct aw_config, 1);
 /* cgroup id -> agent number (nonzero); the probe mirrors the
  * trusted.agentwarden.agent xattrs of cgroup directories into it. */
 BPF_HASH(agent_cgroups, u64, u32, AW_MAX_AGENT_CGROUPS);
+/* (agent number, path prefix) -> deny rule; the probe loads it from the
+ * daemon's policy. A match kills the task in the tracepoint. */
+BPF_LPM_TRIE(deny_paths, struct aw_deny_key, struct aw_deny_value, AW_MAX_DENY_RULES);
+BPF_PERCPU_ARRAY(deny_scratch, struct aw_deny_key, 1);
 /* pid_tgid -> record being built between a syscall's entry and exit. */
 BPF_HASH(inflight_exec, u64, struct aw_exec, AW_MAX_INFLIGHT);
 BPF_HASH(inflight_file, u64, struct aw_file, AW_MAX_INFLIGHT);
@@ -46,7 +50,7 @@ static __always_inline void count(u32 slot)
  * tagged ancestor), or 0. Untagged tasks leave after one array lookup when
  * nothing is tagged, else after one helper call and one hash lookup per
  * depth that holds a tag. */
-static __always_inline u64 agent_cgroup(void)
+static __always_inline u64 agent_cgroup_of(u32 *agent)
 {
     u32 zero = 0;
     struct aw_config *cfg = config.lookup(&zero);
@@ -57,10 +61,42 @@ static __always_inline u64 agent_cgroup(void)
         if (!(levels & (1u << level)))
             continue;
         u64 id = bpf_get_current_ancestor_cgroup_id(level);
-        if (id && agent_cgroups.lookup(&id))
+        u32 *number = id ? agent_cgroups.lookup(&id) : 0;
+        if (number) {
+            *agent = *number;
             return id;
+        }
     }
     return 0;
+}
+
+static __always_inline u64 agent_cgroup(void)
+{
+    u32 agent;
+    return agent_cgroup_of(&agent);
+}
+
+/* The deny rule matching a path already copied into a record, for this
+ * agent and this kind of action; 0 when none. Kills the task on a match:
+ * the signal is delivered before the syscall returns to the program. */
+static __always_inline u32 deny_and_kill(u32 agent, const char *path, u32 action)
+{
+    u32 zero = 0;
+    struct aw_deny_key *key = deny_scratch.lookup(&zero);
+    if (!key)
+        return 0;
+    int n = bpf_probe_read_kernel_str(key->path, sizeof(key->path), path);
+    if (n <= 1 || key->path[0] != '/')
+        return 0;
+    if (n == sizeof(key->path))
+        n--;  /* cut: the NUL is ours, so no exact rule may match */
+    key->agent = agent;
+    key->prefixlen = 32 + 8 * n;
+    struct aw_deny_value *rule = deny_paths.lookup(key);
+    if (!rule || !(rule->applies & action))
+        return 0;
+    bpf_send_signal(9);
+    return rule->rule;
 }
 
 static __always_inline void fill_header(struct aw_header *h, u32 kind, u64 agent)
@@ -111,6 +147,8 @@ static __always_inline int exec_enter(u32 syscall, s32 dirfd, const char *filena
     e->flags = 0;
     e->argc = 0;
     e->argv_len = 0;
+    e->deny_rule = 0;
+    e->reserved = 0;
     e->exec_path[0] = 0;
 
     int n = bpf_probe_read_user_str(e->filename, sizeof(e->filename), filename);
@@ -206,6 +244,13 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         return 0;
     TP_DATA_LOC_READ_STR(e->exec_path, filename, sizeof(e->exec_path));
     e->flags |= AW_EXEC_SEEN_BY_KERNEL;
+    /* Denied program: killed before its first instruction. */
+    u32 agent;
+    if (agent_cgroup_of(&agent)) {
+        e->deny_rule = deny_and_kill(agent, e->exec_path, AW_DENY_EXEC);
+        if (e->deny_rule)
+            e->flags |= AW_EXEC_KILLED_IN_KERNEL;
+    }
     if (old_key != id) {
         if (inflight_exec.update(&id, e))
             count(AW_COUNTER_DROPPED_BASE + AW_KIND_EXEC);
@@ -219,7 +264,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 static __always_inline int file_enter(u32 kind, u32 syscall, s32 dirfd, const char *path,
                                       u64 open_flags, u64 mode, u64 resolve, u32 flags)
 {
-    u64 agent = agent_cgroup();
+    u32 agent_number;
+    u64 agent = agent_cgroup_of(&agent_number);
     if (!agent)
         return 0;
     u32 zero = 0;
@@ -236,6 +282,8 @@ static __always_inline int file_enter(u32 kind, u32 syscall, s32 dirfd, const ch
     e->syscall = syscall;
     e->flags = flags;
     e->path_len = 0;
+    e->deny_rule = 0;
+    e->reserved = 0;
 
     u64 key = bpf_get_current_pid_tgid();
     if (path) {
@@ -244,6 +292,11 @@ static __always_inline int file_enter(u32 kind, u32 syscall, s32 dirfd, const ch
             e->path_len = n;
             if (n == sizeof(e->path))
                 e->flags |= AW_FILE_PATH_TRUNCATED;
+            if (kind == AW_KIND_OPEN) {
+                e->deny_rule = deny_and_kill(agent_number, e->path, AW_DENY_OPEN);
+                if (e->deny_rule)
+                    e->flags |= AW_FILE_KILLED_IN_KERNEL;
+            }
         } else {
             u64 ptr = (u64)path;
             e->flags |= AW_FILE_PATH_UNREADABLE;

@@ -33,6 +33,12 @@
 #define AW_MAX_AGENT_CGROUPS 4096
 #define AW_MAX_INFLIGHT 16384
 #define AW_RINGBUF_PAGES 4096
+#define AW_DENY_PATH_MAX 252  /* LPM trie keys hold at most 256 data bytes */
+#define AW_MAX_DENY_RULES 65536
+
+/* aw_deny_value.applies */
+#define AW_DENY_EXEC 1
+#define AW_DENY_OPEN 2
 
 /* aw_exec.flags */
 #define AW_EXEC_ARGV_TRUNCATED 1
@@ -40,11 +46,13 @@
 #define AW_EXEC_SEEN_BY_KERNEL 4
 #define AW_EXEC_DIED_BEFORE_RETURN 8
 #define AW_EXEC_FILENAME_TRUNCATED 16
+#define AW_EXEC_KILLED_IN_KERNEL 32
 
 /* aw_file.flags */
 #define AW_FILE_PATH_UNREADABLE 1
 #define AW_FILE_PATH_TRUNCATED 2
 #define AW_FILE_OPENAT2 4
+#define AW_FILE_KILLED_IN_KERNEL 8
 
 /* Syscall identifiers carried in aw_file.syscall and aw_exec.syscall. */
 #define AW_SYS_EXECVE 1
@@ -81,6 +89,8 @@ struct aw_exec {
     u32 flags;            /* AW_EXEC_* */
     u32 argc;             /* arguments read (<= AW_MAX_ARGS) */
     u32 argv_len;         /* bytes used in argv, NUL separated */
+    u32 deny_rule;        /* in-kernel deny rule that killed it, else 0 */
+    u32 reserved;
     char filename[AW_MAX_PATH];
     char exec_path[AW_MAX_PATH];
     char argv[AW_ARGV_BYTES + AW_ARG_MAX];
@@ -98,6 +108,8 @@ struct aw_file {
     u32 syscall;          /* AW_SYS_* */
     u32 flags;            /* AW_FILE_* */
     u32 path_len;         /* bytes of path including the NUL, 0 if unread */
+    u32 deny_rule;        /* in-kernel deny rule that killed it, else 0 */
+    u32 reserved;
     char path[AW_MAX_PATH];
 };
 
@@ -106,6 +118,22 @@ struct aw_task {
     struct aw_header h;
     u32 child_pid;        /* fork: new task id; exit: 0 */
     u32 reserved;
+};
+
+/* In-kernel deny rules: an LPM trie keyed by agent number and path bytes.
+ * An exact rule is stored with the path's NUL, so it matches only the whole
+ * path; a prefix rule without, so it matches every path that starts with it.
+ * Only absolute paths as given can match: the daemon is the backstop for
+ * relative and non-canonical spellings. */
+struct aw_deny_key {
+    u32 prefixlen;        /* bits: 32 for agent + 8 per path byte */
+    u32 agent;
+    char path[AW_DENY_PATH_MAX];
+};
+
+struct aw_deny_value {
+    u32 rule;             /* rule number (nonzero), named by the probe */
+    u32 applies;          /* AW_DENY_EXEC | AW_DENY_OPEN */
 };
 
 #endif

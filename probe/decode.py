@@ -103,6 +103,8 @@ class Decoder:
             c["AW_KIND_EXIT"]: (task_layout, self._exit),
         }
         self.kind_names = {c[f"AW_KIND_{n.upper()}"]: n for n in ("exec", "open", "chdir", "fork", "exit")}
+        # In-kernel deny rule number -> its text; the probe keeps it current.
+        self.deny_rules: dict[int, str] = {}
         self.syscalls = {v: k[len("AW_SYS_"):].lower() for k, v in c.items() if k.startswith("AW_SYS_")}
 
     def decode(self, raw: bytes) -> dict[str, Any]:
@@ -140,7 +142,13 @@ class Decoder:
             "died_before_return": bool(flags & c["AW_EXEC_DIED_BEFORE_RETURN"]),
             "filename_unreadable": bool(flags & c["AW_EXEC_FILENAME_UNREADABLE"]),
             "filename_truncated": bool(flags & c["AW_EXEC_FILENAME_TRUNCATED"]),
+            **self._kernel_kill(f, c["AW_EXEC_KILLED_IN_KERNEL"]),
         })
+
+    def _kernel_kill(self, f, killed_flag: int) -> dict[str, Any]:
+        killed = bool(f["flags"] & killed_flag)
+        rule = self.deny_rules.get(f["deny_rule"], f"kernel rule {f['deny_rule']}") if killed else None
+        return {"killed_in_kernel": killed, "kernel_rule": rule}
 
     def _file_common(self, record, f, raw, layout):
         c, flags = self.c, f["flags"]
@@ -155,7 +163,8 @@ class Decoder:
 
     def _open(self, record, f, raw, layout):
         self._file_common(record, f, raw, layout)
-        record.update({"flags": f["open_flags"], "mode": f["mode"], "resolve": f["resolve"]})
+        record.update({"flags": f["open_flags"], "mode": f["mode"], "resolve": f["resolve"],
+                       **self._kernel_kill(f, self.c["AW_FILE_KILLED_IN_KERNEL"])})
 
     def _chdir(self, record, f, raw, layout):
         self._file_common(record, f, raw, layout)

@@ -33,6 +33,7 @@ class AwExec(ct.Structure):
     _fields_ = [("h", AwHeader), ("ret", ct.c_longlong), ("dirfd", ct.c_int),
                 ("at_flags", ct.c_uint), ("syscall", ct.c_uint), ("flags", ct.c_uint),
                 ("argc", ct.c_uint), ("argv_len", ct.c_uint),
+                ("deny_rule", ct.c_uint), ("reserved", ct.c_uint),
                 ("filename", ct.c_char * C["AW_MAX_PATH"]),
                 ("exec_path", ct.c_char * C["AW_MAX_PATH"]),
                 ("argv", ct.c_char * (C["AW_ARGV_BYTES"] + C["AW_ARG_MAX"]))]
@@ -42,6 +43,7 @@ class AwFile(ct.Structure):
     _fields_ = [("h", AwHeader), ("ret", ct.c_longlong), ("open_flags", ct.c_ulonglong),
                 ("mode", ct.c_ulonglong), ("resolve", ct.c_ulonglong), ("dirfd", ct.c_int),
                 ("syscall", ct.c_uint), ("flags", ct.c_uint), ("path_len", ct.c_uint),
+                ("deny_rule", ct.c_uint), ("reserved", ct.c_uint),
                 ("path", ct.c_char * C["AW_MAX_PATH"])]
 
 
@@ -136,7 +138,8 @@ def test_exec(decoder):
         "kind": "exec", **TASK, "syscall": "execveat", "filename": "/usr/bin/ls",
         "exec_path": b"/usr/bin/\xff", "argv": ["ls", "-l", b"\xff\xfe"],
         "argv_truncated": False, "dirfd": 7, "at_flags": 0x1000, "ret": 0, "error": None,
-        "died_before_return": False, "filename_unreadable": False, "filename_truncated": False}
+        "died_before_return": False, "filename_unreadable": False, "filename_truncated": False,
+        "killed_in_kernel": False, "kernel_rule": None}
 
 
 def test_decoded_records_follow_the_wire_schema(decoder):
@@ -202,7 +205,8 @@ def test_open(decoder):
     assert decoder.decode(raw) == {
         "kind": "open", **TASK, "syscall": "openat2", "path": b"/tmp/\xff.txt", "dirfd": 5,
         "flags": 0o2000101, "mode": 0o644, "resolve": 0x8, "ret": -13, "error": "EACCES",
-        "path_unreadable": False, "path_truncated": False}
+        "path_unreadable": False, "path_truncated": False,
+        "killed_in_kernel": False, "kernel_rule": None}
 
 
 @pytest.mark.parametrize("sys,name", [("AW_SYS_OPEN", "open"), ("AW_SYS_OPENAT", "openat"),
