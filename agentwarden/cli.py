@@ -14,12 +14,15 @@ import typer
 import zmq
 
 from . import cgroups, control, doctor, render, wire
+from .policy_cli import policy_app
 from .errors import AgentwardenError, NeedsRoot
 from .settings import Settings
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Watch and govern what AI agents execute and open.\n\n"
                        "Example: sudo agentwarden up")
+
+app.add_typer(policy_app, name="policy")
 
 TAIL_KINDS = {"exec", "open", "chdir", "fork", "exit", "gap"}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 DEFAULT_RUN_DIR = "/run/agentwarden"
 DEFAULT_STATE_DIR = "/var/lib/agentwarden"
+DEFAULT_POLICY_DIR = "/etc/agentwarden/policy.d"
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class Settings:
     state_dir: Path
     health_interval: float = 1.0   # seconds between health records
     tag_scan_interval: float = 0.5  # seconds between cgroup tag rescans
+    policy_dir: Path = Path(DEFAULT_POLICY_DIR)  # *.toml policy files, read in name order
 
     @property
     def ingest_endpoint(self) -> str:
@@ -41,6 +43,7 @@ class Settings:
         return cls(
             run_dir=Path(os.environ.get("AGENTWARDEN_RUN_DIR", DEFAULT_RUN_DIR)),
             state_dir=Path(os.environ.get("AGENTWARDEN_STATE_DIR", DEFAULT_STATE_DIR)),
+            policy_dir=Path(os.environ.get("AGENTWARDEN_POLICY_DIR", DEFAULT_POLICY_DIR)),
         )
 
     def prepare_run_dir(self) -> None:

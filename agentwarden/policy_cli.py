@@ -1,0 +1,93 @@
+"""`agentwarden policy ...`: check policy files and ask which rule decides an
+action. Only parsing and error translation live here; the work is in policy."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import policy
+from .daemon.resolver import normalise
+from .errors import AgentwardenError
+from .settings import Settings
+
+policy_app = typer.Typer(no_args_is_help=True,
+                         help="Check policy files and ask which rule decides an action.\n\n"
+                              "Example: agentwarden policy check")
+
+_POLICY_HELP = "policy files or directories of *.toml files (default: the policy directory)"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _load(paths: Optional[List[Path]]) -> policy.PolicySet:
+    return policy.load_policy(paths or [Settings.from_env().policy_dir])
+
+
+@policy_app.command()
+def check(paths: Optional[List[Path]] = typer.Argument(None, help=_POLICY_HELP, show_default=False)):
+    """Validate policy files: list every problem with file and line, or print OK and the policy hash.
+
+    Example: agentwarden policy check /etc/agentwarden/policy.d/coder.toml
+    """
+    try:
+        loaded = _load(paths)
+    except policy.PolicyError as exc:
+        for problem in exc.problems:
+            typer.echo(str(problem), err=True)
+        raise AgentwardenError(f"the policy has {_count(len(exc.problems), 'problem')}; "
+                               "nothing was loaded") from None
+    typer.echo(f"OK: {_count(len(loaded.files), 'file')}, agents {', '.join(sorted(loaded.agents))}; "
+               f"policy {loaded.hash}")
+
+
+def _exec_event(agent: str, path: str, args: List[str]) -> dict:
+    return {"kind": "exec", "agent": agent, "filename": path, "exec_path": path,
+            "resolved_filename": path, "resolved_exec_path": path,
+            "argv": [os.path.basename(path), *args], "argv_truncated": False, "ret": 0, "error": None}
+
+
+def _open_event(agent: str, path: str, write: bool) -> dict:
+    return {"kind": "open", "agent": agent, "path": path, "resolved_path": path,
+            "flags": os.O_WRONLY if write else os.O_RDONLY, "ret": 0, "error": None}
+
+
+@policy_app.command()
+def explain(agent: str = typer.Option(..., "--agent", help="the agent whose policy decides"),
+            exec_path: Optional[str] = typer.Option(None, "--exec", help="absolute path of a program to run"),
+            open_path: Optional[str] = typer.Option(None, "--open", help="absolute path of a file to open"),
+            write: bool = typer.Option(False, "--write", help="with --open: open for writing"),
+            args: Optional[List[str]] = typer.Argument(None, help="with --exec: the program's arguments "
+                                                                   "(put -- before any that start with -)",
+                                                       show_default=False),
+            paths: Optional[List[Path]] = typer.Option(None, "--policy", help=_POLICY_HELP, show_default=False)):
+    """Say which rule decides an exec or an open, and why, without running anything.
+
+    Example: agentwarden policy explain --agent coder --exec /usr/bin/git -- push --force
+    """
+    if (exec_path is None) == (open_path is None):
+        raise AgentwardenError("give exactly one of --exec PATH [ARG...] or --open PATH [--write]")
+    if exec_path is not None and write:
+        raise AgentwardenError("--write goes with --open, not --exec")
+    if open_path is not None and args:
+        raise AgentwardenError("arguments go with --exec, not --open")
+    path = exec_path if exec_path is not None else open_path
+    if not path.startswith("/"):
+        raise AgentwardenError(f"{path!r} is not absolute: rules match absolute paths, e.g. /usr/bin/git")
+    loaded = _load(paths)
+    if agent not in loaded.agents:
+        raise AgentwardenError(f"no policy for agent {agent!r}; the policy has "
+                               f"{', '.join(sorted(loaded.agents))}")
+    event = (_exec_event(agent, normalise(path), args or []) if exec_path is not None
+             else _open_event(agent, normalise(path), write))
+    verdict = policy.decide(event, loaded)
+    typer.echo(f"verdict: {verdict.decision}" + (f" (on-violation {verdict.action})" if verdict.action else ""))
+    typer.echo(f"rule:    {verdict.rule or 'none matched'}")
+    typer.echo(f"reason:  {verdict.reason}")
+    effect = ": decided and recorded, never acted on" if verdict.mode == "monitor" else ""
+    typer.echo(f"mode:    {verdict.mode}{effect}")
+    typer.echo(f"policy:  {verdict.policy_hash}")
