@@ -24,7 +24,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 app.add_typer(policy_app, name="policy")
 
-TAIL_KINDS = {"exec", "open", "chdir", "fork", "exit", "gap"}
+TAIL_KINDS = {"exec", "open", "chdir", "fork", "exit", "gap", "violation", "admin", "policy"}
+EVENTS_TOPIC = b"events"
 
 
 def _settings() -> Settings:
@@ -191,22 +192,25 @@ def agents(as_json: bool = typer.Option(False, "--json", help="one JSON object p
 @app.command()
 def tail(agent: Optional[str] = typer.Option(None, "--agent", help="only this agent's events"),
          as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
-         count: int = typer.Option(0, "--count", help="exit after this many records (0: never)")):
-    """Follow agent events live.
+         count: int = typer.Option(0, "--count", help="exit after this many records (0: never)"),
+         violations: bool = typer.Option(False, "--violations", help="only policy violations")):
+    """Follow agent events (or only violations) live.
 
-    Example: sudo agentwarden tail --agent coder --json
+    Example: sudo agentwarden tail --violations --agent coder
     """
     settings = _settings()
     control.check_reachable(settings, settings.events_endpoint)
     sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.setsockopt(zmq.SUBSCRIBE, EVENTS_TOPIC)
     sock.connect(settings.events_endpoint)
     shown, last_seq = 0, None
+    kinds = {"violation"} if violations else TAIL_KINDS
     try:
         while True:
             try:
-                batch = wire.decode_batch(sock.recv())
+                frames = sock.recv_multipart()
+                batch = wire.decode_batch(frames[-1])
             except wire.WireError as exc:
                 typer.echo(f"agentwarden: skipped a malformed message: {exc}", err=True)
                 continue
@@ -215,11 +219,14 @@ def tail(agent: Optional[str] = typer.Option(None, "--agent", help="only this ag
                            "(it read too slowly; the archive has them)", err=True)
             last_seq = batch.seq
             for record in batch.records:
-                if record["kind"] not in TAIL_KINDS:
+                if record["kind"] not in kinds:
                     continue
                 if agent and record["kind"] != "gap" and record.get("agent") != agent:
                     continue
-                typer.echo(render.as_json(record) if as_json else render.human(record))
+                line = render.as_json(record) if as_json else render.human(record)
+                if record["kind"] == "violation" and not as_json:
+                    line = typer.style(line, fg=typer.colors.RED, bold=True)  # plain when piped
+                typer.echo(line)
                 shown += 1
                 if count and shown >= count:
                     return
@@ -255,6 +262,80 @@ def status(as_json: bool = typer.Option(False, "--json", help="the full status a
         typer.echo(f"  agent {info['agent']:<16} {info['path']} (id {cgid})")
     drops = st["drops"]
     typer.echo("drops:  " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
+
+
+@policy_app.command()
+def reload():
+    """Load the policy files again; a broken policy is refused and the old one stays in force.
+
+    Example: sudo agentwarden policy reload
+    """
+    reply = control.request(_settings(), "reload", check=False)
+    if not reply.get("ok"):
+        for problem in reply.get("problems", []):
+            typer.echo(problem, err=True)
+        raise AgentwardenError(reply.get("error", "reload failed"))
+    typer.echo(f"policy in force: {reply.get('policy_hash') or 'none (no policy files)'}")
+
+
+def _agent_cgroups(agent: Optional[str], every: bool) -> list:
+    if every == bool(agent):
+        raise AgentwardenError("name one agent with --agent NAME, or all of them with --all")
+    found = [t for t in cgroups.scan_tagged(cgroups.cgroup2_root()).values()
+             if every or t.agent == agent]
+    if not found:
+        raise AgentwardenError(f"no tagged cgroup for agent {agent!r}" if agent else "no tagged cgroups")
+    # Outermost first: a frozen parent freezes its children anyway.
+    return sorted(found, key=lambda t: t.level)
+
+
+def _admin(action: str, agent: Optional[str], every: bool, act) -> None:
+    """Act on the cgroups directly (works with the daemon down), then have the
+    daemon archive who did what; say so when it cannot."""
+    _need_root(f"{action}")
+    results = [act(t.path) for t in _agent_cgroups(agent, every)]
+    for line in results:
+        typer.echo(line)
+    user = os.environ.get("SUDO_USER") or "root"
+    try:
+        control.request(_settings(), "admin", action=action, agent=agent if agent else "*",
+                        uid=int(os.environ.get("SUDO_UID", os.getuid())), user=user,
+                        result="; ".join(results))
+    except AgentwardenError as exc:
+        typer.echo(f"agentwarden: warning: not archived ({exc})", err=True)
+
+
+@app.command()
+def freeze(agent: Optional[str] = typer.Option(None, "--agent", help="the agent to freeze"),
+           every: bool = typer.Option(False, "--all", help="every tagged agent (kill switch; works without the daemon)")):
+    """Freeze an agent's processes (or all agents') until thaw or kill.
+
+    Example: sudo agentwarden freeze --all
+    """
+    from agentwarden.daemon import enforce
+    _admin("freeze", agent, every, lambda path: enforce.set_frozen(path, True))
+
+
+@app.command()
+def thaw(agent: Optional[str] = typer.Option(None, "--agent", help="the agent to thaw"),
+         every: bool = typer.Option(False, "--all", help="every tagged agent")):
+    """Let a frozen agent run again.
+
+    Example: sudo agentwarden thaw --agent coder
+    """
+    from agentwarden.daemon import enforce
+    _admin("thaw", agent, every, lambda path: enforce.set_frozen(path, False))
+
+
+@app.command()
+def kill(agent: Optional[str] = typer.Option(None, "--agent", help="the agent to kill"),
+         every: bool = typer.Option(False, "--all", help="every tagged agent")):
+    """Kill every process of an agent (cgroup.kill).
+
+    Example: sudo agentwarden kill --agent coder
+    """
+    from agentwarden.daemon import enforce
+    _admin("kill", agent, every, enforce.kill_cgroup)
 
 
 @app.command("doctor")

@@ -39,6 +39,16 @@ def human(record: dict[str, Any]) -> str:
     if kind == "gap":
         detail = f": {record['detail']}" if record.get("detail") else ""
         return f"{_clock(record['time'])} LOST {record['count']} records at stage {record['stage']}{detail}"
+    if kind == "violation":
+        return (f"{_clock(record['time'])} VIOLATION {record['agent']} pid {record['pid']} "
+                f"{record['attempted']}: {record['decision']} "
+                f"({record['rule'] or 'no rule allows it'}) -> {record['action_taken']}")
+    if kind == "admin":
+        return (f"{_clock(record['time'])} ADMIN {record['user']} {record['action']} "
+                f"{record['agent']}: {record['result']}")
+    if kind == "policy":
+        detail = f": {record['detail']}" if record.get("detail") else ""
+        return f"{_clock(record['time'])} POLICY {record['status']} {record['policy_hash']}{detail}"
     agent = record.get("agent") or f"cgroup:{record.get('agent_cgroup_id')}"
     head = f"{_clock(record['time'])} {agent:<12} {kind:<5} pid {record['pid']:<7}"
     if kind == "exec":

@@ -50,6 +50,17 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     "health": {"time": Int, "stage": Str, "counters": (dict,)},
     # The tagged cgroups the probe watches: {str(cgroup id): {"agent", "path"}}.
     "tags": {"time": Int, "agents": (dict,)},
+    # An exec or open the policy does not allow, and what was done about it.
+    "violation": {"time": Int, "agent": Str, "pid": Int, "comm": PathLike, "event": Str,
+                  "event_seq": (int, type(None)), "attempted": Str, "decision": Str,
+                  "rule": OptStr, "reason": Str, "policy_hash": Str, "mode": Str,
+                  "action": Str, "action_taken": Str},
+    # A policy load: `status` loaded or refused (then the old one stays in force).
+    "policy": {"time": Int, "status": Str, "policy_hash": OptStr, "files": (list,),
+               "detail": OptStr},
+    # An admin's action from the CLI (freeze, thaw, kill), with who did it.
+    "admin": {"time": Int, "action": Str, "agent": OptStr, "uid": Int, "user": Str,
+              "result": Str},
 }
 
 MESSAGE_TYPES = ("batch",)

@@ -10,15 +10,23 @@ from typing import Any
 
 import zmq
 
-from agentwarden import wire
+from pathlib import Path
+
+from agentwarden import policy, wire
+from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
 from .archive import ArchiveWriter
+from .governor import Governor
 from .resolver import Resolver
 
 log = logging.getLogger("agentwarden.daemon")
 
 EVENT_KINDS = ("exec", "open", "chdir", "fork", "exit")
+DECIDED_KINDS = ("exec", "open")
+# PUB topics: tail subscribes to events, the probe to the in-kernel deny rules.
+TOPIC_EVENTS = b"events"
+TOPIC_KERNEL_RULES = b"kernel-rules"
 MAX_MESSAGES_PER_WAKE = 64
 SYNC_INTERVAL = 1.0  # seconds between fsyncs of the archive
 
@@ -27,7 +35,13 @@ class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
         settings.prepare_run_dir()
+        self.governor = Governor([settings.policy_dir], self._agent_cgroup_path)
+        try:
+            loaded = self.governor.load()
+        except policy.PolicyError as exc:
+            raise AgentwardenError(f"refusing to start with a broken policy: {exc}") from None
         self.archive = ArchiveWriter(settings.archive_dir)
+        self.archive.append(self._policy_record("loaded" if loaded else "none", None))
         self.resolver = Resolver()
         self.ctx = zmq.Context.instance()
         self.pull = self._bind(zmq.PULL, settings.ingest_endpoint)
@@ -63,6 +77,46 @@ class Daemon:
     def stop(self, *_):
         self.stopping = True
 
+    def _agent_cgroup_path(self, cgroup_id: int) -> Path | None:
+        info = self.tags.get(str(cgroup_id))
+        return Path(info["path"]) if isinstance(info, dict) and isinstance(info.get("path"), str) else None
+
+    # -- policy ----------------------------------------------------------------
+
+    def _policy_record(self, status: str, detail: str | None) -> dict:
+        current = self.governor.policy
+        return {"kind": "policy", "time": time.time_ns(), "status": status,
+                "policy_hash": current.hash if current else None,
+                "files": [str(f) for f in current.files] if current else [], "detail": detail}
+
+    def reload_policy(self) -> dict:
+        try:
+            self.governor.load()
+        except policy.PolicyError as exc:
+            self._record(self._policy_record("refused", str(exc)))
+            return {"ok": False, "error": f"new policy refused, the old one stays in force: {exc}",
+                    "problems": [str(p) for p in exc.problems]}
+        self._record(self._policy_record("loaded" if self.governor.policy else "none", None))
+        self.publish_kernel_rules()
+        return {"ok": True, "policy_hash": self.governor.policy.hash if self.governor.policy else None}
+
+    def publish_kernel_rules(self) -> None:
+        rules = [{"agent": r.agent, "path": r.path, "exact": r.exact, "applies": r.applies,
+                  "rule": r.rule} for r in self.governor.kernel_rules()]
+        current = self.governor.policy
+        message = wire.pack({"v": wire.SCHEMA_VERSION, "type": "kernel-rules",
+                             "policy_hash": current.hash if current else None, "rules": rules})
+        try:
+            self.pub.send_multipart([TOPIC_KERNEL_RULES, message], zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["publish_dropped"] += 1
+
+    def _record(self, record: dict) -> None:
+        """Archive and publish one record the daemon makes itself."""
+        self.handle_record(record)
+        self.archive.flush()
+        self.publish([record])
+
     # -- ingest ----------------------------------------------------------------
 
     def _gap(self, stage: str, count: int, detail: str) -> dict:
@@ -94,18 +148,25 @@ class Daemon:
         if batch.source == "probe":
             self.probe_last_seen = time.time_ns()
         out.extend(batch.records)
-        for record in out:
-            self.handle_record(record)
+        for record in list(out):
+            violation = self.handle_record(record)
+            if violation:
+                out.append(violation)
         self.archive.flush()
         self.publish(out)
 
-    def handle_record(self, record: dict) -> None:
+    def handle_record(self, record: dict) -> dict | None:
+        """Archive one record (after enriching it); returns the violation it
+        caused, already archived, or None."""
         kind = record["kind"]
         self.counters[f"records_{kind}"] += 1
+        violation = None
         if kind in EVENT_KINDS:
             record["agent"] = self.agents.get(record["agent_cgroup_id"])
             self.resolver.annotate(record)
             self.counters["events"] += 1
+            if kind in DECIDED_KINDS:
+                violation = self.governor.judge(record)
         elif kind == "gap":
             self.drops[record["stage"]] += record["count"]
         elif kind == "tags":
@@ -116,12 +177,18 @@ class Daemon:
         elif kind == "health" and record["stage"] == "probe":
             self.probe_health = record["counters"]
         self.archive.append(record)
+        if violation:
+            violation["event_seq"] = record["seq"]
+            self.counters["violations"] += 1
+            self.archive.append(violation)
+        return violation
 
     def publish(self, records: list[dict]) -> None:
         if not records:
             return
         try:
-            self.pub.send(wire.encode_batch("daemon", self.pub_seq, records), zmq.NOBLOCK)
+            self.pub.send_multipart([TOPIC_EVENTS, wire.encode_batch("daemon", self.pub_seq, records)],
+                                    zmq.NOBLOCK)
         except zmq.Again:
             self.counters["publish_dropped"] += 1
         self.pub_seq += 1
@@ -133,8 +200,8 @@ class Daemon:
             record = self._gap("daemon-ingest", self.pending_malformed,
                                f"malformed messages dropped; last: {self.pending_malformed_detail}")
             self.pending_malformed = 0
-            self.handle_record(record)
-            self.publish([record])
+            self._record(record)
+        self.publish_kernel_rules()  # again each second: a probe that (re)connects gets them
         self.archive.sync()
         now = time.monotonic()
         mark_time, mark_events = self._rate_mark
@@ -155,6 +222,9 @@ class Daemon:
             "probe": {"last_seen": self.probe_last_seen, "health": self.probe_health,
                       "tags": self.tags},
             "drops": dict(self.drops),
+            "policy": {"policy_hash": self.governor.policy.hash if self.governor.policy else None,
+                       "agents": sorted(self.governor.policy.agents) if self.governor.policy else [],
+                       "kernel_rules": len(self.governor.kernel_rules())},
         }
 
     def handle_control(self) -> None:
@@ -163,12 +233,26 @@ class Daemon:
             request = wire.decode_control(raw)
             if request["cmd"] == "status":
                 reply = {"ok": True, "status": self.status()}
+            elif request["cmd"] == "reload":
+                reply = self.reload_policy()
+            elif request["cmd"] == "admin":
+                reply = self.admin_record(request)
             else:
                 reply = {"ok": False, "error": f"unknown command {request['cmd']!r}"}
         except wire.WireError as exc:
             self.counters["control_malformed"] += 1
             reply = {"ok": False, "error": str(exc)}
         self.control.send(wire.pack(reply))
+
+    def admin_record(self, request: dict) -> dict:
+        record = {"kind": "admin", "time": time.time_ns(), **{
+            k: request.get(k) for k in ("action", "agent", "uid", "user", "result")}}
+        try:
+            wire.validate_record(record)
+        except wire.WireError as exc:
+            return {"ok": False, "error": str(exc)}
+        self._record(record)
+        return {"ok": True}
 
     def run(self) -> None:
         poller = zmq.Poller()

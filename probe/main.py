@@ -4,10 +4,12 @@ from __future__ import annotations
 import collections
 import ctypes as ct
 import logging
+import os
 import signal
 import time
 from pathlib import Path
 
+import msgpack
 import zmq
 
 from agentwarden import cgroups, wire
@@ -21,6 +23,7 @@ log = logging.getLogger("agentwarden.probe")
 MAX_BATCH = 4096            # records per ZeroMQ message
 MAX_BACKLOG = 1_000_000     # records held while the daemon is not reading
 POLL_MS = 50
+KERNEL_RULES_TOPIC = b"kernel-rules"
 
 
 def wall_minus_boot_ns() -> int:
@@ -43,7 +46,7 @@ class TagMirror:
         self.too_deep: set[int] = set()
         self._numbers: dict[str, int] = {}
 
-    def _agent_number(self, agent: str) -> int:
+    def agent_number(self, agent: str) -> int:
         return self._numbers.setdefault(agent, len(self._numbers) + 1)
 
     def sync(self) -> bool:
@@ -61,7 +64,7 @@ class TagMirror:
                 log.error("cannot watch %s: cgroup depth %d exceeds %d", tagged.path,
                           tagged.level, self.max_levels - 1)
                 continue
-            table[table.Key(cgid)] = table.Leaf(self._agent_number(tagged.agent))
+            table[table.Key(cgid)] = table.Leaf(self.agent_number(tagged.agent))
             mask |= 1 << tagged.level
         config = self.bpf[b"config"]
         leaf = config.Leaf()
@@ -102,6 +105,14 @@ class Probe:
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.SNDHWM, 1000)
         self.sock.connect(settings.ingest_endpoint)
+        # The daemon publishes the in-kernel deny rules of its policy.
+        self.rules_sock = self.ctx.socket(zmq.SUB)
+        self.rules_sock.setsockopt(zmq.LINGER, 0)
+        self.rules_sock.setsockopt(zmq.SUBSCRIBE, KERNEL_RULES_TOPIC)
+        self.rules_sock.connect(settings.events_endpoint)
+        self.kernel_rules_hash: str | None = None
+        self.kernel_rules_received = False
+        self._kernel_keys: list = []
 
     @staticmethod
     def _leaf(table):
@@ -111,6 +122,66 @@ class Probe:
     def _on_record(self, _ctx, data, size):
         self.raw.append(ct.string_at(data, size))
         return 0
+
+    # -- in-kernel deny rules ---------------------------------------------------
+
+    def _deny_key(self, agent: str, path: str, exact: bool):
+        table = self.bpf[b"deny_paths"]
+        key = table.Key()
+        data = os.fsencode(path) + (b"\0" if exact else b"")
+        key.agent = self.tags.agent_number(agent)
+        key.prefixlen = 32 + 8 * len(data)
+        key.path = data  # ctypes char array: zero-filled past the data
+        return key
+
+    def apply_kernel_rules(self, message: dict) -> None:
+        """Replace the deny trie's content with the rules of the daemon's policy."""
+        rules = message.get("rules")
+        if not isinstance(rules, list):
+            raise ValueError("rules is not a list")
+        applies_bits = {"exec": self.c["AW_DENY_EXEC"], "open": self.c["AW_DENY_OPEN"]}
+        table = self.bpf[b"deny_paths"]
+        entries: dict[bytes, tuple] = {}
+        names: dict[int, str] = {}
+        for number, rule in enumerate(rules, start=1):
+            key = self._deny_key(rule["agent"], rule["path"], bool(rule["exact"]))
+            identity = bytes(key)
+            previous = entries.get(identity)
+            bits = applies_bits[rule["applies"]] | (previous[1].applies if previous else 0)
+            leaf = table.Leaf()
+            leaf.rule = previous[1].rule if previous else number
+            leaf.applies = bits
+            entries[identity] = (key, leaf)
+            names.setdefault(leaf.rule, rule["rule"])
+        for key in self._kernel_keys:
+            try:
+                del table[key]
+            except KeyError:
+                pass
+        for key, leaf in entries.values():
+            table[key] = leaf
+        self._kernel_keys = [key for key, _ in entries.values()]
+        self.decoder.deny_rules = names
+        self.kernel_rules_hash = message.get("policy_hash")
+        self.kernel_rules_received = True
+        log.info("in-kernel deny rules: %d (policy %s)", len(entries), self.kernel_rules_hash)
+
+    def _poll_kernel_rules(self) -> None:
+        while True:
+            try:
+                _topic, raw = self.rules_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                self.counters["kernel_rules_malformed"] += 1
+                continue
+            try:
+                message = msgpack.unpackb(raw, raw=False)
+                if message.get("policy_hash") != self.kernel_rules_hash or not self.kernel_rules_received:
+                    self.apply_kernel_rules(message)
+            except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
+                self.counters["kernel_rules_malformed"] += 1
+                log.error("ignored malformed kernel rules: %s", exc)
 
     def stop(self, *_):
         self.stopping = True
@@ -153,6 +224,9 @@ class Probe:
             "backlog_dropped": self.counters["backlog_dropped"],
             "backlog": self.backlog_records,
             "tagged_cgroups": len(self.tags.current),
+            "kernel_rules": len(self._kernel_keys),
+            "kernel_rules_policy": self.kernel_rules_hash,
+            "kernel_rules_malformed": self.counters["kernel_rules_malformed"],
         }})
         return records
 
@@ -209,6 +283,7 @@ class Probe:
             now = time.monotonic()
             if now >= next_tags:
                 next_tags = now + self.settings.tag_scan_interval
+                self._poll_kernel_rules()
                 if self.tags.sync():
                     records.append(self.tags.record())
             if now >= next_health:
@@ -227,6 +302,7 @@ class Probe:
             self._flush()
             time.sleep(0.01)
         self.sock.close()
+        self.rules_sock.close()
 
 
 def main(settings: Settings) -> None:

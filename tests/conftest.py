@@ -63,9 +63,12 @@ class Warden:
     """A running `agentwarden up` with its own run and state directories."""
 
     def __init__(self, tmp: Path):
-        self.settings = Settings(run_dir=tmp / "run", state_dir=tmp / "state")
+        self.settings = Settings(run_dir=tmp / "run", state_dir=tmp / "state",
+                                 policy_dir=tmp / "policy")
+        self.settings.policy_dir.mkdir()
         self.env = {**os.environ, "AGENTWARDEN_RUN_DIR": str(self.settings.run_dir),
-                    "AGENTWARDEN_STATE_DIR": str(self.settings.state_dir)}
+                    "AGENTWARDEN_STATE_DIR": str(self.settings.state_dir),
+                    "AGENTWARDEN_POLICY_DIR": str(self.settings.policy_dir)}
         self.log = open(tmp / "up.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "up"], env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -98,6 +101,16 @@ class Warden:
             raise AssertionError(f"agentwarden {' '.join(args)} failed ({result.returncode}):\n"
                                  f"{result.stdout}\n{result.stderr}")
         return result
+
+    def set_policy(self, name: str, toml: str) -> str:
+        """Write one policy file, reload, and wait until the probe enforces its
+        in-kernel rules; returns the policy hash."""
+        (self.settings.policy_dir / f"{name}.toml").write_text(toml)
+        reply = control.request(self.settings, "reload", timeout=10)
+        wanted = reply["policy_hash"]
+        wait_for(lambda: self.status()["probe"]["health"].get("kernel_rules_policy") == wanted,
+                 what="the probe to load the in-kernel rules")
+        return wanted
 
     def records(self) -> list[dict]:
         return list(read_records(self.settings.archive_dir))

@@ -29,6 +29,15 @@ RECORDS = {
     "gap": {"kind": "gap", "time": 5, "stage": "kernel", "count": 17, "detail": None},
     "health": {"kind": "health", "time": 6, "stage": "probe", "counters": {"decoded": 3}},
     "tags": {"kind": "tags", "time": 7, "agents": {"9000": {"agent": "coder", "path": "/x"}}},
+    "violation": {"kind": "violation", "time": 8, "agent": "coder", "pid": 4242, "comm": "curl",
+                  "event": "exec", "event_seq": 17, "attempted": "exec curl x (/usr/bin/curl)",
+                  "decision": "violation", "rule": None, "reason": "matches no allow rule",
+                  "policy_hash": "sha256:ab", "mode": "enforce", "action": "kill",
+                  "action_taken": "killed process 4242"},
+    "policy": {"kind": "policy", "time": 9, "status": "refused", "policy_hash": "sha256:ab",
+               "files": ["/etc/agentwarden/policy.d/a.toml"], "detail": "a.toml:3: bad"},
+    "admin": {"kind": "admin", "time": 10, "action": "freeze", "agent": "coder", "uid": 1000,
+              "user": "alice", "result": "froze /sys/fs/cgroup/agents/coder"},
 }
 
 

@@ -1,0 +1,137 @@
+"""Policy in the daemon: decide each exec and open, record violations, act.
+
+Every decided event gets a ``verdict`` field (decision, rule, policy hash).
+An exec or open that is not allowed also yields a ``violation`` record saying
+what was attempted, which rule decided, what the policy asks for and what was
+done. Acting is left out in monitor mode.
+
+Symlinks: the resolver's paths are lexical. For a decision the daemon also
+looks at the real file (``/proc/PID/fd/N`` for an open that succeeded, which is
+exactly the file opened; ``/proc/PID/exe`` for an exec; else ``realpath``), and
+the more severe of the two verdicts stands: a link in an allowed directory does
+not make its target allowed.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from agentwarden import policy as policy_mod
+from agentwarden.wire import text
+
+from . import enforce
+
+SEVERITY = {"allow": 0, "hold": 1, "violation": 2, "deny": 3}
+
+
+def _proc_link(pid: int, what: str) -> str | None:
+    try:
+        target = os.readlink(f"/proc/{pid}/{what}")
+    except OSError:
+        return None
+    return target if target.startswith("/") else None
+
+
+def real_path(record: dict) -> str | None:
+    """Where the path really leads, when it differs from the lexical one."""
+    kind = record["kind"]
+    if kind == "open":
+        lexical = record.get("resolved_path")
+        real = _proc_link(record["pid"], f"fd/{record['ret']}") if record["ret"] >= 0 else None
+    else:
+        lexical = record.get("resolved_exec_path") or record.get("resolved_filename")
+        real = _proc_link(record["pid"], "exe") if record["ret"] == 0 else None
+    if lexical is None:
+        return None
+    lexical = os.fsdecode(lexical)
+    if real is None or real.endswith(" (deleted)"):
+        real = os.path.realpath(lexical) if os.path.lexists(lexical) else None
+    return real if real and real != lexical else None
+
+
+class Governor:
+    def __init__(self, policy_paths: list[Path],
+                 agent_cgroup: Callable[[int], Path | None]):
+        self.policy_paths = policy_paths
+        self.agent_cgroup = agent_cgroup
+        self.policy: policy_mod.PolicySet | None = None
+
+    def load(self) -> policy_mod.PolicySet | None:
+        """Load the policy files; None when there are none. A broken policy
+        raises PolicyError and leaves the one in force untouched."""
+        present = [p for p in self.policy_paths
+                   if p.is_file() or (p.is_dir() and any(p.glob("*.toml")))]
+        loaded = policy_mod.load_policy(present) if present else None
+        self.policy = loaded
+        return loaded
+
+    def kernel_rules(self) -> list[policy_mod.KernelRule]:
+        return policy_mod.kernel_deny_rules(self.policy) if self.policy else []
+
+    def _decide(self, record: dict) -> policy_mod.Verdict:
+        verdict = policy_mod.decide(record, self.policy)
+        real = real_path(record)
+        if real is None:
+            return verdict
+        key = "resolved_path" if record["kind"] == "open" else "resolved_exec_path"
+        record["real_path"] = real
+        via_target = policy_mod.decide({**record, key: real}, self.policy)
+        if SEVERITY[via_target.decision] > SEVERITY[verdict.decision]:
+            return policy_mod.Verdict(
+                via_target.decision, via_target.action, via_target.rule,
+                f"{via_target.reason}; the path leads there through a symlink",
+                via_target.policy_hash, via_target.mode)
+        return verdict
+
+    def judge(self, record: dict) -> dict | None:
+        """Decide one enriched exec/open record; returns a violation record or None."""
+        if self.policy is None or record.get("agent") is None:
+            return None
+        verdict = self._decide(record)
+        record["verdict"] = {"decision": verdict.decision, "rule": verdict.rule,
+                             "policy_hash": verdict.policy_hash}
+        if verdict.decision == "allow" and not record.get("killed_in_kernel"):
+            return None
+        agent_policy = self.policy.agents.get(record["agent"])
+        wanted = verdict.action or (agent_policy.on_violation if agent_policy else "alert")
+        taken = self._act(record, verdict, wanted)
+        return {
+            "kind": "violation", "time": time.time_ns(), "agent": record["agent"],
+            "pid": record["pid"], "comm": record["comm"], "event": record["kind"],
+            "event_seq": record.get("seq"), "attempted": attempted(record),
+            "decision": verdict.decision, "rule": record.get("kernel_rule") or verdict.rule,
+            "reason": verdict.reason, "policy_hash": verdict.policy_hash, "mode": verdict.mode,
+            "action": wanted, "action_taken": taken,
+        }
+
+    def _act(self, record: dict, verdict: policy_mod.Verdict, wanted: str) -> str:
+        if record.get("killed_in_kernel"):
+            done = f"killed in the kernel by {record.get('kernel_rule')}"
+            if wanted != "kill-agent":
+                return done
+            cgroup = self.agent_cgroup(record["agent_cgroup_id"])
+            return f"{done}; " + (enforce.kill_cgroup(cgroup) if cgroup else "agent cgroup unknown")
+        if verdict.mode != "enforce":
+            return "none (monitor mode)"
+        if wanted == "alert":
+            return "none (alert)"
+        if wanted == "kill":
+            return enforce.kill_process(record["pid"])
+        cgroup = self.agent_cgroup(record["agent_cgroup_id"])
+        if cgroup is None:
+            return f"none: the cgroup of agent {record['agent']!r} is unknown"
+        if wanted == "kill-agent":
+            return enforce.kill_cgroup(cgroup)
+        # freeze, and hold (which on this path cannot stop the call itself: the
+        # agent waits, frozen, for an admin to thaw or kill it)
+        return enforce.set_frozen(cgroup, True)
+
+
+def attempted(record: dict) -> str:
+    if record["kind"] == "exec":
+        return "exec " + " ".join(text(a) for a in record["argv"]) + \
+            f" ({text(record.get('resolved_exec_path') or record.get('resolved_filename') or record['filename'])})"
+    access = "write" if policy_mod.is_write(record["flags"]) else "read"
+    return f"{access} {text(record.get('resolved_path') or record['path'])}"
