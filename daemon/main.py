@@ -93,7 +93,7 @@ class Daemon:
         try:
             self.governor.load()
         except policy.PolicyError as exc:
-            self._record(self._policy_record("refused", str(exc)))
+            self._record(self._policy_record("refused", "; ".join(str(p) for p in exc.problems)))
             return {"ok": False, "error": f"new policy refused, the old one stays in force: {exc}",
                     "problems": [str(p) for p in exc.problems]}
         self._record(self._policy_record("loaded" if self.governor.policy else "none", None))

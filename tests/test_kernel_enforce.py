@@ -193,3 +193,43 @@ def test_symlink_in_allowed_directory_to_denied_file_is_not_allowed(warden, agen
     [violation] = [v for v in _violations(warden, agent) if "innocent" in v["attempted"]]
     assert violation["decision"] == "deny"
     assert str(secret) in violation["rule"] and "symlink" in violation["reason"]
+
+
+def test_reload_refuses_a_broken_policy_and_keeps_the_old_one(warden, agent_cgroup):
+    agent = _name("reload")
+    cg = agent_cgroup(agent)
+    good = warden.set_policy(agent, _policy(agent, "enforce", "kill", ["/usr/bin/true"]))
+    broken = warden.settings.policy_dir / "zz-broken.toml"
+    broken.write_text('[agent.other]\nmode = "enforce"\non-violation = "explode"\n')
+    try:
+        result = warden.cli("policy", "reload", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"{broken}:3:" in result.stderr and "explode" in result.stderr
+        assert "the old one stays in force" in result.stderr
+        assert warden.status()["policy"]["policy_hash"] == good
+        # Still enforced: the old policy kills what it does not allow.
+        assert cg.run(["/usr/bin/sleep", "30"]).returncode == -9
+    finally:
+        broken.unlink()
+    refused = [r for r in warden.records() if r["kind"] == "policy" and r["status"] == "refused"]
+    assert refused and "explode" in refused[-1]["detail"]
+
+
+def test_freeze_all_works_without_the_daemon(kernel, agent_cgroup, tmp_path):
+    cg = agent_cgroup(_name("switch"))
+    procs = str(cg.path / "cgroup.procs")
+    sleeper = subprocess.Popen(["/usr/bin/sleep", "30"], preexec_fn=lambda: open(procs, "w").write("0"))
+    env = {**os.environ, "AGENTWARDEN_RUN_DIR": str(tmp_path / "no-daemon")}
+    try:
+        result = subprocess.run([PY, "-m", "agentwarden", "freeze", "--all"], env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert f"froze {cg.path}" in result.stdout
+        assert "not archived" in result.stderr  # said, not hidden
+        wait_for(lambda: _frozen(cg.path), what="the kill switch to freeze the agent")
+        subprocess.run([PY, "-m", "agentwarden", "thaw", "--all"], env=env, check=True,
+                       capture_output=True, timeout=30)
+        wait_for(lambda: not _frozen(cg.path), what="thaw")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
