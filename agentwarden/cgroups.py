@@ -16,6 +16,9 @@ from pathlib import Path
 from .errors import AgentwardenError
 
 TAG_XATTR = "trusted.agentwarden.agent"
+# Set by `agentwarden run` on its session cgroup: the session id. Execs there
+# must match what the daemon approved.
+SESSION_XATTR = "trusted.agentwarden.session"
 # \Z, not $: "$" would also accept a name followed by a newline.
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")
 
@@ -30,6 +33,7 @@ class TaggedCgroup:
     agent: str
     path: Path
     level: int
+    session: str | None = None
 
 
 def _unescape_mount_field(field: str) -> str:
@@ -90,9 +94,9 @@ def level(path: Path, root: Path) -> int:
     return len(path.relative_to(root).parts)
 
 
-def read_tag(path: Path) -> str | None:
+def read_tag(path: Path, name: str = TAG_XATTR) -> str | None:
     try:
-        return os.getxattr(path, TAG_XATTR).decode("utf-8", "replace")
+        return os.getxattr(path, name).decode("utf-8", "replace")
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOENT, errno.ENOTSUP):
             return None
@@ -133,7 +137,8 @@ def scan_tagged(root: Path) -> dict[int, TaggedCgroup]:
             agent = read_tag(path)
             if agent is None or not AGENT_NAME.match(agent):
                 continue
-            tagged[cgroup_id(path)] = TaggedCgroup(cgroup_id(path), agent, path, level(path, root))
+            tagged[cgroup_id(path)] = TaggedCgroup(cgroup_id(path), agent, path, level(path, root),
+                                                   read_tag(path, SESSION_XATTR))
         except OSError:
             continue  # removed while we walked
     return tagged

@@ -8,6 +8,7 @@ across all files. Example::
     mode = "enforce"          # or "monitor": decide and record, never act
     on-violation = "kill"     # alert | kill | kill-agent | freeze | hold
     hold-timeout = 300        # seconds a held action waits for an admin (default 300)
+    hold-approvers = 1        # distinct admins who must approve each hold (default 1)
 
     [agent.coder.exec]        # programs, by the path that actually ran
     allow = ["/usr/bin/git", "/usr/bin/python3*", "/home/coder/venv/bin/*"]
@@ -89,7 +90,7 @@ ACTIONS = ("alert", "kill", "kill-agent", "freeze", "hold")
 DEFAULT_HOLD_TIMEOUT = 300.0
 # section -> rule lists. The one definition of what rules exist.
 RULE_LISTS = {"exec": ("allow", "hold", "deny"), "files": ("read-allow", "write-allow", "deny")}
-AGENT_KEYS = ("mode", "on-violation", "hold-timeout", *RULE_LISTS)
+AGENT_KEYS = ("mode", "on-violation", "hold-timeout", "hold-approvers", *RULE_LISTS)
 
 # Which rule lists are consulted, in order, and the decision each gives.
 EXEC_PRECEDENCE = (("exec.deny", "deny"), ("exec.hold", "hold"), ("exec.allow", "allow"))
@@ -202,6 +203,7 @@ class AgentPolicy:
     hold_timeout: float
     source: str                    # "file:line" of the agent's table
     rules: dict[str, RuleList]     # "exec.allow" -> its rules, for every kind
+    hold_approvers: int = 1        # distinct admins who must approve a hold
 
 
 @dataclass(frozen=True)
@@ -473,8 +475,10 @@ class _FileLoader:
         mode = self._choice(table, at, "mode", MODES)
         on_violation = self._choice(table, at, "on-violation", ACTIONS)
         hold_timeout = self._hold_timeout(table, at)
+        hold_approvers = self._hold_approvers(table, at)
         rules: dict[str, RuleList] = {}
-        canonical: dict[str, Any] = {"mode": mode, "on-violation": on_violation, "hold-timeout": hold_timeout}
+        canonical: dict[str, Any] = {"mode": mode, "on-violation": on_violation, "hold-timeout": hold_timeout,
+                                     "hold-approvers": hold_approvers}
         for section, lists in RULE_LISTS.items():
             section_table = table.get(section, {})
             if not isinstance(section_table, dict):
@@ -490,7 +494,8 @@ class _FileLoader:
             self.problem(at, f"agent {name!r} has no rules, so everything it did would be a violation; "
                              f"add rules under [{_table_name(at + ('exec',))}] or [{_table_name(at + ('files',))}]")
         source = f"{self.file}:{self.where.line(at)}"
-        return AgentPolicy(name, mode, on_violation, hold_timeout, source, rules), canonical
+        return AgentPolicy(name, mode, on_violation, hold_timeout, source, rules,
+                           hold_approvers), canonical
 
     def _unknown_keys(self, table: dict, at: tuple[str, ...], known: tuple[str, ...]) -> None:
         for key in table:
@@ -512,6 +517,14 @@ class _FileLoader:
                                                  f"not {_shown(value)}")
             return DEFAULT_HOLD_TIMEOUT
         return float(value)
+
+    def _hold_approvers(self, table: dict, at: tuple[str, ...]) -> int:
+        value = table.get("hold-approvers", 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.problem(at + ("hold-approvers",), f"hold-approvers must be a whole number of distinct "
+                                                   f"admins, 1 or more, not {_shown(value)}")
+            return 1
+        return value
 
     def _rules(self, at: tuple[str, ...], kind: str, patterns: Any) -> list[Rule]:
         if not isinstance(patterns, list):

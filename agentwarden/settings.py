@@ -2,6 +2,7 @@
 and packaging; the config file of a later release slots in between."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,18 @@ class Settings:
     def control_endpoint(self) -> str:
         """CLI REQ -> daemon REP"""
         return f"ipc://{self.run_dir / 'control.sock'}"
+
+    @property
+    def sessions_socket(self) -> Path:
+        """`agentwarden run` hands seccomp listeners here; admins approve holds here."""
+        return self.run_dir / "sessions.sock"
+
+    @property
+    def bpf_pin_dir(self) -> Path:
+        """Maps the probe pins for the daemon; another run dir, another instance."""
+        if str(self.run_dir) == DEFAULT_RUN_DIR:
+            return Path("/sys/fs/bpf/agentwarden")
+        return Path(f"/sys/fs/bpf/agentwarden-{hashlib.sha1(bytes(self.run_dir)).hexdigest()[:10]}")
 
     @property
     def archive_dir(self) -> Path:

@@ -35,7 +35,9 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
              "argv": (list,), "argv_truncated": Bool, "dirfd": Int, "at_flags": Int,
              "ret": Int, "error": OptStr, "died_before_return": Bool,
              "filename_unreadable": Bool, "filename_truncated": Bool,
-             "killed_in_kernel": Bool, "kernel_rule": OptStr},
+             "killed_in_kernel": Bool, "kernel_rule": OptStr,
+             # a session exec that ran something else than the daemon approved: killed
+             "not_approved": Bool},
     "open": {**_TASK, "syscall": Str, "path": PathLike, "dirfd": Int, "flags": Int,
              "mode": Int, "resolve": Int, "ret": Int, "error": OptStr,
              "path_unreadable": Bool, "path_truncated": Bool,

@@ -22,6 +22,10 @@ BPF_HASH(agent_cgroups, u64, u32, AW_MAX_AGENT_CGROUPS);
  * daemon's policy. A match kills the task in the tracepoint. */
 BPF_LPM_TRIE(deny_paths, struct aw_deny_key, struct aw_deny_value, AW_MAX_DENY_RULES);
 BPF_PERCPU_ARRAY(deny_scratch, struct aw_deny_key, 1);
+/* thread id -> what the daemon approved it to execute. Written by the daemon
+ * (through a pinned map) before it lets a held exec continue; the kernel
+ * re-reads the filename after the check, so sched_process_exec compares. */
+BPF_HASH(approved_exec, u32, struct aw_approved, AW_MAX_APPROVED);
 /* pid_tgid -> record being built between a syscall's entry and exit. */
 BPF_HASH(inflight_exec, u64, struct aw_exec, AW_MAX_INFLIGHT);
 BPF_HASH(inflight_file, u64, struct aw_file, AW_MAX_INFLIGHT);
@@ -127,6 +131,30 @@ static __always_inline void emit(void *record, u32 size, u32 kind)
 }
 
 /* ---- exec ---------------------------------------------------------------- */
+
+/* Whether the approved filename equals the kernel's (len bytes, NUL
+ * included). Compared a word at a time: a byte loop is too long to verify. */
+static __always_inline int same_path(const struct aw_approved *ok, const char *path, int len)
+{
+    if (len <= 0 || ok->len != (u32)len)
+        return 0;
+    u32 words = (u32)len / 8;
+    for (int i = 0; i < AW_MAX_PATH / 8; i++) {
+        if (i >= words)
+            break;
+        if (((const u64 *)ok->path)[i] != ((const u64 *)path)[i])
+            return 0;
+    }
+    for (int j = 0; j < 8; j++) {
+        u32 k = words * 8 + j;
+        if (k >= (u32)len)
+            break;
+        k &= AW_MAX_PATH - 1;
+        if (ok->path[k] != path[k])
+            return 0;
+    }
+    return 1;
+}
 
 static __always_inline int exec_enter(u32 syscall, s32 dirfd, const char *filename,
                                       const char *const *argv, u32 at_flags)
@@ -242,7 +270,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     struct aw_exec *e = inflight_exec.lookup(&old_key);
     if (!e)
         return 0;
-    TP_DATA_LOC_READ_STR(e->exec_path, filename, sizeof(e->exec_path));
+    unsigned short at = args->data_loc_filename & 0xFFFF;
+    int exec_len = bpf_probe_read_kernel_str(e->exec_path, sizeof(e->exec_path), (char *)args + at);
     e->flags |= AW_EXEC_SEEN_BY_KERNEL;
     /* Denied program: killed before its first instruction. */
     u32 agent;
@@ -250,6 +279,18 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         e->deny_rule = deny_and_kill(agent, e->exec_path, AW_DENY_EXEC);
         if (e->deny_rule)
             e->flags |= AW_EXEC_KILLED_IN_KERNEL;
+        if (agent & AW_AGENT_SESSION_BIT) {
+            /* A session exec runs only what the daemon approved: a thread that
+             * rewrote the path after the check, or an exec the daemon never
+             * saw, is killed here, before the new program's first instruction. */
+            u32 caller = args->old_pid;
+            struct aw_approved *ok = approved_exec.lookup(&caller);
+            if (!ok || !same_path(ok, e->exec_path, exec_len)) {
+                bpf_send_signal(9);
+                e->flags |= AW_EXEC_NOT_APPROVED;
+            }
+            approved_exec.delete(&caller);
+        }
     }
     if (old_key != id) {
         if (inflight_exec.update(&id, e))

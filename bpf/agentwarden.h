@@ -36,6 +36,11 @@
 #define AW_DENY_PATH_MAX 252  /* LPM trie keys hold at most 256 data bytes */
 #define AW_MAX_DENY_RULES 65536
 
+/* agent_cgroups value: agent number, plus this bit for `agentwarden run`
+ * session cgroups, whose every exec must match what the daemon approved. */
+#define AW_AGENT_SESSION_BIT 0x80000000
+#define AW_MAX_APPROVED 16384
+
 /* aw_deny_value.applies */
 #define AW_DENY_EXEC 1
 #define AW_DENY_OPEN 2
@@ -47,6 +52,7 @@
 #define AW_EXEC_DIED_BEFORE_RETURN 8
 #define AW_EXEC_FILENAME_TRUNCATED 16
 #define AW_EXEC_KILLED_IN_KERNEL 32
+#define AW_EXEC_NOT_APPROVED 64   /* session exec that ran something else than was approved */
 
 /* aw_file.flags */
 #define AW_FILE_PATH_UNREADABLE 1
@@ -134,6 +140,14 @@ struct aw_deny_key {
 struct aw_deny_value {
     u32 rule;             /* rule number (nonzero), named by the probe */
     u32 applies;          /* AW_DENY_EXEC | AW_DENY_OPEN */
+};
+
+/* approved_exec value: the filename (as given to execve, in the kernel's
+ * own form for execveat: /dev/fd/N/...) the daemon approved for a thread. */
+struct aw_approved {
+    u32 len;              /* bytes of path including the NUL */
+    u32 reserved;
+    char path[AW_MAX_PATH];
 };
 
 #endif

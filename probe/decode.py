@@ -143,6 +143,7 @@ class Decoder:
             "filename_unreadable": bool(flags & c["AW_EXEC_FILENAME_UNREADABLE"]),
             "filename_truncated": bool(flags & c["AW_EXEC_FILENAME_TRUNCATED"]),
             **self._kernel_kill(f, c["AW_EXEC_KILLED_IN_KERNEL"]),
+            "not_approved": bool(flags & c["AW_EXEC_NOT_APPROVED"]),
         })
 
     def _kernel_kill(self, f, killed_flag: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ TRACEFS = Path("/sys/kernel/tracing")
 PROGRAM = "agentwarden.bpf.c"
 HEADER = "agentwarden.h"
 EXIT_FORMAT = "events/sched/sched_process_exit/format"
-_DEFINE = re.compile(r"^#define\s+(AW_\w+)\s+(-?(?:0x[0-9a-fA-F]+|\d+))\s*$", re.M)
+_DEFINE = re.compile(r"^#define\s+(AW_\w+)\s+(-?(?:0x[0-9a-fA-F]+|\d+))\s*(?:/\*.*\*/\s*)?$", re.M)
 
 
 def bpf_dir() -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from agentwarden import cgroups, wire
+from agentwarden import bpfsys, cgroups, wire
 from agentwarden.settings import Settings
 
 from . import loader
@@ -38,8 +38,9 @@ class TagMirror:
     """Keeps the BPF agent_cgroups map and level mask equal to the tagged
     cgroups found on disk. Tags added or removed take effect at the next sync."""
 
-    def __init__(self, bpf, root: Path, max_levels: int):
+    def __init__(self, bpf, root: Path, max_levels: int, session_bit: int):
         self.bpf = bpf
+        self.session_bit = session_bit
         self.root = root
         self.max_levels = max_levels
         self.current: dict[int, cgroups.TaggedCgroup] = {}
@@ -64,7 +65,10 @@ class TagMirror:
                 log.error("cannot watch %s: cgroup depth %d exceeds %d", tagged.path,
                           tagged.level, self.max_levels - 1)
                 continue
-            table[table.Key(cgid)] = table.Leaf(self.agent_number(tagged.agent))
+            number = self.agent_number(tagged.agent)
+            if tagged.session:
+                number |= self.session_bit
+            table[table.Key(cgid)] = table.Leaf(number)
             mask |= 1 << tagged.level
         config = self.bpf[b"config"]
         leaf = config.Leaf()
@@ -81,7 +85,7 @@ class TagMirror:
     def record(self) -> dict:
         return {"kind": "tags", "time": now_ns(), "agents": {
             str(cgid): {"agent": t.agent, "path": str(t.path), "level": t.level,
-                        "watched": cgid not in self.too_deep}
+                        "session": t.session, "watched": cgid not in self.too_deep}
             for cgid, t in self.current.items()}}
 
 
@@ -92,7 +96,8 @@ class Probe:
         self.c = constants
         self.decoder = Decoder(self._leaf(bpf[b"exec_scratch"]), self._leaf(bpf[b"file_scratch"]),
                                self._leaf(bpf[b"task_scratch"]), constants, wall_minus_boot_ns())
-        self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"])
+        self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"],
+                              constants["AW_AGENT_SESSION_BIT"])
         self.raw: list[bytes] = []
         self.backlog: collections.deque[list[dict]] = collections.deque()
         self.backlog_records = 0
@@ -308,8 +313,14 @@ class Probe:
 def main(settings: Settings) -> None:
     bpf = loader.compile_and_attach()
     settings.prepare_run_dir()
+    # The daemon writes approved session execs into this map directly.
+    approved = settings.bpf_pin_dir / "approved_exec"
+    bpfsys.pin(bpf[b"approved_exec"].map_fd, approved)
     probe = Probe(settings, bpf, loader.header_constants())
     signal.signal(signal.SIGTERM, probe.stop)
     signal.signal(signal.SIGINT, probe.stop)
     log.info("probe running: BPF attached, sending to %s", settings.ingest_endpoint)
-    probe.run()
+    try:
+        probe.run()
+    finally:
+        approved.unlink(missing_ok=True)

@@ -139,7 +139,7 @@ def test_exec(decoder):
         "exec_path": b"/usr/bin/\xff", "argv": ["ls", "-l", b"\xff\xfe"],
         "argv_truncated": False, "dirfd": 7, "at_flags": 0x1000, "ret": 0, "error": None,
         "died_before_return": False, "filename_unreadable": False, "filename_truncated": False,
-        "killed_in_kernel": False, "kernel_rule": None}
+        "killed_in_kernel": False, "kernel_rule": None, "not_approved": False}
 
 
 def test_decoded_records_follow_the_wire_schema(decoder):

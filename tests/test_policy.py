@@ -398,7 +398,7 @@ AGENT = 'mode = "enforce"\non-violation = "kill"\n'
     # unknown keys, at every level
     ('[agnet.coder]\nmode = "enforce"\n', 1, "unknown key 'agnet'"),
     ('[agent.coder]\n' + AGENT + 'modes = "enforce"\nexec.allow = ["/usr/bin/git"]\n', 4,
-     "unknown key 'modes' in [agent.coder]: expected mode, on-violation, hold-timeout, exec, files"),
+     "unknown key 'modes' in [agent.coder]: expected mode, on-violation, hold-timeout, hold-approvers, exec, files"),
     ('[agent.coder]\n' + AGENT + '[agent.coder.exec]\nallow = ["/usr/bin/git"]\nalow = ["/usr/bin/ls"]\n', 6,
      "unknown key 'alow' in [agent.coder.exec]: expected allow, hold, deny"),
     ('[agent.coder]\n' + AGENT + 'exec.allow = ["/usr/bin/git"]\nfiles.read = ["/etc/**"]\n', 5,
