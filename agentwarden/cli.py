@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import List, Optional
 
 import typer
 import zmq
@@ -336,6 +336,90 @@ def kill(agent: Optional[str] = typer.Option(None, "--agent", help="the agent to
     """
     from agentwarden.daemon import enforce
     _admin("kill", agent, every, enforce.kill_cgroup)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(command: List[str] = typer.Argument(None, help="the command and its arguments, after --"),
+        agent: str = typer.Option(..., "--agent", help="the agent (a tagged cgroup) to run as"),
+        user: Optional[str] = typer.Option(None, "--user", help="run the command as this user"),
+        task: str = typer.Option("", "--task", help="what the agent is asked to do (archived)"),
+        on_behalf_of: str = typer.Option("", "--on-behalf-of", help="the person it acts for (archived)")):
+    """Run a command as an agent session: execs and file changes its policy
+    marks hold wait for an admin; denials fail with EPERM.
+
+    Example: sudo agentwarden run --agent coder --user coder --task "fix #12" -- bash
+    """
+    from . import session
+    session.run(_settings(), agent, list(command or []), user, task,
+                on_behalf_of or os.environ.get("SUDO_USER", ""))
+
+
+def _show_holds(holds: list) -> None:
+    if not holds:
+        typer.echo("no pending holds")
+    for h in holds:
+        typer.echo(f"{h['id']}  agent {h['agent']}  session {h['session']}  for "
+                   f"{h['on_behalf_of'] or '-'}  waiting {h['waited']:.0f}s "
+                   f"(timeout in {h['timeout_in']:.0f}s)  approvals {len(h['approvals'])}/{h['required']}\n"
+                   f"    {h['action']}\n    rule: {h['rule'] or 'no rule allows it'}")
+
+
+@app.command()
+def holds(watch: bool = typer.Option(False, "--watch", help="refresh every second"),
+          as_json: bool = typer.Option(False, "--json", help="as JSON")):
+    """Pending holds: agent, session, on whose behalf, what, how long it waited.
+
+    Example: sudo agentwarden holds --watch
+    """
+    from . import session
+    while True:
+        pending = session.admin_request(_settings(), {"cmd": "holds"})["holds"]
+        if as_json:
+            typer.echo(json.dumps(pending))
+        else:
+            if watch:
+                typer.echo("\033[H\033[2J", nl=False)
+            _show_holds(pending)
+        if not watch:
+            return
+        time.sleep(1)
+
+
+@app.command()
+def approve(hold_id: str = typer.Argument(..., help="the hold id from `agentwarden holds`"),
+            reason: Optional[str] = typer.Option(None, "--reason", help="why (archived)"),
+            remember: Optional[str] = typer.Option(None, "--remember",
+                                                   help="allow the same action by this agent without asking "
+                                                        "for this long (90s, 15m, 2h, 1d)")):
+    """Let a held action proceed.
+
+    Example: sudo agentwarden approve h3-1a2b --reason "release day" --remember 1h
+    """
+    from . import session
+    if remember is not None:
+        from agentwarden.daemon.supervisor import parse_duration
+        try:
+            parse_duration(remember)
+        except ValueError as exc:
+            raise AgentwardenError(str(exc)) from None
+    reply = session.admin_request(_settings(), {"cmd": "approve", "id": hold_id, "reason": reason,
+                                                "remember": remember})
+    if reply["state"] == "pending":
+        typer.echo(f"{hold_id}: approval recorded; {reply['needed']} more distinct approver(s) needed")
+    else:
+        typer.echo(f"{hold_id}: approved")
+
+
+@app.command()
+def deny(hold_id: str = typer.Argument(..., help="the hold id from `agentwarden holds`"),
+         reason: Optional[str] = typer.Option(None, "--reason", help="why (archived)")):
+    """Refuse a held action: its syscall fails with EPERM.
+
+    Example: sudo agentwarden deny h3-1a2b --reason "not on a Friday"
+    """
+    from . import session
+    session.admin_request(_settings(), {"cmd": "deny", "id": hold_id, "reason": reason})
+    typer.echo(f"{hold_id}: denied")
 
 
 @app.command("doctor")

@@ -60,6 +60,15 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     # A policy load: `status` loaded or refused (then the old one stays in force).
     "policy": {"time": Int, "status": Str, "policy_hash": OptStr, "files": (list,),
                "detail": OptStr},
+    # A held syscall of an `agentwarden run` session and what became of it:
+    # pending, approval (one of several needed), approved, denied, timed-out, abandoned.
+    "hold": {"time": Int, "hold_id": Str, "state": Str, "session": Str, "agent": Str,
+             "on_behalf_of": Str, "task": Str, "pid": Int, "action": Str, "rule": OptStr,
+             "policy_hash": Str, "required": Int, "approvers": (list,), "reason": OptStr,
+             "waited": (int, float)},
+    # An `agentwarden run` session starting or ending, with its attribution.
+    "session": {"time": Int, "state": Str, "session": Str, "agent": Str, "on_behalf_of": Str,
+                "task": Str, "user": Str, "host": Str, "cgroup": Str, "pid": Int},
     # An admin's action from the CLI (freeze, thaw, kill), with who did it.
     "admin": {"time": Int, "action": Str, "agent": OptStr, "uid": Int, "user": Str,
               "result": Str},

@@ -53,9 +53,11 @@ def real_path(record: dict) -> str | None:
 
 class Governor:
     def __init__(self, policy_paths: list[Path],
-                 agent_cgroup: Callable[[int], Path | None]):
+                 agent_cgroup: Callable[[int], Path | None],
+                 in_session: Callable[[int], bool] = lambda cgroup_id: False):
         self.policy_paths = policy_paths
         self.agent_cgroup = agent_cgroup
+        self.in_session = in_session
         self.policy: policy_mod.PolicySet | None = None
 
     def load(self) -> policy_mod.PolicySet | None:
@@ -94,6 +96,8 @@ class Governor:
                              "policy_hash": verdict.policy_hash}
         if verdict.decision == "allow" and not record.get("killed_in_kernel"):
             return None
+        if self.supervised(record):
+            return None  # the session's seccomp supervisor already decided and recorded it
         agent_policy = self.policy.agents.get(record["agent"])
         wanted = verdict.action or (agent_policy.on_violation if agent_policy else "alert")
         taken = self._act(record, verdict, wanted)
@@ -105,6 +109,12 @@ class Governor:
             "reason": verdict.reason, "policy_hash": verdict.policy_hash, "mode": verdict.mode,
             "action": wanted, "action_taken": taken,
         }
+
+    def supervised(self, record: dict) -> bool:
+        """Execs and writing opens of `agentwarden run` sessions go through seccomp."""
+        if not self.in_session(record["agent_cgroup_id"]) or record.get("killed_in_kernel"):
+            return False
+        return record["kind"] == "exec" or policy_mod.is_write(record["flags"])
 
     def _act(self, record: dict, verdict: policy_mod.Verdict, wanted: str) -> str:
         if record.get("killed_in_kernel"):

@@ -5,12 +5,13 @@ import collections
 import logging
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
-
-from pathlib import Path
 
 from agentwarden import policy, wire
 from agentwarden.errors import AgentwardenError
@@ -19,6 +20,7 @@ from agentwarden.settings import Settings
 from .archive import ArchiveWriter
 from .governor import Governor
 from .resolver import Resolver
+from .supervisor import RECORDS_ENDPOINT, Supervisor
 
 log = logging.getLogger("agentwarden.daemon")
 
@@ -27,7 +29,7 @@ DECIDED_KINDS = ("exec", "open")
 # PUB topics: tail subscribes to events, the probe to the in-kernel deny rules.
 TOPIC_EVENTS = b"events"
 TOPIC_KERNEL_RULES = b"kernel-rules"
-MAX_MESSAGES_PER_WAKE = 64
+MAX_MESSAGES_PER_WAKE = 4  # then answer control and supervisor: they must not wait
 SYNC_INTERVAL = 1.0  # seconds between fsyncs of the archive
 
 
@@ -35,7 +37,7 @@ class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
         settings.prepare_run_dir()
-        self.governor = Governor([settings.policy_dir], self._agent_cgroup_path)
+        self.governor = Governor([settings.policy_dir], self._agent_cgroup_path, self._is_session)
         try:
             loaded = self.governor.load()
         except policy.PolicyError as exc:
@@ -49,6 +51,9 @@ class Daemon:
         self.pub = self._bind(zmq.PUB, settings.events_endpoint)
         self.pub.setsockopt(zmq.SNDHWM, 10000)
         self.control = self._bind(zmq.REP, settings.control_endpoint)
+        # Records of the session supervisor thread (holds, refusals, sessions).
+        self.supervised = self.ctx.socket(zmq.PULL)
+        self.supervised.bind(RECORDS_ENDPOINT)
         self.started = time.time_ns()
         self.counters: collections.Counter = collections.Counter()
         self.drops: collections.Counter = collections.Counter()  # stage -> records lost
@@ -63,6 +68,7 @@ class Daemon:
         self.rate = 0.0
         self._rate_mark = (time.monotonic(), 0)
         self.stopping = False
+        self.supervisor = Supervisor(settings, self.governor, lambda: self.tags, self.ctx)
 
     def _bind(self, kind: int, endpoint: str):
         sock = self.ctx.socket(kind)
@@ -76,6 +82,10 @@ class Daemon:
 
     def stop(self, *_):
         self.stopping = True
+
+    def _is_session(self, cgroup_id: int) -> bool:
+        info = self.tags.get(str(cgroup_id))
+        return isinstance(info, dict) and bool(info.get("session"))
 
     def _agent_cgroup_path(self, cgroup_id: int) -> Path | None:
         info = self.tags.get(str(cgroup_id))
@@ -225,6 +235,8 @@ class Daemon:
             "policy": {"policy_hash": self.governor.policy.hash if self.governor.policy else None,
                        "agents": sorted(self.governor.policy.agents) if self.governor.policy else [],
                        "kernel_rules": len(self.governor.kernel_rules())},
+            "sessions": {"active": len(self.supervisor.sessions), "holds": len(self.supervisor.holds),
+                         "counters": dict(self.supervisor.counters)},
         }
 
     def handle_control(self) -> None:
@@ -244,6 +256,21 @@ class Daemon:
             reply = {"ok": False, "error": str(exc)}
         self.control.send(wire.pack(reply))
 
+    def _drain_supervised(self) -> None:
+        while True:
+            try:
+                raw = self.supervised.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            record = msgpack.unpackb(raw, raw=False)
+            try:
+                wire.validate_record(record)
+            except wire.WireError as exc:
+                log.error("supervisor made a malformed record: %s", exc)
+                self.counters["malformed_internal"] += 1
+                continue
+            self._record(record)
+
     def admin_record(self, request: dict) -> dict:
         record = {"kind": "admin", "time": time.time_ns(), **{
             k: request.get(k) for k in ("action", "agent", "uid", "user", "result")}}
@@ -258,6 +285,8 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
+        poller.register(self.supervised, zmq.POLLIN)
+        self.supervisor.start()
         next_tick = time.monotonic() + SYNC_INTERVAL
         while not self.stopping:
             ready = dict(poller.poll(200))
@@ -270,9 +299,14 @@ class Daemon:
                     self.handle_message(raw)
             if self.control in ready:
                 self.handle_control()
+            if self.supervised in ready:
+                self._drain_supervised()
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + SYNC_INTERVAL
                 self.tick()
+        self.supervisor.stop()
+        self.supervisor.join(timeout=5)
+        self._drain_supervised()
         # Drain what the probe already sent, then close the archive durably.
         while True:
             try:
@@ -281,11 +315,13 @@ class Daemon:
                 break
         self.tick()
         self.archive.close()
-        for sock in (self.pull, self.pub, self.control):
+        for sock in (self.pull, self.pub, self.control, self.supervised):
             sock.close()
 
 
 def main(settings: Settings) -> None:
+    # A held syscall waits for the supervisor thread: let it have the GIL soon.
+    sys.setswitchinterval(0.0005)
     daemon = Daemon(settings)
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)

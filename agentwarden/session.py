@@ -1,0 +1,146 @@
+"""`agentwarden run`: start a command as an agent session whose execs and file
+changes wait for the daemon's decision (seccomp user notification).
+
+Order matters: make and tag the session cgroup, wait until the probe watches
+it, join it, install the filter, hand the listener to the daemon, close our
+copy, drop to the user, exec. From the filter on, every exec -- the command
+itself included -- is decided by the daemon; if the daemon is gone, notified
+calls fail (ENOSYS) instead of proceeding.
+"""
+from __future__ import annotations
+
+import array
+import os
+import pwd
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import msgpack
+
+from . import cgroups, control
+from . import seccomp_notify as sn
+from .errors import AgentwardenError, NeedsRoot
+from .settings import Settings
+
+MAX_REPLY = 1 << 20
+
+
+def request(settings: Settings, message: dict, fd: int | None = None, timeout: float = 10.0) -> dict:
+    """One request on the daemon's sessions socket (SO_PEERCRED tells it who asks)."""
+    path = settings.sessions_socket
+    if not path.exists():
+        if os.path.isdir(settings.run_dir) and not os.access(settings.run_dir, os.X_OK):
+            raise AgentwardenError(f"{settings.run_dir} is not open to you: run this as root or as "
+                                   "a member of the admin group")
+        raise control.DaemonUnavailable(f"the daemon is not running (no socket at {path}); "
+                                        "start it with `agentwarden up`")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except PermissionError:
+            raise AgentwardenError(f"cannot reach {path}: run this as root or as a member of the "
+                                   "admin group") from None
+        data = msgpack.packb(message, use_bin_type=True)
+        if fd is None:
+            sock.send(data)
+        else:
+            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        try:
+            reply = sock.recv(MAX_REPLY)
+        except socket.timeout:
+            raise control.DaemonUnavailable(f"the daemon did not answer on {path} within {timeout:g}s") from None
+    finally:
+        sock.close()
+    if not reply:
+        raise control.DaemonUnavailable(f"the daemon closed {path} without an answer")
+    return msgpack.unpackb(reply, raw=False)
+
+
+def admin_request(settings: Settings, message: dict) -> dict:
+    reply = request(settings, {**message, "sudo_user": os.environ.get("SUDO_USER", "")})
+    if not reply.get("ok"):
+        raise AgentwardenError(reply.get("error", "refused"))
+    return reply
+
+
+def _agent_cgroup(agent: str) -> Path:
+    root = cgroups.cgroup2_root()
+    # The agent's own cgroup: the outermost one tagged with its name that is
+    # not itself a session.
+    found = sorted((t for t in cgroups.scan_tagged(root).values()
+                    if t.agent == agent and not t.session), key=lambda t: t.level)
+    if not found:
+        raise AgentwardenError(f"unknown agent {agent!r}: no cgroup is tagged with it "
+                               f"(tag one: agentwarden tag agents/{agent} --agent {agent} --create)")
+    return found[0].path
+
+
+def _wait_watched(settings: Settings, cgroup: Path, timeout: float = 10.0) -> None:
+    cgid, deadline = str(cgroups.cgroup_id(cgroup)), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cgid in control.request(settings, "status", timeout=2)["status"]["probe"]["tags"]:
+            return
+        time.sleep(0.05)
+    raise AgentwardenError(f"the probe did not start watching {cgroup} within {timeout:g}s")
+
+
+def run(settings: Settings, agent: str, command: list[str], user: str | None, task: str,
+        on_behalf_of: str) -> None:
+    """Never returns: execs the command, or raises before anything ran."""
+    if os.geteuid() != 0:
+        raise NeedsRoot("agentwarden run")
+    if not command:
+        raise AgentwardenError("no command given: agentwarden run --agent NAME -- COMMAND [ARG...]")
+    cgroups.validate_agent_name(agent)
+    program = shutil.which(command[0])
+    if program is None:
+        raise AgentwardenError(f"command not found: {command[0]}")
+    program = os.path.abspath(program)
+    account = None
+    if user is not None:
+        try:
+            account = pwd.getpwnam(user)
+        except KeyError:
+            raise AgentwardenError(f"no such user: {user}") from None
+    parent = _agent_cgroup(agent)
+    control.request(settings, "status", timeout=3)  # the daemon answers, or this says why
+
+    session = f"s-{uuid.uuid4().hex[:12]}"
+    cgroup = parent / session
+    cgroup.mkdir()
+    try:
+        cgroups.tag(cgroup, agent)
+        os.setxattr(cgroup, cgroups.SESSION_XATTR, session.encode())
+        _wait_watched(settings, cgroup)
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+    except BaseException:
+        cgroup.rmdir()
+        raise
+
+    listener = sn.install(sn.build_filter())
+    # From here on, failing means the command never runs: the filter stays.
+    try:
+        reply = request(settings, {
+            "cmd": "register", "session": session, "agent": agent,
+            "user": user or pwd.getpwuid(os.getuid()).pw_name, "task": task,
+            "on_behalf_of": on_behalf_of, "host": socket.gethostname(), "cgroup": str(cgroup)},
+            fd=listener)
+    finally:
+        os.close(listener)
+    if not reply.get("ok"):
+        raise AgentwardenError(f"the daemon refused the session: {reply.get('error')}")
+    if account is not None:
+        os.initgroups(account.pw_name, account.pw_gid)
+        os.setgid(account.pw_gid)
+        os.setuid(account.pw_uid)
+        os.environ.update(HOME=account.pw_dir, USER=account.pw_name, LOGNAME=account.pw_name)
+    os.environ["AGENTWARDEN_SESSION"] = session
+    try:
+        os.execv(program, command)
+    except OSError as exc:
+        raise AgentwardenError(f"cannot run {program}: {exc.strerror}") from None

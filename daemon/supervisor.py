@@ -1,0 +1,631 @@
+"""Sessions of `agentwarden run`: their seccomp listeners, and the holds admins answer.
+
+Runs in its own thread, so a burst of events in the main loop does not keep a
+syscall waiting; it reaches the archive through an inproc ZeroMQ socket. One
+UNIX seqpacket socket serves both sides, with the peer's credentials from the
+kernel (SO_PEERCRED): `run` registers a session and hands over its listener
+fd; admins list, approve and deny holds.
+
+For every notification: read the arguments from /proc/PID/mem, check the
+notification is still valid, decide with the policy, and then continue, fail
+with EPERM, or hold. A continued exec is first written to the BPF map
+`approved_exec`, so the kernel kills it at sched_process_exec if what runs is
+not what was checked. Whatever cannot be read or checked is refused.
+"""
+from __future__ import annotations
+
+import array
+import errno
+import itertools
+import logging
+import os
+import pwd
+import grp
+import select
+import selectors
+import socket
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import zmq
+
+from agentwarden import bpfsys, cgroups, policy as policy_mod
+from agentwarden import seccomp_notify as sn
+from agentwarden.settings import Settings
+
+from .resolver import normalise
+
+log = logging.getLogger("agentwarden.daemon")
+
+RECORDS_ENDPOINT = "inproc://agentwarden-supervisor"
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+MAX_REQUEST = 64 * 1024
+MAX_ARGS = 4096
+SEVERITY = {"allow": 0, "hold": 1, "violation": 2, "deny": 3}
+
+
+@dataclass
+class Session:
+    id: str
+    agent: str
+    user: str
+    task: str
+    on_behalf_of: str
+    host: str
+    cgroup: Path
+    fd: int
+    pid: int
+    started: int
+
+
+@dataclass
+class Hold:
+    id: str
+    session: Session
+    notification: sn.Notification
+    key: tuple
+    action: str
+    exec_form: bytes | None
+    decision: str
+    rule: str | None
+    reason: str
+    policy_hash: str
+    required: int
+    since: float
+    since_ns: int
+    deadline: float
+    approvals: dict[str, str | None] = field(default_factory=dict)  # identity -> reason
+
+
+@dataclass
+class Request:
+    """What a notified syscall asks for, as events `decide` understands."""
+    action: str                 # one line for people
+    key: tuple                  # the same action by the same agent: remember / retry
+    events: list[dict]
+    exec_form: bytes | None     # exec: the filename in the kernel's own form
+
+
+def _proc_link(pid: int, what: str) -> str | None:
+    try:
+        target = os.readlink(f"/proc/{pid}/{what}")
+    except OSError:
+        return None
+    return target if target.startswith("/") else None
+
+
+def cgroup_of(pid: int) -> str | None:
+    """The cgroup v2 path of a process, relative to the mount ('/' for the root)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        return None
+    return None
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '2h', '1d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    scale = units.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 1d)") from None
+    if value <= 0:
+        raise ValueError(f"a duration must be positive: {text!r}")
+    return value
+
+
+class Supervisor(threading.Thread):
+    def __init__(self, settings: Settings, governor, tags: Callable[[], dict],
+                 ctx: zmq.Context, admin_group: str = "agentwarden"):
+        super().__init__(name="agentwarden-supervisor", daemon=True)
+        self.settings = settings
+        self.governor = governor
+        self.tags = tags
+        self.admin_gid = self._group_id(admin_group)
+        self.admin_group = admin_group
+        self.out = ctx.socket(zmq.PUSH)
+        self.out.connect(RECORDS_ENDPOINT)
+        self.names = sn.syscall_names()
+        self.sessions: dict[int, Session] = {}          # listener fd -> session
+        self.holds: dict[str, Hold] = {}
+        self.remembered: dict[tuple, float] = {}        # (agent, key) -> monotonic expiry
+        self.hold_numbers = itertools.count(1)
+        self.stopping = False
+        self.counters: dict[str, int] = {"notifications": 0, "continued": 0, "refused": 0,
+                                         "held": 0, "unreadable": 0}
+        self.root = cgroups.cgroup2_root()
+        self._approved_fd: int | None = None
+        self._approved_ino: int | None = None
+        self.sel = selectors.DefaultSelector()
+        self.server = self._listen()
+
+    @staticmethod
+    def _group_id(name: str) -> int | None:
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            return None
+
+    def _listen(self) -> socket.socket:
+        path = self.settings.sessions_socket
+        if path.exists():
+            path.unlink()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        server.bind(str(path))
+        # Root always; members of the admin group too (run dir 0710 to that group).
+        if self.admin_gid is not None:
+            os.chown(self.settings.run_dir, 0, self.admin_gid)
+            os.chmod(self.settings.run_dir, 0o710)
+            os.chown(path, 0, self.admin_gid)
+            os.chmod(path, 0o660)
+        else:
+            os.chmod(path, 0o600)
+        server.listen(64)
+        server.setblocking(False)
+        self.sel.register(server, selectors.EVENT_READ, ("server", None))
+        return server
+
+    # -- records -----------------------------------------------------------------
+
+    def _emit(self, record: dict) -> None:
+        self.out.send(msgpack.packb(record, use_bin_type=True))
+
+    def _session_fields(self, s: Session) -> dict:
+        return {"session": s.id, "agent": s.agent, "on_behalf_of": s.on_behalf_of, "task": s.task}
+
+    def _hold_record(self, hold: Hold, state: str, reason: str | None = None) -> None:
+        self._emit({"kind": "hold", "time": time.time_ns(), "hold_id": hold.id, "state": state,
+                    **self._session_fields(hold.session), "pid": hold.notification.pid,
+                    "action": hold.action, "rule": hold.rule, "policy_hash": hold.policy_hash,
+                    "required": hold.required, "approvers": sorted(hold.approvals),
+                    "reason": reason, "waited": round(time.monotonic() - hold.since, 3)})
+
+    def _refusal_record(self, s: Session, pid: int, action: str, verdict, taken: str) -> None:
+        self._emit({"kind": "violation", "time": time.time_ns(), "agent": s.agent, "pid": pid,
+                    "comm": "", "event": "seccomp", "event_seq": None, "attempted": action,
+                    "decision": verdict.decision, "rule": verdict.rule, "reason": verdict.reason,
+                    "policy_hash": verdict.policy_hash, "mode": verdict.mode,
+                    "action": verdict.action or "refuse", "action_taken": taken,
+                    "session": s.id})
+
+    # -- reading a notified syscall ---------------------------------------------------
+
+    def _base(self, pid: int, dirfd: int) -> str | None:
+        return _proc_link(pid, "cwd") if dirfd == AT_FDCWD else _proc_link(pid, f"fd/{dirfd}")
+
+    def _resolve(self, pid: int, dirfd: int, raw: bytes) -> str | None:
+        path = os.fsdecode(raw)
+        if path.startswith("/"):
+            return normalise(path)
+        base = self._base(pid, dirfd)
+        if base is None:
+            return None
+        return normalise(base + "/" + path) if path else normalise(base)
+
+    def _read_request(self, s: Session, n: sn.Notification, name: str, mem: sn.TaskMemory) -> Request | None:
+        a = n.args
+        if name in ("execve", "execveat"):
+            dirfd, fn_ptr, argv_ptr, flags = ((AT_FDCWD, a[0], a[1], 0) if name == "execve"
+                                              else (self._int(a[0]), a[1], a[2], a[4]))
+            raw = mem.string(fn_ptr)
+            pointers = mem.pointers(argv_ptr, MAX_ARGS) if argv_ptr else []
+            if raw is None or pointers is None:
+                return None
+            argv = [mem.string(p) for p in pointers]
+            if any(arg is None for arg in argv):
+                return None
+            if raw.startswith(b"/") or dirfd == AT_FDCWD:
+                form = raw
+            elif raw == b"" and flags & AT_EMPTY_PATH:
+                form = f"/dev/fd/{dirfd}".encode()
+            else:
+                form = f"/dev/fd/{dirfd}/".encode() + raw
+            resolved = self._resolve(n.pid, dirfd, raw)
+            argv_text = [os.fsdecode(x) for x in argv]
+            event = {"kind": "exec", "agent": s.agent, "resolved_filename": resolved,
+                     "exec_path": "", "argv": argv_text, "argv_truncated": False, "ret": 0}
+            shown = " ".join(argv_text) + f" ({resolved or os.fsdecode(raw)})"
+            return Request(f"exec {shown}", ("exec", resolved, tuple(argv_text)), [event], form)
+        paths: list[tuple[int, int, int]] = []   # (dirfd, pointer, open flags)
+        write = os.O_WRONLY
+        if name == "open":
+            paths = [(AT_FDCWD, a[0], self._int(a[1]))]
+        elif name == "openat":
+            paths = [(self._int(a[0]), a[1], self._int(a[2]))]
+        elif name == "openat2":
+            how = mem.u64s(a[2], 1)
+            if how is None:
+                return None
+            paths = [(self._int(a[0]), a[1], how[0])]
+        elif name == "creat":
+            paths = [(AT_FDCWD, a[0], os.O_CREAT | os.O_WRONLY | os.O_TRUNC)]
+        elif name == "rename":
+            paths = [(AT_FDCWD, a[0], write), (AT_FDCWD, a[1], write)]
+        elif name in ("renameat", "renameat2"):
+            paths = [(self._int(a[0]), a[1], write), (self._int(a[2]), a[3], write)]
+        elif name == "unlink" or name == "truncate":
+            paths = [(AT_FDCWD, a[0], write)]
+        elif name == "unlinkat":
+            paths = [(self._int(a[0]), a[1], write)]
+        events, shown = [], []
+        for dirfd, pointer, flags in paths:
+            raw = mem.string(pointer)
+            if raw is None:
+                return None
+            resolved = self._resolve(n.pid, dirfd, raw)
+            events.append({"kind": "open", "agent": s.agent, "resolved_path": resolved,
+                           "path": os.fsdecode(raw), "flags": flags, "ret": 0})
+            shown.append(resolved or os.fsdecode(raw))
+        action = f"{name} {' -> '.join(shown)}"
+        return Request(action, ("file", name, tuple(shown)), events, None)
+
+    @staticmethod
+    def _int(value: int) -> int:
+        """A syscall's int argument from its 64-bit register."""
+        value &= 0xFFFFFFFF
+        return value - (1 << 32) if value >= 1 << 31 else value
+
+    def _decide(self, request: Request):
+        current = self.governor.policy
+        if current is None:
+            return policy_mod.Verdict("deny", None, None, "no policy is loaded: a session refuses "
+                                      "everything it would otherwise check", "", "enforce")
+        verdicts = [policy_mod.decide(event, current) for event in request.events]
+        return max(verdicts, key=lambda v: SEVERITY[v.decision])
+
+    # -- exec verification ------------------------------------------------------------
+
+    def _approve_exec(self, tid: int, form: bytes) -> bool:
+        """Tell the BPF program what this thread may execute; False when the
+        map cannot be written (then the exec must be refused)."""
+        path = self.settings.bpf_pin_dir / "approved_exec"
+        try:
+            ino = os.stat(path).st_ino
+            if self._approved_fd is None or ino != self._approved_ino:
+                if self._approved_fd is not None:
+                    os.close(self._approved_fd)
+                self._approved_fd, self._approved_ino = bpfsys.open_pinned(path), ino
+            data = form + b"\0"
+            if len(data) > 4096:
+                return False
+            value = struct.pack("=II", len(data), 0) + data.ljust(4096, b"\0")
+            bpfsys.update(self._approved_fd, struct.pack("=I", tid), value)
+            return True
+        except OSError as exc:
+            log.error("cannot write approved exec for %d: %s", tid, exc)
+            self._approved_fd = None
+            return False
+
+    def _let_through(self, fd: int, n: sn.Notification, exec_form: bytes | None) -> bool:
+        if exec_form is not None and not self._approve_exec(n.pid, exec_form):
+            sn.respond(fd, n.id, allow=False)
+            return False
+        self.counters["continued"] += 1
+        return sn.respond(fd, n.id, allow=True)
+
+    # -- notifications --------------------------------------------------------------
+
+    def on_notification(self, fd: int) -> None:
+        s = self.sessions[fd]
+        n = sn.receive(fd)
+        if n is None:
+            return
+        self.counters["notifications"] += 1
+        name = self.names.get(n.nr, str(n.nr))
+        try:
+            with sn.TaskMemory(n.pid) as mem:
+                request = self._read_request(s, n, name, mem)
+        except OSError:
+            request = None
+        if not sn.still_valid(fd, n.id):
+            return  # the task died or was interrupted: nothing to answer
+        if request is None:
+            self.counters["unreadable"] += 1
+            sn.respond(fd, n.id, allow=False)
+            verdict = policy_mod.Verdict("deny", None, None, "the arguments could not be read", "", "enforce")
+            self._refusal_record(s, n.pid, f"{name} (unreadable arguments)", verdict, "refused: EPERM")
+            return
+        verdict = self._decide(request)
+        agent_policy = self.governor.policy.agents.get(s.agent) if self.governor.policy else None
+        if verdict.decision == "allow":
+            self._let_through(fd, n, request.exec_form)
+            return
+        if verdict.mode == "monitor":
+            self._let_through(fd, n, request.exec_form)
+            self._refusal_record(s, n.pid, request.action, verdict, "none (monitor mode)")
+            return
+        wants_hold = verdict.decision == "hold" or (
+            verdict.decision == "violation" and agent_policy and agent_policy.on_violation == "hold")
+        if not wants_hold:
+            self.counters["refused"] += 1
+            sn.respond(fd, n.id, allow=False)
+            self._refusal_record(s, n.pid, request.action, verdict, "refused: EPERM")
+            return
+        remembered = self.remembered.get((s.agent, request.key))
+        if remembered and remembered > time.monotonic():
+            self._let_through(fd, n, request.exec_form)
+            return
+        self._hold(s, fd, n, request, verdict, agent_policy)
+
+    def _hold(self, s: Session, fd: int, n: sn.Notification, request: Request, verdict, agent_policy) -> None:
+        # A held call the agent re-issues (signal restart) is the same hold.
+        for hold in self.holds.values():
+            if hold.session is s and hold.notification.pid == n.pid and hold.key == request.key:
+                hold.notification = n
+                return
+        timeout = agent_policy.hold_timeout if agent_policy else policy_mod.DEFAULT_HOLD_TIMEOUT
+        hold = Hold(id=f"h{next(self.hold_numbers)}-{uuid.uuid4().hex[:4]}", session=s,
+                    notification=n, key=request.key, action=request.action,
+                    exec_form=request.exec_form, decision=verdict.decision, rule=verdict.rule,
+                    reason=verdict.reason, policy_hash=verdict.policy_hash,
+                    required=agent_policy.hold_approvers if agent_policy else 1,
+                    since=time.monotonic(), since_ns=time.time_ns(),
+                    deadline=time.monotonic() + timeout)
+        self.holds[hold.id] = hold
+        self.counters["held"] += 1
+        self._hold_record(hold, "pending", verdict.reason)
+
+    def _finish(self, hold: Hold, allow: bool, state: str, reason: str | None) -> None:
+        del self.holds[hold.id]
+        fd, n = hold.session.fd, hold.notification
+        if not sn.still_valid(fd, n.id):
+            self._hold_record(hold, "abandoned", "the waiting process is gone")
+            return
+        if allow:
+            delivered = self._let_through(fd, n, hold.exec_form)
+        else:
+            delivered = sn.respond(fd, n.id, allow=False)
+        self._hold_record(hold, state if delivered else "abandoned", reason)
+
+    def expire_holds(self) -> None:
+        now = time.monotonic()
+        for hold in [h for h in self.holds.values() if h.deadline <= now]:
+            self._finish(hold, False, "timed-out", "no decision before the hold timeout: denied")
+
+    # -- requests on the socket ---------------------------------------------------------
+
+    def _refusal(self, pid: int, uid: int, gid: int) -> str | None:
+        """Why this peer may not answer holds, or None. Never from inside an
+        agent (even as root), nor from a descendant of a session."""
+        if uid != 0:
+            groups = {gid}
+            try:
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("Groups:"):
+                        groups |= {int(g) for g in line.split()[1:]}
+            except OSError:
+                return "cannot read the requester's groups"
+            if self.admin_gid is None or self.admin_gid not in groups:
+                return f"only root and members of group {self.admin_group!r} may answer holds"
+        sessions = {s.pid for s in self.sessions.values()}
+        current = pid
+        for _ in range(4096):
+            if current <= 1:
+                return None
+            if current in sessions:
+                return "requests from inside an agentwarden run session are refused"
+            relative = cgroup_of(current)
+            if relative is None:
+                return "cannot read the requester's cgroup"
+            agent = self._agent_of(relative)
+            if agent:
+                return f"requests from inside agent {agent!r} are refused, even as root"
+            current = _ppid(current)
+        return "process ancestry too deep"
+
+    def _agent_of(self, relative: str) -> str | None:
+        """The agent tag of a cgroup or any ancestor (read from the xattrs themselves)."""
+        path = Path(os.path.normpath(f"{self.root}/{relative}"))
+        while True:
+            try:
+                tag = cgroups.read_tag(path)
+            except OSError:
+                tag = None
+            if tag:
+                return tag
+            if path == self.root or self.root not in path.parents:
+                return None
+            path = path.parent
+
+    def _identity(self, uid: int, request: dict) -> str:
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = f"uid:{uid}"
+        sudo = request.get("sudo_user")
+        return f"{sudo} (via sudo)" if uid == 0 and isinstance(sudo, str) and sudo else name
+
+    def on_client(self, conn: socket.socket) -> None:
+        try:
+            data, ancillary, _flags, _addr = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * 4))
+        except OSError:
+            data = b""
+        fds = []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self.sel.unregister(conn)
+            conn.close()
+            return
+        pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                             struct.calcsize("3i")))
+        try:
+            request = msgpack.unpackb(data, raw=False)
+            if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                raise ValueError("a request is a map with a string 'cmd'")
+            reply = self._answer(request, pid, uid, gid, fds)
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+            reply = {"ok": False, "error": f"malformed request: {exc}"}
+            for fd in fds:
+                os.close(fd)
+        try:
+            conn.send(msgpack.packb(reply, use_bin_type=True))
+        except OSError:
+            pass
+
+    def _answer(self, request: dict, pid: int, uid: int, gid: int, fds: list[int]) -> dict:
+        cmd = request["cmd"]
+        if cmd == "register":
+            return self._register(request, pid, uid, fds)
+        for fd in fds:
+            os.close(fd)  # only a registration may carry a descriptor
+        refusal = self._refusal(pid, uid, gid)
+        if refusal:
+            return {"ok": False, "error": refusal}
+        if cmd == "holds":
+            return {"ok": True, "holds": [self._describe(h) for h in self.holds.values()]}
+        if cmd in ("approve", "deny"):
+            hold = self.holds.get(request.get("id"))
+            if hold is None:
+                return {"ok": False, "error": f"no pending hold {request.get('id')!r} "
+                                              "(unknown, or already decided)"}
+            who, reason = self._identity(uid, request), request.get("reason")
+            if cmd == "deny":
+                self._finish(hold, False, "denied", f"{who}: {reason or 'no reason given'}")
+                return {"ok": True, "state": "denied"}
+            remember = request.get("remember")
+            if remember is not None:
+                remember = parse_duration(str(remember))
+            if who in hold.approvals:
+                return {"ok": False, "error": f"{who} already approved {hold.id}; it needs "
+                                              f"{hold.required} distinct approvers"}
+            hold.approvals[who] = reason
+            if len(hold.approvals) < hold.required:
+                self._hold_record(hold, "approval", f"{who}: {reason or 'no reason given'}")
+                return {"ok": True, "state": "pending",
+                        "needed": hold.required - len(hold.approvals)}
+            if remember:
+                self.remembered[(hold.session.agent, hold.key)] = time.monotonic() + remember
+            self._finish(hold, True, "approved", "; ".join(
+                f"{w}: {r or 'no reason given'}" for w, r in hold.approvals.items())
+                + (f"; remembered for {remember:g}s" if remember else ""))
+            return {"ok": True, "state": "approved"}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _describe(self, hold: Hold) -> dict:
+        return {"id": hold.id, **self._session_fields(hold.session), "pid": hold.notification.pid,
+                "action": hold.action, "rule": hold.rule, "since": hold.since_ns,
+                "waited": round(time.monotonic() - hold.since, 1),
+                "timeout_in": round(hold.deadline - time.monotonic(), 1),
+                "approvals": sorted(hold.approvals), "required": hold.required}
+
+    def _register(self, request: dict, pid: int, uid: int, fds: list[int]) -> dict:
+        def refuse(why: str) -> dict:
+            for fd in fds:
+                os.close(fd)
+            return {"ok": False, "error": why}
+
+        if uid != 0:
+            return refuse("only root may register a session")
+        if len(fds) != 1:
+            return refuse("a registration carries exactly one seccomp listener fd")
+        fields = {k: request.get(k) for k in ("session", "agent", "user", "task", "on_behalf_of",
+                                              "host", "cgroup")}
+        if not all(isinstance(v, str) for v in fields.values()):
+            return refuse("a registration names session, agent, user, task, on_behalf_of, host, cgroup")
+        current = self.governor.policy
+        if current is None or fields["agent"] not in current.agents:
+            return refuse(f"no policy for agent {fields['agent']!r}: a session needs one")
+        cgroup = Path(fields["cgroup"])
+        try:
+            if (cgroups.read_tag(cgroup) != fields["agent"]
+                    or cgroups.read_tag(cgroup, cgroups.SESSION_XATTR) != fields["session"]):
+                return refuse(f"{cgroup} is not tagged as session {fields['session']} of {fields['agent']}")
+        except OSError as exc:
+            return refuse(f"cannot read the session cgroup {cgroup}: {exc.strerror}")
+        if Path(os.path.normpath(f"{self.root}/{cgroup_of(pid)}")) != cgroup:
+            return refuse("the registering process is not in the session cgroup")
+        watched = self.tags().get(str(cgroups.cgroup_id(cgroup)))
+        if not watched or watched.get("session") != fields["session"]:
+            return refuse("the probe does not watch the session cgroup yet")
+        fd = fds[0]
+        os.set_inheritable(fd, False)
+        sn.set_sync_wakeup(fd)
+        session = Session(id=fields["session"], agent=fields["agent"], user=fields["user"],
+                          task=fields["task"], on_behalf_of=fields["on_behalf_of"],
+                          host=fields["host"], cgroup=cgroup, fd=fd, pid=pid, started=time.time_ns())
+        self.sessions[fd] = session
+        self.sel.register(fd, selectors.EVENT_READ, ("listener", fd))
+        self._emit({"kind": "session", "time": session.started, "state": "started",
+                    **self._session_fields(session), "user": session.user, "host": session.host,
+                    "cgroup": str(cgroup), "pid": pid})
+        return {"ok": True, "session": session.id}
+
+    def _end_session(self, fd: int) -> None:
+        session = self.sessions.pop(fd)
+        self.sel.unregister(fd)
+        for hold in [h for h in self.holds.values() if h.session is session]:
+            del self.holds[hold.id]
+            self._hold_record(hold, "abandoned", "the session ended")
+        os.close(fd)
+        self._emit({"kind": "session", "time": time.time_ns(), "state": "ended",
+                    **self._session_fields(session), "user": session.user, "host": session.host,
+                    "cgroup": str(session.cgroup), "pid": session.pid})
+        try:
+            session.cgroup.rmdir()
+        except OSError:
+            pass  # still populated by processes that left the filter's reach: keep it
+
+    def _hung_up(self, fd: int) -> bool:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return any(ev & select.POLLHUP and not ev & select.POLLIN for _, ev in poller.poll(0))
+
+    # -- loop ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        while not self.stopping:
+            timeout = 0.2
+            if self.holds:
+                timeout = max(0.0, min(timeout, min(h.deadline for h in self.holds.values()) - time.monotonic()))
+            for key, _events in self.sel.select(timeout):
+                kind, fd = key.data
+                try:
+                    if kind == "server":
+                        conn, _ = self.server.accept()
+                        conn.setblocking(True)
+                        conn.settimeout(2)
+                        self.sel.register(conn, selectors.EVENT_READ, ("client", conn))
+                    elif kind == "client":
+                        self.on_client(fd)
+                    elif kind == "listener":
+                        if self._hung_up(fd):
+                            self._end_session(fd)
+                        else:
+                            self.on_notification(fd)
+                except Exception:  # one bad peer must not stop supervision of the others
+                    log.exception("supervisor: error handling %s", kind)
+            self.expire_holds()
+        for fd in list(self.sessions):
+            os.close(fd)  # held and future notified calls now fail with ENOSYS
+        self.server.close()
+        self.out.close()
