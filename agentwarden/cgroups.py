@@ -128,10 +128,10 @@ def untag(path: Path) -> bool:
     return True
 
 
-def scan_tagged(root: Path) -> dict[int, TaggedCgroup]:
-    """Every tagged cgroup below (and including) root, by cgroup id."""
+def scan_tagged(root: Path, scope: str = "") -> dict[int, TaggedCgroup]:
+    """Every tagged cgroup below (and including) root/scope, by cgroup id."""
     tagged: dict[int, TaggedCgroup] = {}
-    for dirpath, _dirs, _files in os.walk(root):
+    for dirpath, _dirs, _files in os.walk(root / scope if scope else root):
         path = Path(dirpath)
         try:
             agent = read_tag(path)

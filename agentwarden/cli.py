@@ -281,7 +281,7 @@ def reload():
 def _agent_cgroups(agent: Optional[str], every: bool) -> list:
     if every == bool(agent):
         raise AgentwardenError("name one agent with --agent NAME, or all of them with --all")
-    found = [t for t in cgroups.scan_tagged(cgroups.cgroup2_root()).values()
+    found = [t for t in cgroups.scan_tagged(cgroups.cgroup2_root(), _settings().cgroup_scope).values()
              if every or t.agent == agent]
     if not found:
         raise AgentwardenError(f"no tagged cgroup for agent {agent!r}" if agent else "no tagged cgroups")

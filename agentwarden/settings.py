@@ -16,6 +16,9 @@ DEFAULT_POLICY_DIR = "/etc/agentwarden/policy.d"
 class Settings:
     run_dir: Path
     state_dir: Path
+    # Only tagged cgroups below this one (relative to the cgroup v2 root) are
+    # watched; "" is the whole hierarchy. Keeps test and bench instances apart.
+    cgroup_scope: str = ""
     health_interval: float = 1.0   # seconds between health records
     tag_scan_interval: float = 0.5  # seconds between cgroup tag rescans
     policy_dir: Path = Path(DEFAULT_POLICY_DIR)  # *.toml policy files, read in name order
@@ -57,6 +60,7 @@ class Settings:
             run_dir=Path(os.environ.get("AGENTWARDEN_RUN_DIR", DEFAULT_RUN_DIR)),
             state_dir=Path(os.environ.get("AGENTWARDEN_STATE_DIR", DEFAULT_STATE_DIR)),
             policy_dir=Path(os.environ.get("AGENTWARDEN_POLICY_DIR", DEFAULT_POLICY_DIR)),
+            cgroup_scope=os.environ.get("AGENTWARDEN_CGROUP_SCOPE", ""),
         )
 
     def prepare_run_dir(self) -> None:

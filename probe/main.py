@@ -38,8 +38,9 @@ class TagMirror:
     """Keeps the BPF agent_cgroups map and level mask equal to the tagged
     cgroups found on disk. Tags added or removed take effect at the next sync."""
 
-    def __init__(self, bpf, root: Path, max_levels: int, session_bit: int):
+    def __init__(self, bpf, root: Path, max_levels: int, session_bit: int, scope: str = ""):
         self.bpf = bpf
+        self.scope = scope
         self.session_bit = session_bit
         self.root = root
         self.max_levels = max_levels
@@ -51,7 +52,7 @@ class TagMirror:
         return self._numbers.setdefault(agent, len(self._numbers) + 1)
 
     def sync(self) -> bool:
-        found = cgroups.scan_tagged(self.root)
+        found = cgroups.scan_tagged(self.root, self.scope)
         if found == self.current:
             return False
         table = self.bpf[b"agent_cgroups"]
@@ -97,7 +98,7 @@ class Probe:
         self.decoder = Decoder(self._leaf(bpf[b"exec_scratch"]), self._leaf(bpf[b"file_scratch"]),
                                self._leaf(bpf[b"task_scratch"]), constants, wall_minus_boot_ns())
         self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"],
-                              constants["AW_AGENT_SESSION_BIT"])
+                              constants["AW_AGENT_SESSION_BIT"], settings.cgroup_scope)
         self.raw: list[bytes] = []
         self.backlog: collections.deque[list[dict]] = collections.deque()
         self.backlog_records = 0

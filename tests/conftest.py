@@ -68,8 +68,11 @@ class Warden:
         self.settings.policy_dir.mkdir()
         self.env = {**os.environ, "AGENTWARDEN_RUN_DIR": str(self.settings.run_dir),
                     "AGENTWARDEN_STATE_DIR": str(self.settings.state_dir),
-                    "AGENTWARDEN_POLICY_DIR": str(self.settings.policy_dir)}
+                    "AGENTWARDEN_POLICY_DIR": str(self.settings.policy_dir),
+                    # Watch only the tests' cgroups: other instances' agents stay theirs.
+                    "AGENTWARDEN_CGROUP_SCOPE": TEST_CGROUP_PARENT}
         self.log = open(tmp / "up.log", "w+")
+        (cgroups.cgroup2_root() / TEST_CGROUP_PARENT).mkdir(exist_ok=True)
         self.proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "up"], env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         try:

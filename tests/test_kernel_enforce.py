@@ -75,7 +75,7 @@ def test_write_outside_write_allow_freezes_until_thaw(warden, agent_cgroup, tmp_
     marker = workspace / "after-thaw"
     script = (f"open({str(workspace / 'ok')!r}, 'w').write('fine')\n"
               f"open({str(tmp_path / 'forbidden')!r}, 'w').write('no')\n"
-              f"import time\ntime.sleep(0.5)\nopen({str(marker)!r}, 'w').write('ran')\n")
+              f"import time\ntime.sleep(3)\nopen({str(marker)!r}, 'w').write('ran')\n")
     procs = str(cg.path / "cgroup.procs")
     proc = subprocess.Popen([PY, "-S", "-c", script],
                             preexec_fn=lambda: open(procs, "w").write("0"))
@@ -83,7 +83,7 @@ def test_write_outside_write_allow_freezes_until_thaw(warden, agent_cgroup, tmp_
         wait_for(lambda: _frozen(cg.path), what="the agent to be frozen")
         state = open(f"/proc/{proc.pid}/status").read()
         assert proc.poll() is None and not marker.exists()
-        time.sleep(1.0)  # well past the script's own sleep: still frozen, marker not written
+        time.sleep(3.5)  # past the script's own sleep: still frozen, marker not written
         assert not marker.exists() and _frozen(cg.path), state
         warden.cli("thaw", "--agent", agent)
         assert proc.wait(timeout=20) == 0
@@ -219,7 +219,8 @@ def test_freeze_all_works_without_the_daemon(kernel, agent_cgroup, tmp_path):
     cg = agent_cgroup(_name("switch"))
     procs = str(cg.path / "cgroup.procs")
     sleeper = subprocess.Popen(["/usr/bin/sleep", "30"], preexec_fn=lambda: open(procs, "w").write("0"))
-    env = {**os.environ, "AGENTWARDEN_RUN_DIR": str(tmp_path / "no-daemon")}
+    env = {**os.environ, "AGENTWARDEN_RUN_DIR": str(tmp_path / "no-daemon"),
+           "AGENTWARDEN_CGROUP_SCOPE": "agentwarden-test"}  # not other instances' agents
     try:
         result = subprocess.run([PY, "-m", "agentwarden", "freeze", "--all"], env=env,
                                 capture_output=True, text=True, timeout=30)
