@@ -16,9 +16,14 @@ from pathlib import Path
 from .errors import AgentwardenError
 
 TAG_XATTR = "trusted.agentwarden.agent"
-# Set by `agentwarden run` on its session cgroup: the session id. Execs there
-# must match what the daemon approved.
+# Set by `agentwarden run` on its session cgroup: "<instance>/<session id>".
+# Execs there must match what that instance's daemon approved; the instance
+# part keeps a second instance on the host (tests, benches) from enforcing it.
 SESSION_XATTR = "trusted.agentwarden.session"
+
+
+def session_tag(instance: str, session: str) -> str:
+    return f"{instance}/{session}"
 # \Z, not $: "$" would also accept a name followed by a newline.
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")
 

@@ -31,10 +31,12 @@ MAX_REPLY = 1 << 20
 def request(settings: Settings, message: dict, fd: int | None = None, timeout: float = 10.0) -> dict:
     """One request on the daemon's sessions socket (SO_PEERCRED tells it who asks)."""
     path = settings.sessions_socket
-    if not path.exists():
-        if os.path.isdir(settings.run_dir) and not os.access(settings.run_dir, os.X_OK):
-            raise AgentwardenError(f"{settings.run_dir} is not open to you: run this as root or as "
-                                   "a member of the admin group")
+    try:
+        present = path.exists()
+    except PermissionError:
+        raise AgentwardenError(f"{settings.run_dir} is not open to you: run this as root or as "
+                               "a member of the admin group") from None
+    if not present:
         raise control.DaemonUnavailable(f"the daemon is not running (no socket at {path}); "
                                         "start it with `agentwarden up`")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -68,11 +70,11 @@ def admin_request(settings: Settings, message: dict) -> dict:
     return reply
 
 
-def _agent_cgroup(agent: str) -> Path:
+def _agent_cgroup(settings: Settings, agent: str) -> Path:
     root = cgroups.cgroup2_root()
     # The agent's own cgroup: the outermost one tagged with its name that is
     # not itself a session.
-    found = sorted((t for t in cgroups.scan_tagged(root).values()
+    found = sorted((t for t in cgroups.scan_tagged(root, settings.cgroup_scope).values()
                     if t.agent == agent and not t.session), key=lambda t: t.level)
     if not found:
         raise AgentwardenError(f"unknown agent {agent!r}: no cgroup is tagged with it "
@@ -107,7 +109,7 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
             account = pwd.getpwnam(user)
         except KeyError:
             raise AgentwardenError(f"no such user: {user}") from None
-    parent = _agent_cgroup(agent)
+    parent = _agent_cgroup(settings, agent)
     control.request(settings, "status", timeout=3)  # the daemon answers, or this says why
 
     session = f"s-{uuid.uuid4().hex[:12]}"
@@ -115,7 +117,7 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
     cgroup.mkdir()
     try:
         cgroups.tag(cgroup, agent)
-        os.setxattr(cgroup, cgroups.SESSION_XATTR, session.encode())
+        os.setxattr(cgroup, cgroups.SESSION_XATTR, cgroups.session_tag(settings.instance, session).encode())
         _wait_watched(settings, cgroup)
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     except BaseException:

@@ -44,11 +44,16 @@ class Settings:
         return self.run_dir / "sessions.sock"
 
     @property
-    def bpf_pin_dir(self) -> Path:
-        """Maps the probe pins for the daemon; another run dir, another instance."""
+    def instance(self) -> str:
+        """Names this instance (probe + daemon); another run dir, another instance."""
         if str(self.run_dir) == DEFAULT_RUN_DIR:
-            return Path("/sys/fs/bpf/agentwarden")
-        return Path(f"/sys/fs/bpf/agentwarden-{hashlib.sha1(bytes(self.run_dir)).hexdigest()[:10]}")
+            return "agentwarden"
+        return f"agentwarden-{hashlib.sha1(bytes(self.run_dir)).hexdigest()[:10]}"
+
+    @property
+    def bpf_pin_dir(self) -> Path:
+        """Maps the probe pins for the daemon."""
+        return Path("/sys/fs/bpf") / self.instance
 
     @property
     def archive_dir(self) -> Path:
@@ -64,6 +69,9 @@ class Settings:
         )
 
     def prepare_run_dir(self) -> None:
-        """The socket directory is root's alone: agents must not reach it."""
+        """The socket directory is root's (0700), or 0710 to the admin group
+        (the daemon sets that): agents must not reach it. Anything looser is
+        tightened."""
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.run_dir, 0o700)
+        if os.stat(self.run_dir).st_mode & 0o067:
+            os.chmod(self.run_dir, 0o700)

@@ -553,16 +553,17 @@ class Supervisor(threading.Thread):
         if current is None or fields["agent"] not in current.agents:
             return refuse(f"no policy for agent {fields['agent']!r}: a session needs one")
         cgroup = Path(fields["cgroup"])
+        expected = cgroups.session_tag(self.settings.instance, fields["session"])
         try:
             if (cgroups.read_tag(cgroup) != fields["agent"]
-                    or cgroups.read_tag(cgroup, cgroups.SESSION_XATTR) != fields["session"]):
+                    or cgroups.read_tag(cgroup, cgroups.SESSION_XATTR) != expected):
                 return refuse(f"{cgroup} is not tagged as session {fields['session']} of {fields['agent']}")
         except OSError as exc:
             return refuse(f"cannot read the session cgroup {cgroup}: {exc.strerror}")
         if Path(os.path.normpath(f"{self.root}/{cgroup_of(pid)}")) != cgroup:
             return refuse("the registering process is not in the session cgroup")
         watched = self.tags().get(str(cgroups.cgroup_id(cgroup)))
-        if not watched or watched.get("session") != fields["session"]:
+        if not watched or watched.get("session") != expected:
             return refuse("the probe does not watch the session cgroup yet")
         fd = fds[0]
         os.set_inheritable(fd, False)

@@ -38,8 +38,10 @@ class TagMirror:
     """Keeps the BPF agent_cgroups map and level mask equal to the tagged
     cgroups found on disk. Tags added or removed take effect at the next sync."""
 
-    def __init__(self, bpf, root: Path, max_levels: int, session_bit: int, scope: str = ""):
+    def __init__(self, bpf, root: Path, max_levels: int, session_bit: int, scope: str = "",
+                 instance: str = ""):
         self.bpf = bpf
+        self.instance = instance
         self.scope = scope
         self.session_bit = session_bit
         self.root = root
@@ -67,7 +69,7 @@ class TagMirror:
                           tagged.level, self.max_levels - 1)
                 continue
             number = self.agent_number(tagged.agent)
-            if tagged.session:
+            if tagged.session and tagged.session.startswith(self.instance + "/"):
                 number |= self.session_bit
             table[table.Key(cgid)] = table.Leaf(number)
             mask |= 1 << tagged.level
@@ -98,7 +100,8 @@ class Probe:
         self.decoder = Decoder(self._leaf(bpf[b"exec_scratch"]), self._leaf(bpf[b"file_scratch"]),
                                self._leaf(bpf[b"task_scratch"]), constants, wall_minus_boot_ns())
         self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"],
-                              constants["AW_AGENT_SESSION_BIT"], settings.cgroup_scope)
+                              constants["AW_AGENT_SESSION_BIT"], settings.cgroup_scope,
+                              settings.instance)
         self.raw: list[bytes] = []
         self.backlog: collections.deque[list[dict]] = collections.deque()
         self.backlog_records = 0

@@ -62,8 +62,8 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
 class Warden:
     """A running `agentwarden up` with its own run and state directories."""
 
-    def __init__(self, tmp: Path):
-        self.settings = Settings(run_dir=tmp / "run", state_dir=tmp / "state",
+    def __init__(self, tmp: Path, run_dir: Path | None = None):
+        self.settings = Settings(run_dir=run_dir or tmp / "run", state_dir=tmp / "state",
                                  policy_dir=tmp / "policy")
         self.settings.policy_dir.mkdir()
         self.env = {**os.environ, "AGENTWARDEN_RUN_DIR": str(self.settings.run_dir),

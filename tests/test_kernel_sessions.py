@@ -1,0 +1,342 @@
+"""`agentwarden run` sessions on the real kernel: real seccomp filters, real
+programs, real approvals from the CLI, exec verification in BPF."""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import Warden, wait_for
+
+pytestmark = pytest.mark.kernel
+
+PY = sys.executable
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def _policy(agent: str, *, on_violation="kill", exec_allow=(), exec_hold=(), write_allow=(),
+            extra="") -> str:
+    def lst(items):
+        return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+    return (f'[agent.{agent}]\nmode = "enforce"\non-violation = "{on_violation}"\n{extra}'
+            f"[agent.{agent}.exec]\nallow = {lst(exec_allow)}\nhold = {lst(exec_hold)}\n"
+            f"[agent.{agent}.files]\nread-allow = [\"/**\"]\nwrite-allow = {lst(write_allow)}\n")
+
+
+SHELL = ["/usr/bin/sh", "/usr/bin/dash", "/bin/sh", "/bin/dash"]
+
+
+@pytest.fixture
+def session_agent(warden, agent_cgroup):
+    """An agent cgroup and a function to give it a policy and start `run` sessions."""
+    def make(policy_kwargs: dict):
+        agent = _name("s")
+        cg = agent_cgroup(agent)
+        warden.set_policy(agent, _policy(agent, **policy_kwargs))
+        return agent, cg
+    return make
+
+
+def start_run(warden: Warden, agent: str, command: list[str], *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "agentwarden", "run", "--agent", agent, *extra, "--", *command],
+                            env=warden.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def holds(warden: Warden, env=None) -> list[dict]:
+    from agentwarden import session
+    return session.admin_request(warden.settings, {"cmd": "holds"})["holds"]
+
+
+def wait_hold(warden: Warden, agent: str, count: int = 1) -> list[dict]:
+    return wait_for(lambda: [h for h in holds(warden) if h["agent"] == agent][:count]
+                    if len([h for h in holds(warden) if h["agent"] == agent]) >= count else None,
+                    timeout=20, what=f"{count} hold(s) of {agent}")
+
+
+def test_allowed_runs_without_prompt_held_waits_for_approve_or_deny(warden, session_agent, tmp_path):
+    agent, _ = session_agent(dict(exec_allow=SHELL + ["/usr/bin/echo"], exec_hold=["/usr/bin/date *"],
+                                  write_allow=[f"{tmp_path}/**", "/dev/null"]))
+    # Allowed: runs at once, no hold; a write-open in the workspace proceeds too.
+    done = start_run(warden, agent, ["/bin/sh", "-c", f"/usr/bin/echo hi > {tmp_path}/ws.txt; echo $?"],
+                     "--task", "smoke", "--on-behalf-of", "alice")
+    out, err = done.communicate(timeout=30)
+    assert (done.returncode, out) == (0, "0\n"), err
+    assert (tmp_path / "ws.txt").read_text() == "hi\n"
+    assert not [h for h in holds(warden) if h["agent"] == agent]
+
+    # Held, then approved: the output appears only after approval.
+    held = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date +approved-%Y"])
+    [hold] = wait_hold(warden, agent)
+    assert hold["action"].startswith("exec /usr/bin/date +approved-")
+    assert 'exec.hold "/usr/bin/date *"' in hold["rule"]
+    assert held.poll() is None
+    warden.cli("approve", hold["id"], "--reason", "fine by me")
+    out, _ = held.communicate(timeout=30)
+    assert out.startswith("approved-")
+
+    # Held, then denied: the syscall fails with EPERM, the shell says so.
+    denied = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date; echo status=$?"])
+    [hold] = wait_hold(warden, agent)
+    warden.cli("deny", hold["id"], "--reason", "no")
+    out, err = denied.communicate(timeout=30)
+    assert "Operation not permitted" in err and "status=126" in out
+
+    warden.settle()
+    records = [r for r in warden.records() if r.get("agent") == agent]
+    states = [(r["state"], r.get("reason")) for r in records if r["kind"] == "hold"]
+    assert ("approved", "root: fine by me") in states or any(
+        s == "approved" and "fine by me" in (reason or "") for s, reason in states)
+    assert any(s == "denied" and "no" in reason for s, reason in states)
+    sessions = [r for r in records if r["kind"] == "session" and r["state"] == "started"]
+    assert any(s["task"] == "smoke" and s["on_behalf_of"] == "alice" for s in sessions)
+    # Every hold record names the policy that decided it.
+    assert all(r["policy_hash"].startswith("sha256:") for r in records if r["kind"] == "hold")
+
+
+def test_hold_timeout_denies(warden, session_agent):
+    agent, _ = session_agent(dict(exec_allow=SHELL, exec_hold=["/usr/bin/date"], extra="hold-timeout = 1\n"))
+    proc = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date; echo status=$?"])
+    out, err = proc.communicate(timeout=30)
+    assert "Operation not permitted" in err and "status=126" in out
+    warden.settle()
+    [timed_out] = [r for r in warden.records() if r["kind"] == "hold" and r["agent"] == agent
+                   and r["state"] == "timed-out"]
+    assert timed_out["waited"] >= 1
+
+
+def test_remember_skips_the_second_prompt_and_expires(warden, session_agent):
+    agent, _ = session_agent(dict(exec_allow=SHELL, exec_hold=["/usr/bin/uname *"]))
+    first = start_run(warden, agent, ["/usr/bin/uname", "-s"])
+    [hold] = wait_hold(warden, agent)
+    warden.cli("approve", hold["id"], "--remember", "3s")
+    assert first.communicate(timeout=30)[0] == "Linux\n"
+    started = time.monotonic()
+    second = start_run(warden, agent, ["/usr/bin/uname", "-s"])
+    assert second.communicate(timeout=30)[0] == "Linux\n"  # no prompt
+    assert time.monotonic() - started < 3
+    time.sleep(max(0.0, 3.2 - (time.monotonic() - started)))
+    third = start_run(warden, agent, ["/usr/bin/uname", "-s"])
+    [hold] = wait_hold(warden, agent)  # asked again: the memory expired
+    warden.cli("deny", hold["id"])
+    third.communicate(timeout=30)
+
+
+def test_sed_in_place_on_a_held_config_file_is_held(warden, session_agent, tmp_path):
+    config = tmp_path / "etc"
+    config.mkdir()
+    (config / "app.conf").write_text("mode=safe\n")
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    agent, _ = session_agent(dict(on_violation="hold", exec_allow=SHELL + ["/usr/bin/sed"],
+                                  write_allow=[f"{workspace}/**", "/dev/null"]))
+    proc = start_run(warden, agent, ["/usr/bin/sed", "-i", "s/safe/fast/", str(config / "app.conf")])
+    actions = []
+    while proc.poll() is None:  # sed writes a temp file, then renames it over the config
+        pending = [h for h in holds(warden) if h["agent"] == agent]
+        for hold in pending:
+            actions.append(hold["action"])
+            warden.cli("approve", hold["id"])
+        time.sleep(0.05)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert (config / "app.conf").read_text() == "mode=fast\n"
+    assert any(a.startswith("openat ") and str(config) in a for a in actions)
+    assert any(a.startswith("rename") and a.endswith(str(config / "app.conf")) for a in actions)
+
+
+def test_self_approval_from_inside_the_agent_is_refused_even_as_root(warden, session_agent, agent_cgroup):
+    # The agent may run the CLI itself (python), so its request does reach the daemon.
+    agent, cg = session_agent(dict(exec_allow=SHELL + [PY, os.path.realpath(PY)],
+                                   exec_hold=["/usr/bin/date"]))
+    proc = start_run(warden, agent, ["/usr/bin/date"])
+    try:
+        [hold] = wait_hold(warden, agent)
+        attempt = cg.run([PY, "-m", "agentwarden", "approve", hold["id"]], env=warden.env, text=True)
+        assert attempt.returncode == 1 and "Traceback" not in attempt.stderr
+        assert f"requests from inside agent {agent!r} are refused, even as root" in attempt.stderr
+        assert [h["id"] for h in holds(warden) if h["agent"] == agent] == [hold["id"]]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_exec_path_rewritten_between_check_and_exec_is_killed(warden, session_agent, tmp_path):
+    racer_c = tmp_path / "racer.c"
+    racer_c.write_text(r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static char path[32] = "/usr/bin/true";
+static void *flip(void *unused) {
+    for (;;) { memcpy(path, "/usr/bin/touch", 15); memcpy(path, "/usr/bin/true\0\0", 15); }
+    return unused;
+}
+int main(int argc, char **argv) {
+    int attempts = atoi(argv[2]), killed = 0, ran = 0;
+    for (int i = 0; i < attempts && killed < 5; i++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            pthread_t t;
+            pthread_create(&t, 0, flip, 0);
+            char *args[] = {"x", argv[1], 0};
+            for (int k = 0; k < 100000; k++)
+                execve(path, args, 0);   /* refused (EPERM) while it reads "touch": retry */
+            _exit(127);
+        }
+        int status;
+        waitpid(pid, &status, 0);
+        killed += WIFSIGNALED(status) && WTERMSIG(status) == 9;
+        ran += WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    }
+    printf("killed=%d ran=%d\n", killed, ran);
+    return 0;
+}
+""")
+    racer = tmp_path / "racer"
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(racer), str(racer_c)], check=True)
+    marker = tmp_path / "touched"
+    agent, _ = session_agent(dict(exec_allow=[str(racer), "/usr/bin/true"]))
+    proc = start_run(warden, agent, [str(racer), str(marker), "3000"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    killed = int(out.split("killed=")[1].split()[0])
+    assert killed >= 1, out     # the race was won by the flipper, and caught
+    assert not marker.exists()  # /usr/bin/touch never ran its first instruction
+    warden.settle()
+    caught = [r for r in warden.records() if r.get("kind") == "exec" and r.get("agent") == agent
+              and r.get("not_approved")]
+    assert caught and all(r["exec_path"] == "/usr/bin/touch" for r in caught)
+
+
+def test_bad_input_to_run_approve_and_the_socket(warden, session_agent, tmp_path):
+    agent, _ = session_agent(dict(exec_allow=SHELL))
+    for args, message in (
+            (["run", "--agent", "no-such-agent", "--", "/bin/true"], "unknown agent 'no-such-agent'"),
+            (["run", "--agent", agent], "no command given"),
+            (["run", "--agent", agent, "--", "/no/such/program"], "command not found"),
+            (["approve", "h999-none"], "no pending hold 'h999-none'"),
+            (["deny", "h999-none"], "no pending hold 'h999-none'"),
+            (["approve", "h1", "--remember", "soon"], "not a duration")):
+        result = warden.cli(*args, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+    nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             PY, "-m", "agentwarden", "run", "--agent", agent, "--", "/bin/true"],
+                            env=warden.env, capture_output=True, text=True, timeout=30)
+    assert nobody.returncode == 1 and "needs root" in nobody.stderr
+    # Garbage on the sessions socket: an error reply, no crash, no hang.
+    import socket
+    for garbage in (b"\xc1", b"not msgpack", b"\x93\x01\x02\x03", b'\x81\xa3cmd\xa8register'):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(5)
+        sock.connect(str(warden.settings.sessions_socket))
+        sock.send(garbage)
+        reply = __import__("msgpack").unpackb(sock.recv(65536))
+        sock.close()
+        assert reply["ok"] is False
+    # An approval of an already decided hold is refused.
+    agent2, _ = session_agent(dict(exec_allow=SHELL, exec_hold=["/usr/bin/date"]))
+    proc = start_run(warden, agent2, ["/usr/bin/date"])
+    [hold] = wait_hold(warden, agent2)
+    warden.cli("approve", hold["id"])
+    proc.communicate(timeout=30)
+    again = warden.cli("approve", hold["id"], check=False)
+    assert again.returncode == 1 and "already decided" in again.stderr
+    assert warden.status()["sessions"]["counters"]["notifications"] > 0  # still alive
+
+
+ADMIN_GROUP = "agentwarden"
+APPROVERS = ("aw-test-alice", "aw-test-bob")
+
+
+@pytest.fixture
+def admins():
+    made_group = subprocess.run(["getent", "group", ADMIN_GROUP], capture_output=True).returncode != 0
+    if made_group:
+        subprocess.run(["groupadd", "--system", ADMIN_GROUP], check=True)
+    for user in APPROVERS:
+        subprocess.run(["useradd", "--no-create-home", "--no-user-group", "-G", ADMIN_GROUP, user],
+                       capture_output=True)
+    yield APPROVERS
+    for user in APPROVERS:
+        subprocess.run(["userdel", user], capture_output=True)
+    if made_group:
+        subprocess.run(["groupdel", ADMIN_GROUP], capture_output=True)
+
+
+@pytest.fixture
+def own_warden(kernel, tmp_path):
+    """A warden of this test alone (it is killed or needs the admin group at start)."""
+    run_dir = Path(f"/run/agentwarden-test-{uuid.uuid4().hex[:8]}")
+    w = Warden(tmp_path, run_dir=run_dir)
+    yield w
+    w.stop()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_two_approver_rule_needs_two_different_admins(admins, own_warden, agent_cgroup, tmp_path):
+    warden = own_warden
+    agent = _name("two")
+    cg = agent_cgroup(agent, tag=False)
+    cg.warden = warden
+    cg.tag()
+    warden.set_policy(agent, _policy(agent, exec_allow=SHELL, exec_hold=["/usr/bin/date"],
+                                     extra="hold-approvers = 2\n"))
+    proc = start_run(warden, agent, ["/usr/bin/date", "+two-%Y"])
+    [hold] = wait_hold(warden, agent)
+
+    def approve_as(user):
+        return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={ADMIN_GROUP}", "--init-groups",
+                               PY, "-m", "agentwarden", "approve", hold["id"], "--reason", f"{user} ok"],
+                              env=warden.env, capture_output=True, text=True, timeout=30)
+
+    first = approve_as("aw-test-alice")
+    assert first.returncode == 0 and "1 more distinct approver" in first.stdout, first.stderr
+    same = approve_as("aw-test-alice")
+    assert same.returncode == 1 and "already approved" in same.stderr
+    assert proc.poll() is None
+    second = approve_as("aw-test-bob")
+    assert second.returncode == 0 and "approved" in second.stdout, second.stderr
+    assert proc.communicate(timeout=30)[0].startswith("two-")
+    outsider = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               PY, "-m", "agentwarden", "holds"], env=warden.env,
+                              capture_output=True, text=True, timeout=30)
+    assert outsider.returncode == 1 and "Traceback" not in outsider.stderr
+    warden.settle()
+    [approved] = [r for r in warden.records() if r["kind"] == "hold" and r["state"] == "approved"]
+    assert approved["approvers"] == ["aw-test-alice", "aw-test-bob"]
+
+
+def test_killing_the_daemon_fails_held_and_later_calls_closed(own_warden, agent_cgroup, tmp_path):
+    warden = own_warden
+    agent = _name("closed")
+    cg = agent_cgroup(agent, tag=False)
+    cg.warden = warden
+    cg.tag()
+    warden.set_policy(agent, _policy(agent, exec_allow=SHELL + ["/usr/bin/sleep"], exec_hold=["/usr/bin/date"]))
+    script = ("/usr/bin/date; echo held=$?; /usr/bin/sleep 0.5; echo later=$?; "
+              f"echo x > {tmp_path}/write; echo write=$?")
+    proc = start_run(warden, agent, ["/bin/sh", "-c", script])
+    wait_hold(warden, agent)
+    daemon = [p for p in psutil.Process(warden.proc.pid).children() if p.cmdline()[-1] == "daemon"][0]
+    daemon.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    # The held exec, the later (allowed!) exec and the write all fail: nothing proceeds unchecked.
+    assert "held=126" in out and "later=126" in out and "write=2" in out, (out, err)
+    assert "Function not implemented" in err
+    assert not (tmp_path / "write").exists()
