@@ -6,10 +6,10 @@ what was attempted, which rule decided, what the policy asks for and what was
 done. Acting is left out in monitor mode.
 
 Symlinks: the resolver's paths are lexical. For a decision the daemon also
-looks at the real file (``/proc/PID/fd/N`` for an open that succeeded, which is
-exactly the file opened; ``/proc/PID/exe`` for an exec; else ``realpath``), and
-the more severe of the two verdicts stands: a link in an allowed directory does
-not make its target allowed.
+looks at where the path leads (``realpath``, when the record arrives), and the
+more severe of the two verdicts stands: a link in an allowed directory does not
+make its target allowed. A link swapped between the open and that look is not
+seen: the in-kernel and seccomp paths are the boundary, this is the backstop.
 """
 from __future__ import annotations
 
@@ -26,28 +26,18 @@ from . import enforce
 SEVERITY = {"allow": 0, "hold": 1, "violation": 2, "deny": 3}
 
 
-def _proc_link(pid: int, what: str) -> str | None:
-    try:
-        target = os.readlink(f"/proc/{pid}/{what}")
-    except OSError:
-        return None
-    return target if target.startswith("/") else None
-
-
 def real_path(record: dict) -> str | None:
-    """Where the path really leads, when it differs from the lexical one."""
-    kind = record["kind"]
-    if kind == "open":
+    """Where the path really leads (symlinks followed, now), when that differs
+    from the lexical one. Not /proc/PID/fd/N: by the time the record arrives
+    the process may have closed that fd and reused its number."""
+    if record["kind"] == "open":
         lexical = record.get("resolved_path")
-        real = _proc_link(record["pid"], f"fd/{record['ret']}") if record["ret"] >= 0 else None
     else:
         lexical = record.get("resolved_exec_path") or record.get("resolved_filename")
-        real = _proc_link(record["pid"], "exe") if record["ret"] == 0 else None
     if lexical is None:
         return None
     lexical = os.fsdecode(lexical)
-    if real is None or real.endswith(" (deleted)"):
-        real = os.path.realpath(lexical) if os.path.lexists(lexical) else None
+    real = os.path.realpath(lexical) if os.path.lexists(lexical) else None
     return real if real and real != lexical else None
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import ctypes as ct
+import hashlib
 import logging
 import os
 import signal
@@ -24,6 +25,11 @@ MAX_BATCH = 4096            # records per ZeroMQ message
 MAX_BACKLOG = 1_000_000     # records held while the daemon is not reading
 POLL_MS = 50
 KERNEL_RULES_TOPIC = b"kernel-rules"
+
+
+def rule_number(rule: str) -> int:
+    """A nonzero 31-bit number for an in-kernel rule, from its text."""
+    return int.from_bytes(hashlib.sha256(rule.encode()).digest()[:4], "big") & 0x7FFFFFFF or 1
 
 
 def wall_minus_boot_ns() -> int:
@@ -151,15 +157,16 @@ class Probe:
         applies_bits = {"exec": self.c["AW_DENY_EXEC"], "open": self.c["AW_DENY_OPEN"]}
         table = self.bpf[b"deny_paths"]
         entries: dict[bytes, tuple] = {}
-        names: dict[int, str] = {}
-        for number, rule in enumerate(rules, start=1):
+        names: dict[int, str] = dict(self.decoder.deny_rules)  # keep old ones: records in flight
+        for rule in rules:
             key = self._deny_key(rule["agent"], rule["path"], bool(rule["exact"]))
             identity = bytes(key)
             previous = entries.get(identity)
-            bits = applies_bits[rule["applies"]] | (previous[1].applies if previous else 0)
             leaf = table.Leaf()
-            leaf.rule = previous[1].rule if previous else number
-            leaf.applies = bits
+            # A number that stays with the rule's text across reloads, so a
+            # record still in the ring names the rule that killed it.
+            leaf.rule = previous[1].rule if previous else rule_number(rule["rule"])
+            leaf.applies = applies_bits[rule["applies"]] | (previous[1].applies if previous else 0)
             entries[identity] = (key, leaf)
             names.setdefault(leaf.rule, rule["rule"])
         for key in self._kernel_keys:

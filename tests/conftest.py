@@ -20,7 +20,9 @@ from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
 REQUIRE_KERNEL = os.environ.get("AGENTWARDEN_REQUIRE_KERNEL") == "1"
-TEST_CGROUP_PARENT = "agentwarden-test"
+# One parent cgroup per test session: sessions running side by side (other
+# developers' checkouts) never touch each other's agents.
+TEST_CGROUP_PARENT = f"agentwarden-test-{uuid.uuid4().hex[:8]}"
 
 
 def kernel_unavailable() -> str | None:

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import TEST_CGROUP_PARENT
+
 pytestmark = pytest.mark.kernel
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -25,11 +27,11 @@ def test_tag_rejects_what_is_not_a_cgroup(kernel, tmp_path):
     assert result.returncode == 1
     assert "is not a cgroup" in result.stderr and "outside the cgroup v2 mount" in result.stderr
 
-    result = cli("tag", "agentwarden-test/does-not-exist", "--agent", "x")
+    result = cli("tag", f"{TEST_CGROUP_PARENT}/does-not-exist", "--agent", "x")
     assert result.returncode == 1
     assert "no such directory" in result.stderr
 
-    result = cli("tag", "agentwarden-test", "--agent", "bad name!", "--create")
+    result = cli("tag", TEST_CGROUP_PARENT, "--agent", "bad name!", "--create")
     assert result.returncode == 1
     assert "invalid agent name" in result.stderr
 

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from conftest import events_of, wait_for
+from conftest import TEST_CGROUP_PARENT, events_of, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -139,7 +139,7 @@ def test_in_kernel_deny_kills_before_the_open_returns(warden, agent_cgroup, tmp_
         {str(secret), str(secrets_dir / "key"), "/usr/bin/id"}
     assert all(r["kernel_rule"].startswith(("files.deny", "exec.deny")) for r in killed)
     violations = _violations(warden, agent)
-    assert len(violations) == 3
+    assert len(violations) == 3, [(v["attempted"], v["action_taken"]) for v in violations]
     assert all(v["action_taken"].startswith("killed in the kernel by ") for v in violations)
 
 
@@ -220,7 +220,7 @@ def test_freeze_all_works_without_the_daemon(kernel, agent_cgroup, tmp_path):
     procs = str(cg.path / "cgroup.procs")
     sleeper = subprocess.Popen(["/usr/bin/sleep", "30"], preexec_fn=lambda: open(procs, "w").write("0"))
     env = {**os.environ, "AGENTWARDEN_RUN_DIR": str(tmp_path / "no-daemon"),
-           "AGENTWARDEN_CGROUP_SCOPE": "agentwarden-test"}  # not other instances' agents
+           "AGENTWARDEN_CGROUP_SCOPE": TEST_CGROUP_PARENT}  # not other instances' agents
     try:
         result = subprocess.run([PY, "-m", "agentwarden", "freeze", "--all"], env=env,
                                 capture_output=True, text=True, timeout=30)
