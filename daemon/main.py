@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import multiprocessing
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from agentwarden.settings import Settings
 from .archive import ArchiveWriter
 from .governor import Governor
 from .resolver import Resolver
-from .supervisor import RECORDS_ENDPOINT, Supervisor
+from . import supervisor
 
 log = logging.getLogger("agentwarden.daemon")
 
@@ -51,9 +51,7 @@ class Daemon:
         self.pub = self._bind(zmq.PUB, settings.events_endpoint)
         self.pub.setsockopt(zmq.SNDHWM, 10000)
         self.control = self._bind(zmq.REP, settings.control_endpoint)
-        # Records of the session supervisor thread (holds, refusals, sessions).
-        self.supervised = self.ctx.socket(zmq.PULL)
-        self.supervised.bind(RECORDS_ENDPOINT)
+
         self.started = time.time_ns()
         self.counters: collections.Counter = collections.Counter()
         self.drops: collections.Counter = collections.Counter()  # stage -> records lost
@@ -68,7 +66,10 @@ class Daemon:
         self.rate = 0.0
         self._rate_mark = (time.monotonic(), 0)
         self.stopping = False
-        self.supervisor = Supervisor(settings, self.governor, lambda: self.tags, self.ctx)
+        self.exit_code = 0
+        self.supervisor_health: dict[str, Any] = {}
+        self.supervisor = multiprocessing.get_context("spawn").Process(
+            target=supervisor.main, args=(settings,), name="agentwarden-supervisor")
 
     def _bind(self, kind: int, endpoint: str):
         sock = self.ctx.socket(kind)
@@ -186,6 +187,8 @@ class Daemon:
                     self.agents[int(cgid)] = info["agent"]
         elif kind == "health" and record["stage"] == "probe":
             self.probe_health = record["counters"]
+        elif kind == "health" and record["stage"] == "supervisor":
+            self.supervisor_health = record["counters"]
         self.archive.append(record)
         if violation:
             violation["event_seq"] = record["seq"]
@@ -235,8 +238,7 @@ class Daemon:
             "policy": {"policy_hash": self.governor.policy.hash if self.governor.policy else None,
                        "agents": sorted(self.governor.policy.agents) if self.governor.policy else [],
                        "kernel_rules": len(self.governor.kernel_rules())},
-            "sessions": {"active": len(self.supervisor.sessions), "holds": len(self.supervisor.holds),
-                         "counters": dict(self.supervisor.counters)},
+            "sessions": self.supervisor_health,
         }
 
     def handle_control(self) -> None:
@@ -256,21 +258,6 @@ class Daemon:
             reply = {"ok": False, "error": str(exc)}
         self.control.send(wire.pack(reply))
 
-    def _drain_supervised(self) -> None:
-        while True:
-            try:
-                raw = self.supervised.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            record = msgpack.unpackb(raw, raw=False)
-            try:
-                wire.validate_record(record)
-            except wire.WireError as exc:
-                log.error("supervisor made a malformed record: %s", exc)
-                self.counters["malformed_internal"] += 1
-                continue
-            self._record(record)
-
     def admin_record(self, request: dict) -> dict:
         record = {"kind": "admin", "time": time.time_ns(), **{
             k: request.get(k) for k in ("action", "agent", "uid", "user", "result")}}
@@ -285,7 +272,6 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
-        poller.register(self.supervised, zmq.POLLIN)
         self.supervisor.start()
         next_tick = time.monotonic() + SYNC_INTERVAL
         while not self.stopping:
@@ -299,14 +285,18 @@ class Daemon:
                     self.handle_message(raw)
             if self.control in ready:
                 self.handle_control()
-            if self.supervised in ready:
-                self._drain_supervised()
+            if not self.supervisor.is_alive():
+                # Its listeners are closed: sessions fail closed. Stop, so that
+                # the service manager restarts the whole daemon.
+                log.error("the session supervisor died (exit %s); stopping", self.supervisor.exitcode)
+                self.exit_code = 1
+                self.stopping = True
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + SYNC_INTERVAL
                 self.tick()
-        self.supervisor.stop()
-        self.supervisor.join(timeout=5)
-        self._drain_supervised()
+        if self.supervisor.is_alive():
+            self.supervisor.terminate()
+            self.supervisor.join(timeout=5)
         # Drain what the probe already sent, then close the archive durably.
         while True:
             try:
@@ -315,15 +305,15 @@ class Daemon:
                 break
         self.tick()
         self.archive.close()
-        for sock in (self.pull, self.pub, self.control, self.supervised):
+        for sock in (self.pull, self.pub, self.control):
             sock.close()
 
 
 def main(settings: Settings) -> None:
-    # A held syscall waits for the supervisor thread: let it have the GIL soon.
-    sys.setswitchinterval(0.0005)
     daemon = Daemon(settings)
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
     log.info("daemon running: archive %s", settings.archive_dir)
     daemon.run()
+    if daemon.exit_code:
+        raise SystemExit(daemon.exit_code)

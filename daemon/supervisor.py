@@ -1,7 +1,10 @@
 """Sessions of `agentwarden run`: their seccomp listeners, and the holds admins answer.
 
-Runs in its own thread, so a burst of events in the main loop does not keep a
-syscall waiting; it reaches the archive through an inproc ZeroMQ socket. One
+Runs as its own process, a child of the daemon (it dies with it, and then the
+listeners close: held and later notified calls fail). A separate process, not
+a thread, so that the daemon's event processing never holds the interpreter
+while a syscall waits. Its records (sessions, holds, refusals, its health) go
+to the daemon's ingest socket like the probe's, as source "supervisor". One
 UNIX seqpacket socket serves both sides, with the peer's credentials from the
 kernel (SO_PEERCRED): `run` registers a session and hands over its listener
 fd; admins list, approve and deny holds.
@@ -15,6 +18,8 @@ not what was checked. Whatever cannot be read or checked is refused.
 from __future__ import annotations
 
 import array
+import collections
+import ctypes
 import errno
 import itertools
 import logging
@@ -23,32 +28,37 @@ import pwd
 import grp
 import select
 import selectors
+import signal
 import socket
 import struct
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import msgpack
 import zmq
 
-from agentwarden import bpfsys, cgroups, policy as policy_mod
+from agentwarden import bpfsys, cgroups, control, wire, policy as policy_mod
 from agentwarden import seccomp_notify as sn
+from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
+from .governor import Governor
 from .resolver import normalise
+
+PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger("agentwarden.daemon")
 
-RECORDS_ENDPOINT = "inproc://agentwarden-supervisor"
+HEALTH_INTERVAL = 1.0
+KERNEL_RULES_TOPIC = b"kernel-rules"   # carries the hash of the daemon's policy
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 MAX_REQUEST = 64 * 1024
 MAX_ARGS = 4096
 SEVERITY = {"allow": 0, "hold": 1, "violation": 2, "deny": 3}
+VERDICT_CACHE = 4096
 
 
 @dataclass
@@ -137,22 +147,30 @@ def parse_duration(text: str) -> float:
     return value
 
 
-class Supervisor(threading.Thread):
-    def __init__(self, settings: Settings, governor, tags: Callable[[], dict],
-                 ctx: zmq.Context, admin_group: str = "agentwarden"):
-        super().__init__(name="agentwarden-supervisor", daemon=True)
+class Supervisor:
+    def __init__(self, settings: Settings, admin_group: str = "agentwarden"):
         self.settings = settings
-        self.governor = governor
-        self.tags = tags
+        self.governor = Governor([settings.policy_dir], lambda cgroup_id: None)
+        self.governor.load()
         self.admin_gid = self._group_id(admin_group)
         self.admin_group = admin_group
+        ctx = zmq.Context.instance()
         self.out = ctx.socket(zmq.PUSH)
-        self.out.connect(RECORDS_ENDPOINT)
+        self.out.setsockopt(zmq.LINGER, 2000)
+        self.out.setsockopt(zmq.SNDTIMEO, 1000)
+        self.out.connect(settings.ingest_endpoint)
+        self.out_seq = 0
+        self.policy_feed = ctx.socket(zmq.SUB)
+        self.policy_feed.setsockopt(zmq.LINGER, 0)
+        self.policy_feed.setsockopt(zmq.SUBSCRIBE, KERNEL_RULES_TOPIC)
+        self.policy_feed.connect(settings.events_endpoint)
         self.names = sn.syscall_names()
         self.sessions: dict[int, Session] = {}          # listener fd -> session
         self.holds: dict[str, Hold] = {}
         self.remembered: dict[tuple, float] = {}        # (agent, key) -> monotonic expiry
         self.hold_numbers = itertools.count(1)
+        self.handling_ns: collections.deque[int] = collections.deque(maxlen=1000)
+        self.verdicts: dict[tuple, policy_mod.Verdict] = {}
         self.stopping = False
         self.counters: dict[str, int] = {"notifications": 0, "continued": 0, "refused": 0,
                                          "held": 0, "unreadable": 0}
@@ -191,7 +209,43 @@ class Supervisor(threading.Thread):
     # -- records -----------------------------------------------------------------
 
     def _emit(self, record: dict) -> None:
-        self.out.send(msgpack.packb(record, use_bin_type=True))
+        try:
+            self.out.send(wire.encode_batch("supervisor", self.out_seq, [record]))
+        except zmq.Again:  # the daemon is not reading: counted; the seq gap shows in the archive
+            self.counters["records_dropped"] = self.counters.get("records_dropped", 0) + 1
+            log.error("supervisor: daemon not reading; dropped a %s record", record["kind"])
+        self.out_seq += 1
+
+    def _health(self) -> None:
+        current = self.governor.policy
+        self._emit({"kind": "health", "time": time.time_ns(), "stage": "supervisor", "counters": {
+            **self.counters, "sessions": len(self.sessions), "holds": len(self.holds),
+            "handling": self.handling_summary(),
+            "policy_hash": current.hash if current else None}})
+
+    def _follow_policy(self) -> None:
+        """Reload when the daemon announces another policy hash."""
+        while True:
+            try:
+                _topic, raw = self.policy_feed.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                announced = msgpack.unpackb(raw, raw=False).get("policy_hash")
+            except (ValueError, AttributeError, msgpack.UnpackException):
+                continue
+            current = self.governor.policy.hash if self.governor.policy else None
+            if announced != current:
+                try:
+                    self.governor.load()
+                except policy_mod.PolicyError as exc:
+                    log.error("supervisor: policy %s announced but the files do not load: %s",
+                              announced, exc)
+                    continue
+                loaded = self.governor.policy.hash if self.governor.policy else None
+                if loaded != announced:
+                    log.warning("supervisor: loaded policy %s, the daemon announced %s "
+                                "(files changed in between?)", loaded, announced)
 
     def _session_fields(self, s: Session) -> dict:
         return {"session": s.id, "agent": s.agent, "on_behalf_of": s.on_behalf_of, "task": s.task}
@@ -293,8 +347,19 @@ class Supervisor(threading.Thread):
         if current is None:
             return policy_mod.Verdict("deny", None, None, "no policy is loaded: a session refuses "
                                       "everything it would otherwise check", "", "enforce")
-        verdicts = [policy_mod.decide(event, current) for event in request.events]
-        return max(verdicts, key=lambda v: SEVERITY[v.decision])
+        # decide() is pure: the same request under the same policy gets the same verdict.
+        key = (current.hash, tuple(
+            (e["kind"], e["agent"], e.get("resolved_path") or e.get("resolved_filename"),
+             tuple(e.get("argv", ())), policy_mod.is_write(e.get("flags", 0)))
+            for e in request.events))
+        verdict = self.verdicts.get(key)
+        if verdict is None:
+            verdict = max((policy_mod.decide(event, current) for event in request.events),
+                          key=lambda v: SEVERITY[v.decision])
+            if len(self.verdicts) >= VERDICT_CACHE:
+                self.verdicts.pop(next(iter(self.verdicts)))
+            self.verdicts[key] = verdict
+        return verdict
 
     # -- exec verification ------------------------------------------------------------
 
@@ -329,6 +394,21 @@ class Supervisor(threading.Thread):
     # -- notifications --------------------------------------------------------------
 
     def on_notification(self, fd: int) -> None:
+        started = time.perf_counter_ns()
+        try:
+            self._on_notification(fd)
+        finally:
+            self.handling_ns.append(time.perf_counter_ns() - started)
+
+    def handling_summary(self) -> dict:
+        """Time from a notification being readable to its answer, recent ones."""
+        recent = sorted(self.handling_ns)
+        if not recent:
+            return {}
+        return {"n": len(recent), "median_us": recent[len(recent) // 2] / 1000,
+                "p99_us": recent[min(len(recent) - 1, int(len(recent) * 0.99))] / 1000}
+
+    def _on_notification(self, fd: int) -> None:
         s = self.sessions[fd]
         n = sn.receive(fd)
         if n is None:
@@ -549,6 +629,7 @@ class Supervisor(threading.Thread):
                                               "host", "cgroup")}
         if not all(isinstance(v, str) for v in fields.values()):
             return refuse("a registration names session, agent, user, task, on_behalf_of, host, cgroup")
+        self._follow_policy()  # a reload the daemon just announced
         current = self.governor.policy
         if current is None or fields["agent"] not in current.agents:
             return refuse(f"no policy for agent {fields['agent']!r}: a session needs one")
@@ -562,7 +643,11 @@ class Supervisor(threading.Thread):
             return refuse(f"cannot read the session cgroup {cgroup}: {exc.strerror}")
         if Path(os.path.normpath(f"{self.root}/{cgroup_of(pid)}")) != cgroup:
             return refuse("the registering process is not in the session cgroup")
-        watched = self.tags().get(str(cgroups.cgroup_id(cgroup)))
+        try:
+            tags = control.request(self.settings, "status", timeout=2)["status"]["probe"]["tags"]
+        except AgentwardenError as exc:
+            return refuse(f"cannot ask the daemon whether the probe watches the session: {exc}")
+        watched = tags.get(str(cgroups.cgroup_id(cgroup)))
         if not watched or watched.get("session") != expected:
             return refuse("the probe does not watch the session cgroup yet")
         fd = fds[0]
@@ -604,7 +689,12 @@ class Supervisor(threading.Thread):
         self.stopping = True
 
     def run(self) -> None:
+        next_health = 0.0
         while not self.stopping:
+            if time.monotonic() >= next_health:
+                next_health = time.monotonic() + HEALTH_INTERVAL
+                self._follow_policy()
+                self._health()
             timeout = 0.2
             if self.holds:
                 timeout = max(0.0, min(timeout, min(h.deadline for h in self.holds.values()) - time.monotonic()))
@@ -629,4 +719,19 @@ class Supervisor(threading.Thread):
         for fd in list(self.sessions):
             os.close(fd)  # held and future notified calls now fail with ENOSYS
         self.server.close()
+        self._health()
         self.out.close()
+        self.policy_feed.close()
+
+
+def main(settings: Settings) -> None:
+    """The supervisor process: dies with the daemon that started it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        return  # the daemon is already gone
+    logging.basicConfig(level=logging.INFO, format="agentwarden-supervisor: %(message)s")
+    supervisor = Supervisor(settings)
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when to stop
+    supervisor.run()

@@ -257,7 +257,8 @@ def test_bad_input_to_run_approve_and_the_socket(warden, session_agent, tmp_path
     proc.communicate(timeout=30)
     again = warden.cli("approve", hold["id"], check=False)
     assert again.returncode == 1 and "already decided" in again.stderr
-    assert warden.status()["sessions"]["counters"]["notifications"] > 0  # still alive
+    wait_for(lambda: warden.status()["sessions"].get("notifications", 0) > 0,
+             what="the supervisor to report notifications")  # still alive
 
 
 ADMIN_GROUP = "agentwarden"
