@@ -57,7 +57,8 @@ class ProcessState:
     fds: dict[int, tuple[str, bool]] = field(default_factory=dict)  # fd -> (path, cloexec)
 
 
-def _read_proc_link(pid: int, what: str) -> str | None:
+def proc_link(pid: int, what: str) -> str | None:
+    """An absolute /proc/PID/<what> link target (cwd, exe, fd/N), or None."""
     try:
         target = os.readlink(f"/proc/{pid}/{what}")
     except OSError:
@@ -65,7 +66,8 @@ def _read_proc_link(pid: int, what: str) -> str | None:
     return target if target.startswith("/") else None
 
 
-def _read_proc_ppid(pid: int) -> int:
+def proc_ppid(pid: int) -> int:
+    """The parent pid from /proc/PID/stat; 0 when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -89,7 +91,7 @@ class Resolver:
             return None
         # Not seen forking: it ran before it was watched. Ask /proc (racy).
         self.proc_fallbacks += 1
-        state = ProcessState(cwd=_read_proc_link(pid, "cwd"), ppid=_read_proc_ppid(pid))
+        state = ProcessState(cwd=proc_link(pid, "cwd"), ppid=proc_ppid(pid))
         self._put(pid, state)
         return state
 
@@ -105,7 +107,7 @@ class Resolver:
         known = state.fds.get(dirfd)
         if known:
             return known[0]
-        return _read_proc_link(pid, f"fd/{dirfd}")
+        return proc_link(pid, f"fd/{dirfd}")
 
     def resolve(self, pid: int, state: ProcessState, dirfd: int, path: str | bytes,
                 unusable: bool) -> str | None:

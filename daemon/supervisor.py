@@ -45,7 +45,7 @@ from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
 from .governor import Governor
-from .resolver import normalise
+from .resolver import normalise, proc_link, proc_ppid
 
 PR_SET_PDEATHSIG = 1
 
@@ -103,14 +103,6 @@ class Request:
     exec_form: bytes | None     # exec: the filename in the kernel's own form
 
 
-def _proc_link(pid: int, what: str) -> str | None:
-    try:
-        target = os.readlink(f"/proc/{pid}/{what}")
-    except OSError:
-        return None
-    return target if target.startswith("/") else None
-
-
 def cgroup_of(pid: int) -> str | None:
     """The cgroup v2 path of a process, relative to the mount ('/' for the root)."""
     try:
@@ -121,15 +113,6 @@ def cgroup_of(pid: int) -> str | None:
     except OSError:
         return None
     return None
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def parse_duration(text: str) -> float:
@@ -268,7 +251,7 @@ class Supervisor:
     # -- reading a notified syscall ---------------------------------------------------
 
     def _base(self, pid: int, dirfd: int) -> str | None:
-        return _proc_link(pid, "cwd") if dirfd == AT_FDCWD else _proc_link(pid, f"fd/{dirfd}")
+        return proc_link(pid, "cwd") if dirfd == AT_FDCWD else proc_link(pid, f"fd/{dirfd}")
 
     def _resolve(self, pid: int, dirfd: int, raw: bytes) -> str | None:
         path = os.fsdecode(raw)
@@ -513,7 +496,7 @@ class Supervisor:
             agent = self._agent_of(relative)
             if agent:
                 return f"requests from inside agent {agent!r} are refused, even as root"
-            current = _ppid(current)
+            current = proc_ppid(current)
         return "process ancestry too deep"
 
     def _agent_of(self, relative: str) -> str | None:
