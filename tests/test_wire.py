@@ -38,6 +38,12 @@ RECORDS = {
                "files": ["/etc/agentwarden/policy.d/a.toml"], "detail": "a.toml:3: bad"},
     "admin": {"kind": "admin", "time": 10, "action": "freeze", "agent": "coder", "uid": 1000,
               "user": "alice", "result": "froze /sys/fs/cgroup/agents/coder"},
+    "session": {"kind": "session", "time": 11, "session": "coder-0a1b2c3d4e5f", "status": "active",
+                "agent": "coder", "source": "tag", "cgroup_id": 9000, "cgroup": "/x",
+                "person": "alice", "task": "fix #12", "user": "root", "host": "h1",
+                "boot_id": "b0", "policy_hash": None},
+    "archive": {"kind": "archive", "time": 12, "event": "torn-tail-cut", "detail": "cut 7 bytes",
+                "bytes_cut": 7},
 }
 
 
