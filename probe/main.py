@@ -81,7 +81,7 @@ class TagMirror:
     def record(self) -> dict:
         return {"kind": "tags", "time": now_ns(), "agents": {
             str(cgid): {"agent": t.agent, "path": str(t.path), "level": t.level,
-                        "watched": cgid not in self.too_deep}
+                        "watched": cgid not in self.too_deep, **dict(t.attribution)}
             for cgid, t in self.current.items()}}
 
 
