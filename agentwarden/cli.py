@@ -14,6 +14,7 @@ import typer
 import zmq
 
 from . import cgroups, control, doctor, render, wire
+from .log_cli import log_app
 from .policy_cli import policy_app
 from .errors import AgentwardenError, NeedsRoot
 from .settings import Settings
@@ -23,8 +24,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                        "Example: sudo agentwarden up")
 
 app.add_typer(policy_app, name="policy")
+app.add_typer(log_app, name="log")
 
-TAIL_KINDS = {"exec", "open", "chdir", "fork", "exit", "gap", "violation", "admin", "policy"}
+TAIL_KINDS = {"exec", "open", "chdir", "fork", "exit", "gap", "violation", "admin", "policy", "archive"}
 EVENTS_TOPIC = b"events"
 
 
