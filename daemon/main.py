@@ -53,6 +53,7 @@ class Daemon:
         self.disk_guard = DiskFullGuard(settings.archive.on_disk_full)
         self.outbox: list[dict] = []   # records the daemon archived itself, published with the next batch
         self.archive.append(self._policy_record("loaded" if loaded else "none", None))
+        self.archive.flush()
         self._segments_stated = self.archive.segments_opened
         self._next_retention = 0.0
         self.resolver = Resolver()
@@ -243,13 +244,14 @@ class Daemon:
             if applied:
                 log.error("archive still failing; applied %s to new agents: %s",
                           self.disk_guard.policy, applied)
-        if self.archive.segments_opened != self._segments_stated:
-            # A new segment: restate the policy and sessions in force, so that it
+        new_segment = self.archive.segments_opened != self._segments_stated
+        if new_segment:
+            # Restate the policy and sessions in force, so that the new segment
             # stays attributable when retention deletes the older ones.
             self._segments_stated = self.archive.segments_opened
             self._archive_own([self._policy_record("in-force", "restated at a new archive segment")]
                               + self.sessions.restate(self._policy_hash()))
-        if time.monotonic() >= self._next_retention:
+        if new_segment or time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + RETENTION_INTERVAL
             self.outbox.extend(self.archive.apply_retention())
         self.publish([])

@@ -154,7 +154,7 @@ class _Verifier:
                     f"{name} ends with {tail.detail} at byte {tail.offset}: a write in progress, or "
                     "a crash; the daemon cuts it (and records that) when it starts")
         report.last_seq = self.expected - 1
-        self._check_head(head, first_header)
+        self._check_head(head, first_header, segments[-1].path.name)
         self._check_start(first_header, segments[0].path.name)
 
     def _records(self, reader: SegmentReader, name: str, key: bytes, head: Head | None) -> None:
@@ -196,7 +196,7 @@ class _Verifier:
         elif event in ("torn-tail-cut", "torn-header-removed"):
             self.report.notes.append(f"seq {seq}: the daemon recovered from a crash: {record['detail']}")
 
-    def _check_head(self, head: Head | None, first_header) -> None:
+    def _check_head(self, head: Head | None, first_header, last_name: str) -> None:
         report = self.report
         if head is None:
             self.fail("there is no head file, so nothing shows where the archive ended: it was "
@@ -209,7 +209,7 @@ class _Verifier:
         if head.seq > report.last_seq:
             self.fail(f"the archive ends at seq {report.last_seq}, but the head file says seq {head.seq} "
                       f"was durable: records {report.last_seq + 1}..{head.seq} were cut off the end",
-                      seq=report.last_seq + 1)
+                      last_name, report.last_seq + 1)
         if head.seq == report.first_seq - 1:   # nothing fsynced yet since the head was written
             self.head_chain_seen = first_header.prev_hash
         elif head.seq < report.first_seq:
