@@ -253,6 +253,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="the full status a
     age = (time.time_ns() - p["last_seen"]) / 1e9 if p["last_seen"] else None
     typer.echo(f"daemon: up (pid {d['pid']}), {d['events_per_second']:.0f} events/s, "
                f"{d['counters'].get('events', 0)} events, archive {d['archive']}")
+    a = d.get("archive_state")
+    if a:
+        typer.echo(f"archive: {a['state']}, durable up to seq {a['durable_seq']}"
+                   + (f", {a['error']}; agents frozen: {', '.join(a['on_disk_full']['frozen']) or 'none'}"
+                      if a["error"] else "") + ("" if a["keyed"] else " (not keyed)"))
     if age is None:
         typer.echo("probe:  no contact yet")
     else:

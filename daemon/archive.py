@@ -338,6 +338,7 @@ class ArchiveWriter:
             self.unsynced = []
             self.written_seq, self.written_chain = self.durable_seq, self.durable_chain
             raise
+        self.counters["fsyncs"] += 1
         self.synced_size = self.size
         self.unsynced = []
         self.durable_seq, self.durable_chain = self.written_seq, self.written_chain
