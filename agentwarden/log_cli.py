@@ -75,6 +75,9 @@ def verify(key: Optional[Path] = typer.Option(None, "--key", help="the archive k
     if not report.ok:
         typer.echo(f"FAILED: {report.problem}")
         raise typer.Exit(1)
+    if not report.records:
+        typer.echo("OK: the archive is empty")
+        return
     head = report.head
     typer.echo(f"OK: {report.records} records in {report.segments} segments, seq "
                f"{report.first_seq}..{report.last_seq}, hash chain intact"

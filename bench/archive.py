@@ -15,6 +15,7 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -115,34 +116,48 @@ def bytes_per_record(directory: Path, make, count: int, compression: str) -> tup
     return len(data) / count, len(compress_bytes(data, compression)) / count, bare
 
 
+def _spread(rates: list[float]) -> str:
+    rates = sorted(rates)
+    return f"{statistics.median(rates):,.0f} records/s (runs: {', '.join(f'{r:,.0f}' for r in rates)})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=400_000, help="records to append (default 400,000)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each measurement; the median is shown")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to write (a real disk)")
     args = parser.parse_args()
     defaults = ArchiveSettings()
     records = workload(args.records)
     root = Path(tempfile.mkdtemp(prefix="agentwarden-bench-", dir=args.dir))
     try:
-        print(f"archive benchmark: {args.records:,} records (1 exec : 9 opens) in {root}")
-        elapsed, writer = append(root / "plain", records, b"")
+        print(f"archive benchmark: {args.records:,} records (1 exec : 9 opens) in {root}, "
+              f"{args.runs} runs each, on {os.cpu_count()} CPUs")
+        appended, verified, keyed_rates, fsyncs, segments = [], [], [], 0, []
+        for run in range(args.runs):
+            directory = root / f"plain{run}"
+            elapsed, writer = append(directory, [dict(r) for r in records], b"")
+            appended.append(args.records / elapsed)
+            fsyncs = writer.counters["fsyncs"]
+            wait_compressed(writer, directory)
+            writer.close()
+            segments = list_segments(directory)
+            started = time.perf_counter()
+            report = verify(directory, None)
+            verified.append(report.records / (time.perf_counter() - started))
+            assert report.ok, report.problem
+            elapsed, writer = append(root / f"keyed{run}", [dict(r) for r in records], os.urandom(32))
+            keyed_rates.append(args.records / elapsed)
+            wait_compressed(writer, root / f"keyed{run}")
+            writer.close()
+            shutil.rmtree(directory)
+            shutil.rmtree(root / f"keyed{run}")
         print(f"  append, hash chain, default durability (fsync within {defaults.sync_interval:g} s: "
-              f"{writer.counters['fsyncs']} fsyncs; {defaults.segment_bytes >> 20} MiB segments, "
-              f"{defaults.compress} in the background): {args.records / elapsed:,.0f} records/s")
-        wait_compressed(writer, root / "plain")
-        writer.close()
-        segments = list_segments(root / "plain")
-        started = time.perf_counter()
-        report = verify(root / "plain", None)
-        verify_elapsed = time.perf_counter() - started
-        assert report.ok, report.problem
-        print(f"  verify (chain, headers, head, schema of every record; {len(segments)} segments, "
-              f"{sum(s.compression is not None for s in segments)} compressed): "
-              f"{report.records / verify_elapsed:,.0f} records/s")
-        keyed = workload(args.records // 4, seed=3)
-        elapsed, writer = append(root / "keyed", keyed, os.urandom(32))
-        writer.close()
-        print(f"  append with a key (keyed BLAKE2b): {len(keyed) / elapsed:,.0f} records/s")
+              f"{fsyncs} fsyncs in a run; {defaults.segment_bytes >> 20} MiB segments, "
+              f"{defaults.compress} in the background): {_spread(appended)}")
+        print(f"  append with a key (keyed BLAKE2b), same durability: {_spread(keyed_rates)}")
+        print(f"  verify (chain, headers, head; every record read; {len(segments)} segments, "
+              f"{sum(s.compression is not None for s in segments)} of them xz): {_spread(verified)}")
         for name, make in (("exec", exec_record), ("open", open_record)):
             plain, sealed, bare = bytes_per_record(root / name, make, 20_000, defaults.compress)
             print(f"  bytes per {name} record on disk: {plain:,.0f} in the active segment, "

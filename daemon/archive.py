@@ -40,7 +40,7 @@ from agentwarden.settings import ArchiveSettings
 from agentwarden.wire import pack
 
 from .segments import (COMPRESSED_SUFFIXES, GENESIS, HEAD_FILE, LOCK_FILE, SEGMENT_NAME, ArchiveError,
-                       Header, SegmentFile, SegmentReader, TornHeader, chain_hash, compress_bytes,
+                       Header, NewerFormat, SegmentFile, SegmentReader, TornHeader, chain_hash, compress_bytes,
                        decompress_bytes, encode_head, encode_header, key_id, list_segments,
                        load_segment, read_head, read_header, read_records, segment_name)
 
@@ -162,6 +162,9 @@ class ArchiveWriter:
             last = segments[-1]
             try:
                 reader = SegmentReader(load_segment(last))
+            except NewerFormat as exc:
+                raise ArchiveError(f"{last.path.name} {exc}: written by another agentwarden version; "
+                                   "refusing to write to this archive") from None
             except TornHeader as exc:
                 size = last.path.stat().st_size
                 last.path.unlink()
@@ -517,7 +520,9 @@ class ArchiveWriter:
         }
 
     def close(self) -> None:
-        self.sync()
+        if not self.sync():
+            log.error("archive: %d records could not be written before exit (%s)",
+                      len(self.pending) + self.dropped, self.failure)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

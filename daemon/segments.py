@@ -62,6 +62,10 @@ class ArchiveError(AgentwardenError):
     pass
 
 
+class NewerFormat(ArchiveError):
+    """A segment of a format this agentwarden does not know: never touched."""
+
+
 class TornHeader(ArchiveError):
     """A segment whose header was never completely written (a crash while rotating)."""
 
@@ -143,7 +147,7 @@ def decode_header(obj: Any) -> Header:
     if not (isinstance(obj, list) and len(obj) == 4 and obj[0] == MAGIC):
         raise ArchiveError("does not start with an agentwarden archive header")
     if obj[1] != FORMAT:
-        raise ArchiveError(f"has format {obj[1]!r}; this agentwarden reads format {FORMAT}")
+        raise NewerFormat(f"has format {obj[1]!r}; this agentwarden reads format {FORMAT}")
     body, mac = obj[2], obj[3]
     if not isinstance(body, bytes) or not isinstance(mac, bytes):
         raise ArchiveError("has a malformed header")
