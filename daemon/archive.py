@@ -94,9 +94,12 @@ class ArchiveWriter:
         self.key = key
         self.host = host or socket.gethostname()
         self.boot_id = boot or boot_id()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
-        self._lock_fd = self._lock()
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+            self._lock_fd = self._lock()
+        except OSError as exc:
+            raise ArchiveError(f"cannot use the archive directory {directory}: {exc.strerror}") from None
         self.seq = 0                    # the next seq to give
         self.chain = GENESIS            # chain hash of seq - 1
         self.pending: list[bytes] = []  # envelopes not yet written
@@ -122,7 +125,11 @@ class ArchiveWriter:
         self._compressor = threading.Thread(target=self._compress_worker, name="archive-compress",
                                             daemon=True)
         self.recovered: list[dict] = []       # what recovery found, appended as archive records
-        self._recover()
+        try:
+            self._recover()
+        except OSError as exc:
+            raise ArchiveError(f"cannot recover the archive in {directory}: "
+                               f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})") from None
         self._compressor.start()
         for record in self.recovered:
             self.append(record)

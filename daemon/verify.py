@@ -135,8 +135,8 @@ class _Verifier:
                 report.first_seq = header.first_seq
             elif header.first_seq > self.expected:
                 self.fail(f"records seq {self.expected}..{header.first_seq - 1} are missing before this "
-                          f"segment: a segment was removed (retention only ever removes the oldest)",
-                          name, header.first_seq, 0)
+                          "segment: a segment was removed (retention only ever removes the oldest), or "
+                          "records were cut from the end of the one before", name, header.first_seq, 0)
             elif header.first_seq < self.expected:
                 self.fail(f"it starts at seq {header.first_seq}, but the segment before ends at seq "
                           f"{self.expected - 1}: segments overlap (a copy or a replacement)",

@@ -48,7 +48,7 @@ class Streamer(threading.Thread):
         try:
             while not self.stopping.is_set():
                 batch = []
-                for _ in range(rng.randint(1, 300)):
+                for _ in range(rng.randint(1, 200)):
                     pid = 10000 + self.n % 5000
                     if self.n % 3:
                         batch.append(open_record(pid, CGROUP, f"/work/src/file{self.n}.py", n=self.n))
@@ -60,7 +60,7 @@ class Streamer(threading.Thread):
                     batch.append(tags_record({CGROUP: {"agent": "crash", "path": "/sys/fs/cgroup/crash"}}))
                 if not probe.send(batch, block=False):
                     pass  # the daemon is down or busy: these records are simply not sent
-                time.sleep(0.005)  # about 30,000 records/s
+                time.sleep(0.01)  # about 10,000 records/s
         finally:
             probe.close()
 
