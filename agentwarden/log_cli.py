@@ -19,6 +19,7 @@ from .daemon.segments import ArchiveError, load_key, read_items
 from .daemon.verify import verify as verify_archive
 from .errors import AgentwardenError
 from .settings import Settings
+from .wire import RECORD_FIELDS
 
 log_app = typer.Typer(no_args_is_help=True,
                       help="Verify, search, replay and export the archive (works with the daemon down).\n\n"
@@ -90,7 +91,6 @@ def _filter(agent, session, pid, kind, verdict, path, since, until, seq) -> logq
     kinds = None
     if kind:
         kinds = {k.strip() for part in kind for k in part.split(",") if k.strip()}
-        from .wire import RECORD_FIELDS
         unknown = sorted(kinds - set(RECORD_FIELDS))
         if unknown:
             raise AgentwardenError(f"--kind {', '.join(unknown)}: unknown; kinds are "

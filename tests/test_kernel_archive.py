@@ -122,6 +122,22 @@ def test_every_event_of_a_tagged_cgroup_has_a_derived_session(warden, agent_cgro
     assert "/usr/bin/cat" in found.stdout and "/bin/sh" not in found.stdout
 
 
+def test_attribution_xattrs_are_read_with_the_tag(kernel):
+    cg = AgentCgroup(kernel, None, f"attr-{uuid.uuid4().hex[:6]}")
+    try:
+        cgroups.tag(cg.path, cg.agent)
+        cgroups.set_attribution(cg.path, task="line one\nline two", on_behalf_of="bob")
+        os.setxattr(cg.path, cgroups.ATTRIBUTION_XATTRS["session"], b"not a valid id!")
+        [tagged] = [t for t in cgroups.scan_tagged(kernel).values() if t.cgroup_id == cg.id]
+        assert dict(tagged.attribution) == {"task": "line oneline two", "on_behalf_of": "bob"}
+        with pytest.raises(cgroups.CgroupError, match="invalid session id"):
+            cgroups.set_attribution(cg.path, session="bad id")
+        cgroups.set_attribution(cg.path, session="run-7", task=None)
+        assert dict(cgroups.read_attribution(cg.path)) == {"session": "run-7", "on_behalf_of": "bob"}
+    finally:
+        cg.remove()
+
+
 def _fill(path: Path) -> None:
     with open(path, "wb") as f:
         try:
