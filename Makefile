@@ -4,7 +4,7 @@
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench bench-archive archive-soak
 
 setup:
 	@sh scripts/setup.sh
@@ -17,3 +17,11 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python bench/run.py
+
+# Archive figures: records/s appended and verified, bytes per exec and open on disk.
+bench-archive: setup
+	$(VENV)/bin/python bench/archive.py
+
+# The kill -9 crash test, 500 times (ITERATIONS=n for another count).
+archive-soak: setup
+	AGENTWARDEN_CRASH_ITERATIONS=$${ITERATIONS:-500} $(VENV)/bin/python -m pytest -q -s tests/test_archive_crash.py

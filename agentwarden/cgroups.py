@@ -16,16 +16,22 @@ from pathlib import Path
 from .errors import AgentwardenError
 
 TAG_XATTR = "trusted.agentwarden.agent"
-# Set by `agentwarden run` on its session cgroup: "<instance>/<session id>".
-# Execs there must match what that instance's daemon approved; the instance
-# part keeps a second instance on the host (tests, benches) from enforcing it.
+# Set by `agentwarden run` on its session cgroup: the session id, and the
+# instance whose daemon supervises it. Execs there must match what that
+# daemon approved; a second instance on the host (tests, benches) leaves it be.
 SESSION_XATTR = "trusted.agentwarden.session"
-
-
-def session_tag(instance: str, session: str) -> str:
-    return f"{instance}/{session}"
+INSTANCE_XATTR = "trusted.agentwarden.instance"
 # \Z, not $: "$" would also accept a name followed by a newline.
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")
+# Optional attribution of a tagged cgroup: who the agent acts for. `agentwarden
+# run` sets them; by hand: setfattr -n trusted.agentwarden.task -v "fix #12" DIR.
+# The probe reads them with the tag; the daemon puts them in the session record.
+ATTRIBUTION_XATTRS = {"session": "trusted.agentwarden.session",
+                      "task": "trusted.agentwarden.task",
+                      "on_behalf_of": "trusted.agentwarden.on-behalf-of",
+                      "user": "trusted.agentwarden.user"}
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}\Z")
+ATTRIBUTION_MAX = 256  # characters kept of a task, person or user
 
 
 class CgroupError(AgentwardenError):
@@ -38,7 +44,10 @@ class TaggedCgroup:
     agent: str
     path: Path
     level: int
-    session: str | None = None
+    # (name, value) pairs from ATTRIBUTION_XATTRS that are set and valid
+    attribution: tuple[tuple[str, str], ...] = ()
+    session: str | None = None     # the session xattr as set
+    instance: str | None = None    # which agentwarden instance's `run` made the session
 
 
 def _unescape_mount_field(field: str) -> str:
@@ -108,6 +117,42 @@ def read_tag(path: Path, name: str = TAG_XATTR) -> str | None:
         raise
 
 
+def read_attribution(path: Path) -> tuple[tuple[str, str], ...]:
+    """The optional attribution xattrs that are set: text without control
+    characters, cut to ATTRIBUTION_MAX; a session id that is not a plain name
+    is left out (the daemon then derives one)."""
+    found = []
+    for name, xattr in ATTRIBUTION_XATTRS.items():
+        try:
+            raw = os.getxattr(path, xattr)
+        except OSError:
+            continue  # not set, not supported, or the cgroup is gone
+        value = "".join(c for c in raw.decode("utf-8", "replace") if c.isprintable())[:ATTRIBUTION_MAX]
+        if value and (name != "session" or SESSION_ID.match(value)):
+            found.append((name, value))
+    return tuple(found)
+
+
+def set_attribution(path: Path, **values: str | None) -> None:
+    """Set (or, with None, remove) attribution xattrs: session, task, on_behalf_of, user."""
+    for name, value in values.items():
+        xattr = ATTRIBUTION_XATTRS[name]
+        try:
+            if value is None:
+                try:
+                    os.removexattr(path, xattr)
+                except OSError as exc:
+                    if exc.errno != errno.ENODATA:
+                        raise
+            else:
+                if name == "session" and not SESSION_ID.match(value):
+                    raise CgroupError(f"invalid session id {value!r}: use 1-128 letters, digits, "
+                                      "'_', '.', ':', '@' or '-'")
+                os.setxattr(path, xattr, value.encode())
+        except OSError as exc:
+            raise _xattr_error(f"set {xattr} on", path, exc) from None
+
+
 def _xattr_error(action: str, path: Path, exc: OSError) -> CgroupError:
     if exc.errno == errno.EPERM:
         return CgroupError(f"cannot {action} {path}: trusted.* xattrs need root (run with sudo)")
@@ -143,7 +188,8 @@ def scan_tagged(root: Path, scope: str = "") -> dict[int, TaggedCgroup]:
             if agent is None or not AGENT_NAME.match(agent):
                 continue
             tagged[cgroup_id(path)] = TaggedCgroup(cgroup_id(path), agent, path, level(path, root),
-                                                   read_tag(path, SESSION_XATTR))
+                                                   read_attribution(path), read_tag(path, SESSION_XATTR),
+                                                   read_tag(path, INSTANCE_XATTR))
         except OSError:
             continue  # removed while we walked
     return tagged

@@ -14,6 +14,7 @@ import typer
 import zmq
 
 from . import cgroups, control, doctor, render, wire
+from .log_cli import log_app
 from .policy_cli import policy_app
 from .errors import AgentwardenError, NeedsRoot
 from .settings import Settings
@@ -23,8 +24,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                        "Example: sudo agentwarden up")
 
 app.add_typer(policy_app, name="policy")
+app.add_typer(log_app, name="log")
 
-TAIL_KINDS = {"exec", "open", "chdir", "fork", "exit", "gap", "violation", "admin", "policy"}
+TAIL_KINDS = {"exec", "open", "chdir", "fork", "exit", "gap", "violation", "admin", "policy", "archive"}
 EVENTS_TOPIC = b"events"
 
 
@@ -251,6 +253,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="the full status a
     age = (time.time_ns() - p["last_seen"]) / 1e9 if p["last_seen"] else None
     typer.echo(f"daemon: up (pid {d['pid']}), {d['events_per_second']:.0f} events/s, "
                f"{d['counters'].get('events', 0)} events, archive {d['archive']}")
+    a = d.get("archive_state")
+    if a:
+        typer.echo(f"archive: {a['state']}, durable up to seq {a['durable_seq']}"
+                   + (f", {a['error']}; agents frozen: {', '.join(a['on_disk_full']['frozen']) or 'none'}"
+                      if a["error"] else "") + ("" if a["keyed"] else " (not keyed)"))
     if age is None:
         typer.echo("probe:  no contact yet")
     else:

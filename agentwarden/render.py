@@ -46,6 +46,12 @@ def human(record: dict[str, Any]) -> str:
     if kind == "admin":
         return (f"{_clock(record['time'])} ADMIN {record['user']} {record['action']} "
                 f"{record['agent']}: {record['result']}")
+    if kind == "archive":
+        return f"{_clock(record['time'])} ARCHIVE {record['event']}: {record['detail']}"
+    if kind == "session":
+        who = ", ".join(f"{k} {record[k]}" for k in ("person", "task", "user") if record.get(k))
+        return (f"{_clock(record['time'])} SESSION {record['session']} {record['status']}: agent "
+                f"{record['agent']}" + (f" ({who})" if who else "") + f" on {record['host']}")
     if kind == "policy":
         detail = f": {record['detail']}" if record.get("detail") else ""
         return f"{_clock(record['time'])} POLICY {record['status']} {record['policy_hash']}{detail}"

@@ -117,7 +117,12 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
     cgroup.mkdir()
     try:
         cgroups.tag(cgroup, agent)
-        os.setxattr(cgroup, cgroups.SESSION_XATTR, cgroups.session_tag(settings.instance, session).encode())
+        for name, value in ((cgroups.SESSION_XATTR, session), (cgroups.INSTANCE_XATTR, settings.instance),
+                            (cgroups.ATTRIBUTION_XATTRS["task"], task),
+                            (cgroups.ATTRIBUTION_XATTRS["on_behalf_of"], on_behalf_of),
+                            (cgroups.ATTRIBUTION_XATTRS["user"], user or "root")):
+            if value:
+                os.setxattr(cgroup, name, value[:cgroups.ATTRIBUTION_MAX].encode())
         _wait_watched(settings, cgroup)
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     except BaseException:

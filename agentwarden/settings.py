@@ -4,12 +4,88 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .errors import AgentwardenError
 
 DEFAULT_RUN_DIR = "/run/agentwarden"
 DEFAULT_STATE_DIR = "/var/lib/agentwarden"
 DEFAULT_POLICY_DIR = "/etc/agentwarden/policy.d"
+DEFAULT_ARCHIVE_KEY_FILE = "/etc/agentwarden/archive.key"
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(text: str, what: str) -> int:
+    """'64M', '1G', '4096' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not match:
+        raise AgentwardenError(f"{what}: {text!r} is not a size (e.g. 64M, 1G, 4096)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_duration(text: str, what: str) -> float:
+    """'0.5', '30s', '1h', '90d' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise AgentwardenError(f"{what}: {text!r} is not a duration (e.g. 0.5s, 30m, 1h, 90d)")
+    return float(match.group(1)) * _TIME_UNITS[match.group(2)]
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """How the daemon writes the archive (see README, "The archive")."""
+    sync_interval: float = 0.5          # s: a record is fsynced at most this long after it is written
+    segment_bytes: int = 64 << 20       # rotate when the active segment would exceed this
+    segment_age: float = 3600.0         # s: rotate a segment this old
+    compress: str = "xz"                # sealed segments: xz, zlib or none
+    retain_age: float = 0.0             # s: delete sealed segments older than this (0: never)
+    retain_bytes: int = 0               # delete the oldest sealed segments above this total (0: never)
+    key_file: Path = Path(DEFAULT_ARCHIVE_KEY_FILE)  # root-only secret for the hash chain, if present
+    key_file_required: bool = False     # set when the key file was named explicitly: it must exist
+    on_disk_full: str = "freeze"        # freeze | kill | continue
+
+    COMPRESSORS = ("xz", "zlib", "none")
+    DISK_FULL_POLICIES = ("freeze", "kill", "continue")
+
+    def __post_init__(self):
+        if not 0.01 <= self.sync_interval <= 60:
+            raise AgentwardenError(f"archive sync interval {self.sync_interval:g}s is outside 0.01..60 s")
+        if self.segment_bytes < 4096:
+            raise AgentwardenError(f"archive segment size {self.segment_bytes} is below 4096 bytes")
+        if self.segment_age < 1:
+            raise AgentwardenError(f"archive segment age {self.segment_age:g}s is below 1 s")
+        if self.compress not in self.COMPRESSORS:
+            raise AgentwardenError(f"archive compression {self.compress!r}: use one of "
+                                   + ", ".join(self.COMPRESSORS))
+        if self.on_disk_full not in self.DISK_FULL_POLICIES:
+            raise AgentwardenError(f"archive disk-full policy {self.on_disk_full!r}: use one of "
+                                   + ", ".join(self.DISK_FULL_POLICIES))
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> "ArchiveSettings":
+        """AGENTWARDEN_ARCHIVE_* variables over the defaults; a bad value is an error."""
+        env = os.environ if env is None else env
+        values: dict = {}
+        parsers = {"SYNC_INTERVAL": ("sync_interval", parse_duration),
+                   "SEGMENT_BYTES": ("segment_bytes", parse_size),
+                   "SEGMENT_AGE": ("segment_age", parse_duration),
+                   "RETAIN_AGE": ("retain_age", parse_duration),
+                   "RETAIN_BYTES": ("retain_bytes", parse_size)}
+        for suffix, (name, parse) in parsers.items():
+            var = f"AGENTWARDEN_ARCHIVE_{suffix}"
+            if env.get(var):
+                values[name] = parse(env[var], var)
+        for suffix, name in (("COMPRESS", "compress"), ("ON_DISK_FULL", "on_disk_full")):
+            if env.get(f"AGENTWARDEN_ARCHIVE_{suffix}"):
+                values[name] = env[f"AGENTWARDEN_ARCHIVE_{suffix}"].strip().lower()
+        if env.get("AGENTWARDEN_ARCHIVE_KEY_FILE"):
+            values["key_file"] = Path(env["AGENTWARDEN_ARCHIVE_KEY_FILE"])
+            values["key_file_required"] = True
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -22,6 +98,7 @@ class Settings:
     health_interval: float = 1.0   # seconds between health records
     tag_scan_interval: float = 0.5  # seconds between cgroup tag rescans
     policy_dir: Path = Path(DEFAULT_POLICY_DIR)  # *.toml policy files, read in name order
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
 
     @property
     def ingest_endpoint(self) -> str:
@@ -66,6 +143,7 @@ class Settings:
             state_dir=Path(os.environ.get("AGENTWARDEN_STATE_DIR", DEFAULT_STATE_DIR)),
             policy_dir=Path(os.environ.get("AGENTWARDEN_POLICY_DIR", DEFAULT_POLICY_DIR)),
             cgroup_scope=os.environ.get("AGENTWARDEN_CGROUP_SCOPE", ""),
+            archive=ArchiveSettings.from_env(),
         )
 
     def prepare_run_dir(self) -> None:

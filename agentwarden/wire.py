@@ -50,7 +50,9 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     "gap": {"time": Int, "stage": Str, "count": Int, "detail": OptStr},
     # Periodic counters of one stage ("probe", "daemon").
     "health": {"time": Int, "stage": Str, "counters": (dict,)},
-    # The tagged cgroups the probe watches: {str(cgroup id): {"agent", "path"}}.
+    # The tagged cgroups the probe watches: {str(cgroup id): {"agent", "path", "level",
+    # "watched"}, plus the attribution xattrs that are set: "session", "task",
+    # "on_behalf_of", "user" (see cgroups.ATTRIBUTION_XATTRS)}.
     "tags": {"time": Int, "agents": (dict,)},
     # An exec or open the policy does not allow, and what was done about it.
     "violation": {"time": Int, "agent": Str, "pid": Int, "comm": PathLike, "event": Str,
@@ -66,12 +68,22 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
              "on_behalf_of": Str, "task": Str, "pid": Int, "action": Str, "rule": OptStr,
              "policy_hash": Str, "required": Int, "approvers": (list,), "reason": OptStr,
              "waited": (int, float)},
-    # An `agentwarden run` session starting or ending, with its attribution.
-    "session": {"time": Int, "state": Str, "session": Str, "agent": Str, "on_behalf_of": Str,
-                "task": Str, "user": Str, "host": Str, "cgroup": Str, "pid": Int},
+    # The seccomp supervision of an `agentwarden run` session starting (its listener
+    # handed over) or ending (no process left under the filter).
+    "supervision": {"time": Int, "state": Str, "session": Str, "agent": Str, "on_behalf_of": Str,
+                    "task": Str, "user": Str, "host": Str, "cgroup": Str, "pid": Int},
     # An admin's action from the CLI (freeze, thaw, kill), with who did it.
     "admin": {"time": Int, "action": Str, "agent": OptStr, "uid": Int, "user": Str,
               "result": Str},
+    # Who an agent acts for: one per tagged cgroup (or `agentwarden run`), restated
+    # when it changes, at each daemon start and at the start of each archive segment.
+    # `status` active or ended; events and violations carry its `session` id.
+    "session": {"time": Int, "session": Str, "status": Str, "agent": Str, "source": Str,
+                "cgroup_id": Int, "cgroup": OptStr, "person": OptStr, "task": OptStr,
+                "user": OptStr, "host": Str, "boot_id": Str, "policy_hash": OptStr},
+    # The archive about itself: `event` torn-tail-cut, damaged-tail, retention,
+    # disk-full, disk-ok, key-changed; details in extra fields (see daemon/archive.py).
+    "archive": {"time": Int, "event": Str, "detail": OptStr},
 }
 
 MESSAGE_TYPES = ("batch",)

@@ -18,9 +18,12 @@ from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
 from .archive import ArchiveWriter
+from .archive_guard import DiskFullGuard
 from .governor import Governor
 from .resolver import Resolver
 from . import supervisor
+from .segments import load_key
+from .sessions import Sessions
 
 log = logging.getLogger("agentwarden.daemon")
 
@@ -30,7 +33,8 @@ DECIDED_KINDS = ("exec", "open")
 TOPIC_EVENTS = b"events"
 TOPIC_KERNEL_RULES = b"kernel-rules"
 MAX_MESSAGES_PER_WAKE = 4  # then answer control and supervisor: they must not wait
-SYNC_INTERVAL = 1.0  # seconds between fsyncs of the archive
+TICK_INTERVAL = 1.0       # seconds between periodic duties
+RETENTION_INTERVAL = 10.0  # seconds between retention checks
 
 
 class Daemon:
@@ -42,8 +46,18 @@ class Daemon:
             loaded = self.governor.load()
         except policy.PolicyError as exc:
             raise AgentwardenError(f"refusing to start with a broken policy: {exc}") from None
-        self.archive = ArchiveWriter(settings.archive_dir)
+        key = load_key(settings.archive.key_file, settings.archive.key_file_required)
+        self.archive = ArchiveWriter(settings.archive_dir, settings.archive, key)
+        if not key:
+            log.warning("the archive is not keyed (no %s): its hash chain shows accidents and "
+                        "naive edits, not a rewrite by root", settings.archive.key_file)
+        self.sessions = Sessions(self.archive.host, self.archive.boot_id)
+        self.disk_guard = DiskFullGuard(settings.archive.on_disk_full)
+        self.outbox: list[dict] = []   # records the daemon archived itself, published with the next batch
         self.archive.append(self._policy_record("loaded" if loaded else "none", None))
+        self.archive.flush()
+        self._segments_stated = self.archive.segments_opened
+        self._next_retention = 0.0
         self.resolver = Resolver()
         self.ctx = zmq.Context.instance()
         self.pull = self._bind(zmq.PULL, settings.ingest_endpoint)
@@ -108,6 +122,7 @@ class Daemon:
             return {"ok": False, "error": f"new policy refused, the old one stays in force: {exc}",
                     "problems": [str(p) for p in exc.problems]}
         self._record(self._policy_record("loaded" if self.governor.policy else "none", None))
+        self._archive_own(self.sessions.restate(self._policy_hash()))
         self.publish_kernel_rules()
         return {"ok": True, "policy_hash": self.governor.policy.hash if self.governor.policy else None}
 
@@ -127,6 +142,16 @@ class Daemon:
         self.handle_record(record)
         self.archive.flush()
         self.publish([record])
+        self.check_archive()
+
+    def _archive_own(self, records: list[dict]) -> None:
+        """Archive records the daemon makes about itself; they go out with the next publish."""
+        for record in records:
+            self.archive.append(record)
+            self.outbox.append(record)
+
+    def _policy_hash(self) -> str | None:
+        return self.governor.policy.hash if self.governor.policy else None
 
     # -- ingest ----------------------------------------------------------------
 
@@ -165,6 +190,7 @@ class Daemon:
                 out.append(violation)
         self.archive.flush()
         self.publish(out)
+        self.check_archive()
 
     def handle_record(self, record: dict) -> dict | None:
         """Archive one record (after enriching it); returns the violation it
@@ -172,8 +198,10 @@ class Daemon:
         kind = record["kind"]
         self.counters[f"records_{kind}"] += 1
         violation = None
+        sessions: list[dict] = []
         if kind in EVENT_KINDS:
             record["agent"] = self.agents.get(record["agent_cgroup_id"])
+            record["session"] = self.sessions.session_of(record["agent_cgroup_id"])
             self.resolver.annotate(record)
             self.counters["events"] += 1
             if kind in DECIDED_KINDS:
@@ -185,18 +213,25 @@ class Daemon:
             for cgid, info in self.tags.items():
                 if str(cgid).isdigit() and isinstance(info, dict) and isinstance(info.get("agent"), str):
                     self.agents[int(cgid)] = info["agent"]
+            sessions = self.sessions.update(self.tags, self._policy_hash())
         elif kind == "health" and record["stage"] == "probe":
             self.probe_health = record["counters"]
         elif kind == "health" and record["stage"] == "supervisor":
             self.supervisor_health = record["counters"]
         self.archive.append(record)
+        self._archive_own(sessions)
         if violation:
-            violation["event_seq"] = record["seq"]
+            violation["event_seq"] = record.get("seq")
+            violation["session"] = record.get("session")
             self.counters["violations"] += 1
             self.archive.append(violation)
+            if violation["action_taken"].startswith("froze"):
+                self.disk_guard.forget([record["agent_cgroup_id"]])  # the policy froze it: stays frozen
         return violation
 
     def publish(self, records: list[dict]) -> None:
+        if self.outbox:
+            records, self.outbox = records + self.outbox, []
         if not records:
             return
         try:
@@ -215,12 +250,63 @@ class Daemon:
             self.pending_malformed = 0
             self._record(record)
         self.publish_kernel_rules()  # again each second: a probe that (re)connects gets them
-        self.archive.sync()
+        self.archive.rotate_if_old()
+        self.sync_archive()
+        if self.disk_guard.active and self.archive.failure:
+            applied = self.disk_guard.apply(self.tags)  # agents tagged since the disk filled
+            if applied:
+                log.error("archive still failing; applied %s to new agents: %s",
+                          self.disk_guard.policy, applied)
+        new_segment = self.archive.segments_opened != self._segments_stated
+        if new_segment:
+            # Restate the policy and sessions in force, so that the new segment
+            # stays attributable when retention deletes the older ones.
+            self._segments_stated = self.archive.segments_opened
+            self._archive_own([self._policy_record("in-force", "restated at a new archive segment")]
+                              + self.sessions.restate(self._policy_hash()))
+        if new_segment or time.monotonic() >= self._next_retention:
+            self._next_retention = time.monotonic() + RETENTION_INTERVAL
+            self.outbox.extend(self.archive.apply_retention())
+        self.publish([])
         now = time.monotonic()
         mark_time, mark_events = self._rate_mark
         if now > mark_time:
             self.rate = (self.counters["events"] - mark_events) / (now - mark_time)
         self._rate_mark = (now, self.counters["events"])
+
+    # -- archive ---------------------------------------------------------------
+
+    def sync_archive(self) -> None:
+        self.archive.sync()
+        self.check_archive()
+
+    def check_archive(self) -> None:
+        """Fail closed while the archive cannot be written; recover when it can."""
+        failure = self.archive.failure
+        if failure and not self.disk_guard.active:
+            taken = self.disk_guard.engage(self.tags)
+            event = "disk-full" if self.archive.disk_full else "write-failed"
+            record = {"kind": "archive", "time": time.time_ns(), "event": event,
+                      "detail": f"{failure}; on-disk-full policy {self.disk_guard.policy}: {taken}",
+                      "error": failure, "policy": self.disk_guard.policy, "action_taken": taken}
+            log.error("ARCHIVE %s: %s", event.upper(), record["detail"])
+            self.archive.append(record)  # kept in memory until it can be written
+            self.publish([record])
+        elif not failure and self.disk_guard.active:
+            seconds, taken = self.disk_guard.release()
+            dropped = self.archive.take_dropped()
+            records = []
+            if dropped:
+                records.append(self._gap("archive", dropped, "records that did not fit in memory "
+                                         "while the archive could not be written"))
+            records.append({"kind": "archive", "time": time.time_ns(), "event": "disk-ok",
+                            "detail": f"the archive is written again after {seconds:.1f}s; {taken}",
+                            "seconds": seconds, "dropped": dropped, "action_taken": taken})
+            for record in records:
+                self.archive.append(record)
+            log.warning("archive: %s", records[-1]["detail"])
+            self.archive.flush()
+            self.publish(records)
 
     # -- control ---------------------------------------------------------------
 
@@ -229,6 +315,7 @@ class Daemon:
             "daemon": {"pid": os.getpid(), "started": self.started, "events_per_second": self.rate,
                        "counters": dict(self.counters), "archive": str(self.settings.archive_dir),
                        "archive_seq": self.archive.seq,
+                       "archive_state": {**self.archive.state(), "on_disk_full": self.disk_guard.state()},
                        "sockets": {"ingest": self.settings.ingest_endpoint,
                                    "events": self.settings.events_endpoint,
                                    "control": self.settings.control_endpoint}},
@@ -265,6 +352,10 @@ class Daemon:
             wire.validate_record(record)
         except wire.WireError as exc:
             return {"ok": False, "error": str(exc)}
+        record["sessions"] = self.sessions.of_agent(record["agent"])
+        # An admin decided about these agents: the disk-full guard leaves them alone.
+        self.disk_guard.forget(cgid for cgid, name in self.agents.items()
+                               if record["agent"] in ("*", name))
         self._record(record)
         return {"ok": True}
 
@@ -273,9 +364,10 @@ class Daemon:
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         self.supervisor.start()
-        next_tick = time.monotonic() + SYNC_INTERVAL
+        next_tick = time.monotonic() + TICK_INTERVAL
         while not self.stopping:
-            ready = dict(poller.poll(200))
+            to_sync = self.archive.seconds_to_sync()
+            ready = dict(poller.poll(200 if to_sync is None else min(200, int(to_sync * 1000) + 1)))
             if self.pull in ready:
                 for _ in range(MAX_MESSAGES_PER_WAKE):
                     try:
@@ -291,8 +383,10 @@ class Daemon:
                 log.error("the session supervisor died (exit %s); stopping", self.supervisor.exitcode)
                 self.exit_code = 1
                 self.stopping = True
+            if self.archive.sync_due():
+                self.sync_archive()  # bounded loss: at most sync_interval after the first unsynced record
             if time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + SYNC_INTERVAL
+                next_tick = time.monotonic() + TICK_INTERVAL
                 self.tick()
         if self.supervisor.is_alive():
             self.supervisor.terminate()

@@ -617,10 +617,10 @@ class Supervisor:
         if current is None or fields["agent"] not in current.agents:
             return refuse(f"no policy for agent {fields['agent']!r}: a session needs one")
         cgroup = Path(fields["cgroup"])
-        expected = cgroups.session_tag(self.settings.instance, fields["session"])
         try:
             if (cgroups.read_tag(cgroup) != fields["agent"]
-                    or cgroups.read_tag(cgroup, cgroups.SESSION_XATTR) != expected):
+                    or cgroups.read_tag(cgroup, cgroups.SESSION_XATTR) != fields["session"]
+                    or cgroups.read_tag(cgroup, cgroups.INSTANCE_XATTR) != self.settings.instance):
                 return refuse(f"{cgroup} is not tagged as session {fields['session']} of {fields['agent']}")
         except OSError as exc:
             return refuse(f"cannot read the session cgroup {cgroup}: {exc.strerror}")
@@ -631,7 +631,7 @@ class Supervisor:
         except AgentwardenError as exc:
             return refuse(f"cannot ask the daemon whether the probe watches the session: {exc}")
         watched = tags.get(str(cgroups.cgroup_id(cgroup)))
-        if not watched or watched.get("session") != expected:
+        if not watched or watched.get("session") != fields["session"]:
             return refuse("the probe does not watch the session cgroup yet")
         fd = fds[0]
         os.set_inheritable(fd, False)
@@ -641,7 +641,7 @@ class Supervisor:
                           host=fields["host"], cgroup=cgroup, fd=fd, pid=pid, started=time.time_ns())
         self.sessions[fd] = session
         self.sel.register(fd, selectors.EVENT_READ, ("listener", fd))
-        self._emit({"kind": "session", "time": session.started, "state": "started",
+        self._emit({"kind": "supervision", "time": session.started, "state": "started",
                     **self._session_fields(session), "user": session.user, "host": session.host,
                     "cgroup": str(cgroup), "pid": pid})
         return {"ok": True, "session": session.id}
@@ -653,7 +653,7 @@ class Supervisor:
             del self.holds[hold.id]
             self._hold_record(hold, "abandoned", "the session ended")
         os.close(fd)
-        self._emit({"kind": "session", "time": time.time_ns(), "state": "ended",
+        self._emit({"kind": "supervision", "time": time.time_ns(), "state": "ended",
                     **self._session_fields(session), "user": session.user, "host": session.host,
                     "cgroup": str(session.cgroup), "pid": session.pid})
         try:

@@ -75,7 +75,7 @@ class TagMirror:
                           tagged.level, self.max_levels - 1)
                 continue
             number = self.agent_number(tagged.agent)
-            if tagged.session and tagged.session.startswith(self.instance + "/"):
+            if tagged.session and tagged.instance == self.instance:
                 number |= self.session_bit
             table[table.Key(cgid)] = table.Leaf(number)
             mask |= 1 << tagged.level
@@ -94,7 +94,7 @@ class TagMirror:
     def record(self) -> dict:
         return {"kind": "tags", "time": now_ns(), "agents": {
             str(cgid): {"agent": t.agent, "path": str(t.path), "level": t.level,
-                        "session": t.session, "watched": cgid not in self.too_deep}
+                        "watched": cgid not in self.too_deep, **dict(t.attribution)}
             for cgid, t in self.current.items()}}
 
 

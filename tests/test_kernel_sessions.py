@@ -100,8 +100,13 @@ def test_allowed_runs_without_prompt_held_waits_for_approve_or_deny(warden, sess
     assert ("approved", "root: fine by me") in states or any(
         s == "approved" and "fine by me" in (reason or "") for s, reason in states)
     assert any(s == "denied" and "no" in reason for s, reason in states)
-    sessions = [r for r in records if r["kind"] == "session" and r["state"] == "started"]
-    assert any(s["task"] == "smoke" and s["on_behalf_of"] == "alice" for s in sessions)
+    supervised = [r for r in records if r["kind"] == "supervision" and r["state"] == "started"]
+    assert any(s["task"] == "smoke" and s["on_behalf_of"] == "alice" for s in supervised)
+    # The archive's attribution: the session record and every event of it name the person and task.
+    sessions = [r for r in records if r["kind"] == "session" and r["task"] == "smoke"]
+    assert sessions and sessions[0]["person"] == "alice"
+    smoke = sessions[0]["session"]
+    assert any(r["kind"] == "exec" and r.get("session") == smoke for r in records)
     # Every hold record names the policy that decided it.
     assert all(r["policy_hash"].startswith("sha256:") for r in records if r["kind"] == "hold")
 

@@ -42,11 +42,17 @@ RECORDS = {
              "pid": 4242, "action": "exec git push (/usr/bin/git)", "rule": "exec.hold x at a:1",
              "policy_hash": "sha256:ab", "required": 1, "approvers": ["bob"], "reason": "ok",
              "waited": 1.5},
-    "session": {"kind": "session", "time": 12, "state": "started", "session": "s-1",
+    "supervision": {"kind": "supervision", "time": 12, "state": "started", "session": "s-1",
                 "agent": "coder", "on_behalf_of": "alice", "task": "fix bug", "user": "coder",
                 "host": "h", "cgroup": "/sys/fs/cgroup/agents/coder/session-1", "pid": 4242},
     "admin": {"kind": "admin", "time": 10, "action": "freeze", "agent": "coder", "uid": 1000,
               "user": "alice", "result": "froze /sys/fs/cgroup/agents/coder"},
+    "session": {"kind": "session", "time": 11, "session": "coder-0a1b2c3d4e5f", "status": "active",
+                "agent": "coder", "source": "tag", "cgroup_id": 9000, "cgroup": "/x",
+                "person": "alice", "task": "fix #12", "user": "root", "host": "h1",
+                "boot_id": "b0", "policy_hash": None},
+    "archive": {"kind": "archive", "time": 12, "event": "torn-tail-cut", "detail": "cut 7 bytes",
+                "bytes_cut": 7},
 }
 
 
