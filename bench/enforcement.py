@@ -42,7 +42,7 @@ def _sample_events(agent: str, count: int) -> list[dict]:
     for i in range(count):
         if i % 2:
             path = [f"/data/project{i % 300}/src/file{i}.py", f"/work/ws{i % 220}/out{i}",
-                    f"/data/project{i % 50}/secrets/key", f"/etc/passwd"][i % 4]
+                    f"/data/project{i % 50}/secrets/key", "/etc/passwd"][i % 4]
             events.append({"kind": "open", "agent": agent, "resolved_path": path,
                            "flags": os.O_WRONLY if "/work/" in path else os.O_RDONLY, "ret": 3})
         else:

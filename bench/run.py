@@ -1,0 +1,312 @@
+"""agentwarden benchmark: `.venv/bin/python bench/run.py [--quick]` (as root), or `make bench`.
+
+1. Untagged overhead: an open-heavy and an exec-heavy C workload, in no
+   tagged cgroup, with no monitor, under agentwarden, under bpftrace on the
+   same tracepoints with the same cgroup filter, and under auditd with rules
+   on the same syscalls. Slowdown of each against no monitor.
+2. Tagged throughput: the highest rate of tagged opens agentwarden archives
+   with zero loss, and where the rest goes above it; once with no policy
+   (archive only) and once with a policy deciding every open.
+3. Memory of the probe and the daemon, idle, at peak and after the throughput
+   runs.
+4. Enforcement: decisions/s with a 1,000-rule policy; violation -> process
+   gone, in-kernel and user-space; the cost of an allowed exec and write-open
+   under `agentwarden run` against the same workload without it.
+
+Installs what it needs (gcc, bpftrace, auditd) when missing. Prints a report
+and writes bench/results/latest.json and latest.md. Everything it starts,
+the cgroup it makes and the audit rules it sets are gone when it exits.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+try:
+    from agentwarden import cgroups
+except ImportError:
+    sys.exit("bench: agentwarden is not importable; run it as .venv/bin/python bench/run.py "
+             "(make bench sets the venv up)")
+
+import enforcement
+import report
+import sessions
+from measure import (OverheadPlan, PeakRss, ThroughputPlan, measure_throughput,
+                     measure_untagged)
+from monitors import (BENCH_AGENT, Agentwarden, Auditd, BenchCgroup, Bpftrace,
+                      MonitorUnavailable)
+from prereqs import (BENCH_DIR, REPO_DIR, BenchError, Workload, agentwarden_tracepoints,
+                     build_workload, ensure_packages, traced_syscalls)
+
+RESULTS_DIR = BENCH_DIR / "results"
+LOCK_PATH = Path("/run/lock/agentwarden-bench.lock")
+EXEC_PROGRAM = "/bin/true"
+THROUGHPUT_FILES = 10_000
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    rounds: int        # visits of each monitor in the untagged comparison
+    reps: int          # runs of each workload per visit
+    open_count: int    # opens per open-workload run
+    exec_count: int    # execs per exec-workload run
+    rates: tuple[int, ...]
+    seconds: float     # per throughput rate
+    decisions: int     # synthetic events decided for decisions/s
+    kill_trials: int   # violations per enforcement path
+    session_ops: int   # execs / write-opens per session workload run
+    session_rounds: int
+
+
+PROFILES = {
+    "full": Profile("full", rounds=12, reps=2, open_count=200_000, exec_count=800,
+                    rates=(25_000, 50_000, 75_000, 100_000, 125_000, 150_000, 200_000),
+                    seconds=4, decisions=200_000, kill_trials=200, session_ops=300, session_rounds=3),
+    "quick": Profile("quick", rounds=2, reps=1, open_count=100_000, exec_count=300,
+                     rates=(25_000, 100_000), seconds=2, decisions=20_000, kill_trials=30,
+                     session_ops=100, session_rounds=1),
+}
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Example: sudo .venv/bin/python bench/run.py --quick")
+    parser.add_argument("--quick", action="store_true", help="a short run (under 2 minutes)")
+    parser.add_argument("--rounds", type=int, help="visits of each monitor (untagged comparison)")
+    parser.add_argument("--rates", help="comma-separated target open rates, e.g. 25000,50000")
+    parser.add_argument("--skip-untagged", action="store_true", help="no untagged comparison")
+    parser.add_argument("--skip-throughput", action="store_true",
+                        help="no throughput or memory runs")
+    parser.add_argument("--skip-enforcement", action="store_true",
+                        help="no decision, kill-latency or session-cost runs")
+    return parser.parse_args()
+
+
+def profile_from(args: argparse.Namespace) -> Profile:
+    profile = PROFILES["quick" if args.quick else "full"]
+    if args.rounds:
+        profile = replace(profile, rounds=args.rounds)
+    if args.rates:
+        profile = replace(profile, rates=tuple(int(r) for r in args.rates.split(",")))
+    return profile
+
+
+def check_not_tagged(root: Path) -> None:
+    """The untagged workloads inherit the bench's cgroup: it must not be an agent's."""
+    with open("/proc/self/cgroup") as f:
+        own = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+    path = root / own.lstrip("/")
+    for candidate in (path, *path.parents):
+        if candidate == root.parent:
+            break
+        if cgroups.read_tag(candidate):
+            raise BenchError(f"the bench runs inside the agent cgroup {candidate}: "
+                             "run it from an untagged cgroup")
+
+
+def machine_info(profile: Profile) -> dict:
+    def run(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, cwd=REPO_DIR,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), "unknown CPU")
+    commit = run("git", "rev-parse", "--short", "HEAD") or "unknown"
+    if run("git", "status", "--porcelain", "--untracked-files=no"):
+        commit += " with local changes"
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": model,
+            "commit": commit, "profile": profile.name, "parameters": asdict(profile),
+            "command": " ".join([".venv/bin/python bench/run.py", *sys.argv[1:]])
+                       if sys.argv[1:] else "make bench"}
+
+
+def run_untagged(profile: Profile, workdir: Path, workload: Workload, cgroup: BenchCgroup,
+                 canary, unusable: dict[str, str], cleanup: contextlib.ExitStack) -> dict:
+    tracepoints = agentwarden_tracepoints()
+    target = workdir / "open-target"
+    target.touch()
+    candidates = [Agentwarden(workdir / "untagged-agentwarden", cgroup)]
+    if "bpftrace" not in unusable:
+        candidates.append(Bpftrace(workdir, cgroup, tracepoints, canary))
+    if "auditd" not in unusable:
+        candidates.append(Auditd(workdir, traced_syscalls(tracepoints)))
+    monitors, skipped = [], dict(unusable)
+    for monitor in candidates:
+        cleanup.callback(monitor.cleanup)
+        cleanup.callback(monitor.stop)  # runs first: callbacks run last-in first-out
+        try:
+            monitor.prepare()
+            monitors.append(monitor)
+        except MonitorUnavailable as exc:
+            skipped[monitor.name] = str(exc)
+            log(f"skipping {monitor.label}: {exc}")
+    workloads = {
+        "open": lambda: workload.ns_per_open(profile.open_count, target),
+        "exec": lambda: workload.ns_per_exec(profile.exec_count, EXEC_PROGRAM),
+    }
+    result = measure_untagged(monitors, workloads, OverheadPlan(profile.rounds, profile.reps), log)
+    for name, reason in skipped.items():
+        result["configs"].setdefault(name, {"label": name, "note": "", "visits": 0,
+                                            "rss_bytes": None})["skipped"] = reason
+    result.update(rounds=profile.rounds, reps=profile.reps, workload_info={
+        "open": {"label": "open+close", "count": profile.open_count,
+                 "describe": f"{profile.open_count:,} x open(O_RDONLY)+close of one file"},
+        "exec": {"label": "fork+exec", "count": profile.exec_count,
+                 "describe": f"{profile.exec_count:,} x fork+execve({EXEC_PROGRAM})+waitpid"}})
+    return result
+
+
+def allow_policy(files_dir: Path) -> str:
+    """A policy under which the daemon decides every open of the throughput
+    workload, and allows it (monitor mode: it would never act anyway)."""
+    return (f'[agent.{BENCH_AGENT}]\nmode = "monitor"\non-violation = "alert"\n'
+            f'[agent.{BENCH_AGENT}.files]\nread-allow = ["{files_dir}/**"]\n')
+
+
+# name, what the daemon does with each event, the policy it runs with.
+THROUGHPUT_SERIES = (
+    ("no policy", "Archive only: no policy, so the daemon records events without deciding",
+     None),
+    ("policy in force", "A policy in force: the daemon decides every open (all allowed) "
+     "before archiving it", allow_policy),
+)
+
+
+def run_throughput(profile: Profile, workdir: Path, workload: Workload, cgroup: BenchCgroup,
+                   files_dir: Path, cleanup: contextlib.ExitStack) -> list[dict]:
+    plan = ThroughputPlan(rates=list(profile.rates), seconds=profile.seconds,
+                          files=THROUGHPUT_FILES, drain_timeout=max(30.0, 4 * profile.seconds))
+    results = []
+    for number, (name, describe, make_policy) in enumerate(THROUGHPUT_SERIES):
+        aw = Agentwarden(workdir / f"throughput-{number}", cgroup,
+                         policy=make_policy(files_dir) if make_policy else None)
+        cleanup.callback(aw.stop)
+        log(f"throughput, {name}: starting agentwarden")
+        aw.start()
+        aw.settle()
+        idle = aw.rss_bytes()
+        with PeakRss(aw.processes()) as peak:
+            series = measure_throughput(aw, workload, cgroup, files_dir, plan, log)
+        series.update(name=name, describe=describe,
+                      memory={"idle": idle, "after": aw.rss_bytes(), "peak": peak.peak})
+        aw.stop()
+        results.append(series)
+    return results
+
+
+def run_enforcement(profile: Profile, workdir: Path, cgroup: BenchCgroup,
+                    cleanup: contextlib.ExitStack) -> dict:
+    result = {"decisions": enforcement.decision_throughput(profile.decisions)}
+    log(f"enforcement: {result['decisions']['per_second']:,.0f} decisions/s with "
+        f"{result['decisions']['rules']} rules")
+    aw = Agentwarden(workdir / "enforcement", cgroup)
+    cleanup.callback(aw.stop)
+    aw.start()
+    aw.settle()
+    log("enforcement: violation -> process gone")
+    result["kill_latency"] = enforcement.kill_latency(aw.settings, aw.env, cgroup.path, BENCH_AGENT,
+                                                      aw.settings.policy_dir, profile.kill_trials, log)
+    log("sessions: allowed exec and write-open, bare and under agentwarden run")
+    result["sessions"] = sessions.session_costs(aw.settings, aw.env, BENCH_AGENT, aw.settings.policy_dir,
+                                                profile.session_ops, profile.session_rounds, log)
+    aw.stop()
+    return result
+
+
+@contextlib.contextmanager
+def one_bench_at_a_time():
+    """Two runs would undo each other's audit rules and load each other's
+    CPUs: a second one waits for the first."""
+    LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_PATH, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            log(f"another bench run (pid {lock.read().strip() or '?'}) holds {LOCK_PATH}; "
+                "waiting for it to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def make_files(directory: Path, count: int) -> Path:
+    directory.mkdir()
+    for i in range(count):
+        (directory / f"f{i}").touch()
+    return directory
+
+
+def main() -> int:
+    args = parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (it loads BPF programs, makes cgroups and sets audit rules)")
+    profile = profile_from(args)
+    started = time.monotonic()
+    # SIGTERM unwinds like Ctrl-C, so the clean-up below always runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    results: dict = {}
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(one_bench_at_a_time())
+        unusable = ensure_packages(log)
+        workdir = Path(tempfile.mkdtemp(prefix="agentwarden-bench-"))
+        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+        workload = Workload(build_workload(workdir))
+        root = cgroups.cgroup2_root()
+        check_not_tagged(root)
+        cgroup = BenchCgroup(root)
+        cleanup.callback(cgroup.remove)
+        files_dir = make_files(workdir / "files", THROUGHPUT_FILES)
+
+        def canary():
+            """A few opens from inside the tagged cgroup."""
+            return workload.open_at_rate(1000, 0.01, files_dir, 10, cgroup.procs)
+
+        if not args.skip_untagged:
+            results["untagged"] = run_untagged(profile, workdir, workload, cgroup, canary,
+                                               unusable, cleanup)
+        if not args.skip_throughput:
+            results["throughput"] = run_throughput(profile, workdir, workload, cgroup, files_dir,
+                                                   cleanup)
+        if not args.skip_enforcement:
+            results["enforcement"] = run_enforcement(profile, workdir, cgroup, cleanup)
+    if results.get("untagged", {}).get("configs", {}).get("auditd", {}).get("visits"):
+        log("note: audit has now been enabled in this boot; until a reboot every new process "
+            "takes the slower audit syscall path unless "
+            "`auditctl -a never,task` is loaded")
+    results["meta"] = machine_info(profile)
+    results["meta"]["duration_s"] = time.monotonic() - started
+    print(report.render_text(results))
+    json_path, md_path = report.write(results, RESULTS_DIR)
+    log(f"wrote {json_path.relative_to(REPO_DIR)} and {md_path.relative_to(REPO_DIR)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        sys.exit(f"bench: error: {exc}")
+    except KeyboardInterrupt:
+        sys.exit(130)
