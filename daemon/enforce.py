@@ -26,6 +26,8 @@ def kill_process(pid: int) -> str:
         return f"killed process {pid}"
     except ProcessLookupError:
         return f"process {pid} already gone"
+    except OSError as exc:  # refused (no CAP_KILL): recorded, not fatal
+        return f"could not kill process {pid}: {exc.strerror}"
     finally:
         os.close(pidfd)
 
