@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 import zmq
 
-from . import cgroups, control, doctor, render, wire
+from . import agentdef, cgroups, control, doctor, render, settings as settings_mod, wire
 from .policy_cli import policy_app
 from .errors import AgentwardenError, NeedsRoot
 from .settings import Settings
@@ -26,6 +27,20 @@ app.add_typer(policy_app, name="policy")
 
 TAIL_KINDS = {"exec", "open", "chdir", "fork", "exit", "gap", "violation", "admin", "policy"}
 EVENTS_TOPIC = b"events"
+
+
+@app.callback()
+def _global_options(
+        config: Optional[Path] = typer.Option(
+            None, "--config", metavar="FILE", show_default=False,
+            help="config file instead of /etc/agentwarden/config.toml (its config.d/ drop-ins "
+                 "are read too); also AGENTWARDEN_CONFIG"),
+        set_: Optional[List[str]] = typer.Option(
+            None, "--set", metavar="KEY=VALUE", show_default=False,
+            help="override one setting, beating config files and environment; repeatable. "
+                 "Example: --set run_dir=/tmp/aw/run")):
+    """Watch and govern what AI agents execute and open."""
+    settings_mod.use_flags(config, set_ or [])
 
 
 def _settings() -> Settings:
@@ -58,8 +73,9 @@ def up(ready_timeout: float = typer.Option(60.0, help="Seconds to wait for the p
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    flags = settings_mod.flag_args()
     for part in ("daemon", "probe"):
-        children[part] = subprocess.Popen([sys.executable, "-m", "agentwarden", part])
+        children[part] = subprocess.Popen([sys.executable, "-m", "agentwarden", *flags, part])
     try:
         deadline = time.monotonic() + ready_timeout
         while not stopping and time.monotonic() < deadline:
@@ -336,6 +352,72 @@ def kill(agent: Optional[str] = typer.Option(None, "--agent", help="the agent to
     """
     from agentwarden.daemon import enforce
     _admin("kill", agent, every, enforce.kill_cgroup)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+@app.command("config")
+def config_cmd(as_json: bool = typer.Option(False, "--json", help="settings and their origins as JSON")):
+    """Show the settings in force and where each one comes from.
+
+    Order, later wins: defaults < config file < config.d/*.toml < AGENTWARDEN_* < --set.
+
+    Example: agentwarden --set tag_scan_interval=0.2 config
+    """
+    current = _settings()
+    files = settings_mod.files_in_force()
+    if as_json:
+        typer.echo(json.dumps({"settings": {k: v if isinstance(v, (int, float)) else str(v)
+                                            for k, v in current.values().items()},
+                               "origins": dict(current.origins),
+                               "files": [str(f) for f in files]}, sort_keys=True))
+        return
+    typer.echo("# files read: " + (", ".join(map(str, files)) or "none"))
+    for name, value in current.values().items():
+        line = f"{name} = {_toml_value(value)}"
+        typer.echo(f"{line:<46} # {current.origins[name]}")
+
+
+@app.command("agent-config")
+def agent_config(names: Optional[List[str]] = typer.Argument(
+                     None, help="agent names (default: every NAME.toml in the agents directory)",
+                     show_default=False),
+                 unit_fallback: bool = typer.Option(False, "--unit-fallback", hidden=True)):
+    """Check agent definitions (agents_dir/NAME.toml) and show the settings
+    generated for agent@NAME.service.
+
+    Example: agentwarden agent-config coder
+    """
+    current = _settings()
+    if unit_fallback:
+        # agent@NAME.service runs this only when no settings were generated for it.
+        name = (names or [""])[0]
+        agentdef.load(current.agents_dir, name)
+        raise AgentwardenError(f"agent@{name}.service has no generated settings: run "
+                               "`systemctl daemon-reload` after adding or changing "
+                               f"{current.agents_dir / (name + '.toml')}")
+    names = names or agentdef.names(current.agents_dir)
+    if not names:
+        raise AgentwardenError(f"no agent definitions in {current.agents_dir}")
+    problems = []
+    for name in names:
+        try:
+            agent = agentdef.load(current.agents_dir, name)
+        except agentdef.AgentDefError as exc:
+            problems.append(str(exc))
+            continue
+        found = agentdef.check_accounts(agent, current.admin_group)
+        problems.extend(found)
+        typer.echo(f"# agent@{name}.service{'' if found else ' (OK)'}")
+        typer.echo(agentdef.dropin(agent))
+    if problems:
+        for problem in problems:
+            typer.echo(problem, err=True)
+        raise typer.Exit(1)
 
 
 @app.command("doctor")

@@ -71,7 +71,7 @@ class Daemon:
         if os.path.exists(path):
             os.unlink(path)  # a stale socket from a previous run
         sock.bind(endpoint)
-        os.chmod(path, 0o600)
+        self.settings.restrict_socket(path)
         return sock
 
     def stop(self, *_):
