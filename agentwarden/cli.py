@@ -179,6 +179,10 @@ def untag(cgroup: str = typer.Argument(..., help="cgroup path, absolute or relat
     _need_root("untagging a cgroup")
     path = cgroups.resolve(cgroup)
     if not cgroups.untag(path):
+        auto = cgroups.scan_tagged(cgroups.cgroup2_root(), _settings().agents_slice)
+        if cgroups.cgroup_id(path) in auto:
+            raise AgentwardenError(f"{path} is not tagged: it is an agent because it is a unit of "
+                                   f"{_settings().agents_slice}; stop the unit or run it in another slice")
         raise AgentwardenError(f"{path} is not tagged")
     typer.echo(f"untagged {path}")
     cgid = cgroups.cgroup_id(path)
@@ -193,16 +197,19 @@ def agents(as_json: bool = typer.Option(False, "--json", help="one JSON object p
     Example: agentwarden agents --json
     """
     root = cgroups.cgroup2_root()
-    found = sorted(cgroups.scan_tagged(root).values(), key=lambda t: str(t.path))
+    agents_slice = _settings().agents_slice
+    found = sorted(cgroups.scan_tagged(root, agents_slice).values(), key=lambda t: str(t.path))
     for t in found:
         count = len(cgroups.processes(t.path))
+        how = "tag" if t.source == "xattr" else agents_slice
         if as_json:
             typer.echo(json.dumps({"agent": t.agent, "cgroup": str(t.path), "cgroup_id": t.cgroup_id,
-                                   "processes": count}))
+                                   "processes": count, "source": t.source}))
         else:
-            typer.echo(f"{t.agent:<16} {count:>5} processes  {t.path}  (id {t.cgroup_id})")
+            typer.echo(f"{t.agent:<16} {count:>5} processes  {t.path}  (id {t.cgroup_id}, by {how})")
     if not found and not as_json:
-        typer.echo(f"no tagged cgroups under {root}; tag one with `agentwarden tag`")
+        typer.echo(f"no agent cgroups under {root}; tag one with `agentwarden tag`, or start a "
+                   f"unit in {agents_slice or 'an agents slice (auto-tagging is off)'}")
 
 
 @app.command()
@@ -297,7 +304,7 @@ def reload():
 def _agent_cgroups(agent: Optional[str], every: bool) -> list:
     if every == bool(agent):
         raise AgentwardenError("name one agent with --agent NAME, or all of them with --all")
-    found = [t for t in cgroups.scan_tagged(cgroups.cgroup2_root()).values()
+    found = [t for t in cgroups.scan_tagged(cgroups.cgroup2_root(), _settings().agents_slice).values()
              if every or t.agent == agent]
     if not found:
         raise AgentwardenError(f"no tagged cgroup for agent {agent!r}" if agent else "no tagged cgroups")

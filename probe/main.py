@@ -38,9 +38,10 @@ class TagMirror:
     """Keeps the BPF agent_cgroups map and level mask equal to the tagged
     cgroups found on disk. Tags added or removed take effect at the next sync."""
 
-    def __init__(self, bpf, root: Path, max_levels: int):
+    def __init__(self, bpf, root: Path, max_levels: int, agents_slice: str = "agents.slice"):
         self.bpf = bpf
         self.root = root
+        self.agents_slice = agents_slice  # its units are agents too ("" : off)
         self.max_levels = max_levels
         self.current: dict[int, cgroups.TaggedCgroup] = {}
         self.too_deep: set[int] = set()
@@ -50,7 +51,7 @@ class TagMirror:
         return self._numbers.setdefault(agent, len(self._numbers) + 1)
 
     def sync(self) -> bool:
-        found = cgroups.scan_tagged(self.root)
+        found = cgroups.scan_tagged(self.root, self.agents_slice)
         if found == self.current:
             return False
         table = self.bpf[b"agent_cgroups"]
