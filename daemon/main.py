@@ -12,7 +12,7 @@ import zmq
 
 from pathlib import Path
 
-from agentwarden import policy, wire
+from agentwarden import policy, sdnotify, wire
 from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
@@ -63,6 +63,7 @@ class Daemon:
         self.rate = 0.0
         self._rate_mark = (time.monotonic(), 0)
         self.stopping = False
+        self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
 
     def _bind(self, kind: int, endpoint: str):
         sock = self.ctx.socket(kind)
@@ -208,6 +209,12 @@ class Daemon:
         if now > mark_time:
             self.rate = (self.counters["events"] - mark_events) / (now - mark_time)
         self._rate_mark = (now, self.counters["events"])
+        self.notifier.alive(self.status_line())
+
+    def status_line(self) -> str:
+        age = (time.time_ns() - self.probe_last_seen) / 1e9
+        probe = "no contact yet" if not self.probe_last_seen else "up" if age < 5 else f"silent for {age:.0f}s"
+        return f"{self.counters['events']} events archived, {self.rate:.0f}/s; probe {probe}"
 
     # -- control ---------------------------------------------------------------
 
@@ -270,10 +277,12 @@ class Daemon:
                     self.handle_message(raw)
             if self.control in ready:
                 self.handle_control()
+            self.notifier.alive()
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + SYNC_INTERVAL
                 self.tick()
         # Drain what the probe already sent, then close the archive durably.
+        self.notifier.stopping("draining and closing the archive")
         while True:
             try:
                 self.handle_message(self.pull.recv(zmq.NOBLOCK))
@@ -290,4 +299,5 @@ def main(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
     log.info("daemon running: archive %s", settings.archive_dir)
+    daemon.notifier.ready(daemon.status_line())
     daemon.run()

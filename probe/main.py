@@ -12,7 +12,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from agentwarden import cgroups, wire
+from agentwarden import cgroups, sdnotify, wire
 from agentwarden.settings import Settings
 
 from . import loader
@@ -93,7 +93,9 @@ class Probe:
         self.c = constants
         self.decoder = Decoder(self._leaf(bpf[b"exec_scratch"]), self._leaf(bpf[b"file_scratch"]),
                                self._leaf(bpf[b"task_scratch"]), constants, wall_minus_boot_ns())
-        self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"])
+        self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"],
+                              settings.agents_slice)
+        self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
         self.raw: list[bytes] = []
         self.backlog: collections.deque[list[dict]] = collections.deque()
         self.backlog_records = 0
@@ -187,6 +189,10 @@ class Probe:
     def stop(self, *_):
         self.stopping = True
 
+    def status_line(self) -> str:
+        return (f"watching {len(self.tags.current)} agent cgroups; {self.counters['decoded']} "
+                f"records decoded; backlog {self.backlog_records}")
+
     # -- counters --------------------------------------------------------------
 
     def kernel_counters(self) -> list[int]:
@@ -277,8 +283,10 @@ class Probe:
         self.tags.sync()
         self.bpf[b"events"].open_ring_buffer(self._on_record)
         self._queue(self.health())
+        self.notifier.ready(self.status_line())
         next_tags = next_health = time.monotonic()
         while not self.stopping:
+            self.notifier.alive()
             self.bpf.ring_buffer_poll(POLL_MS)
             records = self._drain_ring()
             now = time.monotonic()
@@ -292,10 +300,12 @@ class Probe:
                 self.bpf.ring_buffer_consume()
                 records.extend(self._drain_ring())
                 records.extend(self.health())
+                self.notifier.alive(self.status_line())
             if records:
                 self._queue(records)
             self._flush()
         # Last words: whatever is left in the ring and the final counters.
+        self.notifier.stopping("sending the last records")
         self.bpf.ring_buffer_consume()
         self._queue(self._drain_ring() + self.health())
         deadline = time.monotonic() + 2
