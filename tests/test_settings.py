@@ -169,3 +169,15 @@ def test_cli_order_and_errors(etc):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("agentwarden: error: ") and "60-bad.toml: not valid TOML" in result.stderr
+
+
+def test_the_packaged_config_file_documents_every_key_with_its_default():
+    text = (Path(__file__).parent.parent / "packaging" / "config.toml").read_text()
+    import tomllib
+    assert tomllib.loads(text) == {}  # all commented out: the defaults are in force
+    documented = tomllib.loads("\n".join(line[1:] for line in text.splitlines()
+                                         if line.startswith("#") and " = " in line
+                                         and not line.startswith("# ")))
+    assert set(documented) == set(settings.KEYS)
+    for name, key in settings.KEYS.items():
+        assert key.parse(documented[name]) == key.default, name
