@@ -157,20 +157,24 @@ class Settings:
         """The socket directory is root's (and the admin group's) alone: agents must not reach it."""
         gid = self.admin_gid()
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if gid is None:
-            os.chmod(self.run_dir, 0o700)
-        else:
-            os.chown(self.run_dir, 0, gid)
-            os.chmod(self.run_dir, 0o750)
+        _restrict(self.run_dir, gid, 0o700 if gid is None else 0o750)
 
     def restrict_socket(self, path: str | os.PathLike) -> None:
         """A socket file: root's alone (0600), or also the admin group's (0660)."""
         gid = self.admin_gid()
-        if gid is None:
-            os.chmod(path, 0o600)
-        else:
+        _restrict(path, gid, 0o600 if gid is None else 0o660)
+
+
+def _restrict(path: str | os.PathLike, gid: int | None, mode: int) -> None:
+    """Owner root, group gid (None: leave it), mode; changing the group needs CAP_CHOWN."""
+    st = os.stat(path)
+    try:
+        if gid is not None and (st.st_uid, st.st_gid) != (0, gid):
             os.chown(path, 0, gid)
-            os.chmod(path, 0o660)
+        os.chmod(path, mode)
+    except PermissionError as exc:
+        raise AgentwardenError(f"cannot give {path} to root:{gid} mode {mode:o}: {exc.strerror} "
+                               "(needs root with CAP_CHOWN)") from None
 
 
 # -- loading --------------------------------------------------------------------
