@@ -60,7 +60,23 @@ sys.exit(1)' "$1" "$2"
 
 case "$phase" in
 install)
-    check "apt installs $old_deb with its dependencies" apt_install "$old_deb"
+    # First without Recommends, so without kernel headers: postinst must say
+    # what is missing and how to fix it; installing the headers afterwards
+    # fires the package's trigger, which links them and starts the probe.
+    arch=$(dpkg --print-architecture)
+    check "apt installs $old_deb with its dependencies (no Recommends: no kernel headers)" \
+        apt_install --no-install-recommends "$old_deb"
+    if [ ! -e /lib/modules/$(uname -r)/build ]; then
+        check "postinst said the headers are missing, and the command that fixes it" \
+            grep -q "fix: apt-get install linux-headers-$(uname -r)" /tmp/apt.log
+        check "... and for a kernel Debian has no headers for" \
+            grep -q "or:  apt-get install linux-headers-$arch" /tmp/apt.log
+        check "doctor's FAIL line was shown with its fix" \
+            grep -q "^\[FAIL\] kernel headers: missing" /tmp/apt.log
+        check "the probe is not running without headers" sh -c "! systemctl is-active --quiet agentwarden-probe"
+        check "apt installs linux-headers-$arch (the Recommends)" apt_install --no-install-recommends "linux-headers-$arch"
+        check "the trigger ran: headers linked" grep -q "agentwarden: Debian has no headers for kernel" /tmp/apt.log
+    fi
     check "version is that of $old_deb" test "$(version)" = "$(dpkg-deb -f "$old_deb" Version)"
     check "admin group agentwarden exists" getent group agentwarden
     expect_mode "755 root:root" /etc/agentwarden
