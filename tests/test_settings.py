@@ -181,3 +181,14 @@ def test_the_packaged_config_file_documents_every_key_with_its_default():
     assert set(documented) == set(settings.KEYS)
     for name, key in settings.KEYS.items():
         assert key.parse(documented[name]) == key.default, name
+
+
+def test_flags_reach_child_processes_in_the_same_order(tmp_path, monkeypatch):
+    config = write(tmp_path / "c.toml", 'run_dir = "/file"\n')
+    monkeypatch.setattr(settings, "_flags", {"config": None, "overrides": ()})
+    settings.use_flags(config, ["health_interval=2", "run_dir=/flag"])
+    assert settings.flag_args() == ["--config", str(config), "--set", "health_interval=2",
+                                    "--set", "run_dir=/flag"]
+    s = settings.Settings.from_env()
+    assert s.run_dir == Path("/flag") and s.health_interval == 2.0
+    assert settings.files_in_force()[0] == config
