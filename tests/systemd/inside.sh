@@ -226,10 +226,14 @@ upgrade)
     echo 'tag_scan_interval = 0.25' > /etc/agentwarden/config.d/50-test.toml
     archive_listing > /tmp/archive-before
     daemon_pid=$(prop agentwarden-daemon MainPID)
+    systemctl start agent@swt-reviewer
+    agent_pid=$(prop agent@swt-reviewer MainPID)
     check "apt upgrades to $new_deb" apt_install "$new_deb"
     check "version is that of $new_deb" test "$(version)" = "$(dpkg-deb -f "$new_deb" Version)"
     wait_for 180 "both services active again" active $UNITS
     check "the daemon was restarted" test "$(prop agentwarden-daemon MainPID)" != "$daemon_pid"
+    check "agent@swt-reviewer was restarted with the probe, and runs" sh -c \
+        "systemctl is-active --quiet agent@swt-reviewer && test \"\$(systemctl show -p MainPID --value agent@swt-reviewer)\" != $agent_pid"
     wait_for 30 "healthy" healthy
     check "every archive file from before is still there, none shorter" archive_kept
     check "the config drop-in survived and is in force" sh -c \
