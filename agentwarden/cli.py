@@ -74,8 +74,11 @@ def up(ready_timeout: float = typer.Option(60.0, help="Seconds to wait for the p
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     flags = settings_mod.flag_args()
+    # Under a Type=notify service, `up` is the one that talks to systemd.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     for part in ("daemon", "probe"):
-        children[part] = subprocess.Popen([sys.executable, "-m", "agentwarden", *flags, part])
+        children[part] = subprocess.Popen([sys.executable, "-m", "agentwarden", *flags, part], env=env)
     try:
         deadline = time.monotonic() + ready_timeout
         while not stopping and time.monotonic() < deadline:
