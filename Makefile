@@ -1,10 +1,14 @@
 # The two commands a newcomer needs, on a fresh Debian machine as root:
 #   make run    set up, then run probe + daemon in the foreground
 #   make test   set up, then run the whole test suite (kernel tests included)
+# Packaging:
+#   make deb           dist/agentwarden_<version>_all.deb (DEB_VERSION=... to override)
+#   make systemd-test  the .deb installed, upgraded, removed and purged under a
+#                      real systemd (a booted bookworm container)
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench bench-archive archive-soak
+.PHONY: setup run test bench bench-archive archive-soak deb systemd-test
 
 setup:
 	@sh scripts/setup.sh
@@ -25,3 +29,9 @@ bench-archive: setup
 # The kill -9 crash test, 500 times (ITERATIONS=n for another count).
 archive-soak: setup
 	AGENTWARDEN_CRASH_ITERATIONS=$${ITERATIONS:-500} $(VENV)/bin/python -m pytest -q -s tests/test_archive_crash.py
+
+deb:
+	@sh packaging/build-deb.sh
+
+systemd-test:
+	@bash tests/systemd/run.sh

@@ -4,6 +4,13 @@ A cgroup is an agent when its directory carries the xattr
 ``trusted.agentwarden.agent=<name>``. Only root can set trusted.* xattrs, so an
 agent cannot tag or untag itself. Its cgroup id (as BPF sees it) is the inode
 number of the directory; its level is its depth below the cgroup2 root.
+
+A cgroup is also an agent when it is a unit (service, scope) of the system
+manager's agents slice (``agents.slice`` by default): auto-tagging, named after
+the unit (see `unit_agent_name`). Only the slice at the root of PID 1's systemd
+tree counts, and only when root owns it: a user's delegated subtree may contain
+a directory called agents.slice, but cannot make its processes look like an
+agent. An explicit xattr tag wins over the name from the unit.
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ class TaggedCgroup:
     agent: str
     path: Path
     level: int
+    source: str = "xattr"  # or "slice": named after its unit in the agents slice
     # (name, value) pairs from ATTRIBUTION_XATTRS that are set and valid
     attribution: tuple[tuple[str, str], ...] = ()
     session: str | None = None     # the session xattr as set
@@ -178,18 +186,96 @@ def untag(path: Path) -> bool:
     return True
 
 
-def scan_tagged(root: Path, scope: str = "") -> dict[int, TaggedCgroup]:
-    """Every tagged cgroup below (and including) root/scope, by cgroup id."""
+# -- auto-tagging: units of the agents slice ---------------------------------------
+
+UNIT_SUFFIXES = (".service", ".scope")
+
+
+def slice_path(name: str) -> Path:
+    """A slice's cgroup path below the manager's root: "a-b.slice" -> a.slice/a-b.slice."""
+    stem = name[:-len(".slice")]
+    parts = stem.split("-")
+    return Path(*("-".join(parts[:i + 1]) + ".slice" for i in range(len(parts))))
+
+
+def systemd_root(root: Path, proc1_cgroup: str = "/proc/1/cgroup") -> Path:
+    """Where PID 1's systemd keeps its tree: the parent of its init.scope
+    (a subdirectory when systemd runs in a container without a cgroup
+    namespace), else the cgroup2 root."""
+    try:
+        with open(proc1_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return root
+    for line in lines:
+        if line.startswith("0::/") and line.endswith("/init.scope"):
+            return root / line[len("0::/"):-len("/init.scope")].strip("/")
+    return root
+
+
+def _unescape_unit(name: str) -> str:
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), name)
+
+
+def unit_agent_name(unit: str) -> str:
+    """The agent a unit of the agents slice is: agent-coder.service,
+    agent@coder.service and agent-coder.scope -> "coder"; any other unit -> its
+    name without the suffix (run-r0d1.service -> "run-r0d1"). Characters an agent
+    name cannot hold become "_", so such a unit is still watched."""
+    name = unit
+    for suffix in UNIT_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[:-len(suffix)]
+            break
+    name = _unescape_unit(name)
+    for prefix in ("agent-", "agent@"):
+        if name.startswith(prefix) and len(name) > len(prefix):
+            name = name[len(prefix):]
+            break
+    name = re.sub(r"[^A-Za-z0-9_.@-]", "_", name)
+    name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:64]
+    return name or "unnamed"
+
+
+def agents_slice_dir(root: Path, agents_slice: str) -> Path | None:
+    """The agents slice's directory, when auto-tagging is on and root owns it."""
+    if not agents_slice:
+        return None
+    path = systemd_root(root) / slice_path(agents_slice)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return path if st.st_uid == 0 else None
+
+
+def _slice_agent(path: Path, base: Path | None) -> str | None:
+    """The agent name when path is the outermost unit below the agents slice."""
+    if base is None or path == base or base not in path.parents:
+        return None
+    parts = path.relative_to(base).parts
+    if parts[-1].endswith(".slice") or not all(p.endswith(".slice") for p in parts[:-1]):
+        return None
+    return unit_agent_name(parts[-1])
+
+
+def scan_tagged(root: Path, agents_slice: str = "agents.slice", scope: str = "") -> dict[int, TaggedCgroup]:
+    """Every agent cgroup below (and including) root/scope, by cgroup id: tagged
+    ones, and the units of the agents slice ("" turns those off)."""
     tagged: dict[int, TaggedCgroup] = {}
+    base = agents_slice_dir(root, agents_slice)
     for dirpath, _dirs, _files in os.walk(root / scope if scope else root):
         path = Path(dirpath)
         try:
-            agent = read_tag(path)
+            agent, source = read_tag(path), "xattr"
             if agent is None or not AGENT_NAME.match(agent):
+                agent, source = _slice_agent(path, base), "slice"
+            if agent is None:
                 continue
-            tagged[cgroup_id(path)] = TaggedCgroup(cgroup_id(path), agent, path, level(path, root),
-                                                   read_attribution(path), read_tag(path, SESSION_XATTR),
-                                                   read_tag(path, INSTANCE_XATTR))
+            cgid = cgroup_id(path)
+            tagged[cgid] = TaggedCgroup(cgid, agent, path, level(path, root), source,
+                                        read_attribution(path), read_tag(path, SESSION_XATTR),
+                                        read_tag(path, INSTANCE_XATTR))
         except OSError:
             continue  # removed while we walked
     return tagged

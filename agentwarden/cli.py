@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 import zmq
 
-from . import cgroups, control, doctor, render, wire
+from . import agentdef, cgroups, control, doctor, render, settings as settings_mod, wire
 from .log_cli import log_app
 from .policy_cli import policy_app
 from .errors import AgentwardenError, NeedsRoot
@@ -28,6 +29,20 @@ app.add_typer(log_app, name="log")
 
 TAIL_KINDS = {"exec", "open", "chdir", "fork", "exit", "gap", "violation", "admin", "policy", "archive"}
 EVENTS_TOPIC = b"events"
+
+
+@app.callback()
+def _global_options(
+        config: Optional[Path] = typer.Option(
+            None, "--config", metavar="FILE", show_default=False,
+            help="config file instead of /etc/agentwarden/config.toml (its config.d/ drop-ins "
+                 "are read too); also AGENTWARDEN_CONFIG"),
+        set_: Optional[List[str]] = typer.Option(
+            None, "--set", metavar="KEY=VALUE", show_default=False,
+            help="override one setting, beating config files and environment; repeatable. "
+                 "Example: --set run_dir=/tmp/aw/run")):
+    """Watch and govern what AI agents execute and open."""
+    settings_mod.use_flags(config, set_ or [])
 
 
 def _settings() -> Settings:
@@ -60,8 +75,12 @@ def up(ready_timeout: float = typer.Option(60.0, help="Seconds to wait for the p
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    flags = settings_mod.flag_args()
+    # Under a Type=notify service, `up` is the one that talks to systemd.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     for part in ("daemon", "probe"):
-        children[part] = subprocess.Popen([sys.executable, "-m", "agentwarden", part])
+        children[part] = subprocess.Popen([sys.executable, "-m", "agentwarden", *flags, part], env=env)
     try:
         deadline = time.monotonic() + ready_timeout
         while not stopping and time.monotonic() < deadline:
@@ -165,6 +184,10 @@ def untag(cgroup: str = typer.Argument(..., help="cgroup path, absolute or relat
     _need_root("untagging a cgroup")
     path = cgroups.resolve(cgroup)
     if not cgroups.untag(path):
+        auto = cgroups.scan_tagged(cgroups.cgroup2_root(), _settings().agents_slice)
+        if cgroups.cgroup_id(path) in auto:
+            raise AgentwardenError(f"{path} is not tagged: it is an agent because it is a unit of "
+                                   f"{_settings().agents_slice}; stop the unit or run it in another slice")
         raise AgentwardenError(f"{path} is not tagged")
     typer.echo(f"untagged {path}")
     cgid = cgroups.cgroup_id(path)
@@ -179,16 +202,19 @@ def agents(as_json: bool = typer.Option(False, "--json", help="one JSON object p
     Example: agentwarden agents --json
     """
     root = cgroups.cgroup2_root()
-    found = sorted(cgroups.scan_tagged(root).values(), key=lambda t: str(t.path))
+    agents_slice = _settings().agents_slice
+    found = sorted(cgroups.scan_tagged(root, agents_slice).values(), key=lambda t: str(t.path))
     for t in found:
         count = len(cgroups.processes(t.path))
+        how = "tag" if t.source == "xattr" else agents_slice
         if as_json:
             typer.echo(json.dumps({"agent": t.agent, "cgroup": str(t.path), "cgroup_id": t.cgroup_id,
-                                   "processes": count}))
+                                   "processes": count, "source": t.source}))
         else:
-            typer.echo(f"{t.agent:<16} {count:>5} processes  {t.path}  (id {t.cgroup_id})")
+            typer.echo(f"{t.agent:<16} {count:>5} processes  {t.path}  (id {t.cgroup_id}, by {how})")
     if not found and not as_json:
-        typer.echo(f"no tagged cgroups under {root}; tag one with `agentwarden tag`")
+        typer.echo(f"no agent cgroups under {root}; tag one with `agentwarden tag`, or start a "
+                   f"unit in {agents_slice or 'an agents slice (auto-tagging is off)'}")
 
 
 @app.command()
@@ -288,7 +314,8 @@ def reload():
 def _agent_cgroups(agent: Optional[str], every: bool) -> list:
     if every == bool(agent):
         raise AgentwardenError("name one agent with --agent NAME, or all of them with --all")
-    found = [t for t in cgroups.scan_tagged(cgroups.cgroup2_root(), _settings().cgroup_scope).values()
+    found = [t for t in cgroups.scan_tagged(cgroups.cgroup2_root(), agents_slice=_settings().agents_slice,
+                                            scope=_settings().cgroup_scope).values()
              if every or t.agent == agent]
     if not found:
         raise AgentwardenError(f"no tagged cgroup for agent {agent!r}" if agent else "no tagged cgroups")
@@ -427,6 +454,72 @@ def deny(hold_id: str = typer.Argument(..., help="the hold id from `agentwarden 
     from . import session
     session.admin_request(_settings(), {"cmd": "deny", "id": hold_id, "reason": reason})
     typer.echo(f"{hold_id}: denied")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+@app.command("config")
+def config_cmd(as_json: bool = typer.Option(False, "--json", help="settings and their origins as JSON")):
+    """Show the settings in force and where each one comes from.
+
+    Order, later wins: defaults < config file < config.d/*.toml < AGENTWARDEN_* < --set.
+
+    Example: agentwarden --set tag_scan_interval=0.2 config
+    """
+    current = _settings()
+    files = settings_mod.files_in_force()
+    if as_json:
+        typer.echo(json.dumps({"settings": {k: v if isinstance(v, (int, float)) else str(v)
+                                            for k, v in current.values().items()},
+                               "origins": dict(current.origins),
+                               "files": [str(f) for f in files]}, sort_keys=True))
+        return
+    typer.echo("# files read: " + (", ".join(map(str, files)) or "none"))
+    for name, value in current.values().items():
+        line = f"{name} = {_toml_value(value)}"
+        typer.echo(f"{line:<46} # {current.origins[name]}")
+
+
+@app.command("agent-config")
+def agent_config(names: Optional[List[str]] = typer.Argument(
+                     None, help="agent names (default: every NAME.toml in the agents directory)",
+                     show_default=False),
+                 unit_fallback: bool = typer.Option(False, "--unit-fallback", hidden=True)):
+    """Check agent definitions (agents_dir/NAME.toml) and show the settings
+    generated for agent@NAME.service.
+
+    Example: agentwarden agent-config coder
+    """
+    current = _settings()
+    if unit_fallback:
+        # agent@NAME.service runs this only when no settings were generated for it.
+        name = (names or [""])[0]
+        agentdef.load(current.agents_dir, name)
+        raise AgentwardenError(f"agent@{name}.service has no generated settings: run "
+                               "`systemctl daemon-reload` after adding or changing "
+                               f"{current.agents_dir / (name + '.toml')}")
+    names = names or agentdef.names(current.agents_dir)
+    if not names:
+        raise AgentwardenError(f"no agent definitions in {current.agents_dir}")
+    problems = []
+    for name in names:
+        try:
+            agent = agentdef.load(current.agents_dir, name)
+        except agentdef.AgentDefError as exc:
+            problems.append(str(exc))
+            continue
+        found = agentdef.check_accounts(agent, current.admin_group)
+        problems.extend(found)
+        typer.echo(f"# agent@{name}.service{'' if found else ' (OK)'}")
+        typer.echo(agentdef.dropin(agent))
+    if problems:
+        for problem in problems:
+            typer.echo(problem, err=True)
+        raise typer.Exit(1)
 
 
 @app.command("doctor")

@@ -11,6 +11,9 @@ from . import cgroups
 
 TRACEFS = Path("/sys/kernel/tracing")
 SYS_BPF = 321  # x86_64
+# Inode numbers of the initial namespaces (include/linux/proc_ns.h).
+PROC_PID_INIT_INO = 0xEFFFFFFC
+PROC_CGROUP_INIT_INO = 0xEFFFFFFB
 BPF_MAP_CREATE = 0
 BPF_MAP_TYPE_ARRAY = 2
 
@@ -77,9 +80,14 @@ def _headers() -> Check:
     ok = build.exists()
     target = os.path.realpath(build) if ok else ""
     return Check("kernel headers", ok, f"{build} -> {target}" if ok else f"missing: {build}",
-                 f"apt-get install linux-headers-{platform.release()}, or run scripts/setup.sh "
-                 "to link Debian's generic headers (the program reads only tracepoint "
-                 "arguments, so headers of another version compile it)")
+                 f"apt-get install linux-headers-{platform.release()}; when Debian has none for "
+                 f"this kernel: apt-get install linux-headers-{_debian_arch()} (the .deb links "
+                 "them; from a source tree, scripts/setup.sh does) - the program reads only "
+                 "tracepoint arguments, so headers of another version compile it")
+
+
+def _debian_arch() -> str:
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
 def _cgroup2() -> Check:
@@ -106,7 +114,38 @@ def _seccomp() -> Check:
     return Check("seccomp", True, "user_notif available, libseccomp bindings present")
 
 
-CHECKS = (_root, _bcc, _bpf_syscall, _btf, _tracefs, _headers, _cgroup2, _seccomp)
+def _namespace_inode(kind: str) -> int | None:
+    try:
+        return os.stat(f"/proc/self/ns/{kind}").st_ino
+    except OSError:
+        return None
+
+
+def _cgroup_namespace() -> Check:
+    ino = _namespace_inode("cgroup")
+    if ino in (None, PROC_CGROUP_INIT_INO):
+        return Check("cgroup namespace", True, "the host's")
+    return Check("cgroup namespace", False,
+                 "inside a cgroup namespace: BPF numbers cgroup depths from the host's root, "
+                 "which cannot be seen from here, so no agent would be seen",
+                 "run agentwarden in the host's cgroup namespace (systemd-nspawn: "
+                 "SYSTEMD_NSPAWN_USE_CGNS=0; docker: --cgroupns=host)")
+
+
+def _pid_namespace() -> Check:
+    ino = _namespace_inode("pid")
+    if ino in (None, PROC_PID_INIT_INO):
+        return Check("pid namespace", True, "the host's", required=False)
+    return Check("pid namespace", False,
+                 "inside a PID namespace: BPF reports the host's process ids, so killing one "
+                 "process and reading an agent's /proc do not work here (kill-agent, freeze "
+                 "and everything else do)",
+                 "run agentwarden in the host's PID namespace (on the host itself, or docker "
+                 "--pid=host)", required=False)
+
+
+CHECKS = (_root, _bcc, _bpf_syscall, _btf, _tracefs, _headers, _cgroup2, _cgroup_namespace,
+          _pid_namespace, _seccomp)
 
 
 def run_checks() -> list[Check]:

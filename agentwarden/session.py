@@ -74,7 +74,8 @@ def _agent_cgroup(settings: Settings, agent: str) -> Path:
     root = cgroups.cgroup2_root()
     # The agent's own cgroup: the outermost one tagged with its name that is
     # not itself a session.
-    found = sorted((t for t in cgroups.scan_tagged(root, settings.cgroup_scope).values()
+    found = sorted((t for t in cgroups.scan_tagged(root, agents_slice=settings.agents_slice,
+                                                   scope=settings.cgroup_scope).values()
                     if t.agent == agent and not t.session), key=lambda t: t.level)
     if not found:
         raise AgentwardenError(f"unknown agent {agent!r}: no cgroup is tagged with it "

@@ -1,15 +1,35 @@
-"""Where things live. Embedded defaults, overridable by environment for tests
-and packaging; the config file of a later release slots in between."""
+"""Where things live and how often things happen: the one place for settings.
+
+`load()` builds one validated `Settings` from these sources, later ones winning:
+
+  1. embedded defaults (`KEYS` below, each with its documentation)
+  2. the config file, /etc/agentwarden/config.toml (moved by AGENTWARDEN_CONFIG or --config)
+  3. its drop-ins, config.d/*.toml next to it, in name order
+  4. the environment, AGENTWARDEN_<KEY> (e.g. AGENTWARDEN_RUN_DIR=/tmp/aw/run)
+  5. flags, `agentwarden --set KEY=VALUE`
+
+Every key may appear in any of them; each `Settings` remembers where each value
+came from (`origins`), which `agentwarden config` prints.
+"""
 from __future__ import annotations
 
+import grp
 import hashlib
+import math
 import os
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 from .errors import AgentwardenError
 
+DEFAULT_CONFIG = "/etc/agentwarden/config.toml"
+DROPIN_DIR = "config.d"
+ENV_PREFIX = "AGENTWARDEN_"
+CONFIG_ENV = "AGENTWARDEN_CONFIG"
+# Kept for importers of the old names.
 DEFAULT_RUN_DIR = "/run/agentwarden"
 DEFAULT_STATE_DIR = "/var/lib/agentwarden"
 DEFAULT_POLICY_DIR = "/etc/agentwarden/policy.d"
@@ -88,17 +108,100 @@ class ArchiveSettings:
         return cls(**values)
 
 
+
+_GROUP_NAME = re.compile(r"^[a-z_][a-z0-9_-]*\$?\Z")
+_SLICE_NAME = re.compile(r"^[A-Za-z0-9_.:]+(-[A-Za-z0-9_.:]+)*\.slice\Z")
+
+
+class ConfigError(AgentwardenError):
+    pass
+
+
+# -- value parsers: (value from TOML or a string from env/flags) -> value ------
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return Path(os.path.normpath(value))
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError("must be a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number of seconds")
+    if not math.isfinite(value) or not 0.01 <= value <= 3600:
+        raise ValueError("must be between 0.01 and 3600 seconds")
+    return float(value)
+
+
+def _group(value: Any) -> str:
+    if not isinstance(value, str) or (value and not _GROUP_NAME.match(value)):
+        raise ValueError('must be a group name, or "" for root only')
+    return value
+
+
+def _scope(value: Any) -> str:
+    if not isinstance(value, str) or value.startswith("/") or ".." in value.split("/"):
+        raise ValueError('must be a cgroup path relative to the cgroup v2 root, or "" for all')
+    return value.strip("/")
+
+
+def _slice(value: Any) -> str:
+    if not isinstance(value, str) or (value and not _SLICE_NAME.match(value)):
+        raise ValueError('must be a systemd slice name such as "agents.slice", or "" to turn '
+                         "auto-tagging off")
+    return value
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    doc: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+KEYS: dict[str, Key] = {k.name: k for k in (
+    Key("run_dir", Path(DEFAULT_RUN_DIR), _path,
+        "sockets: ingest.sock (probe -> daemon), events.sock (tail), control.sock (CLI)"),
+    Key("state_dir", Path(DEFAULT_STATE_DIR), _path, "the archive lives in its archive/ directory"),
+    Key("policy_dir", Path(DEFAULT_POLICY_DIR), _path, "per-agent policies, *.toml in name order"),
+    Key("agents_dir", Path("/etc/agentwarden/agents"), _path,
+        "agent definitions NAME.toml for agent@NAME.service"),
+    Key("admin_group", "agentwarden", _group,
+        "members may use the sockets (status, tail) without sudo; \"\" or a missing group: root only"),
+    Key("agents_slice", "agents.slice", _slice,
+        "every unit below this slice is an agent named after the unit; \"\" turns that off"),
+    Key("cgroup_scope", "", _scope,
+        "only agent cgroups below this one (relative to the cgroup v2 root) are watched; \"\" "
+        "is all (tests and benches use it to keep instances apart)"),
+    Key("health_interval", 1.0, _seconds, "seconds between the probe's health records"),
+    Key("tag_scan_interval", 0.5, _seconds, "seconds between rescans of agent cgroups"),
+)}
+
+
 @dataclass(frozen=True)
 class Settings:
-    run_dir: Path
-    state_dir: Path
-    # Only tagged cgroups below this one (relative to the cgroup v2 root) are
-    # watched; "" is the whole hierarchy. Keeps test and bench instances apart.
-    cgroup_scope: str = ""
-    health_interval: float = 1.0   # seconds between health records
-    tag_scan_interval: float = 0.5  # seconds between cgroup tag rescans
-    policy_dir: Path = Path(DEFAULT_POLICY_DIR)  # *.toml policy files, read in name order
-    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    run_dir: Path = KEYS["run_dir"].default
+    state_dir: Path = KEYS["state_dir"].default
+    health_interval: float = KEYS["health_interval"].default
+    tag_scan_interval: float = KEYS["tag_scan_interval"].default
+    policy_dir: Path = KEYS["policy_dir"].default
+    agents_dir: Path = KEYS["agents_dir"].default
+    admin_group: str = KEYS["admin_group"].default
+    agents_slice: str = KEYS["agents_slice"].default
+    cgroup_scope: str = KEYS["cgroup_scope"].default
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings, compare=False)
+    # key -> where its value came from ("default", a file, "environment AGENTWARDEN_X", "--set")
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def ingest_endpoint(self) -> str:
@@ -114,6 +217,10 @@ class Settings:
     def control_endpoint(self) -> str:
         """CLI REQ -> daemon REP"""
         return f"ipc://{self.run_dir / 'control.sock'}"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.state_dir / "archive"
 
     @property
     def sessions_socket(self) -> Path:
@@ -132,24 +239,130 @@ class Settings:
         """Maps the probe pins for the daemon."""
         return Path("/sys/fs/bpf") / self.instance
 
-    @property
-    def archive_dir(self) -> Path:
-        return self.state_dir / "archive"
-
     @classmethod
     def from_env(cls) -> "Settings":
-        return cls(
-            run_dir=Path(os.environ.get("AGENTWARDEN_RUN_DIR", DEFAULT_RUN_DIR)),
-            state_dir=Path(os.environ.get("AGENTWARDEN_STATE_DIR", DEFAULT_STATE_DIR)),
-            policy_dir=Path(os.environ.get("AGENTWARDEN_POLICY_DIR", DEFAULT_POLICY_DIR)),
-            cgroup_scope=os.environ.get("AGENTWARDEN_CGROUP_SCOPE", ""),
-            archive=ArchiveSettings.from_env(),
-        )
+        """The settings in force: defaults, config file, drop-ins, environment,
+        and the flags this process was given (`use_flags`)."""
+        return load(_flags["config"], _flags["overrides"])
+
+    def values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in KEYS}
+
+    def admin_gid(self) -> int | None:
+        """The admin group's id, or None (sockets stay root's alone)."""
+        if not self.admin_group:
+            return None
+        try:
+            return grp.getgrnam(self.admin_group).gr_gid
+        except KeyError:
+            return None
 
     def prepare_run_dir(self) -> None:
-        """The socket directory is root's (0700), or 0710 to the admin group
-        (the daemon sets that): agents must not reach it. Anything looser is
-        tightened."""
+        """The socket directory is root's (and the admin group's) alone: agents must not reach it."""
+        gid = self.admin_gid()
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if os.stat(self.run_dir).st_mode & 0o067:
-            os.chmod(self.run_dir, 0o700)
+        _restrict(self.run_dir, gid, 0o700 if gid is None else 0o750)
+
+    def restrict_socket(self, path: str | os.PathLike) -> None:
+        """A socket file: root's alone (0600), or also the admin group's (0660)."""
+        gid = self.admin_gid()
+        _restrict(path, gid, 0o600 if gid is None else 0o660)
+
+
+def _restrict(path: str | os.PathLike, gid: int | None, mode: int) -> None:
+    """Owner root, group gid (None: leave it), mode; changing the group needs CAP_CHOWN."""
+    st = os.stat(path)
+    try:
+        if gid is not None and (st.st_uid, st.st_gid) != (0, gid):
+            os.chown(path, 0, gid)
+        os.chmod(path, mode)
+    except PermissionError as exc:
+        raise AgentwardenError(f"cannot give {path} to root:{gid} mode {mode:o}: {exc.strerror} "
+                               "(needs root with CAP_CHOWN)") from None
+
+
+# -- loading --------------------------------------------------------------------
+
+_flags: dict[str, Any] = {"config": None, "overrides": ()}
+
+
+def use_flags(config: str | os.PathLike | None, overrides: Sequence[str]) -> None:
+    """The command line's --config and --set, for every later `Settings.from_env()`."""
+    _flags["config"] = config
+    _flags["overrides"] = tuple(overrides)
+
+
+def files_in_force() -> list[Path]:
+    """The config files `Settings.from_env()` reads, in order."""
+    return config_files(_flags["config"])
+
+
+def flag_args() -> list[str]:
+    """The flags again, for a child `agentwarden` process."""
+    args = ["--config", str(_flags["config"])] if _flags["config"] is not None else []
+    for item in _flags["overrides"]:
+        args += ["--set", item]
+    return args
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _apply(values: dict, origins: dict, name: str, raw: Any, origin: str) -> None:
+    key = KEYS.get(name)
+    if key is None:
+        raise ConfigError(f"{origin}: unknown key {name!r}; known keys: {', '.join(KEYS)}")
+    try:
+        values[name] = key.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {name} = {raw!r}: {exc}") from None
+    origins[name] = origin
+
+
+def config_files(config: str | os.PathLike | None = None,
+                 environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The config file (when it exists or was named) and its drop-ins, in the order read."""
+    environ = os.environ if environ is None else environ
+    named = config if config is not None else (environ.get(CONFIG_ENV) or None)
+    path = Path(named if named is not None else DEFAULT_CONFIG)
+    files = [path] if named is not None or path.exists() else []
+    dropins = path.parent / DROPIN_DIR
+    try:
+        files.extend(sorted(p for p in dropins.glob("*.toml") if p.is_file()))
+    except OSError:
+        pass
+    return files
+
+
+def load(config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+         environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from defaults < config file < drop-ins < environment < overrides.
+
+    `config` names the file (else $AGENTWARDEN_CONFIG, else /etc/agentwarden/config.toml;
+    only a named file must exist); `overrides` are "key=value" strings (--set)."""
+    environ = os.environ if environ is None else environ
+    values = {name: key.default for name, key in KEYS.items()}
+    origins = {name: "default" for name in KEYS}
+    for path in config_files(config, environ):
+        data = _read_toml(path)
+        for name, raw in data.items():
+            if isinstance(raw, dict):
+                raise ConfigError(f"{path}: [{name}]: tables are not used; set keys at the top")
+            _apply(values, origins, name, raw, str(path))
+    for name, key in KEYS.items():
+        if key.env in environ:
+            _apply(values, origins, name, environ[key.env], f"environment {key.env}")
+    for item in overrides:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set run_dir=/tmp/aw")
+        _apply(values, origins, name.strip(), raw, "--set")
+    return Settings(**values, origins=origins, archive=ArchiveSettings.from_env(dict(environ)))

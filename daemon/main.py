@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from agentwarden import policy, wire
+from agentwarden import policy, sdnotify, wire
 from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
@@ -84,6 +84,7 @@ class Daemon:
         self.supervisor_health: dict[str, Any] = {}
         self.supervisor = multiprocessing.get_context("spawn").Process(
             target=supervisor.main, args=(settings,), name="agentwarden-supervisor")
+        self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
 
     def _bind(self, kind: int, endpoint: str):
         sock = self.ctx.socket(kind)
@@ -92,7 +93,7 @@ class Daemon:
         if os.path.exists(path):
             os.unlink(path)  # a stale socket from a previous run
         sock.bind(endpoint)
-        os.chmod(path, 0o600)
+        self.settings.restrict_socket(path)
         return sock
 
     def stop(self, *_):
@@ -273,6 +274,12 @@ class Daemon:
         if now > mark_time:
             self.rate = (self.counters["events"] - mark_events) / (now - mark_time)
         self._rate_mark = (now, self.counters["events"])
+        self.notifier.alive(self.status_line())
+
+    def status_line(self) -> str:
+        age = (time.time_ns() - self.probe_last_seen) / 1e9
+        probe = "no contact yet" if not self.probe_last_seen else "up" if age < 5 else f"silent for {age:.0f}s"
+        return f"{self.counters['events']} events archived, {self.rate:.0f}/s; probe {probe}"
 
     # -- archive ---------------------------------------------------------------
 
@@ -385,6 +392,7 @@ class Daemon:
                 self.stopping = True
             if self.archive.sync_due():
                 self.sync_archive()  # bounded loss: at most sync_interval after the first unsynced record
+            self.notifier.alive()
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_INTERVAL
                 self.tick()
@@ -392,6 +400,7 @@ class Daemon:
             self.supervisor.terminate()
             self.supervisor.join(timeout=5)
         # Drain what the probe already sent, then close the archive durably.
+        self.notifier.stopping("draining and closing the archive")
         while True:
             try:
                 self.handle_message(self.pull.recv(zmq.NOBLOCK))
@@ -408,6 +417,7 @@ def main(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
     log.info("daemon running: archive %s", settings.archive_dir)
+    daemon.notifier.ready(daemon.status_line())
     daemon.run()
     if daemon.exit_code:
         raise SystemExit(daemon.exit_code)

@@ -25,7 +25,6 @@ import itertools
 import logging
 import os
 import pwd
-import grp
 import select
 import selectors
 import signal
@@ -131,12 +130,12 @@ def parse_duration(text: str) -> float:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, admin_group: str = "agentwarden"):
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.governor = Governor([settings.policy_dir], lambda cgroup_id: None)
         self.governor.load()
-        self.admin_gid = self._group_id(admin_group)
-        self.admin_group = admin_group
+        self.admin_gid = settings.admin_gid()
+        self.admin_group = settings.admin_group
         ctx = zmq.Context.instance()
         self.out = ctx.socket(zmq.PUSH)
         self.out.setsockopt(zmq.LINGER, 2000)
@@ -163,27 +162,13 @@ class Supervisor:
         self.sel = selectors.DefaultSelector()
         self.server = self._listen()
 
-    @staticmethod
-    def _group_id(name: str) -> int | None:
-        try:
-            return grp.getgrnam(name).gr_gid
-        except KeyError:
-            return None
-
     def _listen(self) -> socket.socket:
         path = self.settings.sessions_socket
         if path.exists():
             path.unlink()
         server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         server.bind(str(path))
-        # Root always; members of the admin group too (run dir 0710 to that group).
-        if self.admin_gid is not None:
-            os.chown(self.settings.run_dir, 0, self.admin_gid)
-            os.chmod(self.settings.run_dir, 0o710)
-            os.chown(path, 0, self.admin_gid)
-            os.chmod(path, 0o660)
-        else:
-            os.chmod(path, 0o600)
+        self.settings.restrict_socket(path)  # root, and the admin group when there is one
         server.listen(64)
         server.setblocking(False)
         self.sel.register(server, selectors.EVENT_READ, ("server", None))

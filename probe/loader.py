@@ -56,8 +56,9 @@ def check_kernel_headers() -> Path:
     if not (build / "include").is_dir() and not (build / "Makefile").exists():
         raise AgentwardenError(
             f"no kernel headers at {build}: BCC needs them to compile the BPF program; "
-            f"fix: run scripts/setup.sh (installs linux-headers-{platform.release()} or, "
-            "when Debian has none for this kernel, links its generic headers there)")
+            f"fix: apt-get install linux-headers-{platform.release()}, or when Debian has none "
+            "for this kernel its generic headers linked there (the .deb does that when "
+            "linux-headers-<arch> is installed; from a source tree, scripts/setup.sh does)")
     return build
 
 

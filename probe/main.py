@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from agentwarden import bpfsys, cgroups, wire
+from agentwarden import bpfsys, cgroups, sdnotify, wire
 from agentwarden.settings import Settings
 
 from . import loader
@@ -45,12 +45,13 @@ class TagMirror:
     cgroups found on disk. Tags added or removed take effect at the next sync."""
 
     def __init__(self, bpf, root: Path, max_levels: int, session_bit: int, scope: str = "",
-                 instance: str = ""):
+                 instance: str = "", agents_slice: str = "agents.slice"):
         self.bpf = bpf
         self.instance = instance
         self.scope = scope
         self.session_bit = session_bit
         self.root = root
+        self.agents_slice = agents_slice  # its units are agents too ("" : off)
         self.max_levels = max_levels
         self.current: dict[int, cgroups.TaggedCgroup] = {}
         self.too_deep: set[int] = set()
@@ -60,7 +61,7 @@ class TagMirror:
         return self._numbers.setdefault(agent, len(self._numbers) + 1)
 
     def sync(self) -> bool:
-        found = cgroups.scan_tagged(self.root, self.scope)
+        found = cgroups.scan_tagged(self.root, agents_slice=self.agents_slice, scope=self.scope)
         if found == self.current:
             return False
         table = self.bpf[b"agent_cgroups"]
@@ -107,7 +108,8 @@ class Probe:
                                self._leaf(bpf[b"task_scratch"]), constants, wall_minus_boot_ns())
         self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"],
                               constants["AW_AGENT_SESSION_BIT"], settings.cgroup_scope,
-                              settings.instance)
+                              settings.instance, settings.agents_slice)
+        self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
         self.raw: list[bytes] = []
         self.backlog: collections.deque[list[dict]] = collections.deque()
         self.backlog_records = 0
@@ -202,6 +204,10 @@ class Probe:
     def stop(self, *_):
         self.stopping = True
 
+    def status_line(self) -> str:
+        return (f"watching {len(self.tags.current)} agent cgroups; {self.counters['decoded']} "
+                f"records decoded; backlog {self.backlog_records}")
+
     # -- counters --------------------------------------------------------------
 
     def kernel_counters(self) -> list[int]:
@@ -292,8 +298,10 @@ class Probe:
         self.tags.sync()
         self.bpf[b"events"].open_ring_buffer(self._on_record)
         self._queue(self.health())
+        self.notifier.ready(self.status_line())
         next_tags = next_health = time.monotonic()
         while not self.stopping:
+            self.notifier.alive()
             self.bpf.ring_buffer_poll(POLL_MS)
             records = self._drain_ring()
             now = time.monotonic()
@@ -307,10 +315,12 @@ class Probe:
                 self.bpf.ring_buffer_consume()
                 records.extend(self._drain_ring())
                 records.extend(self.health())
+                self.notifier.alive(self.status_line())
             if records:
                 self._queue(records)
             self._flush()
         # Last words: whatever is left in the ring and the final counters.
+        self.notifier.stopping("sending the last records")
         self.bpf.ring_buffer_consume()
         self._queue(self._drain_ring() + self.health())
         deadline = time.monotonic() + 2

@@ -1,0 +1,291 @@
+#!/bin/bash
+# Runs inside the booted test container (tests/systemd/run.sh puts it there and
+# calls it phase by phase through `systemd-run --wait --pipe`, so it runs under
+# the container's systemd, seccomp filter and capabilities, like any service).
+#   inside.sh PHASE OLD_DEB NEW_DEB
+# Prints "ok - ..." per check; exits 1 when one failed.
+set -uo pipefail
+export DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin
+phase=$1 old_deb=$2 new_deb=$3
+failed=0
+STATE=/var/lib/agentwarden
+UNITS="agentwarden-daemon.service agentwarden-probe.service"
+
+ok() { echo "ok - $*"; }
+fail() { echo "FAIL - $*"; failed=1; }
+check() {  # check "what" command...: ok when the command succeeds
+    local what=$1; shift
+    local out
+    if out=$("$@" 2>&1); then ok "$what"; else fail "$what"; echo "$out" | sed 's/^/    /' | tail -n 20; fi
+}
+wait_for() {  # wait_for SECONDS "what" command...: poll until it succeeds
+    local seconds=$1 what=$2; shift 2
+    local deadline=$((SECONDS + seconds))
+    until "$@" >/dev/null 2>&1; do
+        if [ $SECONDS -ge $deadline ]; then fail "$what (waited ${seconds}s)"; return 1; fi
+        sleep 0.2
+    done
+    ok "$what"
+}
+mode_of() { stat -c '%a %U:%G' "$1"; }
+expect_mode() { [ "$(mode_of "$2")" = "$1" ] && ok "$2 is $1" || fail "$2 is $(mode_of "$2" 2>&1), not $1"; }
+prop() { systemctl show -p "$2" --value "$1"; }
+active() { for u in "$@"; do [ "$(systemctl is-active "$u")" = active ] || return 1; done; }
+healthy() { agentwarden status | grep -q "^probe:  up"; }
+apt_install() { apt-get install -y -q -o Dpkg::Use-Pty=0 "$@" > /tmp/apt.log 2>&1 || { cat /tmp/apt.log; return 1; }; }
+version() { dpkg-query -W -f='${Version}' agentwarden 2>/dev/null; }
+archive_listing() { (cd "$STATE/archive" && find . -type f -printf '%p %s\n' | sort); }
+archive_kept() {  # every file of /tmp/archive-before is still there, none shorter
+    archive_listing | python3 -c '
+import sys
+before = dict(l.split() for l in open("/tmp/archive-before"))
+after = dict(l.split() for l in sys.stdin)
+sys.exit(0 if before and all(int(after.get(f, -1)) >= int(s) for f, s in before.items()) else 1)'
+}
+agent_cgroup() {  # the cgroup directory of a unit in agents.slice
+    python3 -c 'import sys; from agentwarden import cgroups; print(cgroups.systemd_root(cgroups.cgroup2_root()) / "agents.slice" / sys.argv[1])' "$1"
+}
+json_has() {  # json_has FILE PYTHON-EXPR: some JSON line of FILE satisfies EXPR (r is the record)
+    python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if eval(sys.argv[2]):
+        sys.exit(0)
+sys.exit(1)' "$1" "$2"
+}
+
+case "$phase" in
+install)
+    # First without Recommends, so without kernel headers: postinst must say
+    # what is missing and how to fix it; installing the headers afterwards
+    # fires the package's trigger, which links them and starts the probe.
+    arch=$(dpkg --print-architecture)
+    check "apt installs $old_deb with its dependencies (no Recommends: no kernel headers)" \
+        apt_install --no-install-recommends "$old_deb"
+    if [ ! -e /lib/modules/$(uname -r)/build ]; then
+        check "postinst said the headers are missing, and the command that fixes it" \
+            grep -q "fix: apt-get install linux-headers-$(uname -r)" /tmp/apt.log
+        check "... and for a kernel Debian has no headers for" \
+            grep -q "or:  apt-get install linux-headers-$arch" /tmp/apt.log
+        check "doctor's FAIL line was shown with its fix" \
+            grep -q "^\[FAIL\] kernel headers: missing" /tmp/apt.log
+        check "the probe is not running without headers" sh -c "! systemctl is-active --quiet agentwarden-probe"
+        check "apt installs linux-headers-$arch (the Recommends)" apt_install --no-install-recommends "linux-headers-$arch"
+        check "the trigger ran: headers linked" grep -q "agentwarden: Debian has no headers for kernel" /tmp/apt.log
+    fi
+    check "version is that of $old_deb" test "$(version)" = "$(dpkg-deb -f "$old_deb" Version)"
+    check "admin group agentwarden exists" getent group agentwarden
+    expect_mode "755 root:root" /etc/agentwarden
+    expect_mode "750 root:agentwarden" /etc/agentwarden/policy.d
+    expect_mode "750 root:agentwarden" /etc/agentwarden/agents
+    expect_mode "700 root:root" $STATE
+    expect_mode "644 root:root" /etc/agentwarden/config.toml
+    expect_mode "750 root:agentwarden" /run/agentwarden
+    build=/lib/modules/$(uname -r)/build
+    if [ -f $STATE/kernel-headers-link ]; then
+        check "no Debian headers for $(uname -r): generic ones linked at $build" \
+            sh -c "readlink $build | grep -q '^/usr/src/linux-headers-.*-$(dpkg --print-architecture)\$'"
+    fi
+    check "kernel headers at $build" test -e "$build/include"
+    wait_for 180 "both services active" active $UNITS
+    wait_for 30 "agentwarden status: healthy (probe up)" healthy
+    check "agentwarden doctor passes" agentwarden doctor
+    expect_mode "660 root:agentwarden" /run/agentwarden/control.sock
+    check "daemon is Type=notify with a watchdog" \
+        test "$(prop agentwarden-daemon Type) $(prop agentwarden-daemon WatchdogUSec)" = "notify 10s"
+    check "daemon reports its status to systemd" \
+        sh -c "systemctl status agentwarden-daemon | grep -q 'Status: \".*events archived'"
+    check "probe reports its status to systemd" \
+        sh -c "systemctl status agentwarden-probe | grep -q 'Status: \"watching'"
+    check "daemon's capability bounding set" \
+        test "$(prop agentwarden-daemon CapabilityBoundingSet)" = \
+             "cap_chown cap_dac_override cap_dac_read_search cap_kill cap_sys_ptrace"
+    check "probe's capability bounding set" \
+        test "$(prop agentwarden-probe CapabilityBoundingSet)" = "cap_sys_admin cap_perfmon cap_bpf"
+    check "logs go to the journal" sh -c "journalctl -u agentwarden-daemon | grep -q 'daemon running'"
+    out=$(systemd-analyze verify agentwarden-daemon.service agentwarden-probe.service \
+          agents.slice agent@verify.service 2>&1)
+    if [ -z "$out" ]; then ok "systemd-analyze verify: clean for every unit"; else fail "systemd-analyze verify"; echo "$out" | sed 's/^/    /'; fi
+    ;;
+
+autotag)
+    # An agent started the usual systemd way, never tagged. (Agent names start
+    # with swt-: the container sees the host's cgroup tree, and so the host's
+    # tagged cgroups too; its policies must not apply to them.)
+    timeout 60 agentwarden tail --agent swt-coder --json > /tmp/tail-coder.json 2>&1 &
+    tail_pid=$!
+    check "systemd-run --slice=agents.slice --unit=agent-swt-coder starts an agent" \
+        systemd-run --quiet --slice=agents.slice --unit=agent-swt-coder \
+        /bin/sh -c 'while :; do /usr/bin/cat /etc/hostname > /dev/null; sleep 0.2; done'
+    cgid=$(stat -c %i "$(agent_cgroup agent-swt-coder.service)")
+    wait_for 30 "agentwarden tail shows agent swt-coder's exec of /usr/bin/cat, from its unit's cgroup" \
+        json_has /tmp/tail-coder.json "r.get('kind') == 'exec' and r.get('exec_path') == '/usr/bin/cat' and r.get('agent') == 'swt-coder' and r.get('agent_cgroup_id') == $cgid"
+    check "agentwarden agents lists swt-coder, found by agents.slice" \
+        sh -c "agentwarden agents | grep -E '^swt-coder .*/agents.slice/agent-swt-coder.service .*by agents.slice'"
+    check "agentwarden status lists agent swt-coder" sh -c "agentwarden status | grep -q 'agent swt-coder '"
+    check "the agent has no tag xattr" python3 -c '
+import sys
+from agentwarden import cgroups
+sys.exit(0 if cgroups.read_tag(sys.argv[1]) is None else 1)' "$(agent_cgroup agent-swt-coder.service)"
+    systemctl stop agent-swt-coder.service
+    kill $tail_pid 2>/dev/null
+    ;;
+
+template)
+    # agent@NAME from /etc/agentwarden/agents/NAME.toml, as its own user.
+    useradd --system --create-home --shell /usr/sbin/nologin reviewer 2>/dev/null
+    cat > /etc/agentwarden/agents/swt-reviewer.toml <<'EOT'
+command = ["/bin/sh", "-c", "while :; do /usr/bin/cat /etc/hostname > /dev/null; /usr/bin/sleep 0.3; done"]
+user = "reviewer"
+[task]
+owner = "alice"
+EOT
+    check "agentwarden agent-config swt-reviewer: OK" sh -c "agentwarden agent-config swt-reviewer | grep -q '(OK)'"
+    systemctl daemon-reload
+    check "generator wrote agent@swt-reviewer's drop-in" \
+        test -f /run/systemd/generator/agent@swt-reviewer.service.d/50-agentwarden.conf
+    out=$(systemd-analyze verify agent@swt-reviewer.service 2>&1)
+    if [ -z "$out" ]; then ok "systemd-analyze verify agent@swt-reviewer.service: clean"; else fail "systemd-analyze verify agent@swt-reviewer.service"; echo "$out" | sed 's/^/    /'; fi
+    timeout 60 agentwarden tail --agent swt-reviewer --json > /tmp/tail-reviewer.json 2>&1 &
+    tail_pid=$!
+    check "systemctl start agent@swt-reviewer" systemctl start agent@swt-reviewer
+    pid=$(prop agent@swt-reviewer MainPID)
+    check "it runs as user reviewer in agents.slice" sh -c \
+        "test \"\$(ps -o user= -p $pid)\" = reviewer && test \"\$(systemctl show -p Slice --value agent@swt-reviewer)\" = agents.slice"
+    check "it has the task defaults" sh -c "tr '\\0' '\\n' < /proc/$pid/environ | grep -qx AGENTWARDEN_TASK_OWNER=alice"
+    wait_for 30 "tail shows agent swt-reviewer's exec of /usr/bin/cat" \
+        json_has /tmp/tail-reviewer.json "r.get('kind') == 'exec' and r.get('exec_path') == '/usr/bin/cat'"
+    kill $tail_pid 2>/dev/null
+
+    # A violation, under the hardened daemon: kill the whole agent (cgroup.kill,
+    # through ProtectSystem=strict + ReadWritePaths=/sys/fs/cgroup). (Killing
+    # one process works by pid, and pids here are the container's, not the
+    # host's that BPF reports: `agentwarden doctor` warns about that.)
+    cat > /etc/agentwarden/policy.d/swt-intruder.toml <<'EOT'
+[agent.swt-intruder]
+mode = "enforce"
+on-violation = "kill-agent"
+[agent.swt-intruder.exec]
+allow = ["/usr/bin/sh", "/usr/bin/dash", "/bin/sh", "/usr/bin/cat"]
+[agent.swt-intruder.files]
+read-allow = ["/**"]
+write-allow = ["/dev/null"]
+EOT
+    check "policy check: OK" agentwarden policy check
+    check "policy reload" agentwarden policy reload
+    timeout 60 agentwarden tail --violations --agent swt-intruder --json > /tmp/tail-intruder.json 2>&1 &
+    tail_pid=$!
+    check "start agent-swt-intruder, which runs sleep (not allowed)" \
+        systemd-run --quiet --slice=agents.slice --unit=agent-swt-intruder \
+        /bin/sh -c 'while :; do /usr/bin/cat /etc/hostname > /dev/null; /usr/bin/sleep 0.3; done'
+    wait_for 30 "the violation is recorded, and the daemon killed the agent's cgroup" \
+        json_has /tmp/tail-intruder.json "r.get('kind') == 'violation' and 'sleep' in r.get('attempted', '') and r.get('action_taken', '').startswith('killed every process')"
+    wait_for 10 "agent-swt-intruder is gone" sh -c "! systemctl is-active --quiet agent-swt-intruder"
+    systemctl reset-failed agent-swt-intruder 2>/dev/null
+    kill $tail_pid 2>/dev/null
+    ;;
+
+watchdog)
+    pid=$(prop agentwarden-daemon MainPID)
+    restarts=$(prop agentwarden-daemon NRestarts)
+    kill -STOP "$pid"
+    ok "daemon (pid $pid) hung with SIGSTOP"
+    wait_for 60 "the watchdog restarted it" sh -c \
+        "[ \"\$(systemctl show -p MainPID --value agentwarden-daemon)\" != $pid ] && [ \"\$(systemctl is-active agentwarden-daemon)\" = active ]"
+    check "restart counter went up by one" test "$(prop agentwarden-daemon NRestarts)" = $((restarts + 1))
+    check "the journal says why" sh -c "journalctl -u agentwarden-daemon | grep -q 'Watchdog timeout'"
+    check "the old process is gone" sh -c "! kill -0 $pid 2>/dev/null"
+    wait_for 30 "healthy again: the probe reconnected" healthy
+    ;;
+
+stop)
+    systemctl start agent@swt-reviewer
+    archive_before=$(archive_listing | wc -l)
+    start=$SECONDS
+    check "systemctl stop probe and daemon" systemctl stop $UNITS
+    took=$((SECONDS - start))
+    for u in $UNITS; do
+        check "$u stopped cleanly (inactive, result success, exit 0)" test \
+            "$(systemctl is-active $u) $(prop $u Result) $(prop $u ExecMainStatus)" = "inactive success 0"
+    done
+    check "stopping took ${took}s (under 10s: no kill after timeout)" test $took -lt 10
+    check "agent@swt-reviewer stopped with the probe (never unwatched)" sh -c "! systemctl is-active --quiet agent@swt-reviewer"
+    check "no traceback in the journal" sh -c "! journalctl -u 'agentwarden-*' | grep -q Traceback"
+    check "no agentwarden process left" sh -c "! pgrep -f '^/usr/bin/python3 -I /usr/bin/agentwarden'"
+    check "the archive is there ($archive_before files)" test "$archive_before" -gt 0
+    check "start again" systemctl start $UNITS
+    wait_for 30 "healthy again" healthy
+    ;;
+
+upgrade)
+    mkdir -p /etc/agentwarden/config.d
+    echo 'tag_scan_interval = 0.25' > /etc/agentwarden/config.d/50-test.toml
+    archive_listing > /tmp/archive-before
+    daemon_pid=$(prop agentwarden-daemon MainPID)
+    systemctl start agent@swt-reviewer
+    agent_pid=$(prop agent@swt-reviewer MainPID)
+    check "apt upgrades to $new_deb" apt_install "$new_deb"
+    check "version is that of $new_deb" test "$(version)" = "$(dpkg-deb -f "$new_deb" Version)"
+    wait_for 180 "both services active again" active $UNITS
+    check "the daemon was restarted" test "$(prop agentwarden-daemon MainPID)" != "$daemon_pid"
+    check "agent@swt-reviewer was restarted with the probe, and runs" sh -c \
+        "systemctl is-active --quiet agent@swt-reviewer && test \"\$(systemctl show -p MainPID --value agent@swt-reviewer)\" != $agent_pid"
+    wait_for 30 "healthy" healthy
+    check "every archive file from before is still there, none shorter" archive_kept
+    check "the config drop-in survived and is in force" sh -c \
+        "agentwarden config | grep -E '^tag_scan_interval = 0.25 .*config.d/50-test.toml'"
+    check "policy and agent definitions survived" test -f /etc/agentwarden/policy.d/swt-intruder.toml -a \
+        -f /etc/agentwarden/agents/swt-reviewer.toml
+    expect_mode "750 root:agentwarden" /etc/agentwarden/policy.d
+    ;;
+
+remove)
+    archive_listing > /tmp/archive-before
+    check "apt removes agentwarden" sh -c "apt-get remove -y -q agentwarden > /tmp/apt.log 2>&1"
+    check "dpkg: removed, config files kept" test "$(dpkg-query -W -f='${Status}' agentwarden)" = "deinstall ok config-files"
+    for u in $UNITS agent@swt-reviewer.service; do
+        check "$u is not running" sh -c "! systemctl is-active --quiet $u"
+    done
+    check "no agentwarden process left" sh -c "! pgrep -f '^/usr/bin/python3 -I /usr/bin/agentwarden'"
+    check "program, units and python package gone (no __pycache__ left)" sh -c \
+        "! test -e /usr/bin/agentwarden -o -e /lib/systemd/system/agentwarden-daemon.service -o -e /usr/lib/python3/dist-packages/agentwarden"
+    check "the archive is kept: every file from before, none shorter" archive_kept
+    check "config, group kept" sh -c "test -f /etc/agentwarden/config.toml && getent group agentwarden"
+    check "reinstall brings it back with the archive" apt_install "$new_deb"
+    wait_for 180 "both services active" active $UNITS
+    wait_for 30 "healthy" healthy
+    ;;
+
+purge)
+    check "apt purges agentwarden (state not asked for)" sh -c "apt-get purge -y -q agentwarden > /tmp/apt.log 2>&1"
+    check "dpkg: gone" sh -c "! dpkg-query -W agentwarden 2>/dev/null | grep -q ."
+    check "config.toml gone, the admin's files kept" sh -c \
+        "! test -e /etc/agentwarden/config.toml && test -f /etc/agentwarden/policy.d/swt-intruder.toml"
+    check "the archive is kept" test -d $STATE/archive
+    check "the kernel headers link is gone" sh -c "! test -L /lib/modules/$(uname -r)/build"
+    check "no unit symlinks or masks left" sh -c "! find /etc/systemd/system -name '*agentwarden*' | grep -q ."
+    check "/run/agentwarden gone" test ! -e /run/agentwarden
+    # Install again and purge with the state: nothing of agentwarden is left.
+    check "reinstall" apt_install "$new_deb"
+    wait_for 180 "both services active" active $UNITS
+    rm -rf /etc/agentwarden/policy.d/swt-intruder.toml /etc/agentwarden/agents/swt-reviewer.toml \
+        /etc/agentwarden/config.d/50-test.toml
+    check "purge with AGENTWARDEN_PURGE_STATE=yes" sh -c \
+        "AGENTWARDEN_PURGE_STATE=yes apt-get purge -y -q agentwarden > /tmp/apt.log 2>&1"
+    check "the archive is gone, as asked" test ! -e $STATE
+    left=$(find / -xdev -name '*agentwarden*' -not -path '/proc/*' -not -path '/debs/*' \
+           -not -path '/var/cache/apt/*' -not -path '/usr/local/sbin/*' 2>/dev/null)
+    if [ -z "$left" ]; then ok "no file of agentwarden is left"; else fail "files left behind"; echo "$left" | sed 's/^/    /'; fi
+    check "only the admin group stays (Debian leaves system groups)" getent group agentwarden
+    ;;
+
+*)
+    echo "inside.sh: unknown phase $phase" >&2
+    exit 2
+    ;;
+esac
+exit $failed
