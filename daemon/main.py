@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import collections
 import logging
-import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import msgpack
 import zmq
 
 from agentwarden import policy, sdnotify, wire
+from agentwarden import settings as settings_mod
 from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
@@ -21,7 +23,6 @@ from .archive import ArchiveWriter
 from .archive_guard import DiskFullGuard
 from .governor import Governor
 from .resolver import Resolver
-from . import supervisor
 from .segments import load_key
 from .sessions import Sessions
 
@@ -82,8 +83,7 @@ class Daemon:
         self.stopping = False
         self.exit_code = 0
         self.supervisor_health: dict[str, Any] = {}
-        self.supervisor = multiprocessing.get_context("spawn").Process(
-            target=supervisor.main, args=(settings,), name="agentwarden-supervisor")
+        self.supervisor: subprocess.Popen | None = None
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
 
     def _bind(self, kind: int, endpoint: str):
@@ -370,7 +370,9 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
-        self.supervisor.start()
+        # Its own process (see supervisor.py); it dies with this one.
+        self.supervisor = subprocess.Popen(
+            [sys.executable, "-m", "agentwarden.daemon.supervisor", *settings_mod.flag_args()])
         next_tick = time.monotonic() + TICK_INTERVAL
         while not self.stopping:
             to_sync = self.archive.seconds_to_sync()
@@ -384,10 +386,10 @@ class Daemon:
                     self.handle_message(raw)
             if self.control in ready:
                 self.handle_control()
-            if not self.supervisor.is_alive():
+            if self.supervisor.poll() is not None:
                 # Its listeners are closed: sessions fail closed. Stop, so that
                 # the service manager restarts the whole daemon.
-                log.error("the session supervisor died (exit %s); stopping", self.supervisor.exitcode)
+                log.error("the session supervisor died (exit %s); stopping", self.supervisor.returncode)
                 self.exit_code = 1
                 self.stopping = True
             if self.archive.sync_due():
@@ -396,9 +398,12 @@ class Daemon:
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_INTERVAL
                 self.tick()
-        if self.supervisor.is_alive():
+        if self.supervisor.poll() is None:
             self.supervisor.terminate()
-            self.supervisor.join(timeout=5)
+            try:
+                self.supervisor.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.supervisor.kill()
         # Drain what the probe already sent, then close the archive durably.
         self.notifier.stopping("draining and closing the archive")
         while True:

@@ -703,3 +703,16 @@ def main(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when to stop
     supervisor.run()
+
+
+if __name__ == "__main__":
+    # Started by the daemon as `python -m agentwarden.daemon.supervisor [--config F] [--set K=V]`.
+    import argparse
+
+    from agentwarden import settings as settings_mod
+    parser = argparse.ArgumentParser(prog="agentwarden-supervisor")
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    flags = parser.parse_args()
+    settings_mod.use_flags(flags.config, flags.set)
+    main(Settings.from_env())
