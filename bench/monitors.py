@@ -127,7 +127,10 @@ class BenchCgroup:
         if cgroups.processes(self.path):
             # Only workloads of this bench join it: one interrupted mid-run.
             (self.path / "cgroup.kill").write_text("1")
-        # rmdir fails while killed processes are still exiting.
+        # rmdir fails while killed processes are still exiting; sessions of
+        # `agentwarden run` below it go first.
+        for child in sorted((p for p in self.path.rglob("*") if p.is_dir()), reverse=True):
+            wait_until(lambda: _removed(child), timeout=5)
         wait_until(lambda: _removed(self.path), timeout=5)
 
 

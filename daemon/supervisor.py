@@ -684,8 +684,12 @@ class Supervisor:
                 except Exception:  # one bad peer must not stop supervision of the others
                     log.exception("supervisor: error handling %s", kind)
             self.expire_holds()
-        for fd in list(self.sessions):
+        for fd, session in list(self.sessions.items()):
             os.close(fd)  # held and future notified calls now fail with ENOSYS
+            try:
+                session.cgroup.rmdir()  # an empty session leaves nothing behind
+            except OSError:
+                pass
         self.server.close()
         self._health()
         self.out.close()
