@@ -20,9 +20,11 @@ def _socket_path(endpoint: str) -> str:
 
 
 def check_reachable(settings: Settings, endpoint: str) -> None:
+    """One clear error when a socket in the run dir cannot be used."""
     path = _socket_path(endpoint)
     if not os.access(settings.run_dir, os.X_OK) and os.path.isdir(settings.run_dir):
-        raise AgentwardenError(f"{settings.run_dir} is root's alone: run this with sudo")
+        raise AgentwardenError(f"{settings.run_dir} is not open to you: run this as root (sudo) "
+                               "or as a member of the admin group")
     if not os.path.exists(path):
         raise DaemonUnavailable(
             f"the daemon is not running (no socket at {path}); start it with `agentwarden up`")

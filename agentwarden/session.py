@@ -31,14 +31,7 @@ MAX_REPLY = 1 << 20
 def request(settings: Settings, message: dict, fd: int | None = None, timeout: float = 10.0) -> dict:
     """One request on the daemon's sessions socket (SO_PEERCRED tells it who asks)."""
     path = settings.sessions_socket
-    try:
-        present = path.exists()
-    except PermissionError:
-        raise AgentwardenError(f"{settings.run_dir} is not open to you: run this as root or as "
-                               "a member of the admin group") from None
-    if not present:
-        raise control.DaemonUnavailable(f"the daemon is not running (no socket at {path}); "
-                                        "start it with `agentwarden up`")
+    control.check_reachable(settings, f"ipc://{path}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(timeout)
     try:
