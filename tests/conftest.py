@@ -61,6 +61,18 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within timeout; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 class Warden:
     """A running `agentwarden up` with its own run and state directories."""
 
@@ -137,13 +149,7 @@ class Warden:
         wait_for(quiet, timeout=timeout, interval=0, what="the pipeline to settle")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 

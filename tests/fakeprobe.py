@@ -14,6 +14,7 @@ from pathlib import Path
 import zmq
 
 from agentwarden import control, wire
+from conftest import stop_process
 from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
@@ -92,16 +93,11 @@ class Daemon:
         self.log.close()
 
     def stop(self) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc:
-            self.log.close()
-        return self.proc.returncode if self.proc else 0
+        if not self.proc:
+            return 0
+        code = stop_process(self.proc)
+        self.log.close()
+        return code
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "agentwarden", *args], env=self.env,

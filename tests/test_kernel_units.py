@@ -19,7 +19,7 @@ from agentwarden import cgroups, control
 from agentwarden.daemon.archive import read_records
 from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
-from conftest import AgentCgroup, wait_for
+from conftest import AgentCgroup, stop_process, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -86,13 +86,7 @@ class UnitWarden:
 
     def stop(self) -> None:
         for part in ("probe", "daemon"):
-            proc = self.procs[part]
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(self.procs[part])
             self.logs[part].close()
 
 
