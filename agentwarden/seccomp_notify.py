@@ -155,16 +155,40 @@ def respond(fd: int, notification_id: int, *, allow: bool, error: int = errno.EP
         raise
 
 
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                                   ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+
+
 class TaskMemory:
-    """Reads strings out of a stopped task through /proc/PID/mem."""
+    """Reads strings and words out of a stopped task. process_vm_readv first:
+    one syscall and no file to open, under the same ptrace access check as
+    /proc/PID/mem, which is the fallback where the call is missing or refused
+    (kernels without CROSS_MEMORY_ATTACH, some LSMs). Not thread-safe: one
+    buffer serves every instance (it is on the path of every notified call)."""
 
     PAGE = 4096
+    FIRST_READ = 256      # most strings end well before: copy less
+    use_vm_readv = True   # cleared for the process at the first refusal
+    _buf = ctypes.create_string_buffer(PAGE)
+    _buf_addr = ctypes.addressof(_buf)
+    _local = _IoVec(_buf_addr, 0)
+    _remote = _IoVec(None, 0)
+    _local_ref, _remote_ref = ctypes.byref(_local), ctypes.byref(_remote)
 
     def __init__(self, pid: int):
-        self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        self.pid = pid
+        self.fd: int | None = None
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self):
         return self
@@ -172,43 +196,69 @@ class TaskMemory:
     def __exit__(self, *_):
         self.close()
 
+    def read(self, addr: int, size: int) -> bytes | None:
+        """size bytes at addr, which must not cross a page; None when unreadable."""
+        if TaskMemory.use_vm_readv:
+            self._local.len = self._remote.len = size
+            self._remote.base = addr
+            got = _libc.process_vm_readv(self.pid, self._local_ref, 1, self._remote_ref, 1, 0)
+            if got >= 0:
+                return ctypes.string_at(self._buf_addr, got)
+            err = ctypes.get_errno()
+            if err not in (errno.ENOSYS, errno.EPERM):
+                return None  # EFAULT: not mapped; ESRCH: gone
+            TaskMemory.use_vm_readv = False
+        try:
+            if self.fd is None:
+                self.fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            return os.pread(self.fd, size, addr)
+        except OSError:
+            return None
+
+    def bytes_at(self, addr: int, size: int) -> bytes | None:
+        """size bytes at addr, read a page at a time; None when unreadable."""
+        out = b""
+        while len(out) < size:
+            at = addr + len(out)
+            data = self.read(at, min(self.PAGE - at % self.PAGE, size - len(out)))
+            if not data:
+                return None
+            out += data
+        return out
+
     def string(self, addr: int, limit: int = 4096) -> bytes | None:
         """The NUL-terminated string at addr (page by page: the next page may
-        be unmapped); None when unreadable or longer than limit."""
+        be unmapped); None when unreadable or when it and its NUL do not fit
+        in limit bytes (PATH_MAX, as the kernel counts)."""
         out = b""
         while len(out) < limit:
-            chunk = self.PAGE - (addr + len(out)) % self.PAGE
-            try:
-                data = os.pread(self.fd, chunk, addr + len(out))
-            except OSError:
+            at = addr + len(out)
+            room = self.PAGE - at % self.PAGE
+            data = self.read(at, room if out else min(room, self.FIRST_READ))
+            if not data:
                 return None
             end = data.find(b"\0")
             if end >= 0:
-                return out + data[:end]
-            if not data:
-                return None
+                return out + data[:end] if len(out) + end < limit else None
             out += data
         return None
 
     def pointers(self, addr: int, limit: int) -> list[int] | None:
-        """A NULL-terminated array of pointers (argv)."""
-        found = []
+        """A NULL-terminated array of pointers (argv), read up to the end of
+        a page at a time: what follows the array may be unmapped."""
+        found: list[int] = []
         while len(found) < limit:
-            try:
-                data = os.pread(self.fd, 8, addr + 8 * len(found))
-            except OSError:
+            at = addr + 8 * len(found)
+            room = (self.PAGE - at % self.PAGE) // 8 or 1
+            data = self.bytes_at(at, 8 * min(room, limit - len(found)))
+            if data is None:
                 return None
-            if len(data) < 8:
-                return None
-            value = struct.unpack("=Q", data)[0]
-            if value == 0:
-                return found
-            found.append(value)
+            for (value,) in struct.iter_unpack("=Q", data):
+                if value == 0:
+                    return found
+                found.append(value)
         return found
 
     def u64s(self, addr: int, count: int) -> tuple[int, ...] | None:
-        try:
-            data = os.pread(self.fd, 8 * count, addr)
-        except OSError:
-            return None
-        return struct.unpack(f"={count}Q", data) if len(data) == 8 * count else None
+        data = self.bytes_at(addr, 8 * count)
+        return None if data is None else struct.unpack(f"={count}Q", data)

@@ -226,7 +226,8 @@ def run_enforcement(profile: Profile, workdir: Path, cgroup: BenchCgroup,
     result["kill_latency"] = enforcement.kill_latency(aw.settings, aw.env, cgroup.path, BENCH_AGENT,
                                                       aw.settings.policy_dir, profile.kill_trials, log)
     log("sessions: allowed exec and write-open, bare and under agentwarden run")
-    result["sessions"] = sessions.session_costs(aw.settings, aw.env, BENCH_AGENT, aw.settings.policy_dir,
+    result["sessions"] = sessions.session_costs(aw.settings, aw.env, BENCH_AGENT, cgroup.path,
+                                                aw.settings.policy_dir,
                                                 profile.session_ops, profile.session_rounds, log)
     aw.stop()
     return result

@@ -1,7 +1,9 @@
 """What a session costs: per allowed exec and per allowed write-open, under
 `agentwarden run` (seccomp notification round trip to the daemon, exec
 verification in BPF) against the same workload without agentwarden, in one
-run, interleaved."""
+run, interleaved. A third side runs the workload in the tagged agent cgroup
+without `run` (watched, not held), which splits the added cost into what
+monitoring costs and what the seccomp round trip adds on top."""
 from __future__ import annotations
 
 import json
@@ -37,10 +39,13 @@ def _summary(values: list[int]) -> dict:
             "p99_us": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000}
 
 
-def session_costs(settings, env: dict, agent: str, policy_dir: Path, ops: int, rounds: int,
-                  log=print) -> dict:
+SIDES = ("bare", "watched", "session")
+
+
+def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_dir: Path, ops: int,
+                  rounds: int, log=print) -> dict:
     """Needs a running agentwarden (policy dir policy_dir) whose probe watches
-    a cgroup tagged `agent`."""
+    agent_cgroup, tagged `agent`."""
     with tempfile.TemporaryDirectory(prefix="agentwarden-bench-") as tmp:
         work = Path(tmp)
         binary = build(work)
@@ -52,21 +57,27 @@ def session_costs(settings, env: dict, agent: str, policy_dir: Path, ops: int, r
             f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["{writes}/**"]\n')
         control.request(settings, "reload", timeout=10)
         run = [sys.executable, "-m", "agentwarden", "run", "--agent", agent, "--"]
-        samples = {(what, where): [] for what in ("exec", "wopen") for where in ("bare", "session")}
+        # The shell joins the agent cgroup, then becomes the workload.
+        watched = ["sh", "-c", f'echo $$ > {agent_cgroup}/cgroup.procs && exec "$@"', "watched"]
+        prefix = {"bare": [], "watched": watched, "session": run}
+        samples = {(what, side): [] for what in ("exec", "wopen") for side in SIDES}
         try:
             for _ in range(rounds):  # interleaved: drift hits both sides alike
                 for what, target in (("exec", "/usr/bin/true"), ("wopen", str(writes))):
                     cmd = [str(binary), what, str(ops), target]
-                    samples[(what, "bare")] += _latencies(cmd, env)
-                    samples[(what, "session")] += _latencies(run + cmd, env)
+                    for side in SIDES:
+                        samples[(what, side)] += _latencies(prefix[side] + cmd, env)
         finally:
             (policy_dir / POLICY_FILE).unlink()
     results = {}
     for what in ("exec", "wopen"):
-        bare, session = _summary(samples[(what, "bare")]), _summary(samples[(what, "session")])
-        results[what] = {"bare": bare, "session": session,
+        bare, watched, session = (_summary(samples[(what, side)]) for side in SIDES)
+        results[what] = {"bare": bare, "watched": watched, "session": session,
                          "added_median_us": session["median_us"] - bare["median_us"],
-                         "added_p99_us": session["p99_us"] - bare["p99_us"]}
-        log(f"  {what}: bare median {bare['median_us']:.1f} us, under run {session['median_us']:.1f} us "
-            f"(+{results[what]['added_median_us']:.1f} us median, +{results[what]['added_p99_us']:.1f} us p99)")
+                         "added_p99_us": session["p99_us"] - bare["p99_us"],
+                         "watched_added_median_us": watched["median_us"] - bare["median_us"]}
+        log(f"  {what}: bare median {bare['median_us']:.1f} us, watched {watched['median_us']:.1f} us, "
+            f"under run {session['median_us']:.1f} us (+{results[what]['added_median_us']:.1f} us median, "
+            f"+{results[what]['added_p99_us']:.1f} us p99; watching alone "
+            f"+{results[what]['watched_added_median_us']:.1f} us)")
     return results

@@ -39,6 +39,9 @@ BPF_TABLE("lru_hash", u32, u32, parents, 65536);
 BPF_PERCPU_ARRAY(exec_scratch, struct aw_exec, 1);
 BPF_PERCPU_ARRAY(file_scratch, struct aw_file, 1);
 BPF_PERCPU_ARRAY(task_scratch, struct aw_task, 1);
+/* [0] -> boot time (ns) of the last record that woke the probe. Shared by
+ * all CPUs: two that race both wake it, which is harmless. */
+BPF_ARRAY(last_wakeup, u64, 1);
 /* [kind] emitted, [AW_COUNTER_DROPPED_BASE + kind] lost; summed by the probe. */
 BPF_PERCPU_ARRAY(counters, u64, AW_COUNTER_SLOTS);
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
@@ -122,9 +125,23 @@ static __always_inline void fill_header(struct aw_header *h, u32 kind, u64 agent
     bpf_get_current_comm(h->comm, sizeof(h->comm));
 }
 
+/* BPF_RB_FORCE_WAKEUP once per AW_WAKEUP_INTERVAL_NS, else BPF_RB_NO_WAKEUP. */
+static __always_inline u64 wakeup_flag(u64 now)
+{
+    u32 zero = 0;
+    u64 *last = last_wakeup.lookup(&zero);
+    if (!last)
+        return BPF_RB_FORCE_WAKEUP;
+    if (now - *last < AW_WAKEUP_INTERVAL_NS)
+        return BPF_RB_NO_WAKEUP;
+    *last = now;
+    return BPF_RB_FORCE_WAKEUP;
+}
+
 static __always_inline void emit(void *record, u32 size, u32 kind)
 {
-    if (events.ringbuf_output(record, size, 0) == 0)
+    u64 flags = wakeup_flag(((struct aw_header *)record)->ts_ns);
+    if (events.ringbuf_output(record, size, flags) == 0)
         count(kind);
     else
         count(AW_COUNTER_DROPPED_BASE + kind);

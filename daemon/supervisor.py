@@ -26,7 +26,6 @@ import logging
 import os
 import pwd
 import select
-import selectors
 import signal
 import socket
 import struct
@@ -41,6 +40,7 @@ import zmq
 from agentwarden import bpfsys, cgroups, control, wire, policy as policy_mod
 from agentwarden import seccomp_notify as sn
 from agentwarden.errors import AgentwardenError
+from agentwarden.probe.loader import header_constants
 from agentwarden.settings import Settings
 
 from .governor import Governor
@@ -58,6 +58,7 @@ MAX_REQUEST = 64 * 1024
 MAX_ARGS = 4096
 SEVERITY = {"allow": 0, "hold": 1, "violation": 2, "deny": 3}
 VERDICT_CACHE = 4096
+APPROVED_PATH_MAX = header_constants()["AW_MAX_PATH"]   # aw_approved.path
 
 
 @dataclass
@@ -159,7 +160,11 @@ class Supervisor:
         self.root = cgroups.cgroup2_root()
         self._approved_fd: int | None = None
         self._approved_ino: int | None = None
-        self.sel = selectors.DefaultSelector()
+        # epoll itself, not selectors: a listener's event mask tells a pending
+        # notification (EPOLLIN) from a session whose processes are all gone
+        # (EPOLLHUP alone) without another syscall.
+        self.poller = select.epoll()
+        self.watched: dict[int, tuple[str, object]] = {}   # fd -> (kind, socket or fd)
         self.server = self._listen()
 
     def _listen(self) -> socket.socket:
@@ -171,7 +176,7 @@ class Supervisor:
         self.settings.restrict_socket(path)  # root, and the admin group when there is one
         server.listen(64)
         server.setblocking(False)
-        self.sel.register(server, selectors.EVENT_READ, ("server", None))
+        self._watch(server.fileno(), "server", server)
         return server
 
     # -- records -----------------------------------------------------------------
@@ -331,25 +336,43 @@ class Supervisor:
 
     # -- exec verification ------------------------------------------------------------
 
-    def _approve_exec(self, tid: int, form: bytes) -> bool:
-        """Tell the BPF program what this thread may execute; False when the
-        map cannot be written (then the exec must be refused)."""
+    def _follow_approved_map(self) -> None:
+        """Keep the fd of the probe's pinned approved_exec map; a restarted
+        probe pins a new one. Checked every health interval, not per exec:
+        until then approvals land in the old map, and the new program kills
+        those execs (fail closed)."""
         path = self.settings.bpf_pin_dir / "approved_exec"
         try:
             ino = os.stat(path).st_ino
             if self._approved_fd is None or ino != self._approved_ino:
+                fd = bpfsys.open_pinned(path)
                 if self._approved_fd is not None:
                     os.close(self._approved_fd)
-                self._approved_fd, self._approved_ino = bpfsys.open_pinned(path), ino
-            data = form + b"\0"
-            if len(data) > 4096:
+                self._approved_fd, self._approved_ino = fd, ino
+        except OSError as exc:
+            if self._approved_fd is not None:
+                os.close(self._approved_fd)
+            self._approved_fd = self._approved_ino = None
+            if self.sessions:
+                log.error("cannot open the probe's approved-exec map %s: %s", path, exc)
+
+    def _approve_exec(self, tid: int, form: bytes) -> bool:
+        """Tell the BPF program what this thread may execute; False when the
+        map cannot be written (then the exec must be refused)."""
+        if self._approved_fd is None:
+            self._follow_approved_map()
+            if self._approved_fd is None:
                 return False
-            value = struct.pack("=II", len(data), 0) + data.ljust(4096, b"\0")
-            bpfsys.update(self._approved_fd, struct.pack("=I", tid), value)
+        data = form + b"\0"
+        if len(data) > APPROVED_PATH_MAX:
+            return False
+        try:
+            bpfsys.update(self._approved_fd, struct.pack("=I", tid),
+                          struct.pack("=II", len(data), 0) + data.ljust(APPROVED_PATH_MAX, b"\0"))
             return True
         except OSError as exc:
             log.error("cannot write approved exec for %d: %s", tid, exc)
-            self._approved_fd = None
+            self._follow_approved_map()
             return False
 
     def _let_through(self, fd: int, n: sn.Notification, exec_form: bytes | None) -> bool:
@@ -518,7 +541,7 @@ class Supervisor:
         if not data:
             for fd in fds:
                 os.close(fd)
-            self.sel.unregister(conn)
+            self._unwatch(conn.fileno())
             conn.close()
             return
         pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -625,7 +648,7 @@ class Supervisor:
                           task=fields["task"], on_behalf_of=fields["on_behalf_of"],
                           host=fields["host"], cgroup=cgroup, fd=fd, pid=pid, started=time.time_ns())
         self.sessions[fd] = session
-        self.sel.register(fd, selectors.EVENT_READ, ("listener", fd))
+        self._watch(fd, "listener", fd)
         self._emit({"kind": "supervision", "time": session.started, "state": "started",
                     **self._session_fields(session), "user": session.user, "host": session.host,
                     "cgroup": str(cgroup), "pid": pid})
@@ -633,7 +656,7 @@ class Supervisor:
 
     def _end_session(self, fd: int) -> None:
         session = self.sessions.pop(fd)
-        self.sel.unregister(fd)
+        self._unwatch(fd)
         for hold in [h for h in self.holds.values() if h.session is session]:
             del self.holds[hold.id]
             self._hold_record(hold, "abandoned", "the session ended")
@@ -646,10 +669,13 @@ class Supervisor:
         except OSError:
             pass  # still populated by processes that left the filter's reach: keep it
 
-    def _hung_up(self, fd: int) -> bool:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return any(ev & select.POLLHUP and not ev & select.POLLIN for _, ev in poller.poll(0))
+    def _watch(self, fd: int, kind: str, target) -> None:
+        self.poller.register(fd, select.EPOLLIN)
+        self.watched[fd] = (kind, target)
+
+    def _unwatch(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        del self.watched[fd]
 
     # -- loop ---------------------------------------------------------------------------
 
@@ -662,25 +688,26 @@ class Supervisor:
             if time.monotonic() >= next_health:
                 next_health = time.monotonic() + HEALTH_INTERVAL
                 self._follow_policy()
+                self._follow_approved_map()
                 self._health()
             timeout = 0.2
             if self.holds:
                 timeout = max(0.0, min(timeout, min(h.deadline for h in self.holds.values()) - time.monotonic()))
-            for key, _events in self.sel.select(timeout):
-                kind, fd = key.data
+            for fd, mask in self.poller.poll(timeout):
+                kind, target = self.watched.get(fd, (None, None))
                 try:
-                    if kind == "server":
+                    if kind == "listener":
+                        if mask & select.EPOLLIN:
+                            self.on_notification(fd)
+                        elif mask & select.EPOLLHUP:
+                            self._end_session(fd)
+                    elif kind == "server":
                         conn, _ = self.server.accept()
                         conn.setblocking(True)
                         conn.settimeout(2)
-                        self.sel.register(conn, selectors.EVENT_READ, ("client", conn))
+                        self._watch(conn.fileno(), "client", conn)
                     elif kind == "client":
-                        self.on_client(fd)
-                    elif kind == "listener":
-                        if self._hung_up(fd):
-                            self._end_session(fd)
-                        else:
-                            self.on_notification(fd)
+                        self.on_client(target)
                 except Exception:  # one bad peer must not stop supervision of the others
                     log.exception("supervisor: error handling %s", kind)
             self.expire_holds()
@@ -691,6 +718,7 @@ class Supervisor:
             except OSError:
                 pass
         self.server.close()
+        self.poller.close()
         self._health()
         self.out.close()
         self.policy_feed.close()

@@ -111,6 +111,9 @@ class Probe:
                               settings.instance, settings.agents_slice)
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
         self.raw: list[bytes] = []
+        # Rounded up: a poll shorter than the interval could miss a record
+        # queued without a wake-up.
+        self.wakeup_interval_ms = -(-constants["AW_WAKEUP_INTERVAL_NS"] // 1_000_000)
         self.backlog: collections.deque[list[dict]] = collections.deque()
         self.backlog_records = 0
         self.seq = 0
@@ -300,9 +303,15 @@ class Probe:
         self._queue(self.health())
         self.notifier.ready(self.status_line())
         next_tags = next_health = time.monotonic()
+        active = False
         while not self.stopping:
             self.notifier.alive()
-            self.bpf.ring_buffer_poll(POLL_MS)
+            # The BPF side wakes this loop at most once per wake-up interval
+            # and queues later records silently: while records flow, look
+            # again one interval later, whether woken or not.
+            self.bpf.ring_buffer_poll(self.wakeup_interval_ms if active else POLL_MS)
+            self.bpf.ring_buffer_consume()
+            active = bool(self.raw)
             records = self._drain_ring()
             now = time.monotonic()
             if now >= next_tags:
