@@ -125,9 +125,12 @@ static __always_inline void fill_header(struct aw_header *h, u32 kind, u64 agent
     bpf_get_current_comm(h->comm, sizeof(h->comm));
 }
 
-/* BPF_RB_FORCE_WAKEUP once per AW_WAKEUP_INTERVAL_NS, else BPF_RB_NO_WAKEUP. */
-static __always_inline u64 wakeup_flag(u64 now)
+/* BPF_RB_FORCE_WAKEUP once per AW_WAKEUP_INTERVAL_NS, else BPF_RB_NO_WAKEUP.
+ * The time is the emission's, not the record's (an open is stamped at entry
+ * and may have blocked for long). */
+static __always_inline u64 wakeup_flag(void)
 {
+    u64 now = bpf_ktime_get_boot_ns();
     u32 zero = 0;
     u64 *last = last_wakeup.lookup(&zero);
     if (!last)
@@ -140,7 +143,7 @@ static __always_inline u64 wakeup_flag(u64 now)
 
 static __always_inline void emit(void *record, u32 size, u32 kind)
 {
-    u64 flags = wakeup_flag(((struct aw_header *)record)->ts_ns);
+    u64 flags = wakeup_flag();
     if (events.ringbuf_output(record, size, flags) == 0)
         count(kind);
     else

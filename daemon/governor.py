@@ -37,8 +37,26 @@ def real_path(record: dict) -> str | None:
     if lexical is None:
         return None
     lexical = os.fsdecode(lexical)
-    real = os.path.realpath(lexical) if os.path.lexists(lexical) else None
+    real = kernel_real_path(lexical)
     return real if real and real != lexical else None
+
+
+def kernel_real_path(path: str) -> str | None:
+    """The kernel's own resolution of path (an O_PATH open, which opens no
+    device or FIFO, then its /proc/self/fd link): three syscalls where
+    os.path.realpath makes one per component. None when nothing is there."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        # A dangling symlink still says where it points.
+        return os.path.realpath(path) if os.path.lexists(path) else None
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    if not real.startswith("/") or real.endswith(" (deleted)"):
+        return os.path.realpath(path)  # unlinked meanwhile, or another mount namespace's view
+    return real
 
 
 class Governor:

@@ -258,3 +258,48 @@ def test_decoder_layouts_match_the_c_header(kernel):
             assert layout.struct.size == (layout.tail_offset if tail else __import__("ctypes").sizeof(leaf))
     finally:
         bpf.cleanup()
+
+
+def test_records_queued_without_a_wakeup_still_arrive_within_the_interval(warden, agent_cgroup, tmp_path):
+    """The ring wakes the probe at most once per wake-up interval; a record
+    emitted just after a wake-up is queued silently and must still reach the
+    daemon about one interval later, not at the probe's next health tick."""
+    from agentwarden import wire
+    from agentwarden.probe.loader import header_constants
+    interval = header_constants()["AW_WAKEUP_INTERVAL_NS"] / 1e9
+    cg = agent_cgroup("silent")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_text("")
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"events")
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(warden.settings.events_endpoint)
+    # Quiet long enough for a wake-up, then a second open well inside the interval.
+    script = (f"import os, time\ntime.sleep({3 * interval})\n"
+              f"os.close(os.open('{first}', os.O_RDONLY))\ntime.sleep({interval / 5})\n"
+              f"os.close(os.open('{second}', os.O_RDONLY | os.O_CREAT, 0o600))\nprint(time.monotonic())\n")
+
+    def arrival_of_second() -> float:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if sub.poll(100):
+                _topic, payload = sub.recv_multipart()
+                if any(r.get("resolved_path") == str(second) for r in wire.decode_batch(payload).records):
+                    return time.monotonic()
+        raise AssertionError("the second open never arrived")
+
+    wait_for(lambda: (cg.run(["/bin/true"]), sub.poll(200))[1], timeout=20, what="the subscriber to connect")
+    delays = []
+    try:
+        for _ in range(5):
+            while sub.poll(0):
+                sub.recv_multipart()
+            second.unlink(missing_ok=True)
+            done = float(cg.run([sys.executable, "-S", "-c", script], check=True,
+                                capture_output=True, text=True).stdout)
+            delays.append(arrival_of_second() - done)
+    finally:
+        sub.close()
+    print("delivery delays (s):", [round(d, 4) for d in delays])
+    # Health ticks come every second: without the timed look the delays spread over it.
+    assert max(delays) < 0.3, delays
