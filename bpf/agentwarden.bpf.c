@@ -8,6 +8,16 @@
 
 #define AW_AT_FDCWD -100
 
+/* The ring wakes the probe at most once per this interval (the probe passes
+ * it from its `wakeup_interval` setting): each wake-up costs the emitting
+ * task about 10 us (an inter-processor interrupt, a VM exit under
+ * virtualisation). Records in between are queued silently; the probe, once
+ * woken, looks again this much later, so none waits longer. 0: the kernel's
+ * own policy, a wake-up whenever the probe has caught up. */
+#ifndef AW_WAKEUP_INTERVAL_NS
+#error "AW_WAKEUP_INTERVAL_NS is passed by the probe (setting wakeup_interval)"
+#endif
+
 struct aw_config {
     u32 tagged_levels;  /* bit L set: some tagged cgroup sits at depth L */
     u32 reserved;
@@ -130,6 +140,8 @@ static __always_inline void fill_header(struct aw_header *h, u32 kind, u64 agent
  * and may have blocked for long). */
 static __always_inline u64 wakeup_flag(void)
 {
+    if (AW_WAKEUP_INTERVAL_NS == 0)
+        return 0;
     u64 now = bpf_ktime_get_boot_ns();
     u32 zero = 0;
     u64 *last = last_wakeup.lookup(&zero);

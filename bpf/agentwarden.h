@@ -33,11 +33,6 @@
 #define AW_MAX_AGENT_CGROUPS 4096
 #define AW_MAX_INFLIGHT 16384
 #define AW_RINGBUF_PAGES 4096
-/* The ring wakes the probe at most once per this interval: each wake-up
- * costs the emitting task about 10 us (an inter-processor interrupt, a VM
- * exit under virtualisation). Records in between are queued silently; the
- * probe, once woken, polls again this much later, so no record waits longer. */
-#define AW_WAKEUP_INTERVAL_NS 10000000
 #define AW_DENY_PATH_MAX 252  /* LPM trie keys hold at most 256 data bytes */
 #define AW_MAX_DENY_RULES 65536
 

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from agentwarden.errors import AgentwardenError, NeedsRoot
+from agentwarden.settings import KEYS
 
 TRACEFS = Path("/sys/kernel/tracing")
 PROGRAM = "agentwarden.bpf.c"
@@ -72,14 +73,15 @@ def load_bcc():
     return bcc
 
 
-def compile_and_attach():
-    """Compile, load and attach the program; returns the bcc.BPF object."""
+def compile_and_attach(wakeup_interval: float = KEYS["wakeup_interval"].default):
+    """Compile, load and attach the program; returns the bcc.BPF object.
+    wakeup_interval: seconds, the `wakeup_interval` setting."""
     if os.geteuid() != 0:
         raise NeedsRoot("loading the BPF program")
     tracefs = ensure_tracefs()
     check_kernel_headers()
     bcc = load_bcc()
-    cflags = [f"-I{bpf_dir()}"]
+    cflags = [f"-I{bpf_dir()}", f"-DAW_WAKEUP_INTERVAL_NS={round(wakeup_interval * 1e9)}ULL"]
     # sched_process_exit says whether the whole process ends (newer kernels).
     if "group_dead" in (tracefs / EXIT_FORMAT).read_text():
         cflags.append("-DAW_HAVE_GROUP_DEAD=1")

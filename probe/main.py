@@ -5,6 +5,7 @@ import collections
 import ctypes as ct
 import hashlib
 import logging
+import math
 import os
 import signal
 import time
@@ -111,9 +112,11 @@ class Probe:
                               settings.instance, settings.agents_slice)
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
         self.raw: list[bytes] = []
-        # Rounded up: a poll shorter than the interval could miss a record
-        # queued without a wake-up.
-        self.wakeup_interval_ms = -(-constants["AW_WAKEUP_INTERVAL_NS"] // 1_000_000)
+        # How long to wait for a wake-up while records flow. Rounded up: a
+        # shorter look could miss a record queued without one. With no
+        # interval the kernel wakes the probe itself whenever it has caught up.
+        interval_ms = math.ceil(settings.wakeup_interval * 1000)
+        self.active_poll_ms = interval_ms if interval_ms else POLL_MS
         self.backlog: collections.deque[list[dict]] = collections.deque()
         self.backlog_records = 0
         self.seq = 0
@@ -309,7 +312,7 @@ class Probe:
             # The BPF side wakes this loop at most once per wake-up interval
             # and queues later records silently: while records flow, look
             # again one interval later, whether woken or not.
-            self.bpf.ring_buffer_poll(self.wakeup_interval_ms if active else POLL_MS)
+            self.bpf.ring_buffer_poll(self.active_poll_ms if active else POLL_MS)
             self.bpf.ring_buffer_consume()
             active = bool(self.raw)
             records = self._drain_ring()
@@ -341,7 +344,7 @@ class Probe:
 
 
 def main(settings: Settings) -> None:
-    bpf = loader.compile_and_attach()
+    bpf = loader.compile_and_attach(settings.wakeup_interval)
     settings.prepare_run_dir()
     # The daemon writes approved session execs into this map directly.
     approved = settings.bpf_pin_dir / "approved_exec"

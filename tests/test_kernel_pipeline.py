@@ -265,8 +265,8 @@ def test_records_queued_without_a_wakeup_still_arrive_within_the_interval(warden
     emitted just after a wake-up is queued silently and must still reach the
     daemon about one interval later, not at the probe's next health tick."""
     from agentwarden import wire
-    from agentwarden.probe.loader import header_constants
-    interval = header_constants()["AW_WAKEUP_INTERVAL_NS"] / 1e9
+    interval = warden.settings.wakeup_interval
+    assert interval > 0
     cg = agent_cgroup("silent")
     first, second = tmp_path / "first", tmp_path / "second"
     first.write_text("")

@@ -32,6 +32,7 @@ def test_defaults_without_any_file(tmp_path):
     assert s.agents_dir == Path("/etc/agentwarden/agents")
     assert s.admin_group == "agentwarden" and s.agents_slice == "agents.slice"
     assert s.health_interval == 1.0 and s.tag_scan_interval == 0.5
+    assert s.wakeup_interval == 0.01
     assert set(s.origins.values()) == {"default"}
 
 
@@ -91,6 +92,8 @@ def test_the_old_environment_variables_still_work(monkeypatch, tmp_path):
     ('health_interval = "soon"\n', "must be a number of seconds"),
     ("health_interval = true\n", "must be a number of seconds"),
     ("health_interval = nan\n", "between 0.01 and 3600"),
+    ("wakeup_interval = 2\n", "between 0 and 1 seconds"),
+    ("wakeup_interval = -0.01\n", "between 0 and 1 seconds"),
     ('agents_slice = "agents"\n', "must be a systemd slice name"),
     ('admin_group = "Bad Group"\n', "must be a group name"),
     ('rundir = "/x"\n', "unknown key 'rundir'; known keys: run_dir"),
