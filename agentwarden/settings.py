@@ -125,7 +125,7 @@ def _path(value: Any) -> Path:
     return Path(os.path.normpath(value))
 
 
-def _seconds(value: Any) -> float:
+def _number_of_seconds(value: Any) -> float:
     if isinstance(value, str):
         try:
             value = float(value)
@@ -133,9 +133,14 @@ def _seconds(value: Any) -> float:
             raise ValueError("must be a number of seconds") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError("must be a number of seconds")
+    return float(value)
+
+
+def _seconds(value: Any) -> float:
+    value = _number_of_seconds(value)
     if not math.isfinite(value) or not 0.01 <= value <= 3600:
         raise ValueError("must be between 0.01 and 3600 seconds")
-    return float(value)
+    return value
 
 
 def _group(value: Any) -> str:
@@ -151,15 +156,10 @@ def _scope(value: Any) -> str:
 
 
 def _wakeup(value: Any) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError("must be a number of seconds") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value) or not 0 <= value <= 1:
+    value = _number_of_seconds(value)
+    if not math.isfinite(value) or not 0 <= value <= 1:
         raise ValueError("must be between 0 and 1 seconds (0: wake the probe for every record)")
-    return float(value)
+    return value
 
 
 def _slice(value: Any) -> str:
