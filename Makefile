@@ -2,7 +2,7 @@
 #   make run    set up, then run probe + daemon in the foreground
 #   make test   set up, then run the whole test suite (kernel tests included)
 # Packaging:
-#   make deb           dist/agentwarden_<version>_all.deb (DEB_VERSION=... to override)
+#   make deb           dist/agentwarden_<version>_<arch>.deb (DEB_VERSION=... to override)
 #   make systemd-test  the .deb installed, upgraded, removed and purged under a
 #                      real systemd (a booted bookworm container)
 VENV := .venv

@@ -293,6 +293,13 @@ def status(as_json: bool = typer.Option(False, "--json", help="the full status a
                    f"{h.get('decoded', 0)} records decoded")
     for cgid, info in sorted(p["tags"].items()):
         typer.echo(f"  agent {info['agent']:<16} {info['path']} (id {cgid})")
+    sup = st.get("sessions")
+    if sup:
+        fast = sup.get("fast_path")
+        fast_note = (f"exec fast path running ({sup['fast']['continued']} execs answered)"
+                     if fast == "running" else f"exec fast path off: {fast}")
+        typer.echo(f"sessions: {sup.get('sessions', 0)} running, {sup.get('holds', 0)} holds pending, "
+                   f"{fast_note}")
     drops = st["drops"]
     typer.echo("drops:  " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
 

@@ -36,6 +36,7 @@ USER_NOTIF_FD_SYNC_WAKE_UP = 1
 
 _NOTIF = struct.Struct("=QIIiIQ6Q")   # id, pid, flags, nr, arch, ip, args[6]
 _RESP = struct.Struct("=QqiI")        # id, val, error, flags
+NOTIF_SIZE = _NOTIF.size
 
 # What a session's processes may not do at all: ways around the filter.
 DENIED = ("ptrace", "process_vm_writev", "process_vm_readv", "io_uring_setup",
@@ -128,7 +129,12 @@ def receive(fd: int) -> Notification | None:
         if exc.errno in (errno.ENOENT, errno.EINTR):
             return None
         raise
-    nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+    return parse(buf)
+
+
+def parse(raw: bytes) -> Notification:
+    """A struct seccomp_notif, as NOTIF_RECV fills it."""
+    nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(raw)
     return Notification(nid, pid, nr, tuple(args))
 
 

@@ -73,10 +73,10 @@ class Profile:
 PROFILES = {
     "full": Profile("full", rounds=12, reps=2, open_count=200_000, exec_count=800,
                     rates=(25_000, 50_000, 75_000, 100_000, 125_000, 150_000, 200_000),
-                    seconds=4, decisions=200_000, kill_trials=200, session_ops=300, session_rounds=3),
+                    seconds=4, decisions=200_000, kill_trials=200, session_ops=50, session_rounds=15),
     "quick": Profile("quick", rounds=2, reps=1, open_count=100_000, exec_count=300,
                      rates=(25_000, 100_000), seconds=2, decisions=20_000, kill_trials=30,
-                     session_ops=100, session_rounds=1),
+                     session_ops=50, session_rounds=3),
 }
 
 

@@ -1,6 +1,10 @@
 /* Per-operation latencies for bench/sessions.py, built with gcc at bench time.
  *
  *   session_workload exec COUNT PROGRAM   fork + execve(PROGRAM) + waitpid
+ *   session_workload execnew COUNT PROGRAM  the same, with a new argument each time
+ *                                           (a command line the supervisor has not seen)
+ *   session_workload execfail COUNT PATH    execve(PATH) of a missing file, in-process:
+ *                                           the syscall alone (it must fail ENOENT)
  *   session_workload wopen COUNT DIR      open(DIR/w<i>, O_WRONLY|O_CREAT|O_TRUNC) + close
  *
  * Prints {"ns": [one latency per operation]} on stdout.
@@ -25,7 +29,7 @@ static long long now_ns(void)
 int main(int argc, char **argv)
 {
     if (argc != 4) {
-        fprintf(stderr, "usage: session_workload exec|wopen COUNT PROGRAM|DIR\n");
+        fprintf(stderr, "usage: session_workload exec|execnew|execfail|wopen COUNT PROGRAM|DIR\n");
         return 2;
     }
     int count = atoi(argv[2]);
@@ -33,10 +37,19 @@ int main(int argc, char **argv)
     char path[4096];
     for (int i = 0; i < count; i++) {
         long long start = now_ns();
-        if (strcmp(argv[1], "exec") == 0) {
+        if (strcmp(argv[1], "execfail") == 0) {
+            char *args[] = {argv[3], NULL};
+            execv(argv[3], args);
+            if (errno != ENOENT) {
+                fprintf(stderr, "session_workload: exec of %s: %s\n", argv[3], strerror(errno));
+                return 1;
+            }
+        } else if (strncmp(argv[1], "exec", 4) == 0) {
+            char nth[32];
+            snprintf(nth, sizeof(nth), "%lld-%d", start, i);
             pid_t pid = fork();
             if (pid == 0) {
-                char *args[] = {argv[3], NULL};
+                char *args[] = {argv[3], strcmp(argv[1], "execnew") == 0 ? nth : NULL, NULL};
                 execv(argv[3], args);
                 _exit(127);
             }

@@ -11,7 +11,9 @@ fd; admins list, approve and deny holds.
 
 For every notification: read the arguments from /proc/PID/mem, check the
 notification is still valid, decide with the policy, and then continue, fail
-with EPERM, or hold. A continued exec is first written to the BPF map
+with EPERM, or hold. A compiled thread (fastpath.c) receives first and
+answers alone the execs whose exact command line this process already
+allowed under the current policy; it forwards the rest here unanswered. A continued exec is first written to the BPF map
 `approved_exec`, so the kernel kills it at sched_process_exec if what runs is
 not what was checked. Whatever cannot be read or checked is refused.
 """
@@ -43,6 +45,7 @@ from agentwarden.errors import AgentwardenError
 from agentwarden.probe.loader import header_constants
 from agentwarden.settings import Settings
 
+from . import fastpath
 from .governor import Governor
 from .resolver import normalise, proc_link, proc_ppid
 
@@ -101,6 +104,7 @@ class Request:
     key: tuple                  # the same action by the same agent: remember / retry
     events: list[dict]
     exec_form: bytes | None     # exec: the filename in the kernel's own form
+    fast_key: bytes | None = None   # exec the fast path can repeat once allowed
 
 
 def cgroup_of(pid: int) -> str | None:
@@ -166,6 +170,19 @@ class Supervisor:
         self.poller = select.epoll()
         self.watched: dict[int, tuple[str, object]] = {}   # fd -> (kind, socket or fd)
         self.server = self._listen()
+        self.fast, self.fast_unavailable = self._start_fast_path()
+
+    def _start_fast_path(self) -> tuple[fastpath.FastPath | None, str | None]:
+        if not self.settings.exec_fast_path:
+            return None, "turned off (exec_fast_path = false)"
+        lib, why = fastpath.load()
+        if lib is None:
+            log.warning("supervisor: no compiled fast path, every exec is decided in Python: %s", why)
+            return None, why
+        execve = next(nr for nr, name in self.names.items() if name == "execve")
+        fast = fastpath.FastPath(lib, execve, APPROVED_PATH_MAX)
+        self._watch(fast.forwarded.fileno(), "fastpath", fast)
+        return fast, None
 
     def _listen(self) -> socket.socket:
         path = self.settings.sessions_socket
@@ -193,8 +210,14 @@ class Supervisor:
         current = self.governor.policy
         self._emit({"kind": "health", "time": time.time_ns(), "stage": "supervisor", "counters": {
             **self.counters, "sessions": len(self.sessions), "holds": len(self.holds),
-            "handling": self.handling_summary(),
+            "handling": summarise(self.handling_ns), **self._fast_health(),
             "policy_hash": current.hash if current else None}})
+
+    def _fast_health(self) -> dict:
+        if self.fast is None:
+            return {"fast_path": self.fast_unavailable}
+        counters, recent = self.fast.stats()
+        return {"fast_path": "running", "fast": counters, "fast_handling": summarise(recent)}
 
     def _follow_policy(self) -> None:
         """Reload when the daemon announces another policy hash."""
@@ -216,6 +239,8 @@ class Supervisor:
                               announced, exc)
                     continue
                 loaded = self.governor.policy.hash if self.governor.policy else None
+                if self.fast and loaded != current:
+                    self.fast.forget()  # its decisions were the old policy's
                 if loaded != announced:
                     log.warning("supervisor: loaded policy %s, the daemon announced %s "
                                 "(files changed in between?)", loaded, announced)
@@ -275,7 +300,9 @@ class Supervisor:
             event = {"kind": "exec", "agent": s.agent, "resolved_filename": resolved,
                      "exec_path": "", "argv": argv_text, "argv_truncated": False, "ret": 0}
             shown = " ".join(argv_text) + f" ({resolved or os.fsdecode(raw)})"
-            return Request(f"exec {shown}", ("exec", resolved, tuple(argv_text)), [event], form)
+            repeatable = name == "execve" and raw.startswith(b"/") and argv_ptr
+            return Request(f"exec {shown}", ("exec", resolved, tuple(argv_text)), [event], form,
+                           fastpath.key(s.agent, raw, argv) if repeatable else None)
         paths: list[tuple[int, int, int]] = []   # (dirfd, pointer, open flags)
         write = os.O_WRONLY
         if name == "open":
@@ -346,10 +373,14 @@ class Supervisor:
             ino = os.stat(path).st_ino
             if self._approved_fd is None or ino != self._approved_ino:
                 fd = bpfsys.open_pinned(path)
+                if self.fast:
+                    self.fast.set_map(fd)
                 if self._approved_fd is not None:
                     os.close(self._approved_fd)
                 self._approved_fd, self._approved_ino = fd, ino
         except OSError as exc:
+            if self.fast:
+                self.fast.set_map(None)
             if self._approved_fd is not None:
                 os.close(self._approved_fd)
             self._approved_fd = self._approved_ino = None
@@ -384,26 +415,29 @@ class Supervisor:
 
     # -- notifications --------------------------------------------------------------
 
-    def on_notification(self, fd: int) -> None:
+    def on_notification(self, fd: int, n: sn.Notification | None = None) -> None:
+        """A notification on fd: received here, or n as the fast path forwarded it."""
         started = time.perf_counter_ns()
         try:
-            self._on_notification(fd)
+            self._on_notification(fd, n)
         finally:
             self.handling_ns.append(time.perf_counter_ns() - started)
 
-    def handling_summary(self) -> dict:
-        """Time from a notification being readable to its answer, recent ones."""
-        recent = sorted(self.handling_ns)
-        if not recent:
-            return {}
-        return {"n": len(recent), "median_us": recent[len(recent) // 2] / 1000,
-                "p99_us": recent[min(len(recent) - 1, int(len(recent) * 0.99))] / 1000}
+    def on_forwarded(self) -> None:
+        for kind, fd, n in self.fast.events():
+            if fd not in self.sessions:
+                continue  # cannot happen: fds close only after their hang-up, in order
+            if kind == fastpath.FORWARD_NOTIFICATION:
+                self.on_notification(fd, n)
+            elif kind == fastpath.FORWARD_HANGUP:
+                self._end_session(fd)
 
-    def _on_notification(self, fd: int) -> None:
+    def _on_notification(self, fd: int, n: sn.Notification | None) -> None:
         s = self.sessions[fd]
-        n = sn.receive(fd)
         if n is None:
-            return
+            n = sn.receive(fd)
+            if n is None:
+                return
         self.counters["notifications"] += 1
         name = self.names.get(n.nr, str(n.nr))
         try:
@@ -422,7 +456,8 @@ class Supervisor:
         verdict = self._decide(request)
         agent_policy = self.governor.policy.agents.get(s.agent) if self.governor.policy else None
         if verdict.decision == "allow":
-            self._let_through(fd, n, request.exec_form)
+            if self._let_through(fd, n, request.exec_form) and self.fast and request.fast_key:
+                self.fast.learn(request.fast_key)  # decide() is pure: same line, same verdict
             return
         if verdict.mode == "monitor":
             self._let_through(fd, n, request.exec_form)
@@ -648,7 +683,14 @@ class Supervisor:
                           task=fields["task"], on_behalf_of=fields["on_behalf_of"],
                           host=fields["host"], cgroup=cgroup, fd=fd, pid=pid, started=time.time_ns())
         self.sessions[fd] = session
-        self._watch(fd, "listener", fd)
+        try:
+            if not self.fast:
+                raise OSError("no fast path")
+            self.fast.watch(fd, session.agent)
+        except OSError as exc:  # no thread for it: this process receives its notifications
+            if self.fast:
+                log.error("supervisor: no fast-path thread for session %s: %s", session.id, exc)
+            self._watch(fd, "listener", fd)
         self._emit({"kind": "supervision", "time": session.started, "state": "started",
                     **self._session_fields(session), "user": session.user, "host": session.host,
                     "cgroup": str(cgroup), "pid": pid})
@@ -656,7 +698,10 @@ class Supervisor:
 
     def _end_session(self, fd: int) -> None:
         session = self.sessions.pop(fd)
-        self._unwatch(fd)
+        if fd in self.watched:
+            self._unwatch(fd)
+        else:
+            self.fast.release(fd)  # its thread forwarded the hang-up and ended
         for hold in [h for h in self.holds.values() if h.session is session]:
             del self.holds[hold.id]
             self._hold_record(hold, "abandoned", "the session ended")
@@ -708,9 +753,13 @@ class Supervisor:
                         self._watch(conn.fileno(), "client", conn)
                     elif kind == "client":
                         self.on_client(target)
+                    elif kind == "fastpath":
+                        self.on_forwarded()
                 except Exception:  # one bad peer must not stop supervision of the others
                     log.exception("supervisor: error handling %s", kind)
             self.expire_holds()
+        if self.fast:
+            self.fast.stop()
         for fd, session in list(self.sessions.items()):
             os.close(fd)  # held and future notified calls now fail with ENOSYS
             try:
@@ -722,6 +771,15 @@ class Supervisor:
         self._health()
         self.out.close()
         self.policy_feed.close()
+
+
+def summarise(times_ns) -> dict:
+    """Handling times (notification readable to answered): median and p99."""
+    recent = sorted(times_ns)
+    if not recent:
+        return {}
+    return {"n": len(recent), "median_us": recent[len(recent) // 2] / 1000,
+            "p99_us": recent[min(len(recent) - 1, int(len(recent) * 0.99))] / 1000}
 
 
 def main(settings: Settings) -> None:

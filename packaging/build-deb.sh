@@ -1,5 +1,5 @@
 #!/bin/sh
-# `make deb`: dist/agentwarden_<version>_all.deb, built with Debian's own tools
+# `make deb`: dist/agentwarden_<version>_<arch>.deb, built with Debian's own tools
 # (Debian's setuptools for the wheel, dpkg-deb for the package), offline.
 # DEB_VERSION overrides the version (default: pyproject.toml's).
 set -eu
@@ -11,9 +11,10 @@ case "$version" in
     [0-9]*) ;;
     *) echo "build-deb: bad version '$version' (must start with a digit)" >&2; exit 1 ;;
 esac
-for tool in dpkg-deb "$PYTHON"; do
-    command -v "$tool" >/dev/null || { echo "build-deb: $tool is missing (apt-get install dpkg-dev python3-setuptools)" >&2; exit 1; }
+for tool in dpkg-deb "$PYTHON" gcc; do
+    command -v "$tool" >/dev/null || { echo "build-deb: $tool is missing (apt-get install dpkg-dev python3-setuptools gcc libc6-dev)" >&2; exit 1; }
 done
+arch=$(dpkg --print-architecture)   # the supervisor's fast path is compiled
 
 work=build/deb
 root=$work/root
@@ -35,6 +36,7 @@ mkdir -p "$site"
 "$PYTHON" -m zipfile -e "$work/wheel/$wheel" "$site"
 rm -f "$site"/agentwarden-*.dist-info/RECORD
 find "$site" -name '__pycache__' -prune -exec rm -rf {} +
+sh scripts/build-fastpath.sh "$site/agentwarden/daemon/_fastpath.so"
 
 install -D -m 0755 packaging/agentwarden.bin "$root/usr/bin/agentwarden"
 for unit in agentwarden-daemon.service agentwarden-probe.service agents.slice 'agent@.service'; do
@@ -58,10 +60,10 @@ done
 install -m 0644 packaging/triggers "$root/DEBIAN/triggers"
 echo /etc/agentwarden/config.toml > "$root/DEBIAN/conffiles"
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
-sed -e "s/@VERSION@/$version/" -e "s/@SIZE@/$size/" packaging/control.in > "$root/DEBIAN/control"
+sed -e "s/@VERSION@/$version/" -e "s/@SIZE@/$size/" -e "s/@ARCH@/$arch/" packaging/control.in > "$root/DEBIAN/control"
 (cd "$root" && find . -path ./DEBIAN -prune -o -path ./etc -prune -o -type f -printf '%P\0' \
     | sort -z | xargs -0 md5sum) > "$root/DEBIAN/md5sums"
 
-deb=dist/agentwarden_${version}_all.deb
+deb=dist/agentwarden_${version}_${arch}.deb
 dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
 echo "built $deb"

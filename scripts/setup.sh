@@ -23,11 +23,12 @@ apt_install() {
 }
 
 # 1. Debian packages: BCC and libseccomp bindings exist only there; the rest
-#    are bookworm's versions, which the .deb depends on too.
+#    are bookworm's versions, which the .deb depends on too; gcc builds the
+#    supervisor's fast path (step 4).
 missing=""
 for pkg in python3-bpfcc python3-seccomp python3-venv python3-setuptools python3-pip \
            python3-zmq python3-msgpack python3-psutil python3-typer python3-pytest \
-           mount util-linux; do
+           mount util-linux gcc libc6-dev; do
     installed "$pkg" || missing="$missing $pkg"
 done
 [ -z "$missing" ] || apt_install $missing
@@ -65,6 +66,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     say "installing agentwarden into .venv"
     .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . 
     touch "$stamp"
+fi
+# 4. The supervisor's compiled fast path for allowed execs.
+if [ ! -f daemon/_fastpath.so ] || [ daemon/fastpath.c -nt daemon/_fastpath.so ]; then
+    say "building daemon/_fastpath.so"
+    sh scripts/build-fastpath.sh
 fi
 .venv/bin/python -c "import bcc, seccomp, zmq, msgpack, typer, psutil, pytest" ||
     { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }

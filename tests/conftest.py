@@ -76,7 +76,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> int:
 class Warden:
     """A running `agentwarden up` with its own run and state directories."""
 
-    def __init__(self, tmp: Path, run_dir: Path | None = None):
+    def __init__(self, tmp: Path, run_dir: Path | None = None, env: dict | None = None):
         self.settings = Settings(run_dir=run_dir or tmp / "run", state_dir=tmp / "state",
                                  policy_dir=tmp / "policy")
         self.settings.policy_dir.mkdir()
@@ -84,7 +84,7 @@ class Warden:
                     "AGENTWARDEN_STATE_DIR": str(self.settings.state_dir),
                     "AGENTWARDEN_POLICY_DIR": str(self.settings.policy_dir),
                     # Watch only the tests' cgroups: other instances' agents stay theirs.
-                    "AGENTWARDEN_CGROUP_SCOPE": TEST_CGROUP_PARENT}
+                    "AGENTWARDEN_CGROUP_SCOPE": TEST_CGROUP_PARENT, **(env or {})}
         self.log = open(tmp / "up.log", "w+")
         (cgroups.cgroup2_root() / TEST_CGROUP_PARENT).mkdir(exist_ok=True)
         self.proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "up"], env=self.env,

@@ -111,6 +111,41 @@ def test_allowed_runs_without_prompt_held_waits_for_approve_or_deny(warden, sess
     assert all(r["policy_hash"].startswith("sha256:") for r in records if r["kind"] == "hold")
 
 
+def supervisor_health(warden: Warden, check=lambda health: True) -> dict:
+    """The supervisor's latest health record once check accepts it (one a second)."""
+    return wait_for(lambda: (lambda h: h if h and check(h) else None)(warden.status().get("sessions")),
+                    timeout=20, what="the supervisor's health record")
+
+
+def fast_continued(warden: Warden) -> int:
+    return supervisor_health(warden)["fast"]["continued"]
+
+
+def test_fast_path_repeats_allowed_execs_and_forgets_them_when_the_policy_changes(warden, session_agent):
+    agent, _ = session_agent(dict(exec_allow=SHELL + ["/usr/bin/true"]))
+    assert supervisor_health(warden)["fast_path"] == "running"
+    before = fast_continued(warden)
+    loop = "for i in 1 2 3 4 5 6 7 8 9 10; do /usr/bin/true || exit 9; done; echo ok"
+    proc = start_run(warden, agent, ["/bin/sh", "-c", loop])
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (0, "ok\n"), err
+    # The first /usr/bin/true is decided in Python; the nine repeats by the compiled thread.
+    supervisor_health(warden, lambda h: h["fast"]["continued"] >= before + 9)
+    assert "exec fast path running (" in warden.cli("status").stdout
+
+    # The same command line, now held: the learned decision is void with the old policy.
+    wanted = warden.set_policy(agent, _policy(agent, exec_allow=SHELL, exec_hold=["/usr/bin/true"]))
+    supervisor_health(warden, lambda h: h["policy_hash"] == wanted)
+    before = fast_continued(warden)
+    held = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/true; echo status=$?"])
+    [hold] = wait_hold(warden, agent)
+    assert hold["action"].startswith("exec /usr/bin/true")
+    warden.cli("deny", hold["id"], "--reason", "policy changed")
+    out, err = held.communicate(timeout=30)
+    assert "Operation not permitted" in err and "status=126" in out
+    assert fast_continued(warden) == before
+
+
 def test_hold_timeout_denies(warden, session_agent):
     agent, _ = session_agent(dict(exec_allow=SHELL, exec_hold=["/usr/bin/date"], extra="hold-timeout = 1\n"))
     proc = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date; echo status=$?"])
@@ -216,12 +251,15 @@ int main(int argc, char **argv) {
     subprocess.run(["gcc", "-O2", "-pthread", "-o", str(racer), str(racer_c)], check=True)
     marker = tmp_path / "touched"
     agent, _ = session_agent(dict(exec_allow=[str(racer), "/usr/bin/true"]))
+    fast_before = fast_continued(warden)
     proc = start_run(warden, agent, [str(racer), str(marker), "3000"])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     killed = int(out.split("killed=")[1].split()[0])
     assert killed >= 1, out     # the race was won by the flipper, and caught
     assert not marker.exists()  # /usr/bin/touch never ran its first instruction
+    # Most of those execs were continued by the compiled fast path: it is covered too.
+    supervisor_health(warden, lambda h: h["fast"]["continued"] > fast_before)
     warden.settle()
     caught = [r for r in warden.records() if r.get("kind") == "exec" and r.get("agent") == agent
               and r.get("not_approved")]
@@ -293,6 +331,30 @@ def own_warden(kernel, tmp_path):
     yield w
     w.stop()
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_without_the_fast_path_python_decides_every_exec(kernel, agent_cgroup, tmp_path):
+    run_dir = Path(f"/run/agentwarden-test-{uuid.uuid4().hex[:8]}")
+    warden = Warden(tmp_path, run_dir=run_dir, env={"AGENTWARDEN_EXEC_FAST_PATH": "false"})
+    try:
+        agent = _name("slow")
+        cg = agent_cgroup(agent, tag=False)
+        cg.warden = warden
+        cg.tag()
+        warden.set_policy(agent, _policy(agent, exec_allow=SHELL + ["/usr/bin/true"],
+                                         exec_hold=["/usr/bin/date"]))
+        health = supervisor_health(warden)
+        assert health["fast_path"] == "turned off (exec_fast_path = false)" and "fast" not in health
+        assert "exec fast path off: turned off" in warden.cli("status").stdout
+        proc = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/true; /usr/bin/true; /usr/bin/date; echo $?"])
+        [hold] = wait_hold(warden, agent)
+        warden.cli("deny", hold["id"])
+        out, err = proc.communicate(timeout=30)
+        assert out == "126\n", err
+        supervisor_health(warden, lambda h: h["continued"] >= 3)   # sh and both /usr/bin/true
+    finally:
+        warden.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_two_approver_rule_needs_two_different_admins(admins, own_warden, agent_cgroup, tmp_path):

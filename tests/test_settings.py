@@ -33,6 +33,7 @@ def test_defaults_without_any_file(tmp_path):
     assert s.admin_group == "agentwarden" and s.agents_slice == "agents.slice"
     assert s.health_interval == 1.0 and s.tag_scan_interval == 0.5
     assert s.wakeup_interval == 0.01
+    assert s.exec_fast_path is True
     assert set(s.origins.values()) == {"default"}
 
 
@@ -94,6 +95,8 @@ def test_the_old_environment_variables_still_work(monkeypatch, tmp_path):
     ("health_interval = nan\n", "between 0.01 and 3600"),
     ("wakeup_interval = 2\n", "between 0 and 1 seconds"),
     ("wakeup_interval = -0.01\n", "between 0 and 1 seconds"),
+    ('exec_fast_path = "maybe"\n', "must be true or false"),
+    ("exec_fast_path = 1\n", "must be true or false"),
     ('agents_slice = "agents"\n', "must be a systemd slice name"),
     ('admin_group = "Bad Group"\n', "must be a group name"),
     ('rundir = "/x"\n', "unknown key 'rundir'; known keys: run_dir"),
@@ -116,6 +119,13 @@ def test_bad_environment_and_flags_name_their_origin(tmp_path):
         load(config=config, environ={}, overrides=["run_dir"])
     with pytest.raises(ConfigError, match="--set: unknown key 'nope'"):
         load(config=config, environ={}, overrides=["nope=1"])
+
+
+def test_exec_fast_path_from_file_and_environment(tmp_path):
+    config = write(tmp_path / "config.toml", "exec_fast_path = false\n")
+    assert load(config=config, environ={}).exec_fast_path is False
+    assert load(config=config, environ={"AGENTWARDEN_EXEC_FAST_PATH": "yes"}).exec_fast_path is True
+    assert load(config=config, environ={}, overrides=["exec_fast_path=off"]).exec_fast_path is False
 
 
 def test_a_named_config_must_exist_and_be_readable(tmp_path):

@@ -94,6 +94,8 @@ install)
     wait_for 180 "both services active" active $UNITS
     wait_for 30 "agentwarden status: healthy (probe up)" healthy
     check "agentwarden doctor passes" agentwarden doctor
+    wait_for 10 "the supervisor runs its compiled exec fast path" \
+        sh -c "agentwarden status | grep -q 'exec fast path running'"
     expect_mode "660 root:agentwarden" /run/agentwarden/control.sock
     check "daemon is Type=notify with a watchdog" \
         test "$(prop agentwarden-daemon Type) $(prop agentwarden-daemon WatchdogUSec)" = "notify 10s"

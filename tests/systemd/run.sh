@@ -44,8 +44,9 @@ cgroot=$(awk '$9 == "cgroup2" { print $5; exit }' /proc/self/mountinfo)
 
 # -- the two packages -----------------------------------------------------------
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)
-old_deb=agentwarden_${version}_all.deb
-new_deb=agentwarden_${version}+systemdtest1_all.deb
+arch=$(dpkg --print-architecture)
+old_deb=agentwarden_${version}_${arch}.deb
+new_deb=agentwarden_${version}+systemdtest1_${arch}.deb
 sh packaging/build-deb.sh >/dev/null
 DEB_VERSION=${version}+systemdtest1 sh packaging/build-deb.sh >/dev/null
 say "built dist/$old_deb and dist/$new_deb"
