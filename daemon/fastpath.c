@@ -1,4 +1,5 @@
-/* The supervisor's compiled fast path: execs the policy has already allowed.
+/* The supervisor's compiled fast path: execs and write-opens the policy has
+ * already allowed.
  *
  * A Python round trip per notification costs about 50 us on these machines;
  * these threads answer the common case in a few. Each session's listener has
@@ -10,8 +11,9 @@
  * current policy, it does what the supervisor would: check the notification
  * is still valid, write the filename to the approved_exec map (the BPF
  * program kills anything else at sched_process_exec) and continue the call.
- * Everything else -- other syscalls, unknown command lines, relative paths,
- * unreadable arguments -- goes to the supervisor unanswered, as
+ * The same for an open, openat or creat of an absolute path with the same
+ * flags. Everything else -- other syscalls, unknown command lines, relative
+ * paths, unreadable arguments -- goes to the supervisor unanswered, as
  * (kind, fd, struct seccomp_notif) on a SOCK_SEQPACKET socket, and the
  * supervisor decides it exactly as if it had received it. Nothing here
  * decides policy: it only repeats decisions the supervisor made (`learn`),
@@ -20,10 +22,15 @@
  * The threads never touch Python. A crash here kills the supervisor, which
  * closes the listeners: notified calls then fail (closed, never open).
  *
- * Key layout, shared with fastpath.py: agent NUL filename NUL argv[0] NUL ...
+ * Key layouts, shared with fastpath.py (a filename starts with '/', so the two
+ * never collide):
+ *   exec:  agent NUL filename NUL argv[0] NUL ... argv[n-1] NUL
+ *   open:  agent NUL 0x01 flags-in-decimal NUL path NUL
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <linux/bpf.h>
 #include <linux/seccomp.h>
 #include <pthread.h>
@@ -40,7 +47,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AW_FAST_ABI 1
+#define AW_FAST_ABI 2
 
 #define MAX_AGENT 256
 #define MAX_KEY (64 * 1024)        /* longer command lines go to the supervisor */
@@ -88,7 +95,7 @@ struct listener {
 static struct {
     int running;
     int forward_fd;              /* to the supervisor */
-    int execve_nr;
+    int execve_nr, open_nr, openat_nr, creat_nr;
     uint32_t path_max;           /* aw_approved.path */
     pthread_mutex_t lock;        /* guards the table, map_fd and the counters */
     int map_fd;                  /* approved_exec, or -1: every exec forwarded */
@@ -315,13 +322,37 @@ static void forward(uint32_t kind, int fd, const struct seccomp_notif *n)
 }
 
 /* True when answered here; false when the supervisor must decide. */
+/* The key of a write-open of an absolute path, or -1. */
+static int open_key(struct listener *l, const struct seccomp_notif *n, char *key)
+{
+    uint64_t path;
+    int flags;
+    if (n->data.nr == fp.open_nr) {
+        path = n->data.args[0];
+        flags = (int)(uint32_t)n->data.args[1];
+    } else if (n->data.nr == fp.openat_nr) {
+        path = n->data.args[1];   /* the directory fd does not matter for an absolute path */
+        flags = (int)(uint32_t)n->data.args[2];
+    } else if (n->data.nr == fp.creat_nr) {
+        path = n->data.args[0];
+        flags = O_CREAT | O_WRONLY | O_TRUNC;
+    } else {
+        return -1;
+    }
+    int at = l->agent_len;
+    memcpy(key, l->agent, at);
+    at += snprintf(key + at, 32, "%c%c%d%c", 0, 1, flags, 0);
+    int start = at;
+    at = append_string(n->pid, path, key, at, PAGE);
+    return at < 0 || key[start] != '/' ? -1 : at;
+}
+
 static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t started)
 {
     char *key = l->key;
-    int filename_at, filename_len;
-    if (n->data.nr != fp.execve_nr)
-        return 0;
-    int len = exec_key(l, n, key, &filename_at, &filename_len);
+    int filename_at = 0, filename_len = 0;
+    int is_exec = n->data.nr == fp.execve_nr;
+    int len = is_exec ? exec_key(l, n, key, &filename_at, &filename_len) : open_key(l, n, key);
     if (len < 0)
         return 0;
     uint64_t hash = key_hash(key, len);
@@ -337,7 +368,7 @@ static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t st
         pthread_mutex_unlock(&fp.lock);
         return 1;
     }
-    if (approve_exec(n->pid, key + filename_at, filename_len) < 0) {
+    if (is_exec && approve_exec(n->pid, key + filename_at, filename_len) < 0) {
         fp.counters[C_MAP_FAILURES]++;   /* the supervisor retries or refuses */
         pthread_mutex_unlock(&fp.lock);
         return 0;
@@ -415,9 +446,11 @@ static void stop_thread(struct listener *l)
 int aw_fast_abi(void) { return AW_FAST_ABI; }
 
 /* Prepares the threads. forward_fd: the socket the supervisor reads
- * forwarded events from; execve_nr: the native execve number; path_max: the
- * size of aw_approved.path. 0, or -errno. */
-int aw_fast_start(int forward_fd, int execve_nr, uint32_t path_max)
+ * forwarded events from; the native numbers of execve, open, openat and
+ * creat (-1: none on this architecture); path_max: the size of
+ * aw_approved.path. 0, or -errno. */
+int aw_fast_start(int forward_fd, int execve_nr, int open_nr, int openat_nr, int creat_nr,
+                  uint32_t path_max)
 {
     if (fp.running)
         return -EBUSY;
@@ -425,6 +458,9 @@ int aw_fast_start(int forward_fd, int execve_nr, uint32_t path_max)
         return -EINVAL;
     fp.forward_fd = forward_fd;
     fp.execve_nr = execve_nr;
+    fp.open_nr = open_nr;
+    fp.openat_nr = openat_nr;
+    fp.creat_nr = creat_nr;
     fp.path_max = path_max;
     if (getrandom(&fp.seed, sizeof(fp.seed), 0) != sizeof(fp.seed))
         return -errno;

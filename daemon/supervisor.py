@@ -12,8 +12,9 @@ fd; admins list, approve and deny holds.
 For every notification: read the arguments from /proc/PID/mem, check the
 notification is still valid, decide with the policy, and then continue, fail
 with EPERM, or hold. A compiled thread (fastpath.c) receives first and
-answers alone the execs whose exact command line this process already
-allowed under the current policy; it forwards the rest here unanswered. A continued exec is first written to the BPF map
+answers alone the execs (exact command line) and write-opens (absolute path,
+flags) this process already allowed under the current policy; it forwards
+the rest here unanswered. A continued exec is first written to the BPF map
 `approved_exec`, so the kernel kills it at sched_process_exec if what runs is
 not what was checked. Whatever cannot be read or checked is refused.
 """
@@ -104,7 +105,7 @@ class Request:
     key: tuple                  # the same action by the same agent: remember / retry
     events: list[dict]
     exec_form: bytes | None     # exec: the filename in the kernel's own form
-    fast_key: bytes | None = None   # exec the fast path can repeat once allowed
+    fast_key: bytes | None = None   # what the fast path can repeat once allowed
 
 
 def cgroup_of(pid: int) -> str | None:
@@ -179,8 +180,7 @@ class Supervisor:
         if lib is None:
             log.warning("supervisor: no compiled fast path, every exec is decided in Python: %s", why)
             return None, why
-        execve = next(nr for nr, name in self.names.items() if name == "execve")
-        fast = fastpath.FastPath(lib, execve, APPROVED_PATH_MAX)
+        fast = fastpath.FastPath(lib, {name: nr for nr, name in self.names.items()}, APPROVED_PATH_MAX)
         self._watch(fast.forwarded.fileno(), "fastpath", fast)
         return fast, None
 
@@ -302,7 +302,7 @@ class Supervisor:
             shown = " ".join(argv_text) + f" ({resolved or os.fsdecode(raw)})"
             repeatable = name == "execve" and raw.startswith(b"/") and argv_ptr
             return Request(f"exec {shown}", ("exec", resolved, tuple(argv_text)), [event], form,
-                           fastpath.key(s.agent, raw, argv) if repeatable else None)
+                           fastpath.exec_key(s.agent, raw, argv) if repeatable else None)
         paths: list[tuple[int, int, int]] = []   # (dirfd, pointer, open flags)
         write = os.O_WRONLY
         if name == "open":
@@ -334,7 +334,9 @@ class Supervisor:
                            "path": os.fsdecode(raw), "flags": flags, "ret": 0})
             shown.append(resolved or os.fsdecode(raw))
         action = f"{name} {' -> '.join(shown)}"
-        return Request(action, ("file", name, tuple(shown)), events, None)
+        repeatable = name in ("open", "openat", "creat") and raw.startswith(b"/")
+        return Request(action, ("file", name, tuple(shown)), events, None,
+                       fastpath.open_key(s.agent, flags, raw) if repeatable else None)
 
     @staticmethod
     def _int(value: int) -> int:

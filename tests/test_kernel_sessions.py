@@ -121,28 +121,35 @@ def fast_continued(warden: Warden) -> int:
     return supervisor_health(warden)["fast"]["continued"]
 
 
-def test_fast_path_repeats_allowed_execs_and_forgets_them_when_the_policy_changes(warden, session_agent):
-    agent, _ = session_agent(dict(exec_allow=SHELL + ["/usr/bin/true"]))
+def test_fast_path_repeats_allowed_execs_and_forgets_them_when_the_policy_changes(warden, session_agent,
+                                                                                 tmp_path):
+    notes = tmp_path / "notes.txt"
+    agent, _ = session_agent(dict(exec_allow=SHELL + ["/usr/bin/true"], write_allow=[f"{tmp_path}/**"]))
     assert supervisor_health(warden)["fast_path"] == "running"
     before = fast_continued(warden)
-    loop = "for i in 1 2 3 4 5 6 7 8 9 10; do /usr/bin/true || exit 9; done; echo ok"
+    loop = (f"for i in 1 2 3 4 5 6 7 8 9 10; do /usr/bin/true || exit 9; echo $i > {notes} || exit 8; "
+            "done; echo ok")
     proc = start_run(warden, agent, ["/bin/sh", "-c", loop])
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, out) == (0, "ok\n"), err
-    # The first /usr/bin/true is decided in Python; the nine repeats by the compiled thread.
-    supervisor_health(warden, lambda h: h["fast"]["continued"] >= before + 9)
+    assert notes.read_text() == "10\n"
+    # The first /usr/bin/true and the first write-open are decided in Python;
+    # the nine repeats of each by the compiled thread.
+    supervisor_health(warden, lambda h: h["fast"]["continued"] >= before + 18)
     assert "exec fast path running (" in warden.cli("status").stdout
 
-    # The same command line, now held: the learned decision is void with the old policy.
+    # The same command line and write, now held and refused: the learned
+    # decisions were void with the old policy.
     wanted = warden.set_policy(agent, _policy(agent, exec_allow=SHELL, exec_hold=["/usr/bin/true"]))
     supervisor_health(warden, lambda h: h["policy_hash"] == wanted)
     before = fast_continued(warden)
-    held = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/true; echo status=$?"])
+    held = start_run(warden, agent, ["/bin/sh", "-c", f"echo 11 > {notes}; /usr/bin/true; echo status=$?"])
     [hold] = wait_hold(warden, agent)
     assert hold["action"].startswith("exec /usr/bin/true")
     warden.cli("deny", hold["id"], "--reason", "policy changed")
     out, err = held.communicate(timeout=30)
     assert "Operation not permitted" in err and "status=126" in out
+    assert notes.read_text() == "10\n"
     assert fast_continued(warden) == before
 
 
