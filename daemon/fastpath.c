@@ -303,6 +303,13 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000ULL + t.tv_nsec;
 }
 
+static void count(int counter)
+{
+    pthread_mutex_lock(&fp.lock);
+    fp.counters[counter]++;
+    pthread_mutex_unlock(&fp.lock);
+}
+
 static void forward(uint32_t kind, int fd, const struct seccomp_notif *n)
 {
     struct forward msg = { .kind = kind, .fd = fd };
@@ -314,9 +321,7 @@ static void forward(uint32_t kind, int fd, const struct seccomp_notif *n)
             continue;
         /* The supervisor is gone: it closes the listeners as it goes, so
          * this call fails when the fd closes. Count it and stop trying. */
-        pthread_mutex_lock(&fp.lock);
-        fp.counters[C_FORWARD_FAILURES]++;
-        pthread_mutex_unlock(&fp.lock);
+        count(C_FORWARD_FAILURES);
         return;
     }
 }
@@ -381,13 +386,6 @@ static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t st
     fp.recent[fp.recent_count++ % RECENT] = (uint32_t)(now_ns() - started);
     pthread_mutex_unlock(&fp.lock);
     return 1;
-}
-
-static void count(int counter)
-{
-    pthread_mutex_lock(&fp.lock);
-    fp.counters[counter]++;
-    pthread_mutex_unlock(&fp.lock);
 }
 
 static void *serve(void *arg)

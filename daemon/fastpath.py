@@ -3,10 +3,11 @@
 A thread in C per session receives its notifications, blocked in NOTIF_RECV
 (the only wait the kernel's synchronous wake-up reaches). It answers the execs
 whose exact command line, and the write-opens whose absolute path and flags,
-the supervisor already decided `allow` under the current policy, and forwards everything else, unanswered, on a socket the
-supervisor reads like a listener. Built by scripts/build-fastpath.sh (make setup, the
-.deb); without it the supervisor receives and decides every notification
-itself, correctly but tens of microseconds slower per call.
+the supervisor already decided `allow` under the current policy, and forwards
+everything else, unanswered, on a socket the supervisor reads like a
+listener. Built by scripts/build-fastpath.sh (make setup, the .deb); without
+it the supervisor receives and decides every notification itself, correctly
+but tens of microseconds slower per call.
 """
 from __future__ import annotations
 

@@ -685,18 +685,21 @@ class Supervisor:
                           task=fields["task"], on_behalf_of=fields["on_behalf_of"],
                           host=fields["host"], cgroup=cgroup, fd=fd, pid=pid, started=time.time_ns())
         self.sessions[fd] = session
-        try:
-            if not self.fast:
-                raise OSError("no fast path")
-            self.fast.watch(fd, session.agent)
-        except OSError as exc:  # no thread for it: this process receives its notifications
-            if self.fast:
-                log.error("supervisor: no fast-path thread for session %s: %s", session.id, exc)
-            self._watch(fd, "listener", fd)
+        if not (self.fast and self._fast_watch(session)):
+            self._watch(fd, "listener", fd)  # this process receives its notifications
         self._emit({"kind": "supervision", "time": session.started, "state": "started",
                     **self._session_fields(session), "user": session.user, "host": session.host,
                     "cgroup": str(cgroup), "pid": pid})
         return {"ok": True, "session": session.id}
+
+    def _fast_watch(self, session: Session) -> bool:
+        """Hand the session's listener to a fast-path thread; False if none starts."""
+        try:
+            self.fast.watch(session.fd, session.agent)
+            return True
+        except OSError as exc:
+            log.error("supervisor: no fast-path thread for session %s: %s", session.id, exc)
+            return False
 
     def _end_session(self, fd: int) -> None:
         session = self.sessions.pop(fd)
