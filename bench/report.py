@@ -175,6 +175,7 @@ def enforcement_sections(result: dict) -> list[Section]:
             continue  # results from before this operation was measured
         session_rows.append([label, f"{v['bare']['median_us']:,.1f}", f"{v['watched']['median_us']:,.1f}",
                              f"{v['session']['median_us']:,.1f}", f"{v['added_median_us']:+,.1f}",
+                             f"{v['added_paired_us']:+,.1f}" if "added_paired_us" in v else "",
                              f"{v['bare']['p99_us']:,.1f}", f"{v['session']['p99_us']:,.1f}"])
     return [
         Section("Decisions", f"policy.decide() over synthetic exec and open events with a "
@@ -187,12 +188,15 @@ def enforcement_sections(result: dict) -> list[Section]:
         Section("Allowed actions under agentwarden run", "Per operation, the same C workload without "
                 "agentwarden, in the tagged agent cgroup without `run` (watched: records, no "
                 "holding), and under `agentwarden run` (seccomp notification to the daemon's "
-                "supervisor, exec verification in BPF), interleaved in short rounds, each pinned to one CPU. Added = run − bare, the median of "
-                "per-round differences (these VMs drift between rounds). A "
+                "supervisor, exec verification in BPF): three long-lived workers pinned to one "
+                "CPU, alternated one operation at a time in a shuffled order (these VMs drift "
+                "within seconds). Added = run median − bare median; paired = the median of the "
+                "per-round differences. A "
                 "command line the supervisor already allowed is answered by its compiled fast "
                 "path; a new one is decided in Python. Target: under 50 µs added per allowed "
                 "exec at the median.",
                 ["operation", "bare median µs", "watched median µs", "run median µs", "added µs",
+                 "paired µs",
                  "bare p99 µs", "run p99 µs"],
                 session_rows),
     ]

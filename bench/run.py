@@ -66,17 +66,16 @@ class Profile:
     seconds: float     # per throughput rate
     decisions: int     # synthetic events decided for decisions/s
     kill_trials: int   # violations per enforcement path
-    session_ops: int   # execs / write-opens per session workload run
-    session_rounds: int
+    session_rounds: int   # operations of each kind per side in the session-cost run
 
 
 PROFILES = {
     "full": Profile("full", rounds=12, reps=2, open_count=200_000, exec_count=800,
                     rates=(25_000, 50_000, 75_000, 100_000, 125_000, 150_000, 200_000),
-                    seconds=4, decisions=200_000, kill_trials=200, session_ops=50, session_rounds=15),
+                    seconds=4, decisions=200_000, kill_trials=200, session_rounds=2000),
     "quick": Profile("quick", rounds=2, reps=1, open_count=100_000, exec_count=300,
                      rates=(25_000, 100_000), seconds=2, decisions=20_000, kill_trials=30,
-                     session_ops=50, session_rounds=3),
+                     session_rounds=200),
 }
 
 
@@ -227,8 +226,7 @@ def run_enforcement(profile: Profile, workdir: Path, cgroup: BenchCgroup,
                                                       aw.settings.policy_dir, profile.kill_trials, log)
     log("sessions: allowed exec and write-open, bare and under agentwarden run")
     result["sessions"] = sessions.session_costs(aw.settings, aw.env, BENCH_AGENT, cgroup.path,
-                                                aw.settings.policy_dir,
-                                                profile.session_ops, profile.session_rounds, log)
+                                                aw.settings.policy_dir, profile.session_rounds, log)
     aw.stop()
     return result
 

@@ -1,13 +1,17 @@
-/* Per-operation latencies for bench/sessions.py, built with gcc at bench time.
+/* One side of bench/sessions.py, built with gcc at bench time.
  *
- *   session_workload exec COUNT PROGRAM   fork + execve(PROGRAM) + waitpid
- *   session_workload execnew COUNT PROGRAM  the same, with a new argument each time
- *                                           (a command line the supervisor has not seen)
- *   session_workload execfail COUNT PATH    execve(PATH) of a missing file, in-process:
- *                                           the syscall alone (it must fail ENOENT)
- *   session_workload wopen COUNT DIR      open(DIR/w<i>, O_WRONLY|O_CREAT|O_TRUNC) + close
+ *   session_workload PROGRAM MISSING DIR
  *
- * Prints {"ns": [one latency per operation]} on stdout.
+ * Reads one operation per line on stdin, does it once, and answers with its
+ * latency in ns on a line of stdout; the bench alternates its sides one
+ * operation at a time, so drift of the machine hits every side alike.
+ *
+ *   exec      fork + execve(PROGRAM) + waitpid
+ *   execnew   the same, with a new argument each time (a command line the
+ *             supervisor has not seen)
+ *   execfail  execve(MISSING) in-process, which must fail ENOENT: the
+ *             syscall alone
+ *   wopen     open(DIR/w<i>, O_WRONLY|O_CREAT|O_TRUNC) + close
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -26,52 +30,54 @@ static long long now_ns(void)
     return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+static int fail(const char *what, const char *path)
+{
+    fprintf(stderr, "session_workload: %s %s: %s\n", what, path, strerror(errno));
+    return 1;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 4) {
-        fprintf(stderr, "usage: session_workload exec|execnew|execfail|wopen COUNT PROGRAM|DIR\n");
+        fprintf(stderr, "usage: session_workload PROGRAM MISSING DIR (operations on stdin)\n");
         return 2;
     }
-    int count = atoi(argv[2]);
-    long long *ns = calloc(count, sizeof(*ns));
-    char path[4096];
-    for (int i = 0; i < count; i++) {
+    const char *program = argv[1], *missing = argv[2], *dir = argv[3];
+    char line[64], path[4096];
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    for (long i = 0; fgets(line, sizeof(line), stdin); i++) {
+        line[strcspn(line, "\n")] = 0;
         long long start = now_ns();
-        if (strcmp(argv[1], "execfail") == 0) {
-            char *args[] = {argv[3], NULL};
-            execv(argv[3], args);
-            if (errno != ENOENT) {
-                fprintf(stderr, "session_workload: exec of %s: %s\n", argv[3], strerror(errno));
-                return 1;
-            }
-        } else if (strncmp(argv[1], "exec", 4) == 0) {
+        if (strcmp(line, "execfail") == 0) {
+            char *args[] = {(char *)missing, NULL};
+            execv(missing, args);
+            if (errno != ENOENT)
+                return fail("exec of", missing);
+        } else if (strcmp(line, "exec") == 0 || strcmp(line, "execnew") == 0) {
             char nth[32];
-            snprintf(nth, sizeof(nth), "%lld-%d", start, i);
+            snprintf(nth, sizeof(nth), "%lld-%ld", start, i);
             pid_t pid = fork();
             if (pid == 0) {
-                char *args[] = {argv[3], strcmp(argv[1], "execnew") == 0 ? nth : NULL, NULL};
-                execv(argv[3], args);
+                char *args[] = {(char *)program, strcmp(line, "execnew") == 0 ? nth : NULL, NULL};
+                execv(program, args);
                 _exit(127);
             }
             int status;
-            if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-                fprintf(stderr, "session_workload: exec of %s failed\n", argv[3]);
-                return 1;
+            if (pid < 0 || waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+                errno = pid < 0 ? errno : ECHILD;
+                return fail("fork+exec of", program);
             }
-        } else {
-            snprintf(path, sizeof(path), "%s/w%d", argv[3], i % 64);
+        } else if (strcmp(line, "wopen") == 0) {
+            snprintf(path, sizeof(path), "%s/w%ld", dir, i % 64);
             int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-            if (fd < 0) {
-                fprintf(stderr, "session_workload: open %s: %s\n", path, strerror(errno));
-                return 1;
-            }
+            if (fd < 0)
+                return fail("open", path);
             close(fd);
+        } else {
+            fprintf(stderr, "session_workload: unknown operation %s\n", line);
+            return 2;
         }
-        ns[i] = now_ns() - start;
+        printf("%lld\n", now_ns() - start);
     }
-    printf("{\"ns\": [");
-    for (int i = 0; i < count; i++)
-        printf("%s%lld", i ? ", " : "", ns[i]);
-    printf("]}\n");
     return 0;
 }

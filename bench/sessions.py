@@ -1,23 +1,24 @@
 """What a session costs: per allowed exec and per allowed write-open, under
 `agentwarden run` (seccomp notification round trip to the daemon, exec
 verification in BPF) against the same workload without agentwarden, in one
-run, interleaved. A third side runs the workload in the tagged agent cgroup
-without `run` (watched, not held), which splits the added cost into what
-monitoring costs and what the seccomp round trip adds on top. Execs come two
-ways: the same command line each time (after the first, the supervisor's
-compiled fast path answers it) and a new command line each time (Python
-decides every one). A fourth operation, an execve of an allowed path that
-does not exist, times the syscall alone: what the notification round trip
-adds, without fork, exec and exit around it.
+run. A third side runs the workload in the tagged agent cgroup without `run`
+(watched, not held), which splits the added cost into what monitoring costs
+and what the seccomp round trip adds on top. Execs come two ways: the same
+command line each time (after the first, the supervisor's compiled fast path
+answers it) and a new command line each time (Python decides every one). A
+fourth operation, an execve of an allowed path that does not exist, times the
+syscall alone: what the notification round trip adds, without fork, exec and
+exit around it.
 
-These VMs drift by a hundred microseconds per fork+exec from one minute to
-the next, so sides are interleaved in many short rounds, every workload is
-pinned to the same CPU, and "added" is the median of per-round differences
-(each round's session median minus that round's bare median)."""
+These VMs drift by a hundred microseconds per fork+exec from one second to
+the next, so the three sides run side by side as long-lived workers pinned to
+the same CPU, and the bench alternates them one operation at a time, in a
+shuffled order each round. "Added" is the session's median minus bare's; the
+median of the per-round differences is reported next to it."""
 from __future__ import annotations
 
-import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -36,11 +37,33 @@ def build(workdir: Path) -> Path:
     return binary
 
 
-def _latencies(argv: list[str], env: dict) -> list[int]:
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:6])}... failed: {result.stderr.strip()[-500:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])["ns"]
+class Worker:
+    """One side's session_workload: an operation in, its latency (ns) out."""
+
+    def __init__(self, side: str, argv: list[str], env: dict, errors: Path):
+        self.side = side
+        self.errors = errors
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=errors.open("w"), text=True, bufsize=1)
+
+    def time(self, operation: str) -> int:
+        self.proc.stdin.write(operation + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            self.proc.wait(timeout=10)
+            raise RuntimeError(f"the {self.side} workload stopped (exit {self.proc.returncode}): "
+                               f"{self.errors.read_text().strip()[-500:]}")
+        return int(answer)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _summary(values: list[int]) -> dict:
@@ -49,28 +72,29 @@ def _summary(values: list[int]) -> dict:
             "p99_us": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000}
 
 
-def _paired(side: list[list[int]], bare: list[list[int]]) -> float:
-    """Median over rounds of (this side's round median - bare's), in us."""
-    return statistics.median(statistics.median(s) - statistics.median(b)
-                             for s, b in zip(side, bare)) / 1000
+def _paired(side: list[int], bare: list[int]) -> float:
+    """Median over rounds of (this side's latency - bare's in the same round), in us."""
+    return statistics.median(s - b for s, b in zip(side, bare)) / 1000
 
 
 SIDES = ("bare", "watched", "session")
 OPERATIONS = ("exec", "execnew", "execfail", "wopen")
+WARM_UP = 20   # rounds of each operation not counted: caches, the fast path's first sight
 
 
-def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_dir: Path, ops: int,
-                  rounds: int, log=print) -> dict:
+def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_dir: Path, rounds: int,
+                  log=print) -> dict:
     """Needs a running agentwarden (policy dir policy_dir) whose probe watches
-    agent_cgroup, tagged `agent`."""
+    agent_cgroup, tagged `agent`. rounds: operations of each kind per side."""
     with tempfile.TemporaryDirectory(prefix="agentwarden-bench-") as tmp:
         work = Path(tmp)
         binary = build(work)
         writes = work / "writes"
         writes.mkdir()
+        missing = work / "missing" / "program"
         (policy_dir / POLICY_FILE).write_text(
             f'[agent.{agent}]\nmode = "enforce"\non-violation = "kill"\n'
-            f'[agent.{agent}.exec]\nallow = ["{binary}", "/usr/bin/true", "{work}/missing/program"]\n'
+            f'[agent.{agent}.exec]\nallow = ["{binary}", "/usr/bin/true", "{missing}"]\n'
             f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["{writes}/**"]\n')
         control.request(settings, "reload", timeout=10)
         run = [sys.executable, "-m", "agentwarden", "run", "--agent", agent, "--"]
@@ -79,27 +103,33 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
         # Every side's workload on the same CPU: migrations would swamp the difference.
         pin = ["taskset", "-c", str(os.cpu_count() - 1)]
         prefix = {"bare": pin, "watched": pin + watched, "session": pin + run}
-        targets = {"exec": "/usr/bin/true", "execnew": "/usr/bin/true", "wopen": str(writes),
-                   "execfail": str(work / "missing" / "program")}
-        samples = {(what, side): [] for what in OPERATIONS for side in SIDES}  # one list per round
+        command = [str(binary), "/usr/bin/true", str(missing), str(writes)]
+        samples = {(what, side): [] for what in OPERATIONS for side in SIDES}
+        order = random.Random(1)   # the same shuffles every run
+        workers = []
         try:
-            for _ in range(rounds):  # interleaved: drift hits every side alike
-                for what in OPERATIONS:
-                    cmd = [str(binary), what, str(ops), targets[what]]
-                    for side in SIDES:
-                        samples[(what, side)].append(_latencies(prefix[side] + cmd, env))
+            workers = [Worker(side, prefix[side] + command, env, work / f"{side}.err") for side in SIDES]
+            for what in OPERATIONS:
+                for round_number in range(WARM_UP + rounds):
+                    for worker in order.sample(workers, len(workers)):
+                        took = worker.time(what)
+                        if round_number >= WARM_UP:
+                            samples[(what, worker.side)].append(took)
         finally:
+            for worker in workers:
+                worker.close()
             (policy_dir / POLICY_FILE).unlink()
     results = {}
     for what in OPERATIONS:
-        rounds_of = {side: samples[(what, side)] for side in SIDES}
-        bare, watched, session = (_summary([v for r in rounds_of[side] for v in r]) for side in SIDES)
+        bare, watched, session = (_summary(samples[(what, side)]) for side in SIDES)
         results[what] = {"bare": bare, "watched": watched, "session": session,
-                         "added_median_us": _paired(rounds_of["session"], rounds_of["bare"]),
+                         "added_median_us": session["median_us"] - bare["median_us"],
+                         "added_paired_us": _paired(samples[(what, "session")], samples[(what, "bare")]),
                          "added_p99_us": session["p99_us"] - bare["p99_us"],
-                         "watched_added_median_us": _paired(rounds_of["watched"], rounds_of["bare"])}
+                         "watched_added_median_us": watched["median_us"] - bare["median_us"]}
+        r = results[what]
         log(f"  {what}: bare median {bare['median_us']:.1f} us, watched {watched['median_us']:.1f} us, "
-            f"under run {session['median_us']:.1f} us (+{results[what]['added_median_us']:.1f} us median, "
-            f"+{results[what]['added_p99_us']:.1f} us p99; watching alone "
-            f"+{results[what]['watched_added_median_us']:.1f} us)")
+            f"under run {session['median_us']:.1f} us ({r['added_median_us']:+.1f} us at the median, "
+            f"{r['added_paired_us']:+.1f} us paired, {r['added_p99_us']:+.1f} us p99; watching alone "
+            f"{r['watched_added_median_us']:+.1f} us)")
     return results

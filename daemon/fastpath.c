@@ -88,6 +88,9 @@ struct listener {
     char key[MAX_KEY];
     char pieces[BATCH * FIRST_READ];
     uint64_t pointers[MAX_ARGS];
+    /* aw_approved, reused: only its first len bytes of path are compared, so
+     * it is not cleared each time (a 4 KiB memset on every exec). */
+    struct { uint32_t len, reserved; char path[PAGE]; } approval;
 };
 
 #define STOP_SIGNAL (SIGRTMIN + 3)   /* interrupts a thread blocked in RECV */
@@ -279,19 +282,16 @@ static int exec_key(struct listener *l, const struct seccomp_notif *n, char *key
 
 /* ---- answering ------------------------------------------------------------- */
 
-static int approve_exec(uint32_t tid, const char *filename, int len)
+static int approve_exec(struct listener *l, uint32_t tid, const char *filename, int len)
 {
-    struct { uint32_t len, reserved; char path[]; } *value;
-    char buf[8 + PAGE] = {0};
-    value = (void *)buf;
     if ((uint32_t)len > fp.path_max || fp.map_fd < 0)
         return -1;
-    value->len = len;
-    memcpy(value->path, filename, len);
+    l->approval.len = len;
+    memcpy(l->approval.path, filename, len);
     union bpf_attr attr = {0};
     attr.map_fd = fp.map_fd;
     attr.key = (uint64_t)(uintptr_t)&tid;
-    attr.value = (uint64_t)(uintptr_t)buf;
+    attr.value = (uint64_t)(uintptr_t)&l->approval;
     attr.flags = BPF_ANY;
     return syscall(SYS_bpf, BPF_MAP_UPDATE_ELEM, &attr, sizeof(attr)) ? -1 : 0;
 }
@@ -373,7 +373,7 @@ static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t st
         pthread_mutex_unlock(&fp.lock);
         return 1;
     }
-    if (is_exec && approve_exec(n->pid, key + filename_at, filename_len) < 0) {
+    if (is_exec && approve_exec(l, n->pid, key + filename_at, filename_len) < 0) {
         fp.counters[C_MAP_FAILURES]++;   /* the supervisor retries or refuses */
         pthread_mutex_unlock(&fp.lock);
         return 0;
