@@ -1,5 +1,5 @@
 """The few bpf(2) calls the daemon needs on a map the probe pinned: open it by
-path and update or delete one element. Plain syscalls, so the daemon does not
+path and look up, update or delete one element. Plain syscalls, so the daemon does not
 load BCC."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import AgentwardenError
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_OBJ_PIN = 6
@@ -63,6 +64,15 @@ def pin(fd: int, path: Path) -> None:
 def open_pinned(path: Path) -> int:
     name = ctypes.create_string_buffer(os.fsencode(path))
     return _bpf(BPF_OBJ_GET, _ObjAttr(ctypes.addressof(name), 0, 0))
+
+
+def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value_size)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, _MapElemAttr(fd, 0, ctypes.addressof(k), ctypes.addressof(v), 0))
+    except FileNotFoundError:
+        return None
+    return v.raw
 
 
 def update(fd: int, key: bytes, value: bytes) -> None:

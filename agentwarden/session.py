@@ -10,6 +10,7 @@ calls fail (ENOSYS) instead of proceeding.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import pwd
 import shutil
@@ -106,6 +107,9 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
     parent = _agent_cgroup(settings, agent)
     control.request(settings, "status", timeout=3)  # the daemon answers, or this says why
 
+    # Built before joining the agent: libseccomp writes it through a temporary
+    # file, which would be the agent's write, watched but not yet supervised.
+    seccomp_filter = sn.build_filter()
     session = f"s-{uuid.uuid4().hex[:12]}"
     cgroup = parent / session
     cgroup.mkdir()
@@ -120,10 +124,11 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
         _wait_watched(settings, cgroup)
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     except BaseException:
-        cgroup.rmdir()
+        with contextlib.suppress(FileNotFoundError):   # the agent cgroup went away meanwhile
+            cgroup.rmdir()
         raise
 
-    listener = sn.install(sn.build_filter())
+    listener = sn.install(seccomp_filter)
     # From here on, failing means the command never runs: the filter stays.
     try:
         reply = request(settings, {

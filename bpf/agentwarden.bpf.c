@@ -272,6 +272,11 @@ static __always_inline int exec_exit(long ret)
         e->h.uid = (u32)ugid;
         e->h.gid = ugid >> 32;
         bpf_get_current_comm(e->h.comm, sizeof(e->h.comm));
+    } else {
+        /* A failed exec leaves no approval behind (a success used it up at
+         * sched_process_exec): stale ones would fill the map. */
+        u32 tid = (u32)key;
+        approved_exec.delete(&tid);
     }
     emit_exec(e);
     inflight_exec.delete(&key);
@@ -492,6 +497,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     }
     inflight_file.delete(&id);
     unread_paths.delete(&id);
+    approved_exec.delete(&tid);   /* approved, then killed before the exec ran */
 
 #ifdef AW_HAVE_GROUP_DEAD
     int process_ends = args->group_dead;

@@ -153,6 +153,42 @@ def test_fast_path_repeats_allowed_execs_and_forgets_them_when_the_policy_change
     assert fast_continued(warden) == before
 
 
+def test_a_failed_exec_leaves_no_approval_behind(warden, session_agent, tmp_path):
+    """An allowed exec is approved in the BPF map before it continues; one
+    that then fails (ENOENT here) must not leave its approval there, or the
+    map fills up and every later exec is refused."""
+    from agentwarden import bpfsys
+    from daemon.supervisor import APPROVED_PATH_MAX
+    missing = tmp_path / "missing" / "program"
+    agent, _ = session_agent(dict(exec_allow=[PY, os.path.realpath(PY), str(missing)]))
+    before = fast_continued(warden)
+    script = ("import os, sys, threading\n"
+              "for _ in range(3):\n"
+              "    try:\n"
+              "        os.execv(sys.argv[1], [sys.argv[1]])\n"
+              "    except FileNotFoundError:\n"
+              "        pass\n"
+              "print(threading.get_native_id(), flush=True)\n"
+              "sys.stdin.readline()\n")
+    proc = subprocess.Popen([PY, "-m", "agentwarden", "run", "--agent", agent, "--", PY, "-c", script,
+                             str(missing)], env=warden.env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip().isdigit(), (proc.wait(), proc.stderr.read(), [r for r in warden.records() if r.get("agent") == agent][-6:])
+        tid = int(line)
+        fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / "approved_exec")
+        try:
+            assert bpfsys.lookup(fd, tid.to_bytes(4, sys.byteorder), 8 + APPROVED_PATH_MAX) is None
+        finally:
+            os.close(fd)
+        # The first was decided in Python, the repeats by the fast path: both approve.
+        supervisor_health(warden, lambda h: h["fast"]["continued"] >= before + 2)
+    finally:
+        out, err = proc.communicate("\n", timeout=30)
+    assert proc.returncode == 0, err
+
+
 def test_hold_timeout_denies(warden, session_agent):
     agent, _ = session_agent(dict(exec_allow=SHELL, exec_hold=["/usr/bin/date"], extra="hold-timeout = 1\n"))
     proc = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date; echo status=$?"])
