@@ -176,6 +176,7 @@ def enforcement_sections(result: dict) -> list[Section]:
         session_rows.append([label, f"{v['bare']['median_us']:,.1f}", f"{v['watched']['median_us']:,.1f}",
                              f"{v['session']['median_us']:,.1f}", f"{v['added_median_us']:+,.1f}",
                              f"{v['added_paired_us']:+,.1f}" if "added_paired_us" in v else "",
+                             f"{v['floor_added_median_us']:+,.1f}" if "floor_added_median_us" in v else "",
                              f"{v['bare']['p99_us']:,.1f}", f"{v['session']['p99_us']:,.1f}"])
     return [
         Section("Decisions", f"policy.decide() over synthetic exec and open events with a "
@@ -191,12 +192,14 @@ def enforcement_sections(result: dict) -> list[Section]:
                 "supervisor, exec verification in BPF): three long-lived workers pinned to one "
                 "CPU, alternated one operation at a time in a shuffled order (these VMs drift "
                 "within seconds). Added = run median − bare median; paired = the median of the "
-                "per-round differences. A "
+                "per-round differences. Floor = what a minimal seccomp supervisor adds "
+                "(bench/notify_floor.c, watched: reads the arguments, continues; no policy, "
+                "no records, no exec verification). A "
                 "command line the supervisor already allowed is answered by its compiled fast "
                 "path; a new one is decided in Python. Target: under 50 µs added per allowed "
                 "exec at the median.",
                 ["operation", "bare median µs", "watched median µs", "run median µs", "added µs",
-                 "paired µs",
+                 "paired µs", "floor µs",
                  "bare p99 µs", "run p99 µs"],
                 session_rows),
     ]

@@ -3,7 +3,11 @@
 verification in BPF) against the same workload without agentwarden, in one
 run. A third side runs the workload in the tagged agent cgroup without `run`
 (watched, not held), which splits the added cost into what monitoring costs
-and what the seccomp round trip adds on top. Execs come two ways: the same
+and what the seccomp round trip adds on top. A fourth, the floor, runs the
+watched workload under notify_floor.c: a minimal user-notify supervisor that
+reads each call's arguments and continues it, nothing more. What the session
+adds beyond the floor is agentwarden's own; the floor is what any supervisor
+that reads what it decides on costs on this machine. Execs come two ways: the same
 command line each time (after the first, the supervisor's compiled fast path
 answers it) and a new command line each time (Python decides every one). A
 fourth operation, an execve of an allowed path that does not exist, times the
@@ -31,9 +35,9 @@ HERE = Path(__file__).resolve().parent
 POLICY_FILE = "bench-sessions.toml"
 
 
-def build(workdir: Path) -> Path:
-    binary = workdir / "session_workload"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / "session_workload.c")], check=True)
+def build(workdir: Path, name: str) -> Path:
+    binary = workdir / name
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / f"{name}.c")], check=True)
     return binary
 
 
@@ -77,7 +81,7 @@ def _paired(side: list[int], bare: list[int]) -> float:
     return statistics.median(s - b for s, b in zip(side, bare)) / 1000
 
 
-SIDES = ("bare", "watched", "session")
+SIDES = ("bare", "watched", "floor", "session")
 OPERATIONS = ("exec", "execnew", "execfail", "wopen")
 WARM_UP = 20   # rounds of each operation not counted: caches, the fast path's first sight
 
@@ -88,7 +92,8 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
     agent_cgroup, tagged `agent`. rounds: operations of each kind per side."""
     with tempfile.TemporaryDirectory(prefix="agentwarden-bench-") as tmp:
         work = Path(tmp)
-        binary = build(work)
+        binary = build(work, "session_workload")
+        floor = build(work, "notify_floor")
         writes = work / "writes"
         writes.mkdir()
         missing = work / "missing" / "program"
@@ -102,7 +107,9 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
         watched = ["sh", "-c", f'echo $$ > {agent_cgroup}/cgroup.procs && exec "$@"', "watched"]
         # Every side's workload on the same CPU: migrations would swamp the difference.
         pin = ["taskset", "-c", str(os.cpu_count() - 1)]
-        prefix = {"bare": pin, "watched": pin + watched, "session": pin + run}
+        # The supervisors are not pinned: neither is agentwarden's.
+        prefix = {"bare": pin, "watched": pin + watched, "floor": [str(floor)] + pin + watched,
+                  "session": pin + run}
         command = [str(binary), "/usr/bin/true", str(missing), str(writes)]
         samples = {(what, side): [] for what in OPERATIONS for side in SIDES}
         order = random.Random(1)   # the same shuffles every run
@@ -121,15 +128,16 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
             (policy_dir / POLICY_FILE).unlink()
     results = {}
     for what in OPERATIONS:
-        bare, watched, session = (_summary(samples[(what, side)]) for side in SIDES)
-        results[what] = {"bare": bare, "watched": watched, "session": session,
+        bare, watched, floor, session = (_summary(samples[(what, side)]) for side in SIDES)
+        results[what] = {"bare": bare, "watched": watched, "floor": floor, "session": session,
                          "added_median_us": session["median_us"] - bare["median_us"],
                          "added_paired_us": _paired(samples[(what, "session")], samples[(what, "bare")]),
                          "added_p99_us": session["p99_us"] - bare["p99_us"],
-                         "watched_added_median_us": watched["median_us"] - bare["median_us"]}
+                         "watched_added_median_us": watched["median_us"] - bare["median_us"],
+                         "floor_added_median_us": floor["median_us"] - bare["median_us"]}
         r = results[what]
         log(f"  {what}: bare median {bare['median_us']:.1f} us, watched {watched['median_us']:.1f} us, "
             f"under run {session['median_us']:.1f} us ({r['added_median_us']:+.1f} us at the median, "
             f"{r['added_paired_us']:+.1f} us paired, {r['added_p99_us']:+.1f} us p99; watching alone "
-            f"{r['watched_added_median_us']:+.1f} us)")
+            f"{r['watched_added_median_us']:+.1f} us, minimal supervisor {r['floor_added_median_us']:+.1f} us)")
     return results
