@@ -136,11 +136,16 @@ def _number_of_seconds(value: Any) -> float:
     return float(value)
 
 
-def _seconds(value: Any) -> float:
-    value = _number_of_seconds(value)
-    if not math.isfinite(value) or not 0.01 <= value <= 3600:
-        raise ValueError("must be between 0.01 and 3600 seconds")
-    return value
+def _seconds_between(low: float, high: float, message: str) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        value = _number_of_seconds(value)
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ValueError(message)
+        return value
+    return parse
+
+
+_seconds = _seconds_between(0.01, 3600, "must be between 0.01 and 3600 seconds")
 
 
 def _group(value: Any) -> str:
@@ -155,11 +160,7 @@ def _scope(value: Any) -> str:
     return value.strip("/")
 
 
-def _wakeup(value: Any) -> float:
-    value = _number_of_seconds(value)
-    if not math.isfinite(value) or not 0 <= value <= 1:
-        raise ValueError("must be between 0 and 1 seconds (0: wake the probe for every record)")
-    return value
+_wakeup = _seconds_between(0, 1, "must be between 0 and 1 seconds (0: wake the probe for every record)")
 
 
 def _flag(value: Any) -> bool:

@@ -1,24 +1,24 @@
 """What a session costs: per allowed exec and per allowed write-open, under
 `agentwarden run` (seccomp notification round trip to the daemon, exec
 verification in BPF) against the same workload without agentwarden, in one
-run. A third side runs the workload in the tagged agent cgroup without `run`
-(watched, not held), which splits the added cost into what monitoring costs
-and what the seccomp round trip adds on top. A fourth, the floor, runs the
-watched workload under notify_floor.c: a minimal user-notify supervisor that
-reads each call's arguments and continues it, nothing more. What the session
-adds beyond the floor is agentwarden's own; the floor is what any supervisor
-that reads what it decides on costs on this machine. Execs come two ways: the same
-command line each time (after the first, the supervisor's compiled fast path
-answers it) and a new command line each time (Python decides every one). A
-fourth operation, an execve of an allowed path that does not exist, times the
-syscall alone: what the notification round trip adds, without fork, exec and
-exit around it.
+run. Two more sides split the added cost. Watched runs the workload in the
+tagged agent cgroup without `run` (recorded, not held): what monitoring costs.
+The floor runs the watched workload under notify_floor.c, a minimal user-notify
+supervisor that reads each call's arguments and continues it, nothing more:
+what any supervisor that reads what it decides on costs on this machine.
+Beyond the floor, the cost is agentwarden's own.
+
+Execs come two ways: the same command line each time (after the first, the
+supervisor's compiled fast path answers it) and a new command line each time
+(Python decides every one). A third operation, an execve of an allowed path
+that does not exist, times the syscall alone: what the notification round trip
+adds, without fork, exec and exit around it. The fourth is a write-open.
 
 These VMs drift by a hundred microseconds per fork+exec from one second to
-the next, so the three sides run side by side as long-lived workers pinned to
-the same CPU, and the bench alternates them one operation at a time, in a
-shuffled order each round. "Added" is the session's median minus bare's; the
-median of the per-round differences is reported next to it."""
+the next, so each side is a long-lived worker, all pinned to the same CPU, and
+the bench alternates them one operation at a time, in a shuffled order each
+round. "Added" is the session's median minus bare's; the median of the
+per-round differences is reported next to it."""
 from __future__ import annotations
 
 import os
@@ -47,8 +47,9 @@ class Worker:
     def __init__(self, side: str, argv: list[str], env: dict, errors: Path):
         self.side = side
         self.errors = errors
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=errors.open("w"), text=True, bufsize=1)
+        with errors.open("w") as stderr:   # the worker keeps its own copy
+            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=stderr, text=True, bufsize=1)
 
     def time(self, operation: str) -> int:
         self.proc.stdin.write(operation + "\n")
