@@ -458,8 +458,11 @@ class Supervisor:
         verdict = self._decide(request)
         agent_policy = self.governor.policy.agents.get(s.agent) if self.governor.policy else None
         if verdict.decision == "allow":
-            if self._let_through(fd, n, request.exec_form) and self.fast and request.fast_key:
-                self.fast.learn(request.fast_key)  # decide() is pure: same line, same verdict
+            if self.fast and request.fast_key:
+                # Learnt before the task goes on, so its next identical call finds
+                # it; decide() is pure: same line, same verdict.
+                self.fast.learn(request.fast_key)
+            self._let_through(fd, n, request.exec_form)
             return
         if verdict.mode == "monitor":
             self._let_through(fd, n, request.exec_form)
