@@ -153,6 +153,9 @@ class Rule:
     source: str                # "file:line"
     regex: re.Pattern          # over the subject of an exec or an open (see _exec_subject)
     prefix: tuple[str, ...]    # the literal components the path glob starts with
+    # What the regex is made from (see _word_tokens), for the fast path's compiled rules:
+    path_parts: tuple = ()     # per path component its tokens; None for `**`
+    argv_parts: tuple | None = None   # per argument its tokens; None for `*`; no argv pattern: None
 
     def __str__(self) -> str:
         return f"{self.kind} {_shown(self.pattern)} at {self.source}"
@@ -227,7 +230,7 @@ class Verdict:
 
 def _class(glob: str, start: int, forbidden: str) -> tuple[str, int]:
     """The regex of the character class opening at glob[start] ('['), and the
-    index after it. `forbidden` is never matched by a negated class."""
+    index after it. It never matches `forbidden`, even when named in it."""
     i = start + 1
     negated = glob.startswith("!", i)
     i += negated
@@ -238,51 +241,73 @@ def _class(glob: str, start: int, forbidden: str) -> tuple[str, int]:
     if end < 0:
         raise GlobError(f"'[' at character {start + 1} is never closed")
     body = "".join(c if c == "-" else re.escape(c) for c in glob[body_start:end])
-    regex = f"[^{re.escape(forbidden)}{body}]" if negated else f"[{body}]"
     try:
-        re.compile(regex)
+        re.compile(f"[{body}]")
     except re.error as exc:
         raise GlobError(f"bad character class {glob[start:end + 1]!r}: {exc}") from None
+    regex = f"[^{re.escape(forbidden)}{body}]" if negated else f"(?![{re.escape(forbidden)}])[{body}]"
     return regex, end + 1
 
 
-def _word_regex(word: str, forbidden: str) -> str:
-    """One path component or one argument: `*`, `?` and classes never match `forbidden`."""
-    parts, i = [], 0
+# A glob is parsed once into tokens; the regexes here and the fast path's
+# compiled rules (daemon/fastpath.py) are both made from them. A token is
+# (ANY, ""), (ONE, ""), (CLASS, its regex) or (CHAR, the character).
+ANY, ONE, CLASS, CHAR = "any", "one", "class", "char"
+# What a path component's `*`, `?` and negated classes never match: '/', and
+# NUL, so that a path glob never reaches into the arguments of an exec subject.
+PATH_FORBIDDEN = "/\x00"
+ARG_FORBIDDEN = "\x00"
+
+
+def _word_tokens(word: str, forbidden: str) -> tuple[tuple[str, str], ...]:
+    """One path component or one argument; no token matches a character of `forbidden`."""
+    tokens, i = [], 0
     while i < len(word):
         char = word[i]
-        if char == "*":
-            parts.append(f"[^{re.escape(forbidden)}]*")
-        elif char == "?":
-            parts.append(f"[^{re.escape(forbidden)}]")
-        elif char == "[":
+        if char == "[":
             regex, i = _class(word, i, forbidden)
-            parts.append(regex)
+            tokens.append((CLASS, regex))
             continue
-        else:
-            parts.append(re.escape(char))
+        tokens.append((ANY, "") if char == "*" else (ONE, "") if char == "?" else (CHAR, char))
         i += 1
-    return "".join(parts)
+    return tuple(tokens)
 
 
-def _path_regex(glob: str) -> str:
-    """A path glob as a regex over a path key (see _path_key): every component
-    ends with '/', so that `**` can stand for zero components."""
+def _tokens_regex(tokens: tuple[tuple[str, str], ...], forbidden: str) -> str:
+    """`*` and `?` never match `forbidden`."""
+    other = f"[^{re.escape(forbidden)}]"
+    return "".join(other + "*" if kind == ANY else other if kind == ONE else
+                   value if kind == CLASS else re.escape(value) for kind, value in tokens)
+
+
+def _path_parts(glob: str) -> tuple[tuple | None, ...]:
+    """A path glob's components as tokens; None stands for `**` (any number of components)."""
     if not glob.startswith("/"):
         raise GlobError("is not an absolute path (it must start with '/')")
-    components = glob[1:].split("/") if glob != "/" else []
-    parts = ["/"]
-    for component in components:
+    parts = []
+    for component in (glob[1:].split("/") if glob != "/" else []):
         if component == "**":
-            parts.append("(?:[^/]+/)*")
+            parts.append(None)
         elif "**" in component:
             raise GlobError(f"'**' must be a whole path component (as in /src/**/*.py), not {component!r}")
         elif component in ("", ".", ".."):
             raise GlobError("has an empty, '.' or '..' component; paths are normalised "
                             "before matching, so it would never match")
         else:
-            parts.append(_word_regex(component, "/") + "/")
-    return "".join(parts)
+            parts.append(_word_tokens(component, PATH_FORBIDDEN))
+    return tuple(parts)
+
+
+def _parts_regex(parts: tuple[tuple | None, ...]) -> str:
+    """Path parts as a regex over a path key (see _path_key): every component
+    ends with '/', so that `**` can stand for zero components."""
+    other = f"[^{re.escape(PATH_FORBIDDEN)}]"
+    return "/" + "".join(f"(?:{other}+/)*" if part is None else _tokens_regex(part, PATH_FORBIDDEN) + "/"
+                         for part in parts)
+
+
+def _path_regex(glob: str) -> str:
+    return _parts_regex(_path_parts(glob))
 
 
 def _path_key(path: str) -> str:
@@ -290,8 +315,14 @@ def _path_key(path: str) -> str:
     return path.rstrip("/") + "/"
 
 
-def _argv_regex(words: list[str]) -> str:
-    return "".join(_ANY_ARGS if word == "*" else "\x00" + _word_regex(word, "\x00") for word in words)
+def _argv_parts(words: list[str]) -> tuple[tuple | None, ...]:
+    """An argv pattern's words as tokens; None stands for `*` (any number of arguments)."""
+    return tuple(None if word == "*" else _word_tokens(word, ARG_FORBIDDEN) for word in words)
+
+
+def _argv_regex(parts: tuple[tuple | None, ...]) -> str:
+    return "".join(_ANY_ARGS if part is None else "\x00" + _tokens_regex(part, ARG_FORBIDDEN)
+                   for part in parts)
 
 
 # An exec is matched as one string, so that each rule is one regex that sees
@@ -304,30 +335,38 @@ def _exec_subject(path: str, args: list[str], indirect: bool, truncated: bool) -
     return flags + _path_key(path) + "".join("\x00" + arg for arg in args)
 
 
-def _exec_rule_regex(kind: str, rule_text: str) -> tuple[str, str]:
-    """The regex of an exec rule over _exec_subject, and its executable glob."""
+def _exec_rule(kind: str, rule_text: str) -> tuple[str, str, tuple, tuple | None]:
+    """An exec rule's regex over _exec_subject, its executable glob, and its
+    path and argv parts (None: no argv pattern)."""
     try:
         words = shlex.split(rule_text)
     except ValueError as exc:
         raise GlobError(f"cannot be split into words: {exc}") from None
     if not words:
         raise GlobError("is empty")
-    path = _path_regex(words[0])
+    parts = _path_parts(words[0])
+    path = _parts_regex(parts)
     is_allow = kind == "exec.allow"
     route = "[i-]" if not is_allow or _indirect_route(words[0]) else "-"
     if len(words) == 1:
-        return f"{route}[t-]{path}{_ANY_ARGS}", words[0]
-    argv = _argv_regex(words[1:])
+        return f"{route}[t-]{path}{_ANY_ARGS}", words[0], parts, None
+    argv_parts = _argv_parts(words[1:])
+    argv = _argv_regex(argv_parts)
     if is_allow:
-        return f"{route}-{path}{argv}", words[0]
-    return f"{route}(?:-{path}{argv}|t{path}{_ANY_ARGS})", words[0]
+        return f"{route}-{path}{argv}", words[0], parts, argv_parts
+    return f"{route}(?:-{path}{argv}|t{path}{_ANY_ARGS})", words[0], parts, argv_parts
 
 
 def _compile_rule(kind: str, pattern: str, source: str) -> Rule:
-    regex, path_glob = (_exec_rule_regex(kind, pattern) if kind.startswith("exec.")
-                        else (_path_regex(pattern), pattern))
+    if "\x00" in pattern:
+        raise GlobError("contains a NUL character, which no path or argument can")
+    if kind.startswith("exec."):
+        regex, path_glob, parts, argv_parts = _exec_rule(kind, pattern)
+    else:
+        path_glob, parts, argv_parts = pattern, _path_parts(pattern), None
+        regex = _parts_regex(parts)
     prefix = itertools.takewhile(lambda component: not _WILDCARD.search(component), path_glob.split("/")[1:])
-    return Rule(kind, pattern, source, re.compile(regex), tuple(prefix))
+    return Rule(kind, pattern, source, re.compile(regex), tuple(prefix), parts, argv_parts)
 
 
 # ---- where things are in a file -------------------------------------------------

@@ -211,9 +211,9 @@ KEYS: dict[str, Key] = {k.name: k for k in (
         "wake-up costs the agent's syscall about 10 us); 0 wakes it for every record, for the "
         "quickest after-the-fact kills"),
     Key("exec_fast_path", True, _flag,
-        "sessions: an exec (same command line) or write-open (same absolute path and flags) the "
-        "policy already allowed is answered by the supervisor's compiled thread (about 15 us a "
-        "round trip) instead of Python; false decides every one in Python"),
+        "sessions: an exec or write-open of an absolute path that the agent's allow rules allow "
+        "(no deny or hold rule matching) is answered by the supervisor's compiled thread (about "
+        "15 us a round trip) instead of Python; false decides every one in Python"),
 )}
 
 

@@ -168,6 +168,7 @@ def enforcement_sections(result: dict) -> list[Section]:
     session_rows = []
     for what, label in (("exec", "fork+exec of /usr/bin/true, same command line"),
                         ("execnew", "fork+exec of /usr/bin/true, new command line"),
+                        ("execpy", "fork+exec, new command line, decided in Python"),
                         ("execfail", "execve() alone (an allowed path that does not exist)"),
                         ("wopen", "open(O_WRONLY|O_CREAT)+close")):
         v = result["sessions"].get(what)
@@ -194,9 +195,9 @@ def enforcement_sections(result: dict) -> list[Section]:
                 "within seconds). Added = run median − bare median; paired = the median of the "
                 "per-round differences. Floor = what a minimal seccomp supervisor adds "
                 "(bench/notify_floor.c, watched: reads the arguments, continues; no policy, "
-                "no records, no exec verification). A "
-                "command line the supervisor already allowed is answered by its compiled fast "
-                "path; a new one is decided in Python. Target: under 50 µs added per allowed "
+                "no records, no exec verification). The supervisor's compiled fast path allows "
+                "by the agent's rules; the Python row execs through /usr/bin/./true, a path the "
+                "fast path leaves to Python. Target: under 50 µs added per allowed "
                 "exec at the median.",
                 ["operation", "bare median µs", "watched median µs", "run median µs", "added µs",
                  "paired µs", "floor µs",

@@ -9,6 +9,8 @@
  *   exec      fork + execve(PROGRAM) + waitpid
  *   execnew   the same, with a new argument each time (a command line the
  *             supervisor has not seen)
+ *   execpy    execnew through PROGRAM's path with a "." component, which the
+ *             compiled fast path leaves to the supervisor's Python
  *   execfail  execve(MISSING) in-process, which must fail ENOENT: the
  *             syscall alone
  *   wopen     open(DIR/w<i>, O_WRONLY|O_CREAT|O_TRUNC) + close
@@ -43,7 +45,13 @@ int main(int argc, char **argv)
         return 2;
     }
     const char *program = argv[1], *missing = argv[2], *dir = argv[3];
-    char line[64], path[4096];
+    char line[64], path[4096], dotted[4096];
+    const char *slash = strrchr(program, '/');
+    if (!slash || snprintf(dotted, sizeof(dotted), "%.*s/.%s", (int)(slash - program), program, slash)
+                      >= (int)sizeof(dotted)) {
+        fprintf(stderr, "session_workload: PROGRAM must be a path\n");
+        return 2;
+    }
     setvbuf(stdout, NULL, _IOLBF, 0);
     for (long i = 0; fgets(line, sizeof(line), stdin); i++) {
         line[strcspn(line, "\n")] = 0;
@@ -53,13 +61,14 @@ int main(int argc, char **argv)
             execv(missing, args);
             if (errno != ENOENT)
                 return fail("exec of", missing);
-        } else if (strcmp(line, "exec") == 0 || strcmp(line, "execnew") == 0) {
+        } else if (strcmp(line, "exec") == 0 || strcmp(line, "execnew") == 0 || strcmp(line, "execpy") == 0) {
             char nth[32];
             snprintf(nth, sizeof(nth), "%lld-%ld", start, i);
+            const char *run = strcmp(line, "execpy") == 0 ? dotted : program;
             pid_t pid = fork();
             if (pid == 0) {
-                char *args[] = {(char *)program, strcmp(line, "execnew") == 0 ? nth : NULL, NULL};
-                execv(program, args);
+                char *args[] = {(char *)run, strcmp(line, "exec") != 0 ? nth : NULL, NULL};
+                execv(run, args);
                 _exit(127);
             }
             int status;

@@ -8,11 +8,13 @@ supervisor that reads each call's arguments and continues it, nothing more:
 what any supervisor that reads what it decides on costs on this machine.
 Beyond the floor, the cost is agentwarden's own.
 
-Execs come two ways: the same command line each time (after the first, the
-supervisor's compiled fast path answers it) and a new command line each time
-(Python decides every one). A third operation, an execve of an allowed path
-that does not exist, times the syscall alone: what the notification round trip
-adds, without fork, exec and exit around it. The fourth is a write-open.
+Execs come three ways: the same command line each time and a new command
+line each time (the supervisor's compiled fast path allows both by the
+agent's rules), and a new command line through a path with a "." component,
+which the fast path leaves to the supervisor's Python. Another operation, an
+execve of an allowed path that does not exist, times the syscall alone: what
+the notification round trip adds, without fork, exec and exit around it. The
+last is a write-open.
 
 These VMs drift by a hundred microseconds per fork+exec from one second to
 the next, so each side is a long-lived worker, all pinned to the same CPU, and
@@ -83,7 +85,7 @@ def _paired(side: list[int], bare: list[int]) -> float:
 
 
 SIDES = ("bare", "watched", "floor", "session")
-OPERATIONS = ("exec", "execnew", "execfail", "wopen")
+OPERATIONS = ("exec", "execnew", "execpy", "execfail", "wopen")
 WARM_UP = 20   # rounds of each operation not counted: caches, the fast path's first sight
 
 

@@ -1,23 +1,31 @@
-/* The supervisor's compiled fast path: execs and write-opens the policy has
- * already allowed.
+/* The supervisor's compiled fast path: the execs and write-opens the policy
+ * allows.
  *
  * A Python round trip per notification costs about 50 us on these machines;
  * these threads answer the common case in a few. Each session's listener has
  * one, blocked in SECCOMP_IOCTL_NOTIF_RECV: only a task waiting there gets the
  * kernel's synchronous wake-up (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP switches
  * straight to it on the notifying CPU); an epoll or poll waiter is woken the
- * ordinary way, which costs tens of microseconds more. For an execve whose exact command line (agent,
- * absolute filename, argv) the Python supervisor decided `allow` under the
- * current policy, it does what the supervisor would: check the notification
- * is still valid, write the filename to the approved_exec map (the BPF
- * program kills anything else at sched_process_exec) and continue the call.
- * The same for an open, openat or creat of an absolute path with the same
- * flags. Everything else -- other syscalls, unknown command lines, relative
- * paths, unreadable arguments -- goes to the supervisor unanswered, as
- * (kind, fd, struct seccomp_notif) on a SOCK_SEQPACKET socket, and the
- * supervisor decides it exactly as if it had received it. Nothing here
- * decides policy: it only repeats decisions the supervisor made (`learn`),
- * and the supervisor forgets them all when the policy changes.
+ * ordinary way, which costs tens of microseconds more.
+ *
+ * A thread answers `allow` and nothing else, in two cases:
+ *  - the exact command line (agent, absolute filename, argv) of an execve, or
+ *    the absolute path and flags of an open, openat or creat, that the Python
+ *    supervisor decided `allow` under the current policy (`learn`);
+ *  - an execve, or a write-open, of a normalised ASCII absolute path that the
+ *    agent's rules, compiled by the supervisor (`aw_fast_policy`), allow:
+ *    in the policy's precedence, the first rule list with a matching rule is
+ *    an allow list. A deny or hold rule that matches, no rule at all, an
+ *    indirect route (the dynamic loader, /dev/fd, /proc, memfd), anything
+ *    outside ASCII or not normalised: the supervisor decides.
+ * To allow, it does what the supervisor would: check the notification is still
+ * valid, write an exec's filename to the approved_exec map (the BPF program
+ * kills anything else at sched_process_exec) and continue the call.
+ * Everything else -- other syscalls, relative paths, unreadable arguments --
+ * goes to the supervisor unanswered, as (kind, fd, struct seccomp_notif) on a
+ * SOCK_SEQPACKET socket, and the supervisor decides it exactly as if it had
+ * received it. A new policy replaces the rules and voids what was learned, at
+ * once.
  *
  * The threads never touch Python. A crash here kills the supervisor, which
  * closes the listeners: notified calls then fail (closed, never open).
@@ -26,6 +34,15 @@
  * never collide):
  *   exec:  agent NUL filename NUL argv[0] NUL ... argv[n-1] NUL
  *   open:  agent NUL 0x01 flags-in-decimal NUL path NUL
+ *
+ * Compiled rules (aw_fast_policy), native byte order, made by fastpath.py:
+ *   policy  := agent*
+ *   agent   := u16 name-length, name, section (exec), section (write-open)
+ *   section := u8 list-count, list*          (in the policy's precedence)
+ *   list    := u8 allows, u32 rule-count, rule*
+ *   rule    := u16 part-count, word*, u16 arg-count (NO_ARGV: none), word*
+ *   word    := u16 length (MANY: `**`, or an argv `*`), token*
+ *   token   := T_ANY | T_ONE | T_CLASS, 16-byte bitmap of ASCII | T_CHAR, byte
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -47,7 +64,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AW_FAST_ABI 2
+#define AW_FAST_ABI 3
 
 #define MAX_AGENT 256
 #define MAX_KEY (64 * 1024)        /* longer command lines go to the supervisor */
@@ -59,6 +76,12 @@
 #define RECENT 1024                 /* handling times kept for the summary */
 #define FIRST_READ 256              /* most strings end well before: copy less */
 #define BATCH 64                    /* argv strings read in one call */
+#define MAX_PARTS (PAGE / 2)        /* components of a path */
+#define MANY 0xFFFF                 /* word length: any number of components or arguments */
+#define NO_ARGV 0xFFFF              /* arg-count: the rule has no argv pattern */
+#define MAX_LISTS 4
+
+enum { T_ANY = 1, T_ONE, T_CLASS, T_CHAR };
 
 enum { FORWARD_NOTIFICATION = 1, FORWARD_HANGUP = 2 };
 
@@ -71,12 +94,35 @@ struct forward {
 
 /* Counters, in the order fastpath.py names them (COUNTERS). */
 enum { C_CONTINUED, C_FORWARDED, C_HANGUPS, C_GONE, C_LEARNED, C_RESETS, C_MAP_FAILURES,
-       C_FORWARD_FAILURES, C_COUNT };
+       C_FORWARD_FAILURES, C_RULED, C_COUNT };
 
 struct entry {
     uint64_t hash;
     uint32_t len;
     char *key;
+};
+
+/* A compiled policy: arrays indexed from one another, over a copy of the blob. */
+struct word { const uint8_t *tokens; uint16_t len; };         /* len MANY: any number */
+struct rule { uint32_t first_part, first_arg; uint16_t parts, args; };   /* args NO_ARGV: none */
+struct list { uint8_t allows; uint32_t first_rule, rules; };
+struct section { uint8_t lists; struct list list[MAX_LISTS]; };
+struct agent_rules { const char *name; uint16_t name_len; struct section exec, write; };
+
+struct policy {
+    uint8_t *blob;
+    struct agent_rules *agents;
+    struct rule *rules;
+    struct word *words;
+    uint32_t agent_count, rule_count, word_count;
+};
+
+/* A path's components or a command line's arguments, as matched. */
+struct piece { const char *s; uint32_t len; };
+
+struct scratch {
+    struct piece parts[MAX_PARTS];
+    struct piece args[MAX_ARGS];
 };
 
 struct listener {
@@ -91,6 +137,7 @@ struct listener {
     /* aw_approved, reused: only its first len bytes of path are compared, so
      * it is not cleared each time (a 4 KiB memset on every exec). */
     struct { uint32_t len, reserved; char path[PAGE]; } approval;
+    struct scratch scratch;
 };
 
 #define STOP_SIGNAL (SIGRTMIN + 3)   /* interrupts a thread blocked in RECV */
@@ -100,10 +147,11 @@ static struct {
     int forward_fd;              /* to the supervisor */
     int execve_nr, open_nr, openat_nr, creat_nr;
     uint32_t path_max;           /* aw_approved.path */
-    pthread_mutex_t lock;        /* guards the table, map_fd and the counters */
+    pthread_mutex_t lock;        /* guards the table, the policy, map_fd and the counters */
     int map_fd;                  /* approved_exec, or -1: every exec forwarded */
     uint64_t seed;
     struct entry *table;
+    struct policy policy;        /* all zero: no rules, everything not learned is forwarded */
     uint32_t entries;
     uint64_t bytes;
     uint64_t counters[C_COUNT];
@@ -127,6 +175,8 @@ static uint64_t key_hash(const char *key, uint32_t len)
 
 static void table_clear(void)
 {
+    if (!fp.table)
+        return;   /* not started */
     for (uint32_t i = 0; i < TABLE_SLOTS; i++) {
         free(fp.table[i].key);
         fp.table[i] = (struct entry){0};
@@ -143,6 +193,298 @@ static struct entry *table_slot(const char *key, uint32_t len, uint64_t hash)
             return e;
     }
     return NULL;   /* unreachable: the table is never more than half full */
+}
+
+/* ---- the compiled rules ------------------------------------------------------ */
+
+struct reader { const uint8_t *at, *end; int bad; };
+
+static const uint8_t *take(struct reader *r, size_t size)
+{
+    if (r->bad || (size_t)(r->end - r->at) < size) {
+        r->bad = 1;
+        return NULL;
+    }
+    const uint8_t *here = r->at;
+    r->at += size;
+    return here;
+}
+
+static uint32_t take_u(struct reader *r, size_t size)
+{
+    const uint8_t *p = take(r, size);
+    if (!p)
+        return 0;
+    if (size == 1)
+        return *p;
+    if (size == 2) {
+        uint16_t value;
+        memcpy(&value, p, 2);
+        return value;
+    }
+    uint32_t value;
+    memcpy(&value, p, 4);
+    return value;
+}
+
+/* Appends one element to a growing array; 0, or -1 when out of memory. */
+static int grow(void **array, uint32_t *count, size_t size)
+{
+    if ((*count & (*count - 1)) == 0) {   /* 0, 1, 2, 4, ...: full */
+        void *bigger = realloc(*array, (*count ? 2 * *count : 1) * size);
+        if (!bigger)
+            return -1;
+        *array = bigger;
+    }
+    (*count)++;
+    return 0;
+}
+
+/* A word: its tokens are checked here, so matching never reads past them. */
+static int parse_word(struct reader *r, struct policy *p)
+{
+    uint32_t len = take_u(r, 2);
+    const uint8_t *tokens = len == MANY ? NULL : take(r, len);
+    if (r->bad || grow((void **)&p->words, &p->word_count, sizeof(struct word)) < 0)
+        return -1;
+    p->words[p->word_count - 1] = (struct word){ tokens, (uint16_t)len };
+    for (uint32_t i = 0; tokens && i < len;) {
+        uint8_t kind = tokens[i];
+        uint32_t size = kind == T_CLASS ? 17 : kind == T_CHAR ? 2 : 1;
+        if (kind < T_ANY || kind > T_CHAR || i + size > len)
+            return -1;
+        i += size;
+    }
+    return 0;
+}
+
+static int parse_section(struct reader *r, struct policy *p, struct section *section)
+{
+    section->lists = take_u(r, 1);
+    if (section->lists > MAX_LISTS)
+        return -1;
+    for (int i = 0; i < section->lists; i++) {
+        struct list *list = &section->list[i];
+        list->allows = take_u(r, 1);
+        list->rules = take_u(r, 4);
+        list->first_rule = p->rule_count;
+        for (uint32_t j = 0; j < list->rules && !r->bad; j++) {
+            struct rule rule = {0};
+            rule.parts = take_u(r, 2);
+            rule.first_part = p->word_count;
+            for (int k = 0; k < rule.parts; k++)
+                if (parse_word(r, p) < 0)
+                    return -1;
+            rule.args = take_u(r, 2);
+            rule.first_arg = p->word_count;
+            for (int k = 0; rule.args != NO_ARGV && k < rule.args; k++)
+                if (parse_word(r, p) < 0)
+                    return -1;
+            if (r->bad || grow((void **)&p->rules, &p->rule_count, sizeof(struct rule)) < 0)
+                return -1;
+            p->rules[p->rule_count - 1] = rule;
+        }
+    }
+    return r->bad ? -1 : 0;
+}
+
+static void policy_free(struct policy *p)
+{
+    free(p->blob);
+    free(p->agents);
+    free(p->rules);
+    free(p->words);
+    *p = (struct policy){0};
+}
+
+static int policy_parse(const uint8_t *blob, uint32_t len, struct policy *p)
+{
+    *p = (struct policy){0};
+    if (len && !(p->blob = malloc(len)))
+        return -ENOMEM;
+    if (len)
+        memcpy(p->blob, blob, len);
+    struct reader r = { p->blob, p->blob + len, 0 };
+    while (r.at < r.end) {
+        struct agent_rules agent = {0};
+        agent.name_len = take_u(&r, 2);
+        agent.name = (const char *)take(&r, agent.name_len);
+        if (r.bad || agent.name_len >= MAX_AGENT || parse_section(&r, p, &agent.exec) < 0 ||
+            parse_section(&r, p, &agent.write) < 0 ||
+            grow((void **)&p->agents, &p->agent_count, sizeof(agent)) < 0) {
+            policy_free(p);
+            return -EINVAL;
+        }
+        p->agents[p->agent_count - 1] = agent;
+    }
+    return 0;
+}
+
+static int token_matches(const uint8_t *token, unsigned char c)
+{
+    switch (*token) {
+    case T_ONE:
+        return 1;
+    case T_CLASS:
+        return c < 128 && (token[1 + c / 8] >> (c % 8)) & 1;
+    default:   /* T_CHAR */
+        return token[1] == c;
+    }
+}
+
+/* A glob word against one component or argument: `*` is any run of
+ * characters. Greedy, going back only to the last `*`: every other token
+ * takes exactly one character, so that is enough. */
+static int word_matches(const struct word *w, const char *s, uint32_t n)
+{
+    const uint8_t *t = w->tokens, *end = t + w->len, *star = NULL;
+    uint32_t i = 0, star_i = 0;
+    while (i < n) {
+        if (t < end && *t == T_ANY) {
+            star = ++t;
+            star_i = i;
+        } else if (t < end && token_matches(t, (unsigned char)s[i])) {
+            t += *t == T_CLASS ? 17 : *t == T_CHAR ? 2 : 1;
+            i++;
+        } else if (star) {
+            t = star;
+            i = ++star_i;
+        } else {
+            return 0;
+        }
+    }
+    while (t < end && *t == T_ANY)
+        t++;
+    return t == end;
+}
+
+/* Words against pieces, the same way one level up: a MANY word is any number
+ * of pieces (`**` components, `*` arguments), every other word exactly one. */
+static int words_match(const struct word *words, uint32_t count, const struct piece *pieces, uint32_t n)
+{
+    uint32_t w = 0, i = 0, star = 0, star_i = 0;
+    int starred = 0;
+    while (i < n) {
+        if (w < count && words[w].len == MANY) {
+            star = ++w;
+            star_i = i;
+            starred = 1;
+        } else if (w < count && word_matches(&words[w], pieces[i].s, pieces[i].len)) {
+            w++;
+            i++;
+        } else if (starred) {
+            w = star;
+            i = ++star_i;
+        } else {
+            return 0;
+        }
+    }
+    while (w < count && words[w].len == MANY)
+        w++;
+    return w == count;
+}
+
+/* Whether the first list of the section with a matching rule allows. */
+static int section_allows(const struct policy *p, const struct section *section, const struct piece *parts,
+                          uint32_t part_count, const struct piece *args, uint32_t arg_count)
+{
+    for (int i = 0; i < section->lists; i++) {
+        const struct list *list = &section->list[i];
+        for (uint32_t j = 0; j < list->rules; j++) {
+            const struct rule *rule = &p->rules[list->first_rule + j];
+            if (words_match(&p->words[rule->first_part], rule->parts, parts, part_count) &&
+                (rule->args == NO_ARGV || words_match(&p->words[rule->first_arg], rule->args, args, arg_count)))
+                return list->allows;
+        }
+    }
+    return 0;
+}
+
+/* The components of a normalised ASCII absolute path, or -1 for any other
+ * (empty, '.' or '..' components, a trailing '/', bytes past ASCII): the
+ * supervisor normalises and decodes those. */
+static int split_path(const char *path, struct piece *parts)
+{
+    if (*path != '/')
+        return -1;
+    int count = 0;
+    const char *at = path + 1;
+    for (;;) {
+        const char *start = at;
+        while (*at && *at != '/') {
+            if ((unsigned char)*at >= 0x80)
+                return -1;
+            at++;
+        }
+        uint32_t len = at - start;
+        if (len == 0 || (len == 1 && start[0] == '.') || (len == 2 && start[0] == '.' && start[1] == '.') ||
+            count == MAX_PARTS)
+            return -1;
+        parts[count++] = (struct piece){ start, len };
+        if (!*at)
+            return count;
+        at++;
+    }
+}
+
+/* Routes that only an allow rule naming them may allow (policy.py,
+ * _INDIRECT_ROUTES), told apart coarsely: the supervisor decides them. */
+static int indirect(const struct piece *parts, int count)
+{
+    const struct piece *first = &parts[0], *last = &parts[count - 1];
+    return (first->len == 3 && !memcmp(first->s, "dev", 3)) || (first->len == 4 && !memcmp(first->s, "proc", 4)) ||
+           (first->len >= 6 && !memcmp(first->s, "memfd:", 6)) || (last->len >= 3 && !memcmp(last->s, "ld-", 3));
+}
+
+static const struct agent_rules *agent_rules(const char *agent, uint32_t len)
+{
+    for (uint32_t i = 0; i < fp.policy.agent_count; i++) {
+        const struct agent_rules *a = &fp.policy.agents[i];
+        if (a->name_len == len && !memcmp(a->name, agent, len))
+            return a;
+    }
+    return NULL;
+}
+
+/* Whether the compiled rules allow the call of a key (layouts at the top).
+ * Called with fp.lock held. */
+static int rules_allow(struct scratch *scratch, const char *key, uint32_t len)
+{
+    const char *nul = memchr(key, 0, len);
+    if (!nul || key[len - 1] || (uint32_t)(nul - key) + 1 >= len)
+        return 0;
+    const struct agent_rules *a = agent_rules(key, nul - key);
+    if (!a)
+        return 0;
+    const char *subject = nul + 1;
+    if (*subject == 1) {   /* an open: write access, then the path */
+        char *digits_end;
+        long flags = strtol(subject + 1, &digits_end, 10);
+        int access = flags & O_ACCMODE;
+        if (*digits_end || digits_end + 1 >= key + len || (access != O_WRONLY && access != O_RDWR))
+            return 0;
+        int parts = split_path(digits_end + 1, scratch->parts);
+        return parts > 0 && section_allows(&fp.policy, &a->write, scratch->parts, parts, NULL, 0);
+    }
+    int parts = split_path(subject, scratch->parts);
+    if (parts <= 0 || indirect(scratch->parts, parts))
+        return 0;
+    /* argv[0] is the caller's to choose: rules see argv[1:]. */
+    const char *at = subject + strlen(subject) + 1, *end = key + len;
+    uint32_t args = 0;
+    for (int index = 0; at < end; index++) {
+        uint32_t arg_len = strlen(at);
+        for (uint32_t i = 0; i < arg_len; i++)
+            if ((unsigned char)at[i] >= 0x80)
+                return 0;
+        if (index > 0) {
+            if (args == MAX_ARGS)
+                return 0;
+            scratch->args[args++] = (struct piece){ at, arg_len };
+        }
+        at += arg_len + 1;
+    }
+    return section_allows(&fp.policy, &a->exec, scratch->parts, parts, scratch->args, args);
 }
 
 /* ---- reading the stopped task ---------------------------------------------- */
@@ -363,7 +705,8 @@ static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t st
     uint64_t hash = key_hash(key, len);
     pthread_mutex_lock(&fp.lock);
     struct entry *e = fp.entries ? table_slot(key, len, hash) : NULL;
-    if (!e || !e->hash) {
+    int learned = e && e->hash;
+    if (!learned && !rules_allow(&l->scratch, key, len)) {
         pthread_mutex_unlock(&fp.lock);
         return 0;
     }
@@ -383,6 +726,8 @@ static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t st
     int sent = ioctl(l->fd, SECCOMP_IOCTL_NOTIF_SEND, &resp);
     pthread_mutex_lock(&fp.lock);
     fp.counters[sent < 0 ? C_GONE : C_CONTINUED]++;
+    if (sent == 0 && !learned)
+        fp.counters[C_RULED]++;
     fp.recent[fp.recent_count++ % RECENT] = (uint32_t)(now_ns() - started);
     pthread_mutex_unlock(&fp.lock);
     return 1;
@@ -539,12 +884,36 @@ int aw_fast_learn(const char *key, uint32_t len)
     return 0;
 }
 
-/* The policy changed: every learned decision is void. */
-void aw_fast_forget(void)
+/* A new policy: its compiled rules (layout at the top; len 0: none) replace
+ * the old ones, and every learned decision is void. When the rules do not
+ * parse, none are kept and -EINVAL is returned: everything not learned again
+ * goes to the supervisor. */
+int aw_fast_policy(const uint8_t *blob, uint32_t len)
 {
+    struct policy parsed;
+    int err = policy_parse(blob, len, &parsed);
     pthread_mutex_lock(&fp.lock);
+    struct policy old = fp.policy;
+    fp.policy = parsed;   /* all zero when it did not parse */
     table_clear();
     pthread_mutex_unlock(&fp.lock);
+    policy_free(&old);
+    return err;
+}
+
+/* Whether the current rules allow the call of a key, learned or not (for tests). */
+int aw_fast_rules_allow(const char *key, uint32_t len)
+{
+    struct scratch *scratch = malloc(sizeof(*scratch));
+    if (!scratch || len == 0) {
+        free(scratch);
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&fp.lock);
+    int allows = rules_allow(scratch, key, len);
+    pthread_mutex_unlock(&fp.lock);
+    free(scratch);
+    return allows;
 }
 
 /* The approved_exec map to write (-1: none; execs go to the supervisor).

@@ -12,9 +12,9 @@ fd; admins list, approve and deny holds.
 For every notification: read the arguments from /proc/PID/mem, check the
 notification is still valid, decide with the policy, and then continue, fail
 with EPERM, or hold. A compiled thread (fastpath.c) receives first and
-answers alone the execs (exact command line) and write-opens (absolute path,
-flags) this process already allowed under the current policy; it forwards
-the rest here unanswered. A continued exec is first written to the BPF map
+answers alone the execs and write-opens that the agent's compiled rules allow
+(no deny or hold rule matching), or that this process already allowed under
+the current policy; it forwards the rest here unanswered. A continued exec is first written to the BPF map
 `approved_exec`, so the kernel kills it at sched_process_exec if what runs is
 not what was checked. Whatever cannot be read or checked is refused.
 """
@@ -182,7 +182,14 @@ class Supervisor:
             return None, why
         fast = fastpath.FastPath(lib, {name: nr for nr, name in self.names.items()}, APPROVED_PATH_MAX)
         self._watch(fast.forwarded.fileno(), "fastpath", fast)
+        self.fast = fast
+        self._fast_policy()
         return fast, None
+
+    def _fast_policy(self) -> None:
+        """The current policy's rules to the fast path; what it learned is void."""
+        for why in self.fast.set_policy(self.governor.policy):
+            log.warning("supervisor: the fast path leaves calls to Python for agent %s", why)
 
     def _listen(self) -> socket.socket:
         path = self.settings.sessions_socket
@@ -240,7 +247,7 @@ class Supervisor:
                     continue
                 loaded = self.governor.policy.hash if self.governor.policy else None
                 if self.fast and loaded != current:
-                    self.fast.forget()  # its decisions were the old policy's
+                    self._fast_policy()
                 if loaded != announced:
                     log.warning("supervisor: loaded policy %s, the daemon announced %s "
                                 "(files changed in between?)", loaded, announced)

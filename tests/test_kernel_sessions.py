@@ -117,40 +117,43 @@ def supervisor_health(warden: Warden, check=lambda health: True) -> dict:
                     timeout=20, what="the supervisor's health record")
 
 
-def fast_continued(warden: Warden) -> int:
-    return supervisor_health(warden)["fast"]["continued"]
+def fast_counter(warden: Warden, name: str) -> int:
+    return supervisor_health(warden)["fast"][name]
 
 
-def test_fast_path_repeats_allowed_execs_and_forgets_them_when_the_policy_changes(warden, session_agent,
-                                                                                 tmp_path):
-    notes = tmp_path / "notes.txt"
-    agent, _ = session_agent(dict(exec_allow=SHELL + ["/usr/bin/true"], write_allow=[f"{tmp_path}/**"]))
+def test_fast_path_decides_new_command_lines_by_the_rules_and_drops_them_when_the_policy_changes(
+        warden, session_agent, tmp_path):
+    agent, _ = session_agent(dict(exec_allow=SHELL + ["/usr/bin/true"], exec_hold=["/usr/bin/true hold-me"],
+                                  write_allow=[f"{tmp_path}/**"]))
     assert supervisor_health(warden)["fast_path"] == "running"
-    before = fast_continued(warden)
-    loop = (f"for i in 1 2 3 4 5 6 7 8 9 10; do /usr/bin/true || exit 9; echo $i > {notes} || exit 8; "
-            "done; echo ok")
+    before = fast_counter(warden, "ruled")
+    # Ten command lines and ten files never seen before, then one the hold rule names.
+    loop = (f"for i in 1 2 3 4 5 6 7 8 9 10; do /usr/bin/true $i || exit 9; echo $i > {tmp_path}/notes.$i "
+            "|| exit 8; done; /usr/bin/true hold-me; echo status=$?")
     proc = start_run(warden, agent, ["/bin/sh", "-c", loop])
+    [hold] = wait_hold(warden, agent)
+    assert hold["action"].startswith("exec /usr/bin/true hold-me")
+    warden.cli("deny", hold["id"], "--reason", "not that one")
     out, err = proc.communicate(timeout=60)
-    assert (proc.returncode, out) == (0, "ok\n"), err
-    assert notes.read_text() == "10\n"
-    # The first /usr/bin/true and the first write-open are decided in Python;
-    # the nine repeats of each by the compiled thread.
-    supervisor_health(warden, lambda h: h["fast"]["continued"] >= before + 18)
+    assert (proc.returncode, out) == (0, "status=126\n"), err
+    assert (tmp_path / "notes.10").read_text() == "10\n"
+    # The shell, the ten execs and the ten write-opens were allowed by the
+    # compiled rules alone, none learned from Python first.
+    supervisor_health(warden, lambda h: h["fast"]["ruled"] >= before + 21)
     assert "exec fast path running (" in warden.cli("status").stdout
 
-    # The same command line and write, now held and refused: the learned
-    # decisions were void with the old policy.
+    # The same command line and write, now held and refused: the rules and
+    # whatever was learned were the old policy's.
     wanted = warden.set_policy(agent, _policy(agent, exec_allow=SHELL, exec_hold=["/usr/bin/true"]))
     supervisor_health(warden, lambda h: h["policy_hash"] == wanted)
-    before = fast_continued(warden)
-    held = start_run(warden, agent, ["/bin/sh", "-c", f"echo 11 > {notes}; /usr/bin/true; echo status=$?"])
+    held = start_run(warden, agent, ["/bin/sh", "-c", f"echo 11 > {tmp_path}/notes.10; /usr/bin/true 1; "
+                                                      "echo status=$?"])
     [hold] = wait_hold(warden, agent)
-    assert hold["action"].startswith("exec /usr/bin/true")
+    assert hold["action"].startswith("exec /usr/bin/true 1")
     warden.cli("deny", hold["id"], "--reason", "policy changed")
     out, err = held.communicate(timeout=30)
     assert "Operation not permitted" in err and "status=126" in out
-    assert notes.read_text() == "10\n"
-    assert fast_continued(warden) == before
+    assert (tmp_path / "notes.10").read_text() == "10\n"
 
 
 def test_a_failed_exec_leaves_no_approval_behind(warden, session_agent, tmp_path):
@@ -161,11 +164,16 @@ def test_a_failed_exec_leaves_no_approval_behind(warden, session_agent, tmp_path
     from daemon.supervisor import APPROVED_PATH_MAX
     missing = tmp_path / "missing" / "program"
     agent, _ = session_agent(dict(exec_allow=[PY, os.path.realpath(PY), str(missing)]))
-    before = fast_continued(warden)
+    before = supervisor_health(warden)
+    # The plain path is allowed by the fast path's rules; the same with a '.'
+    # in it is left to Python, which normalises it (and teaches the fast path
+    # the repeat): all three approve.
     script = ("import os, sys, threading\n"
-              "for _ in range(3):\n"
+              "plain = sys.argv[1]\n"
+              "dotted = os.path.join(os.path.dirname(plain), '.', os.path.basename(plain))\n"
+              "for path in [plain, dotted] * 2:\n"
               "    try:\n"
-              "        os.execv(sys.argv[1], [sys.argv[1]])\n"
+              "        os.execv(path, [path])\n"
               "    except FileNotFoundError:\n"
               "        pass\n"
               "print(threading.get_native_id(), flush=True)\n"
@@ -182,8 +190,9 @@ def test_a_failed_exec_leaves_no_approval_behind(warden, session_agent, tmp_path
             assert bpfsys.lookup(fd, tid.to_bytes(4, sys.byteorder), 8 + APPROVED_PATH_MAX) is None
         finally:
             os.close(fd)
-        # The first was decided in Python, the repeats by the fast path: both approve.
-        supervisor_health(warden, lambda h: h["fast"]["continued"] >= before + 2)
+        supervisor_health(warden, lambda h: h["fast"]["ruled"] >= before["fast"]["ruled"] + 2
+                          and h["continued"] >= before["continued"] + 1
+                          and h["fast"]["learned"] >= before["fast"]["learned"] + 1)
     finally:
         out, err = proc.communicate("\n", timeout=30)
     assert proc.returncode == 0, err
@@ -294,7 +303,7 @@ int main(int argc, char **argv) {
     subprocess.run(["gcc", "-O2", "-pthread", "-o", str(racer), str(racer_c)], check=True)
     marker = tmp_path / "touched"
     agent, _ = session_agent(dict(exec_allow=[str(racer), "/usr/bin/true"]))
-    fast_before = fast_continued(warden)
+    fast_before = fast_counter(warden, "continued")
     proc = start_run(warden, agent, [str(racer), str(marker), "3000"])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
