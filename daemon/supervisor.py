@@ -161,7 +161,7 @@ class Supervisor:
         self.verdicts: dict[tuple, policy_mod.Verdict] = {}
         self.stopping = False
         self.counters: dict[str, int] = {"notifications": 0, "continued": 0, "refused": 0,
-                                         "held": 0, "unreadable": 0}
+                                         "held": 0, "unreadable": 0, "policy_announcements_malformed": 0}
         self.root = cgroups.cgroup2_root()
         self._approved_fd: int | None = None
         self._approved_ino: int | None = None
@@ -236,6 +236,8 @@ class Supervisor:
             try:
                 announced = msgpack.unpackb(raw, raw=False).get("policy_hash")
             except (ValueError, AttributeError, msgpack.UnpackException):
+                self.counters["policy_announcements_malformed"] += 1   # the daemon's own socket: a bug if ever
+                log.error("supervisor: dropped a malformed policy announcement")
                 continue
             current = self.governor.policy.hash if self.governor.policy else None
             if announced != current:
