@@ -6,9 +6,9 @@
  * latency in ns on a line of stdout; the bench alternates its sides one
  * operation at a time, so drift of the machine hits every side alike.
  *
- *   exec      fork + execve(PROGRAM) + waitpid
- *   execnew   the same, with a new argument each time (a command line the
- *             supervisor has not seen)
+ *   exec      fork + execve(PROGRAM same line) + waitpid
+ *   execnew   the same, with a new first argument each time (a command line
+ *             the supervisor has not seen)
  *   execpy    execnew through PROGRAM's path with a "." component, which the
  *             compiled fast path leaves to the supervisor's Python
  *   execfail  execve(MISSING) in-process, which must fail ENOENT: the
@@ -67,7 +67,9 @@ int main(int argc, char **argv)
             const char *run = strcmp(line, "execpy") == 0 ? dotted : program;
             pid_t pid = fork();
             if (pid == 0) {
-                char *args[] = {(char *)run, strcmp(line, "exec") != 0 ? nth : NULL, NULL};
+                /* Two arguments: with exactly one, coreutils' true loads the
+                 * locale (to answer --help), 200 us more. */
+                char *args[] = {(char *)run, strcmp(line, "exec") != 0 ? nth : "same", "line", NULL};
                 execv(run, args);
                 _exit(127);
             }

@@ -240,6 +240,11 @@ static int grow(void **array, uint32_t *count, size_t size)
     return 0;
 }
 
+static uint32_t token_size(uint8_t kind)
+{
+    return kind == T_CLASS ? 17 : kind == T_CHAR ? 2 : 1;
+}
+
 /* A word: its tokens are checked here, so matching never reads past them. */
 static int parse_word(struct reader *r, struct policy *p)
 {
@@ -250,10 +255,9 @@ static int parse_word(struct reader *r, struct policy *p)
     p->words[p->word_count - 1] = (struct word){ tokens, (uint16_t)len };
     for (uint32_t i = 0; tokens && i < len;) {
         uint8_t kind = tokens[i];
-        uint32_t size = kind == T_CLASS ? 17 : kind == T_CHAR ? 2 : 1;
-        if (kind < T_ANY || kind > T_CHAR || i + size > len)
+        if (kind < T_ANY || kind > T_CHAR || i + token_size(kind) > len)
             return -1;
-        i += size;
+        i += token_size(kind);
     }
     return 0;
 }
@@ -344,7 +348,7 @@ static int word_matches(const struct word *w, const char *s, uint32_t n)
             star = ++t;
             star_i = i;
         } else if (t < end && token_matches(t, (unsigned char)s[i])) {
-            t += *t == T_CLASS ? 17 : *t == T_CHAR ? 2 : 1;
+            t += token_size(*t);
             i++;
         } else if (star) {
             t = star;
