@@ -251,7 +251,8 @@ class TaskMemory:
 
     def pointers(self, addr: int, limit: int) -> list[int] | None:
         """A NULL-terminated array of pointers (argv), read up to the end of
-        a page at a time: what follows the array may be unmapped."""
+        a page at a time: what follows the array may be unmapped. At most
+        limit of them: a longer array comes back cut at limit."""
         found: list[int] = []
         while len(found) < limit:
             at = addr + 8 * len(found)

@@ -231,7 +231,7 @@ static uint32_t take_u(struct reader *r, size_t size)
 static int grow(void **array, uint32_t *count, size_t size)
 {
     if ((*count & (*count - 1)) == 0) {   /* 0, 1, 2, 4, ...: full */
-        void *bigger = realloc(*array, (*count ? 2 * *count : 1) * size);
+        void *bigger = realloc(*array, (*count ? 2 * (size_t)*count : 1) * size);
         if (!bigger)
             return -1;
         *array = bigger;
@@ -616,9 +616,12 @@ static int exec_key(struct listener *l, const struct seccomp_notif *n, char *key
         int batch = count - i < BATCH ? count - i : BATCH;
         read = read_batch(pid, pointers + i, batch, l->pieces, sizes);
         for (int j = 0; j < batch; j++) {
+            /* At most a page per argument, as the supervisor reads them: it
+             * refuses longer ones as unreadable, so they are its to refuse. */
+            int limit = MAX_KEY - at < PAGE ? MAX_KEY - at : PAGE;
             at = j < read ? append_from(pid, pointers[i + j], l->pieces + j * FIRST_READ, sizes[j],
-                                        key, at, MAX_KEY - at)
-                          : append_string(pid, pointers[i + j], key, at, MAX_KEY - at);
+                                        key, at, limit)
+                          : append_string(pid, pointers[i + j], key, at, limit);
             if (at < 0)
                 return -1;
         }

@@ -292,10 +292,12 @@ class Supervisor:
             dirfd, fn_ptr, argv_ptr, flags = ((AT_FDCWD, a[0], a[1], 0) if name == "execve"
                                               else (self._int(a[0]), a[1], a[2], a[4]))
             raw = mem.string(fn_ptr)
-            pointers = mem.pointers(argv_ptr, MAX_ARGS) if argv_ptr else []
+            # One more than is read: a longer argv is judged as cut short (see policy.py).
+            pointers = mem.pointers(argv_ptr, MAX_ARGS + 1) if argv_ptr else []
             if raw is None or pointers is None:
                 return None
-            argv = [mem.string(p) for p in pointers]
+            truncated = len(pointers) > MAX_ARGS
+            argv = [mem.string(p) for p in pointers[:MAX_ARGS]]
             if any(arg is None for arg in argv):
                 return None
             if raw.startswith(b"/") or dirfd == AT_FDCWD:
@@ -307,10 +309,10 @@ class Supervisor:
             resolved = self._resolve(n.pid, dirfd, raw)
             argv_text = [os.fsdecode(x) for x in argv]
             event = {"kind": "exec", "agent": s.agent, "resolved_filename": resolved,
-                     "exec_path": "", "argv": argv_text, "argv_truncated": False, "ret": 0}
-            shown = " ".join(argv_text) + f" ({resolved or os.fsdecode(raw)})"
-            repeatable = name == "execve" and raw.startswith(b"/") and argv_ptr
-            return Request(f"exec {shown}", ("exec", resolved, tuple(argv_text)), [event], form,
+                     "exec_path": "", "argv": argv_text, "argv_truncated": truncated, "ret": 0}
+            shown = " ".join(argv_text) + (" ..." if truncated else "") + f" ({resolved or os.fsdecode(raw)})"
+            repeatable = name == "execve" and raw.startswith(b"/") and argv_ptr and not truncated
+            return Request(f"exec {shown}", ("exec", resolved, tuple(argv_text), truncated), [event], form,
                            fastpath.exec_key(s.agent, raw, argv) if repeatable else None)
         paths: list[tuple[int, int, int]] = []   # (dirfd, pointer, open flags)
         write = os.O_WRONLY
@@ -361,7 +363,7 @@ class Supervisor:
         # decide() is pure: the same request under the same policy gets the same verdict.
         key = (current.hash, tuple(
             (e["kind"], e["agent"], e.get("resolved_path") or e.get("resolved_filename"),
-             tuple(e.get("argv", ())), policy_mod.is_write(e.get("flags", 0)))
+             tuple(e.get("argv", ())), e.get("argv_truncated"), policy_mod.is_write(e.get("flags", 0)))
             for e in request.events))
         verdict = self.verdicts.get(key)
         if verdict is None:

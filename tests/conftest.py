@@ -3,6 +3,7 @@ cgroups and run real programs. Without root/BPF they skip, unless
 AGENTWARDEN_REQUIRE_KERNEL=1, where such a skip is a failure."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -200,12 +201,19 @@ class AgentCgroup:
 
     def remove(self) -> None:
         for dirpath, dirs, _ in os.walk(self.path, topdown=False):
-            kill = Path(dirpath) / "cgroup.kill"
-            if kill.exists():
-                kill.write_text("1")
+            try:
+                (Path(dirpath) / "cgroup.kill").write_text("1")
+            except OSError as exc:
+                # A session's own cgroup can go (its `run` removes it) while we walk:
+                # ENOENT, or ENODEV when it is mid-removal.
+                if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                    raise
+                continue
             for _ in range(100):
                 try:
                     os.rmdir(dirpath)
+                    break
+                except FileNotFoundError:
                     break
                 except OSError:
                     time.sleep(0.02)

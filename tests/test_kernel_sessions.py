@@ -198,6 +198,21 @@ def test_a_failed_exec_leaves_no_approval_behind(warden, session_agent, tmp_path
     assert proc.returncode == 0, err
 
 
+def test_an_argv_longer_than_the_supervisor_reads_is_judged_cut_short(warden, session_agent):
+    """An argument past what the supervisor reads cannot slip by an argv
+    pattern: the command line is judged cut short, so a hold rule with an argv
+    pattern holds on the executable alone."""
+    agent, _ = session_agent(dict(exec_allow=SHELL + ["/usr/bin/true", "/usr/bin/seq"],
+                                  exec_hold=["/usr/bin/true * hold-me *"]))
+    proc = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/true a b && echo short=ok; "
+                                                      "/usr/bin/true $(/usr/bin/seq 5000) hold-me; echo long=$?"])
+    [hold] = wait_hold(warden, agent)
+    assert hold["action"].startswith("exec /usr/bin/true 1 2 3") and " ... (/usr/bin/true)" in hold["action"]
+    warden.cli("deny", hold["id"], "--reason", "too long to read")
+    out, err = proc.communicate(timeout=60)
+    assert out == "short=ok\nlong=126\n", err
+
+
 def test_hold_timeout_denies(warden, session_agent):
     agent, _ = session_agent(dict(exec_allow=SHELL, exec_hold=["/usr/bin/date"], extra="hold-timeout = 1\n"))
     proc = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date; echo status=$?"])
