@@ -147,7 +147,11 @@ static struct {
     int forward_fd;              /* to the supervisor */
     int execve_nr, open_nr, openat_nr, creat_nr;
     uint32_t path_max;           /* aw_approved.path */
-    pthread_mutex_t lock;        /* guards the table, the policy, map_fd and the counters */
+    /* Read by every thread for a whole answer, written on a new policy or map:
+     * a session's matching never waits for another's, and nothing changes
+     * under an answer between its lookup and its approval. Taken before lock. */
+    pthread_rwlock_t config;     /* guards the policy and map_fd */
+    pthread_mutex_t lock;        /* guards the table and the counters */
     int map_fd;                  /* approved_exec, or -1: every exec forwarded */
     uint64_t seed;
     struct entry *table;
@@ -159,7 +163,8 @@ static struct {
     uint64_t recent_count;
     struct listener **listeners; /* indexed by fd */
     int listeners_cap;
-} fp = { .lock = PTHREAD_MUTEX_INITIALIZER, .map_fd = -1, .forward_fd = -1 };
+} fp = { .config = PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP, .lock = PTHREAD_MUTEX_INITIALIZER,
+          .map_fd = -1, .forward_fd = -1 };
 
 /* ---- the learned command lines ------------------------------------------- */
 
@@ -451,7 +456,7 @@ static const struct agent_rules *agent_rules(const char *agent, uint32_t len)
 }
 
 /* Whether the compiled rules allow the call of a key (layouts at the top).
- * Called with fp.lock held. */
+ * Called with fp.config held. */
 static int rules_allow(struct scratch *scratch, const char *key, uint32_t len)
 {
     const char *nul = memchr(key, 0, len);
@@ -461,11 +466,12 @@ static int rules_allow(struct scratch *scratch, const char *key, uint32_t len)
     if (!a)
         return 0;
     const char *subject = nul + 1;
-    if (*subject == 1) {   /* an open: write access, then the path */
+    if (*subject == 1) {   /* an open: its flags, then the path */
         char *digits_end;
         long flags = strtol(subject + 1, &digits_end, 10);
-        int access = flags & O_ACCMODE;
-        if (*digits_end || digits_end + 1 >= key + len || (access != O_WRONLY && access != O_RDWR))
+        /* A write as policy.is_write counts it; a read has other rules, the supervisor's. */
+        int write = (flags & O_ACCMODE) != O_RDONLY || (flags & (O_CREAT | O_TRUNC | O_APPEND));
+        if (*digits_end || digits_end + 1 >= key + len || !write)
             return 0;
         int parts = split_path(digits_end + 1, scratch->parts);
         return parts > 0 && section_allows(&fp.policy, &a->write, scratch->parts, parts, NULL, 0);
@@ -710,25 +716,27 @@ static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t st
     if (len < 0)
         return 0;
     uint64_t hash = key_hash(key, len);
+    pthread_rwlock_rdlock(&fp.config);
     pthread_mutex_lock(&fp.lock);
     struct entry *e = fp.entries ? table_slot(key, len, hash) : NULL;
     int learned = e && e->hash;
+    pthread_mutex_unlock(&fp.lock);
     if (!learned && !rules_allow(&l->scratch, key, len)) {
-        pthread_mutex_unlock(&fp.lock);
+        pthread_rwlock_unlock(&fp.config);
         return 0;
     }
     __u64 id = n->id;
     if (ioctl(l->fd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) < 0) {
-        fp.counters[C_GONE]++;     /* the task died or was interrupted */
-        pthread_mutex_unlock(&fp.lock);
+        pthread_rwlock_unlock(&fp.config);
+        count(C_GONE);     /* the task died or was interrupted */
         return 1;
     }
     if (is_exec && approve_exec(l, n->pid, key + filename_at, filename_len) < 0) {
-        fp.counters[C_MAP_FAILURES]++;   /* the supervisor retries or refuses */
-        pthread_mutex_unlock(&fp.lock);
+        pthread_rwlock_unlock(&fp.config);
+        count(C_MAP_FAILURES);   /* the supervisor retries or refuses */
         return 0;
     }
-    pthread_mutex_unlock(&fp.lock);
+    pthread_rwlock_unlock(&fp.config);
     struct seccomp_notif_resp resp = { .id = n->id, .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE };
     int sent = ioctl(l->fd, SECCOMP_IOCTL_NOTIF_SEND, &resp);
     pthread_mutex_lock(&fp.lock);
@@ -899,11 +907,13 @@ int aw_fast_policy(const uint8_t *blob, uint32_t len)
 {
     struct policy parsed;
     int err = policy_parse(blob, len, &parsed);
-    pthread_mutex_lock(&fp.lock);
+    pthread_rwlock_wrlock(&fp.config);
     struct policy old = fp.policy;
     fp.policy = parsed;   /* all zero when it did not parse */
+    pthread_mutex_lock(&fp.lock);
     table_clear();
     pthread_mutex_unlock(&fp.lock);
+    pthread_rwlock_unlock(&fp.config);
     policy_free(&old);
     return err;
 }
@@ -916,9 +926,9 @@ int aw_fast_rules_allow(const char *key, uint32_t len)
         free(scratch);
         return -EINVAL;
     }
-    pthread_mutex_lock(&fp.lock);
+    pthread_rwlock_rdlock(&fp.config);
     int allows = rules_allow(scratch, key, len);
-    pthread_mutex_unlock(&fp.lock);
+    pthread_rwlock_unlock(&fp.config);
     free(scratch);
     return allows;
 }
@@ -927,9 +937,9 @@ int aw_fast_rules_allow(const char *key, uint32_t len)
  * Once this returns, the thread no longer uses the previous fd. */
 void aw_fast_set_map(int fd)
 {
-    pthread_mutex_lock(&fp.lock);
+    pthread_rwlock_wrlock(&fp.config);
     fp.map_fd = fd;
-    pthread_mutex_unlock(&fp.lock);
+    pthread_rwlock_unlock(&fp.config);
 }
 
 /* Copies the counters (C_COUNT of them) and up to `room` recent handling

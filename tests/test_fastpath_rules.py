@@ -88,7 +88,8 @@ deny = ["/home/coder/work/.git/**"]
     assert fast.rules_allow(fastpath.open_key(AGENT, os.O_RDWR, b"/tmp/notes.txt"))
     assert not fast.rules_allow(fastpath.open_key(AGENT, write, b"/home/coder/work/.git/config"))  # denied
     assert not fast.rules_allow(fastpath.open_key(AGENT, write, b"/tmp/notes.md"))                 # not allowed
-    assert not fast.rules_allow(fastpath.open_key(AGENT, os.O_RDONLY | os.O_CREAT, b"/tmp/x.txt"))  # not O_WRONLY
+    assert fast.rules_allow(fastpath.open_key(AGENT, os.O_RDONLY | os.O_CREAT, b"/tmp/x.txt"))  # a write too
+    assert not fast.rules_allow(fastpath.open_key(AGENT, os.O_RDONLY, b"/tmp/x.txt"))  # a read: Python's
     assert not fast.rules_allow(fastpath.open_key("other", write, b"/tmp/notes.txt"))             # no such agent
     # A new policy replaces the rules at once; no policy, no rules.
     fast.set_policy(load(tmp_path, '[agent.coder.exec]\nallow = ["/bin/*"]\n'))
@@ -176,7 +177,8 @@ def test_random_rules_never_allow_more_and_allow_all_they_can(fast, tmp_path):
             python = exec_allowed_by_python(policy, path, args)
             c = fast.rules_allow(exec_key(path, args))
             assert c == python, (round_, body, path, args, python)
-            flags = rng.choice([os.O_WRONLY, os.O_RDWR | os.O_CREAT, os.O_WRONLY | os.O_TRUNC])
+            flags = rng.choice([os.O_WRONLY, os.O_RDWR | os.O_CREAT, os.O_WRONLY | os.O_TRUNC,
+                                os.O_RDONLY | os.O_APPEND, os.O_RDONLY | os.O_CREAT])
             python = write_allowed_by_python(policy, path, flags)
             c = fast.rules_allow(fastpath.open_key(AGENT, flags, path.encode()))
             assert c == python, (round_, body, path, flags, python)
