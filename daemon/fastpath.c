@@ -17,7 +17,9 @@
  *    in the policy's precedence, the first rule list with a matching rule is
  *    an allow list. A deny or hold rule that matches, no rule at all, an
  *    indirect route (the dynamic loader, /dev/fd, /proc, memfd), anything
- *    outside ASCII or not normalised: the supervisor decides.
+ *    outside ASCII or not normalised: the supervisor decides. An exec's
+ *    arguments are read only when a rule with an argv pattern matches its
+ *    path: a read of the task's memory is most of an answer's cost.
  * To allow, it does what the supervisor would: check the notification is still
  * valid, write an exec's filename to the approved_exec map (the BPF program
  * kills anything else at sched_process_exec) and continue the call.
@@ -134,6 +136,7 @@ struct listener {
     char key[MAX_KEY];
     char pieces[BATCH * FIRST_READ];
     uint64_t pointers[MAX_ARGS];
+    int pointer_count, pointers_ended;   /* argv read so far (exec_filename, exec_args) */
     /* aw_approved, reused: only its first len bytes of path are compared, so
      * it is not cleared each time (a 4 KiB memset on every exec). */
     struct { uint32_t len, reserved; char path[PAGE]; } approval;
@@ -393,20 +396,36 @@ static int words_match(const struct word *words, uint32_t count, const struct pi
     return w == count;
 }
 
-/* Whether the first list of the section with a matching rule allows. */
-static int section_allows(const struct policy *p, const struct section *section, const struct piece *parts,
-                          uint32_t part_count, const struct piece *args, uint32_t arg_count)
+/* What the rules say of a call: RULES_UNDECIDED when the call's arguments
+ * are needed (not read yet, or the path is one the supervisor normalises). */
+enum { RULES_NO = 0, RULES_ALLOW = 1, RULES_UNDECIDED = -1 };
+
+/* In the policy's precedence, the first list with a matching rule decides.
+ * Without the arguments (args NULL), RULES_UNDECIDED when that depends on an
+ * argv pattern. */
+static int section_verdict(const struct policy *p, const struct section *section, const struct piece *parts,
+                           uint32_t part_count, const struct piece *args, uint32_t arg_count)
 {
     for (int i = 0; i < section->lists; i++) {
         const struct list *list = &section->list[i];
-        for (uint32_t j = 0; j < list->rules; j++) {
+        int matched = 0, needs_args = 0;
+        for (uint32_t j = 0; j < list->rules && !matched; j++) {
             const struct rule *rule = &p->rules[list->first_rule + j];
-            if (words_match(&p->words[rule->first_part], rule->parts, parts, part_count) &&
-                (rule->args == NO_ARGV || words_match(&p->words[rule->first_arg], rule->args, args, arg_count)))
-                return list->allows;
+            if (!words_match(&p->words[rule->first_part], rule->parts, parts, part_count))
+                continue;
+            if (rule->args == NO_ARGV)
+                matched = 1;
+            else if (!args)
+                needs_args = 1;
+            else
+                matched = words_match(&p->words[rule->first_arg], rule->args, args, arg_count);
         }
+        if (matched)
+            return list->allows ? RULES_ALLOW : RULES_NO;
+        if (needs_args)
+            return RULES_UNDECIDED;
     }
-    return 0;
+    return RULES_NO;
 }
 
 /* The components of a normalised ASCII absolute path, or -1 for any other
@@ -474,7 +493,7 @@ static int rules_allow(struct scratch *scratch, const char *key, uint32_t len)
         if (*digits_end || digits_end + 1 >= key + len || !write)
             return 0;
         int parts = split_path(digits_end + 1, scratch->parts);
-        return parts > 0 && section_allows(&fp.policy, &a->write, scratch->parts, parts, NULL, 0);
+        return parts > 0 && section_verdict(&fp.policy, &a->write, scratch->parts, parts, NULL, 0) == RULES_ALLOW;
     }
     int parts = split_path(subject, scratch->parts);
     if (parts <= 0 || indirect(scratch->parts, parts))
@@ -494,7 +513,21 @@ static int rules_allow(struct scratch *scratch, const char *key, uint32_t len)
         }
         at += arg_len + 1;
     }
-    return section_allows(&fp.policy, &a->exec, scratch->parts, parts, scratch->args, args);
+    return section_verdict(&fp.policy, &a->exec, scratch->parts, parts, scratch->args, args) == RULES_ALLOW;
+}
+
+/* What the rules say of an execve by its agent and filename alone: most
+ * execs are decided by rules without argv patterns, and then the arguments
+ * need not be read. Called with fp.config held. */
+static int exec_path_verdict(struct scratch *scratch, const char *agent, uint32_t agent_len, const char *filename)
+{
+    const struct agent_rules *a = agent_rules(agent, agent_len);
+    if (!a)
+        return RULES_NO;
+    int parts = split_path(filename, scratch->parts);
+    if (parts <= 0 || indirect(scratch->parts, parts))
+        return RULES_UNDECIDED;   /* the full key, and what the supervisor taught */
+    return section_verdict(&fp.policy, &a->exec, scratch->parts, parts, NULL, 0);
 }
 
 /* ---- reading the stopped task ---------------------------------------------- */
@@ -566,12 +599,12 @@ static int append_from(pid_t pid, uint64_t addr, const char *piece, size_t size,
     return at + len;
 }
 
-/* The key of an execve notification, in key (MAX_KEY bytes); its length and
- * where the filename starts, or -1 when the supervisor must look at it.
- * Two process_vm_readv calls in the common case: the filename with the
- * start of argv, then the start of every argument. */
-static int exec_key(struct listener *l, const struct seccomp_notif *n, char *key,
-                    int *filename_at, int *filename_len)
+/* The start of an execve's key, agent NUL filename NUL, in key (MAX_KEY
+ * bytes); its length and where the filename starts, or -1 when the
+ * supervisor must look at it. One process_vm_readv: the filename, and the
+ * start of argv for exec_args. */
+static int exec_filename(struct listener *l, const struct seccomp_notif *n, char *key,
+                         int *filename_at, int *filename_len)
 {
     pid_t pid = n->pid;
     uint64_t argv = n->data.args[1];
@@ -590,18 +623,27 @@ static int exec_key(struct listener *l, const struct seccomp_notif *n, char *key
     if (at < 0 || key[*filename_at] != '/')
         return -1;    /* relative: decided against the cwd, by the supervisor */
     *filename_len = at - *filename_at;   /* with its NUL */
-
-    uint64_t *pointers = l->pointers;
-    int count = 0, ended = 0;
+    l->pointer_count = l->pointers_ended = 0;
     if (read == 2) {
         const uint64_t *got = (const uint64_t *)(l->pieces + FIRST_READ);
-        for (size_t i = 0; i < sizes[1] / 8 && !ended; i++) {
+        for (size_t i = 0; i < sizes[1] / 8 && !l->pointers_ended; i++) {
             if (got[i])
-                pointers[count++] = got[i];
+                l->pointers[l->pointer_count++] = got[i];
             else
-                ended = 1;
+                l->pointers_ended = 1;
         }
     }
+    return at;
+}
+
+/* The rest of the key after exec_filename (at: its length): argv[0] NUL ...
+ * argv[n-1] NUL. The new length, or -1. One more process_vm_readv in the
+ * common case, for the start of every argument. */
+static int exec_args(struct listener *l, const struct seccomp_notif *n, char *key, int at)
+{
+    pid_t pid = n->pid;
+    uint64_t argv = n->data.args[1], *pointers = l->pointers;
+    int count = l->pointer_count, ended = l->pointers_ended;
     while (!ended) {   /* a long argv: the rest a page at a time */
         if (count >= MAX_ARGS)
             return -1;
@@ -618,9 +660,10 @@ static int exec_key(struct listener *l, const struct seccomp_notif *n, char *key
                 return -1;
         }
     }
+    size_t sizes[BATCH];
     for (int i = 0; i < count; i += BATCH) {
         int batch = count - i < BATCH ? count - i : BATCH;
-        read = read_batch(pid, pointers + i, batch, l->pieces, sizes);
+        int read = read_batch(pid, pointers + i, batch, l->pieces, sizes);
         for (int j = 0; j < batch; j++) {
             /* At most a page per argument, as the supervisor reads them: it
              * refuses longer ones as unreadable, so they are its to refuse. */
@@ -681,7 +724,6 @@ static void forward(uint32_t kind, int fd, const struct seccomp_notif *n)
     }
 }
 
-/* True when answered here; false when the supervisor must decide. */
 /* The key of a write-open of an absolute path, or -1. */
 static int open_key(struct listener *l, const struct seccomp_notif *n, char *key)
 {
@@ -707,31 +749,19 @@ static int open_key(struct listener *l, const struct seccomp_notif *n, char *key
     return at < 0 || key[start] != '/' ? -1 : at;
 }
 
-static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t started)
+/* Continues an allowed call: checks it is still valid, approves an exec's
+ * filename in approved_exec (filename NULL: not an exec), continues it.
+ * Called with fp.config held, which it releases. True when answered here. */
+static int allow_call(struct listener *l, const struct seccomp_notif *n, const char *filename,
+                      int filename_len, int ruled, uint64_t started)
 {
-    char *key = l->key;
-    int filename_at = 0, filename_len = 0;
-    int is_exec = n->data.nr == fp.execve_nr;
-    int len = is_exec ? exec_key(l, n, key, &filename_at, &filename_len) : open_key(l, n, key);
-    if (len < 0)
-        return 0;
-    uint64_t hash = key_hash(key, len);
-    pthread_rwlock_rdlock(&fp.config);
-    pthread_mutex_lock(&fp.lock);
-    struct entry *e = fp.entries ? table_slot(key, len, hash) : NULL;
-    int learned = e && e->hash;
-    pthread_mutex_unlock(&fp.lock);
-    if (!learned && !rules_allow(&l->scratch, key, len)) {
-        pthread_rwlock_unlock(&fp.config);
-        return 0;
-    }
     __u64 id = n->id;
     if (ioctl(l->fd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) < 0) {
         pthread_rwlock_unlock(&fp.config);
         count(C_GONE);     /* the task died or was interrupted */
         return 1;
     }
-    if (is_exec && approve_exec(l, n->pid, key + filename_at, filename_len) < 0) {
+    if (filename && approve_exec(l, n->pid, filename, filename_len) < 0) {
         pthread_rwlock_unlock(&fp.config);
         count(C_MAP_FAILURES);   /* the supervisor retries or refuses */
         return 0;
@@ -741,11 +771,53 @@ static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t st
     int sent = ioctl(l->fd, SECCOMP_IOCTL_NOTIF_SEND, &resp);
     pthread_mutex_lock(&fp.lock);
     fp.counters[sent < 0 ? C_GONE : C_CONTINUED]++;
-    if (sent == 0 && !learned)
+    if (sent == 0 && ruled)
         fp.counters[C_RULED]++;
     fp.recent[fp.recent_count++ % RECENT] = (uint32_t)(now_ns() - started);
     pthread_mutex_unlock(&fp.lock);
     return 1;
+}
+
+/* A call by its whole key: allowed when learned or when the rules allow it. */
+static int answer_key(struct listener *l, const struct seccomp_notif *n, const char *key, int len,
+                      const char *filename, int filename_len, uint64_t started)
+{
+    uint64_t hash = key_hash(key, len);
+    pthread_rwlock_rdlock(&fp.config);
+    pthread_mutex_lock(&fp.lock);
+    struct entry *e = fp.entries ? table_slot(key, len, hash) : NULL;
+    int learned = e && e->hash;
+    pthread_mutex_unlock(&fp.lock);
+    int ruled = !learned && rules_allow(&l->scratch, key, len);
+    if (!learned && !ruled) {
+        pthread_rwlock_unlock(&fp.config);
+        return 0;
+    }
+    return allow_call(l, n, filename, filename_len, ruled, started);
+}
+
+/* True when answered here; false when the supervisor must decide. */
+static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t started)
+{
+    char *key = l->key;
+    if (n->data.nr != fp.execve_nr) {
+        int len = open_key(l, n, key);
+        return len >= 0 && answer_key(l, n, key, len, NULL, 0, started);
+    }
+    int filename_at, filename_len;
+    int len = exec_filename(l, n, key, &filename_at, &filename_len);
+    if (len < 0)
+        return 0;
+    const char *filename = key + filename_at;
+    pthread_rwlock_rdlock(&fp.config);
+    int verdict = exec_path_verdict(&l->scratch, l->agent, l->agent_len, filename);
+    if (verdict == RULES_ALLOW)
+        return allow_call(l, n, filename, filename_len, 1, started);
+    pthread_rwlock_unlock(&fp.config);
+    if (verdict == RULES_NO)
+        return 0;
+    len = exec_args(l, n, key, len);
+    return len >= 0 && answer_key(l, n, key, len, filename, filename_len, started);
 }
 
 static void *serve(void *arg)
@@ -916,6 +988,20 @@ int aw_fast_policy(const uint8_t *blob, uint32_t len)
     pthread_rwlock_unlock(&fp.config);
     policy_free(&old);
     return err;
+}
+
+/* What the current rules say of an execve by agent and filename alone: 1
+ * allow, 0 not, -1 the arguments are needed (for tests). */
+int aw_fast_exec_path_verdict(const char *agent, uint32_t agent_len, const char *filename)
+{
+    struct scratch *scratch = malloc(sizeof(*scratch));
+    if (!scratch)
+        return -ENOMEM;
+    pthread_rwlock_rdlock(&fp.config);
+    int verdict = exec_path_verdict(scratch, agent, agent_len, filename);
+    pthread_rwlock_unlock(&fp.config);
+    free(scratch);
+    return verdict;
 }
 
 /* Whether the current rules allow the call of a key, learned or not (for tests). */

@@ -126,6 +126,7 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.aw_fast_learn.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_policy.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_rules_allow.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
+    lib.aw_fast_exec_path_verdict.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_char_p]
     lib.aw_fast_set_map.argtypes = [ctypes.c_int]
     lib.aw_fast_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32),
                                   ctypes.c_int]
@@ -170,6 +171,13 @@ class FastPath:
     def rules_allow(self, key: bytes) -> bool:
         """Whether the compiled rules alone allow the call of a key."""
         return self.lib.aw_fast_rules_allow(key, len(key)) == 1
+
+    def exec_path_verdict(self, agent: str, filename: bytes) -> bool | None:
+        """What the compiled rules say of an execve before its arguments are
+        read: allowed, not, or None when they depend on the arguments."""
+        name = agent.encode()
+        verdict = self.lib.aw_fast_exec_path_verdict(name, len(name), filename)
+        return None if verdict < 0 else verdict == 1
 
     def set_map(self, fd: int | None) -> None:
         self.lib.aw_fast_set_map(-1 if fd is None else fd)

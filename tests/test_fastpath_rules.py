@@ -81,6 +81,15 @@ deny = ["/home/coder/work/.git/**"]
     for path, args in allowed:
         assert exec_allowed_by_python(policy, path, args), (path, args)
         assert fast.rules_allow(exec_key(path, args)), (path, args)
+    # Before the arguments are read: decided when no rule matching the path has
+    # an argv pattern; otherwise the arguments are read.
+    assert fast.exec_path_verdict(AGENT, b"/usr/bin/ls") is True
+    assert fast.exec_path_verdict(AGENT, b"/usr/bin/curl") is False        # denied whatever follows
+    assert fast.exec_path_verdict(AGENT, b"/usr/bin/git") is None          # git * push * is held
+    assert fast.exec_path_verdict(AGENT, b"/usr/local/bin/tool") is None   # allowed with --safe only
+    assert fast.exec_path_verdict(AGENT, b"/usr/sbin/ls") is False         # no rule
+    assert fast.exec_path_verdict(AGENT, b"/usr/bin/./ls") is None         # the supervisor normalises it
+    assert fast.exec_path_verdict("other", b"/usr/bin/ls") is False        # no such agent
     for path, args in forwarded:
         assert not fast.rules_allow(exec_key(path, args)), (path, args)
     write = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -159,7 +168,7 @@ def random_path(rng: random.Random) -> str:
 
 def test_random_rules_never_allow_more_and_allow_all_they_can(fast, tmp_path):
     rng = random.Random(20261121)
-    checked = agreed_allow = 0
+    checked = agreed_allow = path_only = 0
     for round_ in range(60):
         lists = {kind: [random_rule(rng, f"exec.{kind}") for _ in range(rng.randint(0, 4))]
                  for kind in ("allow", "hold", "deny")}
@@ -177,6 +186,10 @@ def test_random_rules_never_allow_more_and_allow_all_they_can(fast, tmp_path):
             python = exec_allowed_by_python(policy, path, args)
             c = fast.rules_allow(exec_key(path, args))
             assert c == python, (round_, body, path, args, python)
+            # Decided before the arguments are read: then the same for any arguments.
+            before_args = fast.exec_path_verdict(AGENT, path.encode())
+            assert before_args in (None, python), (round_, body, path, args, python)
+            path_only += before_args is not None
             flags = rng.choice([os.O_WRONLY, os.O_RDWR | os.O_CREAT, os.O_WRONLY | os.O_TRUNC,
                                 os.O_RDONLY | os.O_APPEND, os.O_RDONLY | os.O_CREAT])
             python = write_allowed_by_python(policy, path, flags)
@@ -185,3 +198,4 @@ def test_random_rules_never_allow_more_and_allow_all_they_can(fast, tmp_path):
             checked += 2
             agreed_allow += c
     assert checked > 10000 and agreed_allow > 500   # the random calls did reach the allow side
+    assert path_only > 3000   # and many were decided without their arguments
