@@ -154,8 +154,8 @@ class Rule:
     regex: re.Pattern          # over the subject of an exec or an open (see _exec_subject)
     prefix: tuple[str, ...]    # the literal components the path glob starts with
     # What the regex is made from (see _word_tokens), for the fast path's compiled rules:
-    path_parts: tuple = ()     # per path component its tokens; None for `**`
-    argv_parts: tuple | None = None   # per argument its tokens; None for `*`; no argv pattern: None
+    path_parts: tuple = ()     # per path component its tokens (None for `**`)
+    argv_parts: tuple | None = None   # per argv word its tokens (None for `*`); None: no argv pattern
 
     def __str__(self) -> str:
         return f"{self.kind} {_shown(self.pattern)} at {self.source}"
@@ -253,8 +253,8 @@ def _class(glob: str, start: int, forbidden: str) -> tuple[str, int]:
 # compiled rules (daemon/fastpath.py) are both made from them. A token is
 # (ANY, ""), (ONE, ""), (CLASS, its regex) or (CHAR, the character).
 ANY, ONE, CLASS, CHAR = "any", "one", "class", "char"
-# What a path component's `*`, `?` and negated classes never match: '/', and
-# NUL, so that a path glob never reaches into the arguments of an exec subject.
+# What no token of a path component matches: '/', and NUL, so that a path
+# glob never reaches into the arguments of an exec subject; an argument's: NUL.
 PATH_FORBIDDEN = "/\x00"
 ARG_FORBIDDEN = "\x00"
 
