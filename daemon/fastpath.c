@@ -12,7 +12,8 @@
  *  - the exact command line (agent, absolute filename, argv) of an execve, or
  *    the absolute path and flags of an open, openat or creat, that the Python
  *    supervisor decided `allow` under the current policy (`learn`);
- *  - an execve, or a write-open, of a normalised ASCII absolute path that the
+ *  - an execve, or a write-open, of a normalised ASCII absolute path (for an
+ *    open, also one relative to the task's cwd, joined to it) that the
  *    agent's rules, compiled by the supervisor (`aw_fast_policy`), allow:
  *    in the policy's precedence, the first rule list with a matching rule is
  *    an allow list. A deny or hold rule that matches, no rule at all, an
@@ -23,7 +24,8 @@
  * To allow, it does what the supervisor would: check the notification is still
  * valid, write an exec's filename to the approved_exec map (the BPF program
  * kills anything else at sched_process_exec) and continue the call.
- * Everything else -- other syscalls, relative paths, unreadable arguments --
+ * Everything else -- other syscalls, relative execs, opens relative to another
+ * directory fd, unreadable arguments --
  * goes to the supervisor unanswered, as (kind, fd, struct seccomp_notif) on a
  * SOCK_SEQPACKET socket, and the supervisor decides it exactly as if it had
  * received it. A new policy replaces the rules and voids what was learned, at
@@ -136,6 +138,7 @@ struct listener {
     char key[MAX_KEY];
     char pieces[BATCH * FIRST_READ];
     uint64_t pointers[MAX_ARGS];
+    char cwd[PAGE];              /* a relative open's base */
     int pointer_count, pointers_ended;   /* argv read so far (exec_filename, exec_args) */
     /* aw_approved, reused: only its first len bytes of path are compared, so
      * it is not cleared each time (a 4 KiB memset on every exec). */
@@ -724,15 +727,18 @@ static void forward(uint32_t kind, int fd, const struct seccomp_notif *n)
     }
 }
 
-/* The key of a write-open of an absolute path, or -1. */
+/* The key of a write-open, or -1. A relative path is resolved as the
+ * supervisor resolves it, against the task's cwd (/proc/PID/cwd), when it
+ * is relative to the cwd; other directory fds are the supervisor's. */
 static int open_key(struct listener *l, const struct seccomp_notif *n, char *key)
 {
     uint64_t path;
-    int flags;
+    int flags, dirfd = AT_FDCWD;
     if (n->data.nr == fp.open_nr) {
         path = n->data.args[0];
         flags = (int)(uint32_t)n->data.args[1];
     } else if (n->data.nr == fp.openat_nr) {
+        dirfd = (int)(uint32_t)n->data.args[0];
         path = n->data.args[1];   /* the directory fd does not matter for an absolute path */
         flags = (int)(uint32_t)n->data.args[2];
     } else if (n->data.nr == fp.creat_nr) {
@@ -746,7 +752,24 @@ static int open_key(struct listener *l, const struct seccomp_notif *n, char *key
     at += snprintf(key + at, 32, "%c%c%d%c", 0, 1, flags, 0);
     int start = at;
     at = append_string(n->pid, path, key, at, PAGE);
-    return at < 0 || key[start] != '/' ? -1 : at;
+    if (at < 0 || key[start] == '/')
+        return at;
+    if (dirfd != AT_FDCWD)
+        return -1;
+    char link[32], *cwd = l->cwd;
+    snprintf(link, sizeof(link), "/proc/%u/cwd", n->pid);
+    ssize_t cwd_len = readlink(link, cwd, PAGE);
+    if (cwd_len <= 0 || cwd_len >= PAGE || cwd[0] != '/')
+        return -1;
+    /* cwd '/' path, as the supervisor joins them ("/" itself gains no second '/') */
+    int slash = cwd_len > 1, relative_len = at - start;
+    if (start + cwd_len + slash + relative_len > MAX_KEY)
+        return -1;
+    memmove(key + start + cwd_len + slash, key + start, relative_len);
+    memcpy(key + start, cwd, cwd_len);
+    if (slash)
+        key[start + cwd_len] = '/';
+    return start + cwd_len + slash + relative_len;
 }
 
 /* Continues an allowed call: checks it is still valid, approves an exec's

@@ -127,33 +127,35 @@ def test_fast_path_decides_new_command_lines_by_the_rules_and_drops_them_when_th
                                   write_allow=[f"{tmp_path}/**"]))
     assert supervisor_health(warden)["fast_path"] == "running"
     before = fast_counter(warden, "ruled")
-    # Ten command lines and ten files never seen before, then one the hold rule names.
-    loop = (f"for i in 1 2 3 4 5 6 7 8 9 10; do /usr/bin/true $i || exit 9; echo $i > {tmp_path}/notes.$i "
-            "|| exit 8; done; /usr/bin/true hold-me; echo status=$?")
+    # Ten command lines and ten files never seen before (by absolute and by
+    # relative path), then one command line the hold rule names.
+    loop = (f"cd {tmp_path} && for i in 1 2 3 4 5 6 7 8 9 10; do /usr/bin/true $i || exit 9; "
+            f"echo $i > {tmp_path}/notes.$i || exit 8; echo $i > relative.$i || exit 7; done; "
+            "/usr/bin/true hold-me; echo status=$?")
     proc = start_run(warden, agent, ["/bin/sh", "-c", loop])
     [hold] = wait_hold(warden, agent)
     assert hold["action"].startswith("exec /usr/bin/true hold-me")
     warden.cli("deny", hold["id"], "--reason", "not that one")
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, out) == (0, "status=126\n"), err
-    assert (tmp_path / "notes.10").read_text() == "10\n"
-    # The shell, the ten execs and the ten write-opens were allowed by the
+    assert (tmp_path / "notes.10").read_text() == (tmp_path / "relative.10").read_text() == "10\n"
+    # The shell, the ten execs and the twenty write-opens were allowed by the
     # compiled rules alone, none learned from Python first.
-    supervisor_health(warden, lambda h: h["fast"]["ruled"] >= before + 21)
+    supervisor_health(warden, lambda h: h["fast"]["ruled"] >= before + 31)
     assert "exec fast path running (" in warden.cli("status").stdout
 
     # The same command line and write, now held and refused: the rules and
     # whatever was learned were the old policy's.
     wanted = warden.set_policy(agent, _policy(agent, exec_allow=SHELL, exec_hold=["/usr/bin/true"]))
     supervisor_health(warden, lambda h: h["policy_hash"] == wanted)
-    held = start_run(warden, agent, ["/bin/sh", "-c", f"echo 11 > {tmp_path}/notes.10; /usr/bin/true 1; "
-                                                      "echo status=$?"])
+    held = start_run(warden, agent, ["/bin/sh", "-c", f"cd {tmp_path}; echo 11 > {tmp_path}/notes.10; "
+                                                      "echo 11 > relative.10; /usr/bin/true 1; echo status=$?"])
     [hold] = wait_hold(warden, agent)
     assert hold["action"].startswith("exec /usr/bin/true 1")
     warden.cli("deny", hold["id"], "--reason", "policy changed")
     out, err = held.communicate(timeout=30)
     assert "Operation not permitted" in err and "status=126" in out
-    assert (tmp_path / "notes.10").read_text() == "10\n"
+    assert (tmp_path / "notes.10").read_text() == (tmp_path / "relative.10").read_text() == "10\n"
 
 
 def test_a_failed_exec_leaves_no_approval_behind(warden, session_agent, tmp_path):
