@@ -170,7 +170,8 @@ def enforcement_sections(result: dict) -> list[Section]:
                         ("execnew", "fork+exec of /usr/bin/true, new command line"),
                         ("execpy", "fork+exec, new command line, decided in Python"),
                         ("execfail", "execve() alone (an allowed path that does not exist)"),
-                        ("wopen", "open(O_WRONLY|O_CREAT)+close")):
+                        ("wopen", "open(O_WRONLY|O_CREAT)+close"),
+                        ("wopenrel", "the same, by a path relative to the cwd")):
         v = result["sessions"].get(what)
         if v is None:
             continue  # results from before this operation was measured

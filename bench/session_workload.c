@@ -14,6 +14,7 @@
  *   execfail  execve(MISSING) in-process, which must fail ENOENT: the
  *             syscall alone
  *   wopen     open(DIR/w<i>, O_WRONLY|O_CREAT|O_TRUNC) + close
+ *   wopenrel  the same by a path relative to the cwd, DIR: open(w<i>, ...)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -52,6 +53,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "session_workload: PROGRAM must be a path\n");
         return 2;
     }
+    if (chdir(dir) < 0)
+        return fail("chdir to", dir);
     setvbuf(stdout, NULL, _IOLBF, 0);
     for (long i = 0; fgets(line, sizeof(line), stdin); i++) {
         line[strcspn(line, "\n")] = 0;
@@ -78,8 +81,11 @@ int main(int argc, char **argv)
                 errno = pid < 0 ? errno : ECHILD;
                 return fail("fork+exec of", program);
             }
-        } else if (strcmp(line, "wopen") == 0) {
-            snprintf(path, sizeof(path), "%s/w%ld", dir, i % 64);
+        } else if (strcmp(line, "wopen") == 0 || strcmp(line, "wopenrel") == 0) {
+            if (strcmp(line, "wopen") == 0)
+                snprintf(path, sizeof(path), "%s/w%ld", dir, i % 64);
+            else
+                snprintf(path, sizeof(path), "w%ld", i % 64);
             int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
             if (fd < 0)
                 return fail("open", path);

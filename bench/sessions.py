@@ -14,7 +14,7 @@ agent's rules), and a new command line through a path with a "." component,
 which the fast path leaves to the supervisor's Python. Another operation, an
 execve of an allowed path that does not exist, times the syscall alone: what
 the notification round trip adds, without fork, exec and exit around it. The
-last is a write-open.
+last two are write-opens, by absolute path and relative to the cwd.
 
 These VMs drift by a hundred microseconds per fork+exec from one second to
 the next, so each side is a long-lived worker, all pinned to the same CPU, and
@@ -85,7 +85,7 @@ def _paired(side: list[int], bare: list[int]) -> float:
 
 
 SIDES = ("bare", "watched", "floor", "session")
-OPERATIONS = ("exec", "execnew", "execpy", "execfail", "wopen")
+OPERATIONS = ("exec", "execnew", "execpy", "execfail", "wopen", "wopenrel")
 WARM_UP = 20   # rounds of each operation not counted: caches, the fast path's first sight
 
 
