@@ -467,6 +467,14 @@ static int indirect(const struct piece *parts, int count)
            (first->len >= 6 && !memcmp(first->s, "memfd:", 6)) || (last->len >= 3 && !memcmp(last->s, "ld-", 3));
 }
 
+/* The components of an exec's filename when the rules may decide it (a
+ * normalised ASCII absolute path, no indirect route), else -1. */
+static int exec_parts(const char *filename, struct piece *parts)
+{
+    int count = split_path(filename, parts);
+    return count > 0 && !indirect(parts, count) ? count : -1;
+}
+
 static const struct agent_rules *agent_rules(const char *agent, uint32_t len)
 {
     for (uint32_t i = 0; i < fp.policy.agent_count; i++) {
@@ -498,8 +506,8 @@ static int rules_allow(struct scratch *scratch, const char *key, uint32_t len)
         int parts = split_path(digits_end + 1, scratch->parts);
         return parts > 0 && section_verdict(&fp.policy, &a->write, scratch->parts, parts, NULL, 0) == RULES_ALLOW;
     }
-    int parts = split_path(subject, scratch->parts);
-    if (parts <= 0 || indirect(scratch->parts, parts))
+    int parts = exec_parts(subject, scratch->parts);
+    if (parts < 0)
         return 0;
     /* argv[0] is the caller's to choose: rules see argv[1:]. */
     const char *at = subject + strlen(subject) + 1, *end = key + len;
@@ -527,8 +535,8 @@ static int exec_path_verdict(struct scratch *scratch, const char *agent, uint32_
     const struct agent_rules *a = agent_rules(agent, agent_len);
     if (!a)
         return RULES_NO;
-    int parts = split_path(filename, scratch->parts);
-    if (parts <= 0 || indirect(scratch->parts, parts))
+    int parts = exec_parts(filename, scratch->parts);
+    if (parts < 0)
         return RULES_UNDECIDED;   /* the full key, and what the supervisor taught */
     return section_verdict(&fp.policy, &a->exec, scratch->parts, parts, NULL, 0);
 }
