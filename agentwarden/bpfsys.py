@@ -19,6 +19,11 @@ BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_ANY = 0
 BPFFS = Path("/sys/fs/bpf")
+# The probe pins these under bpf_pin_dir for the supervisor, which writes
+# approved session execs into the first two (approved_exec by bpf(),
+# approval_slots through the fast path's shared mapping) and reads waiting
+# execs' filenames from the third (the fast path's mapping too).
+SUPERVISOR_MAPS = ("approved_exec", "approval_slots", "exec_stash")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long

@@ -20,7 +20,7 @@
 
 struct aw_config {
     u32 tagged_levels;  /* bit L set: some tagged cgroup sits at depth L */
-    u32 reserved;
+    u32 session_levels; /* bit L set: some `run` session's cgroup sits at depth L */
 };
 
 /* [0] -> aw_config; written by the probe whenever the tag set changes. */
@@ -36,6 +36,15 @@ BPF_PERCPU_ARRAY(deny_scratch, struct aw_deny_key, 1);
  * (through a pinned map) before it lets a held exec continue; the kernel
  * re-reads the filename after the check, so sched_process_exec compares. */
 BPF_HASH(approved_exec, u32, struct aw_approved, AW_MAX_APPROVED);
+/* tid % AW_APPROVAL_SLOTS -> the same, for the supervisor's compiled fast
+ * path, which writes it through a shared mapping (no bpf() call per exec).
+ * A slot holding this thread's tid decides; otherwise approved_exec does (the
+ * slot was busy with another thread's approval, or the approval came from
+ * elsewhere). */
+BPF_F_TABLE("array", u32, struct aw_approval_slot, approval_slots, AW_APPROVAL_SLOTS, BPF_F_MMAPABLE);
+/* tid % AW_APPROVAL_SLOTS -> the filename a session thread waiting in execve's
+ * seccomp notification asked for (see sched_switch), for the supervisor. */
+BPF_F_TABLE("array", u32, struct aw_exec_stash, exec_stash, AW_APPROVAL_SLOTS, BPF_F_MMAPABLE);
 /* pid_tgid -> record being built between a syscall's entry and exit. */
 BPF_HASH(inflight_exec, u64, struct aw_exec, AW_MAX_INFLIGHT);
 BPF_HASH(inflight_file, u64, struct aw_file, AW_MAX_INFLIGHT);
@@ -164,17 +173,18 @@ static __always_inline void emit(void *record, u32 size, u32 kind)
 
 /* ---- exec ---------------------------------------------------------------- */
 
-/* Whether the approved filename equals the kernel's (len bytes, NUL
- * included). Compared a word at a time: a byte loop is too long to verify. */
-static __always_inline int same_path(const struct aw_approved *ok, const char *path, int len)
+/* Whether an approved filename (ok_len bytes, NUL included) equals the
+ * kernel's (len bytes). Compared a word at a time: a byte loop is too long
+ * to verify. */
+static __always_inline int same_path(u32 ok_len, const char *ok, const char *path, int len)
 {
-    if (len <= 0 || ok->len != (u32)len)
+    if (len <= 0 || ok_len != (u32)len)
         return 0;
     u32 words = (u32)len / 8;
     for (int i = 0; i < AW_MAX_PATH / 8; i++) {
         if (i >= words)
             break;
-        if (((const u64 *)ok->path)[i] != ((const u64 *)path)[i])
+        if (((const u64 *)ok)[i] != ((const u64 *)path)[i])
             return 0;
     }
     for (int j = 0; j < 8; j++) {
@@ -182,10 +192,57 @@ static __always_inline int same_path(const struct aw_approved *ok, const char *p
         if (k >= (u32)len)
             break;
         k &= AW_MAX_PATH - 1;
-        if (ok->path[k] != path[k])
+        if (ok[k] != path[k])
             return 0;
     }
     return 1;
+}
+
+static __always_inline struct aw_approval_slot *approval_slot(u32 tid)
+{
+    u32 index = tid & (AW_APPROVAL_SLOTS - 1);
+    return approval_slots.lookup(&index);
+}
+
+/* Whether the supervisor approved tid to execute path (len bytes); the
+ * approval is used up either way. */
+static __always_inline int take_approval(u32 tid, const char *path, int len)
+{
+    int approved;
+    struct aw_approval_slot *slot = approval_slot(tid);
+    if (slot && slot->tid == tid) {
+        approved = same_path(slot->len, slot->path, path, len);
+        slot->tid = 0;
+    } else {
+        struct aw_approved *ok = approved_exec.lookup(&tid);
+        approved = ok && same_path(ok->len, ok->path, path, len);
+    }
+    approved_exec.delete(&tid);
+    return approved;
+}
+
+static __always_inline struct aw_exec_stash *exec_stash_slot(u32 tid)
+{
+    u32 index = tid & (AW_APPROVAL_SLOTS - 1);
+    return exec_stash.lookup(&index);
+}
+
+/* The thread's execve has been answered (entered, failed or refused), or the
+ * thread is gone: what was stashed for it no longer describes a waiting call. */
+static __always_inline void forget_stash(u32 tid)
+{
+    struct aw_exec_stash *s = exec_stash_slot(tid);
+    if (s && s->tid == tid)
+        s->tid = 0;
+}
+
+/* A thread's unused approval goes: its exec failed, or it died first. */
+static __always_inline void forget_approval(u32 tid)
+{
+    struct aw_approval_slot *slot = approval_slot(tid);
+    if (slot && slot->tid == tid)
+        slot->tid = 0;
+    approved_exec.delete(&tid);
 }
 
 static __always_inline int exec_enter(u32 syscall, s32 dirfd, const char *filename,
@@ -194,6 +251,7 @@ static __always_inline int exec_enter(u32 syscall, s32 dirfd, const char *filena
     u64 agent = agent_cgroup();
     if (!agent)
         return 0;
+    forget_stash((u32)bpf_get_current_pid_tgid());
     u32 zero = 0;
     struct aw_exec *e = exec_scratch.lookup(&zero);
     if (!e)
@@ -262,6 +320,7 @@ static __always_inline void emit_exec(struct aw_exec *e)
 static __always_inline int exec_exit(long ret)
 {
     u64 key = bpf_get_current_pid_tgid();
+    forget_stash((u32)key);   /* also after a call the supervisor refused (never entered) */
     struct aw_exec *e = inflight_exec.lookup(&key);
     if (!e)
         return 0;
@@ -275,8 +334,7 @@ static __always_inline int exec_exit(long ret)
     } else {
         /* A failed exec leaves no approval behind (a success used it up at
          * sched_process_exec): stale ones would fill the map. */
-        u32 tid = (u32)key;
-        approved_exec.delete(&tid);
+        forget_approval((u32)key);
     }
     emit_exec(e);
     inflight_exec.delete(&key);
@@ -320,13 +378,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
             /* A session exec runs only what the daemon approved: a thread that
              * rewrote the path after the check, or an exec the daemon never
              * saw, is killed here, before the new program's first instruction. */
-            u32 caller = args->old_pid;
-            struct aw_approved *ok = approved_exec.lookup(&caller);
-            if (!ok || !same_path(ok, e->exec_path, exec_len)) {
+            if (!take_approval(args->old_pid, e->exec_path, exec_len)) {
                 bpf_send_signal(9);
                 e->flags |= AW_EXEC_NOT_APPROVED;
             }
-            approved_exec.delete(&caller);
         }
     }
     if (old_key != id) {
@@ -459,6 +514,61 @@ TRACEPOINT_PROBE(syscalls, sys_exit_creat) { return file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_chdir) { return file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_fchdir) { return file_exit(args->ret); }
 
+/* ---- session execs: the filename, copied while the supervisor is asked ---- */
+
+#ifdef AW_EXEC_STASH
+/* The syscall's registers, by index in the x86-64 pt_regs, whose layout the
+ * ptrace ABI fixes (the one read here of kernel memory other than tracepoint
+ * arguments, through the bpf_task_pt_regs helper; the probe enables it only
+ * on x86-64 with BTF). */
+#define AW_REG_DI 14        /* the first argument */
+#define AW_REG_ORIG_AX 15   /* the syscall number */
+#define AW_NR_EXECVE 59
+
+/* A session thread that blocks in execve before its sys_enter -- that is,
+ * waiting for the supervisor's answer to the seccomp notification -- has its
+ * filename copied to exec_stash here, in its own context: a plain copy from
+ * its memory, where the supervisor's process_vm_readv would pin the page and,
+ * right after a fork, copy it (most of an answer's cost). The stash is a
+ * shortcut, not a trust boundary: the supervisor decides on it, and what the
+ * kernel then really executes is checked against the approval at
+ * sched_process_exec, as when the supervisor reads the memory itself. */
+TRACEPOINT_PROBE(sched, sched_switch)
+{
+    if (args->prev_state == 0)
+        return 0;   /* preempted, not waiting */
+    u32 zero = 0;
+    struct aw_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->session_levels)
+        return 0;
+    const u64 *regs = (const u64 *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
+    u64 nr = 0, filename = 0;
+    if (bpf_probe_read_kernel(&nr, sizeof(nr), &regs[AW_REG_ORIG_AX]) || nr != AW_NR_EXECVE)
+        return 0;
+    u32 agent;
+    if (!agent_cgroup_of(&agent) || !(agent & AW_AGENT_SESSION_BIT))
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    if (inflight_exec.lookup(&id))
+        return 0;   /* past sys_enter: the exec itself is waiting (for the disk, say) */
+    u32 tid = (u32)id;
+    struct aw_exec_stash *s = exec_stash_slot(tid);
+    if (!s || (s->tid && s->tid != tid))
+        return 0;   /* another thread's call holds the slot: the supervisor reads */
+    if (bpf_probe_read_kernel(&filename, sizeof(filename), &regs[AW_REG_DI]))
+        return 0;
+    s->tid = 0;
+    s->filename = filename;
+    int n = bpf_probe_read_user_str(s->path, sizeof(s->path), (const char *)filename);
+    if (n <= 0 || n >= (int)sizeof(s->path))
+        return 0;   /* unreadable now, or too long to be whole: the supervisor reads */
+    s->len = n;
+    asm volatile("" ::: "memory");
+    s->tid = tid;   /* last: the supervisor takes the slot as whole once it names tid */
+    return 0;
+}
+#endif
+
 /* ---- process lineage ----------------------------------------------------- */
 
 TRACEPOINT_PROBE(sched, sched_process_fork)
@@ -497,7 +607,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     }
     inflight_file.delete(&id);
     unread_paths.delete(&id);
-    approved_exec.delete(&tid);   /* approved, then killed before the exec ran */
+    forget_approval(tid);   /* approved, then killed before the exec ran */
+    forget_stash(tid);
 
 #ifdef AW_HAVE_GROUP_DEAD
     int process_ends = args->group_dead;

@@ -40,6 +40,7 @@
  * session cgroups, whose every exec must match what the daemon approved. */
 #define AW_AGENT_SESSION_BIT 0x80000000
 #define AW_MAX_APPROVED 16384
+#define AW_APPROVAL_SLOTS 1024   /* power of two: approval_slots, indexed by tid % slots */
 
 /* aw_deny_value.applies */
 #define AW_DENY_EXEC 1
@@ -147,6 +148,24 @@ struct aw_deny_value {
 struct aw_approved {
     u32 len;              /* bytes of path including the NUL */
     u32 reserved;
+    char path[AW_MAX_PATH];
+};
+
+/* exec_stash value: the filename of a session thread's execve, copied while
+ * the thread waits for the supervisor's answer (tid 0: free). The supervisor
+ * reads it through a shared mapping instead of the thread's memory. */
+struct aw_exec_stash {
+    u32 tid;
+    u32 len;              /* bytes of path including the NUL */
+    u64 filename;         /* the execve's filename pointer, as the notification has it */
+    char path[AW_MAX_PATH];
+};
+
+/* approval_slots value: the same, for the thread tid (0: free), written by
+ * the supervisor through a shared mapping, so approving takes no syscall. */
+struct aw_approval_slot {
+    u32 tid;
+    u32 len;
     char path[AW_MAX_PATH];
 };
 

@@ -20,10 +20,18 @@
  *    indirect route (the dynamic loader, /dev/fd, /proc, memfd), anything
  *    outside ASCII or not normalised: the supervisor decides. An exec's
  *    arguments are read only when a rule with an argv pattern matches its
- *    path: a read of the task's memory is most of an answer's cost.
+ *    path: a read of the task's memory is most of an answer's cost. Its
+ *    filename is usually not read either: the BPF program copies it while
+ *    the thread waits (exec_stash, mapped here), which costs the thread a
+ *    plain copy where process_vm_readv pins the page, and right after a fork
+ *    copies it whole.
  * To allow, it does what the supervisor would: check the notification is still
- * valid, write an exec's filename to the approved_exec map (the BPF program
- * kills anything else at sched_process_exec) and continue the call.
+ * valid, approve an exec's filename for the BPF program (which kills anything
+ * else at sched_process_exec) and continue the call. Approvals go into the
+ * thread's slot of approval_slots, a BPF array this library maps, so approving
+ * costs no syscall; when another thread's approval holds that slot, into the
+ * approved_exec hash map, by bpf(). The supervisor approves through here too
+ * (aw_fast_approve), so one function writes both.
  * Everything else -- other syscalls, relative execs, opens relative to another
  * directory fd, unreadable arguments --
  * goes to the supervisor unanswered, as (kind, fd, struct seccomp_notif) on a
@@ -61,6 +69,7 @@
 #include <string.h>
 #include <poll.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -68,7 +77,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AW_FAST_ABI 3
+#define AW_FAST_ABI 4
 
 #define MAX_AGENT 256
 #define MAX_KEY (64 * 1024)        /* longer command lines go to the supervisor */
@@ -98,7 +107,7 @@ struct forward {
 
 /* Counters, in the order fastpath.py names them (COUNTERS). */
 enum { C_CONTINUED, C_FORWARDED, C_HANGUPS, C_GONE, C_LEARNED, C_RESETS, C_MAP_FAILURES,
-       C_FORWARD_FAILURES, C_RULED, C_COUNT };
+       C_FORWARD_FAILURES, C_RULED, C_APPROVED_IN_MAP, C_STASHED, C_COUNT };
 
 struct entry {
     uint64_t hash;
@@ -140,9 +149,6 @@ struct listener {
     uint64_t pointers[MAX_ARGS];
     char cwd[PAGE];              /* a relative open's base */
     int pointer_count, pointers_ended;   /* argv read so far (exec_filename, exec_args) */
-    /* aw_approved, reused: only its first len bytes of path are compared, so
-     * it is not cleared each time (a 4 KiB memset on every exec). */
-    struct { uint32_t len, reserved; char path[PAGE]; } approval;
     struct scratch scratch;
 };
 
@@ -152,13 +158,18 @@ static struct {
     int running;
     int forward_fd;              /* to the supervisor */
     int execve_nr, open_nr, openat_nr, creat_nr;
-    uint32_t path_max;           /* aw_approved.path */
+    uint32_t path_max;           /* aw_approved.path, aw_approval_slot.path */
     /* Read by every thread for a whole answer, written on a new policy or map:
      * a session's matching never waits for another's, and nothing changes
      * under an answer between its lookup and its approval. Taken before lock. */
-    pthread_rwlock_t config;     /* guards the policy and map_fd */
+    pthread_rwlock_t config;     /* guards the policy, map_fd, slots and stash */
     pthread_mutex_t lock;        /* guards the table and the counters */
+    pthread_mutex_t slots_lock;  /* one writer of approval_slots at a time */
     int map_fd;                  /* approved_exec, or -1: every exec forwarded */
+    uint8_t *slots;              /* approval_slots, mapped; NULL: approved_exec only */
+    uint8_t *stash;              /* exec_stash, mapped with slots; NULL: read the tasks */
+    size_t slots_size, stash_size;
+    uint32_t slot_count;         /* AW_APPROVAL_SLOTS, a power of two */
     uint64_t seed;
     struct entry *table;
     struct policy policy;        /* all zero: no rules, everything not learned is forwarded */
@@ -170,7 +181,22 @@ static struct {
     struct listener **listeners; /* indexed by fd */
     int listeners_cap;
 } fp = { .config = PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP, .lock = PTHREAD_MUTEX_INITIALIZER,
-          .map_fd = -1, .forward_fd = -1 };
+          .slots_lock = PTHREAD_MUTEX_INITIALIZER, .map_fd = -1, .forward_fd = -1 };
+
+/* aw_approval_slot: tid (0: free), len, path[path_max]; elements 8-byte aligned. */
+struct approval_slot { uint32_t tid, len; char path[]; };
+/* aw_exec_stash: tid (0: free), len, the filename pointer, path[path_max]. */
+struct exec_stash { uint32_t tid, len; uint64_t filename; char path[]; };
+
+static size_t slot_stride(void) { return (8 + (size_t)fp.path_max + 7) & ~(size_t)7; }
+static size_t stash_stride(void) { return (16 + (size_t)fp.path_max + 7) & ~(size_t)7; }
+
+static void count(int counter)
+{
+    pthread_mutex_lock(&fp.lock);
+    fp.counters[counter]++;
+    pthread_mutex_unlock(&fp.lock);
+}
 
 /* ---- the learned command lines ------------------------------------------- */
 
@@ -610,6 +636,30 @@ static int append_from(pid_t pid, uint64_t addr, const char *piece, size_t size,
     return at + len;
 }
 
+/* The filename the BPF program copied for pid while it waits on this very
+ * notification (exec_stash; see sched_switch there), into out (room bytes):
+ * its length with the NUL, or -1 when there is none to trust -- the slot
+ * names another thread or another filename pointer, or the thread had not
+ * yet switched out when this notification was received. A slot is cleared
+ * when its thread's execve ends, so one naming pid and this pointer was
+ * written during this wait. Called with fp.config held. */
+static int stashed_filename(uint32_t pid, uint64_t filename, char *out, uint32_t room)
+{
+    if (!fp.stash)
+        return -1;
+    const struct exec_stash *s =
+        (const struct exec_stash *)(fp.stash + (size_t)(pid & (fp.slot_count - 1)) * stash_stride());
+    if (__atomic_load_n(&s->tid, __ATOMIC_ACQUIRE) != pid || s->filename != filename)
+        return -1;
+    uint32_t len = s->len;
+    if (len < 2 || len > room || len >= fp.path_max)
+        return -1;
+    memcpy(out, s->path, len);
+    if (out[len - 1] != 0 || memchr(out, 0, len - 1) || __atomic_load_n(&s->tid, __ATOMIC_ACQUIRE) != pid)
+        return -1;
+    return (int)len;
+}
+
 /* The start of an execve's key, agent NUL filename NUL, in key (MAX_KEY
  * bytes); its length and where the filename starts, or -1 when the
  * supervisor must look at it. One process_vm_readv: the filename, and the
@@ -625,6 +675,15 @@ static int exec_filename(struct listener *l, const struct seccomp_notif *n, char
     key[l->agent_len] = 0;
     int at = l->agent_len + 1;
     *filename_at = at;
+    l->pointer_count = l->pointers_ended = 0;   /* exec_args reads argv itself */
+    int stashed = stashed_filename(n->pid, n->data.args[0], key + at, MAX_KEY - at);
+    if (stashed > 0) {
+        count(C_STASHED);
+        if (key[at] != '/')
+            return -1;    /* relative: decided against the cwd, by the supervisor */
+        *filename_len = stashed;
+        return at + stashed;
+    }
     uint64_t first[2] = { n->data.args[0], argv };
     size_t sizes[BATCH];
     int read = read_batch(pid, first, 2, l->pieces, sizes);
@@ -634,7 +693,6 @@ static int exec_filename(struct listener *l, const struct seccomp_notif *n, char
     if (at < 0 || key[*filename_at] != '/')
         return -1;    /* relative: decided against the cwd, by the supervisor */
     *filename_len = at - *filename_at;   /* with its NUL */
-    l->pointer_count = l->pointers_ended = 0;
     if (read == 2) {
         const uint64_t *got = (const uint64_t *)(l->pieces + FIRST_READ);
         for (size_t i = 0; i < sizes[1] / 8 && !l->pointers_ended; i++) {
@@ -691,18 +749,69 @@ static int exec_args(struct listener *l, const struct seccomp_notif *n, char *ke
 
 /* ---- answering ------------------------------------------------------------- */
 
-static int approve_exec(struct listener *l, uint32_t tid, const char *filename, int len)
+static struct approval_slot *approval_slot(uint32_t tid)
 {
-    if ((uint32_t)len > fp.path_max || fp.map_fd < 0)
+    return (struct approval_slot *)(fp.slots + (size_t)(tid & (fp.slot_count - 1)) * slot_stride());
+}
+
+/* Approves the thread tid's exec of path (len bytes, its NUL included) for the
+ * BPF program: in tid's slot when it is free or holds a stale approval of
+ * tid's own (tid is waiting on this notification, so none of its is in use),
+ * else in approved_exec. The thread cannot run before the notification is
+ * answered, so the BPF program never reads a half-written slot. Called with
+ * fp.config held. 0, or -1 when nothing could be written. */
+static int approve(uint32_t tid, const char *path, uint32_t len)
+{
+    if (len == 0 || len > fp.path_max)
         return -1;
-    l->approval.len = len;
-    memcpy(l->approval.path, filename, len);
+    if (fp.slots) {
+        struct approval_slot *slot = approval_slot(tid);
+        pthread_mutex_lock(&fp.slots_lock);
+        uint32_t holder = __atomic_load_n(&slot->tid, __ATOMIC_ACQUIRE);
+        int mine = holder == 0 || holder == tid;
+        if (mine) {
+            slot->len = len;
+            memcpy(slot->path, path, len);
+            __atomic_store_n(&slot->tid, tid, __ATOMIC_RELEASE);
+        }
+        pthread_mutex_unlock(&fp.slots_lock);
+        if (mine)
+            return 0;
+        count(C_APPROVED_IN_MAP);
+    }
+    if (fp.map_fd < 0)
+        return -1;
+    struct { uint32_t len, reserved; char path[PAGE]; } value;
+    value.len = len;
+    value.reserved = 0;
+    memcpy(value.path, path, len);
+    memset(value.path + len, 0, fp.path_max - len);
     union bpf_attr attr = {0};
     attr.map_fd = fp.map_fd;
     attr.key = (uint64_t)(uintptr_t)&tid;
-    attr.value = (uint64_t)(uintptr_t)&l->approval;
+    attr.value = (uint64_t)(uintptr_t)&value;
     attr.flags = BPF_ANY;
     return syscall(SYS_bpf, BPF_MAP_UPDATE_ELEM, &attr, sizeof(attr)) ? -1 : 0;
+}
+
+/* Takes back tid's approval after its call could not be continued (the task
+ * died meanwhile, perhaps before its exit could remove it). Called with
+ * fp.config held. */
+static void withdraw(uint32_t tid)
+{
+    if (fp.slots) {
+        struct approval_slot *slot = approval_slot(tid);
+        uint32_t expected = tid;
+        pthread_mutex_lock(&fp.slots_lock);
+        __atomic_compare_exchange_n(&slot->tid, &expected, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
+        pthread_mutex_unlock(&fp.slots_lock);
+    }
+    if (fp.map_fd >= 0) {
+        union bpf_attr attr = {0};
+        attr.map_fd = fp.map_fd;
+        attr.key = (uint64_t)(uintptr_t)&tid;
+        syscall(SYS_bpf, BPF_MAP_DELETE_ELEM, &attr, sizeof(attr));
+    }
 }
 
 static uint64_t now_ns(void)
@@ -710,13 +819,6 @@ static uint64_t now_ns(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000ULL + t.tv_nsec;
-}
-
-static void count(int counter)
-{
-    pthread_mutex_lock(&fp.lock);
-    fp.counters[counter]++;
-    pthread_mutex_unlock(&fp.lock);
 }
 
 static void forward(uint32_t kind, int fd, const struct seccomp_notif *n)
@@ -792,14 +894,16 @@ static int allow_call(struct listener *l, const struct seccomp_notif *n, const c
         count(C_GONE);     /* the task died or was interrupted */
         return 1;
     }
-    if (filename && approve_exec(l, n->pid, filename, filename_len) < 0) {
+    if (filename && approve(n->pid, filename, filename_len) < 0) {
         pthread_rwlock_unlock(&fp.config);
         count(C_MAP_FAILURES);   /* the supervisor retries or refuses */
         return 0;
     }
-    pthread_rwlock_unlock(&fp.config);
     struct seccomp_notif_resp resp = { .id = n->id, .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE };
     int sent = ioctl(l->fd, SECCOMP_IOCTL_NOTIF_SEND, &resp);
+    if (sent < 0 && filename)
+        withdraw(n->pid);
+    pthread_rwlock_unlock(&fp.config);
     pthread_mutex_lock(&fp.lock);
     fp.counters[sent < 0 ? C_GONE : C_CONTINUED]++;
     if (sent == 0 && ruled)
@@ -836,11 +940,13 @@ static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t st
         return len >= 0 && answer_key(l, n, key, len, NULL, 0, started);
     }
     int filename_at, filename_len;
-    int len = exec_filename(l, n, key, &filename_at, &filename_len);
-    if (len < 0)
-        return 0;
-    const char *filename = key + filename_at;
     pthread_rwlock_rdlock(&fp.config);
+    int len = exec_filename(l, n, key, &filename_at, &filename_len);
+    if (len < 0) {
+        pthread_rwlock_unlock(&fp.config);
+        return 0;
+    }
+    const char *filename = key + filename_at;
     int verdict = exec_path_verdict(&l->scratch, l->agent, l->agent_len, filename);
     if (verdict == RULES_ALLOW)
         return allow_call(l, n, filename, filename_len, 1, started);
@@ -909,14 +1015,15 @@ int aw_fast_abi(void) { return AW_FAST_ABI; }
 /* Prepares the threads. forward_fd: the socket the supervisor reads
  * forwarded events from; the native numbers of execve, open, openat and
  * creat (-1: none on this architecture); path_max: the size of
- * aw_approved.path. 0, or -errno. */
+ * aw_approved.path; slot_count: AW_APPROVAL_SLOTS. 0, or -errno. */
 int aw_fast_start(int forward_fd, int execve_nr, int open_nr, int openat_nr, int creat_nr,
-                  uint32_t path_max)
+                  uint32_t path_max, uint32_t slot_count)
 {
     if (fp.running)
         return -EBUSY;
-    if (path_max > PAGE)
+    if (path_max > PAGE || path_max % 8 || slot_count == 0 || (slot_count & (slot_count - 1)))
         return -EINVAL;
+    fp.slot_count = slot_count;
     fp.forward_fd = forward_fd;
     fp.execve_nr = execve_nr;
     fp.open_nr = open_nr;
@@ -1050,12 +1157,61 @@ int aw_fast_rules_allow(const char *key, uint32_t len)
     return allows;
 }
 
-/* The approved_exec map to write (-1: none; execs go to the supervisor).
- * Once this returns, the thread no longer uses the previous fd. */
-void aw_fast_set_map(int fd)
+/* The maps to approve execs in, approved_exec (-1: none; then execs go to
+ * the supervisor) and approval_slots, and exec_stash to take waiting execs'
+ * filenames from. The last two are mapped here, both or neither (-1: neither;
+ * then approved_exec alone, and the tasks' memory is read); their fds may be
+ * closed once this returns. Once it returns, no thread uses the previous
+ * ones. 0, or -errno when they could not be mapped (then neither is used). */
+int aw_fast_set_map(int fd, int slots_fd, int stash_fd)
 {
+    size_t slots_size = ((size_t)fp.slot_count * slot_stride() + PAGE - 1) & ~(size_t)(PAGE - 1);
+    size_t stash_size = ((size_t)fp.slot_count * stash_stride() + PAGE - 1) & ~(size_t)(PAGE - 1);
+    void *slots = NULL, *stash = NULL;
+    int err = 0;
+    if (slots_fd >= 0 && stash_fd >= 0 && fp.running) {
+        slots = mmap(NULL, slots_size, PROT_READ | PROT_WRITE, MAP_SHARED, slots_fd, 0);
+        stash = mmap(NULL, stash_size, PROT_READ, MAP_SHARED, stash_fd, 0);
+        if (slots == MAP_FAILED || stash == MAP_FAILED) {
+            err = -errno;
+            if (slots != MAP_FAILED)
+                munmap(slots, slots_size);
+            if (stash != MAP_FAILED)
+                munmap(stash, stash_size);
+            slots = stash = NULL;
+        }
+    }
     pthread_rwlock_wrlock(&fp.config);
     fp.map_fd = fd;
+    void *old_slots = fp.slots, *old_stash = fp.stash;
+    size_t old_slots_size = fp.slots_size, old_stash_size = fp.stash_size;
+    fp.slots = slots;
+    fp.stash = stash;
+    fp.slots_size = slots ? slots_size : 0;
+    fp.stash_size = stash ? stash_size : 0;
+    pthread_rwlock_unlock(&fp.config);
+    if (old_slots)
+        munmap(old_slots, old_slots_size);
+    if (old_stash)
+        munmap(old_stash, old_stash_size);
+    return err;
+}
+
+/* The supervisor's own approvals (execs it decided itself): as the threads
+ * make theirs. 0, or -1 when nothing could be written. */
+int aw_fast_approve(uint32_t tid, const char *path, uint32_t len)
+{
+    pthread_rwlock_rdlock(&fp.config);
+    int err = approve(tid, path, len);
+    pthread_rwlock_unlock(&fp.config);
+    return err;
+}
+
+/* Takes back an approval whose call could not be continued. */
+void aw_fast_withdraw(uint32_t tid)
+{
+    pthread_rwlock_rdlock(&fp.config);
+    withdraw(tid);
     pthread_rwlock_unlock(&fp.config);
 }
 

@@ -23,14 +23,16 @@ from agentwarden import policy as policy_mod
 from agentwarden import seccomp_notify as sn
 
 LIBRARY = Path(__file__).with_name("_fastpath.so")
-ABI = 3
+ABI = 4
 FORWARD_NOTIFICATION, FORWARD_HANGUP = 1, 2
 FORWARD = struct.Struct("=Ii")          # kind, listener fd; then struct seccomp_notif
 FORWARD_SIZE = FORWARD.size + sn.NOTIF_SIZE
 # continued: calls allowed here; ruled: those of them the compiled rules allowed
-# (the rest had been learned).
+# (the rest had been learned); approved_in_map: exec approvals written to
+# approved_exec by bpf() because another thread's approval held their slot;
+# stashed: exec filenames taken from exec_stash rather than read from the task.
 COUNTERS = ("continued", "forwarded", "hangups", "gone", "learned", "resets", "map_failures",
-            "forward_failures", "ruled")
+            "forward_failures", "ruled", "approved_in_map", "stashed")
 RECENT = 1024
 
 
@@ -120,14 +122,16 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"cannot load {LIBRARY}: {exc}"
     if lib.aw_fast_abi() != ABI or lib.aw_fast_counter_count() != len(COUNTERS):
         return None, f"{LIBRARY} is from another version (rebuild it: make setup)"
-    lib.aw_fast_start.argtypes = [ctypes.c_int] * 5 + [ctypes.c_uint32]
+    lib.aw_fast_start.argtypes = [ctypes.c_int] * 5 + [ctypes.c_uint32] * 2
     lib.aw_fast_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_release.argtypes = [ctypes.c_int]
     lib.aw_fast_learn.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_policy.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_rules_allow.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_exec_path_verdict.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_char_p]
-    lib.aw_fast_set_map.argtypes = [ctypes.c_int]
+    lib.aw_fast_set_map.argtypes = [ctypes.c_int] * 3
+    lib.aw_fast_approve.argtypes = [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_uint32]
+    lib.aw_fast_withdraw.argtypes = [ctypes.c_uint32]
     lib.aw_fast_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32),
                                   ctypes.c_int]
     return lib, None
@@ -136,13 +140,14 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
 class FastPath:
     """The session threads; `forwarded` is the socket to read their events from."""
 
-    def __init__(self, lib: ctypes.CDLL, numbers: dict[str, int], path_max: int):
-        """numbers: the native syscall numbers of execve, open, openat and creat."""
+    def __init__(self, lib: ctypes.CDLL, numbers: dict[str, int], path_max: int, slot_count: int):
+        """numbers: the native syscall numbers of execve, open, openat and
+        creat; path_max, slot_count: AW_MAX_PATH, AW_APPROVAL_SLOTS."""
         self.lib = lib
         self.forwarded, self._thread_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.forwarded.setblocking(False)
         err = lib.aw_fast_start(self._thread_end.fileno(), *(
-            numbers.get(name, -1) for name in ("execve", "open", "openat", "creat")), path_max)
+            numbers.get(name, -1) for name in ("execve", "open", "openat", "creat")), path_max, slot_count)
         if err < 0:
             raise OSError(-err, f"cannot start the fast path: {os.strerror(-err)}")
 
@@ -179,8 +184,20 @@ class FastPath:
         verdict = self.lib.aw_fast_exec_path_verdict(name, len(name), filename)
         return None if verdict < 0 else verdict == 1
 
-    def set_map(self, fd: int | None) -> None:
-        self.lib.aw_fast_set_map(-1 if fd is None else fd)
+    def set_maps(self, approved_fd: int | None, slots_fd: int | None, stash_fd: int | None) -> None:
+        """The maps to approve execs in and to take waiting execs' filenames
+        from (None: none); slots_fd and stash_fd may be closed once this
+        returns. OSError when they cannot be mapped (then neither is used)."""
+        err = self.lib.aw_fast_set_map(*(-1 if fd is None else fd for fd in (approved_fd, slots_fd, stash_fd)))
+        if err < 0:
+            raise OSError(-err, f"cannot map approval_slots and exec_stash: {os.strerror(-err)}")
+
+    def approve(self, tid: int, path: bytes) -> bool:
+        """Approve tid's exec of path (NUL included) as the threads do."""
+        return self.lib.aw_fast_approve(tid, path, len(path)) == 0
+
+    def withdraw(self, tid: int) -> None:
+        self.lib.aw_fast_withdraw(tid)
 
     def events(self):
         """Forwarded events waiting now: (kind, fd, Notification or None)."""

@@ -65,6 +65,13 @@ VERDICT_CACHE = 4096
 APPROVED_PATH_MAX = header_constants()["AW_MAX_PATH"]   # aw_approved.path
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
 @dataclass
 class Session:
     id: str
@@ -180,7 +187,8 @@ class Supervisor:
         if lib is None:
             log.warning("supervisor: no compiled fast path, every exec is decided in Python: %s", why)
             return None, why
-        fast = fastpath.FastPath(lib, {name: nr for nr, name in self.names.items()}, APPROVED_PATH_MAX)
+        fast = fastpath.FastPath(lib, {name: nr for nr, name in self.names.items()}, APPROVED_PATH_MAX,
+                                 header_constants()["AW_APPROVAL_SLOTS"])
         self._watch(fast.forwarded.fileno(), "fastpath", fast)
         self.fast = fast
         self._fast_policy()
@@ -377,28 +385,45 @@ class Supervisor:
     # -- exec verification ------------------------------------------------------------
 
     def _follow_approved_map(self) -> None:
-        """Keep the fd of the probe's pinned approved_exec map; a restarted
-        probe pins a new one. Checked every health interval, not per exec:
-        until then approvals land in the old map, and the new program kills
-        those execs (fail closed)."""
-        path = self.settings.bpf_pin_dir / "approved_exec"
+        """Keep the fd of the probe's pinned approved_exec map, and the fast
+        path's mappings of its approval_slots and exec_stash; a restarted probe
+        pins new ones. Checked every health interval, not per exec: until then
+        approvals land in the old maps, and the new program kills those execs
+        (fail closed)."""
+        approved_path, *mapped = (self.settings.bpf_pin_dir / name for name in bpfsys.SUPERVISOR_MAPS)
         try:
-            ino = os.stat(path).st_ino
-            if self._approved_fd is None or ino != self._approved_ino:
-                fd = bpfsys.open_pinned(path)
+            inodes = (os.stat(approved_path).st_ino, *(_inode(path) for path in mapped))
+            if self._approved_fd is None or inodes != self._approved_ino:
+                fd = bpfsys.open_pinned(approved_path)
                 if self.fast:
-                    self.fast.set_map(fd)
+                    self._map_shared(fd, mapped)
                 if self._approved_fd is not None:
                     os.close(self._approved_fd)
-                self._approved_fd, self._approved_ino = fd, ino
+                self._approved_fd, self._approved_ino = fd, inodes
         except OSError as exc:
             if self.fast:
-                self.fast.set_map(None)
+                self.fast.set_maps(None, None, None)
             if self._approved_fd is not None:
                 os.close(self._approved_fd)
             self._approved_fd = self._approved_ino = None
             if self.sessions:
-                log.error("cannot open the probe's approved-exec map %s: %s", path, exc)
+                log.error("cannot open the probe's approved-exec map %s: %s", approved_path, exc)
+
+    def _map_shared(self, approved_fd: int, paths: list[Path]) -> None:
+        """Hand the fast path approved_exec and the maps it maps (approval_slots,
+        exec_stash); approved_exec alone, and the tasks' memory read, if they
+        are not there (an older probe) or cannot be mapped."""
+        fds = []
+        try:
+            for path in paths:
+                fds.append(bpfsys.open_pinned(path))
+            self.fast.set_maps(approved_fd, *fds)
+        except OSError as exc:
+            log.warning("approving execs by bpf() and reading their filenames from the tasks: %s", exc)
+            self.fast.set_maps(approved_fd, None, None)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _approve_exec(self, tid: int, form: bytes) -> bool:
         """Tell the BPF program what this thread may execute; False when the
@@ -411,20 +436,39 @@ class Supervisor:
         if len(data) > APPROVED_PATH_MAX:
             return False
         try:
-            bpfsys.update(self._approved_fd, struct.pack("=I", tid),
-                          struct.pack("=II", len(data), 0) + data.ljust(APPROVED_PATH_MAX, b"\0"))
+            if self.fast:
+                if not self.fast.approve(tid, data):
+                    raise OSError(errno.EIO, "no map took it")
+            else:
+                bpfsys.update(self._approved_fd, struct.pack("=I", tid),
+                              struct.pack("=II", len(data), 0) + data.ljust(APPROVED_PATH_MAX, b"\0"))
             return True
         except OSError as exc:
             log.error("cannot write approved exec for %d: %s", tid, exc)
             self._follow_approved_map()
             return False
 
+    def _withdraw_exec(self, tid: int) -> None:
+        """Take back an approval whose call could not be continued (its task
+        died meanwhile, perhaps before its exit removed it)."""
+        if self.fast:
+            self.fast.withdraw(tid)
+        elif self._approved_fd is not None:
+            try:
+                bpfsys.delete(self._approved_fd, struct.pack("=I", tid))
+            except OSError:
+                pass
+
     def _let_through(self, fd: int, n: sn.Notification, exec_form: bytes | None) -> bool:
         if exec_form is not None and not self._approve_exec(n.pid, exec_form):
             sn.respond(fd, n.id, allow=False)
             return False
         self.counters["continued"] += 1
-        return sn.respond(fd, n.id, allow=True)
+        if sn.respond(fd, n.id, allow=True):
+            return True
+        if exec_form is not None:
+            self._withdraw_exec(n.pid)
+        return False
 
     # -- notifications --------------------------------------------------------------
 

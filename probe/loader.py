@@ -1,6 +1,7 @@
 """Kernel prerequisites and loading the BPF program with BCC."""
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from agentwarden.errors import AgentwardenError, NeedsRoot
 from agentwarden.settings import KEYS
+
+log = logging.getLogger("agentwarden.probe")
 
 TRACEFS = Path("/sys/kernel/tracing")
 PROGRAM = "agentwarden.bpf.c"
@@ -85,9 +88,21 @@ def compile_and_attach(wakeup_interval: float = KEYS["wakeup_interval"].default)
     # sched_process_exit says whether the whole process ends (newer kernels).
     if "group_dead" in (tracefs / EXIT_FORMAT).read_text():
         cflags.append("-DAW_HAVE_GROUP_DEAD=1")
+    if exec_stash_supported():
+        try:
+            return bcc.BPF(src_file=str(bpf_dir() / PROGRAM).encode(), cflags=cflags + ["-DAW_EXEC_STASH=1"])
+        except Exception as exc:  # BCC raises bare Exception; its details went to stderr
+            log.warning("loading without the exec stash (session execs' filenames are read by the "
+                        "supervisor, a few microseconds slower): %s", exc)
     try:
         return bcc.BPF(src_file=str(bpf_dir() / PROGRAM).encode(), cflags=cflags)
     except Exception as exc:  # BCC raises bare Exception; its details went to stderr
         raise AgentwardenError(f"failed to load BPF program: {exc} (see the compiler or "
                                "verifier output above; `agentwarden doctor` checks "
                                "the prerequisites)") from None
+
+
+def exec_stash_supported() -> bool:
+    """The sched_switch program reads a waiting thread's syscall registers at
+    x86-64's ptrace-ABI offsets, through helpers that need the kernel's BTF."""
+    return platform.machine() == "x86_64" and Path("/sys/kernel/btf/vmlinux").exists()

@@ -15,6 +15,7 @@ import msgpack
 import zmq
 
 from agentwarden import bpfsys, cgroups, sdnotify, wire
+from agentwarden.bpfsys import SUPERVISOR_MAPS
 from agentwarden.settings import Settings
 
 from . import loader
@@ -66,7 +67,7 @@ class TagMirror:
         if found == self.current:
             return False
         table = self.bpf[b"agent_cgroups"]
-        mask = 0
+        mask = sessions = 0
         self.too_deep = set()
         # Add first, then publish the level mask, then remove: a tagged task is
         # never left without a matching map entry for its level.
@@ -79,11 +80,13 @@ class TagMirror:
             number = self.agent_number(tagged.agent)
             if tagged.session and tagged.instance == self.instance:
                 number |= self.session_bit
+                sessions |= 1 << tagged.level
             table[table.Key(cgid)] = table.Leaf(number)
             mask |= 1 << tagged.level
         config = self.bpf[b"config"]
         leaf = config.Leaf()
         leaf.tagged_levels = mask
+        leaf.session_levels = sessions
         config[config.Key(0)] = leaf
         for cgid in set(self.current) - set(found):
             try:
@@ -346,9 +349,10 @@ class Probe:
 def main(settings: Settings) -> None:
     bpf = loader.compile_and_attach(settings.wakeup_interval)
     settings.prepare_run_dir()
-    # The daemon writes approved session execs into this map directly.
-    approved = settings.bpf_pin_dir / "approved_exec"
-    bpfsys.pin(bpf[b"approved_exec"].map_fd, approved)
+    # The supervisor uses these maps directly.
+    pinned = [settings.bpf_pin_dir / name for name in SUPERVISOR_MAPS]
+    for path in pinned:
+        bpfsys.pin(bpf[path.name.encode()].map_fd, path)
     probe = Probe(settings, bpf, loader.header_constants())
     signal.signal(signal.SIGTERM, probe.stop)
     signal.signal(signal.SIGINT, probe.stop)
@@ -356,4 +360,5 @@ def main(settings: Settings) -> None:
     try:
         probe.run()
     finally:
-        approved.unlink(missing_ok=True)
+        for path in pinned:
+            path.unlink(missing_ok=True)

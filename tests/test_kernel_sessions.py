@@ -2,11 +2,13 @@
 programs, real approvals from the CLI, exec verification in BPF."""
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -16,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agentwarden.probe import loader
+from agentwarden.probe.loader import header_constants
 from conftest import Warden, wait_for
 
 pytestmark = pytest.mark.kernel
@@ -126,7 +130,7 @@ def test_fast_path_decides_new_command_lines_by_the_rules_and_drops_them_when_th
     agent, _ = session_agent(dict(exec_allow=SHELL + ["/usr/bin/true"], exec_hold=["/usr/bin/true hold-me"],
                                   write_allow=[f"{tmp_path}/**"]))
     assert supervisor_health(warden)["fast_path"] == "running"
-    before = fast_counter(warden, "ruled")
+    before, stashed_before = fast_counter(warden, "ruled"), fast_counter(warden, "stashed")
     # Ten command lines and ten files never seen before (by absolute and by
     # relative path), then one command line the hold rule names.
     loop = (f"cd {tmp_path} && for i in 1 2 3 4 5 6 7 8 9 10; do /usr/bin/true $i || exit 9; "
@@ -143,6 +147,10 @@ def test_fast_path_decides_new_command_lines_by_the_rules_and_drops_them_when_th
     # compiled rules alone, none learned from Python first.
     supervisor_health(warden, lambda h: h["fast"]["ruled"] >= before + 31)
     assert "exec fast path running (" in warden.cli("status").stdout
+    # The execs' filenames came from what the BPF program copied while each
+    # waited (exec_stash), not from reading the shell's memory.
+    if loader.exec_stash_supported():
+        assert fast_counter(warden, "stashed") >= stashed_before + 10
 
     # The same command line and write, now held and refused: the rules and
     # whatever was learned were the old policy's.
@@ -192,6 +200,7 @@ def test_a_failed_exec_leaves_no_approval_behind(warden, session_agent, tmp_path
             assert bpfsys.lookup(fd, tid.to_bytes(4, sys.byteorder), 8 + APPROVED_PATH_MAX) is None
         finally:
             os.close(fd)
+        assert slot_holder(warden, tid) != tid
         supervisor_health(warden, lambda h: h["fast"]["ruled"] >= before["fast"]["ruled"] + 2
                           and h["continued"] >= before["continued"] + 1
                           and h["fast"]["learned"] >= before["fast"]["learned"] + 1)
@@ -281,7 +290,43 @@ def test_self_approval_from_inside_the_agent_is_refused_even_as_root(warden, ses
         proc.wait()
 
 
-def test_exec_path_rewritten_between_check_and_exec_is_killed(warden, session_agent, tmp_path):
+def slot_holder(warden: Warden, tid: int) -> int:
+    """The thread whose approval holds tid's slot of approval_slots (0: none)."""
+    from agentwarden import bpfsys
+    from daemon.supervisor import APPROVED_PATH_MAX
+    slots = header_constants()["AW_APPROVAL_SLOTS"]
+    fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / "approval_slots")
+    try:
+        value = bpfsys.lookup(fd, (tid % slots).to_bytes(4, sys.byteorder), 8 + APPROVED_PATH_MAX)
+    finally:
+        os.close(fd)
+    return int.from_bytes(value[:4], sys.byteorder)
+
+
+@contextlib.contextmanager
+def every_slot_held(warden: Warden):
+    """Every slot of approval_slots held by a thread that cannot exist (tids
+    stop below 2**22), so every approval must go to approved_exec by bpf()."""
+    from agentwarden import bpfsys
+    from daemon.supervisor import APPROVED_PATH_MAX
+    slots = header_constants()["AW_APPROVAL_SLOTS"]
+    fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / "approval_slots")
+    try:
+        def fill(holder: int) -> None:
+            value = struct.pack("=II", holder, 0) + bytes(APPROVED_PATH_MAX)
+            for index in range(slots):
+                bpfsys.update(fd, index.to_bytes(4, sys.byteorder), value)
+        fill(0xFFFFFFFF)
+        try:
+            yield
+        finally:
+            fill(0)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("approvals", ["in slots", "in approved_exec (every slot held)"])
+def test_exec_path_rewritten_between_check_and_exec_is_killed(warden, session_agent, tmp_path, approvals):
     racer_c = tmp_path / "racer.c"
     racer_c.write_text(r"""
 #include <pthread.h>
@@ -297,7 +342,7 @@ static void *flip(void *unused) {
 }
 int main(int argc, char **argv) {
     int attempts = atoi(argv[2]), killed = 0, ran = 0;
-    for (int i = 0; i < attempts && killed < 5; i++) {
+    for (int i = 0; i < attempts && (killed < 5 || ran < 1); i++) {
         pid_t pid = fork();
         if (pid == 0) {
             pthread_t t;
@@ -321,14 +366,23 @@ int main(int argc, char **argv) {
     marker = tmp_path / "touched"
     agent, _ = session_agent(dict(exec_allow=[str(racer), "/usr/bin/true"]))
     fast_before = fast_counter(warden, "continued")
-    proc = start_run(warden, agent, [str(racer), str(marker), "3000"])
-    out, err = proc.communicate(timeout=300)
+    in_map_before = fast_counter(warden, "approved_in_map")
+    with every_slot_held(warden) if approvals.startswith("in approved_exec") else contextlib.nullcontext():
+        proc = start_run(warden, agent, [str(racer), str(marker), "3000"])
+        out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    killed = int(out.split("killed=")[1].split()[0])
-    assert killed >= 1, out     # the race was won by the flipper, and caught
-    assert not marker.exists()  # /usr/bin/touch never ran its first instruction
     # Most of those execs were continued by the compiled fast path: it is covered too.
-    supervisor_health(warden, lambda h: h["fast"]["continued"] > fast_before)
+    health = supervisor_health(warden, lambda h: h["fast"]["continued"] > fast_before)
+    in_map, continued = (health["fast"]["approved_in_map"] - in_map_before,
+                         health["fast"]["continued"] - fast_before)
+    if approvals.startswith("in approved_exec"):
+        assert in_map >= continued > 0
+    else:   # a slot is held only while its thread's exec is under way
+        assert in_map < continued / 10, (in_map, continued)
+    killed, ran = (int(out.split(f"{word}=")[1].split()[0]) for word in ("killed", "ran"))
+    assert killed >= 1, out     # the race was won by the flipper, and caught
+    assert ran >= 1, out        # and lost, so the approved program ran
+    assert not marker.exists()  # /usr/bin/touch never ran its first instruction
     warden.settle()
     caught = [r for r in warden.records() if r.get("kind") == "exec" and r.get("agent") == agent
               and r.get("not_approved")]
