@@ -297,7 +297,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="the full status a
     if sup:
         fast = sup.get("fast_path")
         fast_note = (f"exec fast path running ({sup['fast']['continued']} calls answered, "
-                     f"{sup['fast'].get('ruled', 0)} of them by the compiled rules)"
+                     f"{sup['fast'].get('ruled', 0)} of them by the compiled rules; "
+                     f"{sup['fast'].get('stashed', 0)} exec filenames from the kernel's copy)"
                      if fast == "running" else f"exec fast path off: {fast}")
         typer.echo(f"sessions: {sup.get('sessions', 0)} running, {sup.get('holds', 0)} holds pending, "
                    f"{fast_note}")

@@ -362,3 +362,7 @@ def main(settings: Settings) -> None:
     finally:
         for path in pinned:
             path.unlink(missing_ok=True)
+        try:
+            settings.bpf_pin_dir.rmdir()
+        except OSError:
+            pass   # not empty (someone else's pins): leave it
