@@ -224,6 +224,7 @@ def run_enforcement(profile: Profile, workdir: Path, cgroup: BenchCgroup,
     log("enforcement: violation -> process gone")
     result["kill_latency"] = enforcement.kill_latency(aw.settings, aw.env, cgroup.path, BENCH_AGENT,
                                                       aw.settings.policy_dir, profile.kill_trials, log)
+    aw.settle()   # the kill trials' records archived: no backlog competes with the sessions
     log("sessions: allowed exec and write-open, bare and under agentwarden run")
     result["sessions"] = sessions.session_costs(aw.settings, aw.env, BENCH_AGENT, cgroup.path,
                                                 aw.settings.policy_dir, profile.session_rounds, log)

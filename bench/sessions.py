@@ -19,7 +19,7 @@ last two are write-opens, by absolute path and relative to the cwd.
 These VMs drift by a hundred microseconds per fork+exec from one second to
 the next, so each side is a long-lived worker, all pinned to the same CPU, and
 the bench alternates them one operation at a time, in a shuffled order each
-round. "Added" is the session's median minus bare's; the median of the
+round, and every round does every operation. "Added" is the session's median minus bare's; the median of the
 per-round differences is reported next to it."""
 from __future__ import annotations
 
@@ -119,8 +119,10 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
         workers = []
         try:
             workers = [Worker(side, prefix[side] + command, env, work / f"{side}.err") for side in SIDES]
-            for what in OPERATIONS:
-                for round_number in range(WARM_UP + rounds):
+            # Every operation in every round: the machine's drift over the
+            # minutes this takes falls on all operations alike.
+            for round_number in range(WARM_UP + rounds):
+                for what in OPERATIONS:
                     for worker in order.sample(workers, len(workers)):
                         took = worker.time(what)
                         if round_number >= WARM_UP:
