@@ -363,9 +363,21 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     /* A non-leader thread that execs takes over the leader's pid. */
     u64 old_key = (id & 0xffffffff00000000ULL) | (u32)args->old_pid;
     struct aw_exec *e = inflight_exec.lookup(&old_key);
-    if (!e)
-        return 0;
     unsigned short at = args->data_loc_filename & 0xFFFF;
+    if (!e) {
+        /* No record (inflight_exec was full: a drop, counted at entry). A
+         * session exec is verified all the same: a full map is no way around
+         * the check. */
+        u32 agent, zero = 0;
+        if (agent_cgroup_of(&agent) && (agent & AW_AGENT_SESSION_BIT)) {
+            struct aw_exec *scratch = exec_scratch.lookup(&zero);
+            int len = scratch ? bpf_probe_read_kernel_str(scratch->exec_path, sizeof(scratch->exec_path),
+                                                          (char *)args + at) : -1;
+            if (!scratch || !take_approval(args->old_pid, scratch->exec_path, len))
+                bpf_send_signal(9);
+        }
+        return 0;
+    }
     int exec_len = bpf_probe_read_kernel_str(e->exec_path, sizeof(e->exec_path), (char *)args + at);
     e->flags |= AW_EXEC_SEEN_BY_KERNEL;
     /* Denied program: killed before its first instruction. */
@@ -521,13 +533,16 @@ TRACEPOINT_PROBE(syscalls, sys_exit_fchdir) { return file_exit(args->ret); }
  * ptrace ABI fixes (the one read here of kernel memory other than tracepoint
  * arguments, through the bpf_task_pt_regs helper; the probe enables it only
  * on x86-64 with BTF). */
+#define AW_REG_AX 10        /* -ENOSYS until the syscall has run, then its result */
 #define AW_REG_DI 14        /* the first argument */
 #define AW_REG_ORIG_AX 15   /* the syscall number */
 #define AW_NR_EXECVE 59
+#define AW_ENOSYS 38
 
-/* A session thread that blocks in execve before its sys_enter -- that is,
- * waiting for the supervisor's answer to the seccomp notification -- has its
- * filename copied to exec_stash here, in its own context: a plain copy from
+/* A session thread that blocks in execve before the syscall has run (its
+ * result register still -ENOSYS, no sys_enter record yet) -- that is, waiting
+ * for the supervisor's answer to the seccomp notification -- has its filename
+ * copied to exec_stash here, in its own context: a plain copy from
  * its memory, where the supervisor's process_vm_readv would pin the page and,
  * right after a fork, copy it (most of an answer's cost). The stash is a
  * shortcut, not a trust boundary: the supervisor decides on it, and what the
@@ -549,9 +564,15 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (!agent_cgroup_of(&agent) || !(agent & AW_AGENT_SESSION_BIT))
         return 0;
     u64 id = bpf_get_current_pid_tgid();
-    if (inflight_exec.lookup(&id))
-        return 0;   /* past sys_enter: the exec itself is waiting (for the disk, say) */
     u32 tid = (u32)id;
+    u64 ax = 0;
+    if (bpf_probe_read_kernel(&ax, sizeof(ax), &regs[AW_REG_AX]) || (s64)ax != -AW_ENOSYS ||
+        inflight_exec.lookup(&id)) {
+        /* The execve has run (a stop after a refused one, say) or is running
+         * (waiting for the disk): nothing of it is waiting for an answer. */
+        forget_stash(tid);
+        return 0;
+    }
     struct aw_exec_stash *s = exec_stash_slot(tid);
     if (!s || (s->tid && s->tid != tid))
         return 0;   /* another thread's call holds the slot: the supervisor reads */

@@ -30,8 +30,10 @@
  * else at sched_process_exec) and continue the call. Approvals go into the
  * thread's slot of approval_slots, a BPF array this library maps, so approving
  * costs no syscall; when another thread's approval holds that slot, into the
- * approved_exec hash map, by bpf(). The supervisor approves through here too
- * (aw_fast_approve), so one function writes both.
+ * approved_exec hash map, by bpf(). Only these threads write slots: a thread's
+ * notifications are answered one at a time, so no slot is rewritten while the
+ * BPF program compares it. The supervisor's own approvals (execs it decided
+ * itself) go to approved_exec, whose updates are atomic.
  * Everything else -- other syscalls, relative execs, opens relative to another
  * directory fd, unreadable arguments --
  * goes to the supervisor unanswered, as (kind, fd, struct seccomp_notif) on a
@@ -640,8 +642,9 @@ static int append_from(pid_t pid, uint64_t addr, const char *piece, size_t size,
  * notification (exec_stash; see sched_switch there), into out (room bytes):
  * its length with the NUL, or -1 when there is none to trust -- the slot
  * names another thread or another filename pointer, or the thread had not
- * yet switched out when this notification was received. A slot is cleared
- * when its thread's execve ends, so one naming pid and this pointer was
+ * yet switched out when this notification was received. The program writes
+ * a slot only for a thread whose execve has not yet run (still -ENOSYS) and
+ * clears it when the execve ends, so one naming pid and this pointer was
  * written during this wait. Called with fp.config held. */
 static int stashed_filename(uint32_t pid, uint64_t filename, char *out, uint32_t room)
 {
@@ -676,7 +679,9 @@ static int exec_filename(struct listener *l, const struct seccomp_notif *n, char
     int at = l->agent_len + 1;
     *filename_at = at;
     l->pointer_count = l->pointers_ended = 0;   /* exec_args reads argv itself */
+    pthread_rwlock_rdlock(&fp.config);
     int stashed = stashed_filename(n->pid, n->data.args[0], key + at, MAX_KEY - at);
+    pthread_rwlock_unlock(&fp.config);
     if (stashed > 0) {
         count(C_STASHED);
         if (key[at] != '/')
@@ -759,11 +764,12 @@ static struct approval_slot *approval_slot(uint32_t tid)
  * tid's own (tid is waiting on this notification, so none of its is in use),
  * else in approved_exec. The thread cannot run before the notification is
  * answered, so the BPF program never reads a half-written slot. Called with
- * fp.config held. 0, or -1 when nothing could be written. */
+ * fp.config held. 1 in the slot, 0 in approved_exec, -1 when nothing could be
+ * written. */
 static int approve(uint32_t tid, const char *path, uint32_t len)
 {
-    if (len == 0 || len > fp.path_max)
-        return -1;
+    if (tid == 0 || len == 0 || len > fp.path_max)
+        return -1;    /* 0: the task is not in the supervisor's pid namespace */
     if (fp.slots) {
         struct approval_slot *slot = approval_slot(tid);
         pthread_mutex_lock(&fp.slots_lock);
@@ -776,7 +782,7 @@ static int approve(uint32_t tid, const char *path, uint32_t len)
         }
         pthread_mutex_unlock(&fp.slots_lock);
         if (mine)
-            return 0;
+            return 1;
         count(C_APPROVED_IN_MAP);
     }
     if (fp.map_fd < 0)
@@ -794,19 +800,18 @@ static int approve(uint32_t tid, const char *path, uint32_t len)
     return syscall(SYS_bpf, BPF_MAP_UPDATE_ELEM, &attr, sizeof(attr)) ? -1 : 0;
 }
 
-/* Takes back tid's approval after its call could not be continued (the task
- * died meanwhile, perhaps before its exit could remove it). Called with
- * fp.config held. */
-static void withdraw(uint32_t tid)
+/* Takes back the approval approve() made (in_slot: its result) after the
+ * call could not be continued (the task died meanwhile, perhaps before its
+ * exit could remove it). Called with fp.config held. */
+static void withdraw(uint32_t tid, int in_slot)
 {
-    if (fp.slots) {
+    if (in_slot) {
         struct approval_slot *slot = approval_slot(tid);
         uint32_t expected = tid;
         pthread_mutex_lock(&fp.slots_lock);
         __atomic_compare_exchange_n(&slot->tid, &expected, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
         pthread_mutex_unlock(&fp.slots_lock);
-    }
-    if (fp.map_fd >= 0) {
+    } else if (fp.map_fd >= 0) {
         union bpf_attr attr = {0};
         attr.map_fd = fp.map_fd;
         attr.key = (uint64_t)(uintptr_t)&tid;
@@ -894,7 +899,8 @@ static int allow_call(struct listener *l, const struct seccomp_notif *n, const c
         count(C_GONE);     /* the task died or was interrupted */
         return 1;
     }
-    if (filename && approve(n->pid, filename, filename_len) < 0) {
+    int in_slot = filename ? approve(n->pid, filename, filename_len) : 0;
+    if (in_slot < 0) {
         pthread_rwlock_unlock(&fp.config);
         count(C_MAP_FAILURES);   /* the supervisor retries or refuses */
         return 0;
@@ -902,7 +908,7 @@ static int allow_call(struct listener *l, const struct seccomp_notif *n, const c
     struct seccomp_notif_resp resp = { .id = n->id, .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE };
     int sent = ioctl(l->fd, SECCOMP_IOCTL_NOTIF_SEND, &resp);
     if (sent < 0 && filename)
-        withdraw(n->pid);
+        withdraw(n->pid, in_slot);
     pthread_rwlock_unlock(&fp.config);
     pthread_mutex_lock(&fp.lock);
     fp.counters[sent < 0 ? C_GONE : C_CONTINUED]++;
@@ -940,13 +946,13 @@ static int answer(struct listener *l, const struct seccomp_notif *n, uint64_t st
         return len >= 0 && answer_key(l, n, key, len, NULL, 0, started);
     }
     int filename_at, filename_len;
-    pthread_rwlock_rdlock(&fp.config);
+    /* Not under fp.config: reading the task can take as long as the agent
+     * makes a page fault take, and a policy or map change would wait. */
     int len = exec_filename(l, n, key, &filename_at, &filename_len);
-    if (len < 0) {
-        pthread_rwlock_unlock(&fp.config);
+    if (len < 0)
         return 0;
-    }
     const char *filename = key + filename_at;
+    pthread_rwlock_rdlock(&fp.config);
     int verdict = exec_path_verdict(&l->scratch, l->agent, l->agent_len, filename);
     if (verdict == RULES_ALLOW)
         return allow_call(l, n, filename, filename_len, 1, started);
@@ -1195,24 +1201,6 @@ int aw_fast_set_map(int fd, int slots_fd, int stash_fd)
     if (old_stash)
         munmap(old_stash, old_stash_size);
     return err;
-}
-
-/* The supervisor's own approvals (execs it decided itself): as the threads
- * make theirs. 0, or -1 when nothing could be written. */
-int aw_fast_approve(uint32_t tid, const char *path, uint32_t len)
-{
-    pthread_rwlock_rdlock(&fp.config);
-    int err = approve(tid, path, len);
-    pthread_rwlock_unlock(&fp.config);
-    return err;
-}
-
-/* Takes back an approval whose call could not be continued. */
-void aw_fast_withdraw(uint32_t tid)
-{
-    pthread_rwlock_rdlock(&fp.config);
-    withdraw(tid);
-    pthread_rwlock_unlock(&fp.config);
 }
 
 /* Copies the counters (C_COUNT of them) and up to `room` recent handling

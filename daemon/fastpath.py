@@ -130,8 +130,6 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.aw_fast_rules_allow.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_exec_path_verdict.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_char_p]
     lib.aw_fast_set_map.argtypes = [ctypes.c_int] * 3
-    lib.aw_fast_approve.argtypes = [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_uint32]
-    lib.aw_fast_withdraw.argtypes = [ctypes.c_uint32]
     lib.aw_fast_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32),
                                   ctypes.c_int]
     return lib, None
@@ -191,13 +189,6 @@ class FastPath:
         err = self.lib.aw_fast_set_map(*(-1 if fd is None else fd for fd in (approved_fd, slots_fd, stash_fd)))
         if err < 0:
             raise OSError(-err, f"cannot map approval_slots and exec_stash: {os.strerror(-err)}")
-
-    def approve(self, tid: int, path: bytes) -> bool:
-        """Approve tid's exec of path (NUL included) as the threads do."""
-        return self.lib.aw_fast_approve(tid, path, len(path)) == 0
-
-    def withdraw(self, tid: int) -> None:
-        self.lib.aw_fast_withdraw(tid)
 
     def events(self):
         """Forwarded events waiting now: (kind, fd, Notification or None)."""

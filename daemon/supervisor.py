@@ -68,7 +68,7 @@ APPROVED_PATH_MAX = header_constants()["AW_MAX_PATH"]   # aw_approved.path
 def _inode(path: Path) -> int | None:
     try:
         return os.stat(path).st_ino
-    except FileNotFoundError:
+    except OSError:
         return None
 
 
@@ -433,15 +433,13 @@ class Supervisor:
             if self._approved_fd is None:
                 return False
         data = form + b"\0"
-        if len(data) > APPROVED_PATH_MAX:
+        if len(data) > APPROVED_PATH_MAX or tid == 0:   # 0: not in our pid namespace
             return False
         try:
-            if self.fast:
-                if not self.fast.approve(tid, data):
-                    raise OSError(errno.EIO, "no map took it")
-            else:
-                bpfsys.update(self._approved_fd, struct.pack("=I", tid),
-                              struct.pack("=II", len(data), 0) + data.ljust(APPROVED_PATH_MAX, b"\0"))
+            # approved_exec, whose updates are atomic; approval_slots are the
+            # fast path threads' alone (see fastpath.c).
+            bpfsys.update(self._approved_fd, struct.pack("=I", tid),
+                          struct.pack("=II", len(data), 0) + data.ljust(APPROVED_PATH_MAX, b"\0"))
             return True
         except OSError as exc:
             log.error("cannot write approved exec for %d: %s", tid, exc)
@@ -451,9 +449,7 @@ class Supervisor:
     def _withdraw_exec(self, tid: int) -> None:
         """Take back an approval whose call could not be continued (its task
         died meanwhile, perhaps before its exit removed it)."""
-        if self.fast:
-            self.fast.withdraw(tid)
-        elif self._approved_fd is not None:
+        if self._approved_fd is not None:
             try:
                 bpfsys.delete(self._approved_fd, struct.pack("=I", tid))
             except OSError:

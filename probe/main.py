@@ -351,13 +351,13 @@ def main(settings: Settings) -> None:
     settings.prepare_run_dir()
     # The supervisor uses these maps directly.
     pinned = [settings.bpf_pin_dir / name for name in SUPERVISOR_MAPS]
-    for path in pinned:
-        bpfsys.pin(bpf[path.name.encode()].map_fd, path)
-    probe = Probe(settings, bpf, loader.header_constants())
-    signal.signal(signal.SIGTERM, probe.stop)
-    signal.signal(signal.SIGINT, probe.stop)
-    log.info("probe running: BPF attached, sending to %s", settings.ingest_endpoint)
     try:
+        for path in pinned:
+            bpfsys.pin(bpf[path.name.encode()].map_fd, path)
+        probe = Probe(settings, bpf, loader.header_constants())
+        signal.signal(signal.SIGTERM, probe.stop)
+        signal.signal(signal.SIGINT, probe.stop)
+        log.info("probe running: BPF attached, sending to %s", settings.ingest_endpoint)
         probe.run()
     finally:
         for path in pinned:

@@ -306,14 +306,16 @@ def slot_holder(warden: Warden, tid: int) -> int:
 @contextlib.contextmanager
 def every_slot_held(warden: Warden):
     """Every slot of approval_slots held by a thread that cannot exist (tids
-    stop below 2**22), so every approval must go to approved_exec by bpf()."""
+    stop below 2**22), so every approval must go to approved_exec by bpf();
+    each approves /usr/bin/touch, which must not count for any other thread."""
     from agentwarden import bpfsys
     from daemon.supervisor import APPROVED_PATH_MAX
     slots = header_constants()["AW_APPROVAL_SLOTS"]
     fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / "approval_slots")
     try:
         def fill(holder: int) -> None:
-            value = struct.pack("=II", holder, 0) + bytes(APPROVED_PATH_MAX)
+            path = b"/usr/bin/touch\0" if holder else b""
+            value = struct.pack("=II", holder, len(path)) + path.ljust(APPROVED_PATH_MAX, b"\0")
             for index in range(slots):
                 bpfsys.update(fd, index.to_bytes(4, sys.byteorder), value)
         fill(0xFFFFFFFF)
