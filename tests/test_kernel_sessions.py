@@ -327,6 +327,51 @@ def every_slot_held(warden: Warden):
         os.close(fd)
 
 
+def stash_holder(warden: Warden, tid: int) -> int:
+    """The thread whose filename holds tid's slot of exec_stash (0: none)."""
+    from agentwarden import bpfsys
+    from daemon.supervisor import APPROVED_PATH_MAX
+    slots = header_constants()["AW_APPROVAL_SLOTS"]
+    fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / "exec_stash")
+    try:
+        value = bpfsys.lookup(fd, (tid % slots).to_bytes(4, sys.byteorder), 16 + APPROVED_PATH_MAX)
+    finally:
+        os.close(fd)
+    return int.from_bytes(value[:4], sys.byteorder)
+
+
+def test_a_thread_stopped_after_a_refused_exec_leaves_no_filename_stashed(warden, session_agent):
+    """The BPF program copies a session exec's filename while the thread waits
+    for the supervisor. A thread that stops on its way back from a refused
+    execve (a SIGSTOP that came while it was held) still has execve as its
+    syscall: what is copied then would be a stale filename for its next exec."""
+    agent, _ = session_agent(dict(exec_allow=[PY, os.path.realpath(PY)], exec_hold=["/usr/bin/date"]))
+    script = ("import os, sys, threading\n"
+              "print(threading.get_native_id(), flush=True)\n"
+              "try:\n"
+              "    os.execv('/usr/bin/date', ['date'])\n"
+              "except PermissionError:\n"
+              "    print('refused', flush=True)\n")
+    proc = start_run(warden, agent, [PY, "-c", script])
+    try:
+        tid = int(proc.stdout.readline())
+        [hold] = wait_hold(warden, agent)
+        if loader.exec_stash_supported():
+            assert stash_holder(warden, tid) == tid   # copied while it waits
+        os.kill(tid, signal.SIGSTOP)   # pending until the held execve returns
+        warden.cli("deny", hold["id"])
+        wait_for(lambda: psutil.Process(tid).status() == psutil.STATUS_STOPPED, timeout=10,
+                 what="the session's thread stopped after its refused exec")
+        assert stash_holder(warden, tid) != tid
+        os.kill(tid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=30)
+        assert out.strip().endswith("refused"), (out, err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("approvals", ["in slots", "in approved_exec (every slot held)"])
 def test_exec_path_rewritten_between_check_and_exec_is_killed(warden, session_agent, tmp_path, approvals):
     racer_c = tmp_path / "racer.c"
