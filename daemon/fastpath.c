@@ -190,8 +190,23 @@ struct approval_slot { uint32_t tid, len; char path[]; };
 /* aw_exec_stash: tid (0: free), len, the filename pointer, path[path_max]. */
 struct exec_stash { uint32_t tid, len; uint64_t filename; char path[]; };
 
-static size_t slot_stride(void) { return (8 + (size_t)fp.path_max + 7) & ~(size_t)7; }
-static size_t stash_stride(void) { return (16 + (size_t)fp.path_max + 7) & ~(size_t)7; }
+/* Elements of the two BPF arrays: a header, then path[path_max], 8-byte aligned. */
+#define SLOT_HEADER sizeof(struct approval_slot)
+#define STASH_HEADER sizeof(struct exec_stash)
+
+static size_t stride(size_t header) { return (header + (size_t)fp.path_max + 7) & ~(size_t)7; }
+
+/* tid's element of an array mapped at base (tid modulo slot_count). */
+static void *slot_of(uint8_t *base, size_t header, uint32_t tid)
+{
+    return base + (size_t)(tid & (fp.slot_count - 1)) * stride(header);
+}
+
+/* The bytes to map of such an array: every element, rounded up to pages. */
+static size_t mapped_size(size_t header)
+{
+    return ((size_t)fp.slot_count * stride(header) + PAGE - 1) & ~(size_t)(PAGE - 1);
+}
 
 static void count(int counter)
 {
@@ -650,8 +665,7 @@ static int stashed_filename(uint32_t pid, uint64_t filename, char *out, uint32_t
 {
     if (!fp.stash)
         return -1;
-    const struct exec_stash *s =
-        (const struct exec_stash *)(fp.stash + (size_t)(pid & (fp.slot_count - 1)) * stash_stride());
+    const struct exec_stash *s = slot_of(fp.stash, STASH_HEADER, pid);
     if (__atomic_load_n(&s->tid, __ATOMIC_ACQUIRE) != pid || s->filename != filename)
         return -1;
     uint32_t len = s->len;
@@ -665,8 +679,8 @@ static int stashed_filename(uint32_t pid, uint64_t filename, char *out, uint32_t
 
 /* The start of an execve's key, agent NUL filename NUL, in key (MAX_KEY
  * bytes); its length and where the filename starts, or -1 when the
- * supervisor must look at it. One process_vm_readv: the filename, and the
- * start of argv for exec_args. */
+ * supervisor must look at it. The filename the BPF program stashed, or else
+ * one process_vm_readv: the filename, and the start of argv for exec_args. */
 static int exec_filename(struct listener *l, const struct seccomp_notif *n, char *key,
                          int *filename_at, int *filename_len)
 {
@@ -754,11 +768,6 @@ static int exec_args(struct listener *l, const struct seccomp_notif *n, char *ke
 
 /* ---- answering ------------------------------------------------------------- */
 
-static struct approval_slot *approval_slot(uint32_t tid)
-{
-    return (struct approval_slot *)(fp.slots + (size_t)(tid & (fp.slot_count - 1)) * slot_stride());
-}
-
 /* Approves the thread tid's exec of path (len bytes, its NUL included) for the
  * BPF program: in tid's slot when it is free or holds a stale approval of
  * tid's own (tid is waiting on this notification, so none of its is in use),
@@ -771,7 +780,7 @@ static int approve(uint32_t tid, const char *path, uint32_t len)
     if (tid == 0 || len == 0 || len > fp.path_max)
         return -1;    /* 0: the task is not in the supervisor's pid namespace */
     if (fp.slots) {
-        struct approval_slot *slot = approval_slot(tid);
+        struct approval_slot *slot = slot_of(fp.slots, SLOT_HEADER, tid);
         pthread_mutex_lock(&fp.slots_lock);
         uint32_t holder = __atomic_load_n(&slot->tid, __ATOMIC_ACQUIRE);
         int mine = holder == 0 || holder == tid;
@@ -806,7 +815,7 @@ static int approve(uint32_t tid, const char *path, uint32_t len)
 static void withdraw(uint32_t tid, int in_slot)
 {
     if (in_slot) {
-        struct approval_slot *slot = approval_slot(tid);
+        struct approval_slot *slot = slot_of(fp.slots, SLOT_HEADER, tid);
         uint32_t expected = tid;
         pthread_mutex_lock(&fp.slots_lock);
         __atomic_compare_exchange_n(&slot->tid, &expected, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
@@ -1171,8 +1180,7 @@ int aw_fast_rules_allow(const char *key, uint32_t len)
  * ones. 0, or -errno when they could not be mapped (then neither is used). */
 int aw_fast_set_map(int fd, int slots_fd, int stash_fd)
 {
-    size_t slots_size = ((size_t)fp.slot_count * slot_stride() + PAGE - 1) & ~(size_t)(PAGE - 1);
-    size_t stash_size = ((size_t)fp.slot_count * stash_stride() + PAGE - 1) & ~(size_t)(PAGE - 1);
+    size_t slots_size = mapped_size(SLOT_HEADER), stash_size = mapped_size(STASH_HEADER);
     void *slots = NULL, *stash = NULL;
     int err = 0;
     if (slots_fd >= 0 && stash_fd >= 0 && fp.running) {

@@ -171,7 +171,7 @@ class Supervisor:
                                          "held": 0, "unreadable": 0, "policy_announcements_malformed": 0}
         self.root = cgroups.cgroup2_root()
         self._approved_fd: int | None = None
-        self._approved_ino: int | None = None
+        self._pinned_inodes: int | None = None
         # epoll itself, not selectors: a listener's event mask tells a pending
         # notification (EPOLLIN) from a session whose processes are all gone
         # (EPOLLHUP alone) without another syscall.
@@ -393,19 +393,19 @@ class Supervisor:
         approved_path, *mapped = (self.settings.bpf_pin_dir / name for name in bpfsys.SUPERVISOR_MAPS)
         try:
             inodes = (os.stat(approved_path).st_ino, *(_inode(path) for path in mapped))
-            if self._approved_fd is None or inodes != self._approved_ino:
+            if self._approved_fd is None or inodes != self._pinned_inodes:
                 fd = bpfsys.open_pinned(approved_path)
                 if self.fast:
                     self._map_shared(fd, mapped)
                 if self._approved_fd is not None:
                     os.close(self._approved_fd)
-                self._approved_fd, self._approved_ino = fd, inodes
+                self._approved_fd, self._pinned_inodes = fd, inodes
         except OSError as exc:
             if self.fast:
                 self.fast.set_maps(None, None, None)
             if self._approved_fd is not None:
                 os.close(self._approved_fd)
-            self._approved_fd = self._approved_ino = None
+            self._approved_fd = self._pinned_inodes = None
             if self.sessions:
                 log.error("cannot open the probe's approved-exec map %s: %s", approved_path, exc)
 

@@ -15,7 +15,6 @@ import msgpack
 import zmq
 
 from agentwarden import bpfsys, cgroups, sdnotify, wire
-from agentwarden.bpfsys import SUPERVISOR_MAPS
 from agentwarden.settings import Settings
 
 from . import loader
@@ -350,7 +349,7 @@ def main(settings: Settings) -> None:
     bpf = loader.compile_and_attach(settings.wakeup_interval)
     settings.prepare_run_dir()
     # The supervisor uses these maps directly.
-    pinned = [settings.bpf_pin_dir / name for name in SUPERVISOR_MAPS]
+    pinned = [settings.bpf_pin_dir / name for name in bpfsys.SUPERVISOR_MAPS]
     try:
         for path in pinned:
             bpfsys.pin(bpf[path.name.encode()].map_fd, path)

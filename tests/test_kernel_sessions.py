@@ -200,7 +200,7 @@ def test_a_failed_exec_leaves_no_approval_behind(warden, session_agent, tmp_path
             assert bpfsys.lookup(fd, tid.to_bytes(4, sys.byteorder), 8 + APPROVED_PATH_MAX) is None
         finally:
             os.close(fd)
-        assert slot_holder(warden, tid) != tid
+        assert holder(warden, "approval_slots", tid) != tid
         supervisor_health(warden, lambda h: h["fast"]["ruled"] >= before["fast"]["ruled"] + 2
                           and h["continued"] >= before["continued"] + 1
                           and h["fast"]["learned"] >= before["fast"]["learned"] + 1)
@@ -290,14 +290,16 @@ def test_self_approval_from_inside_the_agent_is_refused_even_as_root(warden, ses
         proc.wait()
 
 
-def slot_holder(warden: Warden, tid: int) -> int:
-    """The thread whose approval holds tid's slot of approval_slots (0: none)."""
+def holder(warden: Warden, array: str, tid: int) -> int:
+    """The thread that holds tid's slot of approval_slots (its approval) or of
+    exec_stash (its filename); 0: none."""
     from agentwarden import bpfsys
     from daemon.supervisor import APPROVED_PATH_MAX
     slots = header_constants()["AW_APPROVAL_SLOTS"]
-    fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / "approval_slots")
+    header = {"approval_slots": 8, "exec_stash": 16}[array]   # tid, len[, filename pointer]
+    fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / array)
     try:
-        value = bpfsys.lookup(fd, (tid % slots).to_bytes(4, sys.byteorder), 8 + APPROVED_PATH_MAX)
+        value = bpfsys.lookup(fd, (tid % slots).to_bytes(4, sys.byteorder), header + APPROVED_PATH_MAX)
     finally:
         os.close(fd)
     return int.from_bytes(value[:4], sys.byteorder)
@@ -327,19 +329,6 @@ def every_slot_held(warden: Warden):
         os.close(fd)
 
 
-def stash_holder(warden: Warden, tid: int) -> int:
-    """The thread whose filename holds tid's slot of exec_stash (0: none)."""
-    from agentwarden import bpfsys
-    from daemon.supervisor import APPROVED_PATH_MAX
-    slots = header_constants()["AW_APPROVAL_SLOTS"]
-    fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / "exec_stash")
-    try:
-        value = bpfsys.lookup(fd, (tid % slots).to_bytes(4, sys.byteorder), 16 + APPROVED_PATH_MAX)
-    finally:
-        os.close(fd)
-    return int.from_bytes(value[:4], sys.byteorder)
-
-
 def test_a_thread_stopped_after_a_refused_exec_leaves_no_filename_stashed(warden, session_agent):
     """The BPF program copies a session exec's filename while the thread waits
     for the supervisor. A thread that stops on its way back from a refused
@@ -357,12 +346,12 @@ def test_a_thread_stopped_after_a_refused_exec_leaves_no_filename_stashed(warden
         tid = int(proc.stdout.readline())
         [hold] = wait_hold(warden, agent)
         if loader.exec_stash_supported():
-            assert stash_holder(warden, tid) == tid   # copied while it waits
+            assert holder(warden, "exec_stash", tid) == tid   # copied while it waits
         os.kill(tid, signal.SIGSTOP)   # pending until the held execve returns
         warden.cli("deny", hold["id"])
         wait_for(lambda: psutil.Process(tid).status() == psutil.STATUS_STOPPED, timeout=10,
                  what="the session's thread stopped after its refused exec")
-        assert stash_holder(warden, tid) != tid
+        assert holder(warden, "exec_stash", tid) != tid
         os.kill(tid, signal.SIGCONT)
         out, err = proc.communicate(timeout=30)
         assert out.strip().endswith("refused"), (out, err)
