@@ -291,3 +291,26 @@ def processes(path: Path) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+# Acting on a whole cgroup: each returns a short text of what was done (it goes
+# into violation and admin records); failures say why instead of raising.
+
+def kill_cgroup(path: Path) -> str:
+    """cgroup.kill: every process in the cgroup and below it, atomically."""
+    try:
+        (path / "cgroup.kill").write_text("1")
+    except OSError as exc:
+        return f"could not kill cgroup {path}: {exc.strerror}"
+    return f"killed every process in {path}"
+
+
+def set_frozen(path: Path, frozen: bool) -> str:
+    word = "froze" if frozen else "thawed"
+    try:
+        (path / "cgroup.freeze").write_text("1" if frozen else "0")
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return f"could not freeze {path}: no cgroup.freeze (cgroup v2 freezer needs kernel 5.2)"
+        return f"could not {word[:-1]}e {path}: {exc.strerror}"
+    return f"{word} {path}"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import msgpack
 import zmq
 
+from . import wire
 from .errors import AgentwardenError
 from .settings import Settings
 
@@ -38,11 +38,14 @@ def request(settings: Settings, cmd: str, timeout: float = 3.0, check: bool = Tr
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        sock.send(msgpack.packb({"cmd": cmd, **args}, use_bin_type=True))
+        sock.send(wire.encode_control(cmd, **args))
         if not sock.poll(int(timeout * 1000)):
             raise DaemonUnavailable(
                 f"the daemon did not answer on {endpoint} within {timeout:g}s; is it running?")
-        reply = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False)
+        try:
+            reply = wire.decode_reply(sock.recv())
+        except wire.WireError as exc:
+            raise AgentwardenError(f"the daemon sent a malformed answer on {endpoint}: {exc}") from None
     finally:
         sock.close()
     if check and not reply.get("ok"):

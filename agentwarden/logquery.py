@@ -1,6 +1,6 @@
 """Reading the archive for people and SIEMs: filters, attribution, replay and
 the export format. Pure functions over records (as read by
-``daemon.segments.read_items``); the CLI in log_cli.py only parses and prints.
+``agentwarden.archive.segments.read_items``); the CLI in cli/log.py only parses and prints.
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from . import render
+from .durations import DurationError, has_unit, parse_duration
 from .errors import AgentwardenError
 from .policy import GlobError, _path_key, _path_regex
+from . import wire
 from .wire import text
 
 EXPORT_SCHEMA = "agentwarden.export.v1"
-EVENT_KINDS = ("exec", "open", "chdir", "fork", "exit")
 NOISE_KINDS = ("health", "tags")  # shown only when asked for by --kind
-VERDICTS = ("allow", "hold", "violation", "deny")
 RECENT_EVENTS = 100_000  # events remembered so that a violation matches its event's path
 
 # Fields every exported line has (null when they do not apply), in this order.
@@ -30,18 +30,17 @@ EXPORT_COMMON = ("schema", "seq", "time", "time_iso", "kind", "host", "boot_id",
 
 # ---- parsing user input ---------------------------------------------------------
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])\Z")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
 
 def parse_time(value: str, option: str, now: float | None = None) -> int:
     """A point in time as unix ns, from: an ISO 8601 date/time (local time unless
     it names a zone), unix seconds, or a duration ago (30s, 10m, 2h, 7d)."""
     value = value.strip()
     now = time.time() if now is None else now
-    match = _RELATIVE.match(value)
-    if match:
-        return int((now - float(match.group(1)) * _UNITS[match.group(2)]) * 1e9)
+    if has_unit(value):
+        try:
+            return int((now - parse_duration(value, option)) * 1e9)
+        except DurationError:
+            pass
     try:
         return int(float(value) * 1e9)
     except ValueError:
@@ -106,8 +105,8 @@ class Filter:
     _recent: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 
     def __post_init__(self):
-        if self.verdict is not None and self.verdict not in VERDICTS:
-            raise AgentwardenError(f"--verdict {self.verdict!r}: use one of {', '.join(VERDICTS)}")
+        if self.verdict is not None and self.verdict not in wire.DECISIONS:
+            raise AgentwardenError(f"--verdict {self.verdict!r}: use one of {', '.join(wire.DECISIONS)}")
 
     @property
     def any(self) -> bool:
@@ -350,7 +349,7 @@ def build_replay(records: Iterable[dict], session: str) -> Replay:
         if kind == "violation":
             proc(record["pid"]).violations.append(record)
             continue
-        if kind not in EVENT_KINDS:
+        if kind not in wire.EVENT_KINDS:
             continue
         p = proc(record["pid"])
         p.own_events += 1

@@ -19,14 +19,12 @@ import time
 import uuid
 from pathlib import Path
 
-import msgpack
 
-from . import cgroups, control
+from . import cgroups, control, wire
 from . import seccomp_notify as sn
 from .errors import AgentwardenError, NeedsRoot
 from .settings import Settings
 
-MAX_REPLY = 1 << 20
 
 
 def request(settings: Settings, message: dict, fd: int | None = None, timeout: float = 10.0) -> dict:
@@ -41,20 +39,23 @@ def request(settings: Settings, message: dict, fd: int | None = None, timeout: f
         except PermissionError:
             raise AgentwardenError(f"cannot reach {path}: run this as root or as a member of the "
                                    "admin group") from None
-        data = msgpack.packb(message, use_bin_type=True)
+        data = wire.pack(message)
         if fd is None:
             sock.send(data)
         else:
             sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
         try:
-            reply = sock.recv(MAX_REPLY)
+            reply = sock.recv(wire.MAX_ADMIN_REPLY_BYTES)
         except socket.timeout:
             raise control.DaemonUnavailable(f"the daemon did not answer on {path} within {timeout:g}s") from None
     finally:
         sock.close()
     if not reply:
         raise control.DaemonUnavailable(f"the daemon closed {path} without an answer")
-    return msgpack.unpackb(reply, raw=False)
+    try:
+        return wire.decode_reply(reply)
+    except wire.WireError as exc:
+        raise AgentwardenError(f"the daemon sent a malformed answer on {path}: {exc}") from None
 
 
 def admin_request(settings: Settings, message: dict) -> dict:

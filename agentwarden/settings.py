@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .durations import DurationError, parse_duration
 from .errors import AgentwardenError
 
 DEFAULT_CONFIG = "/etc/agentwarden/config.toml"
@@ -36,7 +37,6 @@ DEFAULT_POLICY_DIR = "/etc/agentwarden/policy.d"
 DEFAULT_ARCHIVE_KEY_FILE = "/etc/agentwarden/archive.key"
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_size(text: str, what: str) -> int:
@@ -45,14 +45,6 @@ def parse_size(text: str, what: str) -> int:
     if not match:
         raise AgentwardenError(f"{what}: {text!r} is not a size (e.g. 64M, 1G, 4096)")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-
-
-def parse_duration(text: str, what: str) -> float:
-    """'0.5', '30s', '1h', '90d' -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not match:
-        raise AgentwardenError(f"{what}: {text!r} is not a duration (e.g. 0.5s, 30m, 1h, 90d)")
-    return float(match.group(1)) * _TIME_UNITS[match.group(2)]
 
 
 @dataclass(frozen=True)
@@ -128,8 +120,8 @@ def _path(value: Any) -> Path:
 def _number_of_seconds(value: Any) -> float:
     if isinstance(value, str):
         try:
-            value = float(value)
-        except ValueError:
+            value = parse_duration(value)
+        except DurationError:
             raise ValueError("must be a number of seconds") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError("must be a number of seconds")

@@ -1,4 +1,12 @@
-"""The one wire schema: what travels over ZeroMQ and what the archive stores.
+"""The one wire schema: every message between agentwarden's processes, and
+the records the archive stores.
+
+- Records and ``batch`` messages (probe -> daemon -> tail subscribers).
+- PUB topics: ``TOPIC_EVENTS`` (batches) and ``TOPIC_KERNEL_RULES`` (the
+  policy's in-kernel deny rules, for the probe and the session supervisor).
+- Control requests (CLI -> daemon, REQ/REP) and admin requests on the session
+  supervisor's socket (CLI and `agentwarden run` -> supervisor): msgpack maps
+  with a string ``cmd``.
 
 A message is a msgpack map ``{"v": SCHEMA_VERSION, "type": ..., ...}``.
 Probe -> daemon: ``batch`` messages carrying a list of records. Daemon -> tail
@@ -86,11 +94,29 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     "archive": {"time": Int, "event": Str, "detail": OptStr},
 }
 
+# Records of what a task did, as the probe sends them; the daemon resolves
+# their paths and decides the ones in DECIDED_KINDS.
+EVENT_KINDS = ("exec", "open", "chdir", "fork", "exit")
+DECIDED_KINDS = ("exec", "open")
+
+# A policy's decisions, least severe first; where two verdicts apply, the more
+# severe one stands.
+DECISIONS = ("allow", "hold", "violation", "deny")
+SEVERITY = {decision: rank for rank, decision in enumerate(DECISIONS)}
+
+TOPIC_EVENTS = b"events"
+TOPIC_KERNEL_RULES = b"kernel-rules"
+
 MESSAGE_TYPES = ("batch",)
 # Bounds that keep a hostile or broken sender from making us allocate wildly.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_RECORDS_PER_BATCH = 100_000
 MAX_CONTROL_BYTES = 1 << 20
+MAX_ADMIN_REQUEST_BYTES = 64 * 1024   # one datagram on the supervisor's socket
+MAX_ADMIN_REPLY_BYTES = 1 << 20
+# The supervisor's admin socket: `register` hands over a session's listener fd;
+# the rest are admins' requests.
+ADMIN_COMMANDS = ("register", "holds", "approve", "deny")
 
 
 class WireError(ValueError):
@@ -184,4 +210,59 @@ def decode_control(raw: bytes) -> dict[str, Any]:
         raise WireError(f"control request is not msgpack: {exc.__class__.__name__}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("cmd"), str):
         raise WireError("control request must be a map with a string 'cmd'")
+    return msg
+
+
+def encode_control(cmd: str, **args: Any) -> bytes:
+    return pack({"cmd": cmd, **args})
+
+
+def decode_reply(raw: bytes) -> dict[str, Any]:
+    """A reply of the daemon or the supervisor: a map."""
+    try:
+        reply = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise WireError(f"reply is not msgpack: {exc.__class__.__name__}") from None
+    if not isinstance(reply, dict):
+        raise WireError("reply is not a map")
+    return reply
+
+
+def decode_admin_request(raw: bytes) -> dict[str, Any]:
+    """A request on the supervisor's socket: a control request of at most
+    MAX_ADMIN_REQUEST_BYTES (the socket reads no more)."""
+    if len(raw) > MAX_ADMIN_REQUEST_BYTES:
+        raise WireError(f"request of {len(raw)} bytes exceeds {MAX_ADMIN_REQUEST_BYTES}")
+    return decode_control(raw)
+
+
+def encode_kernel_rules(policy_hash: str | None, rules: list[dict[str, Any]]) -> bytes:
+    """The daemon's in-kernel deny rules; each rule a map of agent, path,
+    exact, applies ("exec" or "open") and rule (its text)."""
+    return pack({"v": SCHEMA_VERSION, "type": "kernel-rules", "policy_hash": policy_hash,
+                 "rules": rules})
+
+
+_KERNEL_RULE_FIELDS = {"agent": Str, "path": Str, "exact": Bool, "applies": Str, "rule": Str}
+
+
+def decode_kernel_rules(raw: bytes) -> dict[str, Any]:
+    """Parse and validate a kernel-rules message; raise WireError otherwise."""
+    try:
+        msg = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise WireError(f"kernel rules are not msgpack: {exc.__class__.__name__}") from None
+    if not isinstance(msg, dict) or msg.get("type") != "kernel-rules":
+        raise WireError("not a kernel-rules message")
+    if not isinstance(msg.get("policy_hash"), OptStr):
+        raise WireError("kernel rules: policy_hash is not a string")
+    rules = msg.get("rules")
+    if not isinstance(rules, list):
+        raise WireError("kernel rules: rules is not a list")
+    for rule in rules:
+        if not isinstance(rule, dict) or any(not isinstance(rule.get(k), t)
+                                             for k, t in _KERNEL_RULE_FIELDS.items()):
+            raise WireError(f"kernel rules: malformed rule {rule!r}")
+        if rule["applies"] not in DECIDED_KINDS:
+            raise WireError(f"kernel rules: a rule applies to {rule['applies']!r}")
     return msg

@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentwarden.daemon.archive import ArchiveWriter  # noqa: E402
-from agentwarden.daemon.segments import compress_bytes, list_segments, load_segment  # noqa: E402
-from agentwarden.daemon.verify import verify  # noqa: E402
+from agentwarden.archive.segments import compress_bytes, list_segments, load_segment  # noqa: E402
+from agentwarden.archive.verify import verify  # noqa: E402
 from agentwarden.settings import ArchiveSettings  # noqa: E402
 
 POLICY = "/etc/agentwarden/policy.d/coder.toml"

@@ -39,7 +39,7 @@ from typing import Any
 from agentwarden.settings import ArchiveSettings
 from agentwarden.wire import pack
 
-from .segments import (COMPRESSED_SUFFIXES, GENESIS, HEAD_FILE, LOCK_FILE, SEGMENT_NAME, ArchiveError,
+from agentwarden.archive.segments import (COMPRESSED_SUFFIXES, GENESIS, HEAD_FILE, LOCK_FILE, SEGMENT_NAME, ArchiveError,
                        Header, NewerFormat, SegmentFile, SegmentReader, TornHeader, chain_hash, compress_bytes,
                        decompress_bytes, encode_head, encode_header, key_id, list_segments,
                        load_segment, read_head, read_header, read_records, segment_name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import enforce
+from agentwarden import cgroups
 
 
 def _freeze_requested(path: Path) -> bool:
@@ -48,11 +48,11 @@ class DiskFullGuard:
                 continue
             self.handled.add(cgroup_id)
             if self.policy == "kill":
-                results.append(enforce.kill_cgroup(path))
+                results.append(cgroups.kill_cgroup(path))
             elif _freeze_requested(path):
                 results.append(f"{path} was frozen already")
             else:
-                result = enforce.set_frozen(path, True)
+                result = cgroups.set_frozen(path, True)
                 if result.startswith("froze"):
                     self.frozen[cgroup_id] = path
                 results.append(result)
@@ -66,7 +66,7 @@ class DiskFullGuard:
     def release(self) -> tuple[float, str]:
         """Writing works again: thaw what the guard froze. Returns (seconds, what was done)."""
         seconds = time.monotonic() - self.since if self.since is not None else 0.0
-        results = [enforce.set_frozen(path, False) for path in self.frozen.values()]
+        results = [cgroups.set_frozen(path, False) for path in self.frozen.values()]
         self.since, self.frozen, self.handled = None, {}, set()
         return seconds, "; ".join(results) or "nothing to thaw"
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from agentwarden import policy as policy_mod
+from agentwarden import cgroups, policy as policy_mod
+from agentwarden import wire
 from agentwarden.wire import text
 
 from . import enforce
 
-SEVERITY = {"allow": 0, "hold": 1, "violation": 2, "deny": 3}
 
 
 def real_path(record: dict) -> str | None:
@@ -88,7 +88,7 @@ class Governor:
         key = "resolved_path" if record["kind"] == "open" else "resolved_exec_path"
         record["real_path"] = real
         via_target = policy_mod.decide({**record, key: real}, self.policy)
-        if SEVERITY[via_target.decision] > SEVERITY[verdict.decision]:
+        if wire.SEVERITY[via_target.decision] > wire.SEVERITY[verdict.decision]:
             return policy_mod.Verdict(
                 via_target.decision, via_target.action, via_target.rule,
                 f"{via_target.reason}; the path leads there through a symlink",
@@ -130,7 +130,7 @@ class Governor:
             if wanted != "kill-agent":
                 return done
             cgroup = self.agent_cgroup(record["agent_cgroup_id"])
-            return f"{done}; " + (enforce.kill_cgroup(cgroup) if cgroup else "agent cgroup unknown")
+            return f"{done}; " + (cgroups.kill_cgroup(cgroup) if cgroup else "agent cgroup unknown")
         if verdict.mode != "enforce":
             return "none (monitor mode)"
         if wanted == "alert":
@@ -141,10 +141,10 @@ class Governor:
         if cgroup is None:
             return f"none: the cgroup of agent {record['agent']!r} is unknown"
         if wanted == "kill-agent":
-            return enforce.kill_cgroup(cgroup)
+            return cgroups.kill_cgroup(cgroup)
         # freeze, and hold (which on this path cannot stop the call itself: the
         # agent waits, frozen, for an admin to thaw or kill it)
-        return enforce.set_frozen(cgroup, True)
+        return cgroups.set_frozen(cgroup, True)
 
 
 def attempted(record: dict) -> str:

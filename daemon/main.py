@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import zmq
 
 from agentwarden import policy, sdnotify, wire
@@ -23,16 +22,12 @@ from .archive import ArchiveWriter
 from .archive_guard import DiskFullGuard
 from .governor import Governor
 from .resolver import Resolver
-from .segments import load_key
+from agentwarden.archive.segments import load_key
 from .sessions import Sessions
 
 log = logging.getLogger("agentwarden.daemon")
 
-EVENT_KINDS = ("exec", "open", "chdir", "fork", "exit")
-DECIDED_KINDS = ("exec", "open")
 # PUB topics: tail subscribes to events, the probe to the in-kernel deny rules.
-TOPIC_EVENTS = b"events"
-TOPIC_KERNEL_RULES = b"kernel-rules"
 MAX_MESSAGES_PER_WAKE = 4  # then answer control and supervisor: they must not wait
 TICK_INTERVAL = 1.0       # seconds between periodic duties
 RETENTION_INTERVAL = 10.0  # seconds between retention checks
@@ -131,10 +126,9 @@ class Daemon:
         rules = [{"agent": r.agent, "path": r.path, "exact": r.exact, "applies": r.applies,
                   "rule": r.rule} for r in self.governor.kernel_rules()]
         current = self.governor.policy
-        message = wire.pack({"v": wire.SCHEMA_VERSION, "type": "kernel-rules",
-                             "policy_hash": current.hash if current else None, "rules": rules})
+        message = wire.encode_kernel_rules(current.hash if current else None, rules)
         try:
-            self.pub.send_multipart([TOPIC_KERNEL_RULES, message], zmq.NOBLOCK)
+            self.pub.send_multipart([wire.TOPIC_KERNEL_RULES, message], zmq.NOBLOCK)
         except zmq.Again:
             self.counters["publish_dropped"] += 1
 
@@ -200,12 +194,12 @@ class Daemon:
         self.counters[f"records_{kind}"] += 1
         violation = None
         sessions: list[dict] = []
-        if kind in EVENT_KINDS:
+        if kind in wire.EVENT_KINDS:
             record["agent"] = self.agents.get(record["agent_cgroup_id"])
             record["session"] = self.sessions.session_of(record["agent_cgroup_id"])
             self.resolver.annotate(record)
             self.counters["events"] += 1
-            if kind in DECIDED_KINDS:
+            if kind in wire.DECIDED_KINDS:
                 violation = self.governor.judge(record)
         elif kind == "gap":
             self.drops[record["stage"]] += record["count"]
@@ -236,7 +230,7 @@ class Daemon:
         if not records:
             return
         try:
-            self.pub.send_multipart([TOPIC_EVENTS, wire.encode_batch("daemon", self.pub_seq, records)],
+            self.pub.send_multipart([wire.TOPIC_EVENTS, wire.encode_batch("daemon", self.pub_seq, records)],
                                     zmq.NOBLOCK)
         except zmq.Again:
             self.counters["publish_dropped"] += 1

@@ -18,24 +18,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-AT_FDCWD = -100
+from agentwarden.paths import AT_FDCWD, normalise
+
 O_CLOEXEC = 0o2000000
 MAX_PROCESSES = 65536
 MAX_FDS_PER_PROCESS = 4096
-
-
-def normalise(path: str) -> str:
-    """Lexical normalisation of an absolute path; keeps no '//' prefix."""
-    parts: list[str] = []
-    for part in path.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if parts:
-                parts.pop()
-        else:
-            parts.append(part)
-    return "/" + "/".join(parts)
 
 
 def _as_str(value: str | bytes) -> str:

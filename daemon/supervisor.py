@@ -23,7 +23,6 @@ from __future__ import annotations
 import array
 import collections
 import ctypes
-import errno
 import itertools
 import logging
 import os
@@ -37,30 +36,26 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgpack
 import zmq
 
 from agentwarden import bpfsys, cgroups, control, wire, policy as policy_mod
 from agentwarden import seccomp_notify as sn
+from agentwarden.durations import parse_duration
 from agentwarden.errors import AgentwardenError
-from agentwarden.probe.loader import header_constants
+from agentwarden.paths import AT_EMPTY_PATH, AT_FDCWD, normalise
+from agentwarden.headers import header_constants
 from agentwarden.settings import Settings
 
 from . import fastpath
 from .governor import Governor
-from .resolver import normalise, proc_link, proc_ppid
+from .resolver import proc_link, proc_ppid
 
 PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger("agentwarden.daemon")
 
 HEALTH_INTERVAL = 1.0
-KERNEL_RULES_TOPIC = b"kernel-rules"   # carries the hash of the daemon's policy
-AT_FDCWD = -100
-AT_EMPTY_PATH = 0x1000
-MAX_REQUEST = 64 * 1024
 MAX_ARGS = 4096
-SEVERITY = {"allow": 0, "hold": 1, "violation": 2, "deny": 3}
 VERDICT_CACHE = 4096
 APPROVED_PATH_MAX = header_constants()["AW_MAX_PATH"]   # aw_approved.path
 
@@ -127,21 +122,6 @@ def cgroup_of(pid: int) -> str | None:
     return None
 
 
-def parse_duration(text: str) -> float:
-    """'90', '90s', '15m', '2h', '1d' -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip().lower()
-    scale = units.get(text[-1:], None)
-    number = text[:-1] if scale else text
-    try:
-        value = float(number) * (scale or 1)
-    except ValueError:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 1d)") from None
-    if value <= 0:
-        raise ValueError(f"a duration must be positive: {text!r}")
-    return value
-
-
 class Supervisor:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -157,7 +137,7 @@ class Supervisor:
         self.out_seq = 0
         self.policy_feed = ctx.socket(zmq.SUB)
         self.policy_feed.setsockopt(zmq.LINGER, 0)
-        self.policy_feed.setsockopt(zmq.SUBSCRIBE, KERNEL_RULES_TOPIC)
+        self.policy_feed.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_KERNEL_RULES)
         self.policy_feed.connect(settings.events_endpoint)
         self.names = sn.syscall_names()
         self.sessions: dict[int, Session] = {}          # listener fd -> session
@@ -242,8 +222,8 @@ class Supervisor:
             except zmq.Again:
                 return
             try:
-                announced = msgpack.unpackb(raw, raw=False).get("policy_hash")
-            except (ValueError, AttributeError, msgpack.UnpackException):
+                announced = wire.decode_kernel_rules(raw)["policy_hash"]
+            except wire.WireError:
                 self.counters["policy_announcements_malformed"] += 1   # the daemon's own socket: a bug if ever
                 log.error("supervisor: dropped a malformed policy announcement")
                 continue
@@ -376,7 +356,7 @@ class Supervisor:
         verdict = self.verdicts.get(key)
         if verdict is None:
             verdict = max((policy_mod.decide(event, current) for event in request.events),
-                          key=lambda v: SEVERITY[v.decision])
+                          key=lambda v: wire.SEVERITY[v.decision])
             if len(self.verdicts) >= VERDICT_CACHE:
                 self.verdicts.pop(next(iter(self.verdicts)))
             self.verdicts[key] = verdict
@@ -622,7 +602,7 @@ class Supervisor:
 
     def on_client(self, conn: socket.socket) -> None:
         try:
-            data, ancillary, _flags, _addr = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * 4))
+            data, ancillary, _flags, _addr = conn.recvmsg(wire.MAX_ADMIN_REQUEST_BYTES, socket.CMSG_SPACE(4 * 4))
         except OSError:
             data = b""
         fds = []
@@ -638,16 +618,14 @@ class Supervisor:
         pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                              struct.calcsize("3i")))
         try:
-            request = msgpack.unpackb(data, raw=False)
-            if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-                raise ValueError("a request is a map with a string 'cmd'")
+            request = wire.decode_admin_request(data)
             reply = self._answer(request, pid, uid, gid, fds)
-        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+        except (ValueError, TypeError, KeyError) as exc:
             reply = {"ok": False, "error": f"malformed request: {exc}"}
             for fd in fds:
                 os.close(fd)
         try:
-            conn.send(msgpack.packb(reply, use_bin_type=True))
+            conn.send(wire.pack(reply))
         except OSError:
             pass
 
@@ -673,7 +651,7 @@ class Supervisor:
                 return {"ok": True, "state": "denied"}
             remember = request.get("remember")
             if remember is not None:
-                remember = parse_duration(str(remember))
+                remember = parse_duration(str(remember), "remember", positive=True)
             if who in hold.approvals:
                 return {"ok": False, "error": f"{who} already approved {hold.id}; it needs "
                                               f"{hold.required} distinct approvers"}

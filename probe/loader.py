@@ -4,32 +4,18 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import re
 import subprocess
-from importlib import resources
 from pathlib import Path
 
 from agentwarden.errors import AgentwardenError, NeedsRoot
+from agentwarden.headers import bpf_dir
 from agentwarden.settings import KEYS
 
 log = logging.getLogger("agentwarden.probe")
 
 TRACEFS = Path("/sys/kernel/tracing")
 PROGRAM = "agentwarden.bpf.c"
-HEADER = "agentwarden.h"
 EXIT_FORMAT = "events/sched/sched_process_exit/format"
-_DEFINE = re.compile(r"^#define\s+(AW_\w+)\s+(-?(?:0x[0-9a-fA-F]+|\d+))\s*(?:/\*.*\*/\s*)?$", re.M)
-
-
-def bpf_dir() -> Path:
-    return Path(str(resources.files("agentwarden.bpf")))
-
-
-def header_constants(header_text: str | None = None) -> dict[str, int]:
-    """The `#define AW_* <int>` constants of the one event header."""
-    if header_text is None:
-        header_text = (bpf_dir() / HEADER).read_text()
-    return {name: int(value, 0) for name, value in _DEFINE.findall(header_text)}
 
 
 def kernel_headers_dir() -> Path:

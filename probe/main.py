@@ -11,10 +11,9 @@ import signal
 import time
 from pathlib import Path
 
-import msgpack
 import zmq
 
-from agentwarden import bpfsys, cgroups, sdnotify, wire
+from agentwarden import bpfsys, cgroups, headers, sdnotify, wire
 from agentwarden.settings import Settings
 
 from . import loader
@@ -25,7 +24,6 @@ log = logging.getLogger("agentwarden.probe")
 MAX_BATCH = 4096            # records per ZeroMQ message
 MAX_BACKLOG = 1_000_000     # records held while the daemon is not reading
 POLL_MS = 50
-KERNEL_RULES_TOPIC = b"kernel-rules"
 
 
 def rule_number(rule: str) -> int:
@@ -133,7 +131,7 @@ class Probe:
         # The daemon publishes the in-kernel deny rules of its policy.
         self.rules_sock = self.ctx.socket(zmq.SUB)
         self.rules_sock.setsockopt(zmq.LINGER, 0)
-        self.rules_sock.setsockopt(zmq.SUBSCRIBE, KERNEL_RULES_TOPIC)
+        self.rules_sock.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_KERNEL_RULES)
         self.rules_sock.connect(settings.events_endpoint)
         self.kernel_rules_hash: str | None = None
         self.kernel_rules_received = False
@@ -202,10 +200,10 @@ class Probe:
                 self.counters["kernel_rules_malformed"] += 1
                 continue
             try:
-                message = msgpack.unpackb(raw, raw=False)
+                message = wire.decode_kernel_rules(raw)
                 if message.get("policy_hash") != self.kernel_rules_hash or not self.kernel_rules_received:
                     self.apply_kernel_rules(message)
-            except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
+            except (ValueError, TypeError, KeyError) as exc:  # WireError is a ValueError
                 self.counters["kernel_rules_malformed"] += 1
                 log.error("ignored malformed kernel rules: %s", exc)
 
@@ -353,7 +351,7 @@ def main(settings: Settings) -> None:
     try:
         for path in pinned:
             bpfsys.pin(bpf[path.name.encode()].map_fd, path)
-        probe = Probe(settings, bpf, loader.header_constants())
+        probe = Probe(settings, bpf, headers.header_constants())
         signal.signal(signal.SIGTERM, probe.stop)
         signal.signal(signal.SIGINT, probe.stop)
         log.info("probe running: BPF attached, sending to %s", settings.ingest_endpoint)

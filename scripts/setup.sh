@@ -67,10 +67,18 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . 
     touch "$stamp"
 fi
-# 4. The supervisor's compiled fast path for allowed execs.
+# 4. import-linter from PyPI (Debian has none) for the layers contract that the
+#    tests check. 2.5 is the newest release that needs neither click >= 8.2 nor
+#    rich, which would shadow Debian's click and change typer's output.
+if [ ! -x .venv/bin/lint-imports ]; then
+    say "installing import-linter into .venv (PyPI)"
+    .venv/bin/python -m pip install -q "import-linter==2.5" ||
+        { echo "setup: installing import-linter from PyPI failed (is PyPI reachable?)" >&2; exit 1; }
+fi
+# 5. The supervisor's compiled fast path for allowed execs.
 if [ ! -f daemon/_fastpath.so ] || [ daemon/fastpath.c -nt daemon/_fastpath.so ]; then
     say "building daemon/_fastpath.so"
     sh scripts/build-fastpath.sh
 fi
-.venv/bin/python -c "import bcc, seccomp, zmq, msgpack, typer, psutil, pytest" ||
+.venv/bin/python -c "import bcc, seccomp, zmq, msgpack, typer, psutil, pytest, importlinter" ||
     { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from agentwarden.daemon.archive import ArchiveWriter
-from agentwarden.daemon.segments import (ArchiveError, SegmentReader, list_segments, load_key,
+from agentwarden.archive.segments import (ArchiveError, SegmentReader, list_segments, load_key,
                                          load_segment, read_head, read_items, read_records)
-from agentwarden.daemon.verify import verify
+from agentwarden.archive.verify import verify
 from agentwarden.settings import ArchiveSettings
 
 KEY = bytes(range(32))

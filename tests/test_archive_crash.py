@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from agentwarden.daemon.segments import read_items
+from agentwarden.archive.segments import read_items
 from agentwarden.errors import AgentwardenError
 
 from fakeprobe import Daemon, FakeProbe, exec_record, open_record, tags_record

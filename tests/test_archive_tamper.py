@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agentwarden.daemon.segments import (HEAD_FILE, SegmentReader, chain_hash,
+from agentwarden.archive.segments import (HEAD_FILE, SegmentReader, chain_hash,
                                          compress_bytes, decode_body, encode_head,
                                          list_segments, load_segment, read_head)
 from agentwarden.wire import pack

@@ -15,11 +15,11 @@ import pytest
 
 from agentwarden import wire
 from agentwarden.probe.decode import Decoder, DecodeError, Layout
-from agentwarden.probe.loader import HEADER, bpf_dir, header_constants
+from agentwarden.headers import EVENT_HEADER, bpf_dir, header_constants
 
 C = header_constants()
 BOOT_TO_WALL = 1_700_000_000_000_000_000
-AT_FDCWD = -100
+from agentwarden.paths import AT_FDCWD
 
 
 class AwHeader(ct.Structure):
@@ -52,7 +52,7 @@ class AwTask(ct.Structure):
 
 
 def _header_fields(struct_name: str) -> list[str]:
-    text = (bpf_dir() / HEADER).read_text()
+    text = (bpf_dir() / EVENT_HEADER).read_text()
     body = re.search(rf"struct {struct_name} \{{(.*?)\}};", text, re.S).group(1)
     body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
     return re.findall(r"(\w+)(?:\[[^\]]*\])?;", body)

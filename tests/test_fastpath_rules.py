@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agentwarden import policy as policy_mod
-from daemon import fastpath
+from agentwarden.daemon import fastpath
 
 AGENT = "coder"
 

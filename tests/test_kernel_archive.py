@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agentwarden import cgroups
-from agentwarden.daemon.segments import read_items
+from agentwarden.archive.segments import read_items
 
 from conftest import AgentCgroup, events_of, wait_for
 from fakeprobe import Daemon, FakeProbe, exec_record, open_record, tags_record

@@ -237,9 +237,10 @@ def test_decoder_layouts_match_the_c_header(kernel):
     the header declares is decoded at the offset the compiler gave it."""
     import re
 
+    from agentwarden import headers
     from agentwarden.probe import loader
     from agentwarden.probe.decode import Layout
-    header = (loader.bpf_dir() / loader.HEADER).read_text()
+    header = (headers.bpf_dir() / headers.EVENT_HEADER).read_text()
     bpf = loader.compile_and_attach()
     try:
         for struct_name, scratch, tail in (("aw_exec", "exec_scratch", "argv"),

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from agentwarden.probe import loader
-from agentwarden.probe.loader import header_constants
+from agentwarden.headers import header_constants
 from conftest import Warden, wait_for
 
 pytestmark = pytest.mark.kernel

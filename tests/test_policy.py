@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from agentwarden.errors import AgentwardenError
 from agentwarden.policy import PolicyError, decide, load_policy
-from agentwarden.policy_cli import policy_app
+from agentwarden.cli.policy import policy_app
 
 POLICY = """\
 # Rules for the test agents.

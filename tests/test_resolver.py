@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from agentwarden.daemon.resolver import AT_FDCWD, O_CLOEXEC, Resolver, normalise
+from agentwarden.daemon.resolver import O_CLOEXEC, Resolver
+from agentwarden.paths import AT_FDCWD, normalise
 
 # Above PID_MAX_LIMIT (2**22): /proc/<pid> can never exist, so the fallback finds nothing.
 PARENT = 5_000_000

@@ -2,7 +2,7 @@
 
 These read the archive directory directly, so they work with the daemon down;
 the archive is root's alone. Only parsing and error translation live here:
-the work is in daemon/verify.py and logquery.py.
+the work is in agentwarden/archive/verify.py and logquery.py.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from typing import List, Optional
 
 import typer
 
-from . import logquery
-from .daemon.segments import ArchiveError, load_key, read_items
-from .daemon.verify import verify as verify_archive
-from .errors import AgentwardenError
-from .settings import Settings
-from .wire import RECORD_FIELDS
+from agentwarden import logquery
+from agentwarden.archive.segments import ArchiveError, load_key, read_items
+from agentwarden.archive.verify import verify as verify_archive
+from agentwarden.errors import AgentwardenError
+from agentwarden.settings import Settings
+from agentwarden.wire import RECORD_FIELDS
 
 log_app = typer.Typer(no_args_is_help=True,
                       help="Verify, search, replay and export the archive (works with the daemon down).\n\n"

@@ -14,11 +14,12 @@ from typing import List, Optional
 import typer
 import zmq
 
-from . import agentdef, cgroups, control, doctor, render, settings as settings_mod, wire
-from .log_cli import log_app
-from .policy_cli import policy_app
-from .errors import AgentwardenError, NeedsRoot
-from .settings import Settings
+from agentwarden import agentdef, cgroups, control, doctor, render, settings as settings_mod, wire
+from .log import log_app
+from .policy import policy_app
+from agentwarden.durations import parse_duration
+from agentwarden.errors import AgentwardenError, NeedsRoot
+from agentwarden.settings import Settings
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Watch and govern what AI agents execute and open.\n\n"
@@ -27,8 +28,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 app.add_typer(policy_app, name="policy")
 app.add_typer(log_app, name="log")
 
-TAIL_KINDS = {"exec", "open", "chdir", "fork", "exit", "gap", "violation", "admin", "policy", "archive"}
-EVENTS_TOPIC = b"events"
+TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive"}
 
 
 @app.callback()
@@ -230,7 +230,7 @@ def tail(agent: Optional[str] = typer.Option(None, "--agent", help="only this ag
     control.check_reachable(settings, settings.events_endpoint)
     sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SUBSCRIBE, EVENTS_TOPIC)
+    sock.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_EVENTS)
     sock.connect(settings.events_endpoint)
     shown, last_seq = 0, None
     kinds = {"violation"} if violations else TAIL_KINDS
@@ -355,8 +355,7 @@ def freeze(agent: Optional[str] = typer.Option(None, "--agent", help="the agent 
 
     Example: sudo agentwarden freeze --all
     """
-    from agentwarden.daemon import enforce
-    _admin("freeze", agent, every, lambda path: enforce.set_frozen(path, True))
+    _admin("freeze", agent, every, lambda path: cgroups.set_frozen(path, True))
 
 
 @app.command()
@@ -366,8 +365,7 @@ def thaw(agent: Optional[str] = typer.Option(None, "--agent", help="the agent to
 
     Example: sudo agentwarden thaw --agent coder
     """
-    from agentwarden.daemon import enforce
-    _admin("thaw", agent, every, lambda path: enforce.set_frozen(path, False))
+    _admin("thaw", agent, every, lambda path: cgroups.set_frozen(path, False))
 
 
 @app.command()
@@ -377,8 +375,7 @@ def kill(agent: Optional[str] = typer.Option(None, "--agent", help="the agent to
 
     Example: sudo agentwarden kill --agent coder
     """
-    from agentwarden.daemon import enforce
-    _admin("kill", agent, every, enforce.kill_cgroup)
+    _admin("kill", agent, every, cgroups.kill_cgroup)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -392,7 +389,7 @@ def run(command: List[str] = typer.Argument(None, help="the command and its argu
 
     Example: sudo agentwarden run --agent coder --user coder --task "fix #12" -- bash
     """
-    from . import session
+    from agentwarden import session
     session.run(_settings(), agent, list(command or []), user, task,
                 on_behalf_of or os.environ.get("SUDO_USER", ""))
 
@@ -414,7 +411,7 @@ def holds(watch: bool = typer.Option(False, "--watch", help="refresh every secon
 
     Example: sudo agentwarden holds --watch
     """
-    from . import session
+    from agentwarden import session
     while True:
         pending = session.admin_request(_settings(), {"cmd": "holds"})["holds"]
         if as_json:
@@ -438,13 +435,9 @@ def approve(hold_id: str = typer.Argument(..., help="the hold id from `agentward
 
     Example: sudo agentwarden approve h3-1a2b --reason "release day" --remember 1h
     """
-    from . import session
+    from agentwarden import session
     if remember is not None:
-        from agentwarden.daemon.supervisor import parse_duration
-        try:
-            parse_duration(remember)
-        except ValueError as exc:
-            raise AgentwardenError(str(exc)) from None
+        parse_duration(remember, "--remember", positive=True)
     reply = session.admin_request(_settings(), {"cmd": "approve", "id": hold_id, "reason": reason,
                                                 "remember": remember})
     if reply["state"] == "pending":
@@ -460,7 +453,7 @@ def deny(hold_id: str = typer.Argument(..., help="the hold id from `agentwarden 
 
     Example: sudo agentwarden deny h3-1a2b --reason "not on a Friday"
     """
-    from . import session
+    from agentwarden import session
     session.admin_request(_settings(), {"cmd": "deny", "id": hold_id, "reason": reason})
     typer.echo(f"{hold_id}: denied")
 

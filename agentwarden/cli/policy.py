@@ -8,10 +8,10 @@ from typing import List, Optional
 
 import typer
 
-from . import policy
-from .daemon.resolver import normalise
-from .errors import AgentwardenError
-from .settings import Settings
+from agentwarden import policy
+from agentwarden.paths import normalise
+from agentwarden.errors import AgentwardenError
+from agentwarden.settings import Settings
 
 policy_app = typer.Typer(no_args_is_help=True,
                          help="Check policy files and ask which rule decides an action.\n\n"
