@@ -66,6 +66,9 @@ def _btf() -> Check:
 
 
 def _tracefs() -> Check:
+    if not os.access(TRACEFS, os.X_OK) and TRACEFS.exists():
+        return Check("tracefs", False, f"{TRACEFS} is not open to this user",
+                     "run `agentwarden doctor` as root (sudo) to check tracefs")
     if (TRACEFS / "events").is_dir():
         ok = (TRACEFS / "events/syscalls/sys_enter_openat").is_dir()
         return Check("tracefs", ok,

@@ -39,6 +39,10 @@ def request(settings: Settings, message: dict, fd: int | None = None, timeout: f
         except PermissionError:
             raise AgentwardenError(f"cannot reach {path}: run this as root or as a member of the "
                                    "admin group") from None
+        except ConnectionRefusedError:
+            raise control.DaemonUnavailable(
+                f"the daemon is not running (nothing listens on {path}, a socket left by a stopped "
+                "daemon); start it with `agentwarden up`") from None
         data = wire.pack(message)
         if fd is None:
             sock.send(data)
