@@ -89,6 +89,9 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     "session": {"time": Int, "session": Str, "status": Str, "agent": Str, "source": Str,
                 "cgroup_id": Int, "cgroup": OptStr, "person": OptStr, "task": OptStr,
                 "user": OptStr, "host": Str, "boot_id": Str, "policy_hash": OptStr},
+    # The probe watching or not, from the daemon's watch guard: `state` watching,
+    # stopped (asked to), lost (exited or silent: agents frozen) or restored.
+    "watch": {"time": Int, "state": Str, "detail": Str, "probe_pid": (int, type(None))},
     # The archive about itself: `event` torn-tail-cut, damaged-tail, retention,
     # disk-full, disk-ok, key-changed; details in extra fields (see daemon/archive.py).
     "archive": {"time": Int, "event": Str, "detail": OptStr},

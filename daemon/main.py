@@ -13,13 +13,14 @@ from typing import Any
 
 import zmq
 
-from agentwarden import policy, sdnotify, wire
+from agentwarden import cgroups, policy, sdnotify, wire
 from agentwarden import settings as settings_mod
 from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
 from .archive import ArchiveWriter
-from .archive_guard import DiskFullGuard
+from .freeze_guard import FreezeGuard
+from .watch import WatchGuard
 from .governor import Governor
 from .resolver import Resolver
 from agentwarden.archive.segments import load_key
@@ -48,7 +49,9 @@ class Daemon:
             log.warning("the archive is not keyed (no %s): its hash chain shows accidents and "
                         "naive edits, not a rewrite by root", settings.archive.key_file)
         self.sessions = Sessions(self.archive.host, self.archive.boot_id)
-        self.disk_guard = DiskFullGuard(settings.archive.on_disk_full)
+        self.disk_guard = FreezeGuard(settings.archive.on_disk_full)
+        # A few missed health records before silence counts: a busy probe is late, not gone.
+        self.watch = WatchGuard(self._agent_cgroups_now, max(5.0, 5 * settings.health_interval))
         self.outbox: list[dict] = []   # records the daemon archived itself, published with the next batch
         self.archive.append(self._policy_record("loaded" if loaded else "none", None))
         self.archive.flush()
@@ -101,6 +104,20 @@ class Daemon:
     def _agent_cgroup_path(self, cgroup_id: int) -> Path | None:
         info = self.tags.get(str(cgroup_id))
         return Path(info["path"]) if isinstance(info, dict) and isinstance(info.get("path"), str) else None
+
+    def _agent_cgroups_now(self) -> dict:
+        """Every agent cgroup in this instance's scope: the probe's last word and
+        what is on disk now (the probe may be gone)."""
+        found = {key: info for key, info in self.tags.items() if isinstance(info, dict)}
+        try:
+            on_disk = cgroups.scan_tagged(cgroups.cgroup2_root(), self.settings.agents_slice,
+                                          scope=self.settings.cgroup_scope)
+        except AgentwardenError as exc:
+            log.error("cannot scan for agent cgroups: %s", exc)
+            on_disk = {}
+        for cgroup_id, tagged in on_disk.items():
+            found.setdefault(str(cgroup_id), {"path": str(tagged.path)})
+        return found
 
     # -- policy ----------------------------------------------------------------
 
@@ -193,7 +210,7 @@ class Daemon:
         kind = record["kind"]
         self.counters[f"records_{kind}"] += 1
         violation = None
-        sessions: list[dict] = []
+        own: list[dict] = []   # records the daemon makes because of this one
         if kind in wire.EVENT_KINDS:
             record["agent"] = self.agents.get(record["agent_cgroup_id"])
             record["session"] = self.sessions.session_of(record["agent_cgroup_id"])
@@ -208,13 +225,14 @@ class Daemon:
             for cgid, info in self.tags.items():
                 if str(cgid).isdigit() and isinstance(info, dict) and isinstance(info.get("agent"), str):
                     self.agents[int(cgid)] = info["agent"]
-            sessions = self.sessions.update(self.tags, self._policy_hash())
+            own = self.sessions.update(self.tags, self._policy_hash())
         elif kind == "health" and record["stage"] == "probe":
             self.probe_health = record["counters"]
+            own = self._watch_records(self.watch.heard(record))
         elif kind == "health" and record["stage"] == "supervisor":
             self.supervisor_health = record["counters"]
         self.archive.append(record)
-        self._archive_own(sessions)
+        self._archive_own(own)
         if violation:
             violation["event_seq"] = record.get("seq")
             violation["session"] = record.get("session")
@@ -223,6 +241,26 @@ class Daemon:
             if violation["action_taken"].startswith("froze"):
                 self.disk_guard.forget([record["agent_cgroup_id"]])  # the policy froze it: stays frozen
         return violation
+
+    def _watch_records(self, records: list[dict]) -> list[dict]:
+        for record in records:
+            (log.error if record["state"] == "lost" else log.warning)("watch: %s", record["detail"])
+        return records
+
+    def check_watch(self) -> None:
+        if self.watch.exited():
+            self.drain_ingest()   # the probe's last words say whether it was asked to stop
+        behind = bool(self.pull.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        records = self._watch_records(self.watch.check(behind))
+        for record in records:
+            self._record(record)
+
+    def drain_ingest(self) -> None:
+        while True:
+            try:
+                self.handle_message(self.pull.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
 
     def publish(self, records: list[dict]) -> None:
         if self.outbox:
@@ -273,6 +311,8 @@ class Daemon:
     def status_line(self) -> str:
         age = (time.time_ns() - self.probe_last_seen) / 1e9
         probe = "no contact yet" if not self.probe_last_seen else "up" if age < 5 else f"silent for {age:.0f}s"
+        if self.watch.state == "lost":
+            probe = "LOST: agents frozen"
         return f"{self.counters['events']} events archived, {self.rate:.0f}/s; probe {probe}"
 
     # -- archive ---------------------------------------------------------------
@@ -327,6 +367,7 @@ class Daemon:
                        "agents": sorted(self.governor.policy.agents) if self.governor.policy else [],
                        "kernel_rules": len(self.governor.kernel_rules())},
             "sessions": self.supervisor_health,
+            "watch": self.watch.info(),
         }
 
     def handle_control(self) -> None:
@@ -355,8 +396,9 @@ class Daemon:
             return {"ok": False, "error": str(exc)}
         record["sessions"] = self.sessions.of_agent(record["agent"])
         # An admin decided about these agents: the disk-full guard leaves them alone.
-        self.disk_guard.forget(cgid for cgid, name in self.agents.items()
-                               if record["agent"] in ("*", name))
+        decided = [cgid for cgid, name in self.agents.items() if record["agent"] in ("*", name)]
+        self.disk_guard.forget(decided)
+        self.watch.forget(decided)
         self._record(record)
         return {"ok": True}
 
@@ -386,6 +428,7 @@ class Daemon:
                 log.error("the session supervisor died (exit %s); stopping", self.supervisor.returncode)
                 self.exit_code = 1
                 self.stopping = True
+            self.check_watch()
             if self.archive.sync_due():
                 self.sync_archive()  # bounded loss: at most sync_interval after the first unsynced record
             self.notifier.alive()
@@ -400,11 +443,7 @@ class Daemon:
                 self.supervisor.kill()
         # Drain what the probe already sent, then close the archive durably.
         self.notifier.stopping("draining and closing the archive")
-        while True:
-            try:
-                self.handle_message(self.pull.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                break
+        self.drain_ingest()
         self.tick()
         self.archive.close()
         for sock in (self.pull, self.pub, self.control):

@@ -24,6 +24,7 @@ log = logging.getLogger("agentwarden.probe")
 MAX_BATCH = 4096            # records per ZeroMQ message
 MAX_BACKLOG = 1_000_000     # records held while the daemon is not reading
 POLL_MS = 50
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def rule_number(rule: str) -> int:
@@ -37,6 +38,19 @@ def wall_minus_boot_ns() -> int:
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def describe_sender(pid: int) -> str:
+    """Who sent a signal, for the record: pid, command name and cgroup."""
+    if pid == 0:
+        return "the kernel (a terminal's Ctrl-C)"
+    try:
+        comm = open(f"/proc/{pid}/comm").read().strip()
+        lines = open(f"/proc/{pid}/cgroup").read().splitlines()
+    except OSError:
+        return f"pid {pid} (exited)"
+    cgroup = next((line[3:] for line in lines if line.startswith("0::")), "?")  # the v2 line
+    return f"pid {pid} ({comm}, cgroup {cgroup})"
 
 
 class TagMirror:
@@ -120,7 +134,7 @@ class Probe:
         self.backlog: collections.deque[list[dict]] = collections.deque()
         self.backlog_records = 0
         self.seq = 0
-        self.stopping = False
+        self.stopped_by: dict | None = None   # who sent the stop signal (see stop_requested)
         self.counters = collections.Counter()
         self.kernel_dropped_seen = [0] * (constants["AW_COUNTER_SLOTS"])
         self.ctx = zmq.Context.instance()
@@ -207,8 +221,18 @@ class Probe:
                 self.counters["kernel_rules_malformed"] += 1
                 log.error("ignored malformed kernel rules: %s", exc)
 
-    def stop(self, *_):
-        self.stopping = True
+    def stop_requested(self) -> bool:
+        """Take a pending SIGTERM/SIGINT (blocked, see main) and note who sent it:
+        the daemon freezes the agents unless the stop is deliberate."""
+        info = signal.sigtimedwait(STOP_SIGNALS, 0)
+        if info is None:
+            return False
+        sender = info.si_pid
+        self.stopped_by = {"signal": info.si_signo, "sender_pid": sender, "sender_uid": info.si_uid,
+                           "sender": describe_sender(sender),
+                           # the service manager, `agentwarden up`, or the terminal (pid 0)
+                           "deliberate": sender in (0, 1, os.getppid())}
+        return True
 
     def status_line(self) -> str:
         return (f"watching {len(self.tags.current)} agent cgroups; {self.counters['decoded']} "
@@ -242,7 +266,7 @@ class Probe:
         gap = self._kernel_gap(counts)
         if gap:
             records.append(gap)
-        records.append({"kind": "health", "time": now_ns(), "stage": "probe", "counters": {
+        health = {"kind": "health", "time": now_ns(), "stage": "probe", "pid": os.getpid(), "counters": {
             "kernel_emitted": {n: counts[k] for k, n in names.items()},
             "kernel_dropped": {n: counts[base + k] for k, n in names.items()},
             "decoded": self.counters["decoded"],
@@ -255,7 +279,10 @@ class Probe:
             "kernel_rules": len(self._kernel_keys),
             "kernel_rules_policy": self.kernel_rules_hash,
             "kernel_rules_malformed": self.counters["kernel_rules_malformed"],
-        }})
+        }}
+        if self.stopped_by is not None:
+            health["stopping"] = self.stopped_by
+        records.append(health)
         return records
 
     # -- sending ---------------------------------------------------------------
@@ -307,7 +334,7 @@ class Probe:
         self.notifier.ready(self.status_line())
         next_tags = next_health = time.monotonic()
         active = False
-        while not self.stopping:
+        while not self.stop_requested():
             self.notifier.alive()
             # The BPF side wakes this loop at most once per wake-up interval
             # and queues later records silently: while records flow, look
@@ -352,8 +379,7 @@ def main(settings: Settings) -> None:
         for path in pinned:
             bpfsys.pin(bpf[path.name.encode()].map_fd, path)
         probe = Probe(settings, bpf, headers.header_constants())
-        signal.signal(signal.SIGTERM, probe.stop)
-        signal.signal(signal.SIGINT, probe.stop)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # taken in the loop, with the sender
         log.info("probe running: BPF attached, sending to %s", settings.ingest_endpoint)
         probe.run()
     finally:

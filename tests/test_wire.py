@@ -53,6 +53,9 @@ RECORDS = {
                 "boot_id": "b0", "policy_hash": None},
     "archive": {"kind": "archive", "time": 12, "event": "torn-tail-cut", "detail": "cut 7 bytes",
                 "bytes_cut": 7},
+    "watch": {"kind": "watch", "time": 13, "state": "lost", "probe_pid": 41,
+              "detail": "the probe (pid 41) exited without being asked to; agents frozen until it "
+                        "watches again", "action_taken": "froze /sys/fs/cgroup/agents/coder"},
 }
 
 

@@ -1,9 +1,13 @@
-"""Fail closed when the archive cannot be written (a full disk above all):
-agents' actions would go unrecorded, so the configured policy is applied to
-every tagged agent cgroup — ``freeze`` (default) freezes them, ``kill`` kills
-them, ``continue`` only raises the alert — and what the guard froze is thawed
-once writing works again. Cgroups that were already frozen, or that a policy
-violation or an admin froze meanwhile, are left as they are.
+"""Fail closed while agents would act unrecorded or unwatched: a guard applies
+its policy to every agent cgroup — ``freeze`` freezes them, ``kill`` kills
+them, ``continue`` only raises the alert — and thaws what it froze once the
+cause is gone. Cgroups that were already frozen (by an admin, a policy
+violation or another guard), or that such a one froze meanwhile, are left as
+they are, so one guard never thaws what another still holds.
+
+The daemon keeps two: the archive guard (the archive cannot be written, a
+full disk above all; policy `on_disk_full`) and the watch guard (the probe is
+gone; always freeze, see watch.py).
 """
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ def _freeze_requested(path: Path) -> bool:
         return False
 
 
-class DiskFullGuard:
+class FreezeGuard:
     def __init__(self, policy: str):
         self.policy = policy
-        self.since: float | None = None        # monotonic time the archive started failing
+        self.since: float | None = None        # monotonic time the guard engaged
         self.frozen: dict[int, Path] = {}      # what this guard froze (and will thaw)
         self.handled: set[int] = set()         # cgroups already dealt with while active
 
@@ -64,7 +68,7 @@ class DiskFullGuard:
             self.frozen.pop(cgroup_id, None)
 
     def release(self) -> tuple[float, str]:
-        """Writing works again: thaw what the guard froze. Returns (seconds, what was done)."""
+        """The cause is gone: thaw what the guard froze. Returns (seconds, what was done)."""
         seconds = time.monotonic() - self.since if self.since is not None else 0.0
         results = [cgroups.set_frozen(path, False) for path in self.frozen.values()]
         self.since, self.frozen, self.handled = None, {}, set()
