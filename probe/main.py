@@ -370,7 +370,13 @@ class Probe:
         self.rules_sock.close()
 
 
-def main(settings: Settings) -> None:
+# Exit status of a probe stopped by someone other than its service manager,
+# parent or terminal: a failure, so that Restart= (and `up`) start it again.
+EXIT_STOPPED_BY_OUTSIDER = 3
+
+
+def main(settings: Settings) -> int:
+    """Run until asked to stop; returns the exit status."""
     bpf = loader.compile_and_attach(settings.wakeup_interval)
     settings.prepare_run_dir()
     # The supervisor uses these maps directly.
@@ -382,6 +388,11 @@ def main(settings: Settings) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # taken in the loop, with the sender
         log.info("probe running: BPF attached, sending to %s", settings.ingest_endpoint)
         probe.run()
+        if probe.stopped_by and not probe.stopped_by["deliberate"]:
+            log.error("stopped by %s, not by the service manager: exiting %d to be restarted",
+                      probe.stopped_by["sender"], EXIT_STOPPED_BY_OUTSIDER)
+            return EXIT_STOPPED_BY_OUTSIDER
+        return 0
     finally:
         for path in pinned:
             path.unlink(missing_ok=True)

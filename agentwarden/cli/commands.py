@@ -126,7 +126,7 @@ def probe():
     """Run the probe alone (for service managers)."""
     _logging("probe")
     from agentwarden.probe import main as probe_main
-    probe_main.main(_settings())
+    raise typer.Exit(probe_main.main(_settings()))
 
 
 @app.command()
