@@ -253,6 +253,7 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it loads BPF programs, makes cgroups and sets audit rules)")
     profile = profile_from(args)
+    meta = machine_info(profile)   # the commit measured: the tree as it is at the start
     started = time.monotonic()
     # SIGTERM unwinds like Ctrl-C, so the clean-up below always runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -285,8 +286,7 @@ def main() -> int:
         log("note: audit has now been enabled in this boot; until a reboot every new process "
             "takes the slower audit syscall path unless "
             "`auditctl -a never,task` is loaded")
-    results["meta"] = machine_info(profile)
-    results["meta"]["duration_s"] = time.monotonic() - started
+    results["meta"] = {**meta, "duration_s": time.monotonic() - started}
     print(report.render_text(results))
     json_path = report.write(results, RESULTS_DIR)
     log(f"wrote {json_path.relative_to(REPO_DIR)} and latest.md beside it")
