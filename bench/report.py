@@ -36,7 +36,7 @@ ARCHIVE_RESULTS = "archive-latest.json"  # bench/archive.py
 # The parts of bench/run.py, each one generated block of docs/benchmarks.md.
 RUN_PARTS = ("untagged", "throughput", "enforcement")
 
-# README targets for the untagged slowdown.
+# Targets for the untagged slowdown (docs/benchmarks.md).
 MAX_RATIO_VS_BPFTRACE = 1.05
 # Fewer visits per monitor than this leave the medians at the mercy of noise.
 FEW_VISITS = 5
@@ -104,7 +104,7 @@ def untagged_section(untagged: dict) -> Section:
 
 
 def target_verdicts(untagged: dict) -> list[str]:
-    """The README's claims, checked on the medians: agentwarden's time per op at
+    """The targets, checked on the medians: agentwarden's time per op at
     most 5% above bpftrace's, and below auditd's. When the middle halves of the
     per-visit ratios overlap, the difference is within run-to-run noise."""
     lines = []
