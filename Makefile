@@ -7,6 +7,7 @@
 #                      real systemd (a booted bookworm container)
 VENV := .venv
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup run test bench bench-archive archive-soak deb systemd-test
 
@@ -19,10 +20,13 @@ run: setup
 test: setup
 	$(VENV)/bin/python -m pytest -v $(PYTEST_ARGS)
 
+# Measures, prints, saves bench/results/ and rewrites docs/benchmarks.md's blocks
+# (BENCH_ARGS="--quick" for a short run; see bench/run.py --help).
 bench: setup
-	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
-# Archive figures: records/s appended and verified, bytes per exec and open on disk.
+# Archive figures: records/s appended and verified, bytes per exec and open on disk;
+# its block of docs/benchmarks.md likewise.
 bench-archive: setup
 	$(VENV)/bin/python bench/archive.py
 

@@ -4,6 +4,9 @@ and once sealed and compressed.
 
     .venv/bin/python bench/archive.py [--records N] [--dir DIR]   (or: make bench-archive)
 
+Prints the figures, saves them in bench/results/archive-latest.json and rewrites
+the archive block of docs/benchmarks.md (not with --no-docs).
+
 No root needed. The records have exactly the fields the daemon archives: the
 decoder's, plus agent, session, resolved paths and the verdict with its rule
 and policy hash (as in a real archive, where those make up much of a record).
@@ -15,7 +18,6 @@ import argparse
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +29,8 @@ from agentwarden.daemon.archive import ArchiveWriter  # noqa: E402
 from agentwarden.archive.segments import compress_bytes, list_segments, load_segment  # noqa: E402
 from agentwarden.archive.verify import verify  # noqa: E402
 from agentwarden.settings import ArchiveSettings  # noqa: E402
+
+import report as bench_report  # noqa: E402  (bench/report.py, beside this file)
 
 POLICY = "/etc/agentwarden/policy.d/coder.toml"
 POLICY_HASH = "sha256:0c4d6543cad5ccc4bd618650241bc5136d3157e6da70922aabf97489a7549c48"
@@ -116,23 +120,13 @@ def bytes_per_record(directory: Path, make, count: int, compression: str) -> tup
     return len(data) / count, len(compress_bytes(data, compression)) / count, bare
 
 
-def _spread(rates: list[float]) -> str:
-    rates = sorted(rates)
-    return f"{statistics.median(rates):,.0f} records/s (runs: {', '.join(f'{r:,.0f}' for r in rates)})"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--records", type=int, default=400_000, help="records to append (default 400,000)")
-    parser.add_argument("--runs", type=int, default=3, help="runs of each measurement; the median is shown")
-    parser.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to write (a real disk)")
-    args = parser.parse_args()
+def measure(args: argparse.Namespace) -> dict:
     defaults = ArchiveSettings()
     records = workload(args.records)
     root = Path(tempfile.mkdtemp(prefix="agentwarden-bench-", dir=args.dir))
     try:
         print(f"archive benchmark: {args.records:,} records (1 exec : 9 opens) in {root}, "
-              f"{args.runs} runs each, on {os.cpu_count()} CPUs")
+              f"{args.runs} runs each, on {os.cpu_count()} CPUs", flush=True)
         appended, verified, keyed_rates, fsyncs, segments = [], [], [], 0, []
         for run in range(args.runs):
             directory = root / f"plain{run}"
@@ -152,19 +146,45 @@ def main() -> None:
             writer.close()
             shutil.rmtree(directory)
             shutil.rmtree(root / f"keyed{run}")
-        print(f"  append, hash chain, default durability (fsync within {defaults.sync_interval:g} s: "
-              f"{fsyncs} fsyncs in a run; {defaults.segment_bytes >> 20} MiB segments, "
-              f"{defaults.compress} in the background): {_spread(appended)}")
-        print(f"  append with a key (keyed BLAKE2b), same durability: {_spread(keyed_rates)}")
-        print(f"  verify (chain, headers, head; every record read; {len(segments)} segments, "
-              f"{sum(s.compression is not None for s in segments)} of them xz): {_spread(verified)}")
+        sizes = {}
         for name, make in (("exec", exec_record), ("open", open_record)):
             plain, sealed, bare = bytes_per_record(root / name, make, 20_000, defaults.compress)
-            print(f"  bytes per {name} record on disk: {plain:,.0f} in the active segment, "
-                  f"{sealed:,.0f} sealed ({defaults.compress}); the record alone is {bare:,.0f} "
-                  f"(the envelope adds seq and a 32-byte hash)")
+            sizes[name] = {"plain": plain, "sealed": sealed, "bare": bare}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return {"records": args.records, "runs": args.runs, "dir": str(args.dir),
+            "defaults": {"sync_interval": defaults.sync_interval,
+                         "segment_mib": defaults.segment_bytes >> 20, "compress": defaults.compress},
+            "append": appended, "append_keyed": keyed_rates, "verify": verified, "fsyncs": fsyncs,
+            "segments": len(segments),
+            "compressed": sum(s.compression is not None for s in segments), "bytes": sizes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Example: .venv/bin/python bench/archive.py --records 100000")
+    parser.add_argument("--records", type=int, default=400_000, help="records to append (default 400,000)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each measurement; the median is shown")
+    parser.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to write (a real disk)")
+    parser.add_argument("--no-docs", action="store_true",
+                        help="save the results in bench/results/ but leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    command = (" ".join([".venv/bin/python bench/archive.py", *sys.argv[1:]])
+               if sys.argv[1:] else "make bench-archive")
+    meta = bench_report.machine(command)
+    started = time.monotonic()
+    results = measure(args)
+    results["meta"] = {**meta, "duration_s": time.monotonic() - started}
+    print(bench_report.render_archive_text(results), end="")
+    path = bench_report.write(results, bench_report.RESULTS_DIR, bench_report.ARCHIVE_RESULTS)
+    print(f"wrote {path.relative_to(bench_report.REPO_DIR)}")
+    if not args.no_docs:
+        try:
+            bench_report.update_docs(bench_report.archive_blocks(results))
+        except bench_report.DocsError as exc:
+            sys.exit(f"bench: {exc} (the results are saved: fix it, then run "
+                     "bench/report.py --write-docs)")
+        print(f"wrote the archive block of {bench_report.DOCS_PATH.relative_to(bench_report.REPO_DIR)}")
 
 
 if __name__ == "__main__":

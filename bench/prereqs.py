@@ -45,10 +45,11 @@ def _apt_install(packages: list[str]) -> str | None:
     return None
 
 
-def ensure_packages(log) -> dict[str, str]:
-    """Install what is missing (idempotent). Returns {package: why unusable}
+def ensure_packages(log, comparison: bool = True) -> dict[str, str]:
+    """Install what is missing (idempotent); the comparison monitors only when
+    the untagged comparison runs (`comparison`). Returns {package: why unusable}
     for optional packages that could not be installed."""
-    wanted = {**REQUIRED_PACKAGES, **OPTIONAL_PACKAGES}
+    wanted = {**REQUIRED_PACKAGES, **(OPTIONAL_PACKAGES if comparison else {})}
     missing = [p for p in wanted if not _installed(p)]
     if missing:
         log(f"installing {' '.join(missing)} (apt-get)")

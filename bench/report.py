@@ -1,12 +1,42 @@
-"""Results as a terminal report, a README-ready markdown snippet and JSON.
-Both text forms render the same sections, so they cannot disagree."""
+"""Results as a terminal report, markdown and JSON, and the writer of
+docs/benchmarks.md. Both text forms render the same sections, so they cannot
+disagree.
+
+docs/benchmarks.md is hand-written text around generated blocks::
+
+    <!-- bench:begin untagged -->   ... written by bench/run.py ...   <!-- bench:end untagged -->
+
+one block per part (untagged, throughput, enforcement: bench/run.py; archive:
+bench/archive.py). A run rewrites the blocks of the parts it measured and
+leaves everything else as it is. To re-render them from the newest saved
+results (bench/results/latest.json, archive-latest.json) without measuring:
+
+    .venv/bin/python bench/report.py --write-docs
+"""
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# README targets for the untagged slowdown.
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+DOCS_PATH = REPO_DIR / "docs" / "benchmarks.md"
+RUN_RESULTS = "latest.json"              # bench/run.py
+ARCHIVE_RESULTS = "archive-latest.json"  # bench/archive.py
+# The parts of bench/run.py, each one generated block of docs/benchmarks.md.
+RUN_PARTS = ("untagged", "throughput", "enforcement")
+
+# Targets for the untagged slowdown (docs/benchmarks.md).
 MAX_RATIO_VS_BPFTRACE = 1.05
 # Fewer visits per monitor than this leave the medians at the mercy of noise.
 FEW_VISITS = 5
@@ -74,7 +104,7 @@ def untagged_section(untagged: dict) -> Section:
 
 
 def target_verdicts(untagged: dict) -> list[str]:
-    """The README's claims, checked on the medians: agentwarden's time per op at
+    """The targets, checked on the medians: agentwarden's time per op at
     most 5% above bpftrace's, and below auditd's. When the middle halves of the
     per-visit ratios overlap, the difference is within run-to-run noise."""
     lines = []
@@ -219,9 +249,31 @@ def sections(results: dict) -> list[Section]:
     return out
 
 
+def machine(command: str) -> dict:
+    """When, where and on which commit a run happened (the headline of its tables)."""
+    def run(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, cwd=REPO_DIR,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f
+                      if line.startswith("model name")), "unknown CPU")
+    commit = run("git", "rev-parse", "--short", "HEAD") or "unknown"
+    if run("git", "status", "--porcelain", "--untracked-files=no"):
+        commit += " with local changes"
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
+            "cpu_model": model, "commit": commit, "command": command}
+
+
 def _headline(meta: dict) -> str:
-    return (f"{meta['date']}, kernel {meta['kernel']}, {meta['cpus']} CPUs ({meta['cpu_model']}), "
-            f"commit {meta['commit']}, {meta['profile']} profile, took {meta['duration_s']:.0f} s")
+    host = f"host {meta['host']}, " if meta.get("host") else ""
+    profile = f", {meta['profile']} profile" if meta.get("profile") else ""
+    return (f"{meta['date']}, {host}kernel {meta['kernel']}, {meta['cpus']} CPUs "
+            f"({meta['cpu_model']}), commit {meta['commit']}{profile}, "
+            f"took {meta['duration_s']:.0f} s")
 
 
 def render_text(results: dict) -> str:
@@ -239,25 +291,166 @@ def render_text(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(results: dict) -> str:
-    meta = results["meta"]
-    # Pasted under the README's "## Benchmarks" heading.
-    lines = [f"`{meta['command']}`: {_headline(meta)}."]
-    for section in sections(results):
+def _markdown_sections(section_list: list[Section]) -> list[str]:
+    lines = []
+    for section in section_list:
         lines += ["", f"### {section.title}", "", section.intro, "",
                   "| " + " | ".join(section.headers) + " |",
                   "|" + "|".join(["---"] * section.text_columns +
                                  ["---:"] * (len(section.headers) - section.text_columns)) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in section.rows]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+                  for row in section.rows]
         if section.notes:
             lines.append("")
             lines += [f"- {note}" for note in section.notes]
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [f"`{meta['command']}`: {_headline(meta)}."]
+    lines += _markdown_sections(sections(results))
     return "\n".join(lines) + "\n"
 
 
-def write(results: dict, directory: Path) -> tuple[Path, Path]:
+def run_blocks(results: dict) -> dict[str, str]:
+    """docs/benchmarks.md's blocks for the parts this run measured, each headed
+    by the run's date, machine and commit."""
+    meta = results["meta"]
+    headline = f"Measured by `{meta['command']}`: {_headline(meta)}."
+    blocks = {}
+    for part in RUN_PARTS:
+        if part in results:
+            part_sections = sections({part: results[part]})
+            blocks[part] = "\n".join([headline, *_markdown_sections(part_sections)])
+    return blocks
+
+
+# bench/archive.py's results.
+
+def archive_section(results: dict) -> Section:
+    def spread(rates: list[float]) -> tuple[str, str]:
+        return (f"{statistics.median(rates):,.0f}", ", ".join(f"{r:,.0f}" for r in sorted(rates)))
+    d = results["defaults"]
+    rows = []
+    for label, key in ((f"append, hash chain, default durability (fsync within "
+                        f"{d['sync_interval']:g} s: {results['fsyncs']} fsyncs in a run; "
+                        f"{d['segment_mib']} MiB segments, {d['compress']} in the background)",
+                        "append"),
+                       ("append with a key (keyed BLAKE2b), same durability", "append_keyed"),
+                       (f"verify (chain, headers, head; every record read; "
+                        f"{results['segments']} segments, {results['compressed']} of them "
+                        f"{d['compress']})", "verify")):
+        median, runs = spread(results[key])
+        rows.append([label, f"{median} records/s", runs])
+    for kind in ("exec", "open"):
+        b = results["bytes"][kind]
+        rows.append([f"bytes per {kind} record on disk (the msgpack record alone: "
+                     f"{b['bare']:,.0f}; the envelope adds seq and a 32-byte hash)",
+                     f"{b['plain']:,.0f} active, {b['sealed']:,.0f} sealed ({d['compress']})", ""])
+    intro = (f"{results['records']:,} records shaped like the daemon's (1 exec : 9 opens; "
+             f"verdicts with rule and policy hash), appended as the daemon does (a batch per "
+             f"wake, one write per batch, fsync when due) in {results['dir']}; "
+             f"{results['runs']} runs of each measurement, the median shown. Bytes per record: "
+             f"20,000 records of one kind in one uncompressed segment, then compressed whole.")
+    return Section("Archive", intro, ["measure", "figure", "runs"], rows)
+
+
+def render_archive_text(results: dict) -> str:
+    section = archive_section(results)
+    lines = [f"archive bench: {_headline(results['meta'])}", section.intro]
+    lines += [f"  {label}: {figure}" + (f" (runs: {runs})" if runs else "")
+              for label, figure, runs in section.rows]
+    return "\n".join(lines) + "\n"
+
+
+def archive_blocks(results: dict) -> dict[str, str]:
+    meta = results["meta"]
+    headline = f"Measured by `{meta['command']}`: {_headline(meta)}."
+    return {"archive": "\n".join([headline, *_markdown_sections([archive_section(results)])])}
+
+
+# Saving results and writing docs/benchmarks.md.
+
+def write(results: dict, directory: Path, name: str = RUN_RESULTS) -> Path:
+    """Save results as JSON (in report order): `name`, and a copy named after
+    the run's time, so earlier runs stay at hand."""
     directory.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = directory / "latest.json", directory / "latest.md"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")  # in report order
-    md_path.write_text(render_markdown(results))
-    return json_path, md_path
+    text = json.dumps(results, indent=2) + "\n"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    (directory / f"{Path(name).stem.replace('latest', stamp)}.json").write_text(text)
+    path = directory / name
+    path.write_text(text)
+    if name == RUN_RESULTS:
+        (directory / "latest.md").write_text(render_markdown(results))
+    return path
+
+
+class DocsError(RuntimeError):
+    pass
+
+
+def _marker(kind: str, name: str) -> str:
+    return f"<!-- bench:{kind} {name} -->"
+
+
+def update_docs(blocks: dict[str, str], path: Path = DOCS_PATH) -> list[str]:
+    """Replace each named block of `path` between its markers; everything
+    outside the markers stays. The names of the blocks written."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DocsError(f"cannot read {path}: {exc.strerror}") from None
+    for name, body in blocks.items():
+        begin, end = _marker("begin", name), _marker("end", name)
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+        if len(pattern.findall(text)) != 1:
+            raise DocsError(f"{path} needs exactly one pair of markers {begin} ... {end}")
+        text = pattern.sub(lambda _: f"{begin}\n{body.rstrip()}\n{end}", text)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return list(blocks)
+
+
+def saved_blocks(directory: Path = RESULTS_DIR) -> dict[str, str]:
+    """The blocks the newest saved results make (run and archive)."""
+    blocks: dict[str, str] = {}
+    for name, render in ((RUN_RESULTS, run_blocks), (ARCHIVE_RESULTS, archive_blocks)):
+        path = directory / name
+        if path.exists():
+            blocks.update(render(json.loads(path.read_text())))
+    return blocks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description="Render saved bench results (bench/results/) without measuring again.",
+        epilog="Example: .venv/bin/python bench/report.py --write-docs")
+    parser.add_argument("--write-docs", action="store_true",
+                        help=f"rewrite the generated blocks of {DOCS_PATH.relative_to(REPO_DIR)} "
+                             f"from {RUN_RESULTS} and {ARCHIVE_RESULTS}")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR,
+                        help="directory of saved results (default bench/results)")
+    parser.add_argument("--docs", type=Path, default=DOCS_PATH, help="the file to write")
+    args = parser.parse_args()
+    run_path = args.results / RUN_RESULTS
+    if not args.write_docs:
+        if not run_path.exists():
+            sys.exit(f"report: no saved results in {args.results}; run `make bench` first")
+        print(render_text(json.loads(run_path.read_text())), end="")
+        return 0
+    blocks = saved_blocks(args.results)
+    if not blocks:
+        sys.exit(f"report: no saved results in {args.results}; run `make bench` or "
+                 "`make bench-archive` first")
+    try:
+        written = update_docs(blocks, args.docs)
+    except DocsError as exc:
+        sys.exit(f"report: {exc}")
+    print(f"report: wrote the {', '.join(written)} blocks of {args.docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,9 +13,12 @@
    gone, in-kernel and user-space; the cost of an allowed exec and write-open
    under `agentwarden run` against the same workload without it.
 
-Installs what it needs (gcc, bpftrace, auditd) when missing. Prints a report
-and writes bench/results/latest.json and latest.md. Everything it starts,
-the cgroup it makes and the audit rules it sets are gone when it exits.
+Installs what it needs (gcc, bpftrace, auditd) when missing. Prints a report,
+saves it in bench/results/ (latest.json, latest.md, and a copy of the JSON
+named after the run's time) and rewrites the blocks of docs/benchmarks.md for
+the parts it measured (not with --no-docs; `bench/report.py --write-docs`
+re-renders them from latest.json). Everything it starts, the cgroup it makes
+and the audit rules it sets are gone when it exits.
 """
 from __future__ import annotations
 
@@ -23,10 +26,8 @@ import argparse
 import contextlib
 import fcntl
 import os
-import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,10 +47,10 @@ from measure import (OverheadPlan, PeakRss, ThroughputPlan, measure_throughput,
                      measure_untagged)
 from monitors import (BENCH_AGENT, Agentwarden, Auditd, BenchCgroup, Bpftrace,
                       MonitorUnavailable)
-from prereqs import (BENCH_DIR, REPO_DIR, BenchError, Workload, agentwarden_tracepoints,
+from prereqs import (REPO_DIR, BenchError, Workload, agentwarden_tracepoints,
                      build_workload, ensure_packages, traced_syscalls)
 
-RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_DIR = report.RESULTS_DIR
 LOCK_PATH = Path("/run/lock/agentwarden-bench.lock")
 EXEC_PROGRAM = "/bin/true"
 THROUGHPUT_FILES = 10_000
@@ -94,6 +95,8 @@ def parse_args() -> argparse.Namespace:
                         help="no throughput or memory runs")
     parser.add_argument("--skip-enforcement", action="store_true",
                         help="no decision, kill-latency or session-cost runs")
+    parser.add_argument("--no-docs", action="store_true",
+                        help="save the results in bench/results/ but leave docs/benchmarks.md alone")
     return parser.parse_args()
 
 
@@ -120,22 +123,9 @@ def check_not_tagged(root: Path) -> None:
 
 
 def machine_info(profile: Profile) -> dict:
-    def run(*argv: str) -> str:
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, cwd=REPO_DIR,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), "unknown CPU")
-    commit = run("git", "rev-parse", "--short", "HEAD") or "unknown"
-    if run("git", "status", "--porcelain", "--untracked-files=no"):
-        commit += " with local changes"
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": model,
-            "commit": commit, "profile": profile.name, "parameters": asdict(profile),
-            "command": " ".join([".venv/bin/python bench/run.py", *sys.argv[1:]])
-                       if sys.argv[1:] else "make bench"}
+    command = (" ".join([".venv/bin/python bench/run.py", *sys.argv[1:]])
+               if sys.argv[1:] else "make bench")
+    return {**report.machine(command), "profile": profile.name, "parameters": asdict(profile)}
 
 
 def run_untagged(profile: Profile, workdir: Path, workload: Workload, cgroup: BenchCgroup,
@@ -263,13 +253,14 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it loads BPF programs, makes cgroups and sets audit rules)")
     profile = profile_from(args)
+    meta = machine_info(profile)   # the commit measured: the tree as it is at the start
     started = time.monotonic()
     # SIGTERM unwinds like Ctrl-C, so the clean-up below always runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results: dict = {}
     with contextlib.ExitStack() as cleanup:
         cleanup.enter_context(one_bench_at_a_time())
-        unusable = ensure_packages(log)
+        unusable = ensure_packages(log, comparison=not args.skip_untagged)
         workdir = Path(tempfile.mkdtemp(prefix="agentwarden-bench-"))
         cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
         workload = Workload(build_workload(workdir))
@@ -295,11 +286,18 @@ def main() -> int:
         log("note: audit has now been enabled in this boot; until a reboot every new process "
             "takes the slower audit syscall path unless "
             "`auditctl -a never,task` is loaded")
-    results["meta"] = machine_info(profile)
-    results["meta"]["duration_s"] = time.monotonic() - started
+    results["meta"] = {**meta, "duration_s": time.monotonic() - started}
     print(report.render_text(results))
-    json_path, md_path = report.write(results, RESULTS_DIR)
-    log(f"wrote {json_path.relative_to(REPO_DIR)} and {md_path.relative_to(REPO_DIR)}")
+    json_path = report.write(results, RESULTS_DIR)
+    log(f"wrote {json_path.relative_to(REPO_DIR)} and latest.md beside it")
+    if not args.no_docs:
+        try:
+            written = report.update_docs(report.run_blocks(results))
+        except report.DocsError as exc:
+            raise BenchError(f"{exc} (the results are saved: fix it, then run "
+                             "bench/report.py --write-docs)") from None
+        log(f"wrote the {', '.join(written)} blocks of "
+            f"{report.DOCS_PATH.relative_to(REPO_DIR)}")
     return 0
 
 

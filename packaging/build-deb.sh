@@ -49,6 +49,9 @@ install -D -m 0644 packaging/config.toml "$root/etc/agentwarden/config.toml"
 doc=$root/usr/share/doc/agentwarden
 install -D -m 0644 packaging/copyright "$doc/copyright"
 install -D -m 0644 README.md "$doc/README.md"
+for page in docs/*.md; do   # README.md links to docs/NAME.md: same layout under $doc
+    install -D -m 0644 "$page" "$doc/$page"
+done
 install -D -m 0644 packaging/coder.toml.example "$doc/examples/coder.toml"
 printf 'agentwarden (%s) unstable; urgency=medium\n\n  * Built from %s.\n\n -- agentwarden developers <agentwarden@example.invalid>  %s\n' \
     "$version" "$(git describe --always --dirty 2>/dev/null || echo 'a source tree')" \
