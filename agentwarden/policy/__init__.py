@@ -81,9 +81,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .cgroups import validate_agent_name
-from .errors import AgentwardenError
-from .wire import text
+from ..cgroups import validate_agent_name
+from ..errors import AgentwardenError
+from ..wire import text
 
 MODES = ("monitor", "enforce")
 ACTIONS = ("alert", "kill", "kill-agent", "freeze", "hold")
