@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 from . import render
 from .durations import DurationError, has_unit, parse_duration
 from .errors import AgentwardenError
-from .policy import GlobError, _path_key, _path_regex
+from .policy.glob import GlobError, path_key, path_regex
 from . import wire
 from .wire import text
 
@@ -58,10 +58,10 @@ def parse_time(value: str, option: str, now: float | None = None) -> int:
 def compile_path_glob(glob: str, option: str = "--path"):
     """The policy's path glob (* within one component, ** across them) as a matcher."""
     try:
-        regex = re.compile(_path_regex(glob) + r"\Z")
+        regex = re.compile(path_regex(glob) + r"\Z")
     except GlobError as exc:
         raise AgentwardenError(f"{option} {glob!r}: {exc}") from None
-    return lambda path: bool(regex.match(_path_key(path)))
+    return lambda path: bool(regex.match(path_key(path)))
 
 
 def parse_seq_range(value: str) -> tuple[int, int]:
