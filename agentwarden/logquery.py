@@ -224,7 +224,7 @@ def human(record: dict) -> str:
                                     if isinstance(v, dict)) or "none")
     else:
         return f"#{record['seq']:<8} " + render.human(record)
-    return f"#{record['seq']:<8} {render._clock(record['time'])} {line}"
+    return f"#{record['seq']:<8} {render.clock(record['time'])} {line}"
 
 
 # ---- replay ---------------------------------------------------------------------
@@ -396,8 +396,8 @@ def replay_text(replay: Replay) -> Iterator[str]:
         yield (f"  host {s['host']} (boot {s['boot_id'][:8]}), cgroup {s.get('cgroup')}, "
                f"policy {s.get('policy_hash') or 'none'}, from {s['source']}")
         first, last = replay.sessions[0], replay.sessions[-1]
-        yield (f"  seen from {render._clock(first['time'])}"
-               + (f", ended {render._clock(last['time'])}" if last["status"] == "ended" else ", still active"))
+        yield (f"  seen from {render.clock(first['time'])}"
+               + (f", ended {render.clock(last['time'])}" if last["status"] == "ended" else ", still active"))
     yield ""
     yield "process tree:"
     if not replay.roots:
@@ -408,7 +408,7 @@ def replay_text(replay: Replay) -> Iterator[str]:
         branch = "" if top else ("└─ " if last else "├─ ")
         ran = p.execs[-1] if p.execs else None
         where = text(ran.get("resolved_exec_path") or ran["filename"]) if ran else ""
-        end = f", exited {render._clock(p.exited)}" if p.exited else ""
+        end = f", exited {render.clock(p.exited)}" if p.exited else ""
         yield f"{prefix}{branch}{pid} {p.program()}" + (f"  [{where}]" if where else "") + end
         inner = prefix + ("" if top else ("   " if last else "│  "))
         kids = replay.children.get(pid, [])

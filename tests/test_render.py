@@ -53,7 +53,7 @@ def chdir(**changes):
     (1_700_000_000_000_999_999, "22:13:20.000"),
 ])
 def test_clock(ns, shown):
-    assert render._clock(ns) == shown
+    assert render.clock(ns) == shown
 
 
 @pytest.mark.parametrize("flags,mode", [
