@@ -208,13 +208,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="the full status a
 def _agent_cgroups(agent: Optional[str], every: bool) -> list:
     if every == bool(agent):
         raise AgentwardenError("name one agent with --agent NAME, or all of them with --all")
-    found = [t for t in cgroups.scan_tagged(cgroups.cgroup2_root(), agents_slice=_settings().agents_slice,
-                                            scope=_settings().cgroup_scope).values()
-             if every or t.agent == agent]
+    settings = _settings()
+    # Outermost first: a frozen parent freezes its children anyway.
+    found = cgroups.agent_cgroups(cgroups.cgroup2_root(), agent, settings.agents_slice, settings.cgroup_scope)
     if not found:
         raise AgentwardenError(f"no tagged cgroup for agent {agent!r}" if agent else "no tagged cgroups")
-    # Outermost first: a frozen parent freezes its children anyway.
-    return sorted(found, key=lambda t: t.level)
+    return found
 
 
 def _admin(action: str, agent: Optional[str], every: bool, act) -> None:
