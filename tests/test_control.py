@@ -54,3 +54,7 @@ def test_subscribe_yields_batches_counts_missed_ones_and_names_malformed_message
 def test_subscribe_without_a_daemon_says_so_at_once(tmp_path):
     with pytest.raises(control.DaemonUnavailable, match="the daemon is not running"):
         control.subscribe(Settings(run_dir=tmp_path))
+
+
+def test_wait_for_tag_without_a_daemon_is_none(tmp_path):
+    assert control.wait_for_tag(Settings(run_dir=tmp_path), 1, present=True) is None
