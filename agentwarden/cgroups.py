@@ -281,6 +281,14 @@ def scan_tagged(root: Path, agents_slice: str = "agents.slice", scope: str = "")
     return tagged
 
 
+
+def agent_cgroups(root: Path, agent: str | None, agents_slice: str = "agents.slice",
+                  scope: str = "") -> list[TaggedCgroup]:
+    """The agent cgroups (as scan_tagged finds them) of one agent, or of every
+    agent when `agent` is None; outermost first."""
+    return sorted((t for t in scan_tagged(root, agents_slice, scope).values() if agent is None or t.agent == agent),
+                  key=lambda t: t.level)
+
 def processes(path: Path) -> list[int]:
     """Process ids in the cgroup and all its descendants."""
     pids: list[int] = []

@@ -1,8 +1,11 @@
-"""Client side of the daemon's control socket (REQ/REP, msgpack)."""
+"""Client side of the daemon's sockets: the control socket (REQ/REP, msgpack)
+and the event feed (SUB)."""
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import zmq
 
@@ -51,3 +54,56 @@ def request(settings: Settings, cmd: str, timeout: float = 3.0, check: bool = Tr
     if check and not reply.get("ok"):
         raise AgentwardenError(f"daemon refused {cmd!r}: {reply.get('error')}")
     return reply
+
+
+def wait_for_tag(settings: Settings, cgroup_id: int, present: bool, timeout: float = 5.0) -> bool | None:
+    """Whether the probe reported a cgroup's tag as `present` (or gone) within
+    `timeout` seconds; None when no daemon runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            tags = request(settings, "status", timeout=1)["status"]["probe"]["tags"]
+        except DaemonUnavailable:
+            return None
+        if (str(cgroup_id) in tags) == present:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message of the daemon's event feed."""
+    batch: wire.Batch | None         # None when the message was malformed
+    missed: int = 0                  # batches published before it that this subscriber never got
+    malformed: str | None = None     # why the message could not be decoded
+
+
+def subscribe(settings: Settings) -> Iterator[Received]:
+    """The daemon's event feed, message by message, until the iterator is
+    closed (which closes its socket). Raises at once when the feed's socket
+    cannot be used."""
+    check_reachable(settings, settings.events_endpoint)
+    return _feed(settings.events_endpoint)
+
+
+def _feed(endpoint: str) -> Iterator[Received]:
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_EVENTS)
+    sock.connect(endpoint)
+    last_seq = None
+    try:
+        while True:
+            frames = sock.recv_multipart()
+            try:
+                batch = wire.decode_batch(frames[-1])
+            except wire.WireError as exc:
+                yield Received(None, malformed=str(exc))
+                continue
+            # A PUB socket drops what a slow subscriber cannot take; the seq shows the gap.
+            missed = batch.seq - last_seq - 1 if last_seq is not None and batch.seq > last_seq + 1 else 0
+            last_seq = batch.seq
+            yield Received(batch, missed)
+    finally:
+        sock.close()

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 from . import render
 from .durations import DurationError, has_unit, parse_duration
 from .errors import AgentwardenError
-from .policy import GlobError, _path_key, _path_regex
+from .policy.glob import GlobError, path_key, path_regex
 from . import wire
 from .wire import text
 
@@ -58,10 +58,10 @@ def parse_time(value: str, option: str, now: float | None = None) -> int:
 def compile_path_glob(glob: str, option: str = "--path"):
     """The policy's path glob (* within one component, ** across them) as a matcher."""
     try:
-        regex = re.compile(_path_regex(glob) + r"\Z")
+        regex = re.compile(path_regex(glob) + r"\Z")
     except GlobError as exc:
         raise AgentwardenError(f"{option} {glob!r}: {exc}") from None
-    return lambda path: bool(regex.match(_path_key(path)))
+    return lambda path: bool(regex.match(path_key(path)))
 
 
 def parse_seq_range(value: str) -> tuple[int, int]:
@@ -224,7 +224,7 @@ def human(record: dict) -> str:
                                     if isinstance(v, dict)) or "none")
     else:
         return f"#{record['seq']:<8} " + render.human(record)
-    return f"#{record['seq']:<8} {render._clock(record['time'])} {line}"
+    return f"#{record['seq']:<8} {render.clock(record['time'])} {line}"
 
 
 # ---- replay ---------------------------------------------------------------------
@@ -396,8 +396,8 @@ def replay_text(replay: Replay) -> Iterator[str]:
         yield (f"  host {s['host']} (boot {s['boot_id'][:8]}), cgroup {s.get('cgroup')}, "
                f"policy {s.get('policy_hash') or 'none'}, from {s['source']}")
         first, last = replay.sessions[0], replay.sessions[-1]
-        yield (f"  seen from {render._clock(first['time'])}"
-               + (f", ended {render._clock(last['time'])}" if last["status"] == "ended" else ", still active"))
+        yield (f"  seen from {render.clock(first['time'])}"
+               + (f", ended {render.clock(last['time'])}" if last["status"] == "ended" else ", still active"))
     yield ""
     yield "process tree:"
     if not replay.roots:
@@ -408,7 +408,7 @@ def replay_text(replay: Replay) -> Iterator[str]:
         branch = "" if top else ("└─ " if last else "├─ ")
         ran = p.execs[-1] if p.execs else None
         where = text(ran.get("resolved_exec_path") or ran["filename"]) if ran else ""
-        end = f", exited {render._clock(p.exited)}" if p.exited else ""
+        end = f", exited {render.clock(p.exited)}" if p.exited else ""
         yield f"{prefix}{branch}{pid} {p.program()}" + (f"  [{where}]" if where else "") + end
         inner = prefix + ("" if top else ("   " if last else "│  "))
         kids = replay.children.get(pid, [])

@@ -73,9 +73,8 @@ def _agent_cgroup(settings: Settings, agent: str) -> Path:
     root = cgroups.cgroup2_root()
     # The agent's own cgroup: the outermost one tagged with its name that is
     # not itself a session.
-    found = sorted((t for t in cgroups.scan_tagged(root, agents_slice=settings.agents_slice,
-                                                   scope=settings.cgroup_scope).values()
-                    if t.agent == agent and not t.session), key=lambda t: t.level)
+    found = [t for t in cgroups.agent_cgroups(root, agent, settings.agents_slice, settings.cgroup_scope)
+             if not t.session]
     if not found:
         raise AgentwardenError(f"unknown agent {agent!r}: no cgroup is tagged with it "
                                f"(tag one: agentwarden tag agents/{agent} --agent {agent} --create)")

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from agentwarden import render
+from agentwarden.settings import Settings
 
 T = 1_700_000_000_123_456_789  # 2023-11-14 22:13:20.123 UTC
 TASK = {"time": T, "pid": 4242, "tid": 4242, "ppid": 1, "uid": 1000, "gid": 1000,
@@ -53,7 +54,7 @@ def chdir(**changes):
     (1_700_000_000_000_999_999, "22:13:20.000"),
 ])
 def test_clock(ns, shown):
-    assert render._clock(ns) == shown
+    assert render.clock(ns) == shown
 
 
 @pytest.mark.parametrize("flags,mode", [
@@ -153,3 +154,63 @@ def test_as_json_exact_line():
 def test_as_json_refuses_other_objects():
     with pytest.raises(TypeError, match="cannot serialise object"):
         render.as_json({"kind": "gap", "x": object()})
+
+
+# ---- status, holds, settings ---------------------------------------------------------
+
+NOW = 1_700_000_100_000_000_000
+
+
+def test_status_of_a_busy_daemon():
+    st = {"daemon": {"pid": 1, "events_per_second": 3.4, "counters": {"events": 9}, "archive": "/a",
+                     "archive_state": {"state": "ok", "durable_seq": 5, "error": None, "keyed": True}},
+          "probe": {"last_seen": NOW - 2_000_000_000, "health": {"tagged_cgroups": 1, "decoded": 7},
+                    "tags": {"12": {"agent": "coder", "path": "/x"}}},
+          "sessions": {"fast_path": "running", "fast": {"continued": 4, "ruled": 2}, "sessions": 1, "holds": 2},
+          "drops": {"b": 1, "a": 2}}
+    assert render.status(st, NOW) == [
+        "daemon: up (pid 1), 3 events/s, 9 events, archive /a",
+        "archive: ok, durable up to seq 5",
+        "probe:  up, 1 tagged cgroups, 7 records decoded",
+        "  agent coder            /x (id 12)",
+        "sessions: 1 running, 2 holds pending, exec fast path running (4 calls answered, 2 of them by "
+        "the compiled rules; 0 exec filenames from the kernel's copy)",
+        "drops:  a=2, b=1"]
+
+
+def test_status_of_a_full_archive_and_a_silent_probe():
+    st = {"daemon": {"pid": 1, "events_per_second": 0, "counters": {}, "archive": "/a",
+                     "archive_state": {"state": "full", "durable_seq": 5, "error": "disk full",
+                                       "on_disk_full": {"frozen": []}, "keyed": False}},
+          "probe": {"last_seen": NOW - 20_000_000_000, "health": {}, "tags": {}},
+          "sessions": {"fast_path": "not built"}, "drops": {}}
+    assert render.status(st, NOW) == [
+        "daemon: up (pid 1), 0 events/s, 0 events, archive /a",
+        "archive: full, durable up to seq 5, disk full; agents frozen: none (not keyed)",
+        "probe:  SILENT for 20s, 0 tagged cgroups, 0 records decoded",
+        "sessions: 0 running, 0 holds pending, exec fast path off: not built",
+        "drops:  none"]
+    st["probe"]["last_seen"] = 0
+    assert "probe:  no contact yet" in render.status(st, NOW)
+
+
+def test_holds():
+    assert render.holds([]) == ["no pending holds"]
+    hold = {"id": "h1", "agent": "a", "session": "s", "on_behalf_of": "", "waited": 3.2, "timeout_in": 10,
+            "approvals": [1], "required": 2, "action": "exec x", "rule": None}
+    assert render.holds([hold, {**hold, "on_behalf_of": "bob", "rule": "exec.hold"}]) == [
+        "h1  agent a  session s  for -  waiting 3s (timeout in 10s)  approvals 1/2",
+        "    exec x",
+        "    rule: no rule allows it",
+        "h1  agent a  session s  for bob  waiting 3s (timeout in 10s)  approvals 1/2",
+        "    exec x",
+        "    rule: exec.hold"]
+
+
+def test_settings_as_toml_and_json():
+    settings = Settings(origins={name: "default" for name in Settings().values()})
+    lines = render.settings_toml(settings, [])
+    assert lines[0] == "# files read: none"
+    assert 'run_dir = "/run/agentwarden"                   # default' in lines
+    assert "health_interval = 1.0                          # default" in lines
+    assert json.loads(render.settings_json(settings, []))["settings"]["run_dir"] == "/run/agentwarden"

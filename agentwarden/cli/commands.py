@@ -1,22 +1,21 @@
-"""The `agentwarden` command. Only parsing and error translation live here."""
+"""The `agentwarden` command. Only parsing, printing and error translation live here."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-import zmq
 
 from agentwarden import agentdef, cgroups, control, doctor, render, settings as settings_mod, wire
 from .log import log_app
 from .policy import policy_app
+from .up import run_probe_and_daemon
 from agentwarden.durations import parse_duration
 from agentwarden.errors import AgentwardenError, NeedsRoot
 from agentwarden.settings import Settings
@@ -53,6 +52,11 @@ def _logging(name: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"agentwarden-{name}: %(message)s")
 
 
+def _echo(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(line)
+
+
 def _need_root(what: str) -> None:
     if os.geteuid() != 0:
         raise NeedsRoot(what)
@@ -66,59 +70,8 @@ def up(ready_timeout: float = typer.Option(60.0, help="Seconds to wait for the p
     """
     _need_root("agentwarden up")
     settings = _settings()
-    children: dict[str, subprocess.Popen] = {}
-    stopping = False
-
-    def stop(*_):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    flags = settings_mod.flag_args()
-    # Under a Type=notify service, `up` is the one that talks to systemd.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    for part in ("daemon", "probe"):
-        children[part] = subprocess.Popen([sys.executable, "-m", "agentwarden", *flags, part], env=env)
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while not stopping and time.monotonic() < deadline:
-            if any(c.poll() is not None for c in children.values()):
-                break
-            try:
-                if control.request(settings, "status", timeout=1)["status"]["probe"]["health"]:
-                    _print_banner(settings)
-                    break
-            except AgentwardenError:
-                pass
-            time.sleep(0.2)
-        while not stopping and all(c.poll() is None for c in children.values()):
-            time.sleep(0.2)
-    finally:
-        # Probe first, so its last records reach the daemon before it closes.
-        for part in ("probe", "daemon"):
-            child = children[part]
-            if child.poll() is None:
-                child.terminate()
-                try:
-                    child.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-    failed = {p: c.returncode for p, c in children.items() if c.returncode not in (0, -15)}
-    if failed and not stopping:
-        raise AgentwardenError("stopped: " + ", ".join(f"{p} exited with {rc}" for p, rc in failed.items()))
-
-
-def _print_banner(settings: Settings) -> None:
-    root = cgroups.cgroup2_root()
-    typer.echo(f"agentwarden is watching.\n"
-               f"  archive:   {settings.archive_dir}\n"
-               f"  sockets:   {settings.run_dir} (ingest.sock, events.sock, control.sock)\n"
-               f"  cgroup v2: {root}\n"
-               f"Put a shell under watch as agent 'demo' (in another terminal, as root):\n"
-               f"  agentwarden tag demo --agent demo --create && echo $$ > {root}/demo/cgroup.procs\n"
-               f"Then watch it: agentwarden tail --agent demo")
+    run_probe_and_daemon(settings, ready_timeout,
+                         on_ready=lambda: _echo(render.banner(settings, cgroups.cgroup2_root())))
 
 
 @app.command()
@@ -138,20 +91,6 @@ def daemon():
     daemon_main.main(_settings())
 
 
-def _wait_for_probe(settings: Settings, cgid: int, present: bool, timeout: float = 5.0) -> Optional[bool]:
-    """True when the probe reports the tag change, None when no daemon runs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            tags = control.request(settings, "status", timeout=1)["status"]["probe"]["tags"]
-        except control.DaemonUnavailable:
-            return None
-        if (str(cgid) in tags) == present:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @app.command()
 def tag(cgroup: str = typer.Argument(..., help="cgroup path, absolute or relative to the cgroup v2 root"),
         agent: str = typer.Option(..., "--agent", help="agent name (letters, digits, _ . @ -)"),
@@ -166,7 +105,7 @@ def tag(cgroup: str = typer.Argument(..., help="cgroup path, absolute or relativ
     cgroups.tag(path, agent)
     cgid = cgroups.cgroup_id(path)
     typer.echo(f"tagged {path} as agent {agent!r} (cgroup id {cgid})")
-    seen = _wait_for_probe(_settings(), cgid, present=True)
+    seen = control.wait_for_tag(_settings(), cgid, present=True)
     if seen is None:
         typer.echo("agentwarden is not running: the probe will watch it when it starts")
     elif not seen:
@@ -191,7 +130,7 @@ def untag(cgroup: str = typer.Argument(..., help="cgroup path, absolute or relat
         raise AgentwardenError(f"{path} is not tagged")
     typer.echo(f"untagged {path}")
     cgid = cgroups.cgroup_id(path)
-    if _wait_for_probe(_settings(), cgid, present=False) is False:
+    if control.wait_for_tag(_settings(), cgid, present=False) is False:
         raise AgentwardenError("the probe did not drop the tag within 5 s; check `agentwarden status`")
 
 
@@ -226,42 +165,31 @@ def tail(agent: Optional[str] = typer.Option(None, "--agent", help="only this ag
 
     Example: sudo agentwarden tail --violations --agent coder
     """
-    settings = _settings()
-    control.check_reachable(settings, settings.events_endpoint)
-    sock = zmq.Context.instance().socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_EVENTS)
-    sock.connect(settings.events_endpoint)
-    shown, last_seq = 0, None
+    shown = 0
     kinds = {"violation"} if violations else TAIL_KINDS
     try:
-        while True:
-            try:
-                frames = sock.recv_multipart()
-                batch = wire.decode_batch(frames[-1])
-            except wire.WireError as exc:
-                typer.echo(f"agentwarden: skipped a malformed message: {exc}", err=True)
-                continue
-            if last_seq is not None and batch.seq > last_seq + 1:
-                typer.echo(f"agentwarden: this tail missed {batch.seq - last_seq - 1} batches "
-                           "(it read too slowly; the archive has them)", err=True)
-            last_seq = batch.seq
-            for record in batch.records:
-                if record["kind"] not in kinds:
+        with contextlib.closing(control.subscribe(_settings())) as feed:
+            for received in feed:
+                if received.batch is None:
+                    typer.echo(f"agentwarden: skipped a malformed message: {received.malformed}", err=True)
                     continue
-                if agent and record["kind"] != "gap" and record.get("agent") != agent:
-                    continue
-                line = render.as_json(record) if as_json else render.human(record)
-                if record["kind"] == "violation" and not as_json:
-                    line = typer.style(line, fg=typer.colors.RED, bold=True)  # plain when piped
-                typer.echo(line)
-                shown += 1
-                if count and shown >= count:
-                    return
+                if received.missed:
+                    typer.echo(f"agentwarden: this tail missed {received.missed} batches "
+                               "(it read too slowly; the archive has them)", err=True)
+                for record in received.batch.records:
+                    if record["kind"] not in kinds:
+                        continue
+                    if agent and record["kind"] != "gap" and record.get("agent") != agent:
+                        continue
+                    line = render.as_json(record) if as_json else render.human(record)
+                    if record["kind"] == "violation" and not as_json:
+                        line = typer.style(line, fg=typer.colors.RED, bold=True)  # plain when piped
+                    typer.echo(line)
+                    shown += 1
+                    if count and shown >= count:
+                        return
     except KeyboardInterrupt:
         pass
-    finally:
-        sock.close()
 
 
 @app.command()
@@ -270,66 +198,22 @@ def status(as_json: bool = typer.Option(False, "--json", help="the full status a
 
     Example: sudo agentwarden status
     """
-    settings = _settings()
-    st = control.request(settings, "status")["status"]
+    st = control.request(_settings(), "status")["status"]
     if as_json:
         typer.echo(json.dumps(st, sort_keys=True))
         return
-    d, p = st["daemon"], st["probe"]
-    age = (time.time_ns() - p["last_seen"]) / 1e9 if p["last_seen"] else None
-    typer.echo(f"daemon: up (pid {d['pid']}), {d['events_per_second']:.0f} events/s, "
-               f"{d['counters'].get('events', 0)} events, archive {d['archive']}")
-    a = d.get("archive_state")
-    if a:
-        typer.echo(f"archive: {a['state']}, durable up to seq {a['durable_seq']}"
-                   + (f", {a['error']}; agents frozen: {', '.join(a['on_disk_full']['frozen']) or 'none'}"
-                      if a["error"] else "") + ("" if a["keyed"] else " (not keyed)"))
-    if age is None:
-        typer.echo("probe:  no contact yet")
-    else:
-        state = "up" if age < 5 else f"SILENT for {age:.0f}s"
-        h = p["health"]
-        typer.echo(f"probe:  {state}, {h.get('tagged_cgroups', 0)} tagged cgroups, "
-                   f"{h.get('decoded', 0)} records decoded")
-    for cgid, info in sorted(p["tags"].items()):
-        typer.echo(f"  agent {info['agent']:<16} {info['path']} (id {cgid})")
-    sup = st.get("sessions")
-    if sup:
-        fast = sup.get("fast_path")
-        fast_note = (f"exec fast path running ({sup['fast']['continued']} calls answered, "
-                     f"{sup['fast'].get('ruled', 0)} of them by the compiled rules; "
-                     f"{sup['fast'].get('stashed', 0)} exec filenames from the kernel's copy)"
-                     if fast == "running" else f"exec fast path off: {fast}")
-        typer.echo(f"sessions: {sup.get('sessions', 0)} running, {sup.get('holds', 0)} holds pending, "
-                   f"{fast_note}")
-    drops = st["drops"]
-    typer.echo("drops:  " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
-
-
-@policy_app.command()
-def reload():
-    """Load the policy files again; a broken policy is refused and the old one stays in force.
-
-    Example: sudo agentwarden policy reload
-    """
-    reply = control.request(_settings(), "reload", check=False)
-    if not reply.get("ok"):
-        for problem in reply.get("problems", []):
-            typer.echo(problem, err=True)
-        raise AgentwardenError(reply.get("error", "reload failed"))
-    typer.echo(f"policy in force: {reply.get('policy_hash') or 'none (no policy files)'}")
+    _echo(render.status(st, time.time_ns()))
 
 
 def _agent_cgroups(agent: Optional[str], every: bool) -> list:
     if every == bool(agent):
         raise AgentwardenError("name one agent with --agent NAME, or all of them with --all")
-    found = [t for t in cgroups.scan_tagged(cgroups.cgroup2_root(), agents_slice=_settings().agents_slice,
-                                            scope=_settings().cgroup_scope).values()
-             if every or t.agent == agent]
+    settings = _settings()
+    # Outermost first: a frozen parent freezes its children anyway.
+    found = cgroups.agent_cgroups(cgroups.cgroup2_root(), agent, settings.agents_slice, settings.cgroup_scope)
     if not found:
         raise AgentwardenError(f"no tagged cgroup for agent {agent!r}" if agent else "no tagged cgroups")
-    # Outermost first: a frozen parent freezes its children anyway.
-    return sorted(found, key=lambda t: t.level)
+    return found
 
 
 def _admin(action: str, agent: Optional[str], every: bool, act) -> None:
@@ -394,16 +278,6 @@ def run(command: List[str] = typer.Argument(None, help="the command and its argu
                 on_behalf_of or os.environ.get("SUDO_USER", ""))
 
 
-def _show_holds(holds: list) -> None:
-    if not holds:
-        typer.echo("no pending holds")
-    for h in holds:
-        typer.echo(f"{h['id']}  agent {h['agent']}  session {h['session']}  for "
-                   f"{h['on_behalf_of'] or '-'}  waiting {h['waited']:.0f}s "
-                   f"(timeout in {h['timeout_in']:.0f}s)  approvals {len(h['approvals'])}/{h['required']}\n"
-                   f"    {h['action']}\n    rule: {h['rule'] or 'no rule allows it'}")
-
-
 @app.command()
 def holds(watch: bool = typer.Option(False, "--watch", help="refresh every second"),
           as_json: bool = typer.Option(False, "--json", help="as JSON")):
@@ -419,7 +293,7 @@ def holds(watch: bool = typer.Option(False, "--watch", help="refresh every secon
         else:
             if watch:
                 typer.echo("\033[H\033[2J", nl=False)
-            _show_holds(pending)
+            _echo(render.holds(pending))
         if not watch:
             return
         time.sleep(1)
@@ -458,12 +332,6 @@ def deny(hold_id: str = typer.Argument(..., help="the hold id from `agentwarden 
     typer.echo(f"{hold_id}: denied")
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, float):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string
-
-
 @app.command("config")
 def config_cmd(as_json: bool = typer.Option(False, "--json", help="settings and their origins as JSON")):
     """Show the settings in force and where each one comes from.
@@ -475,15 +343,9 @@ def config_cmd(as_json: bool = typer.Option(False, "--json", help="settings and 
     current = _settings()
     files = settings_mod.files_in_force()
     if as_json:
-        typer.echo(json.dumps({"settings": {k: v if isinstance(v, (int, float)) else str(v)
-                                            for k, v in current.values().items()},
-                               "origins": dict(current.origins),
-                               "files": [str(f) for f in files]}, sort_keys=True))
+        typer.echo(render.settings_json(current, files))
         return
-    typer.echo("# files read: " + (", ".join(map(str, files)) or "none"))
-    for name, value in current.values().items():
-        line = f"{name} = {_toml_value(value)}"
-        typer.echo(f"{line:<46} # {current.origins[name]}")
+    _echo(render.settings_toml(current, files))
 
 
 @app.command("agent-config")

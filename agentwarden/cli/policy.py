@@ -1,5 +1,6 @@
-"""`agentwarden policy ...`: check policy files and ask which rule decides an
-action. Only parsing and error translation live here; the work is in policy."""
+"""`agentwarden policy ...`: check policy files, ask which rule decides an
+action, have the daemon reload them. Only parsing and error translation live
+here; the work is in policy and the daemon."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from agentwarden import policy
+from agentwarden import control, policy
 from agentwarden.paths import normalise
 from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
@@ -91,3 +92,17 @@ def explain(agent: str = typer.Option(..., "--agent", help="the agent whose poli
     effect = ": decided and recorded, never acted on" if verdict.mode == "monitor" else ""
     typer.echo(f"mode:    {verdict.mode}{effect}")
     typer.echo(f"policy:  {verdict.policy_hash}")
+
+
+@policy_app.command()
+def reload():
+    """Load the policy files again; a broken policy is refused and the old one stays in force.
+
+    Example: sudo agentwarden policy reload
+    """
+    reply = control.request(Settings.from_env(), "reload", check=False)
+    if not reply.get("ok"):
+        for problem in reply.get("problems", []):
+            typer.echo(problem, err=True)
+        raise AgentwardenError(reply.get("error", "reload failed"))
+    typer.echo(f"policy in force: {reply.get('policy_hash') or 'none (no policy files)'}")

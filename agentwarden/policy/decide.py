@@ -1,0 +1,94 @@
+"""The decision: a pure function from an exec or open record and the policy
+to a verdict (how it decides is in the package docstring)."""
+from __future__ import annotations
+
+import os
+
+from ..wire import text
+from .glob import exec_subject, indirect_route, path_key
+from .model import AgentPolicy, PolicySet, Rule, Verdict
+
+# Which rule lists are consulted, in order, and the decision each gives.
+EXEC_PRECEDENCE = (("exec.deny", "deny"), ("exec.hold", "hold"), ("exec.allow", "allow"))
+FILE_PRECEDENCE = {
+    "read": (("files.deny", "deny"), ("files.read-allow", "allow"), ("files.write-allow", "allow")),
+    "write": (("files.deny", "deny"), ("files.write-allow", "allow")),
+}
+
+
+def is_write(flags: int) -> bool:
+    """Whether open flags modify the file: write access, create, truncate or append."""
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & (os.O_CREAT | os.O_TRUNC | os.O_APPEND))
+
+
+def _executable(event: dict) -> tuple[str | None, str | None]:
+    """The path an exec is judged by (None when unresolved), and a note when it
+    is not what the kernel ran."""
+    ran = event.get("resolved_exec_path")
+    if ran is not None or event.get("exec_path"):
+        return (os.fsdecode(ran) if ran is not None else None), None
+    asked = event.get("resolved_filename")
+    return (os.fsdecode(asked) if asked is not None else None,
+            "the kernel did not report what ran (the exec failed or was not seen): "
+            "judged by the path asked for")
+
+
+def _decide(agent: AgentPolicy, policy_hash: str, what: str, target: tuple[str, str] | None,
+            precedence: tuple[tuple[str, str], ...], notes: list[str]) -> Verdict:
+    """Apply one precedence list to a target, (path, subject); None when the path is unresolved."""
+    def verdict(decision: str, rule: Rule | None, reason: str) -> Verdict:
+        action = agent.on_violation if decision == "violation" else None
+        return Verdict(decision, action, str(rule) if rule else None,
+                       "; ".join([reason, *notes]), policy_hash, agent.mode)
+
+    if target is None:
+        return verdict("violation", None, f"{what}: the path could not be resolved, and an unresolved "
+                                          f"path never matches an allow rule (on-violation {agent.on_violation})")
+    for index, (kind, decision) in enumerate(precedence):
+        rule = agent.rules[kind].first_match(*target)
+        if rule:
+            earlier = " or ".join(name for name, _ in precedence[:index])
+            return verdict(decision, rule, f"{what} matches {kind}"
+                                           + (f" and no {earlier} rule" if earlier else ", which beats every other rule"))
+    return verdict("violation", None, f"{what} matches no allow rule, and whatever is not allowed "
+                                      f"is a violation (on-violation {agent.on_violation})")
+
+
+def decide(event: dict, policy: PolicySet) -> Verdict:
+    """The verdict on one exec or open record as the daemon enriched it
+    (``agent``; ``resolved_exec_path`` and ``resolved_filename``, or
+    ``resolved_path``). Pure: no I/O, no state. Failed calls (ret < 0) are
+    decided like successful ones -- an attempt is an attempt. The rules are in
+    the package docstring."""
+    kind = event["kind"]
+    if kind not in ("exec", "open"):
+        raise ValueError(f"decide() takes exec and open records, not {kind!r}")
+    agent = policy.agents.get(event.get("agent"))
+    if agent is None:
+        return Verdict("violation", "alert", None, f"no policy for agent {event.get('agent')!r}: recorded only",
+                       policy.hash, "monitor")
+    notes = []
+    if event.get("ret", 0) < 0:
+        notes.append(f"the call failed ({event.get('error')}), but an attempt is decided like a success")
+    if kind == "exec":
+        path, how = _executable(event)
+        if how:
+            notes.append(how)
+        args = [os.fsdecode(arg) for arg in event["argv"][1:]]
+        truncated = event["argv_truncated"]
+        if truncated:
+            notes.append("argv was cut short: deny and hold rules with argv patterns match on the "
+                         "executable alone, allow rules with argv patterns do not match")
+        route = indirect_route(path) if path is not None else None
+        if route:
+            notes.append(f"this is {route}: only an allow rule that names such a path allows it")
+        shown = path if path is not None else repr(text(event.get("exec_path") or event.get("filename", "")))
+        what = "exec of " + " ".join([shown, *args])
+        target = (path, exec_subject(path, args, bool(route), truncated)) if path is not None else None
+        return _decide(agent, policy.hash, what, target, EXEC_PRECEDENCE, notes)
+    access = "write" if is_write(event["flags"]) else "read"
+    resolved = event.get("resolved_path")
+    path = os.fsdecode(resolved) if resolved is not None else None
+    shown = path if path is not None else repr(text(event.get("path", "")))
+    target = (path, path_key(path)) if path is not None else None
+    return _decide(agent, policy.hash, f"{access} of {shown}", target, FILE_PRECEDENCE[access], notes)
