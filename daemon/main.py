@@ -51,7 +51,8 @@ class Daemon:
         self.sessions = Sessions(self.archive.host, self.archive.boot_id)
         self.disk_guard = FreezeGuard(settings.archive.on_disk_full)
         # A few missed health records before silence counts: a busy probe is late, not gone.
-        self.watch = WatchGuard(self._agent_cgroups_now, max(5.0, 5 * settings.health_interval))
+        self.watch = WatchGuard(self._agent_cgroups_now, max(5.0, 5 * settings.health_interval),
+                                settings.state_dir / "watch-frozen.json")
         self.outbox: list[dict] = []   # records the daemon archived itself, published with the next batch
         self.archive.append(self._policy_record("loaded" if loaded else "none", None))
         self.archive.flush()
@@ -410,7 +411,14 @@ class Daemon:
         self.supervisor = subprocess.Popen(
             [sys.executable, "-m", "agentwarden.daemon.supervisor", *settings_mod.flag_args()])
         next_tick = time.monotonic() + TICK_INTERVAL
+        watched_fd = None   # the probe's pidfd in the poller: its exit wakes this loop at once
         while not self.stopping:
+            if self.watch.fileno() != watched_fd:
+                if watched_fd is not None:
+                    poller.unregister(watched_fd)
+                watched_fd = self.watch.fileno()
+                if watched_fd is not None:
+                    poller.register(watched_fd, zmq.POLLIN)
             to_sync = self.archive.seconds_to_sync()
             ready = dict(poller.poll(200 if to_sync is None else min(200, int(to_sync * 1000) + 1)))
             if self.pull in ready:

@@ -9,6 +9,9 @@ agents tagged while the watch is down as soon as they appear), and a ``watch``
 record says so. When a probe reports again, what the guard froze is thawed and
 the record says how long the watch was down.
 
+What the guard froze is written to `state_file`, so a daemon restarted while
+the watch is down (a crash, a watchdog restart) still thaws it.
+
 A stop is deliberate, and freezes nothing, only when the probe says so in its
 last health record: it was signalled by the service manager, its parent
 (`agentwarden up`) or the terminal. Any other sender — an agent killing
@@ -16,26 +19,54 @@ agentwarden — is named in the record and the agents are frozen.
 """
 from __future__ import annotations
 
+import json
 import os
 import select
 import time
+from pathlib import Path
 from typing import Callable
 
 from .freeze_guard import FreezeGuard
 
 UNARMED, WATCHING, STOPPED, LOST = "unarmed", "watching", "stopped", "lost"
+PF_EXITING = 0x4   # include/linux/sched.h: the task is in do_exit
 
 
 class WatchGuard:
-    def __init__(self, agent_cgroups: Callable[[], dict], silence_timeout: float):
+    def __init__(self, agent_cgroups: Callable[[], dict], silence_timeout: float,
+                 state_file: Path | None = None):
         """agent_cgroups: every agent cgroup now, as {str(cgroup id): {"path": ...}}."""
         self.agent_cgroups = agent_cgroups
         self.silence_timeout = silence_timeout
+        self.state_file = state_file
         self.freezer = FreezeGuard("freeze")
         self.state = UNARMED
         self.probe_pid: int | None = None
         self.pidfd: int | None = None
         self.last_word = 0.0   # monotonic time of the probe's last health record
+        if state_file is not None and state_file.exists():
+            self._resume(state_file)
+
+    def _resume(self, state_file: Path) -> None:
+        """A previous daemon lost the watch and froze these: they thaw when a probe watches."""
+        try:
+            frozen = json.loads(state_file.read_text())
+            self.freezer.frozen = {int(cgid): Path(path) for cgid, path in frozen.items()}
+        except (OSError, ValueError, AttributeError, TypeError):
+            return   # unreadable: nothing to thaw, agents stay as they are (frozen: fail closed)
+        self.freezer.since = time.monotonic()
+        self.freezer.handled = set(self.freezer.frozen)
+        self.state = LOST
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        if not self.freezer.frozen:
+            self.state_file.unlink(missing_ok=True)
+            return
+        temporary = self.state_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps({str(k): str(p) for k, p in self.freezer.frozen.items()}))
+        os.replace(temporary, self.state_file)
 
     def fileno(self) -> int | None:
         """Readable when the watched probe has exited."""
@@ -71,6 +102,7 @@ class WatchGuard:
         self._follow(pid)
         if self.state == LOST:
             seconds, taken = self.freezer.release()
+            self._save()
             self.state = WATCHING
             return [self._record("restored", f"the probe (pid {pid}) watches again after {seconds:.1f}s "
                                  f"unwatched; {taken}", seconds=round(seconds, 3), action_taken=taken)]
@@ -88,14 +120,26 @@ class WatchGuard:
         return self._lose(f"the probe was told to stop by {sender}, not by its service manager")
 
     def exited(self) -> bool:
-        """The watched probe has exited (its last records may still be queued)."""
-        return self.pidfd is not None and bool(select.select([self.pidfd], [], [], 0)[0])
+        """The watched probe has exited or is exiting (its last records may
+        still be queued). Dying takes a probe most of a second — detaching its
+        tracepoints — before its pidfd says so; PF_EXITING says it at once."""
+        if self.pidfd is None:
+            return False
+        if select.select([self.pidfd], [], [], 0)[0]:
+            return True
+        try:
+            with open(f"/proc/{self.probe_pid}/stat") as stat:
+                flags = int(stat.read().rsplit(")", 1)[1].split()[6])
+        except (OSError, IndexError, ValueError):
+            return False   # gone between the two looks: the pidfd says so next time
+        return bool(flags & PF_EXITING)
 
     def check(self, behind: bool = False) -> list[dict]:
         """Call often: the probe's exit or silence, and agents tagged while the
         watch is down. behind: messages wait unread, so the probe is not silent."""
         if self.state == LOST:
             taken = self.freezer.apply(self.agent_cgroups())
+            self._save()
             return [self._record(LOST, "an agent cgroup appeared while the probe is down",
                                  action_taken=taken)] if taken else []
         if self.state != WATCHING:
@@ -112,11 +156,13 @@ class WatchGuard:
         self._close()
         self.state = LOST
         taken = self.freezer.engage(self.agent_cgroups())
+        self._save()
         return [self._record(LOST, f"{why}; agents frozen until it watches again", action_taken=taken)]
 
     def forget(self, cgroup_ids) -> None:
         """An admin or a policy decided about these: the guard never thaws them."""
         self.freezer.forget(cgroup_ids)
+        self._save()
 
     def info(self) -> dict:
         return {"state": self.state, "probe_pid": self.probe_pid, **self.freezer.state()}

@@ -40,17 +40,18 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-def describe_sender(pid: int) -> str:
-    """Who sent a signal, for the record: pid, command name and cgroup."""
+def describe_sender(pid: int, uid: int) -> str:
+    """Who sent a signal, for the record: pid, uid, and while it lives its
+    command name and cgroup."""
     if pid == 0:
         return "the kernel (a terminal's Ctrl-C)"
     try:
         comm = open(f"/proc/{pid}/comm").read().strip()
         lines = open(f"/proc/{pid}/cgroup").read().splitlines()
     except OSError:
-        return f"pid {pid} (exited)"
+        return f"pid {pid} (uid {uid}, exited since)"
     cgroup = next((line[3:] for line in lines if line.startswith("0::")), "?")  # the v2 line
-    return f"pid {pid} ({comm}, cgroup {cgroup})"
+    return f"pid {pid} ({comm}, uid {uid}, cgroup {cgroup})"
 
 
 class TagMirror:
@@ -229,7 +230,7 @@ class Probe:
             return False
         sender = info.si_pid
         self.stopped_by = {"signal": info.si_signo, "sender_pid": sender, "sender_uid": info.si_uid,
-                           "sender": describe_sender(sender),
+                           "sender": describe_sender(sender, info.si_uid),
                            # the service manager, `agentwarden up`, or the terminal (pid 0)
                            "deliberate": sender in (0, 1, os.getppid())}
         return True

@@ -114,3 +114,25 @@ def test_records_without_a_pid_do_not_arm_the_guard(agents):
     assert guard.heard({"kind": "health", "stage": "probe", "time": 1, "counters": {}}) == []
     time.sleep(0.05)   # longer than the timeout: still nothing, the guard is not armed
     assert guard.check() == [] and guard.state == "unarmed"
+
+
+def test_a_restarted_daemon_still_thaws_what_the_last_one_froze(agents, tmp_path):
+    agents("coder")
+    state = tmp_path / "watch-frozen.json"
+    guard = WatchGuard(lambda: agents.cgroups, silence_timeout=60, state_file=state)
+    probe = a_probe()
+    guard.heard(health(probe.pid))
+    probe.kill()
+    probe.wait()
+    guard.check()
+    assert agents.frozen("coder") and state.exists()
+    # The daemon dies here; a new one starts with a new guard.
+    successor_guard = WatchGuard(lambda: agents.cgroups, silence_timeout=60, state_file=state)
+    assert successor_guard.state == LOST
+    successor = a_probe()
+    try:
+        [restored] = successor_guard.heard(health(successor.pid))
+    finally:
+        successor.kill()
+    assert restored["state"] == "restored"
+    assert not agents.frozen("coder") and not state.exists()

@@ -1,8 +1,15 @@
 """`agentwarden up`: the daemon and the probe as child processes, in the
-foreground, until SIGTERM or SIGINT or a child's exit; then both are stopped,
-the probe first."""
+foreground, until SIGTERM or SIGINT; then both are stopped, the probe first.
+
+A part that exits meanwhile is started again, as systemd's Restart= would do
+for the services: a probe killed by an agent must not end the watch (the
+daemon freezes the agents until the new probe watches). A part that keeps
+failing — START_LIMIT_BURST exits within START_LIMIT_INTERVAL seconds — stops
+`up` with an error, and agents the daemon froze stay frozen (fail closed).
+"""
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
@@ -19,12 +26,15 @@ PARTS = ("daemon", "probe")          # in the order they start
 STOP_ORDER = ("probe", "daemon")
 STOP_TIMEOUT = 15.0                  # seconds a part may take to exit on SIGTERM before it is killed
 POLL_INTERVAL = 0.2                  # seconds between looks at the children
+# The services' StartLimitBurst / StartLimitIntervalSec.
+START_LIMIT_BURST = 5
+START_LIMIT_INTERVAL = 60.0
 
 
 def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Callable[[], None]) -> None:
     """Start both, call `on_ready` once the daemon reports the probe healthy
-    (within `ready_timeout` seconds), and wait. Raises AgentwardenError when a
-    part failed and no signal asked them to stop."""
+    (within `ready_timeout` seconds), restart a part that exits, and wait for
+    a signal. Raises AgentwardenError when a part failed to start or keeps failing."""
     stopping = False
 
     def stop(*_):
@@ -37,14 +47,18 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
     # Under a Type=notify service, `up` is the one that talks to systemd.
     env = {k: v for k, v in os.environ.items()
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    children: dict[str, subprocess.Popen] = {}
-    for part in PARTS:
-        children[part] = subprocess.Popen([sys.executable, "-m", "agentwarden", *flags, part], env=env)
+
+    def start(part: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "agentwarden", *flags, part], env=env)
+
+    children = {part: start(part) for part in PARTS}
+    exits: dict[str, collections.deque] = {part: collections.deque() for part in PARTS}
     try:
         deadline = time.monotonic() + ready_timeout
         while not stopping and time.monotonic() < deadline:
-            if any(c.poll() is not None for c in children.values()):
-                break
+            failed = {p: c.returncode for p, c in children.items() if c.poll() is not None}
+            if failed:   # before it ever watched: a setup problem, restarting won't help
+                raise AgentwardenError("could not start: " + _exits(failed))
             try:
                 if control.request(settings, "status", timeout=1)["status"]["probe"]["health"]:
                     on_ready()
@@ -52,7 +66,23 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
             except AgentwardenError:
                 pass
             time.sleep(POLL_INTERVAL)
-        while not stopping and all(c.poll() is None for c in children.values()):
+        while not stopping:
+            for part, child in children.items():
+                if child.poll() is None or stopping:
+                    continue
+                now = time.monotonic()
+                recent = exits[part]
+                recent.append(now)
+                while recent and recent[0] < now - START_LIMIT_INTERVAL:
+                    recent.popleft()
+                if len(recent) >= START_LIMIT_BURST:
+                    raise AgentwardenError(
+                        f"the {part} exited {len(recent)} times within {START_LIMIT_INTERVAL:g}s "
+                        f"(last: {_exits({part: child.returncode})}); giving up. Agents the daemon "
+                        "froze stay frozen: `agentwarden thaw --all` once the cause is fixed")
+                print(f"agentwarden: the {part} exited ({_exits({part: child.returncode})}); "
+                      f"starting it again", file=sys.stderr, flush=True)
+                children[part] = start(part)
             time.sleep(POLL_INTERVAL)
     finally:
         for part in STOP_ORDER:
@@ -63,6 +93,9 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
                     child.wait(timeout=STOP_TIMEOUT)
                 except subprocess.TimeoutExpired:
                     child.kill()
-    failed = {p: c.returncode for p, c in children.items() if c.returncode not in (0, -signal.SIGTERM)}
-    if failed and not stopping:
-        raise AgentwardenError("stopped: " + ", ".join(f"{p} exited with {rc}" for p, rc in failed.items()))
+                    child.wait()
+
+
+def _exits(codes: dict[str, int]) -> str:
+    return ", ".join(f"{part} exited with {code}" if code >= 0 else f"{part} killed by signal {-code}"
+                     for part, code in codes.items())

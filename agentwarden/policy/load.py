@@ -13,7 +13,7 @@ from typing import Any, Iterable
 from ..cgroups import validate_agent_name
 from ..errors import AgentwardenError
 from .glob import GlobError, compile_rule
-from .model import (ACTIONS, AGENT_KEYS, DEFAULT_HOLD_TIMEOUT, MODES, RULE_LISTS, AgentPolicy, PolicyError,
+from .model import (ACTIONS, AGENT_KEYS, DEFAULT_HOLD_TIMEOUT, MODES, RULE_LISTS, AgentPolicy, PolicyError, Rule,
                     PolicySet, Problem, RuleList, quoted)
 
 
