@@ -1,4 +1,4 @@
-/* agentwarden: exec, file-open, chdir, fork and exit records for agent cgroups.
+/* agentwarden: exec, file-open, chdir, descriptor, fork and exit records for agent cgroups.
  *
  * Reads only tracepoint arguments and BPF helpers, never kernel struct
  * fields, so kernel headers of another version compile it correctly.
@@ -650,3 +650,113 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     parents.delete(&tid);
     return 0;
 }
+
+/* ---- descriptors: dup*, fcntl, close*, pidfd_open, pidfd_getfd ----------- */
+
+#define AW_F_DUPFD 0
+#define AW_F_SETFD 2
+#define AW_F_DUPFD_CLOEXEC 1030
+#define AW_O_CLOEXEC 02000000
+#define AW_CLOSE_RANGE_CLOEXEC 4
+#define AW_EBADF 9
+
+/* pid_tgid -> the descriptor change being made. These calls always return
+ * (none execs or exits), so sys_exit always takes the entry back. The probe
+ * takes the aw_fd layout from this map's leaf type. */
+BPF_HASH(inflight_fd, u64, struct aw_fd, AW_MAX_INFLIGHT);
+
+static __always_inline int fd_enter(u32 syscall, s32 fd, u64 arg, u32 flags)
+{
+    u64 agent = agent_cgroup();
+    if (!agent)
+        return 0;
+    struct aw_fd r = {};
+    fill_header(&r.h, AW_KIND_FD, agent);
+    r.fd = fd;
+    r.arg = arg;
+    r.syscall = syscall;
+    r.flags = flags;
+    u64 key = bpf_get_current_pid_tgid();
+    if (inflight_fd.update(&key, &r))
+        count(AW_COUNTER_DROPPED_BASE + AW_KIND_FD);
+    return 0;
+}
+
+static __always_inline int fd_exit(long ret)
+{
+    u64 key = bpf_get_current_pid_tgid();
+    struct aw_fd *r = inflight_fd.lookup(&key);
+    if (!r)
+        return 0;
+    /* A call that changed no descriptor is not recorded: a failed dup or
+     * fcntl, a close of a descriptor that was not open (any other close
+     * error has closed it all the same). */
+    if (ret >= 0 || (r->syscall == AW_SYS_CLOSE && ret != -AW_EBADF)) {
+        r->ret = ret;
+        emit(r, sizeof(*r), AW_KIND_FD);
+    }
+    inflight_fd.delete(&key);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup)
+{
+    return fd_enter(AW_SYS_DUP, (s32)args->fildes, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup2)
+{
+    return fd_enter(AW_SYS_DUP2, (s32)args->oldfd, (u32)args->newfd, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup3)
+{
+    return fd_enter(AW_SYS_DUP3, (s32)args->oldfd, (u32)args->newfd,
+                    (args->flags & AW_O_CLOEXEC) ? AW_FD_CLOEXEC : 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
+{
+    /* Only the commands that make a descriptor or change its close-on-exec
+     * flag; the others (locks, status flags, ...) leave early. */
+    u32 cmd = (u32)args->cmd;
+    if (cmd == AW_F_DUPFD)
+        return fd_enter(AW_SYS_FCNTL_DUPFD, (s32)args->fd, args->arg, 0);
+    if (cmd == AW_F_DUPFD_CLOEXEC)
+        return fd_enter(AW_SYS_FCNTL_DUPFD_CLOEXEC, (s32)args->fd, args->arg, AW_FD_CLOEXEC);
+    if (cmd == AW_F_SETFD)
+        return fd_enter(AW_SYS_FCNTL_SETFD, (s32)args->fd, args->arg, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    return fd_enter(AW_SYS_CLOSE, (s32)args->fd, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
+{
+    return fd_enter(AW_SYS_CLOSE_RANGE, (s32)args->fd, (u32)args->max_fd,
+                    (args->flags & AW_CLOSE_RANGE_CLOEXEC) ? AW_FD_CLOEXEC : 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_open)
+{
+    /* A pidfd is always close-on-exec. */
+    return fd_enter(AW_SYS_PIDFD_OPEN, -1, (u32)args->pid, AW_FD_CLOEXEC);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_getfd)
+{
+    /* The fd it makes is always close-on-exec. */
+    return fd_enter(AW_SYS_PIDFD_GETFD, (s32)args->pidfd, (u32)args->fd, AW_FD_CLOEXEC);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_dup) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup2) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup3) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fcntl) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_close) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_close_range) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_pidfd_open) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_pidfd_getfd) { return fd_exit(args->ret); }
