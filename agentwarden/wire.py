@@ -57,7 +57,10 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     # fcntl_dupfd, fcntl_dupfd_cloexec, fcntl_setfd, close, close_range,
     # pidfd_open, pidfd_getfd): `fd` the one acted on, `arg` the call's other
     # number (see struct aw_fd), `ret` the new fd; `cloexec` whether the new
-    # fd is close-on-exec. Only calls that changed a descriptor are recorded.
+    # fd is close-on-exec. Calls that failed are not recorded, except close and
+    # close_range, recorded as they start (ret 0). Archived like every event, so
+    # that the archive alone re-derives each resolved path (their cost: in the
+    # real-tools test a third of the agent's archived bytes, mostly closes).
     "fd": {**_TASK, "syscall": Str, "fd": Int, "arg": Int, "ret": Int, "error": OptStr,
            "cloexec": Bool},
     "exit": dict(_TASK),

@@ -144,11 +144,12 @@ struct aw_task {
 
 /* dup / dup2 / dup3 / fcntl(F_DUPFD, F_DUPFD_CLOEXEC, F_SETFD) / close /
  * close_range / pidfd_open / pidfd_getfd: how a process's descriptors change,
- * so that user space can tell what a dirfd names. Emitted at syscall exit,
- * only when the call changed a descriptor. */
+ * so that user space can tell what a dirfd names. Emitted at syscall exit when
+ * the call succeeded; close and close_range at their entry, whatever they
+ * then return (they drop the fds all the same, but for EBADF: none was open). */
 struct aw_fd {
     struct aw_header h;
-    s64 ret;              /* the new fd (dup*, F_DUPFD*, pidfd_*), else 0; -errno (close) */
+    s64 ret;              /* the new fd (dup*, F_DUPFD*, pidfd_*), else 0 */
     u64 arg;              /* dup2/dup3: the fd asked for; F_DUPFD*: the lowest acceptable;
                              F_SETFD: the fd flags; close_range: the last fd;
                              pidfd_open: the pid; pidfd_getfd: the fd in the other process */

@@ -267,7 +267,7 @@ def test_fork_and_exit(decoder):
 @pytest.mark.parametrize("sys,name,fd,arg,ret,flags", [
     ("AW_SYS_FCNTL_DUPFD_CLOEXEC", "fcntl_dupfd_cloexec", 3, 3, 4, "AW_FD_CLOEXEC"),
     ("AW_SYS_DUP2", "dup2", 5, 0, 0, None),
-    ("AW_SYS_CLOSE", "close", 7, 0, -4, None),
+    ("AW_SYS_CLOSE", "close", 7, 0, 0, None),
     ("AW_SYS_CLOSE_RANGE", "close_range", 3, 0xFFFFFFFF, 0, None),
     ("AW_SYS_PIDFD_GETFD", "pidfd_getfd", 6, 9, 10, "AW_FD_CLOEXEC"),
 ])
@@ -276,7 +276,7 @@ def test_fd(decoder, sys, name, fd, arg, ret, flags):
                      flags=C[flags] if flags else 0))
     assert decoder.decode(raw) == {
         "kind": "fd", **TASK, "syscall": name, "fd": fd, "arg": arg, "ret": ret,
-        "error": "EINTR" if ret == -4 else None, "cloexec": flags is not None}
+        "error": None, "cloexec": flags is not None}
     wire.validate_record(decoder.decode(raw))
 
 
