@@ -73,6 +73,11 @@ def human(record: dict[str, Any]) -> str:
         return f"{head} child {record['child_pid']}"
     if kind == "exit":
         return f"{head} ({text(record['comm'])})"
+    if kind == "fd":
+        named = record.get("resolved_path")
+        makes_one = record["syscall"] not in ("close", "close_range", "fcntl_setfd")
+        result = f"-> fd {record['ret']}" if makes_one and not record["error"] else _result(record)
+        return f"{head} {record['syscall']} {record['fd']}" + (f" ({text(named)})" if named else "") + f" {result}"
     return f"{head} {record}"
 
 

@@ -1,4 +1,4 @@
-/* agentwarden: exec, file-open, chdir, fork and exit records for agent cgroups.
+/* agentwarden: exec, file-open, chdir, descriptor, fork and exit records for agent cgroups.
  *
  * Reads only tracepoint arguments and BPF helpers, never kernel struct
  * fields, so kernel headers of another version compile it correctly.
@@ -650,3 +650,121 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     parents.delete(&tid);
     return 0;
 }
+
+/* ---- descriptors: dup*, fcntl, close*, pidfd_open, pidfd_getfd ----------- */
+
+#define AW_F_DUPFD 0
+#define AW_F_SETFD 2
+#define AW_F_DUPFD_CLOEXEC 1030
+#define AW_O_CLOEXEC 02000000
+#define AW_CLOSE_RANGE_CLOEXEC 4
+
+/* pid_tgid -> the descriptor change being made. These calls always return
+ * (none execs or exits), so sys_exit always takes the entry back. The probe
+ * takes the aw_fd layout from this map's leaf type. */
+BPF_HASH(inflight_fd, u64, struct aw_fd, AW_MAX_INFLIGHT);
+
+/* A call that makes a descriptor is recorded at its exit, which tells the new
+ * fd (AW_FD_AT_EXIT); one that only drops descriptors (close, close_range) at
+ * its entry, with ret 0, whatever it then returns: it drops them all the same
+ * (but for EBADF, when there was none), and close is among the most frequent
+ * syscalls of every process -- an untagged one pays for one program, not two. */
+#define AW_FD_AT_EXIT 1
+#define AW_FD_AT_ENTRY 0
+
+static __always_inline int fd_enter(u32 syscall, s32 fd, u64 arg, u32 flags, int at_exit)
+{
+    u64 agent = agent_cgroup();
+    if (!agent)
+        return 0;
+    struct aw_fd r = {};
+    fill_header(&r.h, AW_KIND_FD, agent);
+    r.fd = fd;
+    r.arg = arg;
+    r.syscall = syscall;
+    r.flags = flags;
+    if (!at_exit) {
+        emit(&r, sizeof(r), AW_KIND_FD);
+        return 0;
+    }
+    u64 key = bpf_get_current_pid_tgid();
+    if (inflight_fd.update(&key, &r))
+        count(AW_COUNTER_DROPPED_BASE + AW_KIND_FD);
+    return 0;
+}
+
+static __always_inline int fd_exit(long ret)
+{
+    u64 key = bpf_get_current_pid_tgid();
+    struct aw_fd *r = inflight_fd.lookup(&key);
+    if (!r)
+        return 0;
+    if (ret >= 0) {   /* a failed call made no descriptor: not recorded */
+        r->ret = ret;
+        emit(r, sizeof(*r), AW_KIND_FD);
+    }
+    inflight_fd.delete(&key);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup)
+{
+    return fd_enter(AW_SYS_DUP, (s32)args->fildes, 0, 0, AW_FD_AT_EXIT);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup2)
+{
+    return fd_enter(AW_SYS_DUP2, (s32)args->oldfd, (u32)args->newfd, 0, AW_FD_AT_EXIT);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup3)
+{
+    return fd_enter(AW_SYS_DUP3, (s32)args->oldfd, (u32)args->newfd,
+                    (args->flags & AW_O_CLOEXEC) ? AW_FD_CLOEXEC : 0, AW_FD_AT_EXIT);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
+{
+    /* Only the commands that make a descriptor or change its close-on-exec
+     * flag; the others (locks, status flags, ...) leave early. */
+    u32 cmd = (u32)args->cmd;
+    if (cmd == AW_F_DUPFD)
+        return fd_enter(AW_SYS_FCNTL_DUPFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT);
+    if (cmd == AW_F_DUPFD_CLOEXEC)
+        return fd_enter(AW_SYS_FCNTL_DUPFD_CLOEXEC, (s32)args->fd, args->arg, AW_FD_CLOEXEC,
+                        AW_FD_AT_EXIT);
+    if (cmd == AW_F_SETFD)   /* at exit: a refused change (EBADF) changed nothing */
+        return fd_enter(AW_SYS_FCNTL_SETFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    return fd_enter(AW_SYS_CLOSE, (s32)args->fd, 0, 0, AW_FD_AT_ENTRY);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
+{
+    return fd_enter(AW_SYS_CLOSE_RANGE, (s32)args->fd, (u32)args->max_fd,
+                    (args->flags & AW_CLOSE_RANGE_CLOEXEC) ? AW_FD_CLOEXEC : 0, AW_FD_AT_ENTRY);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_open)
+{
+    /* A pidfd is always close-on-exec. */
+    return fd_enter(AW_SYS_PIDFD_OPEN, -1, (u32)args->pid, AW_FD_CLOEXEC, AW_FD_AT_EXIT);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_getfd)
+{
+    /* The fd it makes is always close-on-exec. */
+    return fd_enter(AW_SYS_PIDFD_GETFD, (s32)args->pidfd, (u32)args->fd, AW_FD_CLOEXEC,
+                    AW_FD_AT_EXIT);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_dup) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup2) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup3) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fcntl) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_pidfd_open) { return fd_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_pidfd_getfd) { return fd_exit(args->ret); }

@@ -15,7 +15,8 @@
 #define AW_KIND_FORK 3
 #define AW_KIND_EXIT 4
 #define AW_KIND_CHDIR 5
-#define AW_KIND_COUNT 6
+#define AW_KIND_FD 6
+#define AW_KIND_COUNT 7
 
 /* Per-CPU counters: emitted records at index kind, lost records at
  * AW_COUNTER_DROPPED_BASE + kind. */
@@ -70,6 +71,17 @@
 #define AW_SYS_CREAT 6
 #define AW_SYS_CHDIR 7
 #define AW_SYS_FCHDIR 8
+/* ... and in aw_fd.syscall: the calls that make, copy or drop descriptors. */
+#define AW_SYS_DUP 9
+#define AW_SYS_DUP2 10
+#define AW_SYS_DUP3 11
+#define AW_SYS_FCNTL_DUPFD 12
+#define AW_SYS_FCNTL_DUPFD_CLOEXEC 13
+#define AW_SYS_FCNTL_SETFD 14
+#define AW_SYS_CLOSE 15
+#define AW_SYS_CLOSE_RANGE 16
+#define AW_SYS_PIDFD_OPEN 17
+#define AW_SYS_PIDFD_GETFD 18
 
 /* Common header of every record. */
 struct aw_header {
@@ -124,6 +136,27 @@ struct aw_file {
 struct aw_task {
     struct aw_header h;
     u32 child_pid;        /* fork: new task id; exit: 0 */
+    u32 reserved;
+};
+
+/* aw_fd.flags */
+#define AW_FD_CLOEXEC 1   /* the new fd is close-on-exec; close_range: marks instead of closing */
+
+/* dup / dup2 / dup3 / fcntl(F_DUPFD, F_DUPFD_CLOEXEC, F_SETFD) / close /
+ * close_range / pidfd_open / pidfd_getfd: how a process's descriptors change,
+ * so that user space can tell what a dirfd names. Emitted at syscall exit when
+ * the call succeeded; close and close_range at their entry, whatever they
+ * then return (they drop the fds all the same, but for EBADF: none was open). */
+struct aw_fd {
+    struct aw_header h;
+    s64 ret;              /* the new fd (dup*, F_DUPFD*, pidfd_*), else 0 */
+    u64 arg;              /* dup2/dup3: the fd asked for; F_DUPFD*: the lowest acceptable;
+                             F_SETFD: the fd flags; close_range: the last fd;
+                             pidfd_open: the pid; pidfd_getfd: the fd in the other process */
+    s32 fd;               /* the fd copied, changed or closed (close_range: the first);
+                             pidfd_getfd: the pidfd; pidfd_open: -1 */
+    u32 syscall;          /* AW_SYS_* */
+    u32 flags;            /* AW_FD_* */
     u32 reserved;
 };
 

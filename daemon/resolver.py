@@ -2,10 +2,22 @@
 
 The kernel records carry paths as given. A relative path is resolved against
 the process's working directory, or the directory behind its dirfd. Both are
-tracked from the event stream itself (fork copies them, chdir/fchdir and
-successful opens update them, exec drops close-on-exec fds), because a
-short-lived process is usually gone before its /proc entry could be read.
-/proc is the fallback for processes that were running before they were seen.
+tracked from the event stream itself, because a short-lived process is usually
+gone before its /proc entry could be read: fork copies them, chdir/fchdir and
+successful opens update them, ``fd`` records follow every other way a
+descriptor is made, copied or dropped (dup, dup2, dup3, fcntl F_DUPFD and
+F_DUPFD_CLOEXEC, F_SETFD, close, close_range, pidfd_open, pidfd_getfd), and
+exec drops close-on-exec fds. /proc is the fallback for processes that were
+running before they were seen, and for descriptors made by calls the kernel
+program does not follow (sockets, pipes, received fds, ...).
+
+Descriptor tables are kept per process (records carry the tgid), which is
+exact for threads: they share one table (CLONE_FILES) and, through CLONE_FS,
+the working directory. A process cloned with CLONE_FILES but without
+CLONE_THREAD also shares its parent's table; the model copies it at fork
+instead, so a descriptor one of the two makes later is unknown to the other
+(a relative path through it is unresolved, never wrongly resolved: the fd
+number was free in the copy, or its close was seen).
 
 Normalisation is lexical (``..``, ``.``, repeated slashes); symlinks are not
 followed. A path that cannot be resolved gets ``None``: it must never match an
@@ -16,7 +28,7 @@ from __future__ import annotations
 import collections
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from agentwarden.paths import AT_FDCWD, normalise
 
@@ -37,11 +49,20 @@ def _as_wire(value: str) -> str | bytes:
         return value.encode("utf-8", "surrogateescape")
 
 
+FD_CLOEXEC = 1
+
+
+class Descriptor(NamedTuple):
+    path: str | None      # what it names, resolved; None for a pidfd
+    cloexec: bool
+    pid: int = 0          # a pidfd's process (pidfd_open), for pidfd_getfd
+
+
 @dataclass
 class ProcessState:
     cwd: str | None
     ppid: int
-    fds: dict[int, tuple[str, bool]] = field(default_factory=dict)  # fd -> (path, cloexec)
+    fds: dict[int, Descriptor] = field(default_factory=dict)
 
 
 def proc_link(pid: int, what: str) -> str | None:
@@ -93,7 +114,7 @@ class Resolver:
             return state.cwd
         known = state.fds.get(dirfd)
         if known:
-            return known[0]
+            return known.path
         return proc_link(pid, f"fd/{dirfd}")
 
     def resolve(self, pid: int, state: ProcessState, dirfd: int, path: str | bytes,
@@ -133,9 +154,9 @@ class Resolver:
             resolved = self.resolve(pid, state, record["dirfd"], record["path"],
                                     record["path_unreadable"] or record["path_truncated"])
             record["resolved_path"] = _as_wire(resolved) if resolved else None
-            ret = record["ret"]
-            if ret >= 0 and resolved and len(state.fds) < MAX_FDS_PER_PROCESS:
-                state.fds[ret] = (resolved, bool(record["flags"] & O_CLOEXEC))
+            if record["ret"] >= 0:
+                cloexec = bool(record["flags"] & O_CLOEXEC)
+                self._made(state, record["ret"], Descriptor(resolved, cloexec) if resolved else None)
         elif kind == "chdir":
             if record["syscall"] == "fchdir":
                 target = self._base(pid, state, record["dirfd"])
@@ -154,4 +175,59 @@ class Resolver:
                 _as_wire(r) if exec_path and (r := self.resolve(pid, state, AT_FDCWD, exec_path, False))
                 else None)
             if record["ret"] == 0:
-                state.fds = {fd: v for fd, v in state.fds.items() if not v[1]}
+                state.fds = {fd: v for fd, v in state.fds.items() if not v.cloexec}
+        elif kind == "fd":
+            self._descriptor(pid, state, record)
+
+    @staticmethod
+    def _made(state: ProcessState, fd: int, descriptor: Descriptor | None) -> None:
+        """fd now names descriptor; None: something the model cannot name. Its
+        number was free, so whatever the model had under it is stale."""
+        if descriptor is None or (fd not in state.fds and len(state.fds) >= MAX_FDS_PER_PROCESS):
+            state.fds.pop(fd, None)
+        else:
+            state.fds[fd] = descriptor
+
+    def _descriptor(self, pid: int, state: ProcessState, record: dict[str, Any]) -> None:
+        """Apply one ``fd`` record; it gets ``resolved_path``, what the new (or
+        closed) descriptor names when that is a path the model knows."""
+        syscall, fd, arg, ret = record["syscall"], record["fd"], record["arg"], record["ret"]
+        fds = state.fds
+        named = None
+        if syscall == "close":
+            named = fds.pop(fd, None)
+        elif syscall == "close_range":
+            for n in [n for n in fds if fd <= n <= arg]:
+                if record["cloexec"]:
+                    fds[n] = fds[n]._replace(cloexec=True)
+                else:
+                    del fds[n]
+        elif ret < 0:
+            pass
+        elif syscall == "fcntl_setfd":
+            named = fds.get(fd)
+            if named:
+                fds[fd] = named._replace(cloexec=bool(arg & FD_CLOEXEC))
+        elif syscall == "pidfd_open":
+            self._made(state, ret, Descriptor(None, True, pid=arg))
+        elif syscall == "dup2" and fd == ret:
+            named = fds.get(fd)   # dup2 of an fd onto itself changes nothing
+        else:
+            if syscall == "pidfd_getfd":
+                pidfd = fds.get(fd)
+                source = self._descriptor_of(pidfd.pid, arg) if pidfd and pidfd.pid else None
+            else:  # dup, dup2, dup3, fcntl_dupfd, fcntl_dupfd_cloexec
+                source = self._descriptor_of(pid, fd)
+            named = source._replace(cloexec=record["cloexec"]) if source else None
+            self._made(state, ret, named)
+        path = named.path if named else None
+        record["resolved_path"] = _as_wire(path) if path else None
+
+    def _descriptor_of(self, pid: int, fd: int) -> Descriptor | None:
+        """What fd of process pid names: from the model, else /proc (racy)."""
+        state = self.processes.get(pid)
+        known = state.fds.get(fd) if state else None
+        if known:
+            return known
+        path = proc_link(pid, f"fd/{fd}")
+        return Descriptor(path, False) if path else None

@@ -11,6 +11,7 @@ import errno
 import struct
 from typing import Any, Iterator
 
+from agentwarden import wire
 from agentwarden.wire import from_c
 
 
@@ -86,7 +87,7 @@ def _error(ret: int) -> str | None:
 
 
 class Decoder:
-    def __init__(self, exec_cls, file_cls, task_cls, constants: dict[str, int],
+    def __init__(self, exec_cls, file_cls, task_cls, fd_cls, constants: dict[str, int],
                  boot_to_wall_ns: int):
         c = constants
         self.c = c
@@ -101,8 +102,9 @@ class Decoder:
             c["AW_KIND_CHDIR"]: (file_layout, self._chdir),
             c["AW_KIND_FORK"]: (task_layout, self._fork),
             c["AW_KIND_EXIT"]: (task_layout, self._exit),
+            c["AW_KIND_FD"]: (Layout(fd_cls), self._fd),
         }
-        self.kind_names = {c[f"AW_KIND_{n.upper()}"]: n for n in ("exec", "open", "chdir", "fork", "exit")}
+        self.kind_names = {c[f"AW_KIND_{n.upper()}"]: n for n in wire.EVENT_KINDS}
         # In-kernel deny rule number -> its text; the probe keeps it current.
         self.deny_rules: dict[int, str] = {}
         self.syscalls = {v: k[len("AW_SYS_"):].lower() for k, v in c.items() if k.startswith("AW_SYS_")}
@@ -175,3 +177,10 @@ class Decoder:
 
     def _exit(self, record, f, raw, layout):
         pass
+
+    def _fd(self, record, f, raw, layout):
+        record.update({
+            "syscall": self.syscalls.get(f["syscall"], str(f["syscall"])),
+            "fd": f["fd"], "arg": f["arg"], "ret": f["ret"], "error": _error(f["ret"]),
+            "cloexec": bool(f["flags"] & self.c["AW_FD_CLOEXEC"]),
+        })

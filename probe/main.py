@@ -121,7 +121,8 @@ class Probe:
         self.bpf = bpf
         self.c = constants
         self.decoder = Decoder(self._leaf(bpf[b"exec_scratch"]), self._leaf(bpf[b"file_scratch"]),
-                               self._leaf(bpf[b"task_scratch"]), constants, wall_minus_boot_ns())
+                               self._leaf(bpf[b"task_scratch"]), self._leaf(bpf[b"inflight_fd"]),
+                               constants, wall_minus_boot_ns())
         self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"],
                               constants["AW_AGENT_SESSION_BIT"], settings.cgroup_scope,
                               settings.instance, settings.agents_slice)

@@ -51,6 +51,11 @@ class AwTask(ct.Structure):
     _fields_ = [("h", AwHeader), ("child_pid", ct.c_uint), ("reserved", ct.c_uint)]
 
 
+class AwFd(ct.Structure):
+    _fields_ = [("h", AwHeader), ("ret", ct.c_longlong), ("arg", ct.c_ulonglong), ("fd", ct.c_int),
+                ("syscall", ct.c_uint), ("flags", ct.c_uint), ("reserved", ct.c_uint)]
+
+
 def _header_fields(struct_name: str) -> list[str]:
     text = (bpf_dir() / EVENT_HEADER).read_text()
     body = re.search(rf"struct {struct_name} \{{(.*?)\}};", text, re.S).group(1)
@@ -59,7 +64,7 @@ def _header_fields(struct_name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("cls,name", [(AwHeader, "aw_header"), (AwExec, "aw_exec"),
-                                      (AwFile, "aw_file"), (AwTask, "aw_task")])
+                                      (AwFile, "aw_file"), (AwTask, "aw_task"), (AwFd, "aw_fd")])
 def test_classes_mirror_the_header(cls, name):
     assert [f[0] for f in cls._fields_] == _header_fields(name)
 
@@ -108,7 +113,7 @@ def task_record(kind: int, child_pid: int = 0) -> bytes:
 
 @pytest.fixture
 def decoder() -> Decoder:
-    return Decoder(AwExec, AwFile, AwTask, C, BOOT_TO_WALL)
+    return Decoder(AwExec, AwFile, AwTask, AwFd, C, BOOT_TO_WALL)
 
 
 def test_layout_fixed_part_ends_where_the_tail_starts():
@@ -257,6 +262,22 @@ def test_fork_and_exit(decoder):
     assert decoder.decode(task_record(C["AW_KIND_FORK"], child_pid=4250)) == \
         {"kind": "fork", **TASK, "child_pid": 4250}
     assert decoder.decode(task_record(C["AW_KIND_EXIT"])) == {"kind": "exit", **TASK}
+
+
+@pytest.mark.parametrize("sys,name,fd,arg,ret,flags", [
+    ("AW_SYS_FCNTL_DUPFD_CLOEXEC", "fcntl_dupfd_cloexec", 3, 3, 4, "AW_FD_CLOEXEC"),
+    ("AW_SYS_DUP2", "dup2", 5, 0, 0, None),
+    ("AW_SYS_CLOSE", "close", 7, 0, 0, None),
+    ("AW_SYS_CLOSE_RANGE", "close_range", 3, 0xFFFFFFFF, 0, None),
+    ("AW_SYS_PIDFD_GETFD", "pidfd_getfd", 6, 9, 10, "AW_FD_CLOEXEC"),
+])
+def test_fd(decoder, sys, name, fd, arg, ret, flags):
+    raw = bytes(AwFd(h=header(C["AW_KIND_FD"]), ret=ret, arg=arg, fd=fd, syscall=C[sys],
+                     flags=C[flags] if flags else 0))
+    assert decoder.decode(raw) == {
+        "kind": "fd", **TASK, "syscall": name, "fd": fd, "arg": arg, "ret": ret,
+        "error": None, "cloexec": flags is not None}
+    wire.validate_record(decoder.decode(raw))
 
 
 def test_comm_non_utf8_and_full_length(decoder):

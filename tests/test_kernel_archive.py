@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agentwarden import cgroups
+from agentwarden import cgroups, wire
 from agentwarden.archive.segments import read_items
 
 from conftest import AgentCgroup, events_of, wait_for
@@ -90,7 +90,7 @@ def test_replay_of_a_real_session_shows_what_happened(warden, agent_cgroup, tmp_
     assert started.index(cat_pid) < started.index(ls_pid) < started.index(id_pid)
     # Every event and decision in it carries the whole attribution.
     for line in timeline:
-        if line["kind"] in ("exec", "open", "chdir", "fork", "exit", "violation"):
+        if line["kind"] in (*wire.EVENT_KINDS, "violation"):
             assert (line["session"], line["person"], line["task"], line["session_user"],
                     line["policy_hash"], line["host"]) == \
                 (session, "alice@example.com", "summarise the notes", "alice", policy_hash,
@@ -114,7 +114,7 @@ def test_every_event_of_a_tagged_cgroup_has_a_derived_session(warden, agent_cgro
     assert len(sessions) == 1 and sessions.pop().startswith(f"{agent}-")
     exported = warden.cli("log", "export", "--format", "jsonl", "--agent", agent).stdout.splitlines()
     lines = [json.loads(line) for line in exported]
-    assert [line["seq"] for line in lines if line["kind"] in ("exec", "open", "chdir", "fork", "exit")] == \
+    assert [line["seq"] for line in lines if line["kind"] in wire.EVENT_KINDS] == \
         [r["seq"] for r in records]
     assert all(line["host"] == socket.gethostname() and line["session"] == records[0]["session"]
                and line["person"] is None and line["boot_id"] for line in lines)

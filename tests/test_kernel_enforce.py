@@ -3,6 +3,7 @@ in-kernel kill, monitor mode, indirect exec routes, symlinks."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +64,30 @@ def test_allowed_exec_runs_and_unlisted_exec_is_killed(warden, agent_cgroup):
     assert echo["verdict"]["decision"] == "allow"
     assert echo["verdict"]["rule"].startswith('exec.allow "/usr/bin/echo" at ')
     assert echo["verdict"]["policy_hash"] == violation["policy_hash"]
+
+
+def test_a_process_that_exited_before_the_kill_is_not_reported_killed(warden, agent_cgroup):
+    """The daemon judges an exec after the program has exited (a zombie, not
+    yet reaped by its parent): the record says so, not "killed"."""
+    agent = _name("exited")
+    cg = agent_cgroup(agent)
+    warden.set_policy(agent, _policy(agent, "enforce", "kill", ["/usr/bin/true"]))
+    daemon = warden.status()["daemon"]["pid"]
+    procs = str(cg.path / "cgroup.procs")
+    os.kill(daemon, signal.SIGSTOP)   # the record waits in the probe's queue
+    try:
+        proc = subprocess.Popen(["/usr/bin/id", "-u"], stdout=subprocess.DEVNULL,
+                                preexec_fn=lambda: open(procs, "w").write("0"))
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)   # exited, not reaped
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    try:
+        [violation] = wait_for(lambda: _violations(warden, agent), what="the violation")
+    finally:
+        proc.wait()
+    assert violation["attempted"] == "exec /usr/bin/id -u (/usr/bin/id)"
+    assert violation["action_taken"] == f"process {proc.pid} had already exited (exit status 0)"
+    assert proc.returncode == 0
 
 
 def test_write_outside_write_allow_freezes_until_thaw(warden, agent_cgroup, tmp_path):

@@ -104,6 +104,51 @@ with open({str(tmp_path / 'appended.txt')!r}, "a") as f:
     assert appended["flags"] & os.O_APPEND
 
 
+def test_paths_resolve_through_every_copy_of_a_descriptor(warden, agent_cgroup, tmp_path):
+    """openat relative to an O_PATH fd and to copies made by dup, dup2, dup3,
+    fcntl(F_DUPFD[_CLOEXEC]) and pidfd_getfd; fchdir to a copy; a closed fd
+    whose number a pipe took resolves nothing; execveat(fd, "", AT_EMPTY_PATH)
+    names the file behind fd."""
+    cg = agent_cgroup("fds")
+    routes = ["opath", "dup", "dup2", "dup3", "dupfd", "dupfd-cloexec", "pidfd-getfd", "fchdir"]
+    for route in routes:
+        (tmp_path / route).write_text(route)
+    script = f"""
+import ctypes, fcntl, os
+libc = ctypes.CDLL(None, use_errno=True)
+d = os.open({str(tmp_path)!r}, os.O_PATH | os.O_DIRECTORY)
+copies = {{"opath": d, "dup": libc.dup(d), "dup2": os.dup2(d, 50), "dup3": os.dup2(d, 51, inheritable=False),
+          "dupfd": fcntl.fcntl(d, fcntl.F_DUPFD, 60),
+          "dupfd-cloexec": fcntl.fcntl(d, fcntl.F_DUPFD_CLOEXEC, 70),
+          "pidfd-getfd": libc.syscall(438, os.pidfd_open(os.getpid()), d, 0)}}
+assert copies["pidfd-getfd"] >= 0, ctypes.get_errno()
+for route, fd in copies.items():
+    os.close(os.open(route, os.O_RDONLY, dir_fd=fd))
+os.fchdir(copies["dup3"])
+os.close(os.open("fchdir", os.O_RDONLY))
+stale = copies["dup"]
+os.close(stale)
+assert stale in os.pipe()
+try:
+    os.open("stale", os.O_RDONLY, dir_fd=stale)
+except NotADirectoryError:
+    pass
+os.execve(os.open("/usr/bin/true", os.O_PATH), ["true"], {{}})
+"""
+    cg.run([sys.executable, "-S", "-c", script], check=True)
+    warden.settle()
+    records = events_of(warden.records(), cg.id)
+    opens = {r["path"]: r["resolved_path"] for r in records if r["kind"] == "open"}
+    for route in routes:
+        assert opens[route] == str(tmp_path / route), (route, opens)
+    assert "stale" in opens and opens["stale"] is None
+    [fexecve] = [r for r in records if r["kind"] == "exec" and r["argv"] == ["true"]]
+    assert fexecve["syscall"] == "execveat" and fexecve["filename"] == ""
+    assert fexecve["resolved_filename"] == "/usr/bin/true"
+    copied = {r["syscall"] for r in records if r["kind"] == "fd" and r["resolved_path"] == str(tmp_path)}
+    assert copied == {"dup", "dup2", "dup3", "fcntl_dupfd", "fcntl_dupfd_cloexec", "pidfd_getfd", "close"}
+
+
 def test_failed_exec_carries_its_error(warden, agent_cgroup):
     cg = agent_cgroup("failing")
     with pytest.raises(FileNotFoundError):
@@ -128,7 +173,7 @@ def test_untagged_process_child_cgroup_and_untag(warden, agent_cgroup, tmp_path)
     cg.run(["/usr/bin/cat", str(marker)], cgroup=sub, check=True)
     warden.settle()
     records = warden.records()
-    seen = [r for r in records if r.get("resolved_path") == str(marker)]
+    seen = [r for r in records if r["kind"] == "open" and r.get("resolved_path") == str(marker)]
     assert len(seen) == 1, seen
     assert seen[0]["cgroup_id"] == os.stat(sub).st_ino
     assert seen[0]["agent_cgroup_id"] == cg.id and seen[0]["agent"] == "nested"
@@ -139,7 +184,7 @@ def test_untagged_process_child_cgroup_and_untag(warden, agent_cgroup, tmp_path)
     after.write_text("")
     cg.run(["/usr/bin/cat", str(after)], cgroup=sub, check=True)
     warden.settle()
-    assert not [r for r in warden.records() if r.get("resolved_path") == str(after)]
+    assert not [r for r in warden.records() if r.get("resolved_path") == str(after)]  # no open, no close
 
 
 def test_tail_json_shows_the_agents_events(warden, agent_cgroup, tmp_path):
@@ -245,7 +290,8 @@ def test_decoder_layouts_match_the_c_header(kernel):
     try:
         for struct_name, scratch, tail in (("aw_exec", "exec_scratch", "argv"),
                                            ("aw_file", "file_scratch", "path"),
-                                           ("aw_task", "task_scratch", None)):
+                                           ("aw_task", "task_scratch", None),
+                                           ("aw_fd", "inflight_fd", None)):
             leaf = bpf[scratch.encode()].Leaf
             leaf = getattr(leaf, "_type_", leaf)
             body = re.search(r"struct %s \{(.*?)\n\};" % struct_name, header, re.S).group(1)

@@ -113,6 +113,17 @@ def test_fork_and_exit():
         HEAD.format(kind="exit ") + " (\\xffx)"
 
 
+def test_fd():
+    def fd(**changes):
+        return {"kind": "fd", **TASK, "syscall": "fcntl_dupfd_cloexec", "fd": 3, "arg": 3, "ret": 4,
+                "error": None, "cloexec": True, "resolved_path": "/home/agent/src", **changes}
+    assert render.human(fd()) == HEAD.format(kind="fd   ") + " fcntl_dupfd_cloexec 3 (/home/agent/src) -> fd 4"
+    assert render.human(fd(syscall="close", ret=0, resolved_path=None)) == \
+        HEAD.format(kind="fd   ") + " close 3 -> ok"
+    assert render.human(fd(syscall="close", ret=-4, error="EINTR")) == \
+        HEAD.format(kind="fd   ") + " close 3 (/home/agent/src) -> EINTR"
+
+
 def test_unknown_agent_shows_its_cgroup_id():
     assert render.human({"kind": "fork", **TASK, "agent": None, "child_pid": 1}) == \
         "22:13:20.123 cgroup:9000  fork  pid 4242    child 1"

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from agentwarden.daemon.resolver import O_CLOEXEC, Resolver
+from agentwarden.daemon.resolver import O_CLOEXEC, Descriptor, Resolver
 from agentwarden.paths import AT_FDCWD, normalise
 
 # Above PID_MAX_LIMIT (2**22): /proc/<pid> can never exist, so the fallback finds nothing.
@@ -55,6 +55,10 @@ def fchdir(pid, fd, ret=0):
 def exec_(pid, filename, exec_path="", ret=0, dirfd=AT_FDCWD, unreadable=False, truncated=False):
     return _task("exec", pid, filename=filename, exec_path=exec_path, dirfd=dirfd, ret=ret,
                  filename_unreadable=unreadable, filename_truncated=truncated)
+
+
+def fd_(pid, syscall, fd, ret=0, arg=0, cloexec=False):
+    return _task("fd", pid, syscall=syscall, fd=fd, arg=arg, ret=ret, cloexec=cloexec)
 
 
 def fork(pid, child, ppid=0):
@@ -111,7 +115,7 @@ def test_failed_open_does_not_register_an_fd(r):
     assert resolved(r, open_(PARENT, "/etc", ret=-13)) == "/etc"
     assert r.processes[PARENT].fds == {}
     resolved(r, open_(PARENT, "/etc", ret=3))
-    assert r.processes[PARENT].fds == {3: ("/etc", False)}
+    assert r.processes[PARENT].fds == {3: Descriptor("/etc", False)}
 
 
 def test_openat_with_dirfd(r):
@@ -252,3 +256,100 @@ def test_non_utf8_paths_round_trip_as_bytes(r):
     assert resolved(r, open_(PARENT, "f", dirfd=9)) == b"/data/\xfe\xff/\x80/f"
     e = annotated(r, exec_(PARENT, b"./\xff", exec_path=b"./\xff"))
     assert e["resolved_filename"] == e["resolved_exec_path"] == b"/data/\xfe\xff/\xff"
+
+
+def test_fts_walks_through_a_copied_directory_fd(r):
+    """grep -r, find, rm -r: open a directory, copy the fd with
+    fcntl(F_DUPFD_CLOEXEC), close the original, open entries relative to the copy."""
+    assert resolved(r, open_(PARENT, "src", ret=3, flags=O_DIRECTORY | O_CLOEXEC)) == "/home/agent/src"
+    copy = annotated(r, fd_(PARENT, "fcntl_dupfd_cloexec", 3, ret=4, arg=3, cloexec=True))
+    assert copy["resolved_path"] == "/home/agent/src"
+    assert annotated(r, fd_(PARENT, "close", 3))["resolved_path"] == "/home/agent/src"
+    assert resolved(r, open_(PARENT, "note47.txt", dirfd=4, ret=3)) == "/home/agent/src/note47.txt"
+    assert resolved(r, open_(PARENT, "d0", dirfd=4, ret=5, flags=O_DIRECTORY)) == "/home/agent/src/d0"
+    assert resolved(r, fchdir(PARENT, 5)) == "/home/agent/src/d0"
+    assert resolved(r, open_(PARENT, "x")) == "/home/agent/src/d0/x"
+
+
+@pytest.mark.parametrize("syscall,cloexec", [("dup", False), ("dup2", False), ("dup3", True),
+                                             ("fcntl_dupfd", False), ("fcntl_dupfd_cloexec", True)])
+def test_every_copy_names_the_same_file_and_keeps_its_own_cloexec(r, syscall, cloexec):
+    resolved(r, open_(PARENT, "/srv", ret=3, flags=O_DIRECTORY | O_CLOEXEC))
+    annotated(r, fd_(PARENT, syscall, 3, ret=9, arg=9, cloexec=cloexec))
+    assert resolved(r, open_(PARENT, "a", dirfd=9, ret=-1)) == "/srv/a"
+    annotated(r, exec_(PARENT, "/usr/bin/true"))
+    assert resolved(r, open_(PARENT, "a", dirfd=9, ret=-1)) == (None if cloexec else "/srv/a")
+    assert resolved(r, open_(PARENT, "a", dirfd=3, ret=-1)) is None
+
+
+def test_dup2_replaces_what_the_target_fd_named(r):
+    resolved(r, open_(PARENT, "/a", ret=3, flags=O_DIRECTORY))
+    resolved(r, open_(PARENT, "/b", ret=4, flags=O_DIRECTORY))
+    annotated(r, fd_(PARENT, "dup2", 3, ret=4, arg=4))
+    assert resolved(r, open_(PARENT, "x", dirfd=4, ret=-1)) == "/a/x"
+    # onto itself: nothing changes, not even close-on-exec
+    resolved(r, open_(PARENT, "/c", ret=5, flags=O_DIRECTORY | O_CLOEXEC))
+    annotated(r, fd_(PARENT, "dup2", 5, ret=5, arg=5))
+    assert r.processes[PARENT].fds[5] == Descriptor("/c", True)
+
+
+def test_fcntl_setfd_changes_close_on_exec(r):
+    resolved(r, open_(PARENT, "/keep", ret=3, flags=O_DIRECTORY | O_CLOEXEC))
+    resolved(r, open_(PARENT, "/drop", ret=4, flags=O_DIRECTORY))
+    annotated(r, fd_(PARENT, "fcntl_setfd", 3, arg=0))
+    annotated(r, fd_(PARENT, "fcntl_setfd", 4, arg=1))
+    annotated(r, exec_(PARENT, "/usr/bin/true"))
+    assert set(r.processes[PARENT].fds) == {3}
+
+
+def test_a_closed_fd_number_reused_by_an_unfollowed_call_is_unknown(r):
+    """A socket or pipe takes a closed number: the old path must not stick to it."""
+    resolved(r, open_(PARENT, "/allowed", ret=3, flags=O_DIRECTORY))
+    annotated(r, fd_(PARENT, "close", 3, ret=-4))  # EINTR: closed all the same
+    assert resolved(r, open_(PARENT, "key", dirfd=3, ret=-1)) is None
+
+
+def test_an_fd_opened_through_an_unresolvable_path_forgets_the_old_one(r):
+    resolved(r, open_(PARENT, "/allowed", ret=3, flags=O_DIRECTORY))
+    resolved(r, open_(PARENT, "/x", ret=3, unreadable=True))
+    assert resolved(r, open_(PARENT, "key", dirfd=3, ret=-1)) is None
+    # and a copy of an fd the model cannot name is unknown too
+    resolved(r, open_(PARENT, "/allowed", ret=4, flags=O_DIRECTORY))
+    annotated(r, fd_(PARENT, "dup2", 3, ret=4, arg=4))
+    assert resolved(r, open_(PARENT, "key", dirfd=4, ret=-1)) is None
+
+
+@pytest.mark.parametrize("cloexec", [False, True])
+def test_close_range(r, cloexec):
+    for fd, path in ((3, "/a"), (4, "/b"), (8, "/c")):
+        resolved(r, open_(PARENT, path, ret=fd, flags=O_DIRECTORY))
+    annotated(r, fd_(PARENT, "close_range", 4, arg=0xFFFFFFFF, cloexec=cloexec))
+    fds = r.processes[PARENT].fds
+    if cloexec:
+        assert fds == {3: Descriptor("/a", False), 4: Descriptor("/b", True), 8: Descriptor("/c", True)}
+    else:
+        assert fds == {3: Descriptor("/a", False)}
+
+
+def test_pidfd_getfd_copies_the_other_process_fd(r):
+    other = CHILD + 7
+    resolved(r, chdir(other, "/"))
+    resolved(r, open_(other, "/etc", ret=5, flags=O_DIRECTORY))
+    annotated(r, fd_(PARENT, "pidfd_open", -1, ret=6, arg=other, cloexec=True))
+    assert resolved(r, open_(PARENT, "x", dirfd=6, ret=-1)) is None  # a pidfd is no directory
+    annotated(r, fd_(PARENT, "dup", 6, ret=7))  # a copy of a pidfd is a pidfd
+    got = annotated(r, fd_(PARENT, "pidfd_getfd", 7, ret=8, arg=5, cloexec=True))
+    assert got["resolved_path"] == "/etc"
+    assert resolved(r, open_(PARENT, "passwd", dirfd=8, ret=-1)) == "/etc/passwd"
+    # a pidfd of a process never seen: /proc, which has nothing here
+    annotated(r, fd_(PARENT, "pidfd_open", -1, ret=9, arg=CHILD + 8, cloexec=True))
+    assert annotated(r, fd_(PARENT, "pidfd_getfd", 9, ret=10, arg=5, cloexec=True))["resolved_path"] is None
+
+
+def test_fork_inherits_copied_fds(r):
+    resolved(r, open_(PARENT, "/srv", ret=3, flags=O_DIRECTORY))
+    annotated(r, fd_(PARENT, "dup", 3, ret=4))
+    annotated(r, fork(PARENT, CHILD))
+    annotated(r, fd_(PARENT, "close", 4))
+    assert resolved(r, open_(CHILD, "a", dirfd=4, ret=-1)) == "/srv/a"
+    assert resolved(r, open_(PARENT, "a", dirfd=4, ret=-1)) is None

@@ -27,6 +27,8 @@ RECORDS = {
               "ret": -2, "error": "ENOENT", "path_unreadable": False, "path_truncated": False},
     "fork": {"kind": "fork", **TASK, "child_pid": 4250},
     "exit": {"kind": "exit", **TASK},
+    "fd": {"kind": "fd", **TASK, "syscall": "fcntl_dupfd_cloexec", "fd": 3, "arg": 3, "ret": 4,
+           "error": None, "cloexec": True},
     "gap": {"kind": "gap", "time": 5, "stage": "kernel", "count": 17, "detail": None},
     "health": {"kind": "health", "time": 6, "stage": "probe", "counters": {"decoded": 3}},
     "tags": {"kind": "tags", "time": 7, "agents": {"9000": {"agent": "coder", "path": "/x"}}},
