@@ -13,10 +13,13 @@ import os
 import select
 import signal
 import struct
+import time
 
-# How long a SIGKILL may take to end the process before the record says it
-# had not yet (uninterruptible sleep; the daemon waits this long at most).
-KILL_WAIT = 0.5   # seconds
+# How long a SIGKILL may take to start ending the process before the record
+# says it had not yet (uninterruptible sleep; the daemon waits this long at most).
+KILL_WAIT = 0.1   # seconds
+EXIT_POLL = 0.001   # seconds between looks for PF_EXITING while waiting
+PF_EXITING = 0x4    # include/linux/sched.h: the task is in do_exit
 
 # include/uapi/linux/pidfd.h: ioctl(pidfd, PIDFD_GET_INFO, struct pidfd_info),
 # whose first published size (PIDFD_INFO_SIZE_VER0, 64 bytes) ends with
@@ -41,14 +44,20 @@ def kill_process(pid: int) -> str:
     try:
         if _ended(pidfd, 0):   # a zombie (or reaped since pidfd_open)
             return f"process {pid} had already exited ({_how(_exit_status(pidfd, pid))})"
+        if exiting(pid):
+            return f"process {pid} was already exiting"
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
             return f"process {pid} had already exited ({_how(_exit_status(pidfd, pid))})"
         except OSError as exc:  # refused (no CAP_KILL): recorded, not fatal
             return f"could not kill process {pid}: {exc.strerror}"
-        if not _ended(pidfd, KILL_WAIT):
+        if not _dying(pidfd, pid, KILL_WAIT):
             return f"sent SIGKILL to process {pid}, which had not ended {KILL_WAIT:g} s later"
+        if not _ended(pidfd, 0):
+            # In do_exit since our SIGKILL, not before: tearing down (a large
+            # address space, BPF programs) can take long after that.
+            return f"killed process {pid}"
         status = _exit_status(pidfd, pid)
         if status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
             return f"killed process {pid}"
@@ -57,6 +66,26 @@ def kill_process(pid: int) -> str:
         return f"process {pid} exited before the kill took effect ({_how(status)})"
     finally:
         os.close(pidfd)
+
+
+def exiting(pid: int) -> bool:
+    """Whether the process is in do_exit (PF_EXITING): dying, though its pidfd
+    is readable only once it is done."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return bool(int(f.read().rsplit(b")", 1)[1].split()[6]) & PF_EXITING)
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def _dying(pidfd: int, pid: int, timeout: float) -> bool:
+    """Whether the process ends or starts exiting within timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if _ended(pidfd, EXIT_POLL) or exiting(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
 
 
 def _ended(pidfd: int, timeout: float) -> bool:

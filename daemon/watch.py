@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .enforce import exiting
 from .freeze_guard import FreezeGuard
 
 UNARMED, WATCHING, STOPPED, LOST = "unarmed", "watching", "stopped", "lost"
-PF_EXITING = 0x4   # include/linux/sched.h: the task is in do_exit
 
 
 class WatchGuard:
@@ -125,14 +125,7 @@ class WatchGuard:
         tracepoints — before its pidfd says so; PF_EXITING says it at once."""
         if self.pidfd is None:
             return False
-        if select.select([self.pidfd], [], [], 0)[0]:
-            return True
-        try:
-            with open(f"/proc/{self.probe_pid}/stat") as stat:
-                flags = int(stat.read().rsplit(")", 1)[1].split()[6])
-        except (OSError, IndexError, ValueError):
-            return False   # gone between the two looks: the pidfd says so next time
-        return bool(flags & PF_EXITING)
+        return bool(select.select([self.pidfd], [], [], 0)[0]) or exiting(self.probe_pid)
 
     def check(self, behind: bool = False) -> list[dict]:
         """Call often: the probe's exit or silence, and agents tagged while the
