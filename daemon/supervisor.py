@@ -43,7 +43,7 @@ from agentwarden import seccomp_notify as sn
 from agentwarden.durations import parse_duration
 from agentwarden.errors import AgentwardenError
 from agentwarden.paths import AT_EMPTY_PATH, AT_FDCWD, normalise
-from agentwarden.headers import header_constants
+from agentwarden.headers import header_struct
 from agentwarden.settings import Settings
 
 from . import fastpath
@@ -57,7 +57,8 @@ log = logging.getLogger("agentwarden.daemon")
 HEALTH_INTERVAL = 1.0
 MAX_ARGS = 4096
 VERDICT_CACHE = 4096
-APPROVED_PATH_MAX = header_constants()["AW_MAX_PATH"]   # aw_approved.path
+APPROVED = header_struct("aw_approved")   # approved_exec's value (bpf/fastpath.h)
+APPROVED_PATH_MAX = APPROVED.path.size
 
 
 def _inode(path: Path) -> int | None:
@@ -167,8 +168,7 @@ class Supervisor:
         if lib is None:
             log.warning("supervisor: no compiled fast path, every exec is decided in Python: %s", why)
             return None, why
-        fast = fastpath.FastPath(lib, {name: nr for nr, name in self.names.items()}, APPROVED_PATH_MAX,
-                                 header_constants()["AW_APPROVAL_SLOTS"])
+        fast = fastpath.FastPath(lib, {name: nr for nr, name in self.names.items()})
         self._watch(fast.forwarded.fileno(), "fastpath", fast)
         self.fast = fast
         self._fast_policy()
@@ -418,8 +418,7 @@ class Supervisor:
         try:
             # approved_exec, whose updates are atomic; approval_slots are the
             # fast path threads' alone (see fastpath.c).
-            bpfsys.update(self._approved_fd, struct.pack("=I", tid),
-                          struct.pack("=II", len(data), 0) + data.ljust(APPROVED_PATH_MAX, b"\0"))
+            bpfsys.update(self._approved_fd, struct.pack("=I", tid), bytes(APPROVED(len=len(data), path=data)))
             return True
         except OSError as exc:
             log.error("cannot write approved exec for %d: %s", tid, exc)

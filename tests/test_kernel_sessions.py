@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from agentwarden.probe import loader
-from agentwarden.headers import header_constants
+from agentwarden.headers import FAST_HEADER, header_constants
 from conftest import Warden, wait_for
 
 pytestmark = pytest.mark.kernel
@@ -295,7 +295,7 @@ def holder(warden: Warden, array: str, tid: int) -> int:
     exec_stash (its filename); 0: none."""
     from agentwarden import bpfsys
     from daemon.supervisor import APPROVED_PATH_MAX
-    slots = header_constants()["AW_APPROVAL_SLOTS"]
+    slots = header_constants(FAST_HEADER)["AW_APPROVAL_SLOTS"]
     header = {"approval_slots": 8, "exec_stash": 16}[array]   # tid, len[, filename pointer]
     fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / array)
     try:
@@ -312,7 +312,7 @@ def every_slot_held(warden: Warden):
     each approves /usr/bin/touch, which must not count for any other thread."""
     from agentwarden import bpfsys
     from daemon.supervisor import APPROVED_PATH_MAX
-    slots = header_constants()["AW_APPROVAL_SLOTS"]
+    slots = header_constants(FAST_HEADER)["AW_APPROVAL_SLOTS"]
     fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / "approval_slots")
     try:
         def fill(holder: int) -> None:
