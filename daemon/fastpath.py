@@ -7,9 +7,10 @@ to the execs and write-opens that the agent's rules, compiled here
 flags, the supervisor already decided `allow` under the current policy -- and
 forwards everything else, unanswered, on a socket the supervisor reads like a
 listener. The library, the BPF program and this module share bpf/fastpath.h:
-its version, structs, codes and counters are read from there. Built by scripts/build-fastpath.sh (make setup, the .deb); without
-it the supervisor receives and decides every notification itself, correctly
-but hundreds of microseconds slower per call.
+its version, structs, codes and counters are read from there. Built by
+scripts/build-fastpath.sh (make setup, the .deb); without it the supervisor
+receives and decides every notification itself, correctly but hundreds of
+microseconds slower per call.
 """
 from __future__ import annotations
 
