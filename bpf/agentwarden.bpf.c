@@ -2,9 +2,11 @@
  *
  * Reads only tracepoint arguments and BPF helpers, never kernel struct
  * fields, so kernel headers of another version compile it correctly.
- * Compiled by BCC from the probe; agentwarden.h defines every record.
+ * Compiled by BCC from the probe; agentwarden.h defines every record,
+ * fastpath.h the approvals and the stash it shares with the supervisor.
  */
 #include "agentwarden.h"
+#include "fastpath.h"
 
 #define AW_AT_FDCWD -100
 

@@ -5,6 +5,8 @@
  * leaf types of the scratch maps below, which hold exactly these structs)
  * and the numeric constants from the `#define AW_*` lines of this file.
  * Keep every constant a plain `#define AW_NAME <integer>` so it can be read.
+ * What the supervisor shares with the program (exec approvals, the exec
+ * stash) is in fastpath.h.
  */
 #ifndef AGENTWARDEN_H
 #define AGENTWARDEN_H
@@ -40,8 +42,6 @@
 /* agent_cgroups value: agent number, plus this bit for `agentwarden run`
  * session cgroups, whose every exec must match what the daemon approved. */
 #define AW_AGENT_SESSION_BIT 0x80000000
-#define AW_MAX_APPROVED 16384
-#define AW_APPROVAL_SLOTS 1024   /* power of two: approval_slots, indexed by tid % slots */
 
 /* aw_deny_value.applies */
 #define AW_DENY_EXEC 1
@@ -174,32 +174,6 @@ struct aw_deny_key {
 struct aw_deny_value {
     u32 rule;             /* rule number (nonzero), named by the probe */
     u32 applies;          /* AW_DENY_EXEC | AW_DENY_OPEN */
-};
-
-/* approved_exec value: the filename (as given to execve, in the kernel's
- * own form for execveat: /dev/fd/N/...) the daemon approved for a thread. */
-struct aw_approved {
-    u32 len;              /* bytes of path including the NUL */
-    u32 reserved;
-    char path[AW_MAX_PATH];
-};
-
-/* exec_stash value: the filename of a session thread's execve, copied while
- * the thread waits for the supervisor's answer (tid 0: free). The supervisor
- * reads it through a shared mapping instead of the thread's memory. */
-struct aw_exec_stash {
-    u32 tid;
-    u32 len;              /* bytes of path including the NUL */
-    u64 filename;         /* the execve's filename pointer, as the notification has it */
-    char path[AW_MAX_PATH];
-};
-
-/* approval_slots value: the same, for the thread tid (0: free), written by
- * the supervisor through a shared mapping, so approving takes no syscall. */
-struct aw_approval_slot {
-    u32 tid;
-    u32 len;
-    char path[AW_MAX_PATH];
 };
 
 #endif

@@ -56,7 +56,8 @@
  *   list    := u8 allows, u32 rule-count, rule*
  *   rule    := u16 part-count, word*, u16 arg-count (NO_ARGV: none), word*
  *   word    := u16 length (MANY: `**`, or an argv `*`), token*
- *   token   := T_ANY | T_ONE | T_CLASS, 16-byte bitmap of ASCII | T_CHAR, byte
+ *   token   := ANY | ONE | CLASS, 16-byte bitmap of ASCII | CHAR, byte
+ * (AW_FAST_TOKEN_*, AW_FAST_MANY, AW_FAST_NO_ARGV: fastpath.h).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -66,6 +67,7 @@
 #include <linux/seccomp.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,7 +81,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AW_FAST_ABI 4
+/* The kernel-style integer names of the shared headers (BCC has them from
+ * the kernel's own headers). */
+typedef __u32 u32;
+typedef __s32 s32;
+typedef __u64 u64;
+typedef __s64 s64;
+#include "fastpath.h"   /* with agentwarden.h: what the BPF program and fastpath.py share */
 
 #define MAX_AGENT 256
 #define MAX_KEY (64 * 1024)        /* longer command lines go to the supervisor */
@@ -88,28 +96,20 @@
 #define TABLE_SLOTS (1 << 15)       /* open addressing, at most half full */
 #define TABLE_MAX_ENTRIES (TABLE_SLOTS / 2)
 #define TABLE_MAX_BYTES (16u << 20) /* learned keys past this: start again */
-#define RECENT 1024                 /* handling times kept for the summary */
 #define FIRST_READ 256              /* most strings end well before: copy less */
 #define BATCH 64                    /* argv strings read in one call */
 #define MAX_PARTS (PAGE / 2)        /* components of a path */
-#define MANY 0xFFFF                 /* word length: any number of components or arguments */
-#define NO_ARGV 0xFFFF              /* arg-count: the rule has no argv pattern */
 #define MAX_LISTS 4
 
-enum { T_ANY = 1, T_ONE, T_CLASS, T_CHAR };
-
-enum { FORWARD_NOTIFICATION = 1, FORWARD_HANGUP = 2 };
-
-/* What the supervisor reads for each forwarded event (fastpath.py: FORWARD). */
+/* What the supervisor reads for each forwarded event. */
 struct forward {
-    uint32_t kind;
-    int32_t fd;
+    struct aw_fast_forward head;
     struct seccomp_notif notif;
 } __attribute__((packed));
-
-/* Counters, in the order fastpath.py names them (COUNTERS). */
-enum { C_CONTINUED, C_FORWARDED, C_HANGUPS, C_GONE, C_LEARNED, C_RESETS, C_MAP_FAILURES,
-       C_FORWARD_FAILURES, C_RULED, C_APPROVED_IN_MAP, C_STASHED, C_COUNT };
+_Static_assert(offsetof(struct forward, notif) == sizeof(struct aw_fast_forward),
+               "fastpath.py reads the notification right after aw_fast_forward");
+_Static_assert((AW_APPROVAL_SLOTS & (AW_APPROVAL_SLOTS - 1)) == 0, "AW_APPROVAL_SLOTS: a power of two");
+_Static_assert(AW_MAX_PATH % 8 == 0 && AW_MAX_PATH <= PAGE, "AW_MAX_PATH: whole words, at most a page");
 
 struct entry {
     uint64_t hash;
@@ -160,7 +160,6 @@ static struct {
     int running;
     int forward_fd;              /* to the supervisor */
     int execve_nr, open_nr, openat_nr, creat_nr;
-    uint32_t path_max;           /* aw_approved.path, aw_approval_slot.path */
     /* Read by every thread for a whole answer, written on a new policy or map:
      * a session's matching never waits for another's, and nothing changes
      * under an answer between its lookup and its approval. Taken before lock. */
@@ -171,41 +170,35 @@ static struct {
     uint8_t *slots;              /* approval_slots, mapped; NULL: approved_exec only */
     uint8_t *stash;              /* exec_stash, mapped with slots; NULL: read the tasks */
     size_t slots_size, stash_size;
-    uint32_t slot_count;         /* AW_APPROVAL_SLOTS, a power of two */
     uint64_t seed;
     struct entry *table;
     struct policy policy;        /* all zero: no rules, everything not learned is forwarded */
     uint32_t entries;
     uint64_t bytes;
-    uint64_t counters[C_COUNT];
-    uint32_t recent[RECENT];
+    uint64_t counters[AW_FAST_COUNTERS];
+    uint32_t recent[AW_FAST_RECENT];
     uint64_t recent_count;
     struct listener **listeners; /* indexed by fd */
     int listeners_cap;
 } fp = { .config = PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP, .lock = PTHREAD_MUTEX_INITIALIZER,
           .slots_lock = PTHREAD_MUTEX_INITIALIZER, .map_fd = -1, .forward_fd = -1 };
 
-/* aw_approval_slot: tid (0: free), len, path[path_max]; elements 8-byte aligned. */
-struct approval_slot { uint32_t tid, len; char path[]; };
-/* aw_exec_stash: tid (0: free), len, the filename pointer, path[path_max]. */
-struct exec_stash { uint32_t tid, len; uint64_t filename; char path[]; };
+/* The elements of the two BPF arrays (approval_slots, exec_stash): their
+ * values, 8-byte aligned as the kernel lays them out. */
+#define ELEMENT(type) ((sizeof(type) + 7) & ~(size_t)7)
+#define SLOT_SIZE ELEMENT(struct aw_approval_slot)
+#define STASH_SIZE ELEMENT(struct aw_exec_stash)
 
-/* Elements of the two BPF arrays: a header, then path[path_max], 8-byte aligned. */
-#define SLOT_HEADER sizeof(struct approval_slot)
-#define STASH_HEADER sizeof(struct exec_stash)
-
-static size_t stride(size_t header) { return (header + (size_t)fp.path_max + 7) & ~(size_t)7; }
-
-/* tid's element of an array mapped at base (tid modulo slot_count). */
-static void *slot_of(uint8_t *base, size_t header, uint32_t tid)
+/* tid's element of an array mapped at base (tid modulo AW_APPROVAL_SLOTS). */
+static void *slot_of(uint8_t *base, size_t element, uint32_t tid)
 {
-    return base + (size_t)(tid & (fp.slot_count - 1)) * stride(header);
+    return base + (size_t)(tid & (AW_APPROVAL_SLOTS - 1)) * element;
 }
 
 /* The bytes to map of such an array: every element, rounded up to pages. */
-static size_t mapped_size(size_t header)
+static size_t mapped_size(size_t element)
 {
-    return ((size_t)fp.slot_count * stride(header) + PAGE - 1) & ~(size_t)(PAGE - 1);
+    return ((size_t)AW_APPROVAL_SLOTS * element + PAGE - 1) & ~(size_t)(PAGE - 1);
 }
 
 static void count(int counter)
@@ -296,20 +289,20 @@ static int grow(void **array, uint32_t *count, size_t size)
 
 static uint32_t token_size(uint8_t kind)
 {
-    return kind == T_CLASS ? 17 : kind == T_CHAR ? 2 : 1;
+    return kind == AW_FAST_TOKEN_CLASS ? 17 : kind == AW_FAST_TOKEN_CHAR ? 2 : 1;
 }
 
 /* A word: its tokens are checked here, so matching never reads past them. */
 static int parse_word(struct reader *r, struct policy *p)
 {
     uint32_t len = take_u(r, 2);
-    const uint8_t *tokens = len == MANY ? NULL : take(r, len);
+    const uint8_t *tokens = len == AW_FAST_MANY ? NULL : take(r, len);
     if (r->bad || grow((void **)&p->words, &p->word_count, sizeof(struct word)) < 0)
         return -1;
     p->words[p->word_count - 1] = (struct word){ tokens, (uint16_t)len };
     for (uint32_t i = 0; tokens && i < len;) {
         uint8_t kind = tokens[i];
-        if (kind < T_ANY || kind > T_CHAR || i + token_size(kind) > len)
+        if (kind < AW_FAST_TOKEN_ANY || kind > AW_FAST_TOKEN_CHAR || i + token_size(kind) > len)
             return -1;
         i += token_size(kind);
     }
@@ -335,7 +328,7 @@ static int parse_section(struct reader *r, struct policy *p, struct section *sec
                     return -1;
             rule.args = take_u(r, 2);
             rule.first_arg = p->word_count;
-            for (int k = 0; rule.args != NO_ARGV && k < rule.args; k++)
+            for (int k = 0; rule.args != AW_FAST_NO_ARGV && k < rule.args; k++)
                 if (parse_word(r, p) < 0)
                     return -1;
             if (r->bad || grow((void **)&p->rules, &p->rule_count, sizeof(struct rule)) < 0)
@@ -381,11 +374,11 @@ static int policy_parse(const uint8_t *blob, uint32_t len, struct policy *p)
 static int token_matches(const uint8_t *token, unsigned char c)
 {
     switch (*token) {
-    case T_ONE:
+    case AW_FAST_TOKEN_ONE:
         return 1;
-    case T_CLASS:
+    case AW_FAST_TOKEN_CLASS:
         return c < 128 && (token[1 + c / 8] >> (c % 8)) & 1;
-    default:   /* T_CHAR */
+    default:   /* AW_FAST_TOKEN_CHAR */
         return token[1] == c;
     }
 }
@@ -398,7 +391,7 @@ static int word_matches(const struct word *w, const char *s, uint32_t n)
     const uint8_t *t = w->tokens, *end = t + w->len, *star = NULL;
     uint32_t i = 0, star_i = 0;
     while (i < n) {
-        if (t < end && *t == T_ANY) {
+        if (t < end && *t == AW_FAST_TOKEN_ANY) {
             star = ++t;
             star_i = i;
         } else if (t < end && token_matches(t, (unsigned char)s[i])) {
@@ -411,7 +404,7 @@ static int word_matches(const struct word *w, const char *s, uint32_t n)
             return 0;
         }
     }
-    while (t < end && *t == T_ANY)
+    while (t < end && *t == AW_FAST_TOKEN_ANY)
         t++;
     return t == end;
 }
@@ -423,7 +416,7 @@ static int words_match(const struct word *words, uint32_t count, const struct pi
     uint32_t w = 0, i = 0, star = 0, star_i = 0;
     int starred = 0;
     while (i < n) {
-        if (w < count && words[w].len == MANY) {
+        if (w < count && words[w].len == AW_FAST_MANY) {
             star = ++w;
             star_i = i;
             starred = 1;
@@ -437,7 +430,7 @@ static int words_match(const struct word *words, uint32_t count, const struct pi
             return 0;
         }
     }
-    while (w < count && words[w].len == MANY)
+    while (w < count && words[w].len == AW_FAST_MANY)
         w++;
     return w == count;
 }
@@ -459,7 +452,7 @@ static int section_verdict(const struct policy *p, const struct section *section
             const struct rule *rule = &p->rules[list->first_rule + j];
             if (!words_match(&p->words[rule->first_part], rule->parts, parts, part_count))
                 continue;
-            if (rule->args == NO_ARGV)
+            if (rule->args == AW_FAST_NO_ARGV)
                 matched = 1;
             else if (!args)
                 needs_args = 1;
@@ -665,11 +658,11 @@ static int stashed_filename(uint32_t pid, uint64_t filename, char *out, uint32_t
 {
     if (!fp.stash)
         return -1;
-    const struct exec_stash *s = slot_of(fp.stash, STASH_HEADER, pid);
+    const struct aw_exec_stash *s = slot_of(fp.stash, STASH_SIZE, pid);
     if (__atomic_load_n(&s->tid, __ATOMIC_ACQUIRE) != pid || s->filename != filename)
         return -1;
     uint32_t len = s->len;
-    if (len < 2 || len > room || len >= fp.path_max)
+    if (len < 2 || len > room || len >= sizeof(s->path))
         return -1;
     memcpy(out, s->path, len);
     if (out[len - 1] != 0 || memchr(out, 0, len - 1) || __atomic_load_n(&s->tid, __ATOMIC_ACQUIRE) != pid)
@@ -697,7 +690,7 @@ static int exec_filename(struct listener *l, const struct seccomp_notif *n, char
     int stashed = stashed_filename(n->pid, n->data.args[0], key + at, MAX_KEY - at);
     pthread_rwlock_unlock(&fp.config);
     if (stashed > 0) {
-        count(C_STASHED);
+        count(AW_FAST_COUNTER_STASHED);
         if (key[at] != '/')
             return -1;    /* relative: decided against the cwd, by the supervisor */
         *filename_len = stashed;
@@ -777,10 +770,10 @@ static int exec_args(struct listener *l, const struct seccomp_notif *n, char *ke
  * written. */
 static int approve(uint32_t tid, const char *path, uint32_t len)
 {
-    if (tid == 0 || len == 0 || len > fp.path_max)
+    if (tid == 0 || len == 0 || len > AW_MAX_PATH)
         return -1;    /* 0: the task is not in the supervisor's pid namespace */
     if (fp.slots) {
-        struct approval_slot *slot = slot_of(fp.slots, SLOT_HEADER, tid);
+        struct aw_approval_slot *slot = slot_of(fp.slots, SLOT_SIZE, tid);
         pthread_mutex_lock(&fp.slots_lock);
         uint32_t holder = __atomic_load_n(&slot->tid, __ATOMIC_ACQUIRE);
         int mine = holder == 0 || holder == tid;
@@ -792,15 +785,12 @@ static int approve(uint32_t tid, const char *path, uint32_t len)
         pthread_mutex_unlock(&fp.slots_lock);
         if (mine)
             return 1;
-        count(C_APPROVED_IN_MAP);
+        count(AW_FAST_COUNTER_APPROVED_IN_MAP);
     }
     if (fp.map_fd < 0)
         return -1;
-    struct { uint32_t len, reserved; char path[PAGE]; } value;
-    value.len = len;
-    value.reserved = 0;
+    struct aw_approved value = { .len = len };
     memcpy(value.path, path, len);
-    memset(value.path + len, 0, fp.path_max - len);
     union bpf_attr attr = {0};
     attr.map_fd = fp.map_fd;
     attr.key = (uint64_t)(uintptr_t)&tid;
@@ -815,7 +805,7 @@ static int approve(uint32_t tid, const char *path, uint32_t len)
 static void withdraw(uint32_t tid, int in_slot)
 {
     if (in_slot) {
-        struct approval_slot *slot = slot_of(fp.slots, SLOT_HEADER, tid);
+        struct aw_approval_slot *slot = slot_of(fp.slots, SLOT_SIZE, tid);
         uint32_t expected = tid;
         pthread_mutex_lock(&fp.slots_lock);
         __atomic_compare_exchange_n(&slot->tid, &expected, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
@@ -837,7 +827,7 @@ static uint64_t now_ns(void)
 
 static void forward(uint32_t kind, int fd, const struct seccomp_notif *n)
 {
-    struct forward msg = { .kind = kind, .fd = fd };
+    struct forward msg = { .head = { .kind = kind, .fd = fd } };
     if (n)
         msg.notif = *n;
     /* Blocks while the supervisor is busy: the agent's call waits, nothing is lost. */
@@ -846,7 +836,7 @@ static void forward(uint32_t kind, int fd, const struct seccomp_notif *n)
             continue;
         /* The supervisor is gone: it closes the listeners as it goes, so
          * this call fails when the fd closes. Count it and stop trying. */
-        count(C_FORWARD_FAILURES);
+        count(AW_FAST_COUNTER_FORWARD_FAILURES);
         return;
     }
 }
@@ -905,13 +895,13 @@ static int allow_call(struct listener *l, const struct seccomp_notif *n, const c
     __u64 id = n->id;
     if (ioctl(l->fd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) < 0) {
         pthread_rwlock_unlock(&fp.config);
-        count(C_GONE);     /* the task died or was interrupted */
+        count(AW_FAST_COUNTER_GONE);     /* the task died or was interrupted */
         return 1;
     }
     int in_slot = filename ? approve(n->pid, filename, filename_len) : 0;
     if (in_slot < 0) {
         pthread_rwlock_unlock(&fp.config);
-        count(C_MAP_FAILURES);   /* the supervisor retries or refuses */
+        count(AW_FAST_COUNTER_MAP_FAILURES);   /* the supervisor retries or refuses */
         return 0;
     }
     struct seccomp_notif_resp resp = { .id = n->id, .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE };
@@ -920,10 +910,10 @@ static int allow_call(struct listener *l, const struct seccomp_notif *n, const c
         withdraw(n->pid, in_slot);
     pthread_rwlock_unlock(&fp.config);
     pthread_mutex_lock(&fp.lock);
-    fp.counters[sent < 0 ? C_GONE : C_CONTINUED]++;
+    fp.counters[sent < 0 ? AW_FAST_COUNTER_GONE : AW_FAST_COUNTER_CONTINUED]++;
     if (sent == 0 && ruled)
-        fp.counters[C_RULED]++;
-    fp.recent[fp.recent_count++ % RECENT] = (uint32_t)(now_ns() - started);
+        fp.counters[AW_FAST_COUNTER_RULED]++;
+    fp.recent[fp.recent_count++ % AW_FAST_RECENT] = (uint32_t)(now_ns() - started);
     pthread_mutex_unlock(&fp.lock);
     return 1;
 }
@@ -984,8 +974,8 @@ static void *serve(void *arg)
         memset(&n, 0, sizeof(n));
         if (ioctl(l->fd, SECCOMP_IOCTL_NOTIF_RECV, &n) == 0) {
             if (!answer(l, &n, now_ns())) {
-                count(C_FORWARDED);
-                forward(FORWARD_NOTIFICATION, l->fd, &n);
+                count(AW_FAST_COUNTER_FORWARDED);
+                forward(AW_FAST_FORWARD_NOTIFICATION, l->fd, &n);
             }
             continue;
         }
@@ -996,8 +986,8 @@ static void *serve(void *arg)
         struct pollfd p = { .fd = l->fd, .events = POLLIN };
         if (errno == ENOENT && !(poll(&p, 1, 0) == 1 && (p.revents & POLLHUP) && !(p.revents & POLLIN)))
             continue;
-        count(C_HANGUPS);
-        forward(FORWARD_HANGUP, l->fd, NULL);
+        count(AW_FAST_COUNTER_HANGUPS);
+        forward(AW_FAST_FORWARD_HANGUP, l->fd, NULL);
         break;   /* the supervisor closes the fd once it reads the hang-up */
     }
     return NULL;
@@ -1029,22 +1019,16 @@ int aw_fast_abi(void) { return AW_FAST_ABI; }
 
 /* Prepares the threads. forward_fd: the socket the supervisor reads
  * forwarded events from; the native numbers of execve, open, openat and
- * creat (-1: none on this architecture); path_max: the size of
- * aw_approved.path; slot_count: AW_APPROVAL_SLOTS. 0, or -errno. */
-int aw_fast_start(int forward_fd, int execve_nr, int open_nr, int openat_nr, int creat_nr,
-                  uint32_t path_max, uint32_t slot_count)
+ * creat (-1: none on this architecture). 0, or -errno. */
+int aw_fast_start(int forward_fd, int execve_nr, int open_nr, int openat_nr, int creat_nr)
 {
     if (fp.running)
         return -EBUSY;
-    if (path_max > PAGE || path_max % 8 || slot_count == 0 || (slot_count & (slot_count - 1)))
-        return -EINVAL;
-    fp.slot_count = slot_count;
     fp.forward_fd = forward_fd;
     fp.execve_nr = execve_nr;
     fp.open_nr = open_nr;
     fp.openat_nr = openat_nr;
     fp.creat_nr = creat_nr;
-    fp.path_max = path_max;
     if (getrandom(&fp.seed, sizeof(fp.seed), 0) != sizeof(fp.seed))
         return -errno;
     fp.listeners_cap = (int)sysconf(_SC_OPEN_MAX);
@@ -1104,7 +1088,7 @@ int aw_fast_learn(const char *key, uint32_t len)
     pthread_mutex_lock(&fp.lock);
     if (fp.entries >= TABLE_MAX_ENTRIES || fp.bytes + len > TABLE_MAX_BYTES) {
         table_clear();
-        fp.counters[C_RESETS]++;
+        fp.counters[AW_FAST_COUNTER_RESETS]++;
     }
     struct entry *e = table_slot(key, len, hash);
     if (e && !e->hash) {
@@ -1118,7 +1102,7 @@ int aw_fast_learn(const char *key, uint32_t len)
         e->hash = hash;
         fp.entries++;
         fp.bytes += len;
-        fp.counters[C_LEARNED]++;
+        fp.counters[AW_FAST_COUNTER_LEARNED]++;
     }
     pthread_mutex_unlock(&fp.lock);
     return 0;
@@ -1180,7 +1164,7 @@ int aw_fast_rules_allow(const char *key, uint32_t len)
  * ones. 0, or -errno when they could not be mapped (then neither is used). */
 int aw_fast_set_map(int fd, int slots_fd, int stash_fd)
 {
-    size_t slots_size = mapped_size(SLOT_HEADER), stash_size = mapped_size(STASH_HEADER);
+    size_t slots_size = mapped_size(SLOT_SIZE), stash_size = mapped_size(STASH_SIZE);
     void *slots = NULL, *stash = NULL;
     int err = 0;
     if (slots_fd >= 0 && stash_fd >= 0 && fp.running) {
@@ -1211,13 +1195,13 @@ int aw_fast_set_map(int fd, int slots_fd, int stash_fd)
     return err;
 }
 
-/* Copies the counters (C_COUNT of them) and up to `room` recent handling
+/* Copies the counters (AW_FAST_COUNTERS of them) and up to `room` recent handling
  * times in ns; returns how many times were copied. */
 int aw_fast_stats(uint64_t *counters, uint32_t *recent, int room)
 {
     pthread_mutex_lock(&fp.lock);
     memcpy(counters, fp.counters, sizeof(fp.counters));
-    int count = fp.recent_count < RECENT ? (int)fp.recent_count : RECENT;
+    int count = fp.recent_count < AW_FAST_RECENT ? (int)fp.recent_count : AW_FAST_RECENT;
     if (count > room)
         count = room;
     memcpy(recent, fp.recent, count * sizeof(*recent));
@@ -1225,7 +1209,32 @@ int aw_fast_stats(uint64_t *counters, uint32_t *recent, int room)
     return count;
 }
 
-int aw_fast_counter_count(void) { return C_COUNT; }
+int aw_fast_counter_count(void) { return AW_FAST_COUNTERS; }
+
+/* fastpath.h's structs as compiled here, for the test that Python's view of
+ * them (built from the header's text) has not drifted: the field's offset
+ * and size, the struct's size for field "". Entry i, or -1 past the last. */
+#define FIELD(type, field) { #type, #field, offsetof(struct type, field), sizeof(((struct type *)0)->field) }
+#define STRUCT(type) { #type, "", 0, sizeof(struct type) }
+static const struct { const char *type, *field; uint32_t offset, size; } layout[] = {
+    STRUCT(aw_approved), FIELD(aw_approved, len), FIELD(aw_approved, reserved), FIELD(aw_approved, path),
+    STRUCT(aw_exec_stash), FIELD(aw_exec_stash, tid), FIELD(aw_exec_stash, len),
+    FIELD(aw_exec_stash, filename), FIELD(aw_exec_stash, path),
+    STRUCT(aw_approval_slot), FIELD(aw_approval_slot, tid), FIELD(aw_approval_slot, len),
+    FIELD(aw_approval_slot, path),
+    STRUCT(aw_fast_forward), FIELD(aw_fast_forward, kind), FIELD(aw_fast_forward, fd),
+};
+
+int aw_fast_layout(int i, const char **type, const char **field, uint32_t *offset, uint32_t *size)
+{
+    if (i < 0 || i >= (int)(sizeof(layout) / sizeof(layout[0])))
+        return -1;
+    *type = layout[i].type;
+    *field = layout[i].field;
+    *offset = layout[i].offset;
+    *size = layout[i].size;
+    return 0;
+}
 
 /* Ends every thread; the listeners stay open (the supervisor's). */
 void aw_fast_stop(void)

@@ -6,9 +6,11 @@ to the execs and write-opens that the agent's rules, compiled here
 (`compile_rules`), allow -- or whose exact command line, or absolute path and
 flags, the supervisor already decided `allow` under the current policy -- and
 forwards everything else, unanswered, on a socket the supervisor reads like a
-listener. Built by scripts/build-fastpath.sh (make setup, the .deb); without
-it the supervisor receives and decides every notification itself, correctly
-but hundreds of microseconds slower per call.
+listener. The library, the BPF program and this module share bpf/fastpath.h:
+its version, structs, codes and counters are read from there. Built by
+scripts/build-fastpath.sh (make setup, the .deb); without it the supervisor
+receives and decides every notification itself, correctly but hundreds of
+microseconds slower per call.
 """
 from __future__ import annotations
 
@@ -21,19 +23,19 @@ from pathlib import Path
 
 from agentwarden import policy as policy_mod
 from agentwarden import seccomp_notify as sn
+from agentwarden.headers import FAST_HEADER, header_constants, header_struct
 
 LIBRARY = Path(__file__).with_name("_fastpath.so")
-ABI = 4
-FORWARD_NOTIFICATION, FORWARD_HANGUP = 1, 2
-FORWARD = struct.Struct("=Ii")          # kind, listener fd; then struct seccomp_notif
-FORWARD_SIZE = FORWARD.size + sn.NOTIF_SIZE
-# continued: calls allowed here; ruled: those of them the compiled rules allowed
-# (the rest had been learned); approved_in_map: exec approvals written to
-# approved_exec by bpf() because another thread's approval held their slot;
-# stashed: exec filenames taken from exec_stash rather than read from the task.
-COUNTERS = ("continued", "forwarded", "hangups", "gone", "learned", "resets", "map_failures",
-            "forward_failures", "ruled", "approved_in_map", "stashed")
-RECENT = 1024
+C = header_constants(FAST_HEADER)
+ABI = C["AW_FAST_ABI"]
+FORWARD_NOTIFICATION, FORWARD_HANGUP = C["AW_FAST_FORWARD_NOTIFICATION"], C["AW_FAST_FORWARD_HANGUP"]
+FORWARD = header_struct("aw_fast_forward")   # kind, listener fd; then struct seccomp_notif
+FORWARD_SIZE = ctypes.sizeof(FORWARD) + sn.NOTIF_SIZE
+_COUNTER = "AW_FAST_COUNTER_"
+# Named by the header's AW_FAST_COUNTER_<NAME> lines, in index order (what each counts: there).
+COUNTERS = tuple(name[len(_COUNTER):].lower() for name in sorted(
+    (name for name in C if name.startswith(_COUNTER)), key=C.__getitem__))
+RECENT = C["AW_FAST_RECENT"]
 
 
 def exec_key(agent: str, filename: bytes, argv: list[bytes]) -> bytes:
@@ -47,8 +49,8 @@ def open_key(agent: str, flags: int, path: bytes) -> bytes:
 
 
 # The compiled rules' encoding (layout in fastpath.c).
-T_ANY, T_ONE, T_CLASS, T_CHAR = 1, 2, 3, 4
-MANY = NO_ARGV = 0xFFFF
+T_ANY, T_ONE, T_CLASS, T_CHAR = (C[f"AW_FAST_TOKEN_{name}"] for name in ("ANY", "ONE", "CLASS", "CHAR"))
+MANY, NO_ARGV = C["AW_FAST_MANY"], C["AW_FAST_NO_ARGV"]
 # The rule lists the C side consults, in the policy's precedence: execs, then write-opens.
 SECTIONS = (policy_mod.EXEC_PRECEDENCE, policy_mod.FILE_PRECEDENCE["write"])
 
@@ -122,7 +124,7 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"cannot load {LIBRARY}: {exc}"
     if lib.aw_fast_abi() != ABI or lib.aw_fast_counter_count() != len(COUNTERS):
         return None, f"{LIBRARY} is from another version (rebuild it: make setup)"
-    lib.aw_fast_start.argtypes = [ctypes.c_int] * 5 + [ctypes.c_uint32] * 2
+    lib.aw_fast_start.argtypes = [ctypes.c_int] * 5
     lib.aw_fast_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_release.argtypes = [ctypes.c_int]
     lib.aw_fast_learn.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
@@ -138,14 +140,13 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
 class FastPath:
     """The session threads; `forwarded` is the socket to read their events from."""
 
-    def __init__(self, lib: ctypes.CDLL, numbers: dict[str, int], path_max: int, slot_count: int):
-        """numbers: the native syscall numbers of execve, open, openat and
-        creat; path_max, slot_count: AW_MAX_PATH, AW_APPROVAL_SLOTS."""
+    def __init__(self, lib: ctypes.CDLL, numbers: dict[str, int]):
+        """numbers: the native syscall numbers of execve, open, openat and creat."""
         self.lib = lib
         self.forwarded, self._thread_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.forwarded.setblocking(False)
         err = lib.aw_fast_start(self._thread_end.fileno(), *(
-            numbers.get(name, -1) for name in ("execve", "open", "openat", "creat")), path_max, slot_count)
+            numbers.get(name, -1) for name in ("execve", "open", "openat", "creat")))
         if err < 0:
             raise OSError(-err, f"cannot start the fast path: {os.strerror(-err)}")
 
@@ -199,9 +200,9 @@ class FastPath:
                 return
             if len(data) != FORWARD_SIZE:
                 continue  # cannot happen on a seqpacket pair; never act on a torn one
-            kind, fd = FORWARD.unpack_from(data)
-            notification = sn.parse(data[FORWARD.size:]) if kind == FORWARD_NOTIFICATION else None
-            yield kind, fd, notification
+            head = FORWARD.from_buffer_copy(data)
+            notification = sn.parse(data[ctypes.sizeof(FORWARD):]) if head.kind == FORWARD_NOTIFICATION else None
+            yield head.kind, head.fd, notification
 
     def stats(self) -> tuple[dict[str, int], list[int]]:
         counters = (ctypes.c_uint64 * len(COUNTERS))()

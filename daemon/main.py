@@ -407,7 +407,7 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
-        # Its own process (see supervisor.py); it dies with this one.
+        # Its own process (see supervisor/__init__.py); it dies with this one.
         self.supervisor = subprocess.Popen(
             [sys.executable, "-m", "agentwarden.daemon.supervisor", *settings_mod.flag_args()])
         next_tick = time.monotonic() + TICK_INTERVAL

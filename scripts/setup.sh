@@ -76,7 +76,9 @@ if [ ! -x .venv/bin/lint-imports ]; then
         { echo "setup: installing import-linter from PyPI failed (is PyPI reachable?)" >&2; exit 1; }
 fi
 # 5. The supervisor's compiled fast path for allowed execs.
-if [ ! -f daemon/_fastpath.so ] || [ daemon/fastpath.c -nt daemon/_fastpath.so ]; then
+stale=$([ -f daemon/_fastpath.so ] && find daemon/fastpath.c bpf/fastpath.h bpf/agentwarden.h \
+    -newer daemon/_fastpath.so || echo missing)
+if [ -n "$stale" ]; then
     say "building daemon/_fastpath.so"
     sh scripts/build-fastpath.sh
 fi

@@ -26,7 +26,7 @@ def fast():
     lib, why = fastpath.load()
     if lib is None:
         pytest.fail(f"the fast path library is part of the product (make setup builds it): {why}")
-    fast = fastpath.FastPath(lib, {"execve": 59, "open": 2, "openat": 257, "creat": 85}, 4096, 1024)
+    fast = fastpath.FastPath(lib, {"execve": 59, "open": 2, "openat": 257, "creat": 85})
     yield fast
     fast.set_policy(None)
     fast.stop()

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from agentwarden.probe import loader
-from agentwarden.headers import header_constants
+from agentwarden.headers import FAST_HEADER, header_constants
 from conftest import Warden, wait_for
 
 pytestmark = pytest.mark.kernel
@@ -171,7 +171,7 @@ def test_a_failed_exec_leaves_no_approval_behind(warden, session_agent, tmp_path
     that then fails (ENOENT here) must not leave its approval there, or the
     map fills up and every later exec is refused."""
     from agentwarden import bpfsys
-    from daemon.supervisor import APPROVED_PATH_MAX
+    from daemon.supervisor.approvals import APPROVED_PATH_MAX
     missing = tmp_path / "missing" / "program"
     agent, _ = session_agent(dict(exec_allow=[PY, os.path.realpath(PY), str(missing)]))
     before = supervisor_health(warden)
@@ -294,8 +294,8 @@ def holder(warden: Warden, array: str, tid: int) -> int:
     """The thread that holds tid's slot of approval_slots (its approval) or of
     exec_stash (its filename); 0: none."""
     from agentwarden import bpfsys
-    from daemon.supervisor import APPROVED_PATH_MAX
-    slots = header_constants()["AW_APPROVAL_SLOTS"]
+    from daemon.supervisor.approvals import APPROVED_PATH_MAX
+    slots = header_constants(FAST_HEADER)["AW_APPROVAL_SLOTS"]
     header = {"approval_slots": 8, "exec_stash": 16}[array]   # tid, len[, filename pointer]
     fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / array)
     try:
@@ -311,8 +311,8 @@ def every_slot_held(warden: Warden):
     stop below 2**22), so every approval must go to approved_exec by bpf();
     each approves /usr/bin/touch, which must not count for any other thread."""
     from agentwarden import bpfsys
-    from daemon.supervisor import APPROVED_PATH_MAX
-    slots = header_constants()["AW_APPROVAL_SLOTS"]
+    from daemon.supervisor.approvals import APPROVED_PATH_MAX
+    slots = header_constants(FAST_HEADER)["AW_APPROVAL_SLOTS"]
     fd = bpfsys.open_pinned(warden.settings.bpf_pin_dir / "approval_slots")
     try:
         def fill(holder: int) -> None:

@@ -1,0 +1,38 @@
+"""The supervisor process, started by the daemon (daemon/main.py) as
+`python -m agentwarden.daemon.supervisor [--config F] [--set K=V]`."""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+
+from agentwarden import settings as settings_mod
+from agentwarden.settings import Settings
+
+from .loop import Supervisor
+
+PR_SET_PDEATHSIG = 1
+
+
+def main(settings: Settings) -> None:
+    """The supervisor process: dies with the daemon that started it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        return  # the daemon is already gone
+    logging.basicConfig(level=logging.INFO, format="agentwarden-supervisor: %(message)s")
+    supervisor = Supervisor(settings)
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when to stop
+    supervisor.run()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="agentwarden-supervisor")
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    flags = parser.parse_args()
+    settings_mod.use_flags(flags.config, flags.set)
+    main(Settings.from_env())

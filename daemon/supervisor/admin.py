@@ -1,0 +1,251 @@
+"""The supervisor's socket (UNIX seqpacket, the peer's credentials from the
+kernel): `run` registers a session and hands over its listener fd; admins
+list, approve and deny holds -- never from inside an agent or a session."""
+from __future__ import annotations
+
+import array
+import os
+import pwd
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Callable
+
+from agentwarden import cgroups, control, wire
+from agentwarden import policy as policy_mod
+from agentwarden import seccomp_notify as sn
+from agentwarden.durations import parse_duration
+from agentwarden.errors import AgentwardenError
+from agentwarden.settings import Settings
+
+from ..resolver import proc_ppid
+from .decisions import Decisions
+from .holds import Hold, Holds
+from .listeners import Listeners, Session
+from .records import Records, session_fields
+
+
+def cgroup_of(pid: int) -> str | None:
+    """The cgroup v2 path of a process, relative to the mount ('/' for the root)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        return None
+    return None
+
+
+class Admin:
+    def __init__(self, settings: Settings, listeners: Listeners, holds: Holds, decisions: Decisions,
+                 records: Records, current_policy: Callable[[], policy_mod.PolicySet | None],
+                 start_session: Callable[[Session], None]):
+        """current_policy: the policy, reloaded first if the daemon announced
+        another; start_session: supervise a registered session."""
+        self.settings = settings
+        self.listeners = listeners
+        self.holds = holds
+        self.decisions = decisions
+        self.records = records
+        self.current_policy = current_policy
+        self.start_session = start_session
+        self.admin_gid = settings.admin_gid()
+        self.admin_group = settings.admin_group
+        self.root = cgroups.cgroup2_root()
+        self.server = self._listen()
+
+    def _listen(self) -> socket.socket:
+        path = self.settings.sessions_socket
+        if path.exists():
+            path.unlink()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        server.bind(str(path))
+        self.settings.restrict_socket(path)  # root, and the admin group when there is one
+        server.listen(64)
+        server.setblocking(False)
+        self.listeners.watch(server.fileno(), "server", server)
+        return server
+
+    def accept(self) -> None:
+        conn, _ = self.server.accept()
+        conn.setblocking(True)
+        conn.settimeout(2)
+        self.listeners.watch(conn.fileno(), "client", conn)
+
+    def close(self) -> None:
+        self.server.close()
+
+    # -- who asks -------------------------------------------------------------------------
+
+    def _refusal(self, pid: int, uid: int, gid: int) -> str | None:
+        """Why this peer may not answer holds, or None. Never from inside an
+        agent (even as root), nor from a descendant of a session."""
+        if uid != 0:
+            groups = {gid}
+            try:
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("Groups:"):
+                        groups |= {int(g) for g in line.split()[1:]}
+            except OSError:
+                return "cannot read the requester's groups"
+            if self.admin_gid is None or self.admin_gid not in groups:
+                return f"only root and members of group {self.admin_group!r} may answer holds"
+        sessions = {s.pid for s in self.listeners.sessions.values()}
+        current = pid
+        for _ in range(4096):
+            if current <= 1:
+                return None
+            if current in sessions:
+                return "requests from inside an agentwarden run session are refused"
+            relative = cgroup_of(current)
+            if relative is None:
+                return "cannot read the requester's cgroup"
+            agent = self._agent_of(relative)
+            if agent:
+                return f"requests from inside agent {agent!r} are refused, even as root"
+            current = proc_ppid(current)
+        return "process ancestry too deep"
+
+    def _agent_of(self, relative: str) -> str | None:
+        """The agent tag of a cgroup or any ancestor (read from the xattrs themselves)."""
+        path = Path(os.path.normpath(f"{self.root}/{relative}"))
+        while True:
+            try:
+                tag = cgroups.read_tag(path)
+            except OSError:
+                tag = None
+            if tag:
+                return tag
+            if path == self.root or self.root not in path.parents:
+                return None
+            path = path.parent
+
+    def _identity(self, uid: int, request: dict) -> str:
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = f"uid:{uid}"
+        sudo = request.get("sudo_user")
+        return f"{sudo} (via sudo)" if uid == 0 and isinstance(sudo, str) and sudo else name
+
+    # -- requests -------------------------------------------------------------------------
+
+    def on_client(self, conn: socket.socket) -> None:
+        try:
+            data, ancillary, _flags, _addr = conn.recvmsg(wire.MAX_ADMIN_REQUEST_BYTES, socket.CMSG_SPACE(4 * 4))
+        except OSError:
+            data = b""
+        fds = []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self.listeners.unwatch(conn.fileno())
+            conn.close()
+            return
+        pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                             struct.calcsize("3i")))
+        try:
+            request = wire.decode_admin_request(data)
+            reply = self._answer(request, pid, uid, gid, fds)
+        except (ValueError, TypeError, KeyError) as exc:
+            reply = {"ok": False, "error": f"malformed request: {exc}"}
+            for fd in fds:
+                os.close(fd)
+        try:
+            conn.send(wire.pack(reply))
+        except OSError:
+            pass
+
+    def _answer(self, request: dict, pid: int, uid: int, gid: int, fds: list[int]) -> dict:
+        cmd = request["cmd"]
+        if cmd == "register":
+            return self._register(request, pid, uid, fds)
+        for fd in fds:
+            os.close(fd)  # only a registration may carry a descriptor
+        refusal = self._refusal(pid, uid, gid)
+        if refusal:
+            return {"ok": False, "error": refusal}
+        if cmd == "holds":
+            return {"ok": True, "holds": [self._describe(h) for h in self.holds.pending.values()]}
+        if cmd in ("approve", "deny"):
+            hold = self.holds.pending.get(request.get("id"))
+            if hold is None:
+                return {"ok": False, "error": f"no pending hold {request.get('id')!r} "
+                                              "(unknown, or already decided)"}
+            who, reason = self._identity(uid, request), request.get("reason")
+            if cmd == "deny":
+                self.holds.finish(hold, False, "denied", f"{who}: {reason or 'no reason given'}")
+                return {"ok": True, "state": "denied"}
+            remember = request.get("remember")
+            if remember is not None:
+                remember = parse_duration(str(remember), "remember", positive=True)
+            if who in hold.approvals:
+                return {"ok": False, "error": f"{who} already approved {hold.id}; it needs "
+                                              f"{hold.required} distinct approvers"}
+            hold.approvals[who] = reason
+            if len(hold.approvals) < hold.required:
+                self.records.hold(hold, "approval", f"{who}: {reason or 'no reason given'}")
+                return {"ok": True, "state": "pending",
+                        "needed": hold.required - len(hold.approvals)}
+            if remember:
+                self.decisions.remember(hold.session.agent, hold.key, remember)
+            self.holds.finish(hold, True, "approved", "; ".join(
+                f"{w}: {r or 'no reason given'}" for w, r in hold.approvals.items())
+                + (f"; remembered for {remember:g}s" if remember else ""))
+            return {"ok": True, "state": "approved"}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _describe(self, hold: Hold) -> dict:
+        return {"id": hold.id, **session_fields(hold.session), "pid": hold.notification.pid,
+                "action": hold.action, "rule": hold.rule, "since": hold.since_ns,
+                "waited": round(time.monotonic() - hold.since, 1),
+                "timeout_in": round(hold.deadline - time.monotonic(), 1),
+                "approvals": sorted(hold.approvals), "required": hold.required}
+
+    def _register(self, request: dict, pid: int, uid: int, fds: list[int]) -> dict:
+        def refuse(why: str) -> dict:
+            for fd in fds:
+                os.close(fd)
+            return {"ok": False, "error": why}
+
+        if uid != 0:
+            return refuse("only root may register a session")
+        if len(fds) != 1:
+            return refuse("a registration carries exactly one seccomp listener fd")
+        fields = {k: request.get(k) for k in ("session", "agent", "user", "task", "on_behalf_of",
+                                              "host", "cgroup")}
+        if not all(isinstance(v, str) for v in fields.values()):
+            return refuse("a registration names session, agent, user, task, on_behalf_of, host, cgroup")
+        current = self.current_policy()  # after a reload the daemon just announced
+        if current is None or fields["agent"] not in current.agents:
+            return refuse(f"no policy for agent {fields['agent']!r}: a session needs one")
+        cgroup = Path(fields["cgroup"])
+        try:
+            if (cgroups.read_tag(cgroup) != fields["agent"]
+                    or cgroups.read_tag(cgroup, cgroups.SESSION_XATTR) != fields["session"]
+                    or cgroups.read_tag(cgroup, cgroups.INSTANCE_XATTR) != self.settings.instance):
+                return refuse(f"{cgroup} is not tagged as session {fields['session']} of {fields['agent']}")
+        except OSError as exc:
+            return refuse(f"cannot read the session cgroup {cgroup}: {exc.strerror}")
+        if Path(os.path.normpath(f"{self.root}/{cgroup_of(pid)}")) != cgroup:
+            return refuse("the registering process is not in the session cgroup")
+        try:
+            tags = control.request(self.settings, "status", timeout=2)["status"]["probe"]["tags"]
+        except AgentwardenError as exc:
+            return refuse(f"cannot ask the daemon whether the probe watches the session: {exc}")
+        watched = tags.get(str(cgroups.cgroup_id(cgroup)))
+        if not watched or watched.get("session") != fields["session"]:
+            return refuse("the probe does not watch the session cgroup yet")
+        fd = fds[0]
+        os.set_inheritable(fd, False)
+        sn.set_sync_wakeup(fd)
+        session = Session(id=fields["session"], agent=fields["agent"], user=fields["user"],
+                          task=fields["task"], on_behalf_of=fields["on_behalf_of"],
+                          host=fields["host"], cgroup=cgroup, fd=fd, pid=pid, started=time.time_ns())
+        self.start_session(session)
+        return {"ok": True, "session": session.id}

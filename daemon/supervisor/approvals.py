@@ -1,0 +1,126 @@
+"""Exec approvals: what a session thread may execute, written for the BPF
+program before its exec continues (it kills anything else at
+sched_process_exec), and the probe's pinned maps this takes: approved_exec,
+and approval_slots and exec_stash, which the fast path maps."""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from pathlib import Path
+
+from agentwarden import bpfsys
+from agentwarden import seccomp_notify as sn
+from agentwarden.headers import header_struct
+
+from .. import fastpath
+from .listeners import Session
+
+log = logging.getLogger("agentwarden.daemon")
+
+APPROVED = header_struct("aw_approved")   # approved_exec's value (bpf/fastpath.h)
+APPROVED_PATH_MAX = APPROVED.path.size
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+class ExecApprovals:
+    def __init__(self, pin_dir: Path, fast: fastpath.FastPath | None, sessions: dict[int, Session],
+                 counters: dict[str, int]):
+        """pin_dir: where the probe pins its maps; sessions: the listener
+        registry's (a missing map is an error only while there are any);
+        counters: the supervisor's, for `continued`."""
+        self.pin_dir = pin_dir
+        self.fast = fast
+        self.sessions = sessions
+        self.counters = counters
+        self._approved_fd: int | None = None
+        self._pinned_inodes: tuple | None = None
+
+    def follow(self) -> None:
+        """Keep the fd of the probe's pinned approved_exec map, and the fast
+        path's mappings of its approval_slots and exec_stash; a restarted probe
+        pins new ones. Checked every health interval, not per exec: until then
+        approvals land in the old maps, and the new program kills those execs
+        (fail closed)."""
+        approved_path, *mapped = (self.pin_dir / name for name in bpfsys.SUPERVISOR_MAPS)
+        try:
+            inodes = (os.stat(approved_path).st_ino, *(_inode(path) for path in mapped))
+            if self._approved_fd is None or inodes != self._pinned_inodes:
+                fd = bpfsys.open_pinned(approved_path)
+                if self.fast:
+                    self._map_shared(fd, mapped)
+                if self._approved_fd is not None:
+                    os.close(self._approved_fd)
+                self._approved_fd, self._pinned_inodes = fd, inodes
+        except OSError as exc:
+            if self.fast:
+                self.fast.set_maps(None, None, None)
+            if self._approved_fd is not None:
+                os.close(self._approved_fd)
+            self._approved_fd = self._pinned_inodes = None
+            if self.sessions:
+                log.error("cannot open the probe's approved-exec map %s: %s", approved_path, exc)
+
+    def _map_shared(self, approved_fd: int, paths: list[Path]) -> None:
+        """Hand the fast path approved_exec and the maps it maps (approval_slots,
+        exec_stash); approved_exec alone, and the tasks' memory read, if they
+        are not there (an older probe) or cannot be mapped."""
+        fds = []
+        try:
+            for path in paths:
+                fds.append(bpfsys.open_pinned(path))
+            self.fast.set_maps(approved_fd, *fds)
+        except OSError as exc:
+            log.warning("approving execs by bpf() and reading their filenames from the tasks: %s", exc)
+            self.fast.set_maps(approved_fd, None, None)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def approve(self, tid: int, form: bytes) -> bool:
+        """Tell the BPF program what this thread may execute; False when the
+        map cannot be written (then the exec must be refused)."""
+        if self._approved_fd is None:
+            self.follow()
+            if self._approved_fd is None:
+                return False
+        data = form + b"\0"
+        if len(data) > APPROVED_PATH_MAX or tid == 0:   # 0: not in our pid namespace
+            return False
+        try:
+            # approved_exec, whose updates are atomic; approval_slots are the
+            # fast path threads' alone (see fastpath.c).
+            bpfsys.update(self._approved_fd, struct.pack("=I", tid), bytes(APPROVED(len=len(data), path=data)))
+            return True
+        except OSError as exc:
+            log.error("cannot write approved exec for %d: %s", tid, exc)
+            self.follow()
+            return False
+
+    def withdraw(self, tid: int) -> None:
+        """Take back an approval whose call could not be continued (its task
+        died meanwhile, perhaps before its exit removed it)."""
+        if self._approved_fd is not None:
+            try:
+                bpfsys.delete(self._approved_fd, struct.pack("=I", tid))
+            except OSError:
+                pass
+
+    def let_through(self, fd: int, n: sn.Notification, exec_form: bytes | None) -> bool:
+        """Continue a notified call, an exec once approved; False when it was
+        refused (no approval) or its task is gone."""
+        if exec_form is not None and not self.approve(n.pid, exec_form):
+            sn.respond(fd, n.id, allow=False)
+            return False
+        self.counters["continued"] += 1
+        if sn.respond(fd, n.id, allow=True):
+            return True
+        if exec_form is not None:
+            self.withdraw(n.pid)
+        return False

@@ -1,0 +1,83 @@
+"""The listener registry: the sessions by their seccomp listener fd, and the
+epoll set of every fd the supervisor waits on (listeners it receives on
+itself, the admin socket and its clients, the fast path's forwarding socket).
+"""
+from __future__ import annotations
+
+import logging
+import select
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import fastpath
+
+log = logging.getLogger("agentwarden.daemon")
+
+
+@dataclass
+class Session:
+    id: str
+    agent: str
+    user: str
+    task: str
+    on_behalf_of: str
+    host: str
+    cgroup: Path
+    fd: int
+    pid: int
+    started: int
+
+    def remove_cgroup(self) -> None:
+        """An empty session leaves nothing behind; one still populated by
+        processes that left the filter's reach keeps its cgroup."""
+        try:
+            self.cgroup.rmdir()
+        except OSError:
+            pass
+
+
+class Listeners:
+    def __init__(self):
+        self.sessions: dict[int, Session] = {}          # listener fd -> session
+        # epoll itself, not selectors: a listener's event mask tells a pending
+        # notification (EPOLLIN) from a session whose processes are all gone
+        # (EPOLLHUP alone) without another syscall.
+        self.poller = select.epoll()
+        self.watched: dict[int, tuple[str, object]] = {}   # fd -> (kind, socket or fd)
+
+    def watch(self, fd: int, kind: str, target) -> None:
+        self.poller.register(fd, select.EPOLLIN)
+        self.watched[fd] = (kind, target)
+
+    def unwatch(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        del self.watched[fd]
+
+    def add(self, session: Session, fast: fastpath.FastPath | None) -> None:
+        """A new session: its notifications go to a fast-path thread, or,
+        when there is none, to this process's loop."""
+        self.sessions[session.fd] = session
+        if not (fast and self._fast_watch(session, fast)):
+            self.watch(session.fd, "listener", session.fd)  # this process receives its notifications
+
+    def _fast_watch(self, session: Session, fast: fastpath.FastPath) -> bool:
+        """Hand the session's listener to a fast-path thread; False if none starts."""
+        try:
+            fast.watch(session.fd, session.agent)
+            return True
+        except OSError as exc:
+            log.error("supervisor: no fast-path thread for session %s: %s", session.id, exc)
+            return False
+
+    def remove(self, fd: int, fast: fastpath.FastPath | None) -> Session:
+        """The session of a listener whose processes are all gone; the fd
+        stays open, the caller's to close."""
+        session = self.sessions.pop(fd)
+        if fd in self.watched:
+            self.unwatch(fd)
+        else:
+            fast.release(fd)  # its thread forwarded the hang-up and ended
+        return session
+
+    def close(self) -> None:
+        self.poller.close()

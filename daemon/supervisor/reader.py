@@ -1,0 +1,119 @@
+"""The notification reader: what a notified syscall asks for, read from the
+task's memory (/proc/PID/mem) and resolved against its cwd or directory fds,
+as the events `policy.decide` understands."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from agentwarden import seccomp_notify as sn
+from agentwarden.paths import AT_EMPTY_PATH, AT_FDCWD, normalise
+
+from .. import fastpath
+from ..resolver import proc_link
+
+MAX_ARGS = 4096
+
+
+@dataclass
+class Request:
+    """What a notified syscall asks for, as events `decide` understands."""
+    action: str                 # one line for people
+    key: tuple                  # the same action by the same agent: remember / retry
+    events: list[dict]
+    exec_form: bytes | None     # exec: the filename in the kernel's own form
+    fast_key: bytes | None = None   # what the fast path can repeat once allowed
+
+
+def read(agent: str, n: sn.Notification, name: str) -> Request | None:
+    """The request of notification n (syscall name) by a task of agent; None
+    when its arguments cannot be read."""
+    try:
+        with sn.TaskMemory(n.pid) as mem:
+            return _read_request(agent, n, name, mem)
+    except OSError:
+        return None
+
+
+def _base(pid: int, dirfd: int) -> str | None:
+    return proc_link(pid, "cwd") if dirfd == AT_FDCWD else proc_link(pid, f"fd/{dirfd}")
+
+
+def _resolve(pid: int, dirfd: int, raw: bytes) -> str | None:
+    path = os.fsdecode(raw)
+    if path.startswith("/"):
+        return normalise(path)
+    base = _base(pid, dirfd)
+    if base is None:
+        return None
+    return normalise(base + "/" + path) if path else normalise(base)
+
+
+def _int(value: int) -> int:
+    """A syscall's int argument from its 64-bit register."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _read_request(agent: str, n: sn.Notification, name: str, mem: sn.TaskMemory) -> Request | None:
+    a = n.args
+    if name in ("execve", "execveat"):
+        dirfd, fn_ptr, argv_ptr, flags = ((AT_FDCWD, a[0], a[1], 0) if name == "execve"
+                                          else (_int(a[0]), a[1], a[2], a[4]))
+        raw = mem.string(fn_ptr)
+        # One more than is read: a longer argv is judged as cut short (see policy.py).
+        pointers = mem.pointers(argv_ptr, MAX_ARGS + 1) if argv_ptr else []
+        if raw is None or pointers is None:
+            return None
+        truncated = len(pointers) > MAX_ARGS
+        argv = [mem.string(p) for p in pointers[:MAX_ARGS]]
+        if any(arg is None for arg in argv):
+            return None
+        if raw.startswith(b"/") or dirfd == AT_FDCWD:
+            form = raw
+        elif raw == b"" and flags & AT_EMPTY_PATH:
+            form = f"/dev/fd/{dirfd}".encode()
+        else:
+            form = f"/dev/fd/{dirfd}/".encode() + raw
+        resolved = _resolve(n.pid, dirfd, raw)
+        argv_text = [os.fsdecode(x) for x in argv]
+        event = {"kind": "exec", "agent": agent, "resolved_filename": resolved,
+                 "exec_path": "", "argv": argv_text, "argv_truncated": truncated, "ret": 0}
+        shown = " ".join(argv_text) + (" ..." if truncated else "") + f" ({resolved or os.fsdecode(raw)})"
+        repeatable = name == "execve" and raw.startswith(b"/") and argv_ptr and not truncated
+        return Request(f"exec {shown}", ("exec", resolved, tuple(argv_text), truncated), [event], form,
+                       fastpath.exec_key(agent, raw, argv) if repeatable else None)
+    paths: list[tuple[int, int, int]] = []   # (dirfd, pointer, open flags)
+    write = os.O_WRONLY
+    if name == "open":
+        paths = [(AT_FDCWD, a[0], _int(a[1]))]
+    elif name == "openat":
+        paths = [(_int(a[0]), a[1], _int(a[2]))]
+    elif name == "openat2":
+        how = mem.u64s(a[2], 1)
+        if how is None:
+            return None
+        paths = [(_int(a[0]), a[1], how[0])]
+    elif name == "creat":
+        paths = [(AT_FDCWD, a[0], os.O_CREAT | os.O_WRONLY | os.O_TRUNC)]
+    elif name == "rename":
+        paths = [(AT_FDCWD, a[0], write), (AT_FDCWD, a[1], write)]
+    elif name in ("renameat", "renameat2"):
+        paths = [(_int(a[0]), a[1], write), (_int(a[2]), a[3], write)]
+    elif name == "unlink" or name == "truncate":
+        paths = [(AT_FDCWD, a[0], write)]
+    elif name == "unlinkat":
+        paths = [(_int(a[0]), a[1], write)]
+    events, shown = [], []
+    for dirfd, pointer, flags in paths:
+        raw = mem.string(pointer)
+        if raw is None:
+            return None
+        resolved = _resolve(n.pid, dirfd, raw)
+        events.append({"kind": "open", "agent": agent, "resolved_path": resolved,
+                       "path": os.fsdecode(raw), "flags": flags, "ret": 0})
+        shown.append(resolved or os.fsdecode(raw))
+    action = f"{name} {' -> '.join(shown)}"
+    repeatable = name in ("open", "openat", "creat") and raw.startswith(b"/")
+    return Request(action, ("file", name, tuple(shown)), events, None,
+                   fastpath.open_key(agent, flags, raw) if repeatable else None)
