@@ -206,6 +206,8 @@ KEYS: dict[str, Key] = {k.name: k for k in (
         "sessions: an exec or write-open of an absolute path that the agent's allow rules allow "
         "(no deny or hold rule matching) is answered by the supervisor's compiled thread (about "
         "15 us a round trip) instead of Python; false decides every one in Python"),
+    Key("remember_max", 86400.0, _seconds_between(1, 30 * 86400, "must be between 1 second and 30 days"),
+        "the longest `approve --remember` an admin may give (seconds, or 15m, 8h, 1d)"),
 )}
 
 
@@ -217,6 +219,7 @@ class Settings:
     tag_scan_interval: float = KEYS["tag_scan_interval"].default
     wakeup_interval: float = KEYS["wakeup_interval"].default
     exec_fast_path: bool = KEYS["exec_fast_path"].default
+    remember_max: float = KEYS["remember_max"].default
     policy_dir: Path = KEYS["policy_dir"].default
     agents_dir: Path = KEYS["agents_dir"].default
     admin_group: str = KEYS["admin_group"].default

@@ -85,7 +85,10 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     "hold": {"time": Int, "hold_id": Str, "state": Str, "session": Str, "agent": Str,
              "on_behalf_of": Str, "task": Str, "pid": Int, "action": Str, "rule": OptStr,
              "policy_hash": Str, "required": Int, "approvers": (list,), "reason": OptStr,
-             "waited": (int, float)},
+             "waited": (int, float),
+             # each approval and the denial: {uid, name, reason, time[, login_uid]}, the uid
+             # from the kernel (SO_PEERCRED); root counts once whatever sudo says
+             "approvals": (list,), "denial": (dict, type(None))},
     # The seccomp supervision of an `agentwarden run` session starting (its listener
     # handed over) or ending (no process left under the filter).
     "supervision": {"time": Int, "state": Str, "session": Str, "agent": Str, "on_behalf_of": Str,

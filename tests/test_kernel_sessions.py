@@ -547,6 +547,48 @@ def test_two_approver_rule_needs_two_different_admins(admins, own_warden, agent_
     warden.settle()
     [approved] = [r for r in warden.records() if r["kind"] == "hold" and r["state"] == "approved"]
     assert approved["approvers"] == ["aw-test-alice", "aw-test-bob"]
+    assert [(a["name"], a["reason"]) for a in approved["approvals"]] == [
+        ("aw-test-alice", "aw-test-alice ok"), ("aw-test-bob", "aw-test-bob ok")]
+    assert len({a["uid"] for a in approved["approvals"]}) == 2 and approved["denial"] is None
+
+
+def test_root_counts_once_whatever_sudo_says(warden, session_agent):
+    """The approver is the uid on the socket (SO_PEERCRED): root approving twice
+    under two SUDO_USER names is one approval; --remember must be finite,
+    positive and at most remember_max."""
+    agent, _ = session_agent(dict(exec_allow=SHELL, exec_hold=["/usr/bin/date"],
+                                  extra="hold-approvers = 2\n"))
+    proc = start_run(warden, agent, ["/usr/bin/date", "+sod-%Y"])
+    try:
+        [hold] = wait_hold(warden, agent)
+        for bad in ("inf", "nan", "-1", "0", "1e3"):
+            refused = warden.cli("approve", hold["id"], "--remember", bad, check=False)
+            assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+            assert "is not a duration" in refused.stderr or "must be positive" in refused.stderr, refused.stderr
+        too_long = warden.cli("approve", hold["id"], "--remember", "31d", check=False)
+        assert too_long.returncode == 1 and "remember_max" in too_long.stderr, too_long.stderr
+        def approve_claiming(user: str, uid: str) -> subprocess.CompletedProcess:
+            return subprocess.run([PY, "-m", "agentwarden", "approve", hold["id"], "--reason", f"{user} says ok"],
+                                  env={**warden.env, "SUDO_USER": user, "SUDO_UID": uid},
+                                  capture_output=True, text=True, timeout=30)
+        as_alice = approve_claiming("alice", "1000")
+        assert as_alice.returncode == 0 and "1 more distinct approver" in as_alice.stdout, as_alice.stderr
+        as_bob = approve_claiming("bob", "1001")
+        assert as_bob.returncode == 1 and "already approved" in as_bob.stderr, as_bob.stderr
+        assert "root counts once" in as_bob.stderr
+        assert proc.poll() is None   # still held
+        warden.cli("deny", hold["id"], "--reason", "no second admin")
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    warden.settle()
+    records = [r for r in warden.records() if r["kind"] == "hold" and r["hold_id"] == hold["id"]]
+    [approval] = [r for r in records if r["state"] == "approval"]
+    assert [a["uid"] for a in approval["approvals"]] == [0]
+    # The environment's claim is no identity: the name is root's.
+    assert approval["approvals"][0]["name"].startswith("root") and "alice" not in approval["approvals"][0]["name"]
+    [denied] = [r for r in records if r["state"] == "denied"]
+    assert denied["denial"]["uid"] == 0 and denied["denial"]["reason"] == "no second admin"
 
 
 def test_killing_the_daemon_fails_held_and_later_calls_closed(own_warden, agent_cgroup, tmp_path):

@@ -26,6 +26,25 @@ from .listeners import Listeners, Session
 from .records import Records, session_fields
 
 
+NO_LOGIN_UID = 0xFFFFFFFF   # (uid_t)-1: the session has no audit login uid
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid:{uid}"
+
+
+def login_uid(pid: int) -> int | None:
+    """The audit login uid of a process (set at login, kept across sudo), or None."""
+    try:
+        value = int(open(f"/proc/{pid}/loginuid").read())
+    except (OSError, ValueError):
+        return None
+    return None if value == NO_LOGIN_UID else value
+
+
 def cgroup_of(pid: int) -> str | None:
     """The cgroup v2 path of a process, relative to the mount ('/' for the root)."""
     try:
@@ -122,13 +141,18 @@ class Admin:
                 return None
             path = path.parent
 
-    def _identity(self, uid: int, request: dict) -> str:
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            name = f"uid:{uid}"
-        sudo = request.get("sudo_user")
-        return f"{sudo} (via sudo)" if uid == 0 and isinstance(sudo, str) and sudo else name
+    @staticmethod
+    def _approver(pid: int, uid: int, reason: str | None) -> dict:
+        """Who answers, from the kernel alone: the socket peer's uid (SO_PEERCRED)
+        and, for root, the audit login uid of its session (who logged in before
+        sudo). Environment variables (SUDO_USER) are never asked."""
+        answer = {"uid": uid, "name": user_name(uid), "reason": reason, "time": time.time_ns()}
+        if uid == 0:
+            login = login_uid(pid)
+            if login is not None and login != 0:
+                answer["login_uid"] = login
+                answer["name"] = f"root (logged in as {user_name(login)})"
+        return answer
 
     # -- requests -------------------------------------------------------------------------
 
@@ -177,25 +201,33 @@ class Admin:
             if hold is None:
                 return {"ok": False, "error": f"no pending hold {request.get('id')!r} "
                                               "(unknown, or already decided)"}
-            who, reason = self._identity(uid, request), request.get("reason")
+            reason = request.get("reason")
+            if reason is not None and not isinstance(reason, str):
+                raise ValueError("reason must be a string")
+            who = self._approver(pid, uid, reason)
             if cmd == "deny":
-                self.holds.finish(hold, False, "denied", f"{who}: {reason or 'no reason given'}")
+                hold.denial = who
+                self.holds.finish(hold, False, "denied", f"{who['name']}: {reason or 'no reason given'}")
                 return {"ok": True, "state": "denied"}
             remember = request.get("remember")
             if remember is not None:
                 remember = parse_duration(str(remember), "remember", positive=True)
-            if who in hold.approvals:
-                return {"ok": False, "error": f"{who} already approved {hold.id}; it needs "
-                                              f"{hold.required} distinct approvers"}
-            hold.approvals[who] = reason
+                if remember > self.settings.remember_max:
+                    return {"ok": False, "error": f"--remember {request['remember']} is longer than "
+                                                  f"remember_max ({self.settings.remember_max:g}s)"}
+            if uid in hold.approvals:
+                return {"ok": False, "error": f"{hold.approvals[uid]['name']} (uid {uid}) already approved "
+                                              f"{hold.id}; it needs {hold.required} approvals by distinct "
+                                              "users (root counts once, whatever sudo says)"}
+            hold.approvals[uid] = who
             if len(hold.approvals) < hold.required:
-                self.records.hold(hold, "approval", f"{who}: {reason or 'no reason given'}")
+                self.records.hold(hold, "approval", f"{who['name']}: {reason or 'no reason given'}")
                 return {"ok": True, "state": "pending",
                         "needed": hold.required - len(hold.approvals)}
             if remember:
                 self.decisions.remember(hold.session.agent, hold.key, remember)
             self.holds.finish(hold, True, "approved", "; ".join(
-                f"{w}: {r or 'no reason given'}" for w, r in hold.approvals.items())
+                f"{a['name']}: {a['reason'] or 'no reason given'}" for a in hold.approvals.values())
                 + (f"; remembered for {remember:g}s" if remember else ""))
             return {"ok": True, "state": "approved"}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
@@ -205,7 +237,7 @@ class Admin:
                 "action": hold.action, "rule": hold.rule, "since": hold.since_ns,
                 "waited": round(time.monotonic() - hold.since, 1),
                 "timeout_in": round(hold.deadline - time.monotonic(), 1),
-                "approvals": sorted(hold.approvals), "required": hold.required}
+                "approvals": sorted(a["name"] for a in hold.approvals.values()), "required": hold.required}
 
     def _register(self, request: dict, pid: int, uid: int, fds: list[int]) -> dict:
         def refuse(why: str) -> dict:

@@ -32,7 +32,9 @@ class Hold:
     since: float
     since_ns: int
     deadline: float
-    approvals: dict[str, str | None] = field(default_factory=dict)  # identity -> reason
+    # uid -> the approval (uid, name, reason, time): distinct uids, as the kernel reports them
+    approvals: dict[int, dict] = field(default_factory=dict)
+    denial: dict | None = None                                      # who denied it, and why
 
 
 class Holds:

@@ -61,7 +61,10 @@ class Records:
         self.emit({"kind": "hold", "time": time.time_ns(), "hold_id": hold.id, "state": state,
                    **session_fields(hold.session), "pid": hold.notification.pid,
                    "action": hold.action, "rule": hold.rule, "policy_hash": hold.policy_hash,
-                   "required": hold.required, "approvers": sorted(hold.approvals),
+                   "required": hold.required,
+                   "approvers": sorted(a["name"] for a in hold.approvals.values()),
+                   "approvals": sorted(hold.approvals.values(), key=lambda a: a["time"]),
+                   "denial": hold.denial,
                    "reason": reason, "waited": round(time.monotonic() - hold.since, 3)})
 
     def refusal(self, s: Session, pid: int, action: str, verdict: Verdict, taken: str) -> None:
