@@ -28,7 +28,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 app.add_typer(policy_app, name="policy")
 app.add_typer(log_app, name="log")
 
-TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive"}
+TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive", "hold"}
 
 
 @app.callback()
@@ -221,10 +221,11 @@ def agents(as_json: bool = typer.Option(False, "--json", help="one JSON object p
 def tail(agent: Optional[str] = typer.Option(None, "--agent", help="only this agent's events"),
          as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
          count: int = typer.Option(0, "--count", help="exit after this many records (0: never)"),
-         violations: bool = typer.Option(False, "--violations", help="only policy violations")):
-    """Follow agent events (or only violations) live.
+         violations: bool = typer.Option(False, "--violations", help="only policy violations"),
+         holds_only: bool = typer.Option(False, "--holds", help="only holds (pending, answered, timed out)")):
+    """Follow agent events (or only violations, or only holds) live.
 
-    Example: sudo agentwarden tail --violations --agent coder
+    Example: sudo agentwarden tail --violations --agent coder; sudo agentwarden tail --holds
     """
     settings = _settings()
     control.check_reachable(settings, settings.events_endpoint)
@@ -233,7 +234,7 @@ def tail(agent: Optional[str] = typer.Option(None, "--agent", help="only this ag
     sock.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_EVENTS)
     sock.connect(settings.events_endpoint)
     shown, last_seq = 0, None
-    kinds = {"violation"} if violations else TAIL_KINDS
+    kinds = ({"violation"} if violations else set()) | ({"hold"} if holds_only else set()) or TAIL_KINDS
     try:
         while True:
             try:
@@ -254,6 +255,8 @@ def tail(agent: Optional[str] = typer.Option(None, "--agent", help="only this ag
                 line = render.as_json(record) if as_json else render.human(record)
                 if record["kind"] == "violation" and not as_json:
                     line = typer.style(line, fg=typer.colors.RED, bold=True)  # plain when piped
+                elif record["kind"] == "hold" and not as_json:
+                    line = typer.style(line, fg=typer.colors.YELLOW, bold=record["state"] == "pending")
                 typer.echo(line)
                 shown += 1
                 if count and shown >= count:
@@ -302,6 +305,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="the full status a
                      if fast == "running" else f"exec fast path off: {fast}")
         typer.echo(f"sessions: {sup.get('sessions', 0)} running, {sup.get('holds', 0)} holds pending, "
                    f"{fast_note}")
+    if st.get("notify"):
+        typer.echo("notify: " + render.notify_status(st["notify"]))
     drops = st["drops"]
     typer.echo("drops:  " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
 
