@@ -117,8 +117,9 @@ def test_a_failing_or_slow_command_is_counted_and_never_blocks_the_caller(tmp_pa
     a.close()
 
     monkeypatch.setattr(notify, "QUEUE_SIZE", 5)
-    gate = tmp_path / "go"
-    slow = alerts(tmp_path, notify_command=str(recorder(tmp_path, wait_for_file=gate)), notify_timeout=30)
+    gate, here = tmp_path / "go", tmp_path / "slow"
+    here.mkdir()
+    slow = alerts(tmp_path, notify_command=str(recorder(here, wait_for_file=gate)), notify_timeout=30)
     slow.hold(hold(hold_id="h0-0000"))
     wait_for(lambda: slow.info()["channels"]["command"]["queued"] == 0, what="the first one to run")
     started = time.monotonic()
@@ -129,7 +130,7 @@ def test_a_failing_or_slow_command_is_counted_and_never_blocks_the_caller(tmp_pa
     assert (command["queued"], command["dropped"], command["sent"]) == (5, 9, 0)
     gate.touch()
     wait_for(lambda: slow.info()["channels"]["command"]["sent"] == 6, what="the queue to drain")
-    assert [r["hold_id"] for r in received(tmp_path / "out.jsonl")] == [f"h{n}-0000" for n in range(6)]
+    assert [r["hold_id"] for r in received(here / "out.jsonl")] == [f"h{n}-0000" for n in range(6)]
     slow.close()
 
 
