@@ -3,19 +3,15 @@ server on 127.0.0.1: the command gets each hold as JSON on stdin, the webhook
 the POSTs with `text`, failures are retried and counted, nothing blocks."""
 from __future__ import annotations
 
-import json
 import os
-import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from agentwarden import render
 from agentwarden.settings import ConfigError, Settings, load
 from conftest import wait_for
+from hooks import Hook, received, recorder
 from daemon import notify
 
 T = 1_700_000_000_000_000_000
@@ -29,62 +25,11 @@ def hold(state: str = "pending", hold_id: str = "h1-ab12", **changes) -> dict:
             "waited": 0.0, **changes}
 
 
-class Hook:
-    """A real HTTP server on 127.0.0.1 that records the JSON bodies POSTed to it
-    and answers with `status` (a list: one per request, the last one repeated)."""
-
-    def __init__(self, statuses=(200,)):
-        self.bodies: list[dict] = []
-        self.statuses = list(statuses)
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status = hook.statuses.pop(0) if len(hook.statuses) > 1 else hook.statuses[0]
-                if status == 200:
-                    hook.bodies.append(body)
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def hook():
     server = Hook()
     yield server
     server.close()
-
-
-def recorder(tmp_path: Path, exit_status: int = 0, wait_for_file: Path | None = None) -> Path:
-    """A command that appends its stdin as one line to out.jsonl (after
-    `wait_for_file` exists, if named), then exits with exit_status."""
-    script = tmp_path / "recorder.py"
-    gate = (f"import os, time\nwhile not os.path.exists({str(wait_for_file)!r}):\n"
-            "    time.sleep(0.01)\n") if wait_for_file else ""
-    script.write_text(f"#!{sys.executable}\nimport sys\n{gate}"
-                      f"data = sys.stdin.read()\n"
-                      f"with open({str(tmp_path / 'out.jsonl')!r}, 'a') as f:\n"
-                      f"    f.write(data.replace('\\n', ' ') + '\\n')\n"
-                      f"sys.exit({exit_status})\n")
-    script.chmod(0o755)
-    return script
-
-
-def received(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def alerts(tmp_path, **settings) -> notify.HoldAlerts:
@@ -167,9 +112,8 @@ def test_the_webhook_retries_with_backoff_then_counts_the_failure(tmp_path, monk
         flaky.close()
     # A server that is down: 1 + WEBHOOK_RETRIES attempts, then one failure.
     down = Hook()
-    url = down.url
-    down.close()
-    a = alerts(tmp_path, notify_webhook=url)
+    down.down()
+    a = alerts(tmp_path, notify_webhook=down.url)
     a.hold(hold())
     webhook = wait_for(lambda: (lambda w: w if w["failed"] == 1 else None)(
         a.info()["channels"]["webhook"]), what="the failure counted")
