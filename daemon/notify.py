@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Callable
 
@@ -243,13 +244,16 @@ def post_json(url: str, data: bytes, timeout: float) -> None:
     (network errors, timeouts, 5xx, 408 and 429: yes; another 4xx: no)."""
     request = urllib.request.Request(url, data=data, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": "agentwarden"})
+    # A webhook's path is often its secret (Slack's are): logs and status name the host only.
+    parts = urllib.parse.urlsplit(url)
+    where = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "") + "/…"
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read()
     except urllib.error.HTTPError as exc:
-        raise DeliveryFailed(f"{url}: HTTP {exc.code} {exc.reason}",
+        raise DeliveryFailed(f"{where}: HTTP {exc.code} {exc.reason}",
                              retry=exc.code >= 500 or exc.code in (408, 429)) from None
     except urllib.error.URLError as exc:
-        raise DeliveryFailed(f"{url}: {exc.reason}", retry=True) from None
+        raise DeliveryFailed(f"{where}: {exc.reason}", retry=True) from None
     except (OSError, ValueError) as exc:  # timeouts, resets, a bad reply
-        raise DeliveryFailed(f"{url}: {exc}", retry=True) from None
+        raise DeliveryFailed(f"{where}: {exc}", retry=True) from None
