@@ -1,5 +1,6 @@
-"""Receivers for hold notifications in tests: a real HTTP server on 127.0.0.1
-(the webhook) and a real program that records its stdin (the command)."""
+"""Hold notifications in tests: a hold record as the supervisor makes it, and
+receivers: a real HTTP server on 127.0.0.1 (the webhook) and a real program
+that records its stdin (the command)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,16 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+T = 1_700_000_000_000_000_000
+
+
+def hold(state: str = "pending", hold_id: str = "h1-ab12", **changes) -> dict:
+    return {"kind": "hold", "time": T, "hold_id": hold_id, "state": state, "session": "s-1",
+            "agent": "coder", "on_behalf_of": "alice", "task": "fix #12", "pid": 4242,
+            "action": "exec /usr/bin/date +%Y", "rule": 'exec.hold "/usr/bin/date *" at p.toml:3',
+            "policy_hash": "sha256:00", "required": 1, "approvers": [], "reason": None,
+            "waited": 0.0, **changes}
 
 
 class Hook:

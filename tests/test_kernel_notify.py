@@ -4,6 +4,8 @@ the CLI; a real HTTP server on 127.0.0.1 as the webhook, a real program as the
 command; `tail` showing holds."""
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -12,7 +14,8 @@ import time
 import pytest
 
 from conftest import AgentCgroup, Warden, wait_for
-from hooks import Hook, received, recorder
+from fakeprobe import Daemon, FakeProbe
+from hooks import Hook, hold, received, recorder
 from test_kernel_sessions import SHELL, _name, _policy, holds, start_run, wait_hold
 
 pytestmark = pytest.mark.kernel
@@ -189,3 +192,55 @@ def test_tail_shows_holds_by_default_and_only_holds_with_holds(notified, held_ag
     assert all(" HOLD " in line for line in lines["holds"] if line.strip())
     assert any(f" exec " in line and " HOLD " not in line for line in lines["default"])
     assert any(wanted in line and "; approved by root; root: tail test" in line for line in lines["holds"])
+
+
+def _datagrams(sock: socket.socket) -> list[dict[str, str]]:
+    """KEY=VALUE lines of each datagram waiting (sd_notify; the journal's native
+    protocol, for values without a newline)."""
+    out = []
+    sock.setblocking(False)
+    try:
+        while True:
+            out.append(dict(line.split("=", 1) for line in sock.recv(1 << 16).decode().splitlines()))
+    except BlockingIOError:
+        return out
+
+
+def test_a_real_daemon_tells_the_journal_and_the_status_line(kernel, tmp_path):
+    """`agentwarden daemon` fed hold records over its ingest socket, in a mount
+    namespace whose /run/systemd/journal is ours: libsystemd's own datagrams
+    arrive with the structured fields, and sd_notify STATUS= names the hold."""
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(journal_dir / "socket"))
+    status = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    status.bind(str(tmp_path / "notify"))
+    daemon = Daemon(tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "notify")}, wrapper=[
+        "unshare", "--mount", "--propagation", "private", "sh", "-c",
+        f"mount -t tmpfs none /run && mkdir /run/systemd && ln -s {journal_dir} /run/systemd/journal"
+        ' && exec "$@"', "sh"])
+    daemon.start()
+    probe = FakeProbe(daemon.settings)
+    try:
+        probe.send([hold(time=time.time_ns())])
+        entry = wait_for(lambda: _datagrams(journal), what="the journal entry")[0]
+        assert entry["MESSAGE"].startswith("hold h1-ab12 pending: agent coder (for alice, task fix #12)")
+        assert (entry["PRIORITY"], entry["SYSLOG_IDENTIFIER"], entry["AGENTWARDEN_HOLD_ID"],
+                entry["AGENTWARDEN_STATE"], entry["AGENTWARDEN_AGENT"]) == (
+                    "4", "agentwarden", "h1-ab12", "pending", "coder")
+        assert wait_for(lambda: [m for m in _datagrams(status) if "1 hold pending (oldest h1-ab12 of "
+                                 "coder, " in m.get("STATUS", "")], what="STATUS= naming the hold")
+        probe.send([hold("approved", time=time.time_ns(), approvers=["root"], reason="root: ok")])
+        entry = wait_for(lambda: _datagrams(journal), what="the second journal entry")[0]
+        assert (entry["PRIORITY"], entry["AGENTWARDEN_STATE"], entry["AGENTWARDEN_APPROVERS"]) == (
+            "5", "approved", "root")
+        assert wait_for(lambda: [m for m in _datagrams(status) if "STATUS" in m
+                                 and "pending" not in m["STATUS"]], what="STATUS= without it")
+        channels = daemon.status()["notify"]["channels"]
+        assert (channels["journal"]["sent"], channels["journal"].get("unavailable", 0)) == (2, 0)
+    finally:
+        probe.close()
+        daemon.stop()
+        journal.close()
+        status.close()

@@ -11,19 +11,8 @@ import pytest
 from agentwarden import render
 from agentwarden.settings import ConfigError, Settings, load
 from conftest import wait_for
-from hooks import Hook, received, recorder
+from hooks import T, Hook, hold, received, recorder
 from daemon import notify
-
-T = 1_700_000_000_000_000_000
-
-
-def hold(state: str = "pending", hold_id: str = "h1-ab12", **changes) -> dict:
-    return {"kind": "hold", "time": T, "hold_id": hold_id, "state": state, "session": "s-1",
-            "agent": "coder", "on_behalf_of": "alice", "task": "fix #12", "pid": 4242,
-            "action": "exec /usr/bin/date +%Y", "rule": 'exec.hold "/usr/bin/date *" at p.toml:3',
-            "policy_hash": "sha256:00", "required": 1, "approvers": [], "reason": None,
-            "waited": 0.0, **changes}
-
 
 @pytest.fixture
 def hook():
