@@ -148,30 +148,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Example: .venv/bin/python bench/notify.py --holds 50")
     parser.add_argument("--holds", type=int, default=50, help="holds to make and approve (default 50)")
-    parser.add_argument("--no-docs", action="store_true",
-                        help="save the results in bench/results/ but leave docs/benchmarks.md alone")
-    args = parser.parse_args()
-    command = (" ".join([".venv/bin/python bench/notify.py", *sys.argv[1:]])
-               if sys.argv[1:] else "make bench-notify")
-    meta = bench_report.machine(command)
-    started = time.monotonic()
+    args, meta, started = bench_report.bench_args(parser, "notify.py", "bench-notify")
     workdir = Path(tempfile.mkdtemp(prefix="agentwarden-bench-notify-"))
     try:
         results = measure(args.holds, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    results["meta"] = {**meta, "duration_s": time.monotonic() - started}
-    print(bench_report.render_text(results, "notify bench", [bench_report.notify_section(results)]),
-          end="")
-    path = bench_report.write(results, bench_report.RESULTS_DIR, bench_report.NOTIFY_RESULTS)
-    print(f"wrote {path.relative_to(bench_report.REPO_DIR)}")
-    if not args.no_docs:
-        try:
-            bench_report.update_docs(bench_report.notify_blocks(results))
-        except bench_report.DocsError as exc:
-            sys.exit(f"bench: {exc} (the results are saved: fix it, then run "
-                     "bench/report.py --write-docs)")
-        print(f"wrote the notify block of {bench_report.DOCS_PATH.relative_to(bench_report.REPO_DIR)}")
+    bench_report.publish(results, meta, started, lambda r: bench_report.render_text(
+        r, "notify bench", [bench_report.notify_section(r)]), bench_report.NOTIFY_RESULTS,
+        bench_report.notify_blocks, docs=not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -455,6 +455,36 @@ def update_docs(blocks: dict[str, str], path: Path = DOCS_PATH) -> list[str]:
     return list(blocks)
 
 
+def bench_args(parser: argparse.ArgumentParser, script: str, target: str):
+    """A bench's start: its arguments and --no-docs parsed; when, where and how it
+    runs (`machine`, naming `make TARGET` or the script's command line); the time."""
+    parser.add_argument("--no-docs", action="store_true",
+                        help="save the results in bench/results/ but leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    command = (" ".join([f".venv/bin/python bench/{script}", *sys.argv[1:]])
+               if sys.argv[1:] else f"make {target}")
+    return args, machine(command), time.monotonic()
+
+
+def publish(results: dict, meta: dict, started: float, render, results_name: str, blocks,
+            docs: bool) -> None:
+    """A bench's end: print its report (`render(results)`), save its results in
+    bench/results/ and, with `docs`, rewrite its blocks (`blocks(results)`) of
+    docs/benchmarks.md."""
+    results["meta"] = {**meta, "duration_s": time.monotonic() - started}
+    print(render(results), end="")
+    path = write(results, RESULTS_DIR, results_name)
+    print(f"wrote {path.relative_to(REPO_DIR)}")
+    if docs:
+        written = blocks(results)
+        try:
+            update_docs(written)
+        except DocsError as exc:
+            sys.exit(f"bench: {exc} (the results are saved: fix it, then run "
+                     "bench/report.py --write-docs)")
+        print(f"wrote the {', '.join(written)} block of {DOCS_PATH.relative_to(REPO_DIR)}")
+
+
 def saved_blocks(directory: Path = RESULTS_DIR) -> dict[str, str]:
     """The blocks the newest saved results make (run and archive)."""
     blocks: dict[str, str] = {}
