@@ -64,17 +64,18 @@ def payload(record: dict[str, Any], host: str) -> dict[str, Any]:
 class Channel:
     """One way out: a bounded queue and the thread that empties it."""
 
-    def __init__(self, name: str, deliver: Callable[[dict], str | None]):
+    def __init__(self, name: str, deliver: Callable[[dict], str | None], *more_counters: str):
         self.name = name
         self._deliver = deliver   # returns None, or a counter to bump instead of "sent"
-        self.counters = {"sent": 0, "failed": 0, "dropped": 0}
+        # Every key from the start: `info()` copies them while the thread counts.
+        self.counters = dict.fromkeys(("sent", "failed", "dropped", *more_counters), 0)
         self.last_error: str | None = None
         self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
         self._thread = threading.Thread(target=self._run, name=f"notify-{name}", daemon=True)
         self._thread.start()
 
     def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
+        self.counters[name] += 1
 
     def submit(self, item: dict) -> None:
         try:
@@ -160,13 +161,13 @@ class HoldAlerts:
         self.journal_socket = journal_socket
         self.pending = PendingHolds()
         self._stop = threading.Event()
-        self.channels = {"journal": Channel("journal", self._to_journal)}
+        self.channels = {"journal": Channel("journal", self._to_journal, "unavailable")}
         self._command = shlex.split(settings.notify_command)
         if self._command:
             self.channels["command"] = Channel("command", self._run_command)
         self._webhook = settings.notify_webhook
         if self._webhook:
-            self.channels["webhook"] = Channel("webhook", self._post)
+            self.channels["webhook"] = Channel("webhook", self._post, "retries")
 
     def hold(self, record: dict) -> None:
         """From the daemon's loop, for each hold record: never blocks."""
