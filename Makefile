@@ -9,7 +9,7 @@ VENV := .venv
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup run test bench bench-archive archive-soak deb systemd-test
+.PHONY: setup run test bench bench-archive bench-notify archive-soak deb systemd-test
 
 setup:
 	@sh scripts/setup.sh
@@ -29,6 +29,11 @@ bench: setup
 # its block of docs/benchmarks.md likewise.
 bench-archive: setup
 	$(VENV)/bin/python bench/archive.py
+
+# Hold to notification delivered (notify_command and notify_webhook), median and
+# p99 over 50 holds (root); the notify block of docs/benchmarks.md likewise.
+bench-notify: setup
+	$(VENV)/bin/python bench/notify.py
 
 # The kill -9 crash test, 500 times (ITERATIONS=n for another count).
 archive-soak: setup

@@ -38,8 +38,45 @@ def _result(record: dict[str, Any]) -> str:
     return "-> ok" if record["kind"] != "open" else f"-> fd {record['ret']}"
 
 
+def hold_text(record: dict[str, Any]) -> str:
+    """One line about a hold record, for tail, the journal and notification hooks:
+    id, state, agent (and for whom), the action, how long it waited, who answered, why."""
+    state = record["state"]
+    who = ", ".join(f"{label} {record[key]}" for key, label in (("on_behalf_of", "for"),
+                                                                ("task", "task")) if record.get(key))
+    line = (f"{record['hold_id']} {state}: agent {record['agent']}" + (f" ({who})" if who else "")
+            + f" pid {record['pid']} {record['action']}")
+    if state == "pending":
+        line += f"; rule {record['rule'] or 'none allows it'}; needs {record['required']} approver(s)"
+    else:
+        line += f"; waited {record['waited']:.1f}s"
+    if record.get("approvers"):
+        line += f"; approved by {', '.join(map(str, record['approvers']))}"
+        if state == "approval":
+            line += f" ({len(record['approvers'])} of {record['required']})"
+    if record.get("reason"):
+        line += f"; {record['reason']}"
+    return line
+
+
+def notify_status(info: dict[str, Any]) -> str:
+    """The daemon's hold notifications (`agentwarden status`), in one line."""
+    parts = []
+    for name, c in info["channels"].items():
+        part = f"{name} {c['sent']} sent"
+        if c.get("unavailable"):
+            part += f", {c['unavailable']} to the daemon's log (no journal)"
+        part += f", {c['failed']} failed, {c['dropped']} dropped"
+        notes = ([f"{c['retries']} retries"] if c.get("retries") else []) + (
+            [f"last error: {c['last_error']}"] if c.get("last_error") else [])
+        parts.append(part + (f" ({'; '.join(notes)})" if notes else ""))
+    return f"{info['pending']} holds pending; " + "; ".join(parts)
+
+
 def human(record: dict[str, Any]) -> str:
     kind = record["kind"]
+    if kind == "hold":
+        return f"{_clock(record['time'])} HOLD {hold_text(record)}"
     if kind == "gap":
         detail = f": {record['detail']}" if record.get("detail") else ""
         return f"{clock(record['time'])} LOST {record['count']} records at stage {record['stage']}{detail}"
@@ -132,6 +169,12 @@ def status(st: dict[str, Any], now_ns: int) -> list[str]:
                      if fast == "running" else f"exec fast path off: {fast}")
         lines.append(f"sessions: {sup.get('sessions', 0)} running, {sup.get('holds', 0)} holds pending, "
                      f"{fast_note}")
+    if st.get("notify"):
+        lines.append("notify: " + notify_status(st["notify"]))
+    watch = st.get("watch")
+    if watch and watch.get("state") == "lost":
+        lines.append(f"WATCH LOST: the probe is gone; agents frozen until it watches again: "
+                     f"{', '.join(watch.get('frozen', [])) or 'none'}")
     drops = st["drops"]
     lines.append("drops:  " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
     return lines

@@ -18,7 +18,10 @@ import hashlib
 import math
 import os
 import re
+import shlex
+import shutil
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -170,6 +173,45 @@ def _slice(value: Any) -> str:
     return value
 
 
+def _notify_command(value: Any) -> str:
+    """A command line run for each hold ("" is none): its program must exist now."""
+    if not isinstance(value, str):
+        raise ValueError('must be a command line, or "" for none')
+    try:
+        argv = shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"cannot be split into words: {exc}") from None
+    if not argv:
+        return ""
+    program = argv[0]
+    found = shutil.which(program) if "/" not in program else (
+        program if os.path.isfile(program) and os.access(program, os.X_OK) else None)
+    if not found:
+        where = "is not an executable file" if "/" in program else "is not found on PATH"
+        raise ValueError(f"the program {program!r} {where}")
+    return value
+
+
+def _notify_webhook(value: Any) -> str:
+    """An http(s) URL that each hold is POSTed to ("" is none)."""
+    if not isinstance(value, str):
+        raise ValueError('must be an http:// or https:// URL, or "" for none')
+    if not value:
+        return ""
+    try:
+        url = urllib.parse.urlsplit(value)
+        url.port  # raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.hostname or any(c.isspace() for c in value):
+        raise ValueError('must be an http:// or https:// URL with a host, e.g. '
+                         '"https://hooks.slack.com/services/T0/B0/XYZ"')
+    return value
+
+
+_notify_timeout = _seconds_between(0.1, 60, "must be between 0.1 and 60 seconds")
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -208,6 +250,14 @@ KEYS: dict[str, Key] = {k.name: k for k in (
         "15 us a round trip) instead of Python; false decides every one in Python"),
     Key("remember_max", 86400.0, _seconds_between(1, 30 * 86400, "must be between 1 second and 30 days"),
         "the longest `approve --remember` an admin may give (seconds, or 15m, 8h, 1d)"),
+    Key("notify_command", "", _notify_command,
+        "run for each hold record (pending, approval, approved, denied, timed-out, abandoned) "
+        "with the record as JSON on stdin, one at a time, never delaying a decision; \"\" is none"),
+    Key("notify_webhook", "", _notify_webhook,
+        "an http(s) URL each hold record is POSTed to as JSON with a Slack-style \"text\" "
+        "field, retried 3 times with backoff; \"\" is none"),
+    Key("notify_timeout", 5.0, _notify_timeout,
+        "seconds a notify_command may run, and each notify_webhook attempt may take"),
 )}
 
 
@@ -225,6 +275,9 @@ class Settings:
     admin_group: str = KEYS["admin_group"].default
     agents_slice: str = KEYS["agents_slice"].default
     cgroup_scope: str = KEYS["cgroup_scope"].default
+    notify_command: str = KEYS["notify_command"].default
+    notify_webhook: str = KEYS["notify_webhook"].default
+    notify_timeout: float = KEYS["notify_timeout"].default
     archive: ArchiveSettings = field(default_factory=ArchiveSettings, compare=False)
     # key -> where its value came from ("default", a file, "environment AGENTWARDEN_X", "--set")
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

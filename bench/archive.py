@@ -166,25 +166,10 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=400_000, help="records to append (default 400,000)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each measurement; the median is shown")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to write (a real disk)")
-    parser.add_argument("--no-docs", action="store_true",
-                        help="save the results in bench/results/ but leave docs/benchmarks.md alone")
-    args = parser.parse_args()
-    command = (" ".join([".venv/bin/python bench/archive.py", *sys.argv[1:]])
-               if sys.argv[1:] else "make bench-archive")
-    meta = bench_report.machine(command)
-    started = time.monotonic()
+    args, meta, started = bench_report.bench_args(parser, "archive.py", "bench-archive")
     results = measure(args)
-    results["meta"] = {**meta, "duration_s": time.monotonic() - started}
-    print(bench_report.render_archive_text(results), end="")
-    path = bench_report.write(results, bench_report.RESULTS_DIR, bench_report.ARCHIVE_RESULTS)
-    print(f"wrote {path.relative_to(bench_report.REPO_DIR)}")
-    if not args.no_docs:
-        try:
-            bench_report.update_docs(bench_report.archive_blocks(results))
-        except bench_report.DocsError as exc:
-            sys.exit(f"bench: {exc} (the results are saved: fix it, then run "
-                     "bench/report.py --write-docs)")
-        print(f"wrote the archive block of {bench_report.DOCS_PATH.relative_to(bench_report.REPO_DIR)}")
+    bench_report.publish(results, meta, started, bench_report.render_archive_text,
+                         bench_report.ARCHIVE_RESULTS, bench_report.archive_blocks, docs=not args.no_docs)
 
 
 if __name__ == "__main__":

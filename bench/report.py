@@ -33,11 +33,14 @@ RESULTS_DIR = BENCH_DIR / "results"
 DOCS_PATH = REPO_DIR / "docs" / "benchmarks.md"
 RUN_RESULTS = "latest.json"              # bench/run.py
 ARCHIVE_RESULTS = "archive-latest.json"  # bench/archive.py
+NOTIFY_RESULTS = "notify-latest.json"    # bench/notify.py
 # The parts of bench/run.py, each one generated block of docs/benchmarks.md.
 RUN_PARTS = ("untagged", "throughput", "enforcement")
 
 # Targets for the untagged slowdown (docs/benchmarks.md).
 MAX_RATIO_VS_BPFTRACE = 1.05
+# Target for a hold's notification: delivered this many ms after the hold, at the median.
+MAX_NOTIFY_MEDIAN_MS = 50
 # Fewer visits per monitor than this leave the medians at the mercy of noise.
 FEW_VISITS = 5
 
@@ -276,9 +279,10 @@ def _headline(meta: dict) -> str:
             f"took {meta['duration_s']:.0f} s")
 
 
-def render_text(results: dict) -> str:
-    lines = [f"agentwarden bench: {_headline(results['meta'])}"]
-    for number, section in enumerate(sections(results), 1):
+def render_text(results: dict, title: str = "agentwarden bench",
+                section_list: list[Section] | None = None) -> str:
+    lines = [f"{title}: {_headline(results['meta'])}"]
+    for number, section in enumerate(sections(results) if section_list is None else section_list, 1):
         widths = [max(len(r[i]) for r in [section.headers, *section.rows])
                   for i in range(len(section.headers))]
         lines += ["", f"{number}. {section.title}", section.intro, ""]
@@ -364,10 +368,48 @@ def render_archive_text(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def archive_blocks(results: dict) -> dict[str, str]:
+def block(name: str, results: dict, section: Section) -> dict[str, str]:
+    """docs/benchmarks.md's block `name`: one section, headed by the run's date,
+    machine and commit."""
     meta = results["meta"]
     headline = f"Measured by `{meta['command']}`: {_headline(meta)}."
-    return {"archive": "\n".join([headline, *_markdown_sections([archive_section(results)])])}
+    return {name: "\n".join([headline, *_markdown_sections([section])])}
+
+
+def archive_blocks(results: dict) -> dict[str, str]:
+    return block("archive", results, archive_section(results))
+
+
+# bench/notify.py's results.
+
+def notify_section(results: dict) -> Section:
+    rows, notes = [], []
+    for channel, by_state in results["latency"].items():
+        for state, v in by_state.items():
+            rows.append([channel, state, f"{v['count']}", f"{v['median_ms']:.1f}", f"{v['p99_ms']:.1f}",
+                         f"{v['max_ms']:.1f}"])
+            if state == "all":
+                met = v["median_ms"] <= MAX_NOTIFY_MEDIAN_MS
+                notes.append(f"target {channel}: median ≤ {MAX_NOTIFY_MEDIAN_MS} ms: "
+                             f"{v['median_ms']:.1f} ms: {'met' if met else 'NOT met'}")
+    counters = results["counters"]
+    notes.append("delivery counters at the end: " + "; ".join(
+        f"{name} " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if isinstance(v, int))
+        for name, c in counters.items()))
+    intro = (f"{results['holds']} holds of a real `agentwarden run` session (an exec of /usr/bin/true "
+             f"held by the policy), each approved through the supervisor's socket once both hooks "
+             f"had its pending record. Latency: from the hold record's `time` (set by the "
+             f"supervisor as it holds or answers the call) to the receiver's clock on arrival: the "
+             f"notify_command (bench/notify_receiver.c, C) at its start, the notify_webhook (a "
+             f"http.server on 127.0.0.1 in the bench) when the POST arrives. \"decided\" is the "
+             f"approved record.")
+    return Section("Hold to notification delivered", intro,
+                   ["channel", "records", "count", "median ms", "p99 ms", "max ms"], rows, notes,
+                   text_columns=2)
+
+
+def notify_blocks(results: dict) -> dict[str, str]:
+    return block("notify", results, notify_section(results))
 
 
 # Saving results and writing docs/benchmarks.md.
@@ -413,10 +455,41 @@ def update_docs(blocks: dict[str, str], path: Path = DOCS_PATH) -> list[str]:
     return list(blocks)
 
 
+def bench_args(parser: argparse.ArgumentParser, script: str, target: str):
+    """A bench's start: its arguments and --no-docs parsed; when, where and how it
+    runs (`machine`, naming `make TARGET` or the script's command line); the time."""
+    parser.add_argument("--no-docs", action="store_true",
+                        help="save the results in bench/results/ but leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    command = (" ".join([f".venv/bin/python bench/{script}", *sys.argv[1:]])
+               if sys.argv[1:] else f"make {target}")
+    return args, machine(command), time.monotonic()
+
+
+def publish(results: dict, meta: dict, started: float, render, results_name: str, blocks,
+            docs: bool) -> None:
+    """A bench's end: print its report (`render(results)`), save its results in
+    bench/results/ and, with `docs`, rewrite its blocks (`blocks(results)`) of
+    docs/benchmarks.md."""
+    results["meta"] = {**meta, "duration_s": time.monotonic() - started}
+    print(render(results), end="")
+    path = write(results, RESULTS_DIR, results_name)
+    print(f"wrote {path.relative_to(REPO_DIR)}")
+    if docs:
+        written = blocks(results)
+        try:
+            update_docs(written)
+        except DocsError as exc:
+            sys.exit(f"bench: {exc} (the results are saved: fix it, then run "
+                     "bench/report.py --write-docs)")
+        print(f"wrote the {', '.join(written)} block of {DOCS_PATH.relative_to(REPO_DIR)}")
+
+
 def saved_blocks(directory: Path = RESULTS_DIR) -> dict[str, str]:
     """The blocks the newest saved results make (run and archive)."""
     blocks: dict[str, str] = {}
-    for name, render in ((RUN_RESULTS, run_blocks), (ARCHIVE_RESULTS, archive_blocks)):
+    for name, render in ((RUN_RESULTS, run_blocks), (ARCHIVE_RESULTS, archive_blocks),
+                         (NOTIFY_RESULTS, notify_blocks)):
         path = directory / name
         if path.exists():
             blocks.update(render(json.loads(path.read_text())))

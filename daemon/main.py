@@ -22,6 +22,7 @@ from .archive import ArchiveWriter
 from .freeze_guard import FreezeGuard
 from .watch import WatchGuard
 from .governor import Governor
+from .notify import HoldAlerts
 from .resolver import Resolver
 from agentwarden.archive.segments import load_key
 from .sessions import Sessions
@@ -84,6 +85,7 @@ class Daemon:
         self.supervisor_health: dict[str, Any] = {}
         self.supervisor: subprocess.Popen | None = None
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
+        self.alerts = HoldAlerts(settings, self.archive.host)  # holds: journal, status line, hooks
 
     def _bind(self, kind: int, endpoint: str):
         sock = self.ctx.socket(kind)
@@ -233,6 +235,9 @@ class Daemon:
         elif kind == "health" and record["stage"] == "supervisor":
             self.supervisor_health = record["counters"]
         self.archive.append(record)
+        if kind == "hold":
+            self.alerts.hold(record)   # queued for the journal and hooks; never waits
+            self.notifier.alive(self.status_line())
         self._archive_own(own)
         if violation:
             violation["event_seq"] = record.get("seq")
@@ -314,7 +319,9 @@ class Daemon:
         probe = "no contact yet" if not self.probe_last_seen else "up" if age < 5 else f"silent for {age:.0f}s"
         if self.watch.state == "lost":
             probe = "LOST: agents frozen"
-        return f"{self.counters['events']} events archived, {self.rate:.0f}/s; probe {probe}"
+        holds = self.alerts.pending.summary(time.time_ns())
+        return (f"{self.counters['events']} events archived, {self.rate:.0f}/s; probe {probe}"
+                + (f"; {holds}" if holds else ""))
 
     # -- archive ---------------------------------------------------------------
 
@@ -369,6 +376,8 @@ class Daemon:
                        "kernel_rules": len(self.governor.kernel_rules())},
             "sessions": self.supervisor_health,
             "watch": self.watch.info(),
+            "notify": self.alerts.info(),
+            "status_line": self.status_line(),
         }
 
     def handle_control(self) -> None:
@@ -453,6 +462,7 @@ class Daemon:
         self.notifier.stopping("draining and closing the archive")
         self.drain_ingest()
         self.tick()
+        self.alerts.close()
         self.archive.close()
         for sock in (self.pull, self.pub, self.control):
             sock.close()

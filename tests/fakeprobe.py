@@ -51,8 +51,10 @@ def tags_record(agents: dict[int, dict]) -> dict:
 class Daemon:
     """`agentwarden daemon` alone, with its own directories and settings."""
 
-    def __init__(self, tmp: Path, env: dict | None = None, state_dir: Path | None = None):
+    def __init__(self, tmp: Path, env: dict | None = None, state_dir: Path | None = None,
+                 wrapper: list[str] | None = None):
         self.tmp = tmp
+        self.wrapper = wrapper or []  # a command that execs its arguments (unshare ...)
         self.settings = Settings(run_dir=tmp / "run", state_dir=state_dir or tmp / "state",
                                  policy_dir=tmp / "policy")
         self.settings.policy_dir.mkdir(exist_ok=True)
@@ -64,7 +66,7 @@ class Daemon:
 
     def start(self, timeout: float = 15.0) -> "Daemon":
         self.log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "daemon"], env=self.env,
+        self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "agentwarden", "daemon"], env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:

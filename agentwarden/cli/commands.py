@@ -27,7 +27,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 app.add_typer(policy_app, name="policy")
 app.add_typer(log_app, name="log")
 
-TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive"}
+TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive", "hold"}
 
 
 @app.callback()
@@ -160,13 +160,14 @@ def agents(as_json: bool = typer.Option(False, "--json", help="one JSON object p
 def tail(agent: Optional[str] = typer.Option(None, "--agent", help="only this agent's events"),
          as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
          count: int = typer.Option(0, "--count", help="exit after this many records (0: never)"),
-         violations: bool = typer.Option(False, "--violations", help="only policy violations")):
-    """Follow agent events (or only violations) live.
+         violations: bool = typer.Option(False, "--violations", help="only policy violations"),
+         holds_only: bool = typer.Option(False, "--holds", help="only holds (pending, answered, timed out)")):
+    """Follow agent events (or only violations, or only holds) live.
 
-    Example: sudo agentwarden tail --violations --agent coder
+    Example: sudo agentwarden tail --violations --agent coder; sudo agentwarden tail --holds
     """
     shown = 0
-    kinds = {"violation"} if violations else TAIL_KINDS
+    kinds = ({"violation"} if violations else set()) | ({"hold"} if holds_only else set()) or TAIL_KINDS
     try:
         with contextlib.closing(control.subscribe(_settings())) as feed:
             for received in feed:
@@ -184,6 +185,8 @@ def tail(agent: Optional[str] = typer.Option(None, "--agent", help="only this ag
                     line = render.as_json(record) if as_json else render.human(record)
                     if record["kind"] == "violation" and not as_json:
                         line = typer.style(line, fg=typer.colors.RED, bold=True)  # plain when piped
+                    elif record["kind"] == "hold" and not as_json:
+                        line = typer.style(line, fg=typer.colors.YELLOW, bold=record["state"] == "pending")
                     typer.echo(line)
                     shown += 1
                     if count and shown >= count:

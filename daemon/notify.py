@@ -1,0 +1,260 @@
+"""Telling admins about holds at once, where they are: the journal, the units'
+status line, a command (`notify_command`) and a webhook (`notify_webhook`).
+
+The daemon hands every hold record it archives to `HoldAlerts.hold()`, which
+only updates the pending holds (for the status line) and puts the record on
+each channel's bounded queue. Each channel delivers from its own thread, one
+record at a time and in order, so a slow command or a webhook that is down
+delays neither the daemon's loop nor the other channels, and never a decision
+(those are the supervisor's, another process). A record that finds its queue
+full is dropped; every drop, failure and retry is counted (`agentwarden status`)
+and logged.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shlex
+import socket
+import stat
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable
+
+from agentwarden import render
+from agentwarden.settings import Settings
+
+log = logging.getLogger("agentwarden.daemon.notify")
+
+QUEUE_SIZE = 256            # records waiting per channel; more are dropped (counted)
+WEBHOOK_RETRIES = 3         # attempts after the first one fails
+WEBHOOK_BACKOFF = 0.5       # seconds before the first retry, doubling after each
+CLOSE_GRACE = 2.0           # seconds a stopping daemon gives the channels to finish
+JOURNAL_SOCKET = "/run/systemd/journal/socket"  # where libsystemd sends (fixed)
+OUTPUT_KEPT = 200           # characters of a failed command's stderr in the log
+# syslog priorities: an admin is needed (warning), or one answered (notice).
+PRIORITY = {"pending": 4, "timed-out": 4, "abandoned": 5}
+NOTICE = 5
+
+try:  # python3-systemd (Debian); absent, every record goes to the daemon's log
+    from systemd import journal as _journal
+except ImportError:  # pragma: no cover - a dependency of the package
+    _journal = None
+
+
+class DeliveryFailed(Exception):
+    """One delivery that did not happen (said in one line), and whether to try again."""
+
+    def __init__(self, message: str, retry: bool = False):
+        super().__init__(message)
+        self.retry = retry
+
+
+def payload(record: dict[str, Any], host: str) -> dict[str, Any]:
+    """What the command reads and the webhook receives: the hold record's fields,
+    with a one-line `text` (Slack's field; other chat tools read it too) and the host."""
+    return {**record, "host": host, "text": f"agentwarden on {host}: hold {render.hold_text(record)}"}
+
+
+class Channel:
+    """One way out: a bounded queue and the thread that empties it."""
+
+    def __init__(self, name: str, deliver: Callable[[dict], str | None], *more_counters: str):
+        self.name = name
+        self._deliver = deliver   # returns None, or a counter to bump instead of "sent"
+        # Every key from the start: `info()` copies them while the thread counts.
+        self.counters = dict.fromkeys(("sent", "failed", "dropped", *more_counters), 0)
+        self.last_error: str | None = None
+        self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
+        self._thread = threading.Thread(target=self._run, name=f"notify-{name}", daemon=True)
+        self._thread.start()
+
+    def count(self, name: str) -> None:
+        self.counters[name] += 1
+
+    def submit(self, item: dict) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.count("dropped")
+            log.error("notify %s: %d records waiting; dropped hold %s %s", self.name,
+                      self._queue.qsize(), item.get("hold_id"), item.get("state"))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self.count(self._deliver(item) or "sent")
+            except DeliveryFailed as exc:
+                self.count("failed")
+                self.last_error = str(exc)
+                log.warning("notify %s: hold %s %s not delivered: %s", self.name,
+                            item.get("hold_id"), item.get("state"), exc)
+
+    def close(self, deadline: float) -> None:
+        """Deliver what is queued until the deadline (monotonic); what is left is dropped."""
+        try:
+            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            left = self._queue.qsize()
+            self.counters["dropped"] += left
+            log.error("notify %s: stopping with %d hold records undelivered", self.name, left)
+
+    def info(self) -> dict:
+        return {**self.counters, "queued": self._queue.qsize(), "last_error": self.last_error}
+
+
+class PendingHolds:
+    """The holds waiting for an admin, from the hold records: for the status line."""
+
+    def __init__(self):
+        self._since: dict[str, tuple[int, str]] = {}  # hold id -> (pending since, ns; agent)
+
+    def update(self, record: dict) -> None:
+        if record["state"] in ("pending", "approval"):
+            since = record["time"] - int(record["waited"] * 1e9)
+            self._since.setdefault(record["hold_id"], (since, record["agent"]))
+        else:
+            self._since.pop(record["hold_id"], None)
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+    def summary(self, now_ns: int) -> str:
+        """'2 holds pending (oldest h3-1a2b of coder, 40s)', or '' when none."""
+        if not self._since:
+            return ""
+        oldest, (since, agent) = min(self._since.items(), key=lambda item: item[1][0])
+        count = len(self._since)
+        return (f"{count} hold{'s' if count > 1 else ''} pending (oldest {oldest} of {agent}, "
+                f"{max(0, now_ns - since) / 1e9:.0f}s)")
+
+
+def journal_fields(record: dict, text: str) -> dict[str, Any]:
+    """The journal entry of a hold: a message and structured AGENTWARDEN_* fields."""
+    fields = {"MESSAGE": f"hold {text}", "PRIORITY": str(PRIORITY.get(record["state"], NOTICE)),
+              "SYSLOG_IDENTIFIER": "agentwarden", "AGENTWARDEN_RECORD": "hold"}
+    for key in ("hold_id", "state", "agent", "session", "on_behalf_of", "task", "pid", "action",
+                "rule", "policy_hash", "required", "reason", "waited", "seq"):
+        if record.get(key) not in (None, ""):
+            fields[f"AGENTWARDEN_{key.upper()}"] = str(record[key])
+    if record.get("approvers"):
+        fields["AGENTWARDEN_APPROVERS"] = ",".join(map(str, record["approvers"]))
+    return fields
+
+
+class HoldAlerts:
+    def __init__(self, settings: Settings, host: str | None = None,
+                 journal_socket: str = JOURNAL_SOCKET):
+        self.host = host or socket.gethostname()
+        self.timeout = settings.notify_timeout
+        self.journal_socket = journal_socket
+        self.pending = PendingHolds()
+        self._stop = threading.Event()
+        self.channels = {"journal": Channel("journal", self._to_journal, "unavailable")}
+        self._command = shlex.split(settings.notify_command)
+        if self._command:
+            self.channels["command"] = Channel("command", self._run_command)
+        self._webhook = settings.notify_webhook
+        if self._webhook:
+            self.channels["webhook"] = Channel("webhook", self._post, "retries")
+
+    def hold(self, record: dict) -> None:
+        """From the daemon's loop, for each hold record: never blocks."""
+        self.pending.update(record)
+        item = dict(record)
+        for channel in self.channels.values():
+            channel.submit(item)
+
+    def info(self) -> dict:
+        return {"pending": len(self.pending),
+                "channels": {name: c.info() for name, c in self.channels.items()},
+                "journal_available": self._journal_available()}
+
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        self._stop.set()   # no more retries: deliver or fail what is queued
+        deadline = time.monotonic() + grace
+        for channel in self.channels.values():
+            channel.close(deadline)
+
+    # -- the channels (each called from its own thread) -----------------------
+
+    def _journal_available(self) -> bool:
+        if _journal is None:
+            return False
+        try:
+            return stat.S_ISSOCK(os.stat(self.journal_socket).st_mode)
+        except OSError:
+            return False
+
+    def _to_journal(self, record: dict) -> str | None:
+        text = render.hold_text(record)
+        if not self._journal_available():
+            # No journal here (not under systemd): the daemon's log has it instead.
+            log.log(logging.WARNING if record["state"] == "pending" else logging.INFO, "hold %s", text)
+            return "unavailable"
+        try:
+            _journal.send(**journal_fields(record, text))
+        except OSError as exc:
+            raise DeliveryFailed(f"journal: {exc.strerror or exc}") from None
+        return None
+
+    def _body(self, record: dict) -> bytes:
+        return render.as_json(payload(record, self.host)).encode()
+
+    def _run_command(self, record: dict) -> None:
+        data = self._body(record)
+        try:
+            done = subprocess.run(self._command, input=data, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, timeout=self.timeout, close_fds=True)
+        except subprocess.TimeoutExpired:
+            raise DeliveryFailed(f"{self._command[0]} did not finish within {self.timeout:g}s "
+                                 "(killed)") from None
+        except OSError as exc:
+            raise DeliveryFailed(f"cannot run {self._command[0]}: {exc.strerror}") from None
+        if done.returncode != 0:
+            said = done.stderr.decode(errors="replace").strip()[-OUTPUT_KEPT:]
+            raise DeliveryFailed(f"{self._command[0]} exited with {done.returncode}"
+                                 + (f": {said}" if said else ""))
+
+    def _post(self, record: dict) -> None:
+        data = self._body(record)
+        wait = WEBHOOK_BACKOFF
+        for attempt in range(WEBHOOK_RETRIES + 1):
+            try:
+                return post_json(self._webhook, data, self.timeout)
+            except DeliveryFailed as exc:
+                if not exc.retry or attempt == WEBHOOK_RETRIES or self._stop.wait(wait):
+                    raise DeliveryFailed(f"{exc} (after {attempt + 1} attempt(s))") from None
+                self.channels["webhook"].count("retries")
+                wait *= 2
+
+
+def post_json(url: str, data: bytes, timeout: float) -> None:
+    """One POST; DeliveryFailed says why, and whether another attempt may succeed
+    (network errors, timeouts, 5xx, 408 and 429: yes; another 4xx: no)."""
+    request = urllib.request.Request(url, data=data, method="POST", headers={
+        "Content-Type": "application/json", "User-Agent": "agentwarden"})
+    # A webhook's path is often its secret (Slack's are): logs and status name the host only.
+    parts = urllib.parse.urlsplit(url)
+    where = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "") + "/…"
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as exc:
+        raise DeliveryFailed(f"{where}: HTTP {exc.code} {exc.reason}",
+                             retry=exc.code >= 500 or exc.code in (408, 429)) from None
+    except urllib.error.URLError as exc:
+        raise DeliveryFailed(f"{where}: {exc.reason}", retry=True) from None
+    except (OSError, ValueError) as exc:  # timeouts, resets, a bad reply
+        raise DeliveryFailed(f"{where}: {exc}", retry=True) from None
