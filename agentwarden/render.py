@@ -70,13 +70,14 @@ def notify_status(info: dict[str, Any]) -> str:
         notes = ([f"{c['retries']} retries"] if c.get("retries") else []) + (
             [f"last error: {c['last_error']}"] if c.get("last_error") else [])
         parts.append(part + (f" ({'; '.join(notes)})" if notes else ""))
-    return f"{info['pending']} holds pending; " + "; ".join(parts)
+    problem = f"; {info['command_problem']}" if info.get("command_problem") else ""
+    return f"{info['pending']} holds pending; " + "; ".join(parts) + problem
 
 
 def human(record: dict[str, Any]) -> str:
     kind = record["kind"]
     if kind == "hold":
-        return f"{_clock(record['time'])} HOLD {hold_text(record)}"
+        return f"{clock(record['time'])} HOLD {hold_text(record)}"
     if kind == "gap":
         detail = f": {record['detail']}" if record.get("detail") else ""
         return f"{clock(record['time'])} LOST {record['count']} records at stage {record['stage']}{detail}"

@@ -174,22 +174,30 @@ def _slice(value: Any) -> str:
 
 
 def _notify_command(value: Any) -> str:
-    """A command line run for each hold ("" is none): its program must exist now."""
+    """A command line run for each hold ("" is none). Whether its program
+    exists is the daemon's concern (notify_program_problem): a hook removed
+    later must not stop admins from answering holds."""
     if not isinstance(value, str):
         raise ValueError('must be a command line, or "" for none')
     try:
-        argv = shlex.split(value)
+        shlex.split(value)
     except ValueError as exc:
         raise ValueError(f"cannot be split into words: {exc}") from None
+    return value.strip()
+
+
+def notify_program_problem(command_line: str) -> str | None:
+    """Why notify_command's program cannot be run now, or None."""
+    argv = shlex.split(command_line)
     if not argv:
-        return ""
+        return None
     program = argv[0]
     found = shutil.which(program) if "/" not in program else (
         program if os.path.isfile(program) and os.access(program, os.X_OK) else None)
-    if not found:
-        where = "is not an executable file" if "/" in program else "is not found on PATH"
-        raise ValueError(f"the program {program!r} {where}")
-    return value
+    if found:
+        return None
+    where = "is not an executable file" if "/" in program else "is not found on PATH"
+    return f"notify_command: the program {program!r} {where}"
 
 
 def _notify_webhook(value: Any) -> str:

@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable
 
-from agentwarden import render
+from agentwarden import render, settings as settings_mod
 from agentwarden.settings import Settings
 
 log = logging.getLogger("agentwarden.daemon.notify")
@@ -163,6 +163,9 @@ class HoldAlerts:
         self._stop = threading.Event()
         self.channels = {"journal": Channel("journal", self._to_journal, "unavailable")}
         self._command = shlex.split(settings.notify_command)
+        self.command_problem = settings_mod.notify_program_problem(settings.notify_command)
+        if self.command_problem:   # still tried each time (it may come back); each failure counted
+            log.error("%s: holds will not reach it", self.command_problem)
         if self._command:
             self.channels["command"] = Channel("command", self._run_command)
         self._webhook = settings.notify_webhook
@@ -177,7 +180,7 @@ class HoldAlerts:
             channel.submit(item)
 
     def info(self) -> dict:
-        return {"pending": len(self.pending),
+        return {"pending": len(self.pending), "command_problem": self.command_problem,
                 "channels": {name: c.info() for name, c in self.channels.items()},
                 "journal_available": self._journal_available()}
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from agentwarden import render
-from agentwarden.settings import ConfigError, Settings, load
+from agentwarden.settings import ConfigError, Settings, load, notify_program_problem
 from conftest import wait_for
 from hooks import T, Hook, hold, received, recorder
 from daemon import notify
@@ -165,8 +165,6 @@ def test_tail_shows_a_hold_readably(monkeypatch):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("notify_command", "/no/such/program --x", "the program '/no/such/program' is not an executable file"),
-    ("notify_command", "no-such-program-here", "the program 'no-such-program-here' is not found on PATH"),
     ("notify_command", "'unclosed", "cannot be split into words"),
     ("notify_webhook", "hooks.example.com/x", "must be an http:// or https:// URL"),
     ("notify_webhook", "ftp://example.com/x", "must be an http:// or https:// URL"),
@@ -178,6 +176,15 @@ def test_bad_notify_settings_are_one_clear_line(key, value, message):
     with pytest.raises(ConfigError) as exc:
         load(config=os.devnull, environ={}, overrides=[f"{key}={value}"])
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_missing_hook_program_is_the_daemons_problem_not_the_clis():
+    # Every command loads the settings; `approve` must work though the hook was removed.
+    for line, message in (("/no/such/program --x", "the program '/no/such/program' is not an executable file"),
+                          ("no-such-program-here", "the program 'no-such-program-here' is not found on PATH")):
+        settings = load(config=os.devnull, environ={}, overrides=[f"notify_command={line}"])
+        assert message in notify_program_problem(settings.notify_command)
+    assert notify_program_problem("true --quiet") is None and notify_program_problem("") is None
 
 
 def test_good_notify_settings(tmp_path):
