@@ -17,7 +17,7 @@ def hold(state: str = "pending", hold_id: str = "h1-ab12", **changes) -> dict:
             "agent": "coder", "on_behalf_of": "alice", "task": "fix #12", "pid": 4242,
             "action": "exec /usr/bin/date +%Y", "rule": 'exec.hold "/usr/bin/date *" at p.toml:3',
             "policy_hash": "sha256:00", "required": 1, "approvers": [], "reason": None,
-            "waited": 0.0, **changes}
+            "waited": 0.0, "approvals": [], "denial": None, **changes}
 
 
 class Hook:
