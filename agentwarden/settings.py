@@ -208,6 +208,9 @@ KEYS: dict[str, Key] = {k.name: k for k in (
         "15 us a round trip) instead of Python; false decides every one in Python"),
     Key("remember_max", 86400.0, _seconds_between(1, 30 * 86400, "must be between 1 second and 30 days"),
         "the longest `approve --remember` an admin may give (seconds, or 15m, 8h, 1d)"),
+    Key("hold_messages", True, _flag,
+        "sessions: one line on the held process's stderr when a call is held (what, hold id, "
+        "timeout) and when it is denied or times out (by whom, why); false says nothing"),
 )}
 
 
@@ -220,6 +223,7 @@ class Settings:
     wakeup_interval: float = KEYS["wakeup_interval"].default
     exec_fast_path: bool = KEYS["exec_fast_path"].default
     remember_max: float = KEYS["remember_max"].default
+    hold_messages: bool = KEYS["hold_messages"].default
     policy_dir: Path = KEYS["policy_dir"].default
     agents_dir: Path = KEYS["agents_dir"].default
     admin_group: str = KEYS["admin_group"].default

@@ -1,0 +1,230 @@
+"""What an approver sees of a hold (`agentwarden holds show`), read by the
+supervisor while the held thread waits in its syscall (stopped there, so its
+ancestry, command lines, cwd and environment stay put): the process's
+ancestry up to the session's first process, the agent's own claim
+(AGENTWARDEN_REASON in its environment), and the files the call names.
+
+Files are opened relative to the task's root (openat2 RESOLVE_IN_ROOT, no
+magic links), a last symlink not followed except for the program an exec
+runs (exec follows it too), never blocking (O_NONBLOCK, regular files only).
+Their content (hash, diff) is shown only when the task itself may read them
+(the mode bits against its filesystem uid and groups): the supervisor is root,
+and an approver must not learn through a hold what the agent could not read.
+"""
+from __future__ import annotations
+
+import ctypes
+import difflib
+import errno
+import hashlib
+import os
+import stat
+import struct
+
+from ..resolver import proc_link, proc_ppid
+
+MAX_ANCESTRY = 32
+MAX_COMMAND_TEXT = 4096        # characters of one process's command line shown
+MAX_ENVIRON = 1 << 20          # bytes of /proc/PID/environ read
+MAX_REASON = 1000              # characters of AGENTWARDEN_REASON kept
+MAX_HASH_BYTES = 64 << 20      # larger files: size only
+MAX_DIFF_INPUT = 1 << 20       # each side of a diff
+MAX_DIFF_LINES = 200
+MAX_DIFF_BYTES = 64 << 10
+REASON_VARIABLE = b"AGENTWARDEN_REASON="
+
+SYS_OPENAT2 = 437              # the same number on every architecture
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _status_fields(pid: int) -> dict[str, list[str]]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return {k: v.split() for k, _, v in (line.partition(":") for line in f)}
+    except OSError:
+        return {}
+
+
+def thread_group(tid: int) -> int:
+    """The process (thread group) of a thread; the tid itself when unknown."""
+    tgid = _status_fields(tid).get("Tgid")
+    return int(tgid[0]) if tgid else tid
+
+
+def credentials(pid: int) -> tuple[int, set[int]] | None:
+    """The filesystem uid and the gids (fs gid and supplementary) of a task."""
+    fields = _status_fields(pid)
+    try:
+        return int(fields["Uid"][3]), {int(fields["Gid"][3]), *map(int, fields.get("Groups", []))}
+    except (KeyError, IndexError, ValueError):
+        return None
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def ancestry(tid: int, top: int) -> list[dict]:
+    """The held thread's process and its ancestors, nearest first, up to and
+    including `top` (the session's first process): pid, argv, cwd."""
+    chain, pid = [], thread_group(tid)
+    while pid > 1 and len(chain) < MAX_ANCESTRY:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                raw = f.read(MAX_COMMAND_TEXT + 1)
+        except OSError:
+            break
+        argv = [_text(a) for a in raw[:MAX_COMMAND_TEXT].split(b"\0")]
+        if argv and argv[-1] == "":
+            argv.pop()
+        chain.append({"pid": pid, "argv": argv, "argv_truncated": len(raw) > MAX_COMMAND_TEXT,
+                      "cwd": proc_link(pid, "cwd")})
+        if pid == top:
+            break
+        pid = proc_ppid(pid)
+    return chain
+
+
+def agent_reason(tid: int) -> str | None:
+    """AGENTWARDEN_REASON from the held process's environment (as it was at its
+    exec): the agent's own claim, never an authorisation."""
+    try:
+        with open(f"/proc/{tid}/environ", "rb") as f:
+            environ = f.read(MAX_ENVIRON)
+    except OSError:
+        return None
+    for item in environ.split(b"\0"):
+        if item.startswith(REASON_VARIABLE):
+            return _text(item[len(REASON_VARIABLE):])[:MAX_REASON] or None
+    return None
+
+
+def _may_read(st: os.stat_result, creds: tuple[int, set[int]] | None) -> bool:
+    if creds is None:
+        return False
+    uid, gids = creds
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid in gids:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
+
+
+def _open_in_root(pid: int, path: str, follow: bool) -> int:
+    """A read-only, non-blocking fd of path as the task sees it."""
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | (0 if follow else os.O_NOFOLLOW)
+        how = struct.pack("=QQQ", flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        fd = _libc.syscall(SYS_OPENAT2, root, os.fsencode(path), how, len(how))
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+        return fd
+    finally:
+        os.close(root)
+
+
+def file_facts(pid: int, path: str | None, follow: bool, creds, keep: int = 0) -> tuple[dict, bytes | None]:
+    """What a path names now, as the task sees it: type, size, sha256 (when the
+    task may read it, up to MAX_HASH_BYTES); and up to `keep` bytes of its
+    content when it is a readable regular file of at most that size."""
+    facts: dict = {"path": path}
+    if path is None:
+        facts["note"] = "the path could not be resolved"
+        return facts, None
+    try:
+        fd = _open_in_root(pid, path, follow)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            facts["note"] = "does not exist"
+        elif exc.errno == errno.ELOOP and not follow:
+            try:
+                facts["note"] = f"a symbolic link to {os.readlink(f'/proc/{pid}/root{path}')}"
+            except OSError:
+                facts["note"] = "a symbolic link"
+        else:
+            facts["note"] = f"cannot be opened: {exc.strerror}"
+        return facts, None
+    try:
+        st = os.fstat(fd)
+        if follow:
+            facts["real_path"] = proc_link(os.getpid(), f"fd/{fd}")
+        if not stat.S_ISREG(st.st_mode):
+            facts["note"] = "not a regular file"
+            return facts, None
+        facts["size"] = st.st_size
+        if not _may_read(st, creds):
+            facts["note"] = "content not shown: the agent may not read it"
+            return facts, None
+        if st.st_size > MAX_HASH_BYTES:
+            facts["note"] = f"not hashed: larger than {MAX_HASH_BYTES >> 20} MiB"
+            return facts, None
+        digest, content, total = hashlib.sha256(), [], 0
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+            total += len(chunk)
+            if total <= keep:
+                content.append(chunk)
+        facts["sha256"] = digest.hexdigest()
+        return facts, b"".join(content) if total <= keep else None
+    except OSError as exc:
+        facts["note"] = f"cannot be read: {exc.strerror}"
+        return facts, None
+    finally:
+        os.close(fd)
+
+
+def _is_text(data: bytes) -> bool:
+    if b"\0" in data[:8192]:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def unified_diff(old: bytes, new: bytes, old_name: str, new_name: str) -> dict:
+    """old against new, bounded to MAX_DIFF_LINES lines and MAX_DIFF_BYTES."""
+    if not (_is_text(old) and _is_text(new)):
+        return {"binary": True}
+    lines, size, truncated = [], 0, False
+    for line in difflib.unified_diff(old.decode().splitlines(keepends=True),
+                                     new.decode().splitlines(keepends=True), old_name, new_name):
+        if len(lines) >= MAX_DIFF_LINES or size + len(line) > MAX_DIFF_BYTES:
+            truncated = True
+            break
+        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+        size += len(line)
+    return {"binary": False, "text": "".join(lines), "truncated": truncated}
+
+
+def call_context(pid: int, syscall: str, paths: list[str | None]) -> dict:
+    """The files a held call names: for an exec the program it would run (its
+    real path and sha256), for a file change each path's size and sha256, for
+    a rename of one file over another the diff of the target's content against
+    what replaces it."""
+    creds = credentials(pid)
+    if syscall in ("execve", "execveat"):
+        facts, _ = file_facts(pid, paths[0], True, creds)
+        return {"program": facts}
+    if syscall.startswith("rename") and len(paths) == 2:
+        source, source_data = file_facts(pid, paths[0], False, creds, MAX_DIFF_INPUT)
+        target, target_data = file_facts(pid, paths[1], False, creds, MAX_DIFF_INPUT)
+        out: dict = {"files": [source, target]}
+        if target.get("note") == "does not exist":
+            target_data = b""   # a new file: all of it is new
+        if "sha256" in source and ("sha256" in target or target_data == b""):
+            if source_data is None or target_data is None:
+                out["diff"] = {"note": f"no diff: a file is larger than {MAX_DIFF_INPUT >> 20} MiB"}
+            else:
+                out["diff"] = unified_diff(target_data, source_data, paths[1],
+                                           f"{paths[1]} (replaced by {paths[0]})")
+        return out
+    return {"files": [file_facts(pid, path, False, creds)[0] for path in paths]}
