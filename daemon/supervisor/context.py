@@ -21,11 +21,14 @@ import os
 import stat
 import struct
 
+from agentwarden import seccomp_notify as sn
+
 from ..resolver import proc_link, proc_ppid
 
 MAX_ANCESTRY = 32
 MAX_COMMAND_TEXT = 4096        # characters of one process's command line shown
 MAX_ENVIRON = 1 << 20          # bytes of /proc/PID/environ read
+MAX_ENVIRONMENT_ITEMS = 4096   # variables of an exec's environment read
 MAX_REASON = 1000              # characters of AGENTWARDEN_REASON kept
 MAX_HASH_BYTES = 64 << 20      # larger files: size only
 MAX_DIFF_INPUT = 1 << 20       # each side of a diff
@@ -88,18 +91,32 @@ def ancestry(tid: int, top: int) -> list[dict]:
     return chain
 
 
-def agent_reason(tid: int) -> str | None:
-    """AGENTWARDEN_REASON from the held process's environment (as it was at its
-    exec): the agent's own claim, never an authorisation."""
-    try:
-        with open(f"/proc/{tid}/environ", "rb") as f:
-            environ = f.read(MAX_ENVIRON)
-    except OSError:
-        return None
-    for item in environ.split(b"\0"):
+def _reason_in(items) -> str | None:
+    for item in items:
         if item.startswith(REASON_VARIABLE):
             return _text(item[len(REASON_VARIABLE):])[:MAX_REASON] or None
     return None
+
+
+def agent_reason(n: sn.Notification, syscall: str) -> str | None:
+    """AGENTWARDEN_REASON as the held process states it: for an exec, in the
+    environment it hands the new program (`AGENTWARDEN_REASON=... git push`),
+    else, or when absent there, in its own (/proc/PID/environ). The agent's
+    own claim, never an authorisation."""
+    if syscall in ("execve", "execveat"):
+        try:
+            with sn.TaskMemory(n.pid) as mem:
+                pointers = mem.pointers(n.args[2 if syscall == "execve" else 3], MAX_ENVIRONMENT_ITEMS) or []
+                found = _reason_in(item for item in map(mem.string, pointers) if item is not None)
+        except OSError:
+            found = None
+        if found is not None:
+            return found
+    try:
+        with open(f"/proc/{n.pid}/environ", "rb") as f:
+            return _reason_in(f.read(MAX_ENVIRON).split(b"\0"))
+    except OSError:
+        return None
 
 
 def _may_read(st: os.stat_result, creds: tuple[int, set[int]] | None) -> bool:

@@ -67,7 +67,7 @@ class Holds:
                     required=agent_policy.hold_approvers if agent_policy else 1,
                     since=time.monotonic(), since_ns=time.time_ns(),
                     deadline=time.monotonic() + timeout, request=request,
-                    agent_says=context.agent_reason(n.pid))
+                    agent_says=context.agent_reason(n, request.syscall))
         self.pending[hold.id] = hold
         self.records.counters["held"] += 1
         self.records.hold(hold, "pending", verdict.reason)
