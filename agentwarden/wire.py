@@ -94,11 +94,12 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     # A held call let through (`hold_id` approved it, or `remembered`: that hold's
     # remembered approval), sent by the supervisor before the call continues.
     # `event` is the kind of the kernel record the call makes (exec, open, or
-    # null for rename/unlink/truncate), `paths` its path arguments as passed; the
-    # daemon adds `hold_id` (or `remembered_from`) to that record of thread `tid`.
+    # null for rename/unlink/truncate), `paths` its path arguments as passed,
+    # `flags` an open's; the daemon adds `hold_id` (or `remembered_from`) to that
+    # record of thread `tid`.
     "release": {"time": Int, "hold_id": Str, "remembered": Bool, "session": Str, "agent": Str,
                 "on_behalf_of": Str, "task": Str, "tid": Int, "syscall": Str, "event": OptStr,
-                "paths": (list,)},
+                "paths": (list,), "flags": Int},
     # The seccomp supervision of an `agentwarden run` session starting (its listener
     # handed over) or ending (no process left under the filter).
     "supervision": {"time": Int, "state": Str, "session": Str, "agent": Str, "on_behalf_of": Str,

@@ -11,9 +11,8 @@ and the daemon drains the pair before each message it ingests. So a release
 is always noted before the record it names arrives.
 
 A record is matched by its thread, its kind and its path argument as the
-task passed it (an open also by being a write: the supervisor only holds
-writes), the oldest release first, so identical calls in a row pair in
-order. A release whose call made no record (it failed before the kernel
+task passed it (an open also by its flags), the oldest release first, so
+identical calls in a row pair in order. A release whose call made no record (it failed before the kernel
 recorded it, or the record was lost) waits until its thread exits; at most
 MAX_PENDING wait in all (the oldest are dropped first, counted).
 """
@@ -22,7 +21,6 @@ from __future__ import annotations
 import collections
 import socket
 
-from agentwarden import policy as policy_mod
 from agentwarden import wire
 
 MAX_PENDING = 4096
@@ -94,7 +92,7 @@ class Releases:
         path = record.get("filename" if record["kind"] == "exec" else "path")
         for i, release in enumerate(waiting):
             if (release["event"] == record["kind"] and release["paths"][0] == path
-                    and (record["kind"] == "exec" or policy_mod.is_write(record["flags"]))):
+                    and (record["kind"] == "exec" or record["flags"] == release["flags"])):
                 record["remembered_from" if release["remembered"] else "hold_id"] = release["hold_id"]
                 del waiting[i]
                 if not waiting:

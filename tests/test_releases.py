@@ -17,8 +17,10 @@ from agentwarden.settings import Settings
 from test_wire import RECORDS
 
 
-def release(tid=4242, event="exec", path="/usr/bin/git", hold_id="h1-ab12", remembered=False):
+def release(tid=4242, event="exec", path="/usr/bin/git", hold_id="h1-ab12", remembered=False,
+            flags=os.O_WRONLY | os.O_TRUNC):
     return {**RECORDS["release"], "tid": tid, "event": event, "paths": [path], "hold_id": hold_id,
+            "flags": flags if event == "open" else 0,
             "remembered": remembered, "syscall": {"exec": "execve", "open": "openat"}.get(event, "rename")}
 
 

@@ -1,6 +1,6 @@
 """The supervisor's socket (UNIX seqpacket, the peer's credentials from the
 kernel): `run` registers a session and hands over its listener fd; admins
-list, approve and deny holds -- never from inside an agent or a session."""
+list, show, approve and deny holds -- never from inside an agent or a session."""
 from __future__ import annotations
 
 import array

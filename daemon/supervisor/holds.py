@@ -83,7 +83,7 @@ class Holds:
                     remembered: bool) -> bool:
         """Continue a call a hold (or its remembered approval) allows: the
         daemon hears of it first, so the kernel's record of it names the hold."""
-        self.records.release(hold_id, remembered, s, n.pid, request.syscall, request.raw_paths)
+        self.records.release(hold_id, remembered, s, n.pid, request.syscall, request.raw_paths, request.flags)
         s.note(request.action, f"remembered {hold_id}" if remembered else f"approved {hold_id}")
         return self.approvals.let_through(s.fd, n, request.exec_form)
 

@@ -78,7 +78,7 @@ class Records:
                    "reason": reason, "waited": round(time.monotonic() - hold.since, 3)})
 
     def release(self, hold_id: str, remembered: bool, s: Session, tid: int, syscall: str,
-                raw_paths: tuple[bytes, ...]) -> None:
+                raw_paths: tuple[bytes, ...], flags: int) -> None:
         """A call let through by hold_id (or by its remembered approval), sent
         BEFORE the call continues. On the UNIX pair a send returns only once
         the record sits in the daemon's receive queue, and the kernel's record
@@ -89,7 +89,7 @@ class Records:
             "open" if syscall in ("open", "openat", "openat2", "creat") else None)
         record = {"kind": "release", "time": time.time_ns(), "hold_id": hold_id, "remembered": remembered,
                   **session_fields(s), "tid": tid, "syscall": syscall, "event": event,
-                  "paths": [wire.from_c(p) for p in raw_paths]}
+                  "paths": [wire.from_c(p) for p in raw_paths], "flags": flags if event == "open" else 0}
         if self.releases is not None:
             try:
                 self.releases.send(wire.encode_batch("supervisor-releases", self.release_seq, [record]))
