@@ -12,9 +12,10 @@ is always noted before the record it names arrives.
 
 A record is matched by its thread, its kind and its path argument as the
 task passed it (an open also by its flags), the oldest release first, so
-identical calls in a row pair in order. A release whose call made no record (it failed before the kernel
-recorded it, or the record was lost) waits until its thread exits; at most
-MAX_PENDING wait in all (the oldest are dropped first, counted).
+identical calls in a row pair in order. A release whose call made no record
+(it failed before the kernel recorded it, or the record was lost) waits until
+its process ends (the exit record names its last thread and its leader); at
+most MAX_PENDING wait in all (the oldest are dropped first, counted).
 """
 from __future__ import annotations
 
@@ -81,13 +82,13 @@ class Releases:
 
     def annotate(self, record: dict) -> None:
         """Name the hold in the exec/open record a pending release announced."""
+        if record["kind"] == "exit":   # the process ended: its last thread and its leader
+            for tid in {record["tid"], record["pid"]} & self.pending.keys():
+                self.count -= len(self.pending[tid])
+                self.counters["releases_unmatched"] += len(self.pending.pop(tid))
+            return
         waiting = self.pending.get(record["tid"])
         if not waiting:
-            return
-        if record["kind"] == "exit":
-            self.count -= len(waiting)
-            self.counters["releases_unmatched"] += len(waiting)
-            del self.pending[record["tid"]]
             return
         path = record.get("filename" if record["kind"] == "exec" else "path")
         for i, release in enumerate(waiting):

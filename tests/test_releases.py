@@ -62,7 +62,7 @@ def test_identical_calls_pair_in_order_and_a_thread_exit_drops_what_it_never_mad
     for record in records:
         releases.annotate(record)
     assert [r["hold_id"] for r in records] == ["h1-a", "h2-b"]
-    releases.annotate({**RECORDS["exit"], "tid": 4242})
+    releases.annotate({**RECORDS["exit"], "tid": 7, "pid": 4242})   # its leader, thread 7 last
     assert counters["releases_unmatched"] == 1 and releases.count == 0
 
 
