@@ -1,22 +1,20 @@
 """What approvers and agents see of a hold, on the real kernel: `holds show`
 (an exec's program hash, the ancestry, a `sed -i` rename's diff), the agent's
 stderr lines, and the exec/open records that name the hold that let them
-through."""
+through (a remembered approval's: test_kernel_sessions.py)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 import subprocess
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from conftest import Warden, wait_for
-from test_kernel_sessions import PY, SHELL, _name, _policy, holds, session_agent, wait_hold  # noqa: F401
+from test_kernel_sessions import (PY, SHELL, _policy, holds, session_agent, wait_hold,  # noqa: F401
+                                  warden_of_its_own)
 
 pytestmark = pytest.mark.kernel
 
@@ -83,23 +81,9 @@ def test_holds_show_an_exec_tells_the_agent_and_names_the_hold_in_the_exec_recor
     assert pending["agent_says"] == "need the time"
 
 
-def test_a_remembered_approval_is_named_in_the_exec_it_lets_through(warden, session_agent):
-    agent, _ = session_agent(dict(exec_allow=SHELL, exec_hold=["/usr/bin/uname *"]))
-    first = start(warden, agent, ["/usr/bin/uname", "-s"])
-    [hold] = wait_hold(warden, agent)
-    warden.cli("approve", hold["id"], "--remember", "10m")
-    assert first.communicate(timeout=30)[0] == "Linux\n"
-    again = start(warden, agent, ["/bin/sh", "-c", "/usr/bin/uname -s; /usr/bin/uname -s"])
-    out, err = again.communicate(timeout=30)
-    assert out == "Linux\nLinux\n" and "agentwarden:" not in err, err
-    warden.settle()
-    execs = [r for r in warden.records() if r.get("agent") == agent and r["kind"] == "exec"
-             and r["argv"] == ["/usr/bin/uname", "-s"]]
-    assert [r.get("hold_id") for r in execs] == [hold["id"], None, None]
-    assert [r.get("remembered_from") for r in execs] == [None, hold["id"], hold["id"]]
-
-
 def test_holds_show_a_sed_in_place_rename_shows_the_diff(warden, session_agent, tmp_path):
+    """sed -i on a file no write rule allows (on-violation = "hold"): its temp
+    file's open and the rename over the file are held, and shown."""
     config = tmp_path / "etc"
     config.mkdir()
     (config / "app.conf").write_text("# app\nmode=safe\nlevel=3\n")
@@ -137,19 +121,11 @@ def test_holds_show_a_sed_in_place_rename_shows_the_diff(warden, session_agent, 
 
 
 def test_hold_messages_false_tells_the_agent_nothing(kernel, agent_cgroup, tmp_path):
-    run_dir = Path(f"/run/agentwarden-test-{uuid.uuid4().hex[:8]}")
-    warden = Warden(tmp_path, run_dir=run_dir, env={"AGENTWARDEN_HOLD_MESSAGES": "false"})
-    try:
-        agent = _name("quiet")
-        cg = agent_cgroup(agent, tag=False)
-        cg.warden = warden
-        cg.tag()
+    quiet = {"AGENTWARDEN_HOLD_MESSAGES": "false"}
+    with warden_of_its_own(agent_cgroup, tmp_path, "quiet", quiet) as (warden, agent):
         warden.set_policy(agent, _policy(agent, exec_allow=SHELL, exec_hold=["/usr/bin/date"]))
         proc = start(warden, agent, ["/bin/sh", "-c", "/usr/bin/date; echo status=$?"])
         [hold] = wait_hold(warden, agent)
         warden.cli("deny", hold["id"], "--reason", "quietly")
         out, err = proc.communicate(timeout=30)
         assert out == "status=126\n" and "agentwarden" not in err and "Operation not permitted" in err
-    finally:
-        warden.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)

@@ -25,9 +25,9 @@ class Hold:
     id: str
     session: Session
     notification: sn.Notification
+    request: Request            # what it asks for, as read at its (latest) notification
     key: tuple
     action: str
-    exec_form: bytes | None
     decision: str
     rule: str | None
     reason: str
@@ -39,7 +39,6 @@ class Hold:
     # uid -> the approval (uid, name, reason, time): distinct uids, as the kernel reports them
     approvals: dict[int, dict] = field(default_factory=dict)
     denial: dict | None = None                                      # who denied it, and why
-    request: Request | None = None
     agent_says: str | None = None    # AGENTWARDEN_REASON in the held process's environment
 
 
@@ -57,17 +56,16 @@ class Holds:
         # A held call the agent re-issues (signal restart) is the same hold.
         for hold in self.pending.values():
             if hold.session is s and hold.notification.pid == n.pid and hold.key == request.key:
-                hold.notification = n
+                hold.notification, hold.request = n, request
                 return
         timeout = agent_policy.hold_timeout if agent_policy else policy_mod.DEFAULT_HOLD_TIMEOUT
         hold = Hold(id=f"h{next(self.numbers)}-{uuid.uuid4().hex[:4]}", session=s,
-                    notification=n, key=request.key, action=request.action,
-                    exec_form=request.exec_form, decision=verdict.decision, rule=verdict.rule,
+                    notification=n, request=request, key=request.key, action=request.action,
+                    decision=verdict.decision, rule=verdict.rule,
                     reason=verdict.reason, policy_hash=verdict.policy_hash,
                     required=agent_policy.hold_approvers if agent_policy else 1,
                     since=time.monotonic(), since_ns=time.time_ns(),
-                    deadline=time.monotonic() + timeout, request=request,
-                    agent_says=context.agent_reason(n, request.syscall))
+                    deadline=time.monotonic() + timeout, agent_says=context.agent_reason(n, request.syscall))
         self.pending[hold.id] = hold
         self.records.counters["held"] += 1
         self.records.hold(hold, "pending", verdict.reason)
