@@ -48,6 +48,8 @@ def test_file_facts_hash_only_what_the_agent_may_read_and_do_not_follow_a_last_l
     assert followed["real_path"] == str(secret) and "sha256" in followed
     assert context.file_facts(me, str(tmp_path / "none"), False, owner)[0]["note"] == "does not exist"
     assert context.file_facts(me, str(tmp_path), False, owner)[0]["note"] == "not a regular file"
+    os.mkfifo(tmp_path / "fifo")   # looked at, never opened
+    assert context.file_facts(me, str(tmp_path / "fifo"), False, owner)[0]["note"] == "not a regular file"
 
 
 def test_a_rename_over_a_missing_file_shows_all_of_it_as_new(tmp_path):

@@ -4,9 +4,10 @@ ancestry, command lines, cwd and environment stay put): the process's
 ancestry up to the session's first process, the agent's own claim
 (AGENTWARDEN_REASON in its environment), and the files the call names.
 
-Files are opened relative to the task's root (openat2 RESOLVE_IN_ROOT, no
-magic links), a last symlink not followed except for the program an exec
-runs (exec follows it too), never blocking (O_NONBLOCK, regular files only).
+Files are looked up relative to the task's root (openat2 RESOLVE_IN_ROOT, no
+magic links) as O_PATH handles, a last symlink not followed except for the
+program an exec runs (exec follows it too); only regular files are then
+opened, through the handle, never blocking.
 Their content (hash, diff) is shown only when the task itself may read them
 (the mode bits against its filesystem uid and groups): the supervisor is root,
 and an approver must not learn through a hold what the agent could not read.
@@ -132,12 +133,13 @@ def _may_read(st: os.stat_result, creds: tuple[int, set[int]] | None) -> bool:
     return bool(st.st_mode & stat.S_IROTH)
 
 
-def _open_in_root(pid: int, path: str, follow: bool) -> int:
-    """A read-only, non-blocking fd of path as the task sees it."""
+def _handle_in_root(pid: int, path: str, follow: bool) -> int:
+    """An O_PATH fd of path as the task sees it: it opens nothing (no device
+    acts on it) and, without follow, is the symbolic link itself."""
     root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | (0 if follow else os.O_NOFOLLOW)
-        how = struct.pack("=QQQ", flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        how = struct.pack("=QQQ", os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW), 0,
+                          RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
         fd = _libc.syscall(SYS_OPENAT2, root, os.fsencode(path), how, len(how))
         if fd < 0:
             code = ctypes.get_errno()
@@ -147,31 +149,44 @@ def _open_in_root(pid: int, path: str, follow: bool) -> int:
         os.close(root)
 
 
+def _hash(handle: int, keep: int) -> tuple[str | None, bytes | None]:
+    """sha256 of the regular file behind an O_PATH handle (None when it grew
+    past MAX_HASH_BYTES), and its content if it is at most keep bytes."""
+    fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        digest, content, total = hashlib.sha256(), [], 0
+        while total <= MAX_HASH_BYTES and (chunk := os.read(fd, 1 << 20)):
+            digest.update(chunk)
+            total += len(chunk)
+            if total <= keep:
+                content.append(chunk)
+    finally:
+        os.close(fd)
+    if total > MAX_HASH_BYTES:
+        return None, None
+    return digest.hexdigest(), b"".join(content) if total <= keep else None
+
+
 def file_facts(pid: int, path: str | None, follow: bool, creds, keep: int = 0) -> tuple[dict, bytes | None]:
     """What a path names now, as the task sees it: type, size, sha256 (when the
-    task may read it, up to MAX_HASH_BYTES); and up to `keep` bytes of its
-    content when it is a readable regular file of at most that size."""
+    task may read it, up to MAX_HASH_BYTES); and its content when it is a
+    readable regular file of at most `keep` bytes."""
     facts: dict = {"path": path}
     if path is None:
         facts["note"] = "the path could not be resolved"
         return facts, None
     try:
-        fd = _open_in_root(pid, path, follow)
+        handle = _handle_in_root(pid, path, follow)
     except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            facts["note"] = "does not exist"
-        elif exc.errno == errno.ELOOP and not follow:
-            try:
-                facts["note"] = f"a symbolic link to {os.readlink(f'/proc/{pid}/root{path}')}"
-            except OSError:
-                facts["note"] = "a symbolic link"
-        else:
-            facts["note"] = f"cannot be opened: {exc.strerror}"
+        facts["note"] = "does not exist" if exc.errno == errno.ENOENT else f"cannot be opened: {exc.strerror}"
         return facts, None
     try:
-        st = os.fstat(fd)
+        st = os.fstat(handle)
+        if stat.S_ISLNK(st.st_mode):
+            facts["note"] = f"a symbolic link to {os.readlink(f'/proc/{pid}/root{path}')}"
+            return facts, None
         if follow:
-            facts["real_path"] = proc_link(os.getpid(), f"fd/{fd}")
+            facts["real_path"] = proc_link(os.getpid(), f"fd/{handle}")
         if not stat.S_ISREG(st.st_mode):
             facts["note"] = "not a regular file"
             return facts, None
@@ -179,22 +194,17 @@ def file_facts(pid: int, path: str | None, follow: bool, creds, keep: int = 0) -
         if not _may_read(st, creds):
             facts["note"] = "content not shown: the agent may not read it"
             return facts, None
-        if st.st_size > MAX_HASH_BYTES:
+        digest, content = _hash(handle, keep) if st.st_size <= MAX_HASH_BYTES else (None, None)
+        if digest is None:
             facts["note"] = f"not hashed: larger than {MAX_HASH_BYTES >> 20} MiB"
             return facts, None
-        digest, content, total = hashlib.sha256(), [], 0
-        while chunk := os.read(fd, 1 << 20):
-            digest.update(chunk)
-            total += len(chunk)
-            if total <= keep:
-                content.append(chunk)
-        facts["sha256"] = digest.hexdigest()
-        return facts, b"".join(content) if total <= keep else None
+        facts["sha256"] = digest
+        return facts, content
     except OSError as exc:
         facts["note"] = f"cannot be read: {exc.strerror}"
         return facts, None
     finally:
-        os.close(fd)
+        os.close(handle)
 
 
 def _is_text(data: bytes) -> bool:
