@@ -266,9 +266,10 @@ def test_self_approval_from_inside_the_agent_is_refused_even_as_root(warden, ses
     proc = start_run(warden, agent, ["/usr/bin/date"])
     try:
         [hold] = wait_hold(warden, agent)
-        attempt = cg.run([PY, "-m", "agentwarden", "approve", hold["id"]], env=warden.env, text=True)
-        assert attempt.returncode == 1 and "Traceback" not in attempt.stderr
-        assert f"requests from inside agent {agent!r} are refused, even as root" in attempt.stderr
+        for request in (["approve", hold["id"]], ["holds", "show", hold["id"]]):
+            attempt = cg.run([PY, "-m", "agentwarden", *request], env=warden.env, text=True)
+            assert attempt.returncode == 1 and "Traceback" not in attempt.stderr
+            assert f"requests from inside agent {agent!r} are refused, even as root" in attempt.stderr
         assert [h["id"] for h in holds(warden) if h["agent"] == agent] == [hold["id"]]
     finally:
         proc.kill()
