@@ -233,6 +233,11 @@ def test_hold_timeout_denies(warden, session_agent):
     [timed_out] = [r for r in warden.records() if r["kind"] == "hold" and r["agent"] == agent
                    and r["state"] == "timed-out"]
     assert timed_out["waited"] >= 1
+    # The agent read why: held (for how long), then timed out.
+    assert f"held as {timed_out['hold_id']}, waiting for an admin's approval (denied in 1s without one)" in err
+    told = [line for line in err.splitlines() if line.startswith(f"agentwarden: {timed_out['hold_id']} timed out")]
+    assert len(told) == 1 and told[0].endswith("s without an admin's answer; exec /usr/bin/date "
+                                               "(/usr/bin/date) fails (EPERM)"), err
 
 
 def test_remember_skips_the_second_prompt_and_expires(warden, session_agent):
