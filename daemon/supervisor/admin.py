@@ -197,43 +197,43 @@ class Admin:
             return {"ok": False, "error": refusal}
         if cmd == "holds":
             return {"ok": True, "holds": [self._describe(h) for h in self.holds.pending.values()]}
-        if cmd not in ("show", "approve", "deny"):
-            return {"ok": False, "error": f"unknown command {cmd!r}"}
-        hold = self.holds.pending.get(request.get("id"))
-        if hold is None:
-            return {"ok": False, "error": f"no pending hold {request.get('id')!r} "
-                                          "(unknown, or already decided)"}
-        if cmd == "show":
-            return self._show(hold)
-        reason = request.get("reason")
-        if reason is not None and not isinstance(reason, str):
-            raise ValueError("reason must be a string")
-        who = self._approver(pid, uid, reason)
-        if cmd == "deny":
-            hold.denial = who
-            self.holds.finish(hold, False, "denied", f"{who['name']}: {reason or 'no reason given'}")
-            return {"ok": True, "state": "denied"}
-        remember = request.get("remember")
-        if remember is not None:
-            remember = parse_duration(str(remember), "remember", positive=True)
-            if remember > self.settings.remember_max:
-                return {"ok": False, "error": f"--remember {request['remember']} is longer than "
-                                              f"remember_max ({self.settings.remember_max:g}s)"}
-        if uid in hold.approvals:
-            return {"ok": False, "error": f"{hold.approvals[uid]['name']} (uid {uid}) already approved "
-                                          f"{hold.id}; it needs {hold.required} approvals by distinct "
-                                          "users (root counts once, whatever sudo says)"}
-        hold.approvals[uid] = who
-        if len(hold.approvals) < hold.required:
-            self.records.hold(hold, "approval", f"{who['name']}: {reason or 'no reason given'}")
-            return {"ok": True, "state": "pending",
-                    "needed": hold.required - len(hold.approvals)}
-        if remember:
-            self.decisions.remember(hold.session.agent, hold.key, remember, hold.id)
-        self.holds.finish(hold, True, "approved", "; ".join(
-            f"{a['name']}: {a['reason'] or 'no reason given'}" for a in hold.approvals.values())
-            + (f"; remembered for {remember:g}s" if remember else ""))
-        return {"ok": True, "state": "approved"}
+        if cmd in ("show", "approve", "deny"):
+            hold = self.holds.pending.get(request.get("id"))
+            if hold is None:
+                return {"ok": False, "error": f"no pending hold {request.get('id')!r} "
+                                              "(unknown, or already decided)"}
+            if cmd == "show":
+                return self._show(hold)
+            reason = request.get("reason")
+            if reason is not None and not isinstance(reason, str):
+                raise ValueError("reason must be a string")
+            who = self._approver(pid, uid, reason)
+            if cmd == "deny":
+                hold.denial = who
+                self.holds.finish(hold, False, "denied", f"{who['name']}: {reason or 'no reason given'}")
+                return {"ok": True, "state": "denied"}
+            remember = request.get("remember")
+            if remember is not None:
+                remember = parse_duration(str(remember), "remember", positive=True)
+                if remember > self.settings.remember_max:
+                    return {"ok": False, "error": f"--remember {request['remember']} is longer than "
+                                                  f"remember_max ({self.settings.remember_max:g}s)"}
+            if uid in hold.approvals:
+                return {"ok": False, "error": f"{hold.approvals[uid]['name']} (uid {uid}) already approved "
+                                              f"{hold.id}; it needs {hold.required} approvals by distinct "
+                                              "users (root counts once, whatever sudo says)"}
+            hold.approvals[uid] = who
+            if len(hold.approvals) < hold.required:
+                self.records.hold(hold, "approval", f"{who['name']}: {reason or 'no reason given'}")
+                return {"ok": True, "state": "pending",
+                        "needed": hold.required - len(hold.approvals)}
+            if remember:
+                self.decisions.remember(hold.session.agent, hold.key, remember, hold.id)
+            self.holds.finish(hold, True, "approved", "; ".join(
+                f"{a['name']}: {a['reason'] or 'no reason given'}" for a in hold.approvals.values())
+                + (f"; remembered for {remember:g}s" if remember else ""))
+            return {"ok": True, "state": "approved"}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     def _show(self, hold: Hold) -> dict:
         """A pending hold with what an approver needs to judge it (context.py),
