@@ -195,6 +195,46 @@ def holds(pending: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _file_line(f: dict[str, Any]) -> str:
+    facts = [f"{f['size']} bytes"] if "size" in f else []
+    facts += [f"sha256 {f['sha256']}"] if "sha256" in f else []
+    facts += [f["note"]] if f.get("note") else []
+    real = f" (really {f['real_path']})" if f.get("real_path") not in (None, f["path"]) else ""
+    return f"    {f['path'] or '?'}{real}: {', '.join(facts)}"
+
+
+def hold_detail(h: dict[str, Any]) -> list[str]:
+    """One pending hold with its context (`holds show`)."""
+    lines = holds([h])
+    who = ", ".join(f"{k} {h[k]}" for k in ("on_behalf_of", "task", "user") if h.get(k))
+    lines.append(f"    session {h['session']} of agent {h['agent']} on {h['host']}" + (f" ({who})" if who else ""))
+    if h.get("agent_says"):
+        lines.append(f"    agent says (its own claim, unverified): {h['agent_says']}")
+    if h.get("approved_by"):
+        lines.append("    approved so far by: " + "; ".join(
+            f"{a['name']}: {a['reason'] or 'no reason given'}" for a in h["approved_by"]))
+    if "program" in h:
+        lines += ["program:", _file_line(h["program"])]
+    if h.get("files"):
+        lines += ["files:"] + [_file_line(f) for f in h["files"]]
+    diff = h.get("diff")
+    if diff:
+        if diff.get("note"):
+            lines.append(f"diff: {diff['note']}")
+        elif diff["binary"]:
+            lines.append("diff: binary content (sizes and hashes above)")
+        else:
+            lines.append("diff:" + (" (cut short)" if diff["truncated"] else ""))
+            lines += ["    " + line for line in diff["text"].splitlines()]
+    lines.append("process and its ancestors (nearest first):")
+    for p in h.get("ancestry", []):
+        argv = " ".join(p["argv"]) + (" …" if p["argv_truncated"] else "")
+        lines.append(f"    {p['pid']:<7} {argv}  (cwd {p['cwd'] or '?'})")
+    lines.append(f"last {len(h.get('recent', []))} calls of the session the supervisor decided:")
+    lines += [f"    {clock(r['time'])} {r['verdict']:<24} {r['action']}" for r in h.get("recent", [])]
+    return lines
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)

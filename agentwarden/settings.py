@@ -266,6 +266,9 @@ KEYS: dict[str, Key] = {k.name: k for k in (
         "field, retried 3 times with backoff; \"\" is none"),
     Key("notify_timeout", 5.0, _notify_timeout,
         "seconds a notify_command may run, and each notify_webhook attempt may take"),
+    Key("hold_messages", True, _flag,
+        "sessions: one line on the held process's stderr when a call is held (what, hold id, "
+        "timeout) and when it is denied or times out (by whom, why); false says nothing"),
 )}
 
 
@@ -278,6 +281,7 @@ class Settings:
     wakeup_interval: float = KEYS["wakeup_interval"].default
     exec_fast_path: bool = KEYS["exec_fast_path"].default
     remember_max: float = KEYS["remember_max"].default
+    hold_messages: bool = KEYS["hold_messages"].default
     policy_dir: Path = KEYS["policy_dir"].default
     agents_dir: Path = KEYS["agents_dir"].default
     admin_group: str = KEYS["admin_group"].default

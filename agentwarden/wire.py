@@ -89,6 +89,17 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
              # each approval and the denial: {uid, name, reason, time[, login_uid]}, the uid
              # from the kernel (SO_PEERCRED); root counts once whatever sudo says
              "approvals": (list,), "denial": (dict, type(None))},
+             # extra: `agent_says`, AGENTWARDEN_REASON from the held process's environment
+             # (the agent's own claim), when it is set
+    # A held call let through (`hold_id` approved it, or `remembered`: that hold's
+    # remembered approval), sent by the supervisor before the call continues.
+    # `event` is the kind of the kernel record the call makes (exec, open, or
+    # null for rename/unlink/truncate), `paths` its path arguments as passed,
+    # `flags` an open's; the daemon adds `hold_id` (or `remembered_from`) to that
+    # record of thread `tid`.
+    "release": {"time": Int, "hold_id": Str, "remembered": Bool, "session": Str, "agent": Str,
+                "on_behalf_of": Str, "task": Str, "tid": Int, "syscall": Str, "event": OptStr,
+                "paths": (list,), "flags": Int},
     # The seccomp supervision of an `agentwarden run` session starting (its listener
     # handed over) or ending (no process left under the filter).
     "supervision": {"time": Int, "state": Str, "session": Str, "agent": Str, "on_behalf_of": Str,
@@ -131,8 +142,8 @@ MAX_CONTROL_BYTES = 1 << 20
 MAX_ADMIN_REQUEST_BYTES = 64 * 1024   # one datagram on the supervisor's socket
 MAX_ADMIN_REPLY_BYTES = 1 << 20
 # The supervisor's admin socket: `register` hands over a session's listener fd;
-# the rest are admins' requests.
-ADMIN_COMMANDS = ("register", "holds", "approve", "deny")
+# the rest are admins' requests (`show`: one pending hold with its context).
+ADMIN_COMMANDS = ("register", "holds", "show", "approve", "deny")
 
 
 class WireError(ValueError):

@@ -23,6 +23,7 @@ from .freeze_guard import FreezeGuard
 from .watch import WatchGuard
 from .governor import Governor
 from .notify import HoldAlerts
+from .releases import Channel, Releases
 from .resolver import Resolver
 from agentwarden.archive.segments import load_key
 from .sessions import Sessions
@@ -84,6 +85,8 @@ class Daemon:
         self.exit_code = 0
         self.supervisor_health: dict[str, Any] = {}
         self.supervisor: subprocess.Popen | None = None
+        self.release_channel = Channel()   # the supervisor's `release` records, in order (releases.py)
+        self.releases = Releases(self.counters)
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
         self.alerts = HoldAlerts(settings, self.archive.host)  # holds: journal, status line, hooks
 
@@ -186,7 +189,17 @@ class Daemon:
                               f"(seq {last + 1}..{batch.seq - 1})")]
         return [self._gap("transport", 0, f"{batch.source} restarted (seq {last} -> {batch.seq})")]
 
+    def drain_releases(self) -> None:
+        """The supervisor's releases queued now, before any message ingested
+        after them (see releases.py)."""
+        for raw in self.release_channel.receive():
+            self._handle_batch(raw)
+
     def handle_message(self, raw: bytes) -> None:
+        self.drain_releases()
+        self._handle_batch(raw)
+
+    def _handle_batch(self, raw: bytes) -> None:
         self.counters["messages"] += 1
         try:
             batch = wire.decode_batch(raw)
@@ -218,11 +231,14 @@ class Daemon:
             record["agent"] = self.agents.get(record["agent_cgroup_id"])
             record["session"] = self.sessions.session_of(record["agent_cgroup_id"])
             self.resolver.annotate(record)
+            self.releases.annotate(record)
             self.counters["events"] += 1
             if kind in wire.DECIDED_KINDS:
                 violation = self.governor.judge(record)
         elif kind == "gap":
             self.drops[record["stage"]] += record["count"]
+        elif kind == "release":
+            self.releases.note(record)
         elif kind == "tags":
             self.tags = record["agents"]
             for cgid, info in self.tags.items():
@@ -418,7 +434,11 @@ class Daemon:
         poller.register(self.control, zmq.POLLIN)
         # Its own process (see supervisor/__init__.py); it dies with this one.
         self.supervisor = subprocess.Popen(
-            [sys.executable, "-m", "agentwarden.daemon.supervisor", *settings_mod.flag_args()])
+            [sys.executable, "-m", "agentwarden.daemon.supervisor", *settings_mod.flag_args(),
+             "--release-fd", str(self.release_channel.theirs.fileno())],
+            pass_fds=[self.release_channel.theirs.fileno()])
+        self.release_channel.handed_over()
+        poller.register(self.release_channel.fileno(), zmq.POLLIN)
         next_tick = time.monotonic() + TICK_INTERVAL
         watched_fd = None   # the probe's pidfd in the poller: its exit wakes this loop at once
         while not self.stopping:
@@ -430,6 +450,8 @@ class Daemon:
                     poller.register(watched_fd, zmq.POLLIN)
             to_sync = self.archive.seconds_to_sync()
             ready = dict(poller.poll(200 if to_sync is None else min(200, int(to_sync * 1000) + 1)))
+            if self.release_channel.fileno() in ready:
+                self.drain_releases()
             if self.pull in ready:
                 for _ in range(MAX_MESSAGES_PER_WAKE):
                     try:
@@ -461,10 +483,11 @@ class Daemon:
         # Drain what the probe already sent, then close the archive durably.
         self.notifier.stopping("draining and closing the archive")
         self.drain_ingest()
+        self.drain_releases()
         self.tick()
         self.alerts.close()
         self.archive.close()
-        for sock in (self.pull, self.pub, self.control):
+        for sock in (self.pull, self.pub, self.control, self.release_channel):
             sock.close()
 
 

@@ -281,14 +281,22 @@ def run(command: List[str] = typer.Argument(None, help="the command and its argu
                 on_behalf_of or os.environ.get("SUDO_USER", ""))
 
 
-@app.command()
-def holds(watch: bool = typer.Option(False, "--watch", help="refresh every second"),
+holds_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
+app.add_typer(holds_app, name="holds")
+
+
+@holds_app.callback()
+def holds(ctx: typer.Context,
+          watch: bool = typer.Option(False, "--watch", help="refresh every second"),
           as_json: bool = typer.Option(False, "--json", help="as JSON")):
     """Pending holds: agent, session, on whose behalf, what, how long it waited.
+    `holds show ID`: one of them with what an approver needs to judge it.
 
     Example: sudo agentwarden holds --watch
     """
     from agentwarden import session
+    if ctx.invoked_subcommand is not None:
+        return
     while True:
         pending = session.admin_request(_settings(), {"cmd": "holds"})["holds"]
         if as_json:
@@ -300,6 +308,25 @@ def holds(watch: bool = typer.Option(False, "--watch", help="refresh every secon
         if not watch:
             return
         time.sleep(1)
+
+
+@holds_app.command("show")
+def holds_show(hold_id: str = typer.Argument(..., help="the hold id from `agentwarden holds`"),
+               as_json: bool = typer.Option(False, "--json", help="as one JSON object")):
+    """One pending hold and its context: the session's attribution, the held
+    process's ancestry (argv, cwd), the session's last calls, the program an
+    exec would run (sha256), the files a change touches (size, sha256) and,
+    for a rename over a file, the diff; the agent's own AGENTWARDEN_REASON.
+    Exit status 1 when there is no such pending hold.
+
+    Example: sudo agentwarden holds show h3-1a2b
+    """
+    from agentwarden import session
+    hold = session.admin_request(_settings(), {"cmd": "show", "id": hold_id})["hold"]
+    if as_json:
+        typer.echo(json.dumps(hold))
+    else:
+        _echo(render.hold_detail(hold))
 
 
 @app.command()

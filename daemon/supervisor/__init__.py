@@ -28,6 +28,8 @@ The modules:
   decisions  verdicts, cached per policy, and the approvals admins asked to remember
   approvals  exec approvals in the probe's pinned maps, and letting a call through
   holds      calls waiting for admins, their answers and deadlines
-  admin      the socket: session registration, the holds admins list, approve and deny
+  context    what an approver sees of a hold: ancestry, the agent's claim, files, hashes, diffs
+  tell       one line on a held task's own stderr
+  admin      the socket: session registration, the holds admins list, show, approve and deny
   records    what goes to the daemon's ingest socket, and the counters health reports
 """

@@ -1,6 +1,6 @@
 """The supervisor's socket (UNIX seqpacket, the peer's credentials from the
 kernel): `run` registers a session and hands over its listener fd; admins
-list, approve and deny holds -- never from inside an agent or a session."""
+list, show, approve and deny holds -- never from inside an agent or a session."""
 from __future__ import annotations
 
 import array
@@ -20,6 +20,7 @@ from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
 from ..resolver import proc_ppid
+from . import context
 from .decisions import Decisions
 from .holds import Hold, Holds
 from .listeners import Listeners, Session
@@ -196,11 +197,13 @@ class Admin:
             return {"ok": False, "error": refusal}
         if cmd == "holds":
             return {"ok": True, "holds": [self._describe(h) for h in self.holds.pending.values()]}
-        if cmd in ("approve", "deny"):
+        if cmd in ("show", "approve", "deny"):
             hold = self.holds.pending.get(request.get("id"))
             if hold is None:
                 return {"ok": False, "error": f"no pending hold {request.get('id')!r} "
                                               "(unknown, or already decided)"}
+            if cmd == "show":
+                return self._show(hold)
             reason = request.get("reason")
             if reason is not None and not isinstance(reason, str):
                 raise ValueError("reason must be a string")
@@ -225,12 +228,28 @@ class Admin:
                 return {"ok": True, "state": "pending",
                         "needed": hold.required - len(hold.approvals)}
             if remember:
-                self.decisions.remember(hold.session.agent, hold.key, remember)
+                self.decisions.remember(hold.session.agent, hold.key, remember, hold.id)
             self.holds.finish(hold, True, "approved", "; ".join(
                 f"{a['name']}: {a['reason'] or 'no reason given'}" for a in hold.approvals.values())
                 + (f"; remembered for {remember:g}s" if remember else ""))
             return {"ok": True, "state": "approved"}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _show(self, hold: Hold) -> dict:
+        """A pending hold with what an approver needs to judge it (context.py),
+        read while its task waits; refused if the task is gone meanwhile (its
+        pid could be another process's by now)."""
+        s, n, request = hold.session, hold.notification, hold.request
+        paths = [e.get("resolved_filename") or e.get("resolved_path") for e in request.events]
+        shown = {**self._describe(hold), "user": s.user, "host": s.host, "started": s.started,
+                 "decision": hold.decision, "reason": hold.reason, "policy_hash": hold.policy_hash,
+                 "agent_says": hold.agent_says, "approved_by": list(hold.approvals.values()),
+                 "ancestry": context.ancestry(n.pid, s.pid), "recent": list(s.recent),
+                 "syscall": request.syscall, **context.call_context(n.pid, request.syscall, paths)}
+        if not sn.still_valid(s.fd, n.id):
+            return {"ok": False, "error": f"the process held by {hold.id} is gone (it will be "
+                                          "recorded as abandoned)"}
+        return {"ok": True, "hold": shown}
 
     def _describe(self, hold: Hold) -> dict:
         return {"id": hold.id, **session_fields(hold.session), "pid": hold.notification.pid,

@@ -15,7 +15,7 @@ VERDICT_CACHE = 4096
 class Decisions:
     def __init__(self):
         self.verdicts: dict[tuple, policy_mod.Verdict] = {}
-        self.remembered: dict[tuple, float] = {}        # (agent, key) -> monotonic expiry
+        self.remembered: dict[tuple, tuple[float, str]] = {}   # (agent, key) -> (monotonic expiry, hold id)
 
     def decide(self, current: policy_mod.PolicySet | None, request: Request) -> policy_mod.Verdict:
         if current is None:
@@ -35,11 +35,12 @@ class Decisions:
             self.verdicts[key] = verdict
         return verdict
 
-    def remember(self, agent: str, key: tuple, seconds: float) -> None:
-        """An admin's approval that lets the same action by the same agent
-        through without a hold for a while."""
-        self.remembered[(agent, key)] = time.monotonic() + seconds
+    def remember(self, agent: str, key: tuple, seconds: float, hold_id: str) -> None:
+        """An admin's approval (of hold hold_id) that lets the same action by
+        the same agent through without a hold for a while."""
+        self.remembered[(agent, key)] = (time.monotonic() + seconds, hold_id)
 
-    def is_remembered(self, agent: str, key: tuple) -> bool:
-        remembered = self.remembered.get((agent, key))
-        return bool(remembered and remembered > time.monotonic())
+    def remembered_from(self, agent: str, key: tuple) -> str | None:
+        """The hold whose remembered approval covers this action now, or None."""
+        expiry, hold_id = self.remembered.get((agent, key), (0.0, None))
+        return hold_id if expiry > time.monotonic() else None

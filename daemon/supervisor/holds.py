@@ -1,5 +1,7 @@
 """Holds: notified calls that wait for admins' answers, until enough of them
-approve, one denies, the deadline passes (denied), or the session ends."""
+approve, one denies, the deadline passes (denied), or the session ends. The
+held task is told on its stderr (setting hold_messages), and a call let
+through is announced to the daemon (a `release` record) before it continues."""
 from __future__ import annotations
 
 import itertools
@@ -10,10 +12,12 @@ from dataclasses import dataclass, field
 from agentwarden import policy as policy_mod
 from agentwarden import seccomp_notify as sn
 
+from . import context
 from .approvals import ExecApprovals
 from .listeners import Session
 from .reader import Request
 from .records import Records
+from .tell import tell
 
 
 @dataclass
@@ -21,9 +25,9 @@ class Hold:
     id: str
     session: Session
     notification: sn.Notification
+    request: Request            # what it asks for, as read at its (latest) notification
     key: tuple
     action: str
-    exec_form: bytes | None
     decision: str
     rule: str | None
     reason: str
@@ -35,12 +39,15 @@ class Hold:
     # uid -> the approval (uid, name, reason, time): distinct uids, as the kernel reports them
     approvals: dict[int, dict] = field(default_factory=dict)
     denial: dict | None = None                                      # who denied it, and why
+    agent_says: str | None = None    # AGENTWARDEN_REASON in the held process's environment
 
 
 class Holds:
-    def __init__(self, records: Records, approvals: ExecApprovals):
+    def __init__(self, records: Records, approvals: ExecApprovals, messages: bool = True):
+        """messages: tell held tasks on their stderr (setting hold_messages)."""
         self.records = records
         self.approvals = approvals
+        self.messages = messages
         self.pending: dict[str, Hold] = {}
         self.numbers = itertools.count(1)
 
@@ -49,19 +56,34 @@ class Holds:
         # A held call the agent re-issues (signal restart) is the same hold.
         for hold in self.pending.values():
             if hold.session is s and hold.notification.pid == n.pid and hold.key == request.key:
-                hold.notification = n
+                hold.notification, hold.request = n, request
                 return
         timeout = agent_policy.hold_timeout if agent_policy else policy_mod.DEFAULT_HOLD_TIMEOUT
         hold = Hold(id=f"h{next(self.numbers)}-{uuid.uuid4().hex[:4]}", session=s,
-                    notification=n, key=request.key, action=request.action,
-                    exec_form=request.exec_form, decision=verdict.decision, rule=verdict.rule,
+                    notification=n, request=request, key=request.key, action=request.action,
+                    decision=verdict.decision, rule=verdict.rule,
                     reason=verdict.reason, policy_hash=verdict.policy_hash,
                     required=agent_policy.hold_approvers if agent_policy else 1,
                     since=time.monotonic(), since_ns=time.time_ns(),
-                    deadline=time.monotonic() + timeout)
+                    deadline=time.monotonic() + timeout, agent_says=context.agent_reason(n, request.syscall))
         self.pending[hold.id] = hold
         self.records.counters["held"] += 1
         self.records.hold(hold, "pending", verdict.reason)
+        s.note(request.action, f"held {hold.id}")
+        self._tell(hold, f"{request.action}: held as {hold.id}, waiting for an admin's approval "
+                         f"(denied in {timeout:g}s without one)")
+
+    def _tell(self, hold: Hold, line: str) -> None:
+        if self.messages:
+            tell(hold.notification.pid, line)
+
+    def let_through(self, s: Session, n: sn.Notification, request: Request, hold_id: str,
+                    remembered: bool) -> bool:
+        """Continue a call a hold (or its remembered approval) allows: the
+        daemon hears of it first, so the kernel's record of it names the hold."""
+        self.records.release(hold_id, remembered, s, n.pid, request.syscall, request.raw_paths, request.flags)
+        s.note(request.action, f"remembered {hold_id}" if remembered else f"approved {hold_id}")
+        return self.approvals.let_through(s.fd, n, request.exec_form)
 
     def finish(self, hold: Hold, allow: bool, state: str, reason: str | None) -> None:
         del self.pending[hold.id]
@@ -70,8 +92,15 @@ class Holds:
             self.records.hold(hold, "abandoned", "the waiting process is gone")
             return
         if allow:
-            delivered = self.approvals.let_through(fd, n, hold.exec_form)
+            delivered = self.let_through(hold.session, n, hold.request, hold.id, False)
         else:
+            hold.session.note(hold.action, f"{state} {hold.id}")
+            if state == "denied":
+                self._tell(hold, f"{hold.id} denied by {hold.denial['name']}: "
+                                 f"{hold.denial['reason'] or 'no reason given'}; {hold.action} fails (EPERM)")
+            else:
+                self._tell(hold, f"{hold.id} timed out after {time.monotonic() - hold.since:.0f}s without "
+                                 f"an admin's answer; {hold.action} fails (EPERM)")
             delivered = sn.respond(fd, n.id, allow=False)
         self.records.hold(hold, state if delivered else "abandoned", reason)
 

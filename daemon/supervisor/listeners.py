@@ -4,14 +4,18 @@ itself, the admin socket and its clients, the fast path's forwarding socket).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import select
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import fastpath
 
 log = logging.getLogger("agentwarden.daemon")
+
+RECENT_ACTIONS = 20   # per session, for `holds show`
 
 
 @dataclass
@@ -26,6 +30,12 @@ class Session:
     fd: int
     pid: int
     started: int
+    # the last calls this process decided (the fast path's allows are not seen
+    # here): {time, action, verdict}
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_ACTIONS))
+
+    def note(self, action: str, verdict: str) -> None:
+        self.recent.append({"time": time.time_ns(), "action": action, "verdict": verdict})
 
     def remove_cgroup(self) -> None:
         """An empty session leaves nothing behind; one still populated by

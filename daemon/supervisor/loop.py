@@ -32,11 +32,12 @@ HEALTH_INTERVAL = 1.0
 
 
 class Supervisor:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, release_fd: int | None = None):
+        """release_fd: the daemon's end of the pair for `release` records."""
         self.settings = settings
         self.governor = Governor([settings.policy_dir], lambda cgroup_id: None)
         self.governor.load()
-        self.records = Records(settings.ingest_endpoint)
+        self.records = Records(settings.ingest_endpoint, release_fd)
         self.policy_feed = zmq.Context.instance().socket(zmq.SUB)
         self.policy_feed.setsockopt(zmq.LINGER, 0)
         self.policy_feed.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_KERNEL_RULES)
@@ -49,7 +50,7 @@ class Supervisor:
         self.fast, self.fast_unavailable = self._start_fast_path()
         self.approvals = ExecApprovals(settings.bpf_pin_dir, self.fast, self.listeners.sessions,
                                        self.records.counters)
-        self.holds = Holds(self.records, self.approvals)
+        self.holds = Holds(self.records, self.approvals, settings.hold_messages)
         self.admin = Admin(settings, self.listeners, self.holds, self.decisions, self.records,
                            self._current_policy, self._start_session)
 
@@ -168,6 +169,7 @@ class Supervisor:
             sn.respond(fd, n.id, allow=False)
             verdict = policy_mod.Verdict("deny", None, None, "the arguments could not be read", "", "enforce")
             self.records.refusal(s, n.pid, f"{name} (unreadable arguments)", verdict, "refused: EPERM")
+            s.note(f"{name} (unreadable arguments)", "refused")
             return
         verdict = self.decisions.decide(self.governor.policy, request)
         agent_policy = self.governor.policy.agents.get(s.agent) if self.governor.policy else None
@@ -176,9 +178,11 @@ class Supervisor:
                 # Learnt before the task goes on, so its next identical call finds
                 # it; decide() is pure: same line, same verdict.
                 self.fast.learn(request.fast_key)
+            s.note(request.action, "allowed")
             self.approvals.let_through(fd, n, request.exec_form)
             return
         if verdict.mode == "monitor":
+            s.note(request.action, f"{verdict.decision} (monitor mode: allowed)")
             self.approvals.let_through(fd, n, request.exec_form)
             self.records.refusal(s, n.pid, request.action, verdict, "none (monitor mode)")
             return
@@ -188,9 +192,11 @@ class Supervisor:
             counters["refused"] += 1
             sn.respond(fd, n.id, allow=False)
             self.records.refusal(s, n.pid, request.action, verdict, "refused: EPERM")
+            s.note(request.action, f"{verdict.decision}: refused")
             return
-        if self.decisions.is_remembered(s.agent, request.key):
-            self.approvals.let_through(fd, n, request.exec_form)
+        remembered = self.decisions.remembered_from(s.agent, request.key)
+        if remembered:
+            self.holds.let_through(s, n, request, remembered, True)
             return
         self.holds.hold(s, n, request, verdict, agent_policy)
 

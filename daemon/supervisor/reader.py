@@ -23,6 +23,9 @@ class Request:
     events: list[dict]
     exec_form: bytes | None     # exec: the filename in the kernel's own form
     fast_key: bytes | None = None   # what the fast path can repeat once allowed
+    syscall: str = ""
+    raw_paths: tuple[bytes, ...] = ()   # the path arguments as the task passed them
+    flags: int = 0                      # an open's flags
 
 
 def read(agent: str, n: sn.Notification, name: str) -> Request | None:
@@ -82,7 +85,7 @@ def _read_request(agent: str, n: sn.Notification, name: str, mem: sn.TaskMemory)
         shown = " ".join(argv_text) + (" ..." if truncated else "") + f" ({resolved or os.fsdecode(raw)})"
         repeatable = name == "execve" and raw.startswith(b"/") and argv_ptr and not truncated
         return Request(f"exec {shown}", ("exec", resolved, tuple(argv_text), truncated), [event], form,
-                       fastpath.exec_key(agent, raw, argv) if repeatable else None)
+                       fastpath.exec_key(agent, raw, argv) if repeatable else None, name, (raw,))
     paths: list[tuple[int, int, int]] = []   # (dirfd, pointer, open flags)
     write = os.O_WRONLY
     if name == "open":
@@ -104,11 +107,12 @@ def _read_request(agent: str, n: sn.Notification, name: str, mem: sn.TaskMemory)
         paths = [(AT_FDCWD, a[0], write)]
     elif name == "unlinkat":
         paths = [(_int(a[0]), a[1], write)]
-    events, shown = [], []
+    events, shown, raws = [], [], []
     for dirfd, pointer, flags in paths:
         raw = mem.string(pointer)
         if raw is None:
             return None
+        raws.append(raw)
         resolved = _resolve(n.pid, dirfd, raw)
         events.append({"kind": "open", "agent": agent, "resolved_path": resolved,
                        "path": os.fsdecode(raw), "flags": flags, "ret": 0})
@@ -116,4 +120,4 @@ def _read_request(agent: str, n: sn.Notification, name: str, mem: sn.TaskMemory)
     action = f"{name} {' -> '.join(shown)}"
     repeatable = name in ("open", "openat", "creat") and raw.startswith(b"/")
     return Request(action, ("file", name, tuple(shown)), events, None,
-                   fastpath.open_key(agent, flags, raw) if repeatable else None)
+                   fastpath.open_key(agent, flags, raw) if repeatable else None, name, tuple(raws), flags)

@@ -4,6 +4,7 @@ the counters that health reports."""
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from .listeners import Session
 
 log = logging.getLogger("agentwarden.daemon")
+
+RELEASE_SEND_TIMEOUT = 2.0   # s: a daemon that reads nothing for this long gets the record late
 
 
 def session_fields(s: Session) -> dict:
@@ -35,12 +38,19 @@ def summarise(times_ns) -> dict:
 
 
 class Records:
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, release_fd: int | None = None):
+        """release_fd: the daemon's end of a UNIX seqpacket pair for `release`
+        records (see release()); None sends them with the others."""
         self.out = zmq.Context.instance().socket(zmq.PUSH)
         self.out.setsockopt(zmq.LINGER, 2000)
         self.out.setsockopt(zmq.SNDTIMEO, 1000)
         self.out.connect(endpoint)
         self.seq = 0
+        self.releases = None
+        self.release_seq = 0
+        if release_fd is not None:
+            self.releases = socket.socket(fileno=release_fd)
+            self.releases.settimeout(RELEASE_SEND_TIMEOUT)
         self.counters: dict[str, int] = {"notifications": 0, "continued": 0, "refused": 0,
                                          "held": 0, "unreadable": 0, "policy_announcements_malformed": 0}
 
@@ -64,8 +74,31 @@ class Records:
                    "required": hold.required,
                    "approvers": sorted(a["name"] for a in hold.approvals.values()),
                    "approvals": sorted(hold.approvals.values(), key=lambda a: a["time"]),
-                   "denial": hold.denial,
+                   "denial": hold.denial, "agent_says": hold.agent_says,
                    "reason": reason, "waited": round(time.monotonic() - hold.since, 3)})
+
+    def release(self, hold_id: str, remembered: bool, s: Session, tid: int, syscall: str,
+                raw_paths: tuple[bytes, ...], flags: int) -> None:
+        """A call let through by hold_id (or by its remembered approval), sent
+        BEFORE the call continues. On the UNIX pair a send returns only once
+        the record sits in the daemon's receive queue, and the kernel's record
+        of the call can only be made after it continues: the daemon, which
+        drains the pair before each message it ingests, always has the
+        release before that record and names the hold in it."""
+        event = "exec" if syscall in ("execve", "execveat") else (
+            "open" if syscall in ("open", "openat", "openat2", "creat") else None)
+        record = {"kind": "release", "time": time.time_ns(), "hold_id": hold_id, "remembered": remembered,
+                  **session_fields(s), "tid": tid, "syscall": syscall, "event": event,
+                  "paths": [wire.from_c(p) for p in raw_paths], "flags": flags if event == "open" else 0}
+        if self.releases is not None:
+            try:
+                self.releases.send(wire.encode_batch("supervisor-releases", self.release_seq, [record]))
+                self.release_seq += 1
+                return
+            except OSError as exc:   # the daemon is stuck or gone: late is better than never
+                self.counters["releases_late"] = self.counters.get("releases_late", 0) + 1
+                log.error("supervisor: release of %s not delivered in order: %s", hold_id, exc)
+        self.emit(record)
 
     def refusal(self, s: Session, pid: int, action: str, verdict: Verdict, taken: str) -> None:
         self.emit({"kind": "violation", "time": time.time_ns(), "agent": s.agent, "pid": pid,
@@ -77,3 +110,5 @@ class Records:
 
     def close(self) -> None:
         self.out.close()
+        if self.releases is not None:
+            self.releases.close()
