@@ -341,11 +341,13 @@ def kill_cgroup(path: Path) -> str:
 
 
 def set_frozen(path: Path, frozen: bool) -> str:
-    word = "froze" if frozen else "thawed"
+    verb, done = ("freeze", "froze") if frozen else ("thaw", "thawed")
     try:
         (path / "cgroup.freeze").write_text("1" if frozen else "0")
     except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV) and not path.is_dir():
+            return f"{path} is gone (nothing to {verb})"
         if exc.errno == errno.ENOENT:
-            return f"could not freeze {path}: no cgroup.freeze (cgroup v2 freezer needs kernel 5.2)"
-        return f"could not {word[:-1]}e {path}: {exc.strerror}"
-    return f"{word} {path}"
+            return f"could not {verb} {path}: no cgroup.freeze (cgroup v2 freezer needs kernel 5.2)"
+        return f"could not {verb} {path}: {exc.strerror}"
+    return f"{done} {path}"

@@ -268,21 +268,26 @@ watchdog)
 killprobe)
     # An agent's worst move: kill -9 the probe. The daemon freezes every agent
     # at once, systemd starts the probe again, and agents thaw once it watches.
+    # (agent@ units are restarted with the probe instead: Requires=.)
+    systemd-run --quiet --slice=agents.slice --unit=agent-swt-watched \
+        /bin/sh -c 'while :; do /usr/bin/sleep 0.3; done'
     systemctl start agent@swt-reviewer
     wait_for 30 "healthy" healthy
-    wait_for 10 "agent@swt-reviewer's session cgroup" session_cgroup agent@swt-reviewer.service
-    cg=$(session_cgroup agent@swt-reviewer.service)
+    cg=$(agent_cgroup agent-swt-watched.service)
+    reviewer_pid=$(prop agent@swt-reviewer MainPID)
     probe_pid=$(prop agentwarden-probe MainPID)
     kill -9 "$probe_pid"
-    wait_for 2 "agent@swt-reviewer frozen within 2 s of kill -9 of the probe" grep -qx "frozen 1" "$cg/cgroup.events"
+    wait_for 2 "agent-swt-watched frozen within 2 s of kill -9 of the probe" grep -qx "frozen 1" "$cg/cgroup.events"
     wait_for 120 "systemd started the probe again" sh -c \
         "[ \"\$(systemctl show -p MainPID --value agentwarden-probe)\" != $probe_pid ] && systemctl is-active --quiet agentwarden-probe"
-    wait_for 60 "agent@swt-reviewer thawed once the probe watches again" grep -qx "frozen 0" "$cg/cgroup.events"
+    wait_for 60 "agent-swt-watched thawed once the probe watches again" grep -qx "frozen 0" "$cg/cgroup.events"
+    wait_for 60 "agent@swt-reviewer runs again, restarted with the probe" sh -c \
+        "systemctl is-active --quiet agent@swt-reviewer && [ \"\$(systemctl show -p MainPID --value agent@swt-reviewer)\" != $reviewer_pid ]"
     agentwarden log search --kind watch --json > /tmp/watch.json 2>&1
     check "the archive says the watch was lost (agents frozen)" \
         json_has /tmp/watch.json "r.get('state') == 'lost' and 'froze' in r.get('action_taken', '')"
     check "and restored" json_has /tmp/watch.json "r.get('state') == 'restored'"
-    systemctl stop agent@swt-reviewer
+    systemctl stop agent@swt-reviewer agent-swt-watched
     ;;
 
 stop)
