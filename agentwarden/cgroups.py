@@ -125,6 +125,31 @@ def read_tag(path: Path, name: str = TAG_XATTR) -> str | None:
         raise
 
 
+# Set by systemd (root) on the cgroup of a unit with Delegate=yes: the unit
+# manages its own subtree. Such a unit of the agents slice is not itself an
+# agent: `agentwarden run` in it makes the tagged session cgroup below it.
+DELEGATE_XATTR = "trusted.delegate"
+
+
+def is_delegated(path: Path) -> bool:
+    try:
+        return read_tag(path, DELEGATE_XATTR) == "1"
+    except OSError:
+        return False
+
+
+def own_cgroup(root: Path, pid: int | str = "self") -> Path | None:
+    """A process's cgroup v2 directory, or None."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return root / line[3:].strip().lstrip("/")
+    except OSError:
+        return None
+    return None
+
+
 def read_attribution(path: Path) -> tuple[tuple[str, str], ...]:
     """The optional attribution xattrs that are set: text without control
     characters, cut to ATTRIBUTION_MAX; a session id that is not a plain name
@@ -256,6 +281,8 @@ def _slice_agent(path: Path, base: Path | None) -> str | None:
     parts = path.relative_to(base).parts
     if parts[-1].endswith(".slice") or not all(p.endswith(".slice") for p in parts[:-1]):
         return None
+    if is_delegated(path):
+        return None   # its sessions are the agents (tagged by `agentwarden run`)
     return unit_agent_name(parts[-1])
 
 
@@ -314,11 +341,13 @@ def kill_cgroup(path: Path) -> str:
 
 
 def set_frozen(path: Path, frozen: bool) -> str:
-    word = "froze" if frozen else "thawed"
+    verb, done = ("freeze", "froze") if frozen else ("thaw", "thawed")
     try:
         (path / "cgroup.freeze").write_text("1" if frozen else "0")
     except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV) and not path.is_dir():
+            return f"{path} is gone (nothing to {verb})"
         if exc.errno == errno.ENOENT:
-            return f"could not freeze {path}: no cgroup.freeze (cgroup v2 freezer needs kernel 5.2)"
-        return f"could not {word[:-1]}e {path}: {exc.strerror}"
-    return f"{word} {path}"
+            return f"could not {verb} {path}: no cgroup.freeze (cgroup v2 freezer needs kernel 5.2)"
+        return f"could not {verb} {path}: {exc.strerror}"
+    return f"{done} {path}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import grp
 import os
 import pwd
 import shutil
@@ -81,6 +82,17 @@ def _agent_cgroup(settings: Settings, agent: str) -> Path:
     return found[0].path
 
 
+def _session_parent(settings: Settings, agent: str) -> Path:
+    """Where the session cgroup goes: below this process's own cgroup when that
+    is a delegated systemd unit (agent@NAME.service, `systemd-run -p
+    Delegate=yes`: nothing of ours ran in an agent's cgroup before the
+    session), else below the agent's tagged cgroup."""
+    own = cgroups.own_cgroup(cgroups.cgroup2_root())
+    if own is not None and cgroups.is_delegated(own):
+        return own
+    return _agent_cgroup(settings, agent)
+
+
 def _wait_watched(settings: Settings, cgroup: Path, timeout: float = 10.0) -> None:
     cgid, deadline = str(cgroups.cgroup_id(cgroup)), time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,7 +103,7 @@ def _wait_watched(settings: Settings, cgroup: Path, timeout: float = 10.0) -> No
 
 
 def run(settings: Settings, agent: str, command: list[str], user: str | None, task: str,
-        on_behalf_of: str) -> None:
+        on_behalf_of: str, group: str | None = None) -> None:
     """Never returns: execs the command, or raises before anything ran."""
     if os.geteuid() != 0:
         raise NeedsRoot("agentwarden run")
@@ -108,7 +120,15 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
             account = pwd.getpwnam(user)
         except KeyError:
             raise AgentwardenError(f"no such user: {user}") from None
-    parent = _agent_cgroup(settings, agent)
+    if group is not None and account is None:
+        raise AgentwardenError("--group needs --user (the group the user runs in)")
+    gid = account.pw_gid if account is not None else None
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise AgentwardenError(f"no such group: {group}") from None
+    parent = _session_parent(settings, agent)
     control.request(settings, "status", timeout=3)  # the daemon answers, or this says why
 
     # Built before joining the agent: libseccomp writes it through a temporary
@@ -145,8 +165,8 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
     if not reply.get("ok"):
         raise AgentwardenError(f"the daemon refused the session: {reply.get('error')}")
     if account is not None:
-        os.initgroups(account.pw_name, account.pw_gid)
-        os.setgid(account.pw_gid)
+        os.initgroups(account.pw_name, gid)
+        os.setgid(gid)
         os.setuid(account.pw_uid)
         os.environ.update(HOME=account.pw_dir, USER=account.pw_name, LOGNAME=account.pw_name)
     os.environ["AGENTWARDEN_SESSION"] = session

@@ -200,6 +200,35 @@ static __always_inline int same_path(u32 ok_len, const char *ok, const char *pat
     return 1;
 }
 
+/* Thread ids as the session supervisor knows them. Its notifications name
+ * tasks in its pid namespace: the probe's, given at compile time when it is
+ * not the initial one (a container), where ids differ from the kernel's. A
+ * task outside that namespace is 0, which no approval names. */
+static __always_inline u32 session_tid(void)
+{
+#ifdef AW_PIDNS_INO
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(AW_PIDNS_DEV, AW_PIDNS_INO, &ns, sizeof(ns)))
+        return 0;
+    return ns.pid;
+#else
+    return (u32)bpf_get_current_pid_tgid();
+#endif
+}
+
+/* At sched_process_exec: the id the exec'ing thread had when the supervisor
+ * approved it. A thread other than the leader takes the leader's id as it
+ * execs; its old id is known here only globally (old_pid), so in a pid
+ * namespace such an exec matches no approval (fail closed: killed). */
+static __always_inline u32 exec_session_tid(u32 old_pid)
+{
+#ifdef AW_PIDNS_INO
+    return old_pid == (u32)bpf_get_current_pid_tgid() ? session_tid() : 0;
+#else
+    return old_pid;
+#endif
+}
+
 static __always_inline struct aw_approval_slot *approval_slot(u32 tid)
 {
     u32 index = tid & (AW_APPROVAL_SLOTS - 1);
@@ -211,6 +240,8 @@ static __always_inline struct aw_approval_slot *approval_slot(u32 tid)
 static __always_inline int take_approval(u32 tid, const char *path, int len)
 {
     int approved;
+    if (!tid)
+        return 0;   /* a cleared slot holds tid 0 and a stale path */
     struct aw_approval_slot *slot = approval_slot(tid);
     if (slot && slot->tid == tid) {
         approved = same_path(slot->len, slot->path, path, len);
@@ -253,7 +284,7 @@ static __always_inline int exec_enter(u32 syscall, s32 dirfd, const char *filena
     u64 agent = agent_cgroup();
     if (!agent)
         return 0;
-    forget_stash((u32)bpf_get_current_pid_tgid());
+    forget_stash(session_tid());
     u32 zero = 0;
     struct aw_exec *e = exec_scratch.lookup(&zero);
     if (!e)
@@ -322,7 +353,7 @@ static __always_inline void emit_exec(struct aw_exec *e)
 static __always_inline int exec_exit(long ret)
 {
     u64 key = bpf_get_current_pid_tgid();
-    forget_stash((u32)key);   /* also after a call the supervisor refused (never entered) */
+    forget_stash(session_tid());   /* also after a call the supervisor refused (never entered) */
     struct aw_exec *e = inflight_exec.lookup(&key);
     if (!e)
         return 0;
@@ -336,7 +367,7 @@ static __always_inline int exec_exit(long ret)
     } else {
         /* A failed exec leaves no approval behind (a success used it up at
          * sched_process_exec): stale ones would fill the map. */
-        forget_approval((u32)key);
+        forget_approval(session_tid());
     }
     emit_exec(e);
     inflight_exec.delete(&key);
@@ -375,7 +406,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
             struct aw_exec *scratch = exec_scratch.lookup(&zero);
             int len = scratch ? bpf_probe_read_kernel_str(scratch->exec_path, sizeof(scratch->exec_path),
                                                           (char *)args + at) : -1;
-            if (!scratch || !take_approval(args->old_pid, scratch->exec_path, len))
+            if (!scratch || !take_approval(exec_session_tid(args->old_pid), scratch->exec_path, len))
                 bpf_send_signal(9);
         }
         return 0;
@@ -392,7 +423,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
             /* A session exec runs only what the daemon approved: a thread that
              * rewrote the path after the check, or an exec the daemon never
              * saw, is killed here, before the new program's first instruction. */
-            if (!take_approval(args->old_pid, e->exec_path, exec_len)) {
+            if (!take_approval(exec_session_tid(args->old_pid), e->exec_path, exec_len)) {
                 bpf_send_signal(9);
                 e->flags |= AW_EXEC_NOT_APPROVED;
             }
@@ -566,7 +597,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (!agent_cgroup_of(&agent) || !(agent & AW_AGENT_SESSION_BIT))
         return 0;
     u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
+    u32 tid = session_tid();
     u64 ax = 0;
     if (bpf_probe_read_kernel(&ax, sizeof(ax), &regs[AW_REG_AX]) || (s64)ax != -AW_ENOSYS ||
         inflight_exec.lookup(&id)) {
@@ -575,6 +606,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
         forget_stash(tid);
         return 0;
     }
+    if (!tid)
+        return 0;   /* outside the supervisor's pid namespace: no session of its own */
     struct aw_exec_stash *s = exec_stash_slot(tid);
     if (!s || (s->tid && s->tid != tid))
         return 0;   /* another thread's call holds the slot: the supervisor reads */
@@ -630,8 +663,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     }
     inflight_file.delete(&id);
     unread_paths.delete(&id);
-    forget_approval(tid);   /* approved, then killed before the exec ran */
-    forget_stash(tid);
+    u32 as_approved = session_tid();
+    forget_approval(as_approved);   /* approved, then killed before the exec ran */
+    forget_stash(as_approved);
 
 #ifdef AW_HAVE_GROUP_DEAD
     int process_ends = args->group_dead;

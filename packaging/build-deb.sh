@@ -39,7 +39,7 @@ find "$site" -name '__pycache__' -prune -exec rm -rf {} +
 sh scripts/build-fastpath.sh "$site/agentwarden/daemon/_fastpath.so"
 
 install -D -m 0755 packaging/agentwarden.bin "$root/usr/bin/agentwarden"
-for unit in agentwarden-daemon.service agentwarden-probe.service agents.slice 'agent@.service'; do
+for unit in agentwarden-daemon.service agentwarden-probe.service agents.slice 'agent@.service' agentwarden-bpffs.service; do
     install -D -m 0644 "systemd/$unit" "$root/lib/systemd/system/$unit"
 done
 install -D -m 0755 packaging/agentwarden-generator "$root/lib/systemd/system-generators/agentwarden-agents"

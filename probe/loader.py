@@ -7,6 +7,7 @@ import platform
 import subprocess
 from pathlib import Path
 
+from agentwarden.doctor import PROC_PID_INIT_INO
 from agentwarden.errors import AgentwardenError, NeedsRoot
 from agentwarden.headers import bpf_dir
 from agentwarden.settings import KEYS
@@ -70,7 +71,8 @@ def compile_and_attach(wakeup_interval: float = KEYS["wakeup_interval"].default)
     tracefs = ensure_tracefs()
     check_kernel_headers()
     bcc = load_bcc()
-    cflags = [f"-I{bpf_dir()}", f"-DAW_WAKEUP_INTERVAL_NS={round(wakeup_interval * 1e9)}ULL"]
+    cflags = [f"-I{bpf_dir()}", f"-DAW_WAKEUP_INTERVAL_NS={round(wakeup_interval * 1e9)}ULL",
+              *pid_namespace_cflags()]
     # sched_process_exit says whether the whole process ends (newer kernels).
     if "group_dead" in (tracefs / EXIT_FORMAT).read_text():
         cflags.append("-DAW_HAVE_GROUP_DEAD=1")
@@ -86,6 +88,19 @@ def compile_and_attach(wakeup_interval: float = KEYS["wakeup_interval"].default)
         raise AgentwardenError(f"failed to load BPF program: {exc} (see the compiler or "
                                "verifier output above; `agentwarden doctor` checks "
                                "the prerequisites)") from None
+
+
+
+
+def pid_namespace_cflags() -> list[str]:
+    """In a pid namespace (a container), session approvals name threads by
+    their ids there, as the supervisor's notifications do: the BPF program
+    translates with bpf_get_ns_current_pid_tgid (the probe and the daemon,
+    hence its supervisor, share this namespace)."""
+    ns = os.stat("/proc/self/ns/pid")
+    if ns.st_ino == PROC_PID_INIT_INO:
+        return []
+    return [f"-DAW_PIDNS_DEV={ns.st_dev}ULL", f"-DAW_PIDNS_INO={ns.st_ino}ULL"]
 
 
 def exec_stash_supported() -> bool:

@@ -111,7 +111,8 @@ class TagMirror:
     def record(self) -> dict:
         return {"kind": "tags", "time": now_ns(), "agents": {
             str(cgid): {"agent": t.agent, "path": str(t.path), "level": t.level,
-                        "watched": cgid not in self.too_deep, **dict(t.attribution)}
+                        "watched": cgid not in self.too_deep, **dict(t.attribution),
+                        **({"instance": t.instance} if t.instance else {})}
             for cgid, t in self.current.items()}}
 
 

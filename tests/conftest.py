@@ -77,7 +77,9 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> int:
 class Warden:
     """A running `agentwarden up` with its own run and state directories."""
 
-    def __init__(self, tmp: Path, run_dir: Path | None = None, env: dict | None = None):
+    def __init__(self, tmp: Path, run_dir: Path | None = None, env: dict | None = None,
+                 wrapper: tuple[str, ...] = ()):
+        """wrapper: a command line that runs `agentwarden up` (unshare ...)."""
         self.settings = Settings(run_dir=run_dir or tmp / "run", state_dir=tmp / "state",
                                  policy_dir=tmp / "policy")
         self.settings.policy_dir.mkdir()
@@ -88,7 +90,7 @@ class Warden:
                     "AGENTWARDEN_CGROUP_SCOPE": TEST_CGROUP_PARENT, **(env or {})}
         self.log = open(tmp / "up.log", "w+")
         (cgroups.cgroup2_root() / TEST_CGROUP_PARENT).mkdir(exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "up"], env=self.env,
+        self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", "agentwarden", "up"], env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_for(self._ready, timeout=90, what="agentwarden up to report a probe")

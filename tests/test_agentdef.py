@@ -36,21 +36,25 @@ def test_a_full_definition_becomes_a_dropin(tmp_path):
     agent = agentdef.load(define(tmp_path, "coder", FULL), "coder")
     assert agent.command == ["/usr/bin/python3", "-c", "print('100% \"done\" $HOME')"]
     text = agentdef.dropin(agent)
-    assert "[Service]\nUser=coder\nGroup=coders\nWorkingDirectory=/srv/coder\n" in text
+    # The unit starts `run` as root; run switches to the user and group.
+    assert "[Service]\nWorkingDirectory=/srv/coder\n" in text and "User=" not in text
     assert 'Environment="AGENTWARDEN_AGENT=coder"' in text
     assert 'Environment="AGENTWARDEN_TASK_OWNER=alice"' in text
     assert 'Environment="AGENTWARDEN_TASK_TICKET=OPS-1"' in text
     assert 'Environment="LANG=C.UTF-8"' in text
-    # ExecStart= is reset, then set; % and $ cannot be expanded by systemd.
-    assert '\nExecStart=\nExecStart="/usr/bin/python3" "-c" ' \
-           '"print(\'100%% \\"done\\" $$HOME\')"\n' in text
+    # ExecStart= is reset, then set to a held session with the task as its
+    # attribution; % and $ cannot be expanded by systemd.
+    assert '\nExecStart=\nExecStart="/usr/bin/agentwarden" "run" "--agent" "coder" "--user" "coder" ' \
+           '"--group" "coders" "--task" "ticket=OPS-1" "--on-behalf-of" "alice" "--" ' \
+           '"/usr/bin/python3" "-c" "print(\'100%% \\"done\\" $$HOME\')"\n' in text
 
 
 def test_minimal_definition_and_string_command(tmp_path):
     agent = agentdef.load(define(tmp_path, "r", 'command = "/bin/sh -c \'sleep 1\'"\nuser = "nobody"\n'), "r")
     assert agent.command == ["/bin/sh", "-c", "sleep 1"]
     text = agentdef.dropin(agent)
-    assert "WorkingDirectory=~" in text and "Group=" not in text
+    # No workdir: the user's home (systemd's ~ would be root's: the unit starts as root).
+    assert "WorkingDirectory=/nonexistent\n" in text and "--group" not in text
 
 
 @pytest.mark.parametrize("text, message", [
@@ -107,7 +111,9 @@ def test_agent_config_command(tmp_path):
                                     text=True, env=env, timeout=60)
     result = run("agent-config")
     assert result.returncode == 0, result.stderr
-    assert "# agent@good.service (OK)" in result.stdout and 'ExecStart="/bin/true"' in result.stdout
+    assert "# agent@good.service (OK)" in result.stdout
+    assert 'ExecStart="/usr/bin/agentwarden" "run" "--agent" "good" "--user" "nobody" "--" "/bin/true"' \
+        in result.stdout
     result = run("agent-config", "missing")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "no definition for agent 'missing'" in result.stderr

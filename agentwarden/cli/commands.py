@@ -269,6 +269,8 @@ def kill(agent: Optional[str] = typer.Option(None, "--agent", help="the agent to
 def run(command: List[str] = typer.Argument(None, help="the command and its arguments, after --"),
         agent: str = typer.Option(..., "--agent", help="the agent (a tagged cgroup) to run as"),
         user: Optional[str] = typer.Option(None, "--user", help="run the command as this user"),
+        group: Optional[str] = typer.Option(None, "--group",
+                                            help="with --user: run in this group (default: the user's own)"),
         task: str = typer.Option("", "--task", help="what the agent is asked to do (archived)"),
         on_behalf_of: str = typer.Option("", "--on-behalf-of", help="the person it acts for (archived)")):
     """Run a command as an agent session: execs and file changes its policy
@@ -278,7 +280,7 @@ def run(command: List[str] = typer.Argument(None, help="the command and its argu
     """
     from agentwarden import session
     session.run(_settings(), agent, list(command or []), user, task,
-                on_behalf_of or os.environ.get("SUDO_USER", ""))
+                on_behalf_of or os.environ.get("SUDO_USER", ""), group)
 
 
 holds_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)

@@ -128,14 +128,30 @@ class Admin:
             current = proc_ppid(current)
         return "process ancestry too deep"
 
+    def _probe_tags(self) -> dict:
+        """The agent cgroups as the probe last reported them (it reads the
+        trusted.* tags, which this process may not see: the daemon's unit has
+        no CAP_SYS_ADMIN). Empty when the daemon cannot say."""
+        try:
+            return control.request(self.settings, "status", timeout=2)["status"]["probe"]["tags"]
+        except AgentwardenError:
+            return {}
+
     def _agent_of(self, relative: str) -> str | None:
-        """The agent tag of a cgroup or any ancestor (read from the xattrs themselves)."""
+        """The agent of a cgroup or any ancestor: a tag it carries (where this
+        process can read trusted.* xattrs) or the probe's word for it."""
+        tags = self._probe_tags()
         path = Path(os.path.normpath(f"{self.root}/{relative}"))
         while True:
             try:
                 tag = cgroups.read_tag(path)
             except OSError:
                 tag = None
+            if not tag:
+                try:
+                    tag = (tags.get(str(cgroups.cgroup_id(path))) or {}).get("agent")
+                except OSError:
+                    tag = None
             if tag:
                 return tag
             if path == self.root or self.root not in path.parents:
@@ -276,22 +292,21 @@ class Admin:
         if current is None or fields["agent"] not in current.agents:
             return refuse(f"no policy for agent {fields['agent']!r}: a session needs one")
         cgroup = Path(fields["cgroup"])
-        try:
-            if (cgroups.read_tag(cgroup) != fields["agent"]
-                    or cgroups.read_tag(cgroup, cgroups.SESSION_XATTR) != fields["session"]
-                    or cgroups.read_tag(cgroup, cgroups.INSTANCE_XATTR) != self.settings.instance):
-                return refuse(f"{cgroup} is not tagged as session {fields['session']} of {fields['agent']}")
-        except OSError as exc:
-            return refuse(f"cannot read the session cgroup {cgroup}: {exc.strerror}")
         if Path(os.path.normpath(f"{self.root}/{cgroup_of(pid)}")) != cgroup:
             return refuse("the registering process is not in the session cgroup")
+        # The session's tags, as the probe read them (it has CAP_SYS_ADMIN for
+        # trusted.* xattrs; the daemon's unit does not): it watches the cgroup
+        # as this session of this agent, made for this instance.
         try:
             tags = control.request(self.settings, "status", timeout=2)["status"]["probe"]["tags"]
-        except AgentwardenError as exc:
+            watched = tags.get(str(cgroups.cgroup_id(cgroup)))
+        except (AgentwardenError, OSError) as exc:
             return refuse(f"cannot ask the daemon whether the probe watches the session: {exc}")
-        watched = tags.get(str(cgroups.cgroup_id(cgroup)))
         if not watched or watched.get("session") != fields["session"]:
             return refuse("the probe does not watch the session cgroup yet")
+        if watched.get("agent") != fields["agent"] or watched.get("instance") != self.settings.instance:
+            return refuse(f"{cgroup} is not tagged as session {fields['session']} of {fields['agent']} "
+                          "for this instance")
         fd = fds[0]
         os.set_inheritable(fd, False)
         sn.set_sync_wakeup(fd)

@@ -45,6 +45,9 @@ sys.exit(0 if before and all(int(after.get(f, -1)) >= int(s) for f, s in before.
 agent_cgroup() {  # the cgroup directory of a unit in agents.slice
     python3 -c 'import sys; from agentwarden import cgroups; print(cgroups.systemd_root(cgroups.cgroup2_root()) / "agents.slice" / sys.argv[1])' "$1"
 }
+session_cgroup() {  # the session cgroup `agentwarden run` made in a delegated unit
+    find "$(agent_cgroup "$1")" -mindepth 1 -maxdepth 1 -type d -name 's-*' | grep .
+}
 archive_has() {  # archive_has AGENT PYTHON-EXPR: some archived record of AGENT satisfies EXPR
     agentwarden log search --agent "$1" --json > "/tmp/archive-$1.json" 2>/dev/null
     json_has "/tmp/archive-$1.json" "$2"
@@ -150,6 +153,18 @@ user = "reviewer"
 [task]
 owner = "alice"
 EOT
+    # A session needs a policy: agent@ units run under `agentwarden run`.
+    cat > /etc/agentwarden/policy.d/swt-reviewer.toml <<'EOT'
+[agent.swt-reviewer]
+mode = "enforce"
+on-violation = "alert"
+[agent.swt-reviewer.exec]
+allow = ["/usr/bin/sh", "/usr/bin/dash", "/bin/sh", "/usr/bin/cat", "/usr/bin/sleep"]
+[agent.swt-reviewer.files]
+read-allow = ["/**"]
+write-allow = ["/dev/null"]
+EOT
+    check "policy reload" agentwarden policy reload
     check "agentwarden agent-config swt-reviewer: OK" sh -c "agentwarden agent-config swt-reviewer | grep -q '(OK)'"
     systemctl daemon-reload
     check "generator wrote agent@swt-reviewer's drop-in" \
@@ -160,8 +175,10 @@ EOT
     tail_pid=$!
     check "systemctl start agent@swt-reviewer" systemctl start agent@swt-reviewer
     pid=$(prop agent@swt-reviewer MainPID)
-    check "it runs as user reviewer in agents.slice" sh -c \
+    # `agentwarden run` starts it as root, then executes the command as reviewer.
+    wait_for 20 "it runs as user reviewer in agents.slice, in a session" sh -c \
         "test \"\$(ps -o user= -p $pid)\" = reviewer && test \"\$(systemctl show -p Slice --value agent@swt-reviewer)\" = agents.slice"
+    check "its process is in the session cgroup below the unit" sh -c "grep -q '/agent@swt-reviewer.service/s-' /proc/$pid/cgroup"
     check "it has the task defaults" sh -c "tr '\\0' '\\n' < /proc/$pid/environ | grep -qx AGENTWARDEN_TASK_OWNER=alice"
     wait_for 30 "tail shows agent swt-reviewer's exec of /usr/bin/cat" \
         json_has /tmp/tail-reviewer.json "r.get('kind') == 'exec' and r.get('exec_path') == '/usr/bin/cat'"
@@ -194,6 +211,47 @@ EOT
     systemctl reset-failed agent-swt-intruder 2>/dev/null
     ;;
 
+held)
+    # agent@NAME runs its command as a held session: an exec the policy holds
+    # waits for an admin, here approved from the CLI.
+    cat > /etc/agentwarden/policy.d/swt-holder.toml <<'EOT'
+[agent.swt-holder]
+mode = "enforce"
+on-violation = "kill"
+[agent.swt-holder.exec]
+allow = ["/usr/bin/sh", "/usr/bin/dash", "/bin/sh", "/usr/bin/sleep"]
+hold = ["/usr/bin/date"]
+[agent.swt-holder.files]
+read-allow = ["/**"]
+write-allow = ["/tmp/**", "/dev/null"]
+EOT
+    check "policy reload" agentwarden policy reload
+    cat > /etc/agentwarden/agents/swt-holder.toml <<'EOT'
+command = ["/bin/sh", "-c", "/usr/bin/date +held-%Y > /tmp/held-out; /usr/bin/sleep 600"]
+user = "reviewer"
+[task]
+owner = "alice"
+ticket = "OPS-7"
+EOT
+    systemctl daemon-reload
+    rm -f /tmp/held-out
+    check "systemctl start agent@swt-holder" systemctl start agent@swt-holder
+    wait_for 20 "its exec of /usr/bin/date is held" sh -c "agentwarden holds --json | grep -q swt-holder"
+    hold=$(agentwarden holds --json | python3 -c 'import json, sys; print([h["id"] for h in json.load(sys.stdin) if h["agent"] == "swt-holder"][0])')
+    check "the hold names the person from the definition" sh -c "agentwarden holds | grep -q 'for alice'"
+    check "nothing ran while held" test ! -s /tmp/held-out
+    check "approve $hold from the CLI" agentwarden approve "$hold" --reason "systemd-test"
+    wait_for 20 "the approved date ran, as user reviewer" sh -c \
+        "grep -q held- /tmp/held-out && test \"\$(stat -c %U /tmp/held-out)\" = reviewer"
+    check "the agent's main process runs as reviewer" sh -c \
+        "test \"\$(ps -o user= -p \$(systemctl show -p MainPID --value agent@swt-holder))\" = reviewer"
+    wait_for 20 "the archive has the approved hold" archive_has swt-holder \
+        "r.get('kind') == 'hold' and r.get('state') == 'approved' and r.get('on_behalf_of') == 'alice'"
+    unit_cg=$(agent_cgroup agent@swt-holder.service)
+    systemctl stop agent@swt-holder
+    check "stopping the unit removed its cgroups, the session's too" test ! -d "$unit_cg"
+    ;;
+
 watchdog)
     pid=$(prop agentwarden-daemon MainPID)
     restarts=$(prop agentwarden-daemon NRestarts)
@@ -210,20 +268,26 @@ watchdog)
 killprobe)
     # An agent's worst move: kill -9 the probe. The daemon freezes every agent
     # at once, systemd starts the probe again, and agents thaw once it watches.
+    # (agent@ units are restarted with the probe instead: Requires=.)
+    systemd-run --quiet --slice=agents.slice --unit=agent-swt-watched \
+        /bin/sh -c 'while :; do /usr/bin/sleep 0.3; done'
     systemctl start agent@swt-reviewer
     wait_for 30 "healthy" healthy
-    cg=$(agent_cgroup agent@swt-reviewer.service)
+    cg=$(agent_cgroup agent-swt-watched.service)
+    reviewer_pid=$(prop agent@swt-reviewer MainPID)
     probe_pid=$(prop agentwarden-probe MainPID)
     kill -9 "$probe_pid"
-    wait_for 2 "agent@swt-reviewer frozen within 2 s of kill -9 of the probe" grep -qx "frozen 1" "$cg/cgroup.events"
+    wait_for 2 "agent-swt-watched frozen within 2 s of kill -9 of the probe" grep -qx "frozen 1" "$cg/cgroup.events"
     wait_for 120 "systemd started the probe again" sh -c \
         "[ \"\$(systemctl show -p MainPID --value agentwarden-probe)\" != $probe_pid ] && systemctl is-active --quiet agentwarden-probe"
-    wait_for 60 "agent@swt-reviewer thawed once the probe watches again" grep -qx "frozen 0" "$cg/cgroup.events"
+    wait_for 60 "agent-swt-watched thawed once the probe watches again" grep -qx "frozen 0" "$cg/cgroup.events"
+    wait_for 60 "agent@swt-reviewer runs again, restarted with the probe" sh -c \
+        "systemctl is-active --quiet agent@swt-reviewer && [ \"\$(systemctl show -p MainPID --value agent@swt-reviewer)\" != $reviewer_pid ]"
     agentwarden log search --kind watch --json > /tmp/watch.json 2>&1
     check "the archive says the watch was lost (agents frozen)" \
         json_has /tmp/watch.json "r.get('state') == 'lost' and 'froze' in r.get('action_taken', '')"
     check "and restored" json_has /tmp/watch.json "r.get('state') == 'restored'"
-    systemctl stop agent@swt-reviewer
+    systemctl stop agent@swt-reviewer agent-swt-watched
     ;;
 
 stop)

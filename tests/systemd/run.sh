@@ -151,7 +151,7 @@ esac
 # Each runs as a transient service of the container's systemd, so it sees what
 # any service there sees (nspawn's seccomp filter and capabilities included).
 failures=0
-for phase in ${PHASES:-install autotag template watchdog killprobe stop upgrade remove purge}; do
+for phase in ${PHASES:-install autotag template held watchdog killprobe stop upgrade remove purge}; do
     t=$SECONDS
     say "== $phase"
     if ! in_ct systemd-run --quiet --wait --pipe --collect --unit="systemd-test-$phase" \
