@@ -104,7 +104,7 @@ def test_command_and_webhook_receive_each_hold_as_it_happens(notified, held_agen
     assert hold_id not in notified.status()["status_line"]
     # What the hooks got is what the archive holds.
     notified.settle()
-    archived = [r for r in notified.records() if r.get("hold_id") == hold_id]
+    archived = [r for r in notified.records() if r["kind"] == "hold" and r.get("hold_id") == hold_id]
     assert [(r["state"], r["seq"], r["time"]) for r in archived] == \
         [(r["state"], r["seq"], r["time"]) for r in received(notified.notified) if r["hold_id"] == hold_id]
 
