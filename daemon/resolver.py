@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from agentwarden.paths import AT_FDCWD, normalise
+from agentwarden.policy.decide import LINK_CONTENT, TWO_PATHS
 
 O_CLOEXEC = 0o2000000
 MAX_PROCESSES = 65536
@@ -178,6 +179,37 @@ class Resolver:
                 state.fds = {fd: v for fd, v in state.fds.items() if not v.cloexec}
         elif kind == "fd":
             self._descriptor(pid, state, record)
+        elif kind == "change":
+            self._change(pid, state, record)
+        elif kind == "sidedoor":
+            path = record["path"]
+            resolved = self.resolve(pid, state, record["fd"], path,
+                                    record["path_unreadable"] or record["path_truncated"]) if path else None
+            record["resolved_path"] = _as_wire(resolved) if resolved else None
+
+    def _change(self, pid: int, state: ProcessState, record: dict[str, Any]) -> None:
+        """A change's paths: ``resolved_path`` for path relative to dirfd (the
+        fd's own path for ftruncate, fchmod and fchown, whose path is empty),
+        ``resolved_path2`` for path2 relative to dirfd2 (None when the call has
+        none). A symlink's path is its content: relative, it is resolved
+        against the link's directory, where the kernel will follow it."""
+        syscall = record["syscall"]
+        second = None
+        if syscall in TWO_PATHS:
+            second = self.resolve(pid, state, record["dirfd2"], record["path2"],
+                                  record["path2_unreadable"] or record["path2_truncated"])
+        if syscall in LINK_CONTENT:
+            target = _as_str(record["path"])
+            unusable = record["path_unreadable"] or record["path_truncated"] or not target
+            if unusable or (not target.startswith("/") and second is None):
+                first = None
+            else:
+                first = normalise(target if target.startswith("/") else os.path.dirname(second) + "/" + target)
+        else:
+            first = self.resolve(pid, state, record["dirfd"], record["path"],
+                                 record["path_unreadable"] or record["path_truncated"])
+        record["resolved_path"] = _as_wire(first) if first else None
+        record["resolved_path2"] = _as_wire(second) if second else None
 
     @staticmethod
     def _made(state: ProcessState, fd: int, descriptor: Descriptor | None) -> None:
