@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -51,6 +52,7 @@ def _as_wire(value: str) -> str | bytes:
 
 
 FD_CLOEXEC = 1
+_OWN_FD_LINK = re.compile(r"/proc/([^/]+)/fd/(\d+)\Z")
 
 
 class Descriptor(NamedTuple):
@@ -208,8 +210,19 @@ class Resolver:
         else:
             first = self.resolve(pid, state, record["dirfd"], record["path"],
                                  record["path_unreadable"] or record["path_truncated"])
+            first = self._through_fd_link(pid, state, first)
         record["resolved_path"] = _as_wire(first) if first else None
         record["resolved_path2"] = _as_wire(second) if second else None
+
+    def _through_fd_link(self, pid: int, state: ProcessState, path: str | None) -> str | None:
+        """/proc/self/fd/N (or thread-self, or the process's own pid) names the
+        file behind the process's fd N: glibc's fchmodat(AT_SYMLINK_NOFOLLOW)
+        without fchmodat2 changes a file that way, through an O_PATH fd. Any
+        other path is returned as it is."""
+        match = _OWN_FD_LINK.match(path) if path else None
+        if match is None or match[1] not in ("self", "thread-self", str(pid)):
+            return path
+        return self._base(pid, state, int(match[2]))
 
     @staticmethod
     def _made(state: ProcessState, fd: int, descriptor: Descriptor | None) -> None:
