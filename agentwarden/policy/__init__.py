@@ -20,7 +20,7 @@ across all files. Example::
     hold  = ["/usr/bin/git * push *"]   # executable glob, then an argv pattern
     deny  = ["/usr/bin/curl", "/usr/bin/wget"]
 
-    [agent.coder.files]       # opens; write-allow also allows reading
+    [agent.coder.files]       # opens and file changes; write-allow also allows reading
     read-allow  = ["/usr/**", "/etc/ld.so.cache", "/home/coder/**"]
     write-allow = ["/home/coder/work/**", "/tmp/*"]
     deny        = ["/home/coder/.ssh/**"]
