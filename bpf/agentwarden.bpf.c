@@ -787,6 +787,15 @@ struct aw_change_ptrs {
 };
 BPF_HASH(unread_change_paths, u64, struct aw_change_ptrs, AW_MAX_INFLIGHT_CHANGES);
 
+/* Where path2 starts in e->paths: right after path. */
+static __always_inline char *change_path2(struct aw_change *e)
+{
+    u32 off = e->path_len;
+    if (off > AW_MAX_PATH)
+        off = AW_MAX_PATH;
+    return &e->paths[off];
+}
+
 /* Both paths into e->paths, packed: path at 0, path2 right after it. */
 static __always_inline void change_read_paths(struct aw_change *e, const char *path, const char *path2)
 {
@@ -805,10 +814,7 @@ static __always_inline void change_read_paths(struct aw_change *e, const char *p
         }
     }
     if (path2) {
-        u32 off = e->path_len;
-        if (off > AW_MAX_PATH)
-            off = AW_MAX_PATH;
-        int n = bpf_probe_read_user_str(&e->paths[off], AW_MAX_PATH, path2);
+        int n = bpf_probe_read_user_str(change_path2(e), AW_MAX_PATH, path2);
         if (n > 0) {
             e->path2_len = n;
             if (n == AW_MAX_PATH)
@@ -852,12 +858,8 @@ static __always_inline int change_enter(u32 syscall, s32 dirfd, const char *path
     int symlink = syscall == AW_SYS_SYMLINK || syscall == AW_SYS_SYMLINKAT;
     if (e->path_len && !symlink)
         e->deny_rule = deny_and_kill(agent_number, e->paths, AW_DENY_OPEN);
-    if (!e->deny_rule && e->path2_len) {
-        u32 off = e->path_len;
-        if (off > AW_MAX_PATH)
-            off = AW_MAX_PATH;
-        e->deny_rule = deny_and_kill(agent_number, &e->paths[off], AW_DENY_OPEN);
-    }
+    if (!e->deny_rule && e->path2_len)
+        e->deny_rule = deny_and_kill(agent_number, change_path2(e), AW_DENY_OPEN);
     if (e->deny_rule)
         e->flags |= AW_FILE_KILLED_IN_KERNEL;
 

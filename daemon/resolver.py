@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from agentwarden.paths import AT_FDCWD, normalise
-from agentwarden.policy.decide import LINK_CONTENT, TWO_PATHS
+from agentwarden.policy.decide import FD_CHANGES, LINK_CONTENT, TWO_PATHS, is_write
 
 O_CLOEXEC = 0o2000000
 MAX_PROCESSES = 65536
@@ -59,6 +59,7 @@ class Descriptor(NamedTuple):
     path: str | None      # what it names, resolved; None for a pidfd
     cloexec: bool
     pid: int = 0          # a pidfd's process (pidfd_open), for pidfd_getfd
+    write: bool = False   # opened for writing (policy.is_write): its open was judged as a write
 
 
 @dataclass
@@ -159,7 +160,8 @@ class Resolver:
             record["resolved_path"] = _as_wire(resolved) if resolved else None
             if record["ret"] >= 0:
                 cloexec = bool(record["flags"] & O_CLOEXEC)
-                self._made(state, record["ret"], Descriptor(resolved, cloexec) if resolved else None)
+                self._made(state, record["ret"], Descriptor(resolved, cloexec, write=is_write(record["flags"]))
+                           if resolved else None)
         elif kind == "chdir":
             if record["syscall"] == "fchdir":
                 target = self._base(pid, state, record["dirfd"])
@@ -194,7 +196,9 @@ class Resolver:
         fd's own path for ftruncate, fchmod and fchown, whose path is empty),
         ``resolved_path2`` for path2 relative to dirfd2 (None when the call has
         none). A symlink's path is its content: relative, it is resolved
-        against the link's directory, where the kernel will follow it."""
+        against the link's directory, where the kernel will follow it. An fd
+        call gets ``fd_opened_for_writing``: whether the model saw that fd
+        opened for writing (then its open was judged as a write of the path)."""
         syscall = record["syscall"]
         second = None
         if syscall in TWO_PATHS:
@@ -213,6 +217,9 @@ class Resolver:
             first = self._through_fd_link(pid, state, first)
         record["resolved_path"] = _as_wire(first) if first else None
         record["resolved_path2"] = _as_wire(second) if second else None
+        if syscall in FD_CHANGES:
+            known = state.fds.get(record["dirfd"])
+            record["fd_opened_for_writing"] = bool(known and known.write and known.path == first)
 
     def _through_fd_link(self, pid: int, state: ProcessState, path: str | None) -> str | None:
         """/proc/self/fd/N (or thread-self, or the process's own pid) names the

@@ -212,5 +212,4 @@ class Decoder:
         killed = bool(f["flags"] & self.c["AW_FILE_KILLED_IN_KERNEL"])
         record.update({"door": door, "fd": record.pop("dirfd"), "arg": f["open_flags"],
                        "killed_in_kernel": killed,
-                       "kernel_rule": f"syscalls.allow of the agent lacks {door!r} (in the kernel)"
-                       if killed else None})
+                       "kernel_rule": f"syscalls.allow without {door!r}" if killed else None})

@@ -607,6 +607,11 @@ def change_event(syscall: str, path: str | None, path2: str | None = None, **fie
     (change_event("symlink", "/home/coder/.ssh/id_rsa", "/tmp/key"), "allow", "symlink to /tmp/key matches"),
     # an fd call judged by the fd's path; unresolved never allowed
     (change_event("ftruncate", None, dirfd=3), "violation", "ftruncate of '' : the path could not be resolved"),
+    # an fd opened for writing was judged at its open; one opened read-only is judged now
+    (change_event("fchmod", "/home/coder/notes", fd_opened_for_writing=True), "allow",
+     "fchmod through a descriptor opened for writing: its open was judged as a write of /home/coder/notes"),
+    (change_event("fchown", "/home/coder/notes", fd_opened_for_writing=False), "violation",
+     "fchown of /home/coder/notes matches no allow rule"),
 ])
 def test_changes_are_judged_as_writes_of_each_path(loaded, event, decision, reason):
     verdict = decide(event, loaded)

@@ -384,6 +384,12 @@ def test_fd_changes_and_fd_links_name_the_fds_file():
     r.annotate(chdir(PARENT, "/work"))
     r.annotate(open_(PARENT, "notes.txt", ret=4, flags=os.O_WRONLY))
     r.annotate(open_(PARENT, "/etc/shadow", ret=5, flags=os.O_PATH))
+    written = change(PARENT, "fchmod", dirfd=4)
+    r.annotate(written)
+    assert (written["resolved_path"], written["fd_opened_for_writing"]) == ("/work/notes.txt", True)
+    read_only = change(PARENT, "fchown", dirfd=5)
+    r.annotate(read_only)
+    assert (read_only["resolved_path"], read_only["fd_opened_for_writing"]) == ("/etc/shadow", False)
     for record, expected in [(change(PARENT, "ftruncate", dirfd=4), "/work/notes.txt"),
                              (change(PARENT, "fchmodat", "/proc/self/fd/5"), "/etc/shadow"),
                              (change(PARENT, "chmod", f"/proc/{PARENT}/fd/5"), "/etc/shadow"),

@@ -61,6 +61,9 @@ How `decide` works:
   changes: both names of a rename or link, the link (not its target) of a
   symlink, the fd's path for ftruncate, fchmod and fchown. Each must be
   allowed by files.write-allow and not denied; the most severe verdict stands.
+  An fd call through a descriptor the agent opened for writing is allowed: its
+  open was judged as a write of the same path (in a session, by the
+  supervisor, perhaps with an admin's approval).
 - A side door (io_uring_setup; open_by_handle_at; unshare and clone with new
   namespaces; setns; mount and the new mount API; chroot; pivot_root) is a
   violation unless [agent.NAME.syscalls] allow names it.

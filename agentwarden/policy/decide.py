@@ -23,6 +23,7 @@ CHANGE_SYSCALLS = ("unlink", "unlinkat", "rmdir", "rename", "renameat", "renamea
                    "link", "linkat", "symlink", "symlinkat", "mkdir", "mkdirat")
 TWO_PATHS = ("rename", "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat")
 LINK_CONTENT = ("symlink", "symlinkat")
+FD_CHANGES = ("ftruncate", "fchmod", "fchown")
 
 
 def changed_paths(event: dict) -> list[tuple[str, str]]:
@@ -129,6 +130,11 @@ def decide(event: dict, policy: PolicySet) -> Verdict:
     if kind == "sidedoor":
         return _sidedoor(agent, policy.hash, event, notes)
     if kind == "change":
+        if event["syscall"] in FD_CHANGES and event.get("fd_opened_for_writing"):
+            shown, _ = _path_target(event, "resolved_path", "path")
+            return Verdict("allow", None, None, "; ".join([
+                f"{event['syscall']} through a descriptor opened for writing: its open was judged as a "
+                f"write of {shown}", *notes]), policy.hash, agent.mode)
         # A write of every path it changes; the most severe verdict stands
         # (the first of equals: the order of the call's arguments).
         verdicts = []
