@@ -80,8 +80,10 @@ def record_paths(record: dict) -> list[str]:
     """The paths an event names: as given and as resolved (and the real file)."""
     kind = record["kind"]
     keys = {"open": ("resolved_path", "path", "real_path"), "chdir": ("resolved_path", "path"),
-            "exec": ("resolved_exec_path", "resolved_filename", "exec_path", "filename", "real_path")}
-    return [text(record[k]) for k in keys.get(kind, ()) if isinstance(record.get(k), (str, bytes))]
+            "exec": ("resolved_exec_path", "resolved_filename", "exec_path", "filename", "real_path"),
+            "change": ("resolved_path", "path", "real_path", "resolved_path2", "path2", "real_path2"),
+            "sidedoor": ("resolved_path", "path")}
+    return [text(record[k]) for k in keys.get(kind, ()) if isinstance(record.get(k), (str, bytes)) and record[k]]
 
 
 def decision_of(record: dict) -> str | None:
@@ -114,7 +116,7 @@ class Filter:
                                            self.verdict, self.path, self.since, self.until, self.seqs))
 
     def _remember(self, record: dict) -> None:
-        if record["kind"] in ("exec", "open") and self.path is not None:
+        if record["kind"] in wire.DECIDED_KINDS and self.path is not None:
             self._recent[record["seq"]] = record_paths(record)
             if len(self._recent) > RECENT_EVENTS:
                 self._recent.popitem(last=False)

@@ -32,6 +32,35 @@ def clock(ns: int) -> str:
     return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{rest // 1_000_000:03d}"
 
 
+def _shown(record: dict[str, Any], key: str) -> str:
+    """A path of a record, resolved when it could be, else as given."""
+    resolved = record.get(f"resolved_{key}")
+    return text(resolved if resolved is not None else record[key])
+
+
+def change(record: dict[str, Any]) -> str:
+    """What a `change` record did: "rename /a -> /b", "chmod 0o755 /x", ..."""
+    syscall = record["syscall"]
+    if syscall.startswith("symlink"):   # path is the link's content, path2 the link
+        return f"{syscall} {_shown(record, 'path2')} -> {text(record['path'])}"
+    shown = _shown(record, "path") or f"fd {record['dirfd']}"
+    if record["path2"] or syscall.startswith(("rename", "link")):
+        return f"{syscall} {shown} -> {_shown(record, 'path2')}"
+    if "chmod" in syscall or "mkdir" in syscall:
+        return f"{syscall} {shown} mode {record['mode']:#o}"
+    if "chown" in syscall:
+        return f"{syscall} {shown} to {record['new_uid']}:{record['new_gid']}"
+    if "truncate" in syscall:
+        return f"{syscall} {shown} to {record['length']} bytes"
+    return f"{syscall} {shown}"
+
+
+def sidedoor(record: dict[str, Any]) -> str:
+    """What a `sidedoor` record did: "io_uring_setup (side door io_uring)"."""
+    path = _shown(record, "path") if record["path"] else ""
+    return f"{record['syscall']}" + (f" {path}" if path else "") + f" (side door {record['door']})"
+
+
 def _result(record: dict[str, Any]) -> str:
     if record.get("error"):
         return f"-> {record['error']}"
@@ -111,6 +140,10 @@ def human(record: dict[str, Any]) -> str:
         return f"{head} child {record['child_pid']}"
     if kind == "exit":
         return f"{head} ({text(record['comm'])})"
+    if kind == "change":
+        return f"{head} {change(record)} {_result(record)}"
+    if kind == "sidedoor":
+        return f"{head} {sidedoor(record)} {_result(record)}"
     if kind == "fd":
         named = record.get("resolved_path")
         makes_one = record["syscall"] not in ("close", "close_range", "fcntl_setfd")

@@ -63,6 +63,29 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     # real-tools test a third of the agent's archived bytes, mostly closes).
     "fd": {**_TASK, "syscall": Str, "fd": Int, "arg": Int, "ret": Int, "error": OptStr,
            "cloexec": Bool},
+    # A file changed without being opened (`syscall`: unlink, unlinkat, rmdir,
+    # rename, renameat, renameat2, truncate, ftruncate, chmod, fchmod, fchmodat,
+    # fchmodat2, chown, lchown, fchown, fchownat, link, linkat, symlink,
+    # symlinkat, mkdir, mkdirat): `path` and `dirfd` the first path argument
+    # (rename, link: the old name; symlink: the link's content), `path2` and
+    # `dirfd2` the second (the new name; "" when the call has none); the fd
+    # calls (ftruncate, fchmod, fchown) have no path, `dirfd` is their fd.
+    # `mode` (chmod, mkdir), `new_uid`/`new_gid` (chown; -1 unchanged),
+    # `length` (truncate), `at_flags` (the *at calls' flags). Judged by the
+    # write rules, like a write-open of each path it changes.
+    "change": {**_TASK, "syscall": Str, "path": PathLike, "dirfd": Int, "path2": PathLike,
+               "dirfd2": Int, "mode": Int, "new_uid": Int, "new_gid": Int, "length": Int,
+               "at_flags": Int, "ret": Int, "error": OptStr, "path_unreadable": Bool,
+               "path_truncated": Bool, "path2_unreadable": Bool, "path2_truncated": Bool,
+               "killed_in_kernel": Bool, "kernel_rule": OptStr},
+    # A side door: a call that reaches files without the open syscalls, or
+    # changes what paths mean (`door`, as the policy's [agent.NAME.syscalls]
+    # names it: io_uring, open_by_handle, unshare, setns, mount, chroot,
+    # pivot_root). `fd` its descriptor argument (AT_FDCWD if none), `arg` its
+    # flags (io_uring_setup: entries), `path` its path argument ("" if none).
+    "sidedoor": {**_TASK, "syscall": Str, "door": Str, "fd": Int, "arg": Int, "path": PathLike,
+                 "ret": Int, "error": OptStr, "path_unreadable": Bool, "path_truncated": Bool,
+                 "killed_in_kernel": Bool, "kernel_rule": OptStr},
     "exit": dict(_TASK),
     # Records lost somewhere: `stage` says where, `count` how many.
     "gap": {"time": Int, "stage": Str, "count": Int, "detail": OptStr},
@@ -72,7 +95,7 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     # "watched"}, plus the attribution xattrs that are set: "session", "task",
     # "on_behalf_of", "user" (see cgroups.ATTRIBUTION_XATTRS)}.
     "tags": {"time": Int, "agents": (dict,)},
-    # An exec or open the policy does not allow, and what was done about it.
+    # An exec, open, change or side door the policy does not allow, and what was done about it.
     "violation": {"time": Int, "agent": Str, "pid": Int, "comm": PathLike, "event": Str,
                   "event_seq": (int, type(None)), "attempted": Str, "decision": Str,
                   "rule": OptStr, "reason": Str, "policy_hash": Str, "mode": Str,
@@ -123,8 +146,10 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
 
 # Records of what a task did, as the probe sends them; the daemon resolves
 # their paths and decides the ones in DECIDED_KINDS.
-EVENT_KINDS = ("exec", "open", "chdir", "fork", "exit", "fd")
-DECIDED_KINDS = ("exec", "open")
+EVENT_KINDS = ("exec", "open", "chdir", "fork", "exit", "fd", "change", "sidedoor")
+DECIDED_KINDS = ("exec", "open", "change", "sidedoor")
+# What an in-kernel deny rule applies to: "open" covers the paths of changes too.
+KERNEL_RULE_APPLIES = ("exec", "open")
 
 # A policy's decisions, least severe first; where two verdicts apply, the more
 # severe one stands.
@@ -263,11 +288,14 @@ def decode_admin_request(raw: bytes) -> dict[str, Any]:
     return decode_control(raw)
 
 
-def encode_kernel_rules(policy_hash: str | None, rules: list[dict[str, Any]]) -> bytes:
+def encode_kernel_rules(policy_hash: str | None, rules: list[dict[str, Any]],
+                        sidedoors: dict[str, list[str]]) -> bytes:
     """The daemon's in-kernel deny rules; each rule a map of agent, path,
-    exact, applies ("exec" or "open") and rule (its text)."""
+    exact, applies ("exec" or "open") and rule (its text). sidedoors: agent ->
+    the side doors its policy allows, for the agents the kernel kills at any
+    other (enforcing, on-violation kill or kill-agent)."""
     return pack({"v": SCHEMA_VERSION, "type": "kernel-rules", "policy_hash": policy_hash,
-                 "rules": rules})
+                 "rules": rules, "sidedoors": sidedoors})
 
 
 _KERNEL_RULE_FIELDS = {"agent": Str, "path": Str, "exact": Bool, "applies": Str, "rule": Str}
@@ -290,6 +318,11 @@ def decode_kernel_rules(raw: bytes) -> dict[str, Any]:
         if not isinstance(rule, dict) or any(not isinstance(rule.get(k), t)
                                              for k, t in _KERNEL_RULE_FIELDS.items()):
             raise WireError(f"kernel rules: malformed rule {rule!r}")
-        if rule["applies"] not in DECIDED_KINDS:
+        if rule["applies"] not in KERNEL_RULE_APPLIES:
             raise WireError(f"kernel rules: a rule applies to {rule['applies']!r}")
+    sidedoors = msg.get("sidedoors")
+    if not isinstance(sidedoors, dict) or any(
+            not isinstance(agent, str) or not isinstance(doors, list)
+            or not all(isinstance(door, str) for door in doors) for agent, doors in sidedoors.items()):
+        raise WireError("kernel rules: sidedoors is not a map of agent -> list of names")
     return msg

@@ -7,6 +7,9 @@
  *       COUNT x open(PATH, O_RDONLY) + close: the per-open cost.
  *   workload exec COUNT PROGRAM
  *       COUNT x fork + execve(PROGRAM) + waitpid: the per-exec cost.
+ *   workload change COUNT DIR
+ *       COUNT x one of chmod, rename, rename back, link, unlink, in turn, on
+ *       DIR/f: the per-call cost of file changes.
  *   workload rate RATE SECONDS DIR FILES [CGROUP_PROCS]
  *       Joins the cgroup first when CGROUP_PROCS is given (so every open that
  *       follows is an agent event and nothing before it is), then opens
@@ -21,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -81,6 +85,35 @@ static int exec_loop(long count, const char *program)
     return 0;
 }
 
+static int change_loop(long count, const char *dir)
+{
+    char f[4096], g[4096], h[4096];
+    snprintf(f, sizeof(f), "%s/f", dir);
+    snprintf(g, sizeof(g), "%s/g", dir);
+    snprintf(h, sizeof(h), "%s/h", dir);
+    int fd = open(f, O_WRONLY | O_CREAT, 0644);
+    if (fd < 0)
+        die(f);
+    close(fd);
+    long long start = now_ns();
+    for (long i = 0; i < count; i++) {
+        int failed;
+        switch (i % 5) {
+        case 0: failed = chmod(f, 0644); break;
+        case 1: failed = rename(f, g); break;
+        case 2: failed = rename(g, f); break;
+        case 3: failed = link(f, h); break;
+        default: failed = unlink(h); break;
+        }
+        if (failed)
+            die("change");
+    }
+    long long elapsed = now_ns() - start;
+    unlink(f);
+    printf("{\"ops\": %ld, \"elapsed_ns\": %lld}\n", count, elapsed);
+    return 0;
+}
+
 static void join_cgroup(const char *procs)
 {
     FILE *f = fopen(procs, "w");
@@ -129,10 +162,12 @@ int main(int argc, char **argv)
         return open_loop(atol(argv[2]), argv[3]);
     if (argc == 4 && strcmp(argv[1], "exec") == 0)
         return exec_loop(atol(argv[2]), argv[3]);
+    if (argc == 4 && strcmp(argv[1], "change") == 0)
+        return change_loop(atol(argv[2]), argv[3]);
     if ((argc == 6 || argc == 7) && strcmp(argv[1], "rate") == 0)
         return rate_loop(atol(argv[2]), atof(argv[3]), argv[4], atol(argv[5]),
                          argc == 7 ? argv[6] : NULL);
-    fprintf(stderr, "usage: workload open COUNT PATH | exec COUNT PROGRAM |\n"
+    fprintf(stderr, "usage: workload open COUNT PATH | exec COUNT PROGRAM | change COUNT DIR |\n"
                     "       workload rate RATE SECONDS DIR FILES [CGROUP_PROCS]\n");
     return 2;
 }

@@ -804,3 +804,426 @@ TRACEPOINT_PROBE(syscalls, sys_exit_dup3) { return fd_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_fcntl) { return fd_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_pidfd_open) { return fd_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_pidfd_getfd) { return fd_exit(args->ret); }
+
+/* ---- file changes: unlink*, rmdir, rename*, truncate, chmod*, chown*, link*,
+ * symlink*, mkdir* ---------------------------------------------------------- */
+
+/* pid_tgid -> the change being made, from entry to exit. These calls always
+ * return (none execs or exits; a thread killed meanwhile still passes
+ * sys_exit), so sys_exit always takes the entry back. The probe takes the
+ * aw_change layout from this map's leaf type. */
+BPF_HASH(inflight_change, u64, struct aw_change, AW_MAX_INFLIGHT_CHANGES);
+BPF_PERCPU_ARRAY(change_scratch, struct aw_change, 1);
+
+/* The user pointers of a change's paths, for reading them again at exit when
+ * one could not be read at entry (its page not yet faulted in). */
+struct aw_change_ptrs {
+    u64 path;
+    u64 path2;
+};
+BPF_HASH(unread_change_paths, u64, struct aw_change_ptrs, AW_MAX_INFLIGHT_CHANGES);
+
+/* Where path2 starts in e->paths: right after path. */
+static __always_inline char *change_path2(struct aw_change *e)
+{
+    u32 off = e->path_len;
+    if (off > AW_MAX_PATH)
+        off = AW_MAX_PATH;
+    return &e->paths[off];
+}
+
+/* Both paths into e->paths, packed: path at 0, path2 right after it. */
+static __always_inline void change_read_paths(struct aw_change *e, const char *path, const char *path2)
+{
+    e->flags &= ~(AW_FILE_PATH_UNREADABLE | AW_FILE_PATH_TRUNCATED |
+                  AW_CHANGE_PATH2_UNREADABLE | AW_CHANGE_PATH2_TRUNCATED);
+    e->path_len = 0;
+    e->path2_len = 0;
+    if (path) {
+        int n = bpf_probe_read_user_str(e->paths, AW_MAX_PATH, path);
+        if (n > 0) {
+            e->path_len = n;
+            if (n == AW_MAX_PATH)
+                e->flags |= AW_FILE_PATH_TRUNCATED;
+        } else {
+            e->flags |= AW_FILE_PATH_UNREADABLE;
+        }
+    }
+    if (path2) {
+        int n = bpf_probe_read_user_str(change_path2(e), AW_MAX_PATH, path2);
+        if (n > 0) {
+            e->path2_len = n;
+            if (n == AW_MAX_PATH)
+                e->flags |= AW_CHANGE_PATH2_TRUNCATED;
+        } else {
+            e->flags |= AW_CHANGE_PATH2_UNREADABLE;
+        }
+    }
+}
+
+/* path is the target of a symlink (its content, not a file it changes) for
+ * symlink and symlinkat: the in-kernel deny rules look at path2 alone then. */
+static __always_inline int change_enter(u32 syscall, s32 dirfd, const char *path, s32 dirfd2,
+                                        const char *path2, u32 mode, s32 new_uid, s32 new_gid,
+                                        u32 at_flags, s64 length)
+{
+    u32 agent_number;
+    u64 agent = agent_cgroup_of(&agent_number);
+    if (!agent)
+        return 0;
+    u32 zero = 0;
+    struct aw_change *e = change_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    fill_header(&e->h, AW_KIND_CHANGE, agent);
+    e->ret = 0;
+    e->length = length;
+    e->dirfd = dirfd;
+    e->dirfd2 = dirfd2;
+    e->mode = mode;
+    e->new_uid = new_uid;
+    e->new_gid = new_gid;
+    e->at_flags = at_flags;
+    e->syscall = syscall;
+    e->flags = 0;
+    e->deny_rule = 0;
+    e->reserved = 0;
+    change_read_paths(e, path, path2);
+
+    /* A denied path (absolute, as given): killed before the call returns. */
+    int symlink = syscall == AW_SYS_SYMLINK || syscall == AW_SYS_SYMLINKAT;
+    if (e->path_len && !symlink)
+        e->deny_rule = deny_and_kill(agent_number, e->paths, AW_DENY_OPEN);
+    if (!e->deny_rule && e->path2_len)
+        e->deny_rule = deny_and_kill(agent_number, change_path2(e), AW_DENY_OPEN);
+    if (e->deny_rule)
+        e->flags |= AW_FILE_KILLED_IN_KERNEL;
+
+    u64 key = bpf_get_current_pid_tgid();
+    if (e->flags & (AW_FILE_PATH_UNREADABLE | AW_CHANGE_PATH2_UNREADABLE)) {
+        struct aw_change_ptrs ptrs = {(u64)path, (u64)path2};
+        unread_change_paths.update(&key, &ptrs);
+    }
+    if (inflight_change.update(&key, e))
+        count(AW_COUNTER_DROPPED_BASE + AW_KIND_CHANGE);
+    return 0;
+}
+
+static __always_inline int change_exit(long ret)
+{
+    u64 key = bpf_get_current_pid_tgid();
+    struct aw_change *e = inflight_change.lookup(&key);
+    if (!e)
+        return 0;
+    e->ret = ret;
+    if (e->flags & (AW_FILE_PATH_UNREADABLE | AW_CHANGE_PATH2_UNREADABLE)) {
+        struct aw_change_ptrs *ptrs = unread_change_paths.lookup(&key);
+        if (ptrs)
+            change_read_paths(e, (const char *)ptrs->path, (const char *)ptrs->path2);
+        unread_change_paths.delete(&key);
+    }
+    u64 len = (u64)e->path_len + e->path2_len;   /* 64-bit: the bound holds for what emit gets */
+    if (len > sizeof(e->paths))
+        len = sizeof(e->paths);
+    emit(e, offsetof(struct aw_change, paths) + len, AW_KIND_CHANGE);
+    inflight_change.delete(&key);
+    return 0;
+}
+
+#define AW_NO_ID -1
+#define AW_CHANGE_PATH(sys, dfd, p) change_enter(sys, dfd, p, AW_AT_FDCWD, 0, 0, AW_NO_ID, AW_NO_ID, 0, 0)
+
+TRACEPOINT_PROBE(syscalls, sys_enter_unlink) { return AW_CHANGE_PATH(AW_SYS_UNLINK, AW_AT_FDCWD, args->pathname); }
+TRACEPOINT_PROBE(syscalls, sys_enter_rmdir) { return AW_CHANGE_PATH(AW_SYS_RMDIR, AW_AT_FDCWD, args->pathname); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_unlinkat)
+{
+    return change_enter(AW_SYS_UNLINKAT, (s32)args->dfd, args->pathname, AW_AT_FDCWD, 0, 0,
+                        AW_NO_ID, AW_NO_ID, (u32)args->flag, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_rename)
+{
+    return change_enter(AW_SYS_RENAME, AW_AT_FDCWD, args->oldname, AW_AT_FDCWD, args->newname, 0,
+                        AW_NO_ID, AW_NO_ID, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_renameat)
+{
+    return change_enter(AW_SYS_RENAMEAT, (s32)args->olddfd, args->oldname, (s32)args->newdfd,
+                        args->newname, 0, AW_NO_ID, AW_NO_ID, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_renameat2)
+{
+    return change_enter(AW_SYS_RENAMEAT2, (s32)args->olddfd, args->oldname, (s32)args->newdfd,
+                        args->newname, 0, AW_NO_ID, AW_NO_ID, (u32)args->flags, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_truncate)
+{
+    return change_enter(AW_SYS_TRUNCATE, AW_AT_FDCWD, args->path, AW_AT_FDCWD, 0, 0, AW_NO_ID,
+                        AW_NO_ID, 0, (s64)args->length);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ftruncate)
+{
+    return change_enter(AW_SYS_FTRUNCATE, (s32)args->fd, 0, AW_AT_FDCWD, 0, 0, AW_NO_ID, AW_NO_ID,
+                        0, (s64)args->length);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_chmod)
+{
+    return change_enter(AW_SYS_CHMOD, AW_AT_FDCWD, args->filename, AW_AT_FDCWD, 0, (u32)args->mode,
+                        AW_NO_ID, AW_NO_ID, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmod)
+{
+    return change_enter(AW_SYS_FCHMOD, (s32)args->fd, 0, AW_AT_FDCWD, 0, (u32)args->mode, AW_NO_ID,
+                        AW_NO_ID, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmodat)
+{
+    return change_enter(AW_SYS_FCHMODAT, (s32)args->dfd, args->filename, AW_AT_FDCWD, 0,
+                        (u32)args->mode, AW_NO_ID, AW_NO_ID, 0, 0);
+}
+
+#ifdef AW_HAVE_SYS_FCHMODAT2
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmodat2)
+{
+    return change_enter(AW_SYS_FCHMODAT2, (s32)args->dfd, args->filename, AW_AT_FDCWD, 0,
+                        (u32)args->mode, AW_NO_ID, AW_NO_ID, (u32)args->flags, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmodat2) { return change_exit(args->ret); }
+#endif
+
+TRACEPOINT_PROBE(syscalls, sys_enter_chown)
+{
+    return change_enter(AW_SYS_CHOWN, AW_AT_FDCWD, args->filename, AW_AT_FDCWD, 0, 0,
+                        (s32)args->user, (s32)args->group, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_lchown)
+{
+    return change_enter(AW_SYS_LCHOWN, AW_AT_FDCWD, args->filename, AW_AT_FDCWD, 0, 0,
+                        (s32)args->user, (s32)args->group, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchown)
+{
+    return change_enter(AW_SYS_FCHOWN, (s32)args->fd, 0, AW_AT_FDCWD, 0, 0, (s32)args->user,
+                        (s32)args->group, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchownat)
+{
+    return change_enter(AW_SYS_FCHOWNAT, (s32)args->dfd, args->filename, AW_AT_FDCWD, 0, 0,
+                        (s32)args->user, (s32)args->group, (u32)args->flag, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_link)
+{
+    return change_enter(AW_SYS_LINK, AW_AT_FDCWD, args->oldname, AW_AT_FDCWD, args->newname, 0,
+                        AW_NO_ID, AW_NO_ID, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_linkat)
+{
+    return change_enter(AW_SYS_LINKAT, (s32)args->olddfd, args->oldname, (s32)args->newdfd,
+                        args->newname, 0, AW_NO_ID, AW_NO_ID, (u32)args->flags, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_symlink)
+{
+    return change_enter(AW_SYS_SYMLINK, AW_AT_FDCWD, args->oldname, AW_AT_FDCWD, args->newname, 0,
+                        AW_NO_ID, AW_NO_ID, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_symlinkat)
+{
+    return change_enter(AW_SYS_SYMLINKAT, AW_AT_FDCWD, args->oldname, (s32)args->newdfd,
+                        args->newname, 0, AW_NO_ID, AW_NO_ID, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mkdir)
+{
+    return change_enter(AW_SYS_MKDIR, AW_AT_FDCWD, args->pathname, AW_AT_FDCWD, 0, (u32)args->mode,
+                        AW_NO_ID, AW_NO_ID, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mkdirat)
+{
+    return change_enter(AW_SYS_MKDIRAT, (s32)args->dfd, args->pathname, AW_AT_FDCWD, 0,
+                        (u32)args->mode, AW_NO_ID, AW_NO_ID, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_unlink) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_unlinkat) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_rmdir) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_rename) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat2) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_truncate) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_ftruncate) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_chmod) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmod) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmodat) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_chown) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_lchown) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchown) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchownat) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_link) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_linkat) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_symlink) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_symlinkat) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_mkdir) { return change_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_mkdirat) { return change_exit(args->ret); }
+
+/* ---- side doors: io_uring, open_by_handle_at, namespaces, mounts, chroot --- */
+
+/* agent number (without AW_AGENT_SESSION_BIT) -> the AW_SIDEDOOR_* groups its
+ * policy allows. Filled by the probe from the daemon's kernel-rules message,
+ * for enforcing agents whose violations kill: a listed agent that enters any
+ * other side door is killed at the call's entry, before it returns to the
+ * program (the call itself may still complete: an io_uring made is never
+ * used). An agent not listed is only recorded; the daemon decides. */
+BPF_HASH(sidedoor_allowed, u32, u32, AW_MAX_AGENT_CGROUPS);
+
+#define AW_CLONE_NEW_NAMESPACES 0xfe020080ULL  /* CLONE_NEWNS|NEWTIME|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET */
+
+/* Recorded like an open (aw_file, kind AW_KIND_SIDEDOOR, see agentwarden.h),
+ * at exit with the result. */
+static __always_inline int sidedoor_enter(u32 syscall, u32 group, s32 fd, const char *path, u64 arg)
+{
+    u32 agent;
+    if (!agent_cgroup_of(&agent))
+        return 0;
+    u32 number = agent & ~AW_AGENT_SESSION_BIT;
+    u32 *allowed = sidedoor_allowed.lookup(&number);
+    u32 flags = 0;
+    if (allowed && !(*allowed & group)) {
+        bpf_send_signal(9);
+        flags = AW_FILE_KILLED_IN_KERNEL;
+    }
+    return file_enter(AW_KIND_SIDEDOOR, syscall, fd, path, arg, group, 0, flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_io_uring_setup)
+{
+    return sidedoor_enter(AW_SYS_IO_URING_SETUP, AW_SIDEDOOR_IO_URING, AW_AT_FDCWD, 0, (u32)args->entries);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_open_by_handle_at)
+{
+    return sidedoor_enter(AW_SYS_OPEN_BY_HANDLE_AT, AW_SIDEDOOR_OPEN_BY_HANDLE, (s32)args->mountdirfd, 0,
+                          (u32)args->flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_unshare)
+{
+    /* Only new namespaces; unsharing the fd table or fs info is no side door. */
+    u64 flags = args->unshare_flags;
+    if (!(flags & AW_CLONE_NEW_NAMESPACES))
+        return 0;
+    return sidedoor_enter(AW_SYS_UNSHARE, AW_SIDEDOOR_UNSHARE, AW_AT_FDCWD, 0, flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_clone)
+{
+    /* Every fork passes here: the flags first, before any lookup. */
+    u64 flags = args->clone_flags;
+    if (!(flags & AW_CLONE_NEW_NAMESPACES))
+        return 0;
+    return sidedoor_enter(AW_SYS_CLONE, AW_SIDEDOOR_UNSHARE, AW_AT_FDCWD, 0, flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_clone3)
+{
+    /* struct clone_args starts with u64 flags: read only for agents. */
+    if (!agent_cgroup())
+        return 0;
+    u64 flags = 0;
+    bpf_probe_read_user(&flags, sizeof(flags), args->uargs);
+    if (!(flags & AW_CLONE_NEW_NAMESPACES))
+        return 0;
+    return sidedoor_enter(AW_SYS_CLONE3, AW_SIDEDOOR_UNSHARE, AW_AT_FDCWD, 0, flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_setns)
+{
+    return sidedoor_enter(AW_SYS_SETNS, AW_SIDEDOOR_SETNS, (s32)args->fd, 0, (u32)args->flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mount)
+{
+    return sidedoor_enter(AW_SYS_MOUNT, AW_SIDEDOOR_MOUNT, AW_AT_FDCWD, args->dir_name, args->flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_umount)
+{
+    return sidedoor_enter(AW_SYS_UMOUNT, AW_SIDEDOOR_MOUNT, AW_AT_FDCWD, args->name, (u32)args->flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fsopen)
+{
+    return sidedoor_enter(AW_SYS_FSOPEN, AW_SIDEDOOR_MOUNT, AW_AT_FDCWD, 0, (u32)args->flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fsmount)
+{
+    return sidedoor_enter(AW_SYS_FSMOUNT, AW_SIDEDOOR_MOUNT, (s32)args->fs_fd, 0, (u32)args->flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_move_mount)
+{
+    return sidedoor_enter(AW_SYS_MOVE_MOUNT, AW_SIDEDOOR_MOUNT, (s32)args->to_dfd, args->to_pathname,
+                          (u32)args->flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_open_tree)
+{
+    return sidedoor_enter(AW_SYS_OPEN_TREE, AW_SIDEDOOR_MOUNT, (s32)args->dfd, args->filename,
+                          (u32)args->flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fspick)
+{
+    return sidedoor_enter(AW_SYS_FSPICK, AW_SIDEDOOR_MOUNT, (s32)args->dfd, args->path, (u32)args->flags);
+}
+
+#ifdef AW_HAVE_SYS_MOUNT_SETATTR
+TRACEPOINT_PROBE(syscalls, sys_enter_mount_setattr)
+{
+    return sidedoor_enter(AW_SYS_MOUNT_SETATTR, AW_SIDEDOOR_MOUNT, (s32)args->dfd, args->path,
+                          (u32)args->flags);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_mount_setattr) { return file_exit(args->ret); }
+#endif
+
+TRACEPOINT_PROBE(syscalls, sys_enter_chroot)
+{
+    return sidedoor_enter(AW_SYS_CHROOT, AW_SIDEDOOR_CHROOT, AW_AT_FDCWD, args->filename, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_pivot_root)
+{
+    return sidedoor_enter(AW_SYS_PIVOT_ROOT, AW_SIDEDOOR_PIVOT_ROOT, AW_AT_FDCWD, args->new_root, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_io_uring_setup) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_open_by_handle_at) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_unshare) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_clone) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_setns) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_mount) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_umount) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fsopen) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fsmount) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_move_mount) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_open_tree) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fspick) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_chroot) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_pivot_root) { return file_exit(args->ret); }

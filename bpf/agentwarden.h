@@ -18,12 +18,14 @@
 #define AW_KIND_EXIT 4
 #define AW_KIND_CHDIR 5
 #define AW_KIND_FD 6
-#define AW_KIND_COUNT 7
+#define AW_KIND_CHANGE 7
+#define AW_KIND_SIDEDOOR 8
+#define AW_KIND_COUNT 9
 
 /* Per-CPU counters: emitted records at index kind, lost records at
  * AW_COUNTER_DROPPED_BASE + kind. */
-#define AW_COUNTER_DROPPED_BASE 8
-#define AW_COUNTER_SLOTS 16
+#define AW_COUNTER_DROPPED_BASE 16
+#define AW_COUNTER_SLOTS 32
 
 /* Limits. A path longer than AW_MAX_PATH is cut and flagged; it then never
  * matches an allow rule (user space treats it as unresolvable). */
@@ -35,6 +37,7 @@
 #define AW_MAX_CGROUP_LEVELS 32
 #define AW_MAX_AGENT_CGROUPS 4096
 #define AW_MAX_INFLIGHT 16384
+#define AW_MAX_INFLIGHT_CHANGES 1024   /* threads of agents in a file change at once (8 KiB each) */
 #define AW_RINGBUF_PAGES 4096
 #define AW_DENY_PATH_MAX 252  /* LPM trie keys hold at most 256 data bytes */
 #define AW_MAX_DENY_RULES 65536
@@ -45,7 +48,7 @@
 
 /* aw_deny_value.applies */
 #define AW_DENY_EXEC 1
-#define AW_DENY_OPEN 2
+#define AW_DENY_OPEN 2   /* files.deny: opens, and the paths file changes (aw_change) touch */
 
 /* aw_exec.flags */
 #define AW_EXEC_ARGV_TRUNCATED 1
@@ -82,6 +85,58 @@
 #define AW_SYS_CLOSE_RANGE 16
 #define AW_SYS_PIDFD_OPEN 17
 #define AW_SYS_PIDFD_GETFD 18
+/* ... in aw_change.syscall: the calls that change files without opening them. */
+#define AW_SYS_UNLINK 19
+#define AW_SYS_UNLINKAT 20
+#define AW_SYS_RMDIR 21
+#define AW_SYS_RENAME 22
+#define AW_SYS_RENAMEAT 23
+#define AW_SYS_RENAMEAT2 24
+#define AW_SYS_TRUNCATE 25
+#define AW_SYS_FTRUNCATE 26
+#define AW_SYS_CHMOD 27
+#define AW_SYS_FCHMOD 28
+#define AW_SYS_FCHMODAT 29
+#define AW_SYS_FCHMODAT2 30
+#define AW_SYS_CHOWN 31
+#define AW_SYS_LCHOWN 32
+#define AW_SYS_FCHOWN 33
+#define AW_SYS_FCHOWNAT 34
+#define AW_SYS_LINK 35
+#define AW_SYS_LINKAT 36
+#define AW_SYS_SYMLINK 37
+#define AW_SYS_SYMLINKAT 38
+#define AW_SYS_MKDIR 39
+#define AW_SYS_MKDIRAT 40
+/* ... and in a side door record (aw_file, kind AW_KIND_SIDEDOOR): calls that
+ * reach files without the open syscalls, or change what paths mean. */
+#define AW_SYS_IO_URING_SETUP 41
+#define AW_SYS_OPEN_BY_HANDLE_AT 42
+#define AW_SYS_UNSHARE 43
+#define AW_SYS_CLONE 44
+#define AW_SYS_CLONE3 45
+#define AW_SYS_SETNS 46
+#define AW_SYS_MOUNT 47
+#define AW_SYS_UMOUNT 48
+#define AW_SYS_FSOPEN 49
+#define AW_SYS_FSMOUNT 50
+#define AW_SYS_MOVE_MOUNT 51
+#define AW_SYS_OPEN_TREE 52
+#define AW_SYS_FSPICK 53
+#define AW_SYS_MOUNT_SETATTR 54
+#define AW_SYS_CHROOT 55
+#define AW_SYS_PIVOT_ROOT 56
+
+/* Side door groups, as the policy names them ([agent.NAME.syscalls] allow =
+ * ["io_uring", ...]): bits of a side door record's group and of the
+ * sidedoor_allowed map's masks. */
+#define AW_SIDEDOOR_IO_URING 1
+#define AW_SIDEDOOR_OPEN_BY_HANDLE 2
+#define AW_SIDEDOOR_UNSHARE 4      /* unshare, and clone/clone3 with CLONE_NEW* flags */
+#define AW_SIDEDOOR_SETNS 8
+#define AW_SIDEDOOR_MOUNT 16       /* mount, umount2, fsopen, fsmount, move_mount, open_tree, fspick, mount_setattr */
+#define AW_SIDEDOOR_CHROOT 32
+#define AW_SIDEDOOR_PIVOT_ROOT 64
 
 /* Common header of every record. */
 struct aw_header {
@@ -116,7 +171,12 @@ struct aw_exec {
 };
 
 /* open / openat / openat2 / creat / chdir / fchdir. Emitted at syscall exit;
- * only the first path_len bytes of path travel. */
+ * only the first path_len bytes of path travel. Side door records
+ * (AW_KIND_SIDEDOOR) have this layout too: open_flags holds the call's flags
+ * (unshare, clone: the namespace flags; io_uring_setup: the ring's entries;
+ * open_by_handle_at, setns, mount, ...: their flags argument), mode the
+ * AW_SIDEDOOR_* group, dirfd its descriptor argument (else AT_FDCWD), path its
+ * path argument if any (mount, move_mount, pivot_root: the target). */
 struct aw_file {
     struct aw_header h;
     s64 ret;
@@ -158,6 +218,40 @@ struct aw_fd {
     u32 syscall;          /* AW_SYS_* */
     u32 flags;            /* AW_FD_* */
     u32 reserved;
+};
+
+/* aw_change.flags: AW_FILE_PATH_UNREADABLE, AW_FILE_PATH_TRUNCATED and
+ * AW_FILE_KILLED_IN_KERNEL for path, and these for path2. */
+#define AW_CHANGE_PATH2_UNREADABLE 16
+#define AW_CHANGE_PATH2_TRUNCATED 32
+
+/* unlink / unlinkat / rmdir / rename / renameat / renameat2 / truncate /
+ * ftruncate / chmod / fchmod / fchmodat / fchmodat2 / chown / lchown / fchown /
+ * fchownat / link / linkat / symlink / symlinkat / mkdir / mkdirat: a file
+ * changed without being opened. Paths are read at entry (again at exit when
+ * their page was not yet faulted in), emitted at exit with the result. path
+ * is the first path argument (rename, link: the old name; symlink: the link's
+ * content, the target), path2 the second (rename, link, symlink: the new
+ * name), packed one after the other in paths: path_len bytes of path, then
+ * path2_len of path2 (each counting its NUL; 0 when not given or unread). The
+ * fd calls (ftruncate, fchmod, fchown) have no path: dirfd is their fd. */
+struct aw_change {
+    struct aw_header h;
+    s64 ret;
+    s64 length;           /* truncate, ftruncate: the new size */
+    s32 dirfd;            /* for path; AT_FDCWD when not given; the fd of f*() */
+    s32 dirfd2;           /* for path2; AT_FDCWD when not given */
+    u32 mode;             /* chmod family, mkdir family: the mode asked for */
+    s32 new_uid;          /* chown family: the new owner, -1 unchanged */
+    s32 new_gid;          /* chown family: the new group, -1 unchanged */
+    u32 at_flags;         /* unlinkat, renameat2, linkat, fchownat, fchmodat2: their flags */
+    u32 syscall;          /* AW_SYS_* */
+    u32 flags;            /* AW_FILE_PATH_*, AW_CHANGE_PATH2_*, AW_FILE_KILLED_IN_KERNEL */
+    u32 path_len;
+    u32 path2_len;
+    u32 deny_rule;        /* in-kernel deny rule that killed it, else 0 */
+    u32 reserved;
+    char paths[2 * AW_MAX_PATH];
 };
 
 /* In-kernel deny rules: an LPM trie keyed by agent number and path bytes.

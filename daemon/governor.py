@@ -1,7 +1,8 @@
-"""Policy in the daemon: decide each exec and open, record violations, act.
+"""Policy in the daemon: decide each exec, open, file change and side door,
+record violations, act.
 
 Every decided event gets a ``verdict`` field (decision, rule, policy hash).
-An exec or open that is not allowed also yields a ``violation`` record saying
+An event that is not allowed also yields a ``violation`` record saying
 what was attempted, which rule decided, what the policy asks for and what was
 done. Acting is left out in monitor mode.
 
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from agentwarden import cgroups, policy as policy_mod
+from agentwarden import cgroups, policy as policy_mod, render
 from agentwarden import wire
 from agentwarden.wire import text
 
@@ -26,19 +27,43 @@ from . import enforce
 
 
 
-def real_path(record: dict) -> str | None:
-    """Where the path really leads (symlinks followed, now), when that differs
-    from the lexical one. Not /proc/PID/fd/N: by the time the record arrives
-    the process may have closed that fd and reused its number."""
-    if record["kind"] == "open":
-        lexical = record.get("resolved_path")
+# Change calls that follow a symlink in their last component (unless given
+# AT_SYMLINK_NOFOLLOW); the others act on the link itself.
+FOLLOWS_LAST = ("truncate", "chmod", "chown", "fchmodat", "fchmodat2", "fchownat")
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+def real_paths(record: dict) -> dict[str, tuple[str, str]]:
+    """Where the decided paths really lead (symlinks followed, now), where
+    that differs from the lexical one: the key decide() reads -> (the key the
+    record gets, the real path). Not /proc/PID/fd/N: by the time the record
+    arrives the process may have closed that fd and reused its number."""
+    kind = record["kind"]
+    if kind == "open":
+        paths = [("resolved_path", record.get("resolved_path"), "real_path", True)]
+    elif kind == "exec":
+        paths = [("resolved_exec_path", record.get("resolved_exec_path") or record.get("resolved_filename"),
+                  "real_path", True)]
+    elif kind == "change":
+        follows = record["syscall"] in FOLLOWS_LAST and not record["at_flags"] & AT_SYMLINK_NOFOLLOW
+        paths = [(key, record.get(key), key.replace("resolved", "real"), follows)
+                 for key, _ in policy_mod.changed_paths(record)]
     else:
-        lexical = record.get("resolved_exec_path") or record.get("resolved_filename")
-    if lexical is None:
-        return None
-    lexical = os.fsdecode(lexical)
-    real = kernel_real_path(lexical)
-    return real if real and real != lexical else None
+        return {}
+    found = {}
+    for key, lexical, real_key, follow in paths:
+        if lexical is None:
+            continue
+        lexical = os.fsdecode(lexical)
+        if follow:
+            real = kernel_real_path(lexical)
+        else:   # the call acts on the link itself: only the directories above it can lead elsewhere
+            parent, name = os.path.split(lexical)
+            real_parent = kernel_real_path(parent) if name else None
+            real = os.path.join(real_parent, name) if real_parent else None
+        if real and real != lexical:
+            found[key] = (real_key, real)
+    return found
 
 
 def kernel_real_path(path: str) -> str | None:
@@ -80,14 +105,18 @@ class Governor:
     def kernel_rules(self) -> list[policy_mod.KernelRule]:
         return policy_mod.kernel_deny_rules(self.policy) if self.policy else []
 
+    def kernel_sidedoors(self) -> dict[str, list[str]]:
+        return policy_mod.kernel_sidedoors(self.policy) if self.policy else {}
+
     def _decide(self, record: dict) -> policy_mod.Verdict:
         verdict = policy_mod.decide(record, self.policy)
-        real = real_path(record)
-        if real is None:
+        real = real_paths(record)
+        if not real:
             return verdict
-        key = "resolved_path" if record["kind"] == "open" else "resolved_exec_path"
-        record["real_path"] = real
-        via_target = policy_mod.decide({**record, key: real}, self.policy)
+        for real_key, path in real.values():
+            record[real_key] = path
+        via_target = policy_mod.decide({**record, **{key: path for key, (_, path) in real.items()}},
+                                       self.policy)
         if wire.SEVERITY[via_target.decision] > wire.SEVERITY[verdict.decision]:
             return policy_mod.Verdict(
                 via_target.decision, via_target.action, via_target.rule,
@@ -96,7 +125,7 @@ class Governor:
         return verdict
 
     def judge(self, record: dict) -> dict | None:
-        """Decide one enriched exec/open record; returns a violation record or None."""
+        """Decide one enriched exec/open/change/sidedoor record; returns a violation record or None."""
         if self.policy is None or record.get("agent") is None:
             return None
         verdict = self._decide(record)
@@ -119,10 +148,16 @@ class Governor:
         }
 
     def supervised(self, record: dict) -> bool:
-        """Execs and writing opens of `agentwarden run` sessions go through seccomp."""
+        """Execs, writing opens, renames, unlinks and truncates of `agentwarden
+        run` sessions go through seccomp (see seccomp_notify.build_filter)."""
         if not self.in_session(record["agent_cgroup_id"]) or record.get("killed_in_kernel"):
             return False
-        return record["kind"] == "exec" or policy_mod.is_write(record["flags"])
+        kind = record["kind"]
+        if kind == "change":
+            return record["syscall"] in SESSION_CHANGES
+        if kind == "sidedoor":
+            return False
+        return kind == "exec" or policy_mod.is_write(record["flags"])
 
     def _act(self, record: dict, verdict: policy_mod.Verdict, wanted: str) -> str:
         if record.get("killed_in_kernel"):
@@ -147,9 +182,18 @@ class Governor:
         return cgroups.set_frozen(cgroup, True)
 
 
+# The changes a session's seccomp filter sends to the supervisor.
+SESSION_CHANGES = ("rename", "renameat", "renameat2", "unlink", "unlinkat", "truncate")
+
+
 def attempted(record: dict) -> str:
-    if record["kind"] == "exec":
+    kind = record["kind"]
+    if kind == "exec":
         return "exec " + " ".join(text(a) for a in record["argv"]) + \
             f" ({text(record.get('resolved_exec_path') or record.get('resolved_filename') or record['filename'])})"
+    if kind == "change":
+        return render.change(record)
+    if kind == "sidedoor":
+        return render.sidedoor(record)
     access = "write" if policy_mod.is_write(record["flags"]) else "read"
     return f"{access} {text(record.get('resolved_path') or record['path'])}"

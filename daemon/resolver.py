@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from agentwarden.paths import AT_FDCWD, normalise
+from agentwarden.policy.decide import FD_CHANGES, LINK_CONTENT, TWO_PATHS, is_write
 
 O_CLOEXEC = 0o2000000
 MAX_PROCESSES = 65536
@@ -50,12 +52,14 @@ def _as_wire(value: str) -> str | bytes:
 
 
 FD_CLOEXEC = 1
+_OWN_FD_LINK = re.compile(r"/proc/([^/]+)/fd/(\d+)\Z")
 
 
 class Descriptor(NamedTuple):
     path: str | None      # what it names, resolved; None for a pidfd
     cloexec: bool
     pid: int = 0          # a pidfd's process (pidfd_open), for pidfd_getfd
+    write: bool = False   # opened for writing (policy.is_write): its open was judged as a write
 
 
 @dataclass
@@ -156,7 +160,8 @@ class Resolver:
             record["resolved_path"] = _as_wire(resolved) if resolved else None
             if record["ret"] >= 0:
                 cloexec = bool(record["flags"] & O_CLOEXEC)
-                self._made(state, record["ret"], Descriptor(resolved, cloexec) if resolved else None)
+                self._made(state, record["ret"], Descriptor(resolved, cloexec, write=is_write(record["flags"]))
+                           if resolved else None)
         elif kind == "chdir":
             if record["syscall"] == "fchdir":
                 target = self._base(pid, state, record["dirfd"])
@@ -178,6 +183,53 @@ class Resolver:
                 state.fds = {fd: v for fd, v in state.fds.items() if not v.cloexec}
         elif kind == "fd":
             self._descriptor(pid, state, record)
+        elif kind == "change":
+            self._change(pid, state, record)
+        elif kind == "sidedoor":
+            path = record["path"]
+            resolved = self.resolve(pid, state, record["fd"], path,
+                                    record["path_unreadable"] or record["path_truncated"]) if path else None
+            record["resolved_path"] = _as_wire(resolved) if resolved else None
+
+    def _change(self, pid: int, state: ProcessState, record: dict[str, Any]) -> None:
+        """A change's paths: ``resolved_path`` for path relative to dirfd (the
+        fd's own path for ftruncate, fchmod and fchown, whose path is empty),
+        ``resolved_path2`` for path2 relative to dirfd2 (None when the call has
+        none). A symlink's path is its content: relative, it is resolved
+        against the link's directory, where the kernel will follow it. An fd
+        call gets ``fd_opened_for_writing``: whether the model saw that fd
+        opened for writing (then its open was judged as a write of the path)."""
+        syscall = record["syscall"]
+        second = None
+        if syscall in TWO_PATHS:
+            second = self.resolve(pid, state, record["dirfd2"], record["path2"],
+                                  record["path2_unreadable"] or record["path2_truncated"])
+        if syscall in LINK_CONTENT:
+            target = _as_str(record["path"])
+            unusable = record["path_unreadable"] or record["path_truncated"] or not target
+            if unusable or (not target.startswith("/") and second is None):
+                first = None
+            else:
+                first = normalise(target if target.startswith("/") else os.path.dirname(second) + "/" + target)
+        else:
+            first = self.resolve(pid, state, record["dirfd"], record["path"],
+                                 record["path_unreadable"] or record["path_truncated"])
+            first = self._through_fd_link(pid, state, first)
+        record["resolved_path"] = _as_wire(first) if first else None
+        record["resolved_path2"] = _as_wire(second) if second else None
+        if syscall in FD_CHANGES:
+            known = state.fds.get(record["dirfd"])
+            record["fd_opened_for_writing"] = bool(known and known.write and known.path == first)
+
+    def _through_fd_link(self, pid: int, state: ProcessState, path: str | None) -> str | None:
+        """/proc/self/fd/N (or thread-self, or the process's own pid) names the
+        file behind the process's fd N: glibc's fchmodat(AT_SYMLINK_NOFOLLOW)
+        without fchmodat2 changes a file that way, through an O_PATH fd. Any
+        other path is returned as it is."""
+        match = _OWN_FD_LINK.match(path) if path else None
+        if match is None or match[1] not in ("self", "thread-self", str(pid)):
+            return path
+        return self._base(pid, state, int(match[2]))
 
     @staticmethod
     def _made(state: ProcessState, fd: int, descriptor: Descriptor | None) -> None:

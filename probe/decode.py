@@ -87,7 +87,7 @@ def _error(ret: int) -> str | None:
 
 
 class Decoder:
-    def __init__(self, exec_cls, file_cls, task_cls, fd_cls, constants: dict[str, int],
+    def __init__(self, exec_cls, file_cls, task_cls, fd_cls, change_cls, constants: dict[str, int],
                  boot_to_wall_ns: int):
         c = constants
         self.c = c
@@ -103,11 +103,14 @@ class Decoder:
             c["AW_KIND_FORK"]: (task_layout, self._fork),
             c["AW_KIND_EXIT"]: (task_layout, self._exit),
             c["AW_KIND_FD"]: (Layout(fd_cls), self._fd),
+            c["AW_KIND_CHANGE"]: (Layout(change_cls, tail="paths"), self._change),
+            c["AW_KIND_SIDEDOOR"]: (file_layout, self._sidedoor),
         }
         self.kind_names = {c[f"AW_KIND_{n.upper()}"]: n for n in wire.EVENT_KINDS}
         # In-kernel deny rule number -> its text; the probe keeps it current.
         self.deny_rules: dict[int, str] = {}
         self.syscalls = {v: k[len("AW_SYS_"):].lower() for k, v in c.items() if k.startswith("AW_SYS_")}
+        self.doors = {v: k[len("AW_SIDEDOOR_"):].lower() for k, v in c.items() if k.startswith("AW_SIDEDOOR_")}
 
     def decode(self, raw: bytes) -> dict[str, Any]:
         if len(raw) < self.kind_offset + 4:
@@ -184,3 +187,29 @@ class Decoder:
             "fd": f["fd"], "arg": f["arg"], "ret": f["ret"], "error": _error(f["ret"]),
             "cloexec": bool(f["flags"] & self.c["AW_FD_CLOEXEC"]),
         })
+
+    def _change(self, record, f, raw, layout):
+        c, flags = self.c, f["flags"]
+        paths = layout.tail(raw, "paths", f["path_len"] + f["path2_len"])
+        record.update({
+            "syscall": self.syscalls.get(f["syscall"], str(f["syscall"])),
+            "path": from_c(_cstr(paths[:f["path_len"]])), "dirfd": f["dirfd"],
+            "path2": from_c(_cstr(paths[f["path_len"]:])), "dirfd2": f["dirfd2"],
+            "mode": f["mode"], "new_uid": f["new_uid"], "new_gid": f["new_gid"], "length": f["length"],
+            "at_flags": f["at_flags"], "ret": f["ret"], "error": _error(f["ret"]),
+            "path_unreadable": bool(flags & c["AW_FILE_PATH_UNREADABLE"]),
+            "path_truncated": bool(flags & c["AW_FILE_PATH_TRUNCATED"]),
+            "path2_unreadable": bool(flags & c["AW_CHANGE_PATH2_UNREADABLE"]),
+            "path2_truncated": bool(flags & c["AW_CHANGE_PATH2_TRUNCATED"]),
+            **self._kernel_kill(f, c["AW_FILE_KILLED_IN_KERNEL"]),
+        })
+
+    def _sidedoor(self, record, f, raw, layout):
+        """A side door travels in an aw_file: mode holds its AW_SIDEDOOR_* bit,
+        open_flags its flags argument (see agentwarden.h)."""
+        self._file_common(record, f, raw, layout)
+        door = self.doors.get(f["mode"], str(f["mode"]))
+        killed = bool(f["flags"] & self.c["AW_FILE_KILLED_IN_KERNEL"])
+        record.update({"door": door, "fd": record.pop("dirfd"), "arg": f["open_flags"],
+                       "killed_in_kernel": killed,
+                       "kernel_rule": f"syscalls.allow without {door!r}" if killed else None})

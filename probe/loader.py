@@ -17,6 +17,10 @@ log = logging.getLogger("agentwarden.probe")
 TRACEFS = Path("/sys/kernel/tracing")
 PROGRAM = "agentwarden.bpf.c"
 EXIT_FORMAT = "events/sched/sched_process_exit/format"
+# Syscalls newer than the oldest kernel the program loads on (5.8, the ring
+# buffer): their tracepoints are attached where the kernel has them
+# (AW_HAVE_SYS_<NAME>); elsewhere the calls do not exist to be made.
+OPTIONAL_SYSCALLS = ("fchmodat2", "mount_setattr")
 
 
 def kernel_headers_dir() -> Path:
@@ -76,6 +80,8 @@ def compile_and_attach(wakeup_interval: float = KEYS["wakeup_interval"].default)
     # sched_process_exit says whether the whole process ends (newer kernels).
     if "group_dead" in (tracefs / EXIT_FORMAT).read_text():
         cflags.append("-DAW_HAVE_GROUP_DEAD=1")
+    cflags += [f"-DAW_HAVE_SYS_{name.upper()}=1" for name in OPTIONAL_SYSCALLS
+               if (tracefs / f"events/syscalls/sys_enter_{name}").is_dir()]
     if exec_stash_supported():
         try:
             return bcc.BPF(src_file=str(bpf_dir() / PROGRAM).encode(), cflags=cflags + ["-DAW_EXEC_STASH=1"])

@@ -123,7 +123,7 @@ class Probe:
         self.c = constants
         self.decoder = Decoder(self._leaf(bpf[b"exec_scratch"]), self._leaf(bpf[b"file_scratch"]),
                                self._leaf(bpf[b"task_scratch"]), self._leaf(bpf[b"inflight_fd"]),
-                               constants, wall_minus_boot_ns())
+                               self._leaf(bpf[b"inflight_change"]), constants, wall_minus_boot_ns())
         self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"],
                               constants["AW_AGENT_SESSION_BIT"], settings.cgroup_scope,
                               settings.instance, settings.agents_slice)
@@ -153,6 +153,7 @@ class Probe:
         self.kernel_rules_hash: str | None = None
         self.kernel_rules_received = False
         self._kernel_keys: list = []
+        self._sidedoor_agents: list[int] = []   # agent numbers in sidedoor_allowed
 
     @staticmethod
     def _leaf(table):
@@ -203,9 +204,27 @@ class Probe:
             table[key] = leaf
         self._kernel_keys = [key for key, _ in entries.values()]
         self.decoder.deny_rules = names
+        self._apply_sidedoors(message["sidedoors"])
         self.kernel_rules_hash = message.get("policy_hash")
         self.kernel_rules_received = True
         log.info("in-kernel deny rules: %d (policy %s)", len(entries), self.kernel_rules_hash)
+
+    def _apply_sidedoors(self, sidedoors: dict[str, list[str]]) -> None:
+        """sidedoor_allowed: agent number -> the AW_SIDEDOOR_* bits of the doors
+        its policy allows, for the agents the kernel kills at any other."""
+        table = self.bpf[b"sidedoor_allowed"]
+        numbers = {}
+        for agent, doors in sidedoors.items():
+            numbers[self.tags.agent_number(agent)] = sum(  # an unknown name raises KeyError: malformed
+                {self.c[f"AW_SIDEDOOR_{door.upper()}"] for door in doors})
+        for number in set(self._sidedoor_agents) - set(numbers):
+            try:
+                del table[table.Key(number)]
+            except KeyError:
+                pass
+        for number, mask in numbers.items():
+            table[table.Key(number)] = table.Leaf(mask)
+        self._sidedoor_agents = list(numbers)
 
     def _poll_kernel_rules(self) -> None:
         while True:
@@ -280,6 +299,7 @@ class Probe:
             "backlog": self.backlog_records,
             "tagged_cgroups": len(self.tags.current),
             "kernel_rules": len(self._kernel_keys),
+            "kernel_sidedoor_agents": len(self._sidedoor_agents),
             "kernel_rules_policy": self.kernel_rules_hash,
             "kernel_rules_malformed": self.counters["kernel_rules_malformed"],
         }}

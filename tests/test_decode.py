@@ -56,6 +56,14 @@ class AwFd(ct.Structure):
                 ("syscall", ct.c_uint), ("flags", ct.c_uint), ("reserved", ct.c_uint)]
 
 
+class AwChange(ct.Structure):
+    _fields_ = [("h", AwHeader), ("ret", ct.c_longlong), ("length", ct.c_longlong), ("dirfd", ct.c_int),
+                ("dirfd2", ct.c_int), ("mode", ct.c_uint), ("new_uid", ct.c_int), ("new_gid", ct.c_int),
+                ("at_flags", ct.c_uint), ("syscall", ct.c_uint), ("flags", ct.c_uint),
+                ("path_len", ct.c_uint), ("path2_len", ct.c_uint), ("deny_rule", ct.c_uint),
+                ("reserved", ct.c_uint), ("paths", ct.c_char * (2 * C["AW_MAX_PATH"]))]
+
+
 def _header_fields(struct_name: str) -> list[str]:
     text = (bpf_dir() / EVENT_HEADER).read_text()
     body = re.search(rf"struct {struct_name} \{{(.*?)\}};", text, re.S).group(1)
@@ -64,7 +72,8 @@ def _header_fields(struct_name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("cls,name", [(AwHeader, "aw_header"), (AwExec, "aw_exec"),
-                                      (AwFile, "aw_file"), (AwTask, "aw_task"), (AwFd, "aw_fd")])
+                                      (AwFile, "aw_file"), (AwTask, "aw_task"), (AwFd, "aw_fd"),
+                                      (AwChange, "aw_change")])
 def test_classes_mirror_the_header(cls, name):
     assert [f[0] for f in cls._fields_] == _header_fields(name)
 
@@ -113,7 +122,7 @@ def task_record(kind: int, child_pid: int = 0) -> bytes:
 
 @pytest.fixture
 def decoder() -> Decoder:
-    return Decoder(AwExec, AwFile, AwTask, AwFd, C, BOOT_TO_WALL)
+    return Decoder(AwExec, AwFile, AwTask, AwFd, AwChange, C, BOOT_TO_WALL)
 
 
 def test_layout_fixed_part_ends_where_the_tail_starts():
@@ -278,6 +287,61 @@ def test_fd(decoder, sys, name, fd, arg, ret, flags):
         "kind": "fd", **TASK, "syscall": name, "fd": fd, "arg": arg, "ret": ret,
         "error": None, "cloexec": flags is not None}
     wire.validate_record(decoder.decode(raw))
+
+
+def change_record(syscall: str, path: bytes, path2: bytes = b"", send: int | None = None, **fields) -> bytes:
+    """An aw_change as sent: path, then path2, packed (each length counts its NUL)."""
+    e = AwChange(h=header(C["AW_KIND_CHANGE"]), ret=0, dirfd=AT_FDCWD, dirfd2=AT_FDCWD, new_uid=-1,
+                 new_gid=-1, syscall=C[f"AW_SYS_{syscall.upper()}"], path_len=len(path), path2_len=len(path2))
+    ct.memmove(ct.addressof(e) + AwChange.paths.offset, path + path2, len(path + path2))
+    for name, value in fields.items():
+        setattr(e, name, value)
+    size = AwChange.paths.offset + len(path + path2) if send is None else send
+    return bytes(e)[:size]
+
+
+CHANGE = {"dirfd": AT_FDCWD, "dirfd2": AT_FDCWD, "mode": 0, "new_uid": -1, "new_gid": -1, "length": 0,
+          "at_flags": 0, "ret": 0, "error": None, "path_unreadable": False, "path_truncated": False,
+          "path2_unreadable": False, "path2_truncated": False, "killed_in_kernel": False, "kernel_rule": None}
+
+
+def test_change_with_two_paths(decoder):
+    record = decoder.decode(change_record("renameat2", b"old\0", b"/tmp/new\0", dirfd=5, at_flags=1))
+    assert record == {"kind": "change", **TASK, **CHANGE, "syscall": "renameat2", "path": "old",
+                      "path2": "/tmp/new", "dirfd": 5, "at_flags": 1}
+    wire.validate_record(record)
+
+
+def test_change_of_an_fd_and_a_failed_one(decoder):
+    record = decoder.decode(change_record("fchmod", b"", dirfd=7, mode=0o755, ret=-1))
+    assert record == {"kind": "change", **TASK, **CHANGE, "syscall": "fchmod", "path": "", "path2": "",
+                      "dirfd": 7, "mode": 0o755, "ret": -1, "error": "EPERM"}
+
+
+def test_change_path_unreadable_then_path2_and_a_kernel_kill(decoder):
+    decoder.deny_rules = {77: 'files.deny "/etc/x" at p.toml:3'}
+    record = decoder.decode(change_record(
+        "link", b"", b"/etc/x\0", deny_rule=77,
+        flags=C["AW_FILE_PATH_UNREADABLE"] | C["AW_FILE_KILLED_IN_KERNEL"]))
+    assert (record["path"], record["path2"], record["path_unreadable"]) == ("", "/etc/x", True)
+    assert record["killed_in_kernel"] and record["kernel_rule"] == 'files.deny "/etc/x" at p.toml:3'
+
+
+def test_change_cut_inside_its_paths(decoder):
+    with pytest.raises(DecodeError, match="paths"):
+        decoder.decode(change_record("rename", b"/a\0", b"/b\0")[:-1])
+
+
+def test_sidedoor_travels_as_a_file_record(decoder):
+    raw = file_record(kind=C["AW_KIND_SIDEDOOR"], path=b"", syscall=C["AW_SYS_IO_URING_SETUP"],
+                      open_flags=8, mode=C["AW_SIDEDOOR_IO_URING"], ret=5,
+                      flags=C["AW_FILE_KILLED_IN_KERNEL"])
+    record = decoder.decode(raw)
+    assert record == {"kind": "sidedoor", **TASK, "syscall": "io_uring_setup", "door": "io_uring",
+                      "fd": AT_FDCWD, "arg": 8, "path": "", "ret": 5, "error": None,
+                      "path_unreadable": False, "path_truncated": False, "killed_in_kernel": True,
+                      "kernel_rule": "syscalls.allow without 'io_uring'"}
+    wire.validate_record(record)
 
 
 def test_comm_non_utf8_and_full_length(decoder):

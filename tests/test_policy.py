@@ -398,7 +398,16 @@ AGENT = 'mode = "enforce"\non-violation = "kill"\n'
     # unknown keys, at every level
     ('[agnet.coder]\nmode = "enforce"\n', 1, "unknown key 'agnet'"),
     ('[agent.coder]\n' + AGENT + 'modes = "enforce"\nexec.allow = ["/usr/bin/git"]\n', 4,
-     "unknown key 'modes' in [agent.coder]: expected mode, on-violation, hold-timeout, hold-approvers, exec, files"),
+     "unknown key 'modes' in [agent.coder]: expected mode, on-violation, hold-timeout, hold-approvers, exec, files, "
+     "syscalls"),
+    # side doors: known names only, each with its line
+    ('[agent.coder]\n' + AGENT + 'exec.allow = ["/usr/bin/git"]\n[agent.coder.syscalls]\nallow = [\n  "unshare",\n'
+     '  "io-uring",\n]\n', 8, "syscalls.allow holds \"io-uring\", which is no side door; known: io_uring, "
+     "open_by_handle, unshare, setns, mount, chroot, pivot_root"),
+    ('[agent.coder]\n' + AGENT + 'exec.allow = ["/usr/bin/git"]\nsyscalls.deny = ["mount"]\n', 5,
+     "unknown key 'deny' in [agent.coder.syscalls]: expected allow"),
+    ('[agent.coder]\n' + AGENT + 'exec.allow = ["/usr/bin/git"]\nsyscalls = "all"\n', 5,
+     "syscalls must be a table"),
     ('[agent.coder]\n' + AGENT + '[agent.coder.exec]\nallow = ["/usr/bin/git"]\nalow = ["/usr/bin/ls"]\n', 6,
      "unknown key 'alow' in [agent.coder.exec]: expected allow, hold, deny"),
     ('[agent.coder]\n' + AGENT + 'exec.allow = ["/usr/bin/git"]\nfiles.read = ["/etc/**"]\n', 5,
@@ -557,6 +566,72 @@ def test_explain_open_normalises_the_path(policy_file):
     assert "write of /home/coder/notes matches no allow rule" in result.output
 
 
+def test_explain_change_needs_both_sides_of_a_rename(policy_file):
+    result = runner.invoke(policy_app, ["explain", "--agent", "coder", "--policy", str(policy_file),
+                                        "--change", "rename", "/home/coder/work/a", "/home/coder/a"])
+    assert result.exit_code == 0, result.output
+    assert "verdict: violation (on-violation kill)" in result.output
+    assert "reason:  rename to /home/coder/a matches no allow rule" in result.output
+
+
+def test_explain_side_door(policy_file, tmp_path):
+    result = runner.invoke(policy_app, ["explain", "--agent", "coder", "--policy", str(policy_file),
+                                        "--syscall", "io_uring"])
+    assert "verdict: violation (on-violation kill)" in result.output
+    assert "io_uring is the side door 'io_uring', which [agent.coder.syscalls] allow does not name" \
+        in result.output
+    allowing = write(tmp_path, POLICY + '[agent.coder.syscalls]\nallow = ["io_uring"]\n', "allowing.toml")
+    result = runner.invoke(policy_app, ["explain", "--agent", "coder", "--policy", str(allowing),
+                                        "--syscall", "io_uring"])
+    assert "verdict: allow" in result.output
+    assert f'rule:    syscalls.allow "io_uring" at {allowing}:{len(POLICY.splitlines()) + 2}' in result.output
+
+
+def change_event(syscall: str, path: str | None, path2: str | None = None, **fields) -> dict:
+    event = {"kind": "change", "agent": "coder", "syscall": syscall, "path": path or "", "resolved_path": path,
+             "path2": path2 or "", "resolved_path2": path2, "at_flags": 0, "ret": 0, "error": None}
+    event.update(fields)
+    return event
+
+
+@pytest.mark.parametrize("event, decision, reason", [
+    (change_event("unlink", "/tmp/x"), "allow", "unlink of /tmp/x matches files.write-allow"),
+    (change_event("mkdirat", "/home/coder/work/new"), "allow", "mkdirat of /home/coder/work/new matches"),
+    # read-allow is not enough: a change is a write
+    (change_event("chmod", "/home/coder/notes"), "violation", "chmod of /home/coder/notes matches no allow rule"),
+    (change_event("unlink", "/home/coder/.ssh/id_rsa"), "deny", "unlink of /home/coder/.ssh/id_rsa matches files.deny"),
+    # both sides of a rename or link; the more severe stands
+    (change_event("renameat2", "/tmp/a", "/home/coder/notes"), "violation", "renameat2 to /home/coder/notes"),
+    (change_event("link", "/home/coder/.ssh/id_rsa", "/tmp/key"), "deny", "link from /home/coder/.ssh/id_rsa"),
+    # a symlink changes its link, not its target
+    (change_event("symlink", "/home/coder/.ssh/id_rsa", "/tmp/key"), "allow", "symlink to /tmp/key matches"),
+    # an fd call judged by the fd's path; unresolved never allowed
+    (change_event("ftruncate", None, dirfd=3), "violation", "ftruncate of '' : the path could not be resolved"),
+    # an fd opened for writing was judged at its open; one opened read-only is judged now
+    (change_event("fchmod", "/home/coder/notes", fd_opened_for_writing=True), "allow",
+     "fchmod through a descriptor opened for writing: its open was judged as a write of /home/coder/notes"),
+    (change_event("fchown", "/home/coder/notes", fd_opened_for_writing=False), "violation",
+     "fchown of /home/coder/notes matches no allow rule"),
+])
+def test_changes_are_judged_as_writes_of_each_path(loaded, event, decision, reason):
+    verdict = decide(event, loaded)
+    assert verdict.decision == decision
+    assert reason.replace(" :", ":") in verdict.reason
+
+
+def test_canonical_hash_is_unchanged_without_syscalls_and_changes_with_them(tmp_path, loaded):
+    allowing = load_policy([write(tmp_path, POLICY + '[agent.coder.syscalls]\nallow = ["mount"]\n')])
+    assert allowing.hash != loaded.hash
+    empty = load_policy([write(tmp_path, POLICY + '[agent.coder.syscalls]\nallow = []\n', "b.toml")])
+    assert empty.hash == loaded.hash
+
+
+def test_in_the_kernel_only_killing_enforcers_get_side_door_masks(tmp_path):
+    from agentwarden.policy import kernel_sidedoors
+    loaded = load_policy([write(tmp_path, POLICY + '[agent.coder.syscalls]\nallow = ["unshare", "mount"]\n')])
+    assert kernel_sidedoors(loaded) == {"coder": ["mount", "unshare"], "lenient": []}
+
+
 def test_explain_in_monitor_mode(policy_file):
     result = runner.invoke(policy_app, ["explain", "--agent", "fdrunner", "--policy", str(policy_file),
                                         "--exec", "/usr/bin/sh"])
@@ -566,11 +641,16 @@ def test_explain_in_monitor_mode(policy_file):
 
 @pytest.mark.parametrize("args, message", [
     (["--agent", "nobody", "--exec", "/usr/bin/git"], "no policy for agent 'nobody'; the policy has coder, "),
-    (["--agent", "coder"], "give exactly one of --exec PATH [ARG...] or --open PATH [--write]"),
+    (["--agent", "coder"], "give exactly one of --exec PATH [ARG...], --open PATH [--write], "
+                           "--change SYSCALL PATH [PATH] or --syscall NAME"),
     (["--agent", "coder", "--exec", "/usr/bin/git", "--open", "/tmp/x"], "give exactly one of"),
     (["--agent", "coder", "--exec", "git"], "'git' is not absolute"),
     (["--agent", "coder", "--exec", "/usr/bin/git", "--write"], "--write goes with --open"),
-    (["--agent", "coder", "--open", "/tmp/x", "extra"], "arguments go with --exec"),
+    (["--agent", "coder", "--open", "/tmp/x", "extra"], "arguments go with --exec or --change"),
+    (["--agent", "coder", "--change", "rename", "/tmp/x"], "--change rename takes two paths"),
+    (["--agent", "coder", "--change", "remove", "/tmp/x"], "--change 'remove': use one of unlink, "),
+    (["--agent", "coder", "--change", "unlink", "x"], "'x' is not absolute"),
+    (["--agent", "coder", "--syscall", "uring"], "--syscall 'uring': use one of io_uring, "),
 ])
 def test_explain_errors_are_one_line(policy_file, args, message):
     result = runner.invoke(policy_app, ["explain", "--policy", str(policy_file), *args])

@@ -1,9 +1,9 @@
-"""Where a path really leads, for the daemon's symlink check (governor.real_path)."""
+"""Where a path really leads, for the daemon's symlink check (governor.real_paths)."""
 from __future__ import annotations
 
 import os
 
-from agentwarden.daemon.governor import kernel_real_path, real_path
+from agentwarden.daemon.governor import kernel_real_path, real_paths
 
 
 def test_symlinks_are_followed_the_way_the_kernel_follows_them(tmp_path):
@@ -18,16 +18,36 @@ def test_symlinks_are_followed_the_way_the_kernel_follows_them(tmp_path):
     assert kernel_real_path(str(tmp_path / "chain")) == want
     # '..' after a symlinked directory is taken from the target, as the kernel does.
     assert kernel_real_path(str(tmp_path / "work" / "dir" / ".." / "secret" / "key")) == want
-    assert real_path({"kind": "open", "resolved_path": str(tmp_path / "chain")}) == want
-    assert real_path({"kind": "exec", "resolved_filename": str(tmp_path / "chain")}) == want
+    assert real_paths({"kind": "open", "resolved_path": str(tmp_path / "chain")}) == \
+        {"resolved_path": ("real_path", want)}
+    assert real_paths({"kind": "exec", "resolved_filename": str(tmp_path / "chain")}) == \
+        {"resolved_exec_path": ("real_path", want)}
+
+
+def test_a_change_follows_the_last_link_only_where_the_call_does(tmp_path):
+    """chmod follows a symlink it is given; unlink and rename act on the link
+    itself, so only a linked directory above it leads elsewhere."""
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "key").write_text("k")
+    (tmp_path / "work").mkdir()
+    os.symlink(tmp_path / "secret" / "key", tmp_path / "work" / "link")
+    os.symlink(tmp_path / "secret", tmp_path / "work" / "dir")
+    link, key = str(tmp_path / "work" / "link"), str(tmp_path / "secret" / "key")
+    chmod = {"kind": "change", "syscall": "chmod", "at_flags": 0, "resolved_path": link}
+    assert real_paths(chmod) == {"resolved_path": ("real_path", key)}
+    assert real_paths({**chmod, "syscall": "fchmodat2", "at_flags": 0x100}) == {}   # AT_SYMLINK_NOFOLLOW
+    assert real_paths({**chmod, "syscall": "unlink"}) == {}
+    rename = {"kind": "change", "syscall": "rename", "at_flags": 0, "resolved_path": link,
+              "resolved_path2": str(tmp_path / "work" / "dir" / "new")}
+    assert real_paths(rename) == {"resolved_path2": ("real_path2", str(tmp_path / "secret" / "new"))}
 
 
 def test_no_difference_and_nothing_there(tmp_path):
     plain = tmp_path / "plain"
     plain.write_text("")
-    assert real_path({"kind": "open", "resolved_path": str(plain)}) is None  # not a symlink
+    assert real_paths({"kind": "open", "resolved_path": str(plain)}) == {}  # not a symlink
     assert kernel_real_path(str(tmp_path / "missing")) is None
-    assert real_path({"kind": "open", "resolved_path": None}) is None
+    assert real_paths({"kind": "open", "resolved_path": None}) == {}
 
 
 def test_a_dangling_symlink_still_says_where_it_points(tmp_path):

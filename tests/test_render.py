@@ -124,6 +124,34 @@ def test_fd():
         HEAD.format(kind="fd   ") + " close 3 (/home/agent/src) -> EINTR"
 
 
+def change(**changes):
+    return {"kind": "change", **TASK, "syscall": "renameat2", "path": "a", "dirfd": 3, "path2": "b",
+            "dirfd2": -100, "mode": 0, "new_uid": -1, "new_gid": -1, "length": 0, "at_flags": 0, "ret": 0,
+            "error": None, "resolved_path": "/src/a", "resolved_path2": "/home/agent/b", **changes}
+
+
+@pytest.mark.parametrize("fields, shown", [
+    ({}, "renameat2 /src/a -> /home/agent/b -> ok"),
+    ({"resolved_path2": None, "error": "EXDEV", "ret": -18}, "renameat2 /src/a -> b -> EXDEV"),
+    ({"syscall": "symlinkat", "path": "../x"}, "symlinkat /home/agent/b -> ../x -> ok"),
+    ({"syscall": "fchmodat", "path2": "", "resolved_path2": None, "mode": 0o755}, "fchmodat /src/a mode 0o755 -> ok"),
+    ({"syscall": "fchown", "path": "", "path2": "", "resolved_path": None, "new_uid": 0},
+     "fchown fd 3 to 0:-1 -> ok"),
+    ({"syscall": "ftruncate", "path": "", "path2": "", "length": 7}, "ftruncate /src/a to 7 bytes -> ok"),
+    ({"syscall": "unlinkat", "path2": "", "resolved_path2": None}, "unlinkat /src/a -> ok"),
+])
+def test_change(fields, shown):
+    assert render.human(change(**fields)) == HEAD.format(kind="change") + " " + shown
+
+
+def test_sidedoor():
+    door = {"kind": "sidedoor", **TASK, "syscall": "chroot", "door": "chroot", "fd": -100, "arg": 0,
+            "path": "jail", "resolved_path": "/home/agent/jail", "ret": 0, "error": None}
+    assert render.human(door) == HEAD.format(kind="sidedoor") + " chroot /home/agent/jail (side door chroot) -> ok"
+    uring = {**door, "syscall": "io_uring_setup", "door": "io_uring", "path": "", "resolved_path": None}
+    assert render.sidedoor(uring) == "io_uring_setup (side door io_uring)"
+
+
 def test_unknown_agent_shows_its_cgroup_id():
     assert render.human({"kind": "fork", **TASK, "agent": None, "child_pid": 1}) == \
         "22:13:20.123 cgroup:9000  fork  pid 4242    child 1"

@@ -353,3 +353,58 @@ def test_fork_inherits_copied_fds(r):
     annotated(r, fd_(PARENT, "close", 4))
     assert resolved(r, open_(CHILD, "a", dirfd=4, ret=-1)) == "/srv/a"
     assert resolved(r, open_(PARENT, "a", dirfd=4, ret=-1)) is None
+
+
+def change(pid, syscall, path="", path2="", dirfd=AT_FDCWD, dirfd2=AT_FDCWD, **flags):
+    return _task("change", pid, syscall=syscall, path=path, dirfd=dirfd, path2=path2, dirfd2=dirfd2,
+                 path_unreadable=flags.get("unreadable", False), path_truncated=False,
+                 path2_unreadable=flags.get("unreadable2", False), path2_truncated=False)
+
+
+def test_changes_resolve_both_paths_against_their_dirfds():
+    r = Resolver()
+    r.annotate(chdir(PARENT, "/work"))
+    r.annotate(open_(PARENT, "/src", ret=5, flags=O_DIRECTORY))
+    rename = change(PARENT, "renameat2", "a", "../dst/b", dirfd=5)
+    r.annotate(rename)
+    assert (rename["resolved_path"], rename["resolved_path2"]) == ("/src/a", "/dst/b")
+    unlink = change(PARENT, "unlink", "x/../y")
+    r.annotate(unlink)
+    assert (unlink["resolved_path"], unlink["resolved_path2"]) == ("/work/y", None)
+    # an unreadable second path is unresolved, never guessed
+    link = change(PARENT, "linkat", "/etc/passwd", "p", dirfd2=5, unreadable2=True)
+    r.annotate(link)
+    assert (link["resolved_path"], link["resolved_path2"]) == ("/etc/passwd", None)
+
+
+def test_fd_changes_and_fd_links_name_the_fds_file():
+    """ftruncate/fchmod/fchown have no path: their fd's file. /proc/self/fd/N
+    (glibc's fchmodat without fchmodat2) names the process's own fd N."""
+    r = Resolver()
+    r.annotate(chdir(PARENT, "/work"))
+    r.annotate(open_(PARENT, "notes.txt", ret=4, flags=os.O_WRONLY))
+    r.annotate(open_(PARENT, "/etc/shadow", ret=5, flags=os.O_PATH))
+    written = change(PARENT, "fchmod", dirfd=4)
+    r.annotate(written)
+    assert (written["resolved_path"], written["fd_opened_for_writing"]) == ("/work/notes.txt", True)
+    read_only = change(PARENT, "fchown", dirfd=5)
+    r.annotate(read_only)
+    assert (read_only["resolved_path"], read_only["fd_opened_for_writing"]) == ("/etc/shadow", False)
+    for record, expected in [(change(PARENT, "ftruncate", dirfd=4), "/work/notes.txt"),
+                             (change(PARENT, "fchmodat", "/proc/self/fd/5"), "/etc/shadow"),
+                             (change(PARENT, "chmod", f"/proc/{PARENT}/fd/5"), "/etc/shadow"),
+                             (change(PARENT, "chmod", "/proc/1/fd/5"), "/proc/1/fd/5"),  # another's: lexical
+                             (change(PARENT, "fchown", dirfd=9), None)]:               # unknown fd
+        r.annotate(record)
+        assert record["resolved_path"] == expected, record
+
+
+def test_a_symlinks_content_resolves_against_the_links_directory():
+    r = Resolver()
+    r.annotate(chdir(PARENT, "/work"))
+    record = change(PARENT, "symlinkat", "../secret/key", "links/k")
+    r.annotate(record)
+    assert (record["resolved_path"], record["resolved_path2"]) == ("/work/secret/key", "/work/links/k")
+    absolute = change(PARENT, "symlink", "/etc/shadow", "/tmp/s")
+    r.annotate(absolute)
+    assert absolute["resolved_path"] == "/etc/shadow"

@@ -27,6 +27,15 @@ RECORDS = {
               "ret": -2, "error": "ENOENT", "path_unreadable": False, "path_truncated": False},
     "fork": {"kind": "fork", **TASK, "child_pid": 4250},
     "exit": {"kind": "exit", **TASK},
+    "change": {"kind": "change", **TASK, "syscall": "renameat2", "path": "a", "dirfd": 3,
+               "path2": b"/tmp/\xff", "dirfd2": -100, "mode": 0, "new_uid": -1, "new_gid": -1, "length": 0,
+               "at_flags": 1, "ret": 0, "error": None, "path_unreadable": False, "path_truncated": False,
+               "path2_unreadable": False, "path2_truncated": False, "killed_in_kernel": False,
+               "kernel_rule": None},
+    "sidedoor": {"kind": "sidedoor", **TASK, "syscall": "io_uring_setup", "door": "io_uring", "fd": -100,
+                 "arg": 8, "path": "", "ret": -1, "error": "EPERM", "path_unreadable": False,
+                 "path_truncated": False, "killed_in_kernel": True,
+                 "kernel_rule": "syscalls.allow without 'io_uring'"},
     "fd": {"kind": "fd", **TASK, "syscall": "fcntl_dupfd_cloexec", "fd": 3, "arg": 3, "ret": 4,
            "error": None, "cloexec": True},
     "gap": {"kind": "gap", "time": 5, "stage": "kernel", "count": 17, "detail": None},
@@ -304,3 +313,15 @@ def test_from_c(raw, expected):
 def test_text_escapes_non_utf8_bytes():
     assert wire.text("/a") == "/a"
     assert wire.text(b"/tmp/\xff") == "/tmp/\\xff"
+
+
+def test_kernel_rules_carry_the_side_doors_of_killing_agents():
+    raw = wire.encode_kernel_rules("sha256:x", [], {"coder": ["io_uring"], "other": []})
+    assert wire.decode_kernel_rules(raw)["sidedoors"] == {"coder": ["io_uring"], "other": []}
+    for bad in ({"coder": "io_uring"}, {"coder": [1]}, ["coder"]):
+        with pytest.raises(wire.WireError, match="sidedoors"):
+            wire.decode_kernel_rules(wire.pack({"type": "kernel-rules", "policy_hash": None, "rules": [],
+                                                "sidedoors": bad}))
+    rule = {"agent": "a", "path": "/x", "exact": True, "applies": "change", "rule": "r"}
+    with pytest.raises(wire.WireError, match="applies to 'change'"):
+        wire.decode_kernel_rules(wire.encode_kernel_rules(None, [rule], {}))

@@ -57,34 +57,65 @@ def _open_event(agent: str, path: str, write: bool) -> dict:
             "flags": os.O_WRONLY if write else os.O_RDONLY, "ret": 0, "error": None}
 
 
+def _change_event(agent: str, syscall: str, paths: List[str]) -> dict:
+    """A change of paths (two for rename, link and symlink: the old name or
+    the link's content, then the new name)."""
+    if syscall not in policy.CHANGE_SYSCALLS:
+        raise AgentwardenError(f"--change {syscall!r}: use one of {', '.join(policy.CHANGE_SYSCALLS)}")
+    two = syscall.startswith(("rename", "link", "symlink"))
+    if len(paths) != (2 if two else 1):
+        raise AgentwardenError(f"--change {syscall} takes {'two paths' if two else 'one path'}")
+    first, second = paths if two else (paths[0], "")
+    return {"kind": "change", "agent": agent, "syscall": syscall, "path": first, "resolved_path": first,
+            "path2": second, "resolved_path2": second or None, "at_flags": 0, "ret": 0, "error": None}
+
+
 @policy_app.command()
 def explain(agent: str = typer.Option(..., "--agent", help="the agent whose policy decides"),
             exec_path: Optional[str] = typer.Option(None, "--exec", help="absolute path of a program to run"),
             open_path: Optional[str] = typer.Option(None, "--open", help="absolute path of a file to open"),
             write: bool = typer.Option(False, "--write", help="with --open: open for writing"),
+            change: Optional[str] = typer.Option(None, "--change", help="a file change (unlink, rename, chmod, "
+                                                 "link, symlink, mkdir, ...; the *at forms too) of the "
+                                                 "absolute paths given as arguments"),
+            syscall: Optional[str] = typer.Option(None, "--syscall", help="a side door: " + ", ".join(policy.SIDEDOORS)),
             args: Optional[List[str]] = typer.Argument(None, help="with --exec: the program's arguments "
-                                                                   "(put -- before any that start with -)",
+                                                                   "(put -- before any that start with -); "
+                                                                   "with --change: its path, or its two paths",
                                                        show_default=False),
             paths: Optional[List[Path]] = typer.Option(None, "--policy", help=_POLICY_HELP, show_default=False)):
-    """Say which rule decides an exec or an open, and why, without running anything.
+    """Say which rule decides an exec, an open, a file change or a side door, and why, without running anything.
 
-    Example: agentwarden policy explain --agent coder --exec /usr/bin/git -- push --force
+    Examples: agentwarden policy explain --agent coder --exec /usr/bin/git -- push --force;
+    agentwarden policy explain --agent coder --change rename /home/coder/work/a /etc/a;
+    agentwarden policy explain --agent coder --syscall io_uring
     """
-    if (exec_path is None) == (open_path is None):
-        raise AgentwardenError("give exactly one of --exec PATH [ARG...] or --open PATH [--write]")
-    if exec_path is not None and write:
-        raise AgentwardenError("--write goes with --open, not --exec")
-    if open_path is not None and args:
-        raise AgentwardenError("arguments go with --exec, not --open")
-    path = exec_path if exec_path is not None else open_path
-    if not path.startswith("/"):
-        raise AgentwardenError(f"{path!r} is not absolute: rules match absolute paths, e.g. /usr/bin/git")
+    if sum(option is not None for option in (exec_path, open_path, change, syscall)) != 1:
+        raise AgentwardenError("give exactly one of --exec PATH [ARG...], --open PATH [--write], "
+                               "--change SYSCALL PATH [PATH] or --syscall NAME")
+    if write and open_path is None:
+        raise AgentwardenError("--write goes with --open")
+    if args and exec_path is None and change is None:
+        raise AgentwardenError("arguments go with --exec or --change")
+    if syscall is not None and syscall not in policy.SIDEDOORS:
+        raise AgentwardenError(f"--syscall {syscall!r}: use one of {', '.join(policy.SIDEDOORS)}")
+    checked = [exec_path] if exec_path is not None else [open_path] if open_path is not None else \
+        list(args or []) if change is not None else []
+    for path in checked:
+        if not path.startswith("/"):
+            raise AgentwardenError(f"{path!r} is not absolute: rules match absolute paths, e.g. /usr/bin/git")
     loaded = _load(paths)
     if agent not in loaded.agents:
         raise AgentwardenError(f"no policy for agent {agent!r}; the policy has "
                                f"{', '.join(sorted(loaded.agents))}")
-    event = (_exec_event(agent, normalise(path), args or []) if exec_path is not None
-             else _open_event(agent, normalise(path), write))
+    if exec_path is not None:
+        event = _exec_event(agent, normalise(exec_path), args or [])
+    elif open_path is not None:
+        event = _open_event(agent, normalise(open_path), write)
+    elif change is not None:
+        event = _change_event(agent, change, [normalise(p) for p in args or []])
+    else:
+        event = {"kind": "sidedoor", "agent": agent, "syscall": syscall, "door": syscall, "ret": 0, "error": None}
     verdict = policy.decide(event, loaded)
     typer.echo(f"verdict: {verdict.decision}" + (f" (on-violation {verdict.action})" if verdict.action else ""))
     typer.echo(f"rule:    {verdict.rule or 'none matched'}")

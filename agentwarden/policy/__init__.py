@@ -20,10 +20,13 @@ across all files. Example::
     hold  = ["/usr/bin/git * push *"]   # executable glob, then an argv pattern
     deny  = ["/usr/bin/curl", "/usr/bin/wget"]
 
-    [agent.coder.files]       # opens; write-allow also allows reading
+    [agent.coder.files]       # opens and file changes; write-allow also allows reading
     read-allow  = ["/usr/**", "/etc/ld.so.cache", "/home/coder/**"]
     write-allow = ["/home/coder/work/**", "/tmp/*"]
     deny        = ["/home/coder/.ssh/**"]
+
+    [agent.coder.syscalls]    # side doors the agent may use (default: none)
+    allow = ["unshare"]       # io_uring, open_by_handle, unshare, setns, mount, chroot, pivot_root
 
 ``mode`` and ``on-violation`` are required; an agent needs at least one rule.
 
@@ -53,6 +56,17 @@ How `decide` works:
   ``resolved_filename``, the path asked for, used instead; the reason says so.
 - An open is a write when its flags ask for write access or O_CREAT, O_TRUNC or
   O_APPEND; otherwise it is a read.
+- A file change (unlink, rmdir, rename, truncate, chmod, chown, link,
+  symlink, mkdir and their *at and f* forms) is a write of every path it
+  changes: both names of a rename or link, the link (not its target) of a
+  symlink, the fd's path for ftruncate, fchmod and fchown. Each must be
+  allowed by files.write-allow and not denied; the most severe verdict stands.
+  An fd call through a descriptor the agent opened for writing is allowed: its
+  open was judged as a write of the same path (in a session, by the
+  supervisor, perhaps with an admin's approval).
+- A side door (io_uring_setup; open_by_handle_at; unshare and clone with new
+  namespaces; setns; mount and the new mount API; chroot; pivot_root) is a
+  violation unless [agent.NAME.syscalls] allow names it.
 - Failed calls (ret < 0) are decided like successful ones: an attempt is an
   attempt.
 - A path the daemon could not resolve (None) matches no rule, so it is always a
@@ -74,14 +88,15 @@ every verdict carries.
 """
 from __future__ import annotations
 
-from .decide import EXEC_PRECEDENCE, FILE_PRECEDENCE, decide, is_write
+from .decide import CHANGE_SYSCALLS, EXEC_PRECEDENCE, FILE_PRECEDENCE, changed_paths, decide, is_write
 # The glob token kinds: what Rule.path_parts and Rule.argv_parts are made of.
 from .glob import ANY, CHAR, CLASS, ONE, GlobError
-from .kernel_rules import KernelRule, kernel_deny_rules
+from .kernel_rules import KernelRule, kernel_deny_rules, kernel_sidedoors
 from .load import load_policy
-from .model import (ACTIONS, DEFAULT_HOLD_TIMEOUT, MODES, RULE_LISTS, AgentPolicy, PolicyError, PolicySet,
-                    Problem, Rule, RuleList, Verdict)
+from .model import (ACTIONS, DEFAULT_HOLD_TIMEOUT, MODES, RULE_LISTS, SIDEDOORS, AgentPolicy, PolicyError,
+                    PolicySet, Problem, Rule, RuleList, Verdict)
 
-__all__ = ["ACTIONS", "ANY", "CHAR", "CLASS", "DEFAULT_HOLD_TIMEOUT", "EXEC_PRECEDENCE", "FILE_PRECEDENCE",
-           "MODES", "ONE", "RULE_LISTS", "AgentPolicy", "GlobError", "KernelRule", "PolicyError", "PolicySet",
-           "Problem", "Rule", "RuleList", "Verdict", "decide", "is_write", "kernel_deny_rules", "load_policy"]
+__all__ = ["ACTIONS", "ANY", "CHANGE_SYSCALLS", "CHAR", "CLASS", "DEFAULT_HOLD_TIMEOUT", "EXEC_PRECEDENCE",
+           "FILE_PRECEDENCE", "MODES", "ONE", "RULE_LISTS", "SIDEDOORS", "AgentPolicy", "GlobError", "KernelRule",
+           "PolicyError", "PolicySet", "Problem", "Rule", "RuleList", "Verdict", "changed_paths", "decide",
+           "is_write", "kernel_deny_rules", "kernel_sidedoors", "load_policy"]

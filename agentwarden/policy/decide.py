@@ -1,10 +1,10 @@
-"""The decision: a pure function from an exec or open record and the policy
-to a verdict (how it decides is in the package docstring)."""
+"""The decision: a pure function from an exec, open, change or side door
+record and the policy to a verdict (how it decides is in the package docstring)."""
 from __future__ import annotations
 
 import os
 
-from ..wire import text
+from ..wire import SEVERITY, text
 from .glob import exec_subject, indirect_route, path_key
 from .model import AgentPolicy, PolicySet, Rule, Verdict
 
@@ -14,6 +14,27 @@ FILE_PRECEDENCE = {
     "read": (("files.deny", "deny"), ("files.read-allow", "allow"), ("files.write-allow", "allow")),
     "write": (("files.deny", "deny"), ("files.write-allow", "allow")),
 }
+
+
+# The calls of `change` records; those with a second path, and those whose
+# first path is not a file they change (a symlink's content, its target).
+CHANGE_SYSCALLS = ("unlink", "unlinkat", "rmdir", "rename", "renameat", "renameat2", "truncate", "ftruncate",
+                   "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "lchown", "fchown", "fchownat",
+                   "link", "linkat", "symlink", "symlinkat", "mkdir", "mkdirat")
+TWO_PATHS = ("rename", "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat")
+LINK_CONTENT = ("symlink", "symlinkat")
+FD_CHANGES = ("ftruncate", "fchmod", "fchown")
+
+
+def changed_paths(event: dict) -> list[tuple[str, str]]:
+    """The paths a change record modifies: (the record's key of the resolved
+    path, how a verdict names it). For an fd call (ftruncate, fchmod, fchown)
+    resolved_path is the fd's path."""
+    syscall = event["syscall"]
+    if syscall in TWO_PATHS:
+        paths = [("resolved_path2", "to")]
+        return paths if syscall in LINK_CONTENT else [("resolved_path", "from"), *paths]
+    return [("resolved_path", "of")]
 
 
 def is_write(flags: int) -> bool:
@@ -54,15 +75,35 @@ def _decide(agent: AgentPolicy, policy_hash: str, what: str, target: tuple[str, 
                                       f"is a violation (on-violation {agent.on_violation})")
 
 
+def _path_target(event: dict, key: str, shown_key: str) -> tuple[str, tuple[str, str] | None]:
+    """How a path of an event is shown, and its target (None: unresolved)."""
+    resolved = event.get(key)
+    path = os.fsdecode(resolved) if resolved is not None else None
+    shown = path if path is not None else repr(text(event.get(shown_key, "")))
+    return shown, ((path, path_key(path)) if path is not None else None)
+
+
+def _sidedoor(agent: AgentPolicy, policy_hash: str, event: dict, notes: list[str]) -> Verdict:
+    door, syscall = event["door"], event["syscall"]
+    reason = "; ".join([f"{syscall} is the side door {door!r}", *notes])
+    source = agent.syscalls.get(door)
+    if source:
+        return Verdict("allow", None, f'syscalls.allow "{door}" at {source}', f"{reason}, which syscalls.allow "
+                       "names", policy_hash, agent.mode)
+    return Verdict("violation", agent.on_violation, None,
+                   f"{reason}, which [agent.{agent.name}.syscalls] allow does not name, and whatever is not "
+                   f"allowed is a violation (on-violation {agent.on_violation})", policy_hash, agent.mode)
+
+
 def decide(event: dict, policy: PolicySet) -> Verdict:
-    """The verdict on one exec or open record as the daemon enriched it
-    (``agent``; ``resolved_exec_path`` and ``resolved_filename``, or
-    ``resolved_path``). Pure: no I/O, no state. Failed calls (ret < 0) are
-    decided like successful ones -- an attempt is an attempt. The rules are in
-    the package docstring."""
+    """The verdict on one exec, open, change or side door record as the daemon
+    enriched it (``agent``; ``resolved_exec_path`` and ``resolved_filename``,
+    or ``resolved_path`` and for a change ``resolved_path2``). Pure: no I/O,
+    no state. Failed calls (ret < 0) are decided like successful ones -- an
+    attempt is an attempt. The rules are in the package docstring."""
     kind = event["kind"]
-    if kind not in ("exec", "open"):
-        raise ValueError(f"decide() takes exec and open records, not {kind!r}")
+    if kind not in ("exec", "open", "change", "sidedoor"):
+        raise ValueError(f"decide() takes exec, open, change and side door records, not {kind!r}")
     agent = policy.agents.get(event.get("agent"))
     if agent is None:
         return Verdict("violation", "alert", None, f"no policy for agent {event.get('agent')!r}: recorded only",
@@ -86,9 +127,22 @@ def decide(event: dict, policy: PolicySet) -> Verdict:
         what = "exec of " + " ".join([shown, *args])
         target = (path, exec_subject(path, args, bool(route), truncated)) if path is not None else None
         return _decide(agent, policy.hash, what, target, EXEC_PRECEDENCE, notes)
+    if kind == "sidedoor":
+        return _sidedoor(agent, policy.hash, event, notes)
+    if kind == "change":
+        if event["syscall"] in FD_CHANGES and event.get("fd_opened_for_writing"):
+            shown, _ = _path_target(event, "resolved_path", "path")
+            return Verdict("allow", None, None, "; ".join([
+                f"{event['syscall']} through a descriptor opened for writing: its open was judged as a "
+                f"write of {shown}", *notes]), policy.hash, agent.mode)
+        # A write of every path it changes; the most severe verdict stands
+        # (the first of equals: the order of the call's arguments).
+        verdicts = []
+        for key, how in changed_paths(event):
+            shown, target = _path_target(event, key, "path2" if key == "resolved_path2" else "path")
+            verdicts.append(_decide(agent, policy.hash, f"{event['syscall']} {how} {shown}", target,
+                                    FILE_PRECEDENCE["write"], notes))
+        return max(verdicts, key=lambda v: SEVERITY[v.decision])
     access = "write" if is_write(event["flags"]) else "read"
-    resolved = event.get("resolved_path")
-    path = os.fsdecode(resolved) if resolved is not None else None
-    shown = path if path is not None else repr(text(event.get("path", "")))
-    target = (path, path_key(path)) if path is not None else None
+    shown, target = _path_target(event, "resolved_path", "path")
     return _decide(agent, policy.hash, f"{access} of {shown}", target, FILE_PRECEDENCE[access], notes)

@@ -51,3 +51,11 @@ def kernel_deny_rules(policy: PolicySet) -> list[KernelRule]:
                     if len(os.fsencode(path)) <= KERNEL_PATH_MAX:
                         found.append(KernelRule(agent.name, path, exact, applies, str(rule)))
     return found
+
+
+def kernel_sidedoors(policy: PolicySet) -> dict[str, list[str]]:
+    """Agent -> the side doors its policy allows, for the agents the kernel
+    kills at any other (enforcing, violations kill); the rest are only
+    recorded and left to the daemon."""
+    return {agent.name: sorted(agent.syscalls) for agent in policy.agents.values()
+            if agent.mode == "enforce" and agent.on_violation in KERNEL_KILL_ACTIONS}

@@ -13,8 +13,8 @@ from typing import Any, Iterable
 from ..cgroups import validate_agent_name
 from ..errors import AgentwardenError
 from .glob import GlobError, compile_rule
-from .model import (ACTIONS, AGENT_KEYS, DEFAULT_HOLD_TIMEOUT, MODES, RULE_LISTS, AgentPolicy, PolicyError, Rule,
-                    PolicySet, Problem, RuleList, quoted)
+from .model import (ACTIONS, AGENT_KEYS, DEFAULT_HOLD_TIMEOUT, MODES, RULE_LISTS, SIDEDOORS, AgentPolicy,
+                    PolicyError, Rule, PolicySet, Problem, RuleList, quoted)
 
 
 # ---- where things are in a file -------------------------------------------------
@@ -172,12 +172,36 @@ class _FileLoader:
                 rules[kind] = RuleList(self._rules(at + (section, list_name), kind,
                                                    section_table.get(list_name, [])))
                 canonical[kind] = sorted({rule.pattern for rule in rules[kind].rules})
+        syscalls = self._syscalls(table, at)
+        if syscalls:   # only when given: the hash of a policy without the section stays as it was
+            canonical["syscalls.allow"] = sorted(syscalls)
         if not any(rule_list.rules for rule_list in rules.values()):
             self.problem(at, f"agent {name!r} has no rules, so everything it did would be a violation; "
                              f"add rules under [{_table_name(at + ('exec',))}] or [{_table_name(at + ('files',))}]")
         source = f"{self.file}:{self.where.line(at)}"
         return AgentPolicy(name, mode, on_violation, hold_timeout, source, rules,
-                           hold_approvers), canonical
+                           hold_approvers, syscalls), canonical
+
+    def _syscalls(self, table: dict, at: tuple[str, ...]) -> dict[str, str]:
+        """[agent.NAME.syscalls] allow = [side door names]: name -> "file:line"."""
+        at = at + ("syscalls",)
+        section = table.get("syscalls", {})
+        if not isinstance(section, dict):
+            self.problem(at, f"syscalls must be a table ([{_table_name(at)}])")
+            return {}
+        self._unknown_keys(section, at, ("allow",))
+        names = section.get("allow", [])
+        if not isinstance(names, list):
+            self.problem(at + ("allow",), f"syscalls.allow must be a list of strings, not {quoted(names)}")
+            return {}
+        allowed = {}
+        for name, line in zip(names, self.where.element_lines(at + ("allow",), names)):
+            if name in SIDEDOORS:
+                allowed.setdefault(name, f"{self.file}:{line}")
+            else:
+                self.problems.append(Problem(self.file, line, f"syscalls.allow holds {quoted(name)}, which is "
+                                                              f"no side door; known: {', '.join(SIDEDOORS)}"))
+        return allowed
 
     def _unknown_keys(self, table: dict, at: tuple[str, ...], known: tuple[str, ...]) -> None:
         for key in table:

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import AgentwardenError
+from ..headers import header_constants
 
 MODES = ("monitor", "enforce")
 ACTIONS = ("alert", "kill", "kill-agent", "freeze", "hold")
 DEFAULT_HOLD_TIMEOUT = 300.0
 # section -> rule lists. The one definition of what rules exist.
 RULE_LISTS = {"exec": ("allow", "hold", "deny"), "files": ("read-allow", "write-allow", "deny")}
-AGENT_KEYS = ("mode", "on-violation", "hold-timeout", "hold-approvers", *RULE_LISTS)
+# Side doors, as [agent.NAME.syscalls] allow names them: calls that reach
+# files without the open syscalls, or change what paths mean. The names are
+# the BPF header's AW_SIDEDOOR_* (one bit each), lower case.
+SIDEDOORS = tuple(name[len("AW_SIDEDOOR_"):].lower() for name in header_constants()
+                  if name.startswith("AW_SIDEDOOR_"))
+AGENT_KEYS = ("mode", "on-violation", "hold-timeout", "hold-approvers", *RULE_LISTS, "syscalls")
 
 
 def quoted(value: Any) -> str:
@@ -106,6 +112,7 @@ class AgentPolicy:
     source: str                    # "file:line" of the agent's table
     rules: dict[str, RuleList]     # "exec.allow" -> its rules, for every kind
     hold_approvers: int = 1        # distinct admins who must approve a hold
+    syscalls: dict[str, str] = field(default_factory=dict)   # side door allowed -> "file:line"
 
 
 @dataclass(frozen=True)
