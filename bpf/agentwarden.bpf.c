@@ -118,7 +118,7 @@ static __always_inline u32 deny_and_kill(u32 agent, const char *path, u32 action
         return 0;
     if (n == sizeof(key->path))
         n--;  /* cut: the NUL is ours, so no exact rule may match */
-    key->agent = agent;
+    key->agent = agent & ~AW_AGENT_SESSION_BIT;   /* the rules are the agent's, in sessions too */
     key->prefixlen = 32 + 8 * n;
     struct aw_deny_value *rule = deny_paths.lookup(key);
     if (!rule || !(rule->applies & action))

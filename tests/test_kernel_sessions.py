@@ -32,12 +32,13 @@ def _name(prefix: str) -> str:
 
 
 def _policy(agent: str, *, on_violation="kill", exec_allow=(), exec_hold=(), write_allow=(),
-            extra="") -> str:
+            deny_files=(), extra="") -> str:
     def lst(items):
         return "[" + ", ".join(f'"{i}"' for i in items) + "]"
     return (f'[agent.{agent}]\nmode = "enforce"\non-violation = "{on_violation}"\n{extra}'
             f"[agent.{agent}.exec]\nallow = {lst(exec_allow)}\nhold = {lst(exec_hold)}\n"
-            f"[agent.{agent}.files]\nread-allow = [\"/**\"]\nwrite-allow = {lst(write_allow)}\n")
+            f"[agent.{agent}.files]\nread-allow = [\"/**\"]\nwrite-allow = {lst(write_allow)}\n"
+            + (f"deny = {lst(deny_files)}\n" if deny_files else ""))
 
 
 SHELL = ["/usr/bin/sh", "/usr/bin/dash", "/bin/sh", "/bin/dash"]
@@ -609,3 +610,19 @@ def test_killing_the_daemon_fails_held_and_later_calls_closed(own_warden, agent_
     assert "held=126" in out and "later=126" in out and "write=2" in out, (out, err)
     assert "Function not implemented" in err
     assert not (tmp_path / "write").exists()
+
+
+def test_in_kernel_deny_rules_apply_inside_sessions(warden, session_agent, tmp_path):
+    """A session's cgroup carries the session bit in the BPF map; the deny trie's
+    keys are the agent's number alone. The rule must still match: the read of a
+    denied file is killed in the kernel, before the reader sees a byte."""
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-in-session")
+    agent, _ = session_agent(dict(exec_allow=SHELL + ["/usr/bin/cat"], deny_files=[str(secret)]))
+    proc = start_run(warden, agent, ["/usr/bin/cat", str(secret)])
+    out, err = proc.communicate(timeout=30)
+    assert "s3cret" not in out, (out, err)
+    warden.settle()
+    [opened] = [r for r in warden.records() if r["kind"] == "open" and r.get("agent") == agent
+                and r.get("path") == str(secret)]
+    assert opened["killed_in_kernel"], opened
