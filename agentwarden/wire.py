@@ -64,6 +64,16 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     "fd": {**_TASK, "syscall": Str, "fd": Int, "arg": Int, "ret": Int, "error": OptStr,
            "cloexec": Bool},
     "exit": dict(_TASK),
+    # An agent's process moved to another cgroup (cgroup_attach_task): the task
+    # fields are the mover's (the moved process itself, usually), agent_cgroup_id
+    # the moved process's agent cgroup. `left`: the destination is not its agent's
+    # (an untagged cgroup, another agent's) -- a violation, and the process stays
+    # its agent's wherever it goes. `dst_agent_cgroup_id`: the tagged cgroup that
+    # holds the destination, else 0; `kill_pending`: moved by another task where
+    # the policy kills, it dies at its next watched call.
+    "move": {**_TASK, "moved_pid": Int, "dst_cgroup_id": Int, "dst_agent_cgroup_id": Int,
+             "dst_path": PathLike, "dst_path_truncated": Bool, "left": Bool,
+             "killed_in_kernel": Bool, "kernel_rule": OptStr, "kill_pending": Bool},
     # Records lost somewhere: `stage` says where, `count` how many.
     "gap": {"time": Int, "stage": Str, "count": Int, "detail": OptStr},
     # Periodic counters of one stage ("probe", "daemon").
@@ -109,8 +119,10 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
 
 # Records of what a task did, as the probe sends them; the daemon resolves
 # their paths and decides the ones in DECIDED_KINDS.
-EVENT_KINDS = ("exec", "open", "chdir", "fork", "exit", "fd")
-DECIDED_KINDS = ("exec", "open")
+EVENT_KINDS = ("exec", "open", "chdir", "fork", "exit", "fd", "move")
+DECIDED_KINDS = ("exec", "open", "move")
+# What an in-kernel deny rule applies to.
+KERNEL_RULE_KINDS = ("exec", "open")
 
 # A policy's decisions, least severe first; where two verdicts apply, the more
 # severe one stands.
@@ -249,11 +261,13 @@ def decode_admin_request(raw: bytes) -> dict[str, Any]:
     return decode_control(raw)
 
 
-def encode_kernel_rules(policy_hash: str | None, rules: list[dict[str, Any]]) -> bytes:
+def encode_kernel_rules(policy_hash: str | None, rules: list[dict[str, Any]],
+                        kill_on_leave: list[str] = ()) -> bytes:
     """The daemon's in-kernel deny rules; each rule a map of agent, path,
-    exact, applies ("exec" or "open") and rule (its text)."""
+    exact, applies ("exec" or "open") and rule (its text). kill_on_leave: the
+    agents whose processes the kernel kills when they leave their cgroups."""
     return pack({"v": SCHEMA_VERSION, "type": "kernel-rules", "policy_hash": policy_hash,
-                 "rules": rules})
+                 "rules": rules, "kill_on_leave": list(kill_on_leave)})
 
 
 _KERNEL_RULE_FIELDS = {"agent": Str, "path": Str, "exact": Bool, "applies": Str, "rule": Str}
@@ -276,6 +290,9 @@ def decode_kernel_rules(raw: bytes) -> dict[str, Any]:
         if not isinstance(rule, dict) or any(not isinstance(rule.get(k), t)
                                              for k, t in _KERNEL_RULE_FIELDS.items()):
             raise WireError(f"kernel rules: malformed rule {rule!r}")
-        if rule["applies"] not in DECIDED_KINDS:
+        if rule["applies"] not in KERNEL_RULE_KINDS:
             raise WireError(f"kernel rules: a rule applies to {rule['applies']!r}")
+    leave = msg.setdefault("kill_on_leave", [])
+    if not isinstance(leave, list) or not all(isinstance(a, str) for a in leave):
+        raise WireError("kernel rules: kill_on_leave is not a list of agent names")
     return msg

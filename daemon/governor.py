@@ -80,6 +80,9 @@ class Governor:
     def kernel_rules(self) -> list[policy_mod.KernelRule]:
         return policy_mod.kernel_deny_rules(self.policy) if self.policy else []
 
+    def kernel_kill_agents(self) -> list[str]:
+        return policy_mod.kernel_kill_agents(self.policy) if self.policy else []
+
     def _decide(self, record: dict) -> policy_mod.Verdict:
         verdict = policy_mod.decide(record, self.policy)
         real = real_path(record)
@@ -111,7 +114,7 @@ class Governor:
         taken = self._act(record, verdict, wanted)
         return {
             "kind": "violation", "time": time.time_ns(), "agent": record["agent"],
-            "pid": record["pid"], "comm": record["comm"], "event": record["kind"],
+            "pid": record.get("moved_pid", record["pid"]), "comm": record["comm"], "event": record["kind"],
             "event_seq": record.get("seq"), "attempted": attempted(record),
             "decision": verdict.decision, "rule": record.get("kernel_rule") or verdict.rule,
             "reason": verdict.reason, "policy_hash": verdict.policy_hash, "mode": verdict.mode,
@@ -121,6 +124,8 @@ class Governor:
     def supervised(self, record: dict) -> bool:
         """Execs and writing opens of `agentwarden run` sessions go through seccomp."""
         if not self.in_session(record["agent_cgroup_id"]) or record.get("killed_in_kernel"):
+            return False
+        if record["kind"] == "move":
             return False
         return record["kind"] == "exec" or policy_mod.is_write(record["flags"])
 
@@ -136,7 +141,8 @@ class Governor:
         if wanted == "alert":
             return "none (alert)"
         if wanted == "kill":
-            return enforce.kill_process(record["pid"])
+            # A move's violator is the process moved (the mover itself, usually).
+            return enforce.kill_process(record.get("moved_pid", record["pid"]))
         cgroup = self.agent_cgroup(record["agent_cgroup_id"])
         if cgroup is None:
             return f"none: the cgroup of agent {record['agent']!r} is unknown"
@@ -148,6 +154,8 @@ class Governor:
 
 
 def attempted(record: dict) -> str:
+    if record["kind"] == "move":
+        return f"move of pid {record['moved_pid']} to cgroup {text(record['dst_path'])}"
     if record["kind"] == "exec":
         return "exec " + " ".join(text(a) for a in record["argv"]) + \
             f" ({text(record.get('resolved_exec_path') or record.get('resolved_filename') or record['filename'])})"

@@ -65,6 +65,9 @@ How `decide` works:
 - When the kernel cut argv short, argv patterns cannot be checked: deny and hold
   rules with an argv pattern match on their executable alone, allow rules with
   one do not match.
+- A move of an agent's process out of the agent's cgroups (``move`` records with
+  ``left``) is a violation, whatever the rules: once an agent, always an agent.
+  A move within them is allowed.
 - An event of an agent without a policy is a violation in monitor mode with
   the action alert: it is recorded, never acted on.
 
@@ -77,11 +80,12 @@ from __future__ import annotations
 from .decide import EXEC_PRECEDENCE, FILE_PRECEDENCE, decide, is_write
 # The glob token kinds: what Rule.path_parts and Rule.argv_parts are made of.
 from .glob import ANY, CHAR, CLASS, ONE, GlobError
-from .kernel_rules import KernelRule, kernel_deny_rules
+from .kernel_rules import KernelRule, kernel_deny_rules, kernel_kill_agents
 from .load import load_policy
 from .model import (ACTIONS, DEFAULT_HOLD_TIMEOUT, MODES, RULE_LISTS, AgentPolicy, PolicyError, PolicySet,
                     Problem, Rule, RuleList, Verdict)
 
 __all__ = ["ACTIONS", "ANY", "CHAR", "CLASS", "DEFAULT_HOLD_TIMEOUT", "EXEC_PRECEDENCE", "FILE_PRECEDENCE",
            "MODES", "ONE", "RULE_LISTS", "AgentPolicy", "GlobError", "KernelRule", "PolicyError", "PolicySet",
-           "Problem", "Rule", "RuleList", "Verdict", "decide", "is_write", "kernel_deny_rules", "load_policy"]
+           "Problem", "Rule", "RuleList", "Verdict", "decide", "is_write", "kernel_deny_rules",
+           "kernel_kill_agents", "load_policy"]

@@ -61,12 +61,14 @@ def decide(event: dict, policy: PolicySet) -> Verdict:
     decided like successful ones -- an attempt is an attempt. The rules are in
     the package docstring."""
     kind = event["kind"]
-    if kind not in ("exec", "open"):
-        raise ValueError(f"decide() takes exec and open records, not {kind!r}")
+    if kind not in ("exec", "open", "move"):
+        raise ValueError(f"decide() takes exec, open and move records, not {kind!r}")
     agent = policy.agents.get(event.get("agent"))
     if agent is None:
         return Verdict("violation", "alert", None, f"no policy for agent {event.get('agent')!r}: recorded only",
                        policy.hash, "monitor")
+    if kind == "move":
+        return _decide_move(agent, policy.hash, event)
     notes = []
     if event.get("ret", 0) < 0:
         notes.append(f"the call failed ({event.get('error')}), but an attempt is decided like a success")
@@ -92,3 +94,14 @@ def decide(event: dict, policy: PolicySet) -> Verdict:
     shown = path if path is not None else repr(text(event.get("path", "")))
     target = (path, path_key(path)) if path is not None else None
     return _decide(agent, policy.hash, f"{access} of {shown}", target, FILE_PRECEDENCE[access], notes)
+
+
+def _decide_move(agent: AgentPolicy, policy_hash: str, event: dict) -> Verdict:
+    """Leaving the agent's cgroups is a violation whatever the rules say."""
+    where = f"cgroup {text(event['dst_path'])}"
+    if not event["left"]:
+        return Verdict("allow", None, None, f"move to {where}, one of the agent's cgroups",
+                       policy_hash, agent.mode)
+    return Verdict("violation", agent.on_violation, None,
+                   f"move to {where}, out of the agent's cgroups: once an agent, always an agent "
+                   f"(on-violation {agent.on_violation})", policy_hash, agent.mode)
