@@ -131,9 +131,10 @@ class TagMirror:
         relative = path.relative_to(self.root).as_posix()
         data = os.fsencode("/" + relative if relative != "." else "") + b"/"
         key = trie.Key()
-        if len(data) > len(key.path):
+        room = type(key).path.size
+        if len(data) > room:
             log.error("moves into %s count as leaving its agent: its path is longer than %d bytes",
-                      path, len(key.path) - 1)
+                      path, room - 1)
             return
         key.prefixlen = 8 * len(data)
         key.path = data
