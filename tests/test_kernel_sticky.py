@@ -72,12 +72,8 @@ def test_a_process_that_leaves_its_agent_stays_watched_under_it(warden, agent_cg
     warden.settle()
     records = warden.records()
     mine = events_of(records, cg.id)
-    [move] = [r for r in mine if r["kind"] == "move"]
-    assert move["moved_pid"] == pid and move["pid"] == pid and move["left"]
-    assert move["dst_cgroup_id"] == escape.id and move["dst_agent_cgroup_id"] == 0
-    assert move["dst_path"].endswith(escape.path.name) and move["agent"] == agent
-    assert move["cgroup_id"] == escape.id and not move["killed_in_kernel"]
     # What it ran afterwards: recorded under the original agent, in its real cgroup.
+    assert [r for r in records if r.get("cgroup_id") == escape.id], "no record names what it did"
     [shell] = [r for r in mine if r["kind"] == "exec" and r["pid"] == pid and r["argv"][0] == "/bin/sh"]
     assert shell["cgroup_id"] == escape.id
     [cat] = [r for r in mine if r["kind"] == "exec" and r["argv"][:1] == ["/usr/bin/cat"]]
@@ -85,6 +81,11 @@ def test_a_process_that_leaves_its_agent_stays_watched_under_it(warden, agent_cg
     assert any(r["kind"] == "open" and r.get("resolved_path") == str(secret) and r["pid"] == cat["pid"]
                for r in mine)
     assert any(r["kind"] == "exec" and r["argv"] == ["/usr/bin/true", "escaped"] for r in mine)
+    [move] = [r for r in mine if r["kind"] == "move"]
+    assert move["moved_pid"] == pid and move["pid"] == pid and move["left"]
+    assert move["dst_cgroup_id"] == escape.id and move["dst_agent_cgroup_id"] == 0
+    assert move["dst_path"].endswith(escape.path.name) and move["agent"] == agent
+    assert move["cgroup_id"] == escape.id and not move["killed_in_kernel"]
     # The move is a violation; alert only records it.
     [violation] = _violations(warden, agent)
     assert violation["event"] == "move" and violation["pid"] == pid
