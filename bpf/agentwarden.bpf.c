@@ -97,10 +97,7 @@ static __always_inline void count(u32 slot)
         (*c)++;
 }
 
-/* The tagged cgroup the current task belongs to (itself or the deepest
- * tagged ancestor), or 0. Untagged tasks leave after one array lookup when
- * nothing is tagged, else after one helper call and one hash lookup per
- * depth that holds a tag. */
+/* left_count += delta (agent tasks that went out of their cgroups, or came back or ended). */
 static __always_inline void left_add(s64 delta)
 {
     u32 zero = 0;
