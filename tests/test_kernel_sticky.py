@@ -4,7 +4,7 @@ the move is a violation -- killed in the kernel where the policy kills."""
 from __future__ import annotations
 
 import os
-import subprocess
+import signal
 import sys
 import uuid
 
@@ -122,7 +122,12 @@ def test_a_child_moved_out_by_its_parent_dies_at_its_next_watched_call(warden, a
     cg = agent_cgroup(agent)
     escape = agent_cgroup("escape", tag=False)
     warden.set_policy(agent, _policy(agent, "enforce", "kill"))
-    result = cg.run([sys.executable, "-S", "-c", MOVE_CHILD, str(escape.path)], check=True)
+    daemon = warden.status()["daemon"]["pid"]
+    os.kill(daemon, signal.SIGSTOP)   # the daemon's own kill would race the kernel's
+    try:
+        result = cg.run([sys.executable, "-S", "-c", MOVE_CHILD, str(escape.path)], check=True)
+    finally:
+        os.kill(daemon, signal.SIGCONT)
     child, status = (int(v) for v in result.stdout.split())
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9
     warden.settle()
