@@ -144,6 +144,9 @@ def human(record: dict[str, Any]) -> str:
         return f"{head} {change(record)} {_result(record)}"
     if kind == "sidedoor":
         return f"{head} {sidedoor(record)} {_result(record)}"
+    if kind == "move":
+        where = "OUT of the agent's cgroups" if record["left"] else "within the agent"
+        return f"{head} moved pid {record['moved_pid']} to {text(record['dst_path'])} ({where})"
     if kind == "fd":
         named = record.get("resolved_path")
         makes_one = record["syscall"] not in ("close", "close_range", "fcntl_setfd")

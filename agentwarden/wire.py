@@ -87,6 +87,16 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
                  "ret": Int, "error": OptStr, "path_unreadable": Bool, "path_truncated": Bool,
                  "killed_in_kernel": Bool, "kernel_rule": OptStr},
     "exit": dict(_TASK),
+    # An agent's process moved to another cgroup (cgroup_attach_task): the task
+    # fields are the mover's (the moved process itself, usually), agent_cgroup_id
+    # the moved process's agent cgroup. `left`: the destination is not its agent's
+    # (an untagged cgroup, another agent's) -- a violation, and the process stays
+    # its agent's wherever it goes. `dst_agent_cgroup_id`: the tagged cgroup that
+    # holds the destination, else 0; `kill_pending`: moved by another task where
+    # the policy kills, it dies at its next watched call.
+    "move": {**_TASK, "moved_pid": Int, "dst_cgroup_id": Int, "dst_agent_cgroup_id": Int,
+             "dst_path": PathLike, "dst_path_truncated": Bool, "left": Bool,
+             "killed_in_kernel": Bool, "kernel_rule": OptStr, "kill_pending": Bool},
     # Records lost somewhere: `stage` says where, `count` how many.
     "gap": {"time": Int, "stage": Str, "count": Int, "detail": OptStr},
     # Periodic counters of one stage ("probe", "daemon").
@@ -146,8 +156,8 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
 
 # Records of what a task did, as the probe sends them; the daemon resolves
 # their paths and decides the ones in DECIDED_KINDS.
-EVENT_KINDS = ("exec", "open", "chdir", "fork", "exit", "fd", "change", "sidedoor")
-DECIDED_KINDS = ("exec", "open", "change", "sidedoor")
+EVENT_KINDS = ("exec", "open", "chdir", "fork", "exit", "fd", "change", "sidedoor", "move")
+DECIDED_KINDS = ("exec", "open", "change", "sidedoor", "move")
 # What an in-kernel deny rule applies to: "open" covers the paths of changes too.
 KERNEL_RULE_APPLIES = ("exec", "open")
 
@@ -289,13 +299,14 @@ def decode_admin_request(raw: bytes) -> dict[str, Any]:
 
 
 def encode_kernel_rules(policy_hash: str | None, rules: list[dict[str, Any]],
-                        sidedoors: dict[str, list[str]]) -> bytes:
+                        sidedoors: dict[str, list[str]], kill_on_leave: list[str] = ()) -> bytes:
     """The daemon's in-kernel deny rules; each rule a map of agent, path,
     exact, applies ("exec" or "open") and rule (its text). sidedoors: agent ->
     the side doors its policy allows, for the agents the kernel kills at any
-    other (enforcing, on-violation kill or kill-agent)."""
+    other (enforcing, on-violation kill or kill-agent). kill_on_leave: the
+    agents whose processes the kernel kills when they leave their cgroups."""
     return pack({"v": SCHEMA_VERSION, "type": "kernel-rules", "policy_hash": policy_hash,
-                 "rules": rules, "sidedoors": sidedoors})
+                 "rules": rules, "sidedoors": sidedoors, "kill_on_leave": list(kill_on_leave)})
 
 
 _KERNEL_RULE_FIELDS = {"agent": Str, "path": Str, "exact": Bool, "applies": Str, "rule": Str}
@@ -320,9 +331,12 @@ def decode_kernel_rules(raw: bytes) -> dict[str, Any]:
             raise WireError(f"kernel rules: malformed rule {rule!r}")
         if rule["applies"] not in KERNEL_RULE_APPLIES:
             raise WireError(f"kernel rules: a rule applies to {rule['applies']!r}")
-    sidedoors = msg.get("sidedoors")
+    sidedoors = msg.setdefault("sidedoors", {})
     if not isinstance(sidedoors, dict) or any(
             not isinstance(agent, str) or not isinstance(doors, list)
             or not all(isinstance(door, str) for door in doors) for agent, doors in sidedoors.items()):
         raise WireError("kernel rules: sidedoors is not a map of agent -> list of names")
+    leave = msg.setdefault("kill_on_leave", [])
+    if not isinstance(leave, list) or not all(isinstance(a, str) for a in leave):
+        raise WireError("kernel rules: kill_on_leave is not a list of agent names")
     return msg

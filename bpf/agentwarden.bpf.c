@@ -63,9 +63,34 @@ BPF_PERCPU_ARRAY(task_scratch, struct aw_task, 1);
 /* [0] -> boot time (ns) of the last record that woke the probe. Shared by
  * all CPUs: two that race both wake it, which is harmless. */
 BPF_ARRAY(last_wakeup, u64, 1);
-/* [kind] emitted, [AW_COUNTER_DROPPED_BASE + kind] lost; summed by the probe. */
+/* [kind] emitted, [AW_COUNTER_DROPPED_BASE + kind] lost, [AW_COUNTER_UNTRACKED]
+ * agent processes agent_tasks had no room for; summed by the probe. */
 BPF_PERCPU_ARRAY(counters, u64, AW_COUNTER_SLOTS);
+/* Two rings: `vital` for exec, fork, exit and move records and for records of
+ * calls killed in the kernel, `events` for the rest (opens, chdir, fds). A
+ * flood of opens fills only `events`. The probe drains `vital` first. */
+BPF_RINGBUF_OUTPUT(vital, AW_VITAL_RINGBUF_PAGES);
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
+
+/* ---- once an agent, always an agent -------------------------------------- */
+
+/* tgid (and the id of each thread an agent task starts) -> the agent it
+ * belongs to. Added at fork by an agent task and at a task's first watched
+ * call in an agent cgroup; removed at exit; AW_TASK_LEFT set when it moves
+ * out of its agent's cgroups (cgroup_attach_task). A hash, not an LRU: an
+ * agent task is never forgotten silently (a full map is counted). */
+BPF_HASH(agent_tasks, u32, struct aw_agent_task, AW_MAX_AGENT_TASKS);
+/* [0] -> agent_tasks entries with AW_TASK_LEFT. While 0, agent_cgroup_of
+ * never looks agent_tasks up: untagged tasks pay one array lookup for it. */
+BPF_ARRAY(left_count, u64, 1);
+/* tagged cgroup's path from the v2 root + '/' -> its id; the probe fills it
+ * with agent_cgroups, so that a move's destination names its agent cgroup. */
+BPF_LPM_TRIE(agent_paths, struct aw_path_key, u64, AW_MAX_AGENT_CGROUPS);
+BPF_PERCPU_ARRAY(path_scratch, struct aw_path_key, 1);
+/* agent number (without AW_AGENT_SESSION_BIT) -> AW_POLICY_*; the probe
+ * loads it from the daemon's policy with the deny rules. */
+BPF_HASH(agent_policy, u32, u32, AW_MAX_AGENT_CGROUPS);
+BPF_PERCPU_ARRAY(move_scratch, struct aw_move, 1);
 
 static __always_inline void count(u32 slot)
 {
@@ -74,13 +99,61 @@ static __always_inline void count(u32 slot)
         (*c)++;
 }
 
-/* The tagged cgroup the current task belongs to (itself or the deepest
- * tagged ancestor), or 0. Untagged tasks leave after one array lookup when
- * nothing is tagged, else after one helper call and one hash lookup per
- * depth that holds a tag. */
+/* left_count += delta (agent tasks that went out of their cgroups, or came back or ended). */
+static __always_inline void left_add(s64 delta)
+{
+    u32 zero = 0;
+    u64 *left = left_count.lookup(&zero);
+    if (left)
+        __sync_fetch_and_add(left, delta);
+}
+
+/* Note an agent's task (no-op when it is known already). */
+static __always_inline void track(u32 key, struct aw_agent_task *task)
+{
+    if (agent_tasks.lookup(&key))
+        return;
+    if (agent_tasks.insert(&key, task) == 0) {
+        if (task->flags & AW_TASK_LEFT)
+            left_add(1);
+    } else if (!agent_tasks.lookup(&key)) {
+        count(AW_COUNTER_UNTRACKED);   /* full: watched only while in its cgroups */
+    }
+}
+
+/* The task is gone: its entry goes, and with it its part of left_count. */
+static __always_inline void forget_task(u32 key)
+{
+    struct aw_agent_task *t = agent_tasks.lookup(&key);
+    if (!t)
+        return;
+    if (t->flags & AW_TASK_LEFT)
+        left_add(-1);
+    agent_tasks.delete(&key);
+}
+
+/* The agent cgroup the current task belongs to, or 0: for a task that has
+ * left its agent's cgroups, the one it left (kept in agent_tasks, looked up
+ * only while some task has left); else the tagged cgroup it is in (itself or
+ * the deepest tagged ancestor). Untagged tasks leave after two array lookups
+ * when nothing is tagged and no agent task has left, else after one helper
+ * call and one hash lookup per depth that holds a tag (and one hash lookup
+ * while some agent task has left). A task that left where the policy kills
+ * is killed here, at its first watched call after another task moved it. */
 static __always_inline u64 agent_cgroup_of(u32 *agent)
 {
     u32 zero = 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 *left = left_count.lookup(&zero);
+    if (left && *left) {
+        struct aw_agent_task *t = agent_tasks.lookup(&tgid);
+        if (t && (t->flags & AW_TASK_LEFT)) {
+            if (t->flags & AW_TASK_KILL)
+                bpf_send_signal(9);
+            *agent = t->agent;
+            return t->agent_cgroup_id;
+        }
+    }
     struct aw_config *cfg = config.lookup(&zero);
     if (!cfg || !cfg->tagged_levels)
         return 0;
@@ -92,6 +165,8 @@ static __always_inline u64 agent_cgroup_of(u32 *agent)
         u32 *number = id ? agent_cgroups.lookup(&id) : 0;
         if (number) {
             *agent = *number;
+            struct aw_agent_task task = {.agent_cgroup_id = id, .agent = *number};
+            track(tgid, &task);
             return id;
         }
     }
@@ -164,13 +239,23 @@ static __always_inline u64 wakeup_flag(void)
     return BPF_RB_FORCE_WAKEUP;
 }
 
-static __always_inline void emit(void *record, u32 size, u32 kind)
+/* Into the `vital` ring when vital, else into `events`; counted either way. */
+static __always_inline void emit_to(void *record, u32 size, u32 kind, int vital_ring)
 {
     u64 flags = wakeup_flag();
-    if (events.ringbuf_output(record, size, flags) == 0)
+    long err = vital_ring ? vital.ringbuf_output(record, size, flags)
+                          : events.ringbuf_output(record, size, flags);
+    if (err == 0)
         count(kind);
     else
         count(AW_COUNTER_DROPPED_BASE + kind);
+}
+
+/* Records of what starts, changes or ends a process go to the `vital` ring. */
+static __always_inline void emit(void *record, u32 size, u32 kind)
+{
+    emit_to(record, size, kind, kind == AW_KIND_EXEC || kind == AW_KIND_FORK ||
+                                kind == AW_KIND_EXIT || kind == AW_KIND_MOVE);
 }
 
 /* ---- exec ---------------------------------------------------------------- */
@@ -509,7 +594,8 @@ static __always_inline int file_exit(long ret)
     u32 len = e->path_len;
     if (len > sizeof(e->path))
         len = sizeof(e->path);
-    emit(e, offsetof(struct aw_file, path) + len, e->h.kind);
+    /* A call killed in the kernel is a violation: its record takes the vital ring. */
+    emit_to(e, offsetof(struct aw_file, path) + len, e->h.kind, e->flags & AW_FILE_KILLED_IN_KERNEL);
     inflight_file.delete(&key);
     return 0;
 }
@@ -635,9 +721,15 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     u32 parent_tgid = bpf_get_current_pid_tgid() >> 32;
     parents.update(&child, &parent_tgid);
 
-    u64 agent = agent_cgroup();
+    u32 number;
+    u64 agent = agent_cgroup_of(&number);
     if (!agent)
         return 0;
+    /* The child is the agent's wherever it goes, and has left when its parent has. */
+    struct aw_agent_task *p = agent_tasks.lookup(&parent_tgid);
+    struct aw_agent_task task = {.agent_cgroup_id = agent, .agent = number,
+                                 .flags = p ? p->flags : 0};
+    track(child, &task);
     u32 zero = 0;
     struct aw_task *t = task_scratch.lookup(&zero);
     if (!t)
@@ -682,8 +774,90 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
             t->reserved = 0;
             emit(t, sizeof(*t), AW_KIND_EXIT);
         }
+        forget_task(id >> 32);
     }
+    if (tid != (u32)(id >> 32))
+        forget_task(tid);   /* a thread's own entry, made when it was started */
     parents.delete(&tid);
+    return 0;
+}
+
+/* ---- moves between cgroups ------------------------------------------------ */
+
+/* A write to cgroup.procs (or cgroup.threads) has moved a task. Only an agent's
+ * tasks matter: anyone else's move costs one hash lookup. Runs after the move,
+ * in the mover's context. The destination's agent cgroup comes from its path
+ * (agent_paths): a move to a cgroup of the same agent (its own, one below, a
+ * `run` session of it) is recorded and nothing more; a move anywhere else --
+ * an untagged cgroup, another agent's -- is a violation and leaves the task,
+ * and every task it starts, its first agent's: agent_cgroup_of answers from
+ * agent_tasks for it from now on. Where the agent's policy kills, the mover
+ * that moved itself is killed here; a task moved by another dies at its next
+ * watched call (and the daemon kills it too). */
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+    if (args->dst_root != 0)
+        return 0;   /* a cgroup v1 hierarchy; the v2 one is hierarchy 0 */
+    u32 moved = args->pid;
+    struct aw_agent_task *t = agent_tasks.lookup(&moved);
+    if (!t)
+        return 0;
+    u32 zero = 0;
+    struct aw_move *m = move_scratch.lookup(&zero);
+    struct aw_path_key *key = path_scratch.lookup(&zero);
+    if (!m || !key)
+        return 0;
+    unsigned short at = args->data_loc_dst_path & 0xFFFF;
+    int n = bpf_probe_read_kernel_str(key->path, sizeof(key->path), (char *)args + at);
+    m->flags = 0;
+    m->path_len = n > 0 ? n : 0;
+    if (n == sizeof(key->path))
+        m->flags |= AW_MOVE_PATH_TRUNCATED;
+    bpf_probe_read_kernel(m->dst_path, sizeof(m->dst_path), key->path);
+    if (n > 0 && n < (int)sizeof(key->path)) {
+        key->path[(n - 1) & (AW_CGROUP_PATH_MAX - 1)] = '/';   /* in place of the NUL */
+        key->prefixlen = 8 * n;
+    } else {
+        key->prefixlen = n > 1 ? 8 * (n - 1) : 0;
+    }
+    u64 *holder = agent_paths.lookup(key);
+    u64 dst_agent = holder ? *holder : 0;
+    u32 *dst_number = dst_agent ? agent_cgroups.lookup(&dst_agent) : 0;
+    u32 agent = t->agent & ~AW_AGENT_SESSION_BIT;
+    u64 from = t->agent_cgroup_id;
+    if (dst_number && (*dst_number & ~AW_AGENT_SESSION_BIT) == agent) {
+        /* Within its agent: back in, if it had left. */
+        if (t->flags & AW_TASK_LEFT)
+            left_add(-1);
+        t->flags = 0;
+        t->agent_cgroup_id = dst_agent;
+        t->agent = *dst_number;
+    } else {
+        m->flags |= AW_MOVE_LEFT;
+        if (!(t->flags & AW_TASK_LEFT)) {
+            t->flags |= AW_TASK_LEFT;
+            left_add(1);
+        }
+        u32 *policy = agent_policy.lookup(&agent);
+        if (policy && (*policy & AW_POLICY_KILL_ON_LEAVE)) {
+            if ((u32)(bpf_get_current_pid_tgid() >> 32) == moved) {
+                bpf_send_signal(9);
+                m->flags |= AW_MOVE_KILLED_IN_KERNEL;
+            } else {
+                t->flags |= AW_TASK_KILL;
+                m->flags |= AW_MOVE_KILL_PENDING;
+            }
+        }
+    }
+    fill_header(&m->h, AW_KIND_MOVE, from);
+    m->dst_cgroup_id = args->dst_id;
+    m->dst_agent_cgroup_id = dst_agent;
+    m->moved_pid = moved;
+    m->reserved = 0;
+    u32 len = m->path_len;
+    if (len > sizeof(m->dst_path))
+        len = sizeof(m->dst_path);
+    emit(m, offsetof(struct aw_move, dst_path) + len, AW_KIND_MOVE);
     return 0;
 }
 

@@ -20,12 +20,15 @@
 #define AW_KIND_FD 6
 #define AW_KIND_CHANGE 7
 #define AW_KIND_SIDEDOOR 8
-#define AW_KIND_COUNT 9
+#define AW_KIND_MOVE 9
+#define AW_KIND_COUNT 10
 
 /* Per-CPU counters: emitted records at index kind, lost records at
- * AW_COUNTER_DROPPED_BASE + kind. */
+ * AW_COUNTER_DROPPED_BASE + kind; then the agent processes that could not be
+ * tracked (agent_tasks full: they are watched only inside their cgroups). */
 #define AW_COUNTER_DROPPED_BASE 16
-#define AW_COUNTER_SLOTS 32
+#define AW_COUNTER_UNTRACKED 32
+#define AW_COUNTER_SLOTS 33
 
 /* Limits. A path longer than AW_MAX_PATH is cut and flagged; it then never
  * matches an allow rule (user space treats it as unresolvable). */
@@ -39,12 +42,31 @@
 #define AW_MAX_INFLIGHT 16384
 #define AW_MAX_INFLIGHT_CHANGES 1024   /* threads of agents in a file change at once (8 KiB each) */
 #define AW_RINGBUF_PAGES 4096
+/* The second ring: exec, fork, exit and move records, and records of a call
+ * killed in the kernel. Opens never go there, so a flood of them cannot take
+ * its room. */
+#define AW_VITAL_RINGBUF_PAGES 1024
+#define AW_MAX_AGENT_TASKS 65536
+#define AW_CGROUP_PATH_MAX 256   /* LPM trie keys hold at most 256 data bytes */
 #define AW_DENY_PATH_MAX 252  /* LPM trie keys hold at most 256 data bytes */
 #define AW_MAX_DENY_RULES 65536
 
 /* agent_cgroups value: agent number, plus this bit for `agentwarden run`
  * session cgroups, whose every exec must match what the daemon approved. */
 #define AW_AGENT_SESSION_BIT 0x80000000
+
+/* agent_policy value: what the policy asks of an agent's processes in the kernel. */
+#define AW_POLICY_KILL_ON_LEAVE 1   /* enforce mode, on-violation kill or kill-agent */
+
+/* agent_tasks value flags */
+#define AW_TASK_LEFT 1   /* out of its agent's cgroups (or in another agent's) */
+#define AW_TASK_KILL 2   /* left where the policy kills: dies at its next watched call */
+
+/* aw_move.flags */
+#define AW_MOVE_LEFT 1              /* the destination is not its agent's: a violation */
+#define AW_MOVE_KILLED_IN_KERNEL 2  /* the mover was the moved process: killed at once */
+#define AW_MOVE_KILL_PENDING 4      /* moved by another: killed at its next watched call */
+#define AW_MOVE_PATH_TRUNCATED 8    /* dst_path cut at AW_CGROUP_PATH_MAX - 1 bytes */
 
 /* aw_deny_value.applies */
 #define AW_DENY_EXEC 1
@@ -252,6 +274,36 @@ struct aw_change {
     u32 deny_rule;        /* in-kernel deny rule that killed it, else 0 */
     u32 reserved;
     char paths[2 * AW_MAX_PATH];
+};
+
+/* cgroup_attach_task of an agent's process (a write to cgroup.procs, or to
+ * cgroup.threads for one thread). The header is the mover's (usually the
+ * moved process itself; cgroup_id its cgroup after the move when so), its
+ * agent_cgroup_id the moved process's agent cgroup from before the move. */
+struct aw_move {
+    struct aw_header h;
+    u64 dst_cgroup_id;
+    u64 dst_agent_cgroup_id;  /* the tagged cgroup that holds the destination, else 0 */
+    u32 moved_pid;            /* the process (thread group leader) or thread moved */
+    u32 flags;                /* AW_MOVE_* */
+    u32 path_len;             /* bytes of dst_path including the NUL */
+    u32 reserved;
+    char dst_path[AW_CGROUP_PATH_MAX];   /* from the cgroup v2 root, as the kernel names it */
+};
+
+/* agent_tasks value: an agent's process, wherever it runs now. */
+struct aw_agent_task {
+    u64 agent_cgroup_id;  /* its agent cgroup (the one it left, once it has left) */
+    u32 agent;            /* that cgroup's agent number */
+    u32 flags;            /* AW_TASK_* */
+};
+
+/* agent_paths key: a tagged cgroup's path from the cgroup v2 root, with a
+ * trailing '/', so that the longest match of a cgroup's path plus '/' is the
+ * tagged cgroup that holds it. */
+struct aw_path_key {
+    u32 prefixlen;        /* bits: 8 per path byte */
+    char path[AW_CGROUP_PATH_MAX];
 };
 
 /* In-kernel deny rules: an LPM trie keyed by agent number and path bytes.

@@ -108,6 +108,9 @@ class Governor:
     def kernel_sidedoors(self) -> dict[str, list[str]]:
         return policy_mod.kernel_sidedoors(self.policy) if self.policy else {}
 
+    def kernel_kill_agents(self) -> list[str]:
+        return policy_mod.kernel_kill_agents(self.policy) if self.policy else []
+
     def _decide(self, record: dict) -> policy_mod.Verdict:
         verdict = policy_mod.decide(record, self.policy)
         real = real_paths(record)
@@ -140,7 +143,7 @@ class Governor:
         taken = self._act(record, verdict, wanted)
         return {
             "kind": "violation", "time": time.time_ns(), "agent": record["agent"],
-            "pid": record["pid"], "comm": record["comm"], "event": record["kind"],
+            "pid": record.get("moved_pid", record["pid"]), "comm": record["comm"], "event": record["kind"],
             "event_seq": record.get("seq"), "attempted": attempted(record),
             "decision": verdict.decision, "rule": record.get("kernel_rule") or verdict.rule,
             "reason": verdict.reason, "policy_hash": verdict.policy_hash, "mode": verdict.mode,
@@ -155,7 +158,7 @@ class Governor:
         kind = record["kind"]
         if kind == "change":
             return record["syscall"] in SESSION_CHANGES
-        if kind == "sidedoor":
+        if kind in ("sidedoor", "move"):
             return False
         return kind == "exec" or policy_mod.is_write(record["flags"])
 
@@ -171,7 +174,8 @@ class Governor:
         if wanted == "alert":
             return "none (alert)"
         if wanted == "kill":
-            return enforce.kill_process(record["pid"])
+            # A move's violator is the process moved (the mover itself, usually).
+            return enforce.kill_process(record.get("moved_pid", record["pid"]))
         cgroup = self.agent_cgroup(record["agent_cgroup_id"])
         if cgroup is None:
             return f"none: the cgroup of agent {record['agent']!r} is unknown"
@@ -188,6 +192,8 @@ SESSION_CHANGES = ("rename", "renameat", "renameat2", "unlink", "unlinkat", "tru
 
 def attempted(record: dict) -> str:
     kind = record["kind"]
+    if kind == "move":
+        return f"move of pid {record['moved_pid']} to cgroup {text(record['dst_path'])}"
     if kind == "exec":
         return "exec " + " ".join(text(a) for a in record["argv"]) + \
             f" ({text(record.get('resolved_exec_path') or record.get('resolved_filename') or record['filename'])})"

@@ -150,7 +150,8 @@ class Daemon:
                   "rule": r.rule} for r in self.governor.kernel_rules()]
         current = self.governor.policy
         message = wire.encode_kernel_rules(current.hash if current else None, rules,
-                                           self.governor.kernel_sidedoors())
+                                           self.governor.kernel_sidedoors(),
+                                           self.governor.kernel_kill_agents())
         try:
             self.pub.send_multipart([wire.TOPIC_KERNEL_RULES, message], zmq.NOBLOCK)
         except zmq.Again:

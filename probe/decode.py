@@ -19,6 +19,10 @@ class DecodeError(ValueError):
     pass
 
 
+# What kills in the kernel a process that leaves its agent's cgroups (AW_POLICY_KILL_ON_LEAVE).
+LEAVE_RULE = "on-violation kill: leaving the agent's cgroups"
+
+
 def _flatten(cls, base: int = 0) -> Iterator[tuple[str, int, Any]]:
     """(name, offset, ctype) of every leaf field; nested structs are inlined."""
     for name, ftype, *_ in cls._fields_:
@@ -87,7 +91,7 @@ def _error(ret: int) -> str | None:
 
 
 class Decoder:
-    def __init__(self, exec_cls, file_cls, task_cls, fd_cls, change_cls, constants: dict[str, int],
+    def __init__(self, exec_cls, file_cls, task_cls, fd_cls, change_cls, move_cls, constants: dict[str, int],
                  boot_to_wall_ns: int):
         c = constants
         self.c = c
@@ -105,6 +109,7 @@ class Decoder:
             c["AW_KIND_FD"]: (Layout(fd_cls), self._fd),
             c["AW_KIND_CHANGE"]: (Layout(change_cls, tail="paths"), self._change),
             c["AW_KIND_SIDEDOOR"]: (file_layout, self._sidedoor),
+            c["AW_KIND_MOVE"]: (Layout(move_cls, tail="dst_path"), self._move),
         }
         self.kind_names = {c[f"AW_KIND_{n.upper()}"]: n for n in wire.EVENT_KINDS}
         # In-kernel deny rule number -> its text; the probe keeps it current.
@@ -213,3 +218,17 @@ class Decoder:
         record.update({"door": door, "fd": record.pop("dirfd"), "arg": f["open_flags"],
                        "killed_in_kernel": killed,
                        "kernel_rule": f"syscalls.allow without {door!r}" if killed else None})
+
+    def _move(self, record, f, raw, layout):
+        c, flags = self.c, f["flags"]
+        killed = bool(flags & c["AW_MOVE_KILLED_IN_KERNEL"])
+        record.update({
+            "moved_pid": f["moved_pid"], "dst_cgroup_id": f["dst_cgroup_id"],
+            "dst_agent_cgroup_id": f["dst_agent_cgroup_id"],
+            "dst_path": from_c(_cstr(layout.tail(raw, "dst_path", f["path_len"]))),
+            "dst_path_truncated": bool(flags & c["AW_MOVE_PATH_TRUNCATED"]),
+            "left": bool(flags & c["AW_MOVE_LEFT"]),
+            "killed_in_kernel": killed,
+            "kernel_rule": LEAVE_RULE if killed else None,
+            "kill_pending": bool(flags & c["AW_MOVE_KILL_PENDING"]),
+        })

@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import ctypes as ct
 import hashlib
+import heapq
 import logging
 import math
 import os
@@ -22,6 +23,9 @@ from .decode import DecodeError, Decoder
 log = logging.getLogger("agentwarden.probe")
 
 MAX_BATCH = 4096            # records per ZeroMQ message
+# Records of the kernel's `vital` ring: the probe's backlog, when it must drop,
+# keeps these and drops the rest (counted).
+VITAL_KINDS = frozenset({"exec", "fork", "exit", "move"})
 MAX_BACKLOG = 1_000_000     # records held while the daemon is not reading
 POLL_MS = 50
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -70,6 +74,7 @@ class TagMirror:
         self.current: dict[int, cgroups.TaggedCgroup] = {}
         self.too_deep: set[int] = set()
         self._numbers: dict[str, int] = {}
+        self._paths: dict[int, object] = {}   # cgroup id -> its agent_paths key
 
     def agent_number(self, agent: str) -> int:
         return self._numbers.setdefault(agent, len(self._numbers) + 1)
@@ -94,6 +99,7 @@ class TagMirror:
                 number |= self.session_bit
                 sessions |= 1 << tagged.level
             table[table.Key(cgid)] = table.Leaf(number)
+            self._set_path(cgid, tagged.path)
             mask |= 1 << tagged.level
         config = self.bpf[b"config"]
         leaf = config.Leaf()
@@ -105,8 +111,35 @@ class TagMirror:
                 del table[table.Key(cgid)]
             except KeyError:
                 pass
+            self._set_path(cgid, None)
         self.current = found
         return True
+
+    def _set_path(self, cgid: int, path: Path | None) -> None:
+        """agent_paths: the cgroup's path from the v2 root, plus '/', -> its id
+        (path None: remove it). A path too long for the trie is left out: a move
+        into that cgroup then counts as leaving the agent (fail closed)."""
+        trie = self.bpf[b"agent_paths"]
+        if path is None:
+            key = self._paths.pop(cgid, None)
+            if key is not None:
+                try:
+                    del trie[key]
+                except KeyError:
+                    pass
+            return
+        relative = path.relative_to(self.root).as_posix()
+        data = os.fsencode("/" + relative if relative != "." else "") + b"/"
+        key = trie.Key()
+        room = type(key).path.size
+        if len(data) > room:
+            log.error("moves into %s count as leaving its agent: its path is longer than %d bytes",
+                      path, room - 1)
+            return
+        key.prefixlen = 8 * len(data)
+        key.path = data
+        trie[key] = trie.Leaf(cgid)
+        self._paths[cgid] = key
 
     def record(self) -> dict:
         return {"kind": "tags", "time": now_ns(), "agents": {
@@ -123,12 +156,14 @@ class Probe:
         self.c = constants
         self.decoder = Decoder(self._leaf(bpf[b"exec_scratch"]), self._leaf(bpf[b"file_scratch"]),
                                self._leaf(bpf[b"task_scratch"]), self._leaf(bpf[b"inflight_fd"]),
-                               self._leaf(bpf[b"inflight_change"]), constants, wall_minus_boot_ns())
+                               self._leaf(bpf[b"inflight_change"]), self._leaf(bpf[b"move_scratch"]),
+                               constants, wall_minus_boot_ns())
         self.tags = TagMirror(bpf, cgroups.cgroup2_root(), constants["AW_MAX_CGROUP_LEVELS"],
                               constants["AW_AGENT_SESSION_BIT"], settings.cgroup_scope,
                               settings.instance, settings.agents_slice)
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
-        self.raw: list[bytes] = []
+        self.raw: list[bytes] = []          # from the `events` ring
+        self.raw_vital: list[bytes] = []    # from the `vital` ring
         # How long to wait for a wake-up while records flow. Rounded up: a
         # shorter look could miss a record queued without one. With no
         # interval the kernel wakes the probe itself whenever it has caught up.
@@ -162,6 +197,10 @@ class Probe:
 
     def _on_record(self, _ctx, data, size):
         self.raw.append(ct.string_at(data, size))
+        return 0
+
+    def _on_vital(self, _ctx, data, size):
+        self.raw_vital.append(ct.string_at(data, size))
         return 0
 
     # -- in-kernel deny rules ---------------------------------------------------
@@ -203,6 +242,7 @@ class Probe:
         for key, leaf in entries.values():
             table[key] = leaf
         self._kernel_keys = [key for key, _ in entries.values()]
+        self._apply_agent_policy(message.get("kill_on_leave", []))
         self.decoder.deny_rules = names
         self._apply_sidedoors(message["sidedoors"])
         self.kernel_rules_hash = message.get("policy_hash")
@@ -225,6 +265,19 @@ class Probe:
         for number, mask in numbers.items():
             table[table.Key(number)] = table.Leaf(mask)
         self._sidedoor_agents = list(numbers)
+
+    def _apply_agent_policy(self, kill_on_leave: list[str]) -> None:
+        """agent_policy: which agents' processes the kernel kills when they leave."""
+        table = self.bpf[b"agent_policy"]
+        wanted = {self.tags.agent_number(agent) for agent in kill_on_leave}
+        for key in list(table.keys()):
+            if key.value not in wanted:
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+        for number in wanted:
+            table[table.Key(number)] = table.Leaf(self.c["AW_POLICY_KILL_ON_LEAVE"])
 
     def _poll_kernel_rules(self) -> None:
         while True:
@@ -291,6 +344,8 @@ class Probe:
         health = {"kind": "health", "time": now_ns(), "stage": "probe", "pid": os.getpid(), "counters": {
             "kernel_emitted": {n: counts[k] for k, n in names.items()},
             "kernel_dropped": {n: counts[base + k] for k, n in names.items()},
+            # agent processes the kernel had no room to track: watched only in their cgroups
+            "agent_tasks_untracked": counts[self.c["AW_COUNTER_UNTRACKED"]],
             "decoded": self.counters["decoded"],
             "decode_errors": self.counters["decode_errors"],
             "batches_sent": self.counters["batches_sent"],
@@ -315,13 +370,23 @@ class Probe:
             chunk = records[i:i + MAX_BATCH]
             self.backlog.append(chunk)
             self.backlog_records += len(chunk)
-        while self.backlog_records > MAX_BACKLOG and len(self.backlog) > 1:
-            lost = self.backlog.popleft()
-            self.backlog_records -= len(lost)
-            self.counters["backlog_dropped"] += len(lost)
-            self.backlog.append([{"kind": "gap", "time": now_ns(), "stage": "probe-backlog",
-                                  "count": len(lost), "detail": "daemon not reading"}])
-            self.backlog_records += 1
+        # Too much held: the oldest batches lose their records other than
+        # VITAL_KINDS (exec, fork, exit, move), in their place a gap that counts them.
+        for index, batch in enumerate(self.backlog):
+            if self.backlog_records <= MAX_BACKLOG or index == len(self.backlog) - 1:
+                break
+            kept = [r for r in batch if r["kind"] in VITAL_KINDS or r["kind"] == "gap"]
+            lost = collections.Counter(r["kind"] for r in batch
+                                       if r["kind"] not in VITAL_KINDS and r["kind"] != "gap")
+            if not lost:
+                continue
+            count = sum(lost.values())
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(lost.items()))
+            kept.append({"kind": "gap", "time": now_ns(), "stage": "probe-backlog",
+                         "count": count, "detail": f"daemon not reading: {detail}"})
+            self.backlog[index] = kept
+            self.backlog_records -= len(batch) - len(kept)
+            self.counters["backlog_dropped"] += count
 
     def _flush(self) -> None:
         while self.backlog:
@@ -336,8 +401,7 @@ class Probe:
             self.counters["batches_sent"] += 1
             self.counters["records_sent"] += len(batch)
 
-    def _drain_ring(self) -> list[dict]:
-        raw, self.raw = self.raw, []
+    def _decode(self, raw: list[bytes]) -> list[dict]:
         records = []
         decode = self.decoder.decode
         for item in raw:
@@ -350,8 +414,31 @@ class Probe:
         self.counters["decoded"] += len(raw)
         return records
 
+    def _drain_ring(self) -> list[dict]:
+        """The records of both rings, merged by time (stamped at each call's
+        start): each ring's own order is kept, and so is a task's across them.
+        Both rings are consumed twice (`vital` first each time), and what the
+        second look found in `events` waits for the next drain: every `vital`
+        record emitted before an `events` record that goes out now goes out
+        with it. (The other way round, a task's `events` record emitted during
+        the last look at `vital` -- microseconds -- can follow a `vital` one.)"""
+        self.bpf.ring_buffer_consume()
+        first = len(self.raw)
+        self.bpf.ring_buffer_consume()
+        vital, self.raw_vital = self.raw_vital, []
+        raw, self.raw = self.raw[:first], self.raw[first:]
+        return list(heapq.merge(self._decode(vital), self._decode(raw), key=_record_time))
+
+    def _drain_all(self) -> list[dict]:
+        """Everything left in the rings, at the end."""
+        records = self._drain_ring()
+        raw, self.raw = self.raw, []
+        return records + self._decode(raw)
+
     def run(self) -> None:
         self.tags.sync()
+        # Added first, so consumed first (see _drain_ring).
+        self.bpf[b"vital"].open_ring_buffer(self._on_vital)
         self.bpf[b"events"].open_ring_buffer(self._on_record)
         self._queue(self.health())
         self.notifier.ready(self.status_line())
@@ -363,8 +450,7 @@ class Probe:
             # and queues later records silently: while records flow, look
             # again one interval later, whether woken or not.
             self.bpf.ring_buffer_poll(self.active_poll_ms if active else POLL_MS)
-            self.bpf.ring_buffer_consume()
-            active = bool(self.raw)
+            active = bool(self.raw or self.raw_vital)
             records = self._drain_ring()
             now = time.monotonic()
             if now >= next_tags:
@@ -374,7 +460,6 @@ class Probe:
                     records.append(self.tags.record())
             if now >= next_health:
                 next_health = now + self.settings.health_interval
-                self.bpf.ring_buffer_consume()
                 records.extend(self._drain_ring())
                 records.extend(self.health())
                 self.notifier.alive(self.status_line())
@@ -383,14 +468,17 @@ class Probe:
             self._flush()
         # Last words: whatever is left in the ring and the final counters.
         self.notifier.stopping("sending the last records")
-        self.bpf.ring_buffer_consume()
-        self._queue(self._drain_ring() + self.health())
+        self._queue(self._drain_all() + self.health())
         deadline = time.monotonic() + 2
         while self.backlog and time.monotonic() < deadline:
             self._flush()
             time.sleep(0.01)
         self.sock.close()
         self.rules_sock.close()
+
+
+def _record_time(record: dict) -> int:
+    return record["time"]
 
 
 # Exit status of a probe stopped by someone other than its service manager,

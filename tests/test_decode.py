@@ -64,6 +64,13 @@ class AwChange(ct.Structure):
                 ("reserved", ct.c_uint), ("paths", ct.c_char * (2 * C["AW_MAX_PATH"]))]
 
 
+class AwMove(ct.Structure):
+    _fields_ = [("h", AwHeader), ("dst_cgroup_id", ct.c_ulonglong),
+                ("dst_agent_cgroup_id", ct.c_ulonglong), ("moved_pid", ct.c_uint),
+                ("flags", ct.c_uint), ("path_len", ct.c_uint), ("reserved", ct.c_uint),
+                ("dst_path", ct.c_char * C["AW_CGROUP_PATH_MAX"])]
+
+
 def _header_fields(struct_name: str) -> list[str]:
     text = (bpf_dir() / EVENT_HEADER).read_text()
     body = re.search(rf"struct {struct_name} \{{(.*?)\}};", text, re.S).group(1)
@@ -73,7 +80,7 @@ def _header_fields(struct_name: str) -> list[str]:
 
 @pytest.mark.parametrize("cls,name", [(AwHeader, "aw_header"), (AwExec, "aw_exec"),
                                       (AwFile, "aw_file"), (AwTask, "aw_task"), (AwFd, "aw_fd"),
-                                      (AwChange, "aw_change")])
+                                      (AwChange, "aw_change"), (AwMove, "aw_move")])
 def test_classes_mirror_the_header(cls, name):
     assert [f[0] for f in cls._fields_] == _header_fields(name)
 
@@ -122,7 +129,7 @@ def task_record(kind: int, child_pid: int = 0) -> bytes:
 
 @pytest.fixture
 def decoder() -> Decoder:
-    return Decoder(AwExec, AwFile, AwTask, AwFd, AwChange, C, BOOT_TO_WALL)
+    return Decoder(AwExec, AwFile, AwTask, AwFd, AwChange, AwMove, C, BOOT_TO_WALL)
 
 
 def test_layout_fixed_part_ends_where_the_tail_starts():
@@ -395,3 +402,31 @@ def test_length_field_beyond_the_tail_is_capped_like_the_kernel_does(decoder):
     record = decoder.decode(raw)
     assert record["argv"] == ["a"] * (len(argv) // 2)
     assert record["argv_truncated"] is True
+
+
+def move_record(path: bytes = b"/escape\0", flags: int = 0, **fields) -> bytes:
+    """An aw_move as sent: only path_len bytes of dst_path."""
+    m = AwMove(h=header(C["AW_KIND_MOVE"]), dst_cgroup_id=777, dst_agent_cgroup_id=0,
+               moved_pid=4242, flags=flags, path_len=len(path))
+    ct.memmove(ct.addressof(m) + AwMove.dst_path.offset, path, len(path))
+    for name, value in fields.items():
+        setattr(m, name, value)
+    return bytes(m)[:AwMove.dst_path.offset + len(path)]
+
+
+def test_move_out_killed_in_the_kernel(decoder):
+    record = decoder.decode(move_record(flags=C["AW_MOVE_LEFT"] | C["AW_MOVE_KILLED_IN_KERNEL"]))
+    assert record == {**TASK, "kind": "move", "moved_pid": 4242, "dst_cgroup_id": 777,
+                      "dst_agent_cgroup_id": 0, "dst_path": "/escape", "dst_path_truncated": False,
+                      "left": True, "killed_in_kernel": True,
+                      "kernel_rule": "on-violation kill: leaving the agent's cgroups",
+                      "kill_pending": False}
+    wire.validate_record(record)
+
+
+def test_move_within_the_agent(decoder):
+    record = decoder.decode(move_record(path=b"/agents/a/sub\0", dst_agent_cgroup_id=9000))
+    assert not record["left"] and record["kernel_rule"] is None
+    assert record["dst_agent_cgroup_id"] == 9000 and record["dst_path"] == "/agents/a/sub"
+    with pytest.raises(DecodeError, match="dst_path"):
+        decoder.decode(move_record()[:-2])

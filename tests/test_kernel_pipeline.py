@@ -291,7 +291,8 @@ def test_decoder_layouts_match_the_c_header(kernel):
         for struct_name, scratch, tail in (("aw_exec", "exec_scratch", "argv"),
                                            ("aw_file", "file_scratch", "path"),
                                            ("aw_task", "task_scratch", None),
-                                           ("aw_fd", "inflight_fd", None)):
+                                           ("aw_fd", "inflight_fd", None),
+                                           ("aw_move", "move_scratch", "dst_path")):
             leaf = bpf[scratch.encode()].Leaf
             leaf = getattr(leaf, "_type_", leaf)
             body = re.search(r"struct %s \{(.*?)\n\};" % struct_name, header, re.S).group(1)

@@ -664,3 +664,22 @@ def test_explain_with_a_broken_policy_is_one_line(tmp_path):
     result = runner.invoke(policy_app, ["explain", "--policy", str(path), "--agent", "coder", "--open", "/x"])
     assert isinstance(result.exception, PolicyError)
     assert str(result.exception).startswith(f"{path}:7: ")
+
+
+# ---- leaving the agent's cgroups -----------------------------------------------------
+
+def move_event(left: bool, agent: str = "coder") -> dict:
+    return {"kind": "move", "agent": agent, "moved_pid": 42, "dst_path": "/escape", "left": left}
+
+
+def test_leaving_the_agents_cgroups_is_a_violation_whatever_the_rules(loaded):
+    for agent, action in (("coder", "kill"), ("lenient", "kill-agent"), ("fdrunner", "freeze")):
+        verdict = decide(move_event(True, agent), loaded)
+        assert (verdict.decision, verdict.action, verdict.rule) == ("violation", action, None)
+        assert "out of the agent's cgroups" in verdict.reason
+    assert decide(move_event(False), loaded).decision == "allow"
+
+
+def test_the_kernel_kills_leavers_of_enforcing_agents_whose_violations_kill(loaded):
+    from agentwarden.policy import kernel_kill_agents
+    assert kernel_kill_agents(loaded) == ["coder", "lenient"]   # fdrunner: monitor mode

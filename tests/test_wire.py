@@ -36,6 +36,10 @@ RECORDS = {
                  "arg": 8, "path": "", "ret": -1, "error": "EPERM", "path_unreadable": False,
                  "path_truncated": False, "killed_in_kernel": True,
                  "kernel_rule": "syscalls.allow without 'io_uring'"},
+    "move": {"kind": "move", **TASK, "moved_pid": 42, "dst_cgroup_id": 77, "dst_agent_cgroup_id": 0,
+             "dst_path": "/escape", "dst_path_truncated": False, "left": True,
+             "killed_in_kernel": True, "kernel_rule": "on-violation kill: leaving the agent's cgroups",
+             "kill_pending": False},
     "fd": {"kind": "fd", **TASK, "syscall": "fcntl_dupfd_cloexec", "fd": 3, "arg": 3, "ret": 4,
            "error": None, "cloexec": True},
     "gap": {"kind": "gap", "time": 5, "stage": "kernel", "count": 17, "detail": None},
@@ -325,3 +329,16 @@ def test_kernel_rules_carry_the_side_doors_of_killing_agents():
     rule = {"agent": "a", "path": "/x", "exact": True, "applies": "change", "rule": "r"}
     with pytest.raises(wire.WireError, match="applies to 'change'"):
         wire.decode_kernel_rules(wire.encode_kernel_rules(None, [rule], {}))
+
+
+def test_kernel_rules_carry_the_agents_killed_on_leaving():
+    raw = wire.encode_kernel_rules("sha256:x", [], {}, ["coder"])
+    assert wire.decode_kernel_rules(raw)["kill_on_leave"] == ["coder"]
+    old = wire.pack({"v": 1, "type": "kernel-rules", "policy_hash": None, "rules": []})
+    assert wire.decode_kernel_rules(old)["kill_on_leave"] == []
+    with pytest.raises(wire.WireError, match="kill_on_leave"):
+        wire.decode_kernel_rules(wire.pack({"type": "kernel-rules", "policy_hash": None, "rules": [],
+                                            "kill_on_leave": [1]}))
+    with pytest.raises(wire.WireError, match="applies"):
+        wire.decode_kernel_rules(wire.encode_kernel_rules(None, [
+            {"agent": "a", "path": "/x", "exact": True, "applies": "move", "rule": "r"}], {}))

@@ -79,6 +79,9 @@ How `decide` works:
 - When the kernel cut argv short, argv patterns cannot be checked: deny and hold
   rules with an argv pattern match on their executable alone, allow rules with
   one do not match.
+- A move of an agent's process out of the agent's cgroups (``move`` records with
+  ``left``) is a violation, whatever the rules: once an agent, always an agent.
+  A move within them is allowed.
 - An event of an agent without a policy is a violation in monitor mode with
   the action alert: it is recorded, never acted on.
 
@@ -91,7 +94,7 @@ from __future__ import annotations
 from .decide import CHANGE_SYSCALLS, EXEC_PRECEDENCE, FILE_PRECEDENCE, changed_paths, decide, is_write
 # The glob token kinds: what Rule.path_parts and Rule.argv_parts are made of.
 from .glob import ANY, CHAR, CLASS, ONE, GlobError
-from .kernel_rules import KernelRule, kernel_deny_rules, kernel_sidedoors
+from .kernel_rules import KernelRule, kernel_deny_rules, kernel_kill_agents, kernel_sidedoors
 from .load import load_policy
 from .model import (ACTIONS, DEFAULT_HOLD_TIMEOUT, MODES, RULE_LISTS, SIDEDOORS, AgentPolicy, PolicyError,
                     PolicySet, Problem, Rule, RuleList, Verdict)
@@ -99,4 +102,4 @@ from .model import (ACTIONS, DEFAULT_HOLD_TIMEOUT, MODES, RULE_LISTS, SIDEDOORS,
 __all__ = ["ACTIONS", "ANY", "CHANGE_SYSCALLS", "CHAR", "CLASS", "DEFAULT_HOLD_TIMEOUT", "EXEC_PRECEDENCE",
            "FILE_PRECEDENCE", "MODES", "ONE", "RULE_LISTS", "SIDEDOORS", "AgentPolicy", "GlobError", "KernelRule",
            "PolicyError", "PolicySet", "Problem", "Rule", "RuleList", "Verdict", "changed_paths", "decide",
-           "is_write", "kernel_deny_rules", "kernel_sidedoors", "load_policy"]
+           "is_write", "kernel_deny_rules", "kernel_kill_agents", "kernel_sidedoors", "load_policy"]

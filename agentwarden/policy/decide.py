@@ -102,12 +102,14 @@ def decide(event: dict, policy: PolicySet) -> Verdict:
     no state. Failed calls (ret < 0) are decided like successful ones -- an
     attempt is an attempt. The rules are in the package docstring."""
     kind = event["kind"]
-    if kind not in ("exec", "open", "change", "sidedoor"):
-        raise ValueError(f"decide() takes exec, open, change and side door records, not {kind!r}")
+    if kind not in ("exec", "open", "change", "sidedoor", "move"):
+        raise ValueError(f"decide() takes exec, open, change, side door and move records, not {kind!r}")
     agent = policy.agents.get(event.get("agent"))
     if agent is None:
         return Verdict("violation", "alert", None, f"no policy for agent {event.get('agent')!r}: recorded only",
                        policy.hash, "monitor")
+    if kind == "move":
+        return _decide_move(agent, policy.hash, event)
     notes = []
     if event.get("ret", 0) < 0:
         notes.append(f"the call failed ({event.get('error')}), but an attempt is decided like a success")
@@ -146,3 +148,14 @@ def decide(event: dict, policy: PolicySet) -> Verdict:
     access = "write" if is_write(event["flags"]) else "read"
     shown, target = _path_target(event, "resolved_path", "path")
     return _decide(agent, policy.hash, f"{access} of {shown}", target, FILE_PRECEDENCE[access], notes)
+
+
+def _decide_move(agent: AgentPolicy, policy_hash: str, event: dict) -> Verdict:
+    """Leaving the agent's cgroups is a violation whatever the rules say."""
+    where = f"cgroup {text(event['dst_path'])}"
+    if not event["left"]:
+        return Verdict("allow", None, None, f"move to {where}, one of the agent's cgroups",
+                       policy_hash, agent.mode)
+    return Verdict("violation", agent.on_violation, None,
+                   f"move to {where}, out of the agent's cgroups: once an agent, always an agent "
+                   f"(on-violation {agent.on_violation})", policy_hash, agent.mode)

@@ -6,7 +6,7 @@ import shlex
 from dataclasses import dataclass
 
 from .glob import WILDCARD
-from .model import PolicySet
+from .model import AgentPolicy, PolicySet
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,18 @@ KERNEL_PATH_MAX = 251      # bytes; the BPF trie holds 252 with the NUL
 KERNEL_KILL_ACTIONS = ("kill", "kill-agent")
 
 
+def kills_in_kernel(agent: AgentPolicy) -> bool:
+    """Whether the kernel may kill this agent's processes itself: enforce mode,
+    and violations that kill."""
+    return agent.mode == "enforce" and agent.on_violation in KERNEL_KILL_ACTIONS
+
+
+def kernel_kill_agents(policy: PolicySet) -> list[str]:
+    """The agents whose processes the kernel kills when they leave the agent's
+    cgroups (that is a violation like any other)."""
+    return sorted(agent.name for agent in policy.agents.values() if kills_in_kernel(agent))
+
+
 def kernel_deny_rules(policy: PolicySet) -> list[KernelRule]:
     """Deny rules of enforcing agents whose violations kill, that are a literal
     path or a literal directory followed by '/**' (and, for exec, have no argv
@@ -32,7 +44,7 @@ def kernel_deny_rules(policy: PolicySet) -> list[KernelRule]:
     daemon, which also backs these up for relative or unusual spellings."""
     found: list[KernelRule] = []
     for agent in policy.agents.values():
-        if agent.mode != "enforce" or agent.on_violation not in KERNEL_KILL_ACTIONS:
+        if not kills_in_kernel(agent):
             continue
         for kind, applies in (("exec.deny", "exec"), ("files.deny", "open")):
             for rule in agent.rules[kind].rules:
