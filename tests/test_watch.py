@@ -30,6 +30,15 @@ def a_probe() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
 
+@pytest.fixture
+def probe():
+    """A live process standing in for the probe; gone after the test."""
+    proc = a_probe()
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
 def health(pid: int, **extra) -> dict:
     return {"kind": "health", "stage": "probe", "time": time.time_ns(), "pid": pid, "counters": {},
             **extra}
@@ -78,32 +87,24 @@ def test_a_deliberate_stop_freezes_nothing(agents):
     assert not agents.frozen("coder")
 
 
-def test_a_stop_sent_by_anyone_else_freezes_at_once(agents):
+def test_a_stop_sent_by_anyone_else_freezes_at_once(agents, probe):
     agents("coder")
     guard = WatchGuard(lambda: agents.cgroups, silence_timeout=60)
-    probe = a_probe()
-    try:
-        guard.heard(health(probe.pid))
-        [lost] = guard.heard(health(probe.pid, stopping={
-            "sender": "pid 4242 (python3, cgroup /agents/coder)", "deliberate": False}))
-    finally:
-        probe.kill()
+    guard.heard(health(probe.pid))
+    [lost] = guard.heard(health(probe.pid, stopping={
+        "sender": "pid 4242 (python3, cgroup /agents/coder)", "deliberate": False}))
     assert lost["state"] == LOST and "pid 4242 (python3, cgroup /agents/coder)" in lost["detail"]
     assert agents.frozen("coder")
 
 
-def test_a_silent_probe_is_lost_but_not_while_its_messages_wait_unread(agents):
+def test_a_silent_probe_is_lost_but_not_while_its_messages_wait_unread(agents, probe):
     agents("coder")
     guard = WatchGuard(lambda: agents.cgroups, silence_timeout=0.2)
-    probe = a_probe()
-    try:
-        guard.heard(health(probe.pid))
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:      # the daemon is behind: never silence
-            assert guard.check(behind=True) == []
-        [lost] = wait_for(lambda: guard.check(), timeout=5, what="silence to count")
-    finally:
-        probe.kill()
+    guard.heard(health(probe.pid))
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:      # the daemon is behind: never silence
+        assert guard.check(behind=True) == []
+    [lost] = wait_for(lambda: guard.check(), timeout=5, what="silence to count")
     assert lost["state"] == LOST and "no health record" in lost["detail"]
     assert agents.frozen("coder")
 
