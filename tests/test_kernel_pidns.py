@@ -23,6 +23,8 @@ def test_a_session_in_a_pid_namespace_runs_allowed_and_approved_execs(kernel, tm
     agent = f"ns-{uuid.uuid4().hex[:6]}"
     warden = Warden(tmp_path, env={"AGENTWARDEN_CGROUP_SCOPE": scope},
                     wrapper=("unshare", "--pid", "--fork", "--mount-proc"))
+    # `up` is pid 1 of the namespace; unshare does not pass signals on: stop it directly.
+    up = psutil.Process(warden.proc.pid).children()[0]
     try:
         home = kernel / scope / agent
         home.mkdir()
@@ -33,8 +35,7 @@ def test_a_session_in_a_pid_namespace_runs_allowed_and_approved_execs(kernel, tm
                                  f'[agent.{agent}.exec]\nallow = ["/usr/bin/sh", "/usr/bin/dash", "/bin/sh", '
                                  f'"/usr/bin/true"]\nhold = ["/usr/bin/date"]\n'
                                  f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["/dev/null"]\n')
-        # `up` is pid 1 of the namespace: enter it (and its /proc) to start the session.
-        up = psutil.Process(warden.proc.pid).children()[0]
+        # Enter the namespace (and its /proc) to start the session.
         session = subprocess.Popen(
             ["nsenter", "--target", str(up.pid), "--pid", "--mount", "--", sys.executable, "-m",
              "agentwarden", "run", "--agent", agent, "--", "/bin/sh", "-c",
@@ -56,4 +57,6 @@ def test_a_session_in_a_pid_namespace_runs_allowed_and_approved_execs(kernel, tm
         killed = [r for r in warden.records() if r["kind"] == "exec" and r.get("not_approved")]
         assert killed == [], killed
     finally:
+        up.terminate()
+        up.wait(timeout=30)
         warden.stop()
