@@ -361,7 +361,8 @@ purge)
     check "reinstall" apt_install "$new_deb"
     wait_for 180 "both services active" active $UNITS
     rm -rf /etc/agentwarden/policy.d/swt-intruder.toml /etc/agentwarden/agents/swt-reviewer.toml \
-        /etc/agentwarden/config.d/50-test.toml
+        /etc/agentwarden/policy.d/swt-reviewer.toml /etc/agentwarden/policy.d/swt-holder.toml \
+        /etc/agentwarden/agents/swt-holder.toml /etc/agentwarden/config.d/50-test.toml
     check "purge with AGENTWARDEN_PURGE_STATE=yes" sh -c \
         "AGENTWARDEN_PURGE_STATE=yes apt-get purge -y -q agentwarden > /tmp/apt.log 2>&1"
     check "the archive is gone, as asked" test ! -e $STATE
