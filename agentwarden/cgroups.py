@@ -138,16 +138,23 @@ def is_delegated(path: Path) -> bool:
         return False
 
 
-def own_cgroup(root: Path, pid: int | str = "self") -> Path | None:
-    """A process's cgroup v2 directory, or None."""
+def cgroup_of(pid: int | str = "self") -> str | None:
+    """A process's cgroup v2 path relative to the mount ('/' for the root), from
+    the "0::" line of /proc/PID/cgroup; None when it cannot be read."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             for line in f:
                 if line.startswith("0::"):
-                    return root / line[3:].strip().lstrip("/")
+                    return line[3:].strip()
     except OSError:
         return None
     return None
+
+
+def own_cgroup(root: Path, pid: int | str = "self") -> Path | None:
+    """A process's cgroup v2 directory, or None."""
+    relative = cgroup_of(pid)
+    return None if relative is None else root / relative.lstrip("/")
 
 
 def read_attribution(path: Path) -> tuple[tuple[str, str], ...]:

@@ -51,11 +51,9 @@ def describe_sender(pid: int, uid: int) -> str:
         return "the kernel (a terminal's Ctrl-C)"
     try:
         comm = open(f"/proc/{pid}/comm").read().strip()
-        lines = open(f"/proc/{pid}/cgroup").read().splitlines()
     except OSError:
         return f"pid {pid} (uid {uid}, exited since)"
-    cgroup = next((line[3:] for line in lines if line.startswith("0::")), "?")  # the v2 line
-    return f"pid {pid} ({comm}, uid {uid}, cgroup {cgroup})"
+    return f"pid {pid} ({comm}, uid {uid}, cgroup {cgroups.cgroup_of(pid) or '?'})"
 
 
 class TagMirror:

@@ -46,18 +46,6 @@ def login_uid(pid: int) -> int | None:
     return None if value == NO_LOGIN_UID else value
 
 
-def cgroup_of(pid: int) -> str | None:
-    """The cgroup v2 path of a process, relative to the mount ('/' for the root)."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    return line[3:].strip()
-    except OSError:
-        return None
-    return None
-
-
 class Admin:
     def __init__(self, settings: Settings, listeners: Listeners, holds: Holds, decisions: Decisions,
                  records: Records, current_policy: Callable[[], policy_mod.PolicySet | None],
@@ -113,16 +101,17 @@ class Admin:
             if self.admin_gid is None or self.admin_gid not in groups:
                 return f"only root and members of group {self.admin_group!r} may answer holds"
         sessions = {s.pid for s in self.listeners.sessions.values()}
+        tags = self._probe_tags()   # once: the whole ancestry is judged against one report
         current = pid
         for _ in range(4096):
             if current <= 1:
                 return None
             if current in sessions:
                 return "requests from inside an agentwarden run session are refused"
-            relative = cgroup_of(current)
+            relative = cgroups.cgroup_of(current)
             if relative is None:
                 return "cannot read the requester's cgroup"
-            agent = self._agent_of(relative)
+            agent = self._agent_of(relative, tags)
             if agent:
                 return f"requests from inside agent {agent!r} are refused, even as root"
             current = proc_ppid(current)
@@ -137,10 +126,9 @@ class Admin:
         except AgentwardenError:
             return {}
 
-    def _agent_of(self, relative: str) -> str | None:
+    def _agent_of(self, relative: str, tags: dict) -> str | None:
         """The agent of a cgroup or any ancestor: a tag it carries (where this
-        process can read trusted.* xattrs) or the probe's word for it."""
-        tags = self._probe_tags()
+        process can read trusted.* xattrs) or the probe's word for it (tags)."""
         path = Path(os.path.normpath(f"{self.root}/{relative}"))
         while True:
             try:
@@ -292,7 +280,7 @@ class Admin:
         if current is None or fields["agent"] not in current.agents:
             return refuse(f"no policy for agent {fields['agent']!r}: a session needs one")
         cgroup = Path(fields["cgroup"])
-        if Path(os.path.normpath(f"{self.root}/{cgroup_of(pid)}")) != cgroup:
+        if Path(os.path.normpath(f"{self.root}/{cgroups.cgroup_of(pid)}")) != cgroup:
             return refuse("the registering process is not in the session cgroup")
         # The session's tags, as the probe read them (it has CAP_SYS_ADMIN for
         # trusted.* xattrs; the daemon's unit does not): it watches the cgroup
