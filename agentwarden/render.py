@@ -272,9 +272,12 @@ def hold_detail(h: dict[str, Any]) -> list[str]:
 
 
 def _toml_value(value: Any) -> str:
-    if isinstance(value, float):
+    """A value as TOML writes it: true/false, numbers as such, the rest as basic strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value))  # a TOML basic string
+    return json.dumps(str(value))
 
 
 def settings_toml(settings: Settings, files: list[Path]) -> list[str]:
@@ -288,7 +291,7 @@ def settings_toml(settings: Settings, files: list[Path]) -> list[str]:
 
 def settings_json(settings: Settings, files: list[Path]) -> str:
     """The settings in force, their origins and the files read, as one JSON object."""
-    return json.dumps({"settings": {k: v if isinstance(v, (int, float)) else str(v)
+    return json.dumps({"settings": {k: v if isinstance(v, (bool, int, float)) else str(v)
                                     for k, v in settings.values().items()},
                        "origins": dict(settings.origins),
                        "files": [str(f) for f in files]}, sort_keys=True)

@@ -82,26 +82,15 @@ class ArchiveSettings:
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "ArchiveSettings":
-        """AGENTWARDEN_ARCHIVE_* variables over the defaults; a bad value is an error."""
+        """The archive_* settings from AGENTWARDEN_ARCHIVE_* variables alone (the
+        defaults for the others); a bad value is an error."""
         env = os.environ if env is None else env
-        values: dict = {}
-        parsers = {"SYNC_INTERVAL": ("sync_interval", parse_duration),
-                   "SEGMENT_BYTES": ("segment_bytes", parse_size),
-                   "SEGMENT_AGE": ("segment_age", parse_duration),
-                   "RETAIN_AGE": ("retain_age", parse_duration),
-                   "RETAIN_BYTES": ("retain_bytes", parse_size)}
-        for suffix, (name, parse) in parsers.items():
-            var = f"AGENTWARDEN_ARCHIVE_{suffix}"
-            if env.get(var):
-                values[name] = parse(env[var], var)
-        for suffix, name in (("COMPRESS", "compress"), ("ON_DISK_FULL", "on_disk_full")):
-            if env.get(f"AGENTWARDEN_ARCHIVE_{suffix}"):
-                values[name] = env[f"AGENTWARDEN_ARCHIVE_{suffix}"].strip().lower()
-        if env.get("AGENTWARDEN_ARCHIVE_KEY_FILE"):
-            values["key_file"] = Path(env["AGENTWARDEN_ARCHIVE_KEY_FILE"])
-            values["key_file_required"] = True
-        return cls(**values)
-
+        values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
+        for name, key in KEYS.items():
+            if name.startswith("archive_") and key.env in env:
+                _apply(values, origins, name, env[key.env], f"environment {key.env}")
+        return Settings(**values, origins=origins).archive
 
 
 _GROUP_NAME = re.compile(r"^[a-z_][a-z0-9_-]*\$?\Z")
@@ -220,6 +209,32 @@ def _notify_webhook(value: Any) -> str:
 _notify_timeout = _seconds_between(0.1, 60, "must be between 0.1 and 60 seconds")
 
 
+def _duration(value: Any) -> float:
+    """Seconds: a number, or a duration string of the one syntax (durations.py)."""
+    if isinstance(value, str):
+        return parse_duration(value, "duration")
+    return _number_of_seconds(value)
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            return parse_size(value, "size")
+        except AgentwardenError as exc:
+            raise ValueError(str(exc)) from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("must be a size in bytes (or 64M, 1G)")
+    return value
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in choices:
+            raise ValueError(f"use one of {', '.join(choices)}")
+        return value.strip().lower()
+    return parse
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -269,6 +284,21 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("hold_messages", True, _flag,
         "sessions: one line on the held process's stderr when a call is held (what, hold id, "
         "timeout) and when it is denied or times out (by whom, why); false says nothing"),
+    Key("archive_sync_interval", ArchiveSettings.sync_interval, _duration,
+        "a record is fsynced at most this long after it is written (0.01..60 s)"),
+    Key("archive_segment_bytes", ArchiveSettings.segment_bytes, _size,
+        "rotate the active segment before it exceeds this size (64M, 1G; at least 4096)"),
+    Key("archive_segment_age", ArchiveSettings.segment_age, _duration, "rotate a segment this old (1h)"),
+    Key("archive_compress", ArchiveSettings.compress, _one_of(ArchiveSettings.COMPRESSORS),
+        "sealed segments: xz, zlib or none"),
+    Key("archive_retain_age", ArchiveSettings.retain_age, _duration,
+        "delete sealed segments older than this (90d; 0: never)"),
+    Key("archive_retain_bytes", ArchiveSettings.retain_bytes, _size,
+        "delete the oldest sealed segments above this total (10G; 0: never)"),
+    Key("archive_key_file", ArchiveSettings.key_file, _path,
+        "root-only secret for the archive's hash chain; used when present, required when set"),
+    Key("archive_on_disk_full", ArchiveSettings.on_disk_full, _one_of(ArchiveSettings.DISK_FULL_POLICIES),
+        "when the archive cannot be written: freeze, kill or continue the agents"),
 )}
 
 
@@ -290,7 +320,14 @@ class Settings:
     notify_command: str = KEYS["notify_command"].default
     notify_webhook: str = KEYS["notify_webhook"].default
     notify_timeout: float = KEYS["notify_timeout"].default
-    archive: ArchiveSettings = field(default_factory=ArchiveSettings, compare=False)
+    archive_sync_interval: float = KEYS["archive_sync_interval"].default
+    archive_segment_bytes: int = KEYS["archive_segment_bytes"].default
+    archive_segment_age: float = KEYS["archive_segment_age"].default
+    archive_compress: str = KEYS["archive_compress"].default
+    archive_retain_age: float = KEYS["archive_retain_age"].default
+    archive_retain_bytes: int = KEYS["archive_retain_bytes"].default
+    archive_key_file: Path = KEYS["archive_key_file"].default
+    archive_on_disk_full: str = KEYS["archive_on_disk_full"].default
     # key -> where its value came from ("default", a file, "environment AGENTWARDEN_X", "--set")
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -308,6 +345,17 @@ class Settings:
     def control_endpoint(self) -> str:
         """CLI REQ -> daemon REP"""
         return f"ipc://{self.run_dir / 'control.sock'}"
+
+    @property
+    def archive(self) -> ArchiveSettings:
+        """The archive_* settings as the daemon's archive takes them (validated there)."""
+        return ArchiveSettings(
+            sync_interval=self.archive_sync_interval, segment_bytes=self.archive_segment_bytes,
+            segment_age=self.archive_segment_age, compress=self.archive_compress,
+            retain_age=self.archive_retain_age, retain_bytes=self.archive_retain_bytes,
+            key_file=self.archive_key_file, on_disk_full=self.archive_on_disk_full,
+            # A key file someone named must exist; the default one is used when present.
+            key_file_required=self.origins.get("archive_key_file", "default") != "default")
 
     @property
     def archive_dir(self) -> Path:
@@ -456,4 +504,11 @@ def load(config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set run_dir=/tmp/aw")
         _apply(values, origins, name.strip(), raw, "--set")
-    return Settings(**values, origins=origins, archive=ArchiveSettings.from_env(dict(environ)))
+    settings = Settings(**values, origins=origins)
+    try:
+        settings.archive  # noqa: B018  the archive's own checks (ranges), at load time
+    except ConfigError:
+        raise
+    except AgentwardenError as exc:
+        raise ConfigError(f"{exc} (archive_* settings)") from None
+    return settings
