@@ -1,3 +1,3 @@
 from agentwarden.cli import main
 
-main()
+raise SystemExit(main())

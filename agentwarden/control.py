@@ -2,20 +2,30 @@
 and the event feed (SUB)."""
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import wire
-from .errors import AgentwardenError
+from .errors import EXIT_UNREACHABLE, AgentwardenError, NoPermission
 from .settings import Settings
+
+FEED_CHECK_INTERVAL = 1.0   # seconds between looks at whether the feed's daemon is still there
 
 
 class DaemonUnavailable(AgentwardenError):
-    pass
+    exit_code = EXIT_UNREACHABLE
+
+
+def _not_open(settings: Settings, path: str) -> NoPermission:
+    return NoPermission(f"{path} is not open to you: run this as root (sudo) or as a member of "
+                        f"the admin group ({settings.admin_group or 'none: root only'})")
 
 
 def _socket_path(endpoint: str) -> str:
@@ -26,11 +36,30 @@ def check_reachable(settings: Settings, endpoint: str) -> None:
     """One clear error when a socket in the run dir cannot be used."""
     path = _socket_path(endpoint)
     if not os.access(settings.run_dir, os.X_OK) and os.path.isdir(settings.run_dir):
-        raise AgentwardenError(f"{settings.run_dir} is not open to you: run this as root (sudo) "
-                               "or as a member of the admin group")
+        raise _not_open(settings, str(settings.run_dir))
     if not os.path.exists(path):
         raise DaemonUnavailable(
             f"the daemon is not running (no socket at {path}); start it with `agentwarden up`")
+    probe_listener(settings, path)
+
+
+def probe_listener(settings: Settings, path: str, kind: int = socket.SOCK_STREAM) -> None:
+    """Whether anything listens on a socket file: a daemon stopped with Ctrl-C
+    (or killed) leaves its files behind, and ZeroMQ would wait on them silently."""
+    sock = socket.socket(socket.AF_UNIX, kind)
+    try:
+        sock.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise DaemonUnavailable(
+            f"the daemon is not running (nothing listens on {path}, a socket left by a stopped "
+            "daemon); start it with `agentwarden up`") from None
+    except PermissionError:
+        raise _not_open(settings, path) from None
+    except OSError as exc:
+        if exc.errno != errno.EPROTOTYPE:   # another socket type: let the real client say
+            raise DaemonUnavailable(f"cannot reach {path}: {exc.strerror}") from None
+    finally:
+        sock.close()
 
 
 def request(settings: Settings, cmd: str, timeout: float = 3.0, check: bool = True,
@@ -88,13 +117,25 @@ def subscribe(settings: Settings) -> Iterator[Received]:
 
 
 def _feed(endpoint: str) -> Iterator[Received]:
+    """Raises DaemonUnavailable when the daemon closes the feed (it stopped):
+    ZeroMQ would otherwise wait for it to come back, silently."""
     sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_EVENTS)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     sock.connect(endpoint)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
     last_seq = None
     try:
         while True:
+            ready = dict(poller.poll(int(FEED_CHECK_INTERVAL * 1000)))
+            if monitor in ready and recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                raise DaemonUnavailable(f"the daemon went away (it closed {_socket_path(endpoint)}); "
+                                        "start it again with `agentwarden up`, then tail again")
+            if sock not in ready:
+                continue
             frames = sock.recv_multipart()
             try:
                 batch = wire.decode_batch(frames[-1])
@@ -106,4 +147,6 @@ def _feed(endpoint: str) -> Iterator[Received]:
             last_seq = batch.seq
             yield Received(batch, missed)
     finally:
+        sock.disable_monitor()
+        monitor.close()
         sock.close()

@@ -66,10 +66,15 @@ def _btf() -> Check:
 
 
 def _tracefs() -> Check:
-    if not os.access(TRACEFS, os.X_OK) and TRACEFS.exists():
-        return Check("tracefs", False, f"{TRACEFS} is not open to this user",
+    not_open = Check("tracefs", False, f"{TRACEFS} is not open to this user",
                      "run `agentwarden doctor` as root (sudo) to check tracefs")
-    if (TRACEFS / "events").is_dir():
+    try:
+        if not os.access(TRACEFS, os.X_OK) and TRACEFS.exists():
+            return not_open
+        mounted = (TRACEFS / "events").is_dir()
+    except PermissionError:    # Path.is_dir raises EACCES (only ENOENT and the like are False)
+        return not_open
+    if mounted:
         ok = (TRACEFS / "events/syscalls/sys_enter_openat").is_dir()
         return Check("tracefs", ok,
                      f"mounted at {TRACEFS}" if ok else "mounted, but no syscall tracepoints",
@@ -152,4 +157,15 @@ CHECKS = (_root, _bcc, _bpf_syscall, _btf, _tracefs, _headers, _cgroup2, _cgroup
 
 
 def run_checks() -> list[Check]:
-    return [check() for check in CHECKS]
+    return [_guarded(check) for check in CHECKS]
+
+
+def _guarded(check) -> Check:
+    """A check that could not look (permission, a file gone) says so instead of failing doctor."""
+    try:
+        return check()
+    except OSError as exc:
+        name = check.__name__.strip("_").replace("_", " ")
+        where = f" {exc.filename}" if exc.filename else ""
+        return Check(name, False, f"could not check:{where} {exc.strerror or exc}",
+                     "run `agentwarden doctor` as root (sudo)")

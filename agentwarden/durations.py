@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 
-from .errors import AgentwardenError
+from .errors import UsageProblem
 
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE)
 EXAMPLES = "e.g. 90s, 15m, 2h, 1d"
 
 
-class DurationError(AgentwardenError, ValueError):
+class DurationError(UsageProblem, ValueError):
     """Text that is not a duration (a ValueError too, for protocol handlers)."""
 
 

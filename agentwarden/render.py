@@ -165,15 +165,26 @@ def as_json(record: dict[str, Any]) -> str:
     return json.dumps(record, default=_jsonable, sort_keys=True)
 
 
-def banner(settings: Settings, cgroup_root: Path) -> list[str]:
-    """What `up` says once the probe is loaded: where things are, how to start."""
+def banner(settings: Settings, cgroup_root: Path, flags: list[str] = ()) -> list[str]:
+    """What `up` says once the probe is loaded: where things are, the settings
+    not at their defaults, how to start (with the flags other commands need)."""
+    scope = settings.cgroup_scope
+    demo = f"{scope}/demo" if scope else "demo"
+    again = " ".join(flags) + " " if flags else ""
+    changed = [f"{name} = {_toml_value(value)} ({settings.origins.get(name, 'default')})"
+               for name, value in settings.values().items()
+               if settings.origins.get(name, "default") != "default"]
     return ["agentwarden is watching.",
             f"  archive:   {settings.archive_dir}",
             f"  sockets:   {settings.run_dir} (ingest.sock, events.sock, control.sock)",
             f"  cgroup v2: {cgroup_root}",
+            f"  scope:     {cgroup_root / scope if scope else 'every agent cgroup'}"
+            + (f" (cgroup_scope {scope!r}: agents elsewhere are not watched)" if scope else ""),
+            "  settings:  " + ("; ".join(changed) if changed else "all defaults (agentwarden config)"),
+            *([f"  flags:     {' '.join(flags)} (give them to every other command too)"] if flags else []),
             "Put a shell under watch as agent 'demo' (in another terminal, as root):",
-            f"  agentwarden tag demo --agent demo --create && echo $$ > {cgroup_root}/demo/cgroup.procs",
-            "Then watch it: agentwarden tail --agent demo"]
+            f"  agentwarden {again}tag {demo} --agent demo --create && echo $$ > {cgroup_root}/{demo}/cgroup.procs",
+            f"Then watch it: agentwarden {again}tail --agent demo"]
 
 
 def status(st: dict[str, Any], now_ns: int) -> list[str]:
@@ -183,6 +194,9 @@ def status(st: dict[str, Any], now_ns: int) -> list[str]:
     age = (now_ns - p["last_seen"]) / 1e9 if p["last_seen"] else None
     lines.append(f"daemon: up (pid {d['pid']}), {d['events_per_second']:.0f} events/s, "
                  f"{d['counters'].get('events', 0)} events, archive {d['archive']}")
+    if "cgroup_scope" in d:
+        lines.append("scope:  " + (f"only agent cgroups below {d['cgroup_scope']!r} (cgroup_scope)"
+                                   if d["cgroup_scope"] else "every agent cgroup (no cgroup_scope)"))
     a = d.get("archive_state")
     if a:
         lines.append(f"archive: {a['state']}, durable up to seq {a['durable_seq']}"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import cgroups, control, wire
 from . import seccomp_notify as sn
-from .errors import AgentwardenError, NeedsRoot
+from .errors import AgentwardenError, NeedsRoot, NoPermission
 from .settings import Settings
 
 
@@ -38,8 +38,8 @@ def request(settings: Settings, message: dict, fd: int | None = None, timeout: f
         try:
             sock.connect(str(path))
         except PermissionError:
-            raise AgentwardenError(f"cannot reach {path}: run this as root or as a member of the "
-                                   "admin group") from None
+            raise NoPermission(f"cannot reach {path}: run this as root or as a member of the "
+                               "admin group") from None
         except ConnectionRefusedError:
             raise control.DaemonUnavailable(
                 f"the daemon is not running (nothing listens on {path}, a socket left by a stopped "

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .durations import DurationError, parse_duration
-from .errors import AgentwardenError
+from .errors import AgentwardenError, UsageProblem
 
 DEFAULT_CONFIG = "/etc/agentwarden/config.toml"
 DROPIN_DIR = "config.d"
@@ -97,8 +97,8 @@ _GROUP_NAME = re.compile(r"^[a-z_][a-z0-9_-]*\$?\Z")
 _SLICE_NAME = re.compile(r"^[A-Za-z0-9_.:]+(-[A-Za-z0-9_.:]+)*\.slice\Z")
 
 
-class ConfigError(AgentwardenError):
-    pass
+class ConfigError(UsageProblem):
+    """A setting that cannot be (exit 2, like a bad option)."""
 
 
 # -- value parsers: (value from TOML or a string from env/flags) -> value ------

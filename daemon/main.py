@@ -381,6 +381,7 @@ class Daemon:
         return {
             "daemon": {"pid": os.getpid(), "started": self.started, "events_per_second": self.rate,
                        "counters": dict(self.counters), "archive": str(self.settings.archive_dir),
+                       "cgroup_scope": self.settings.cgroup_scope,
                        "archive_seq": self.archive.seq,
                        "archive_state": {**self.archive.state(), "on_disk_full": self.disk_guard.state()},
                        "sockets": {"ingest": self.settings.ingest_endpoint,

@@ -15,9 +15,10 @@ from typing import List, Optional
 import typer
 
 from agentwarden import logquery
-from agentwarden.archive.segments import ArchiveError, load_key, read_items
+from agentwarden.archive.segments import HEAD_FILE, LOCK_FILE, SEGMENT_NAME, ArchiveError, load_key, read_items
 from agentwarden.archive.verify import verify as verify_archive
-from agentwarden.errors import AgentwardenError
+from agentwarden.errors import AgentwardenError, NoPermission, UsageProblem
+from .output import emit, emit_json
 from agentwarden.settings import Settings
 from agentwarden.wire import RECORD_FIELDS
 
@@ -29,14 +30,24 @@ _ARCHIVE_HELP = "archive directory (default: $AGENTWARDEN_STATE_DIR/archive, i.e
 
 
 def _archive(archive: Optional[Path]) -> Path:
+    """The archive directory, once it is known to be one this user can read."""
     directory = archive or Settings.from_env().archive_dir
+    wrong = UsageProblem if archive is not None else AgentwardenError
+    denied = NoPermission(f"cannot read the archive {directory}: permission denied "
+                          "(it is root's alone: run with sudo)")
     try:
         is_dir = directory.is_dir()
+        names = os.listdir(directory) if is_dir else []
     except PermissionError:
-        raise AgentwardenError(f"cannot read the archive {directory}: permission denied "
-                               "(it is root's alone: run with sudo)") from None
+        raise denied from None
     if not is_dir:
-        raise AgentwardenError(f"there is no archive at {directory}")
+        raise wrong(f"there is no archive at {directory}")
+    ours = [n for n in names if n in (HEAD_FILE, LOCK_FILE) or SEGMENT_NAME.match(n)]
+    if not ours:
+        raise wrong(f"{directory} is not an archive (no segment-*.awseg, head or lock file); "
+                    f"the daemon's is {Settings.from_env().archive_dir}")
+    if not all(os.access(directory / n, os.R_OK) for n in ours if n != LOCK_FILE):
+        raise denied
     return directory
 
 
@@ -54,7 +65,7 @@ def _key(key_file: Optional[Path]) -> Optional[bytes]:
 
 def _emit(line: str) -> None:
     try:
-        typer.echo(line)
+        emit(line)
     except BrokenPipeError:  # `log show | head`
         sys.stderr.close()
         raise typer.Exit(0)
@@ -63,7 +74,8 @@ def _emit(line: str) -> None:
 @log_app.command()
 def verify(key: Optional[Path] = typer.Option(None, "--key", help="the archive key file (default: the "
                                               "daemon's, /etc/agentwarden/archive.key, when present)"),
-           archive: Optional[Path] = typer.Option(None, "--archive", help=_ARCHIVE_HELP)):
+           archive: Optional[Path] = typer.Option(None, "--archive", help=_ARCHIVE_HELP),
+           as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object")):
     """Check the hash chain of every record and segment, the head and retention;
     name the first bad record and why (exit 1).
 
@@ -71,16 +83,24 @@ def verify(key: Optional[Path] = typer.Option(None, "--key", help="the archive k
     """
     directory = _archive(archive)
     report = verify_archive(directory, _key(key))
+    head = report.head
+    if as_json:
+        emit_json({"ok": report.ok, "problem": report.problem, "notes": list(report.notes),
+                   "records": report.records, "segments": report.segments,
+                   "first_seq": report.first_seq, "last_seq": report.last_seq, "keyed": report.keyed,
+                   "durable_seq": head.seq if head else None, "archive": str(directory)})
+        if not report.ok:
+            raise typer.Exit(1)
+        return
     for note in report.notes:
-        typer.echo(f"note: {note}")
+        emit(f"note: {note}")
     if not report.ok:
-        typer.echo(f"FAILED: {report.problem}")
+        emit(f"FAILED: {report.problem}")
         raise typer.Exit(1)
     if not report.records:
-        typer.echo("OK: the archive is empty")
+        emit("OK: the archive is empty")
         return
-    head = report.head
-    typer.echo(f"OK: {report.records} records in {report.segments} segments, seq "
+    emit(f"OK: {report.records} records in {report.segments} segments, seq "
                f"{report.first_seq}..{report.last_seq}, hash chain intact"
                + (" (keyed)" if report.keyed else " (not keyed: detects accidents and edits, "
                   "not a rewrite by root)")
@@ -93,7 +113,7 @@ def _filter(agent, session, pid, kind, verdict, path, since, until, seq) -> logq
         kinds = {k.strip() for part in kind for k in part.split(",") if k.strip()}
         unknown = sorted(kinds - set(RECORD_FIELDS))
         if unknown:
-            raise AgentwardenError(f"--kind {', '.join(unknown)}: unknown; kinds are "
+            raise UsageProblem(f"--kind {', '.join(unknown)}: unknown; kinds are "
                                    + ", ".join(sorted(RECORD_FIELDS)))
     return logquery.Filter(
         agent=agent, session=session, pid=pid, kinds=kinds, verdict=verdict,
@@ -107,7 +127,7 @@ def _items(directory: Path):
     errors: list[str] = []
     yield from read_items(directory, errors)
     for error in errors:
-        typer.echo(f"agentwarden: warning: skipped what could not be read: {error} "
+        emit(f"agentwarden: warning: skipped what could not be read: {error} "
                    "(run `agentwarden log verify`)", err=True)
 
 
@@ -171,11 +191,10 @@ def search(agent: Optional[str] = _AGENT, session: Optional[str] = _SESSION, pid
     """
     flt = _filter(agent, session, pid, kind, verdict, path, since, until, seq)
     if not flt.any:
-        raise AgentwardenError("give at least one filter (--agent, --session, --pid, --kind, --verdict, "
+        raise UsageProblem("give at least one filter (--agent, --session, --pid, --kind, --verdict, "
                                "--path, --since, --until, --seq), or use `agentwarden log show`")
     if not _print(_archive(archive), flt, as_json, limit):
-        typer.echo("no records match", err=True)
-        raise typer.Exit(1)
+        raise AgentwardenError("no records match")
 
 
 @log_app.command()
@@ -223,7 +242,7 @@ def export(fmt: str = typer.Option("jsonl", "--format", help="jsonl: one JSON ob
     Example: sudo agentwarden log export --format jsonl --since 1d -o /var/tmp/agentwarden.jsonl
     """
     if fmt != "jsonl":
-        raise AgentwardenError(f"--format {fmt!r}: the only export format is jsonl")
+        raise UsageProblem(f"--format {fmt!r}: the only export format is jsonl")
     directory = _archive(archive)
     flt = _filter(agent, session, pid, kind, verdict, path, since, until, seq)
     attribution = logquery.Attribution()
@@ -247,4 +266,4 @@ def export(fmt: str = typer.Option("jsonl", "--format", help="jsonl: one JSON ob
         if out is not sys.stdout:
             out.close()
     if output is not None:
-        typer.echo(f"exported {count} records to {output}", err=True)
+        emit(f"exported {count} records to {output}", err=True)

@@ -11,10 +11,15 @@ import typer
 
 from agentwarden import control, policy
 from agentwarden.paths import normalise
-from agentwarden.errors import AgentwardenError
+from agentwarden.errors import EXIT_OK, EXIT_PROBLEM, AgentwardenError, UsageProblem
 from agentwarden.settings import Settings
+from .output import emit, emit_json
 
-policy_app = typer.Typer(no_args_is_help=True,
+# `policy explain` exits by verdict, so scripts can ask it (docs/cli.md).
+EXPLAIN_EXIT = {"allow": EXIT_OK, "deny": EXIT_PROBLEM, "violation": EXIT_PROBLEM, "hold": 5}
+_JSON = typer.Option(False, "--json", help="print the result as one JSON object")
+
+policy_app = typer.Typer(no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                          help="Check policy files and ask which rule decides an action.\n\n"
                               "Example: agentwarden policy check")
 
@@ -30,20 +35,28 @@ def _load(paths: Optional[List[Path]]) -> policy.PolicySet:
 
 
 @policy_app.command()
-def check(paths: Optional[List[Path]] = typer.Argument(None, help=_POLICY_HELP, show_default=False)):
-    """Validate policy files: list every problem with file and line, or print OK and the policy hash.
+def check(paths: Optional[List[Path]] = typer.Argument(None, help=_POLICY_HELP, show_default=False),
+          as_json: bool = _JSON):
+    """Validate policy files: list every problem with file and line (exit 1), or print OK and the policy hash.
 
     Example: agentwarden policy check /etc/agentwarden/policy.d/coder.toml
     """
     try:
         loaded = _load(paths)
     except policy.PolicyError as exc:
-        for problem in exc.problems:
-            typer.echo(str(problem), err=True)
+        if as_json:
+            emit_json({"ok": False, "problems": [str(p) for p in exc.problems]})
+        else:
+            for problem in exc.problems:
+                emit(str(problem), err=True)
         raise AgentwardenError(f"the policy has {_count(len(exc.problems), 'problem')}; "
                                "nothing was loaded") from None
-    typer.echo(f"OK: {_count(len(loaded.files), 'file')}, agents {', '.join(sorted(loaded.agents))}; "
-               f"policy {loaded.hash}")
+    if as_json:
+        emit_json({"ok": True, "files": [str(f) for f in loaded.files], "agents": sorted(loaded.agents),
+                   "policy_hash": loaded.hash})
+        return
+    emit(f"OK: {_count(len(loaded.files), 'file')}, agents {', '.join(sorted(loaded.agents))}; "
+         f"policy {loaded.hash}")
 
 
 def _exec_event(agent: str, path: str, args: List[str]) -> dict:
@@ -61,10 +74,10 @@ def _change_event(agent: str, syscall: str, paths: List[str]) -> dict:
     """A change of paths (two for rename, link and symlink: the old name or
     the link's content, then the new name)."""
     if syscall not in policy.CHANGE_SYSCALLS:
-        raise AgentwardenError(f"--change {syscall!r}: use one of {', '.join(policy.CHANGE_SYSCALLS)}")
+        raise UsageProblem(f"--change {syscall!r}: use one of {', '.join(policy.CHANGE_SYSCALLS)}")
     two = syscall.startswith(("rename", "link", "symlink"))
     if len(paths) != (2 if two else 1):
-        raise AgentwardenError(f"--change {syscall} takes {'two paths' if two else 'one path'}")
+        raise UsageProblem(f"--change {syscall} takes {'two paths' if two else 'one path'}")
     first, second = paths if two else (paths[0], "")
     return {"kind": "change", "agent": agent, "syscall": syscall, "path": first, "resolved_path": first,
             "path2": second, "resolved_path2": second or None, "at_flags": 0, "ret": 0, "error": None}
@@ -83,30 +96,32 @@ def explain(agent: str = typer.Option(..., "--agent", help="the agent whose poli
                                                                    "(put -- before any that start with -); "
                                                                    "with --change: its path, or its two paths",
                                                        show_default=False),
-            paths: Optional[List[Path]] = typer.Option(None, "--policy", help=_POLICY_HELP, show_default=False)):
+            paths: Optional[List[Path]] = typer.Option(None, "--policy", help=_POLICY_HELP, show_default=False),
+            as_json: bool = _JSON):
     """Say which rule decides an exec, an open, a file change or a side door, and why, without running anything.
+    Exits by verdict: 0 allow, 1 deny or violation, 5 hold.
 
     Examples: agentwarden policy explain --agent coder --exec /usr/bin/git -- push --force;
     agentwarden policy explain --agent coder --change rename /home/coder/work/a /etc/a;
     agentwarden policy explain --agent coder --syscall io_uring
     """
     if sum(option is not None for option in (exec_path, open_path, change, syscall)) != 1:
-        raise AgentwardenError("give exactly one of --exec PATH [ARG...], --open PATH [--write], "
+        raise UsageProblem("give exactly one of --exec PATH [ARG...], --open PATH [--write], "
                                "--change SYSCALL PATH [PATH] or --syscall NAME")
     if write and open_path is None:
-        raise AgentwardenError("--write goes with --open")
+        raise UsageProblem("--write goes with --open")
     if args and exec_path is None and change is None:
-        raise AgentwardenError("arguments go with --exec or --change")
+        raise UsageProblem("arguments go with --exec or --change")
     if syscall is not None and syscall not in policy.SIDEDOORS:
-        raise AgentwardenError(f"--syscall {syscall!r}: use one of {', '.join(policy.SIDEDOORS)}")
+        raise UsageProblem(f"--syscall {syscall!r}: use one of {', '.join(policy.SIDEDOORS)}")
     checked = [exec_path] if exec_path is not None else [open_path] if open_path is not None else \
         list(args or []) if change is not None else []
     for path in checked:
         if not path.startswith("/"):
-            raise AgentwardenError(f"{path!r} is not absolute: rules match absolute paths, e.g. /usr/bin/git")
+            raise UsageProblem(f"{path!r} is not absolute: rules match absolute paths, e.g. /usr/bin/git")
     loaded = _load(paths)
     if agent not in loaded.agents:
-        raise AgentwardenError(f"no policy for agent {agent!r}; the policy has "
+        raise UsageProblem(f"no policy for agent {agent!r}; the policy has "
                                f"{', '.join(sorted(loaded.agents))}")
     if exec_path is not None:
         event = _exec_event(agent, normalise(exec_path), args or [])
@@ -117,23 +132,33 @@ def explain(agent: str = typer.Option(..., "--agent", help="the agent whose poli
     else:
         event = {"kind": "sidedoor", "agent": agent, "syscall": syscall, "door": syscall, "ret": 0, "error": None}
     verdict = policy.decide(event, loaded)
-    typer.echo(f"verdict: {verdict.decision}" + (f" (on-violation {verdict.action})" if verdict.action else ""))
-    typer.echo(f"rule:    {verdict.rule or 'none matched'}")
-    typer.echo(f"reason:  {verdict.reason}")
-    effect = ": decided and recorded, never acted on" if verdict.mode == "monitor" else ""
-    typer.echo(f"mode:    {verdict.mode}{effect}")
-    typer.echo(f"policy:  {verdict.policy_hash}")
+    if as_json:
+        emit_json({"verdict": verdict.decision, "action": verdict.action, "rule": verdict.rule,
+                   "reason": verdict.reason, "mode": verdict.mode, "policy_hash": verdict.policy_hash})
+    else:
+        emit(f"verdict: {verdict.decision}" + (f" (on-violation {verdict.action})" if verdict.action else ""))
+        emit(f"rule:    {verdict.rule or 'none matched'}")
+        emit(f"reason:  {verdict.reason}")
+        effect = ": decided and recorded, never acted on" if verdict.mode == "monitor" else ""
+        emit(f"mode:    {verdict.mode}{effect}")
+        emit(f"policy:  {verdict.policy_hash}")
+    raise typer.Exit(EXPLAIN_EXIT.get(verdict.decision, EXIT_PROBLEM))
 
 
 @policy_app.command()
-def reload():
-    """Load the policy files again; a broken policy is refused and the old one stays in force.
+def reload(as_json: bool = _JSON):
+    """Load the policy files again; a broken policy is refused (exit 1) and the old one stays in force.
 
     Example: sudo agentwarden policy reload
     """
     reply = control.request(Settings.from_env(), "reload", check=False)
+    if as_json:
+        emit_json({"ok": bool(reply.get("ok")), "policy_hash": reply.get("policy_hash"),
+                   "problems": list(reply.get("problems", [])), "error": reply.get("error")})
     if not reply.get("ok"):
-        for problem in reply.get("problems", []):
-            typer.echo(problem, err=True)
+        if not as_json:
+            for problem in reply.get("problems", []):
+                emit(problem, err=True)
         raise AgentwardenError(reply.get("error", "reload failed"))
-    typer.echo(f"policy in force: {reply.get('policy_hash') or 'none (no policy files)'}")
+    if not as_json:
+        emit(f"policy in force: {reply.get('policy_hash') or 'none (no policy files)'}")

@@ -31,15 +31,16 @@ START_LIMIT_BURST = 5
 START_LIMIT_INTERVAL = 60.0
 
 
-def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Callable[[], None]) -> None:
+def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Callable[[], None]) -> int:
     """Start both, call `on_ready` once the daemon reports the probe healthy
     (within `ready_timeout` seconds), restart a part that exits, and wait for
-    a signal. Raises AgentwardenError when a part failed to start or keeps failing."""
-    stopping = False
+    a signal; return that signal's number. Raises AgentwardenError when a part
+    failed to start or keeps failing."""
+    stopping = 0
 
-    def stop(*_):
+    def stop(signum, _frame):
         nonlocal stopping
-        stopping = True
+        stopping = signum
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -84,6 +85,7 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
                       f"starting it again", file=sys.stderr, flush=True)
                 children[part] = start(part)
             time.sleep(POLL_INTERVAL)
+        return stopping
     finally:
         for part in STOP_ORDER:
             child = children[part]
