@@ -350,9 +350,11 @@ def run(command: List[str] = typer.Argument(None, help="the command and its argu
                                             help="with --user: run in this group (default: the user's own)"),
         task: str = typer.Option("", "--task", help="what the agent is asked to do (archived)"),
         on_behalf_of: str = typer.Option("", "--on-behalf-of", help="the person it acts for (archived)")):
-    """Run a command as an agent session: execs its policy marks hold wait for
-    an admin; denied execs, opens and file changes fail with EPERM. Exits with
-    the command's own status.
+    """Run a command as an agent session: execs matching its policy's exec hold
+    rules wait for an admin, and so (with on-violation = "hold") do the execs,
+    write-opens, renames, unlinks and truncates its policy does not allow;
+    files have no hold list. What is denied fails with EPERM. Exits with the
+    command's own status.
 
     Example: sudo agentwarden run --agent coder --user coder --task "fix #12" -- bash
     """

@@ -34,8 +34,9 @@ Globs are absolute and match normalised paths, lexically: ``*`` matches within
 one path component, ``?`` one character, ``[a-z]``/``[!a-z]`` one character of
 a class, and ``**`` -- only as a whole component -- zero or more components:
 ``/src/**`` is /src and everything below it, ``/src/**/*.py`` every .py file
-at any depth below /src. Symlinks are not followed here; the resolver decides
-which path an event carries.
+at any depth below /src. Matching is lexical (symlinks are not followed here);
+the daemon also judges where a path really leads and the more severe verdict
+stands (docs/policy.md, "Symlinks").
 
 An exec rule is split into words like a shell line (quote a path with spaces).
 The first word is the executable glob; the rest, if any, is an argv pattern
