@@ -19,7 +19,7 @@ def test_holds_and_approve_on_a_stale_socket_say_the_daemon_is_down(tmp_path):
     stale.close()
     for args in (["holds"], ["approve", "h1-0000"], ["deny", "h1-0000"]):
         result = agentwarden("--set", f"run_dir={tmp_path}", *args)
-        assert result.returncode == 1, result
+        assert result.returncode == 3, result   # daemon unreachable (docs/cli.md)
         assert "Traceback" not in result.stderr
         assert result.stderr.startswith("agentwarden: error: the daemon is not running"), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1

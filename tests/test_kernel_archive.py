@@ -237,22 +237,22 @@ def small_archive(kernel, tmp_path_factory):
     return daemon
 
 
-@pytest.mark.parametrize("args,message", [
-    (["search"], "give at least one filter"),
-    (["show", "--since", "last tuesday"], "give a time like 2024-05-01T10:00"),
-    (["show", "--verdict", "maybe"], "use one of allow, hold, violation, deny"),
-    (["show", "--kind", "exec,bogus"], "--kind bogus: unknown"),
-    (["show", "--path", "etc/*"], "is not an absolute path"),
-    (["show", "--seq", "ten"], "give a seq (1234) or a range"),
-    (["export", "--format", "csv"], "the only export format is jsonl"),
-    (["verify", "--archive", "/nonexistent/archive"], "there is no archive at /nonexistent/archive"),
-    (["verify", "--key", "/nonexistent/key"], "archive key file /nonexistent/key does not exist"),
-    (["replay", "nosuch"], "no session 'nosuch' in the archive"),
-    (["search", "--agent", "nobody-has-this"], "no records match"),
+@pytest.mark.parametrize("args,message,code", [
+    (["search"], "give at least one filter", 2),
+    (["show", "--since", "last tuesday"], "give a time like 2024-05-01T10:00", 2),
+    (["show", "--verdict", "maybe"], "use one of allow, hold, violation, deny", 2),
+    (["show", "--kind", "exec,bogus"], "--kind bogus: unknown", 2),
+    (["show", "--path", "etc/*"], "is not an absolute path", 2),
+    (["show", "--seq", "ten"], "give a seq (1234) or a range", 2),
+    (["export", "--format", "csv"], "the only export format is jsonl", 2),
+    (["verify", "--archive", "/nonexistent/archive"], "there is no archive at /nonexistent/archive", 2),
+    (["verify", "--key", "/nonexistent/key"], "archive key file /nonexistent/key does not exist", 1),
+    (["replay", "nosuch"], "no session 'nosuch' in the archive", 1),
+    (["search", "--agent", "nobody-has-this"], "no records match", 1),
 ])
-def test_log_commands_on_bad_input_say_what_is_wrong(small_archive, args, message):
+def test_log_commands_on_bad_input_say_what_is_wrong(small_archive, args, message, code):
     result = small_archive.cli("log", *args)
-    assert result.returncode == 1, result.stdout
+    assert result.returncode == code, result.stdout  # 2: usage, 1: nothing found (docs/cli.md)
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -260,7 +260,7 @@ def test_log_commands_on_bad_input_say_what_is_wrong(small_archive, args, messag
 def test_only_root_reads_the_archive(small_archive):
     result = subprocess.run([*NOBODY, sys.executable, "-m", "agentwarden", "log", "show"],
                             env=small_archive.env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
+    assert result.returncode == 4
     assert "permission denied" in result.stderr and "sudo" in result.stderr
     assert "Traceback" not in result.stderr
     shown = small_archive.cli("log", "show").stdout

@@ -32,7 +32,7 @@ def test_tag_rejects_what_is_not_a_cgroup(kernel, tmp_path):
     assert "no such directory" in result.stderr
 
     result = cli("tag", TEST_CGROUP_PARENT, "--agent", "bad name!", "--create")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "invalid agent name" in result.stderr
 
 
@@ -41,7 +41,7 @@ def test_commands_without_root_say_so(kernel, tmp_path):
            "AGENTWARDEN_STATE_DIR": str(tmp_path / "state")}
     for args in (["probe"], ["daemon"], ["up"], ["tag", "x", "--agent", "x"]):
         result = cli(*args, env=env, prefix=NOBODY)
-        assert result.returncode == 1, args
+        assert result.returncode == 4, args
         assert "needs root" in result.stderr and "sudo" in result.stderr, (args, result.stderr)
 
 
@@ -50,7 +50,7 @@ def test_status_and_tail_without_a_daemon(kernel, tmp_path):
            "AGENTWARDEN_STATE_DIR": str(tmp_path / "state")}
     for args in (["status"], ["tail"]):
         result = cli(*args, env=env)
-        assert result.returncode == 1
+        assert result.returncode == 3
         assert "the daemon is not running" in result.stderr
 
 

@@ -547,7 +547,7 @@ def test_check_lists_every_problem_and_fails(tmp_path):
 def test_explain_exec(policy_file, loaded):
     result = runner.invoke(policy_app, ["explain", "--agent", "coder", "--policy", str(policy_file),
                                         "--exec", "/usr/bin/git", "--", "-C", "repo", "push"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 5, result.output   # explain exits by verdict: 5 hold
     assert result.output.splitlines() == [
         "verdict: hold",
         f"rule:    {rule_text(policy_file, 'exec.hold', '/usr/bin/git * push *')}",
@@ -560,7 +560,7 @@ def test_explain_exec(policy_file, loaded):
 def test_explain_open_normalises_the_path(policy_file):
     result = runner.invoke(policy_app, ["explain", "--agent", "coder", "--policy", str(policy_file),
                                         "--open", "/home/coder//work/../notes", "--write"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output   # 1: a violation
     assert "verdict: violation (on-violation kill)" in result.output
     assert "rule:    none matched" in result.output
     assert "write of /home/coder/notes matches no allow rule" in result.output
@@ -569,7 +569,7 @@ def test_explain_open_normalises_the_path(policy_file):
 def test_explain_change_needs_both_sides_of_a_rename(policy_file):
     result = runner.invoke(policy_app, ["explain", "--agent", "coder", "--policy", str(policy_file),
                                         "--change", "rename", "/home/coder/work/a", "/home/coder/a"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     assert "verdict: violation (on-violation kill)" in result.output
     assert "reason:  rename to /home/coder/a matches no allow rule" in result.output
 
@@ -654,8 +654,8 @@ def test_explain_in_monitor_mode(policy_file):
 ])
 def test_explain_errors_are_one_line(policy_file, args, message):
     result = runner.invoke(policy_app, ["explain", "--policy", str(policy_file), *args])
-    assert result.exit_code == 1
     assert isinstance(result.exception, AgentwardenError)
+    assert result.exception.exit_code == 2   # usage (docs/cli.md)
     assert message in str(result.exception) and "\n" not in str(result.exception)
 
 

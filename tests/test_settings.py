@@ -179,7 +179,7 @@ def test_cli_order_and_errors(etc):
 
     write(etc / "config.d" / "60-bad.toml", "state_dir = [\n")
     result = cli("status", env=env)
-    assert result.returncode == 1
+    assert result.returncode == 2   # a bad setting is a usage error (docs/cli.md)
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("agentwarden: error: ") and "60-bad.toml: not valid TOML" in result.stderr
 

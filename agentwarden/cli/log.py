@@ -115,12 +115,17 @@ def _filter(agent, session, pid, kind, verdict, path, since, until, seq) -> logq
         if unknown:
             raise UsageProblem(f"--kind {', '.join(unknown)}: unknown; kinds are "
                                    + ", ".join(sorted(RECORD_FIELDS)))
-    return logquery.Filter(
-        agent=agent, session=session, pid=pid, kinds=kinds, verdict=verdict,
-        path=logquery.compile_path_glob(path) if path else None,
-        since=logquery.parse_time(since, "--since") if since else None,
-        until=logquery.parse_time(until, "--until") if until else None,
-        seqs=logquery.parse_seq_range(seq) if seq else None)
+    try:
+        return logquery.Filter(
+            agent=agent, session=session, pid=pid, kinds=kinds, verdict=verdict,
+            path=logquery.compile_path_glob(path) if path else None,
+            since=logquery.parse_time(since, "--since") if since else None,
+            until=logquery.parse_time(until, "--until") if until else None,
+            seqs=logquery.parse_seq_range(seq) if seq else None)
+    except UsageProblem:
+        raise
+    except AgentwardenError as exc:   # a filter's value that cannot be
+        raise UsageProblem(str(exc)) from None
 
 
 def _items(directory: Path):
