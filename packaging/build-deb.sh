@@ -39,10 +39,11 @@ find "$site" -name '__pycache__' -prune -exec rm -rf {} +
 sh scripts/build-fastpath.sh "$site/agentwarden/daemon/_fastpath.so"
 
 install -D -m 0755 packaging/agentwarden.bin "$root/usr/bin/agentwarden"
-# Man pages and bash completion from the commands' own help (agentwarden/cli/manpage.py).
-PYTHONPATH=$site "$PYTHON" -m agentwarden.cli.manpage "$root/usr/share/man/man1" >/dev/null
+# Man pages and bash completion from the commands' own help (agentwarden/cli/manpage.py),
+# from the unpacked package (-P: not the source tree, whose layout differs).
+PYTHONPATH=$site "$PYTHON" -P -m agentwarden.cli.manpage "$root/usr/share/man/man1" >/dev/null
 mkdir -p "$root/usr/share/bash-completion/completions"
-PYTHONPATH=$site "$PYTHON" -m agentwarden --show-completion bash \
+PYTHONPATH=$site "$PYTHON" -P -m agentwarden --show-completion bash \
     > "$root/usr/share/bash-completion/completions/agentwarden"
 for unit in agentwarden-daemon.service agentwarden-probe.service agents.slice 'agent@.service' agentwarden-bpffs.service; do
     install -D -m 0644 "systemd/$unit" "$root/lib/systemd/system/$unit"

@@ -86,6 +86,10 @@ install)
     fi
     check "version is that of $old_deb" test "$(version)" = "$(dpkg-deb -f "$old_deb" Version)"
     check "admin group agentwarden exists" getent group agentwarden
+    check "a man page per command, from the help (man -w agentwarden-policy-explain)" \
+        test -s /usr/share/man/man1/agentwarden-policy-explain.1.gz -a -s /usr/share/man/man1/agentwarden.1.gz
+    check "bash completion shipped" grep -q _AGENTWARDEN_COMPLETE /usr/share/bash-completion/completions/agentwarden
+    check "agentwarden --version answers" sh -c "agentwarden --version | grep -q '^agentwarden [0-9]'"
     expect_mode "755 root:root" /etc/agentwarden
     expect_mode "750 root:agentwarden" /etc/agentwarden/policy.d
     expect_mode "750 root:agentwarden" /etc/agentwarden/agents
