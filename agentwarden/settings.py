@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .durations import DurationError, parse_duration
+from .durations import EXAMPLES, DurationError, parse_duration
 from .errors import AgentwardenError, UsageProblem
 
 DEFAULT_CONFIG = "/etc/agentwarden/config.toml"
@@ -210,10 +210,14 @@ _notify_timeout = _seconds_between(0.1, 60, "must be between 0.1 and 60 seconds"
 
 
 def _duration(value: Any) -> float:
-    """Seconds: a number, or a duration string of the one syntax (durations.py)."""
+    """Seconds: a number, or a duration string of the one syntax (durations.py),
+    which refuses what is endless or negative; so is a number here."""
     if isinstance(value, str):
         return parse_duration(value, "duration")
-    return _number_of_seconds(value)
+    seconds = _number_of_seconds(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"must be a finite duration of at least 0 seconds ({EXAMPLES})")
+    return seconds
 
 
 def _size(value: Any) -> int:

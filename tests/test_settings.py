@@ -205,3 +205,22 @@ def test_flags_reach_child_processes_in_the_same_order(tmp_path, monkeypatch):
     s = settings.Settings.from_env()
     assert s.run_dir == Path("/flag") and s.health_interval == 2.0
     assert settings.files_in_force()[0] == config
+
+
+def test_archive_settings_are_settings_like_the_others(tmp_path):
+    config = write(tmp_path / "c.toml", 'archive_retain_age = "90d"\narchive_compress = "zlib"\n')
+    env = {"AGENTWARDEN_ARCHIVE_SEGMENT_BYTES": "16M", "AGENTWARDEN_ARCHIVE_COMPRESS": "none"}
+    s = settings.load(config, ["archive_sync_interval=2s"], environ=env)
+    assert (s.archive.retain_age, s.archive.segment_bytes, s.archive.compress, s.archive.sync_interval) == \
+        (90 * 86400, 16 << 20, "none", 2.0)
+    assert (s.origins["archive_retain_age"], s.origins["archive_compress"], s.origins["archive_sync_interval"]) == \
+        (str(config), "environment AGENTWARDEN_ARCHIVE_COMPRESS", "--set")
+    assert s.archive.key_file_required is False
+    assert settings.load(config, ["archive_key_file=/k"], environ={}).archive.key_file_required is True
+    # One duration syntax: what parse_duration refuses, and numbers that are endless or negative.
+    for bad in ("archive_retain_age=0.5x", "archive_segment_age=-1", "archive_sync_interval=5m",
+                "archive_retain_bytes=lots", "archive_on_disk_full=panic"):
+        with pytest.raises(settings.ConfigError):
+            settings.load(config, [bad], environ={})
+    with pytest.raises(settings.ConfigError, match="finite duration"):
+        settings.load(write(tmp_path / "inf.toml", "archive_retain_age = inf\n"), [], environ={})
