@@ -345,3 +345,14 @@ def test_holds_watch_interrupted_exits_130_quietly(tmp_path):
     server.close()
     assert watch.returncode == 130 and "Aborted" not in err and "Traceback" not in err, err
     assert "no pending holds" in out
+
+
+def test_a_reader_that_goes_away_ends_it_quietly(dirs):
+    """`agentwarden config | head -1`: exit 0, nothing on stderr (click alone would exit 1)."""
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "config"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, "AGENTWARDEN_CONFIG": os.devnull})
+        assert proc.stdout.readline().startswith(b"# files read")
+        proc.stdout.close()
+        assert (proc.wait(timeout=60), proc.stderr.read()) == (0, b"")
+        proc.stderr.close()

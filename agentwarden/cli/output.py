@@ -47,7 +47,11 @@ def paint(text: str, **style: Any) -> str:
 
 
 def emit(line: str, err: bool = False, nl: bool = True) -> None:
-    typer.echo(line, err=err, nl=nl, color=True if _color["mode"] == Color.always else None)
+    try:
+        typer.echo(line, err=err, nl=nl, color=True if _color["mode"] == Color.always else None)
+    except BrokenPipeError:   # `| head` went away: done, quietly (click would exit 1)
+        _quiet_stdout_close()
+        raise typer.Exit(EXIT_OK) from None
 
 
 def emit_json(value: Any) -> None:
