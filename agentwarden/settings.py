@@ -220,6 +220,24 @@ def _notify_webhook(value: Any) -> str:
 _notify_timeout = _seconds_between(0.1, 60, "must be between 0.1 and 60 seconds")
 
 
+def parse_listen(value: Any) -> tuple[str, int] | None:
+    """metrics_listen: "HOST:PORT" ("[::1]:9464" for IPv6) -> (host, port); "" -> None."""
+    if not isinstance(value, str):
+        raise ValueError('must be "HOST:PORT", e.g. "127.0.0.1:9464", or "" for off')
+    if not value.strip():
+        return None
+    match = re.fullmatch(r"\s*(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})\s*", value)
+    if not match or not 0 < int(match.group(3)) < 65536:
+        raise ValueError('must be "HOST:PORT" with a port from 1 to 65535, e.g. "127.0.0.1:9464" '
+                         'or "[::1]:9464", or "" for off')
+    return match.group(1) or match.group(2), int(match.group(3))
+
+
+def _listen(value: Any) -> str:
+    parse_listen(value)
+    return value.strip()
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -269,6 +287,9 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("hold_messages", True, _flag,
         "sessions: one line on the held process's stderr when a call is held (what, hold id, "
         "timeout) and when it is denied or times out (by whom, why); false says nothing"),
+    Key("metrics_listen", "", _listen,
+        "the daemon serves Prometheus metrics at http://HOST:PORT/metrics (e.g. "
+        "\"127.0.0.1:9464\"; no authentication: keep it on localhost); \"\" is off"),
 )}
 
 
@@ -290,6 +311,7 @@ class Settings:
     notify_command: str = KEYS["notify_command"].default
     notify_webhook: str = KEYS["notify_webhook"].default
     notify_timeout: float = KEYS["notify_timeout"].default
+    metrics_listen: str = KEYS["metrics_listen"].default
     archive: ArchiveSettings = field(default_factory=ArchiveSettings, compare=False)
     # key -> where its value came from ("default", a file, "environment AGENTWARDEN_X", "--set")
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
