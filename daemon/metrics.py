@@ -110,7 +110,7 @@ class Collector:
                       values=health.get("decode_errors"))
         yield gauge("probe_backlog_records", "records waiting in the probe to be sent",
                     health.get("backlog", 0))
-        yield counter("daemon_records", "records the daemon archived, by kind", ("kind",),
+        yield counter("daemon_records", "records the daemon received from the probe and the supervisor, by kind", ("kind",),
                       {k[len("records_"):]: v for k, v in counters.items() if k.startswith("records_")})
         yield counter("daemon_messages", "messages (batches) the daemon received",
                       values=counters.get("messages", 0))
