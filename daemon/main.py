@@ -279,6 +279,7 @@ class Daemon:
             violation["session"] = record.get("session")
             self.counters["violations"] += 1
             self.archive.append(violation)
+            self.alerts.violation(violation)   # the journal, with its fields; never waits
             if violation["action_taken"].startswith("froze"):
                 self.disk_guard.forget([record["agent_cgroup_id"]])  # the policy froze it: stays frozen
         return violation
