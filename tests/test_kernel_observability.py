@@ -7,6 +7,7 @@ of that archive, every line checked against the published field names."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -63,6 +64,11 @@ def test_metrics_count_what_the_archive_holds_and_exports_follow_ocsf_and_ecs(ob
     first = wait_for(lambda: (lambda m: m if m.get("agentwarden_probe_up") == 1 else None)(scrape(warden)),
                      timeout=20, what="metrics saying the probe is up")
     assert first["agentwarden_daemon_up"] == 1 and first["agentwarden_holds_pending"] == 0
+    # While the program compiled, the probe said so, and then how long it took.
+    started = warden.output()
+    compiling = started.index("agentwarden-probe: compiling the BPF program (BCC, against the headers in ")
+    loaded = re.search(r"agentwarden-probe: BPF program loaded and attached in (\d+\.\d) s", started)
+    assert loaded and loaded.start() > compiling and 0 < float(loaded.group(1)) < 300
     assert first.get('agentwarden_decisions_total{verdict="violation"}', 0) == 0
     assert all(first[f'agentwarden_dropped_records_total{{stage="{s}"}}'] == 0
                for s in ("kernel", "probe-backlog", "transport", "daemon-ingest", "archive"))
