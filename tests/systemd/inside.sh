@@ -239,6 +239,7 @@ print("    " + json.dumps({k: v for k, v in entry.items() if k.startswith(("AGEN
     # Prometheus metrics: off by default; on with metrics_listen and the
     # python3-prometheus-client Recommends, once the unit may open TCP sockets.
     check "apt installs python3-prometheus-client (a Recommends)" apt_install --no-install-recommends python3-prometheus-client
+    mkdir -p /etc/agentwarden/config.d
     echo 'metrics_listen = "127.0.0.1:9464"' > /etc/agentwarden/config.d/50-swt-metrics.toml
     systemctl restart agentwarden-daemon
     wait_for 30 "under RestrictAddressFamilies=AF_UNIX the daemon runs on and says which drop-in is needed" \
