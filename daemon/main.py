@@ -343,6 +343,7 @@ class Daemon:
             self._next_retention = time.monotonic() + RETENTION_INTERVAL
             self.outbox.extend(self.archive.apply_retention())
         self.publish([])
+        self.alerts.tick()
         now = time.monotonic()
         mark_time, mark_events = self._rate_mark
         if now > mark_time:

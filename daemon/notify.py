@@ -40,6 +40,13 @@ OUTPUT_KEPT = 200           # characters of a failed command's stderr in the log
 PRIORITY = {"pending": 4, "timed-out": 4, "abandoned": 5}
 NOTICE = 5
 WARNING = 4   # a violation's priority
+# Violations reach the journal at most this often per agent (a burst, then a
+# steady rate); the rest are counted and summed up in one entry a second. The
+# archive has every one; the journal is for people. (A flood of violations, an
+# agent with no policy whose every open is one, would otherwise flood journald
+# and starve the daemon.)
+VIOLATIONS_BURST = 20
+VIOLATIONS_PER_SECOND = 5.0
 
 
 class DeliveryFailed(Exception):
@@ -147,6 +154,40 @@ def journal_fields(record: dict, text: str) -> dict[str, Any]:
             **journal.fields(record="hold", **{key: record.get(key) for key in keys})}
 
 
+class AgentRateLimit:
+    """A token bucket per agent: `allow(agent)` says whether one more entry may go now."""
+
+    def __init__(self, burst: int = VIOLATIONS_BURST, rate: float = VIOLATIONS_PER_SECOND,
+                 clock: Callable[[], float] = time.monotonic):
+        self.burst, self.rate, self.clock = burst, rate, clock
+        self._buckets: dict[str, tuple[float, float]] = {}   # agent -> (tokens, when)
+
+    def allow(self, agent: str) -> bool:
+        now = self.clock()
+        tokens, then = self._buckets.get(agent, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[agent] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
+    def forget_full(self) -> None:
+        """Drop the buckets that have refilled: agents that went quiet cost nothing."""
+        now = self.clock()
+        self._buckets = {agent: (tokens, then) for agent, (tokens, then) in self._buckets.items()
+                         if tokens + (now - then) * self.rate < self.burst}
+
+
+def suppressed_fields(counts: dict[str, int]) -> dict[str, Any]:
+    """One entry for the violations the rate limit kept from the journal."""
+    total = sum(counts.values())
+    listed = ", ".join(f"{agent} {n}" for agent, n in sorted(counts.items(), key=lambda item: -item[1])[:10])
+    return {"MESSAGE": f"{total} more violations not sent to the journal (more than "
+                       f"{VIOLATIONS_PER_SECOND:g}/s per agent; the archive has each): {listed}",
+            "PRIORITY": str(WARNING), "SYSLOG_IDENTIFIER": journal.IDENTIFIER,
+            **journal.fields(record="violations-suppressed", count=total,
+                             agents=sorted(counts))}
+
+
 def violation_fields(violation: dict) -> dict[str, Any]:
     """The journal entry of a violation: VERDICT is the policy's decision."""
     return {"MESSAGE": f"violation: agent {violation['agent']} {violation['attempted']}: "
@@ -170,7 +211,9 @@ class HoldAlerts:
         self.channels = {"journal": Channel("journal", self._to_journal, "unavailable")}
         # Violations apart: a flood of them must not crowd holds out of the journal's queue.
         self.violations = Channel("violations", self._violation_to_journal, "unavailable",
-                                  log_drops=False)
+                                  "suppressed", log_drops=False)
+        self.violation_limit = AgentRateLimit()
+        self._suppressed: dict[str, int] = {}   # agent -> violations kept from the journal since the last tick
         self._command = shlex.split(settings.notify_command)
         self.command_problem = settings_mod.notify_program_problem(settings.notify_command)
         if self.command_problem:   # still tried each time (it may come back); each failure counted
@@ -190,7 +233,18 @@ class HoldAlerts:
 
     def violation(self, record: dict) -> None:
         """From the daemon's loop, for each violation record: never blocks."""
-        self.violations.submit(dict(record))
+        if self.violation_limit.allow(record["agent"]):
+            self.violations.submit(dict(record))
+        else:
+            self.violations.count("suppressed")
+            self._suppressed[record["agent"]] = self._suppressed.get(record["agent"], 0) + 1
+
+    def tick(self) -> None:
+        """From the daemon's loop, once a second: what the rate limit kept back, in one entry."""
+        if self._suppressed:
+            self.violations.submit({"suppressed": self._suppressed})
+            self._suppressed = {}
+        self.violation_limit.forget_full()
 
     def info(self) -> dict:
         return {"pending": len(self.pending), "command_problem": self.command_problem,
@@ -219,7 +273,7 @@ class HoldAlerts:
         return None
 
     def _violation_to_journal(self, record: dict) -> str | None:
-        entry = violation_fields(record)
+        entry = suppressed_fields(record["suppressed"]) if "suppressed" in record else violation_fields(record)
         if not self._journal_available():
             log.warning("%s", entry["MESSAGE"])
             return "unavailable"
