@@ -100,7 +100,10 @@ def notify_status(info: dict[str, Any]) -> str:
             [f"last error: {c['last_error']}"] if c.get("last_error") else [])
         parts.append(part + (f" ({'; '.join(notes)})" if notes else ""))
     problem = f"; {info['command_problem']}" if info.get("command_problem") else ""
-    return f"{info['pending']} holds pending; " + "; ".join(parts) + problem
+    v = info.get("violations")
+    violations = (f"; violations: {v['sent']} to the journal" + (f", {v['unavailable']} to the daemon's log"
+                  if v.get("unavailable") else "") + f", {v['dropped']} dropped") if v else ""
+    return f"{info['pending']} holds pending; " + "; ".join(parts) + problem + violations
 
 
 def human(record: dict[str, Any]) -> str:

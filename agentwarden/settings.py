@@ -237,6 +237,22 @@ def _one_of(choices: Sequence[str]) -> Callable[[Any], str]:
             raise ValueError(f"use one of {', '.join(choices)}")
         return value.strip().lower()
     return parse
+def parse_listen(value: Any) -> tuple[str, int] | None:
+    """metrics_listen: "HOST:PORT" ("[::1]:9464" for IPv6) -> (host, port); "" -> None."""
+    if not isinstance(value, str):
+        raise ValueError('must be "HOST:PORT", e.g. "127.0.0.1:9464", or "" for off')
+    if not value.strip():
+        return None
+    match = re.fullmatch(r"\s*(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})\s*", value)
+    if not match or not 0 < int(match.group(3)) < 65536:
+        raise ValueError('must be "HOST:PORT" with a port from 1 to 65535, e.g. "127.0.0.1:9464" '
+                         'or "[::1]:9464", or "" for off')
+    return match.group(1) or match.group(2), int(match.group(3))
+
+
+def _listen(value: Any) -> str:
+    parse_listen(value)
+    return value.strip()
 
 
 @dataclass(frozen=True)
@@ -303,6 +319,9 @@ KEYS: dict[str, Key] = {k.name: k for k in (
         "root-only secret for the archive's hash chain; used when present, required when set"),
     Key("archive_on_disk_full", ArchiveSettings.on_disk_full, _one_of(ArchiveSettings.DISK_FULL_POLICIES),
         "when the archive cannot be written: freeze, kill or continue the agents"),
+    Key("metrics_listen", "", _listen,
+        "the daemon serves Prometheus metrics at http://HOST:PORT/metrics (e.g. "
+        "\"127.0.0.1:9464\"; no authentication: keep it on localhost); \"\" is off"),
 )}
 
 
@@ -332,6 +351,7 @@ class Settings:
     archive_retain_bytes: int = KEYS["archive_retain_bytes"].default
     archive_key_file: Path = KEYS["archive_key_file"].default
     archive_on_disk_full: str = KEYS["archive_on_disk_full"].default
+    metrics_listen: str = KEYS["metrics_listen"].default
     # key -> where its value came from ("default", a file, "environment AGENTWARDEN_X", "--set")
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

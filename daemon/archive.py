@@ -283,6 +283,7 @@ class ArchiveWriter:
                     pass
             raise
         self.size += len(data)
+        self.counters["bytes_written"] += len(data)
 
     def _open_segment(self) -> None:
         first = self.written_seq + 1

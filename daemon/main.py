@@ -22,6 +22,7 @@ from .archive import ArchiveWriter
 from .freeze_guard import FreezeGuard
 from .watch import WatchGuard
 from .governor import Governor
+from .metrics import HOLD_WAIT_BUCKETS, Buckets, MetricsServer
 from .notify import HoldAlerts
 from .releases import Channel, Releases
 from .resolver import Resolver
@@ -89,6 +90,17 @@ class Daemon:
         self.releases = Releases(self.counters)
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
         self.alerts = HoldAlerts(settings, self.archive.host)  # holds: journal, status line, hooks
+        self.hold_waits = Buckets(HOLD_WAIT_BUCKETS)   # pending to decided, of the hold records seen
+        # Metrics read a snapshot the loop takes each tick: never what the loop is changing.
+        self.metrics_snapshot: dict | None = None
+        self.metrics: MetricsServer | None = None
+        self.metrics_error: str | None = None
+        if settings.metrics_listen:
+            try:
+                self.metrics = MetricsServer(settings.metrics_listen, lambda: self.metrics_snapshot)
+            except AgentwardenError as exc:   # observability must not stop enforcement
+                self.metrics_error = str(exc)
+                log.error("%s; running without metrics", exc)
 
     def _bind(self, kind: int, endpoint: str):
         sock = self.ctx.socket(kind)
@@ -237,6 +249,8 @@ class Daemon:
             self.counters["events"] += 1
             if kind in wire.DECIDED_KINDS:
                 violation = self.governor.judge(record)
+                if record.get("verdict"):
+                    self.counters[f"decisions_{record['verdict']['decision']}"] += 1
         elif kind == "gap":
             self.drops[record["stage"]] += record["count"]
         elif kind == "release":
@@ -254,6 +268,9 @@ class Daemon:
             self.supervisor_health = record["counters"]
         self.archive.append(record)
         if kind == "hold":
+            self.counters[f"holds_{record['state']}"] += 1
+            if record["state"] not in ("pending", "approval"):
+                self.hold_waits.observe(float(record["waited"]))
             self.alerts.hold(record)   # queued for the journal and hooks; never waits
             self.notifier.alive(self.status_line())
         self._archive_own(own)
@@ -262,6 +279,7 @@ class Daemon:
             violation["session"] = record.get("session")
             self.counters["violations"] += 1
             self.archive.append(violation)
+            self.alerts.violation(violation)   # the journal, with its fields; never waits
             if violation["action_taken"].startswith("froze"):
                 self.disk_guard.forget([record["agent_cgroup_id"]])  # the policy froze it: stays frozen
         return violation
@@ -325,12 +343,16 @@ class Daemon:
             self._next_retention = time.monotonic() + RETENTION_INTERVAL
             self.outbox.extend(self.archive.apply_retention())
         self.publish([])
+        self.alerts.tick()
         now = time.monotonic()
         mark_time, mark_events = self._rate_mark
         if now > mark_time:
             self.rate = (self.counters["events"] - mark_events) / (now - mark_time)
         self._rate_mark = (now, self.counters["events"])
         self.notifier.alive(self.status_line())
+        if self.metrics:
+            self.metrics_snapshot = {**self.status(), "hold_waits": self.hold_waits.export(),
+                                     "taken": time.time_ns()}
 
     def status_line(self) -> str:
         age = (time.time_ns() - self.probe_last_seen) / 1e9
@@ -396,6 +418,7 @@ class Daemon:
             "sessions": self.supervisor_health,
             "watch": self.watch.info(),
             "notify": self.alerts.info(),
+            "metrics": {"listen": self.settings.metrics_listen, "error": self.metrics_error},
             "status_line": self.status_line(),
         }
 
@@ -489,6 +512,8 @@ class Daemon:
         self.drain_releases()
         self.tick()
         self.alerts.close()
+        if self.metrics:
+            self.metrics.stop()
         self.archive.close()
         for sock in (self.pull, self.pub, self.control, self.release_channel):
             sock.close()

@@ -1,5 +1,6 @@
 """Telling admins about holds at once, where they are: the journal, the units'
-status line, a command (`notify_command`) and a webhook (`notify_webhook`).
+status line, a command (`notify_command`) and a webhook (`notify_webhook`);
+and violations to the journal, with their fields (agentwarden/journal.py).
 
 The daemon hands every hold record it archives to `HoldAlerts.hold()`, which
 only updates the pending holds (for the status line) and puts the record on
@@ -13,11 +14,9 @@ and logged.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import shlex
 import socket
-import stat
 import subprocess
 import threading
 import time
@@ -26,7 +25,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable
 
-from agentwarden import render, settings as settings_mod
+from agentwarden import journal, render, settings as settings_mod
 from agentwarden.settings import Settings
 
 log = logging.getLogger("agentwarden.daemon.notify")
@@ -35,16 +34,19 @@ QUEUE_SIZE = 256            # records waiting per channel; more are dropped (cou
 WEBHOOK_RETRIES = 3         # attempts after the first one fails
 WEBHOOK_BACKOFF = 0.5       # seconds before the first retry, doubling after each
 CLOSE_GRACE = 2.0           # seconds a stopping daemon gives the channels to finish
-JOURNAL_SOCKET = "/run/systemd/journal/socket"  # where libsystemd sends (fixed)
+JOURNAL_SOCKET = journal.JOURNAL_SOCKET
 OUTPUT_KEPT = 200           # characters of a failed command's stderr in the log
 # syslog priorities: an admin is needed (warning), or one answered (notice).
 PRIORITY = {"pending": 4, "timed-out": 4, "abandoned": 5}
 NOTICE = 5
-
-try:  # python3-systemd (Debian); absent, every record goes to the daemon's log
-    from systemd import journal as _journal
-except ImportError:  # pragma: no cover - a dependency of the package
-    _journal = None
+WARNING = 4   # a violation's priority
+# Violations reach the journal at most this often per agent (a burst, then a
+# steady rate); the rest are counted and summed up in one entry a second. The
+# archive has every one; the journal is for people. (A flood of violations, an
+# agent with no policy whose every open is one, would otherwise flood journald
+# and starve the daemon.)
+VIOLATIONS_BURST = 20
+VIOLATIONS_PER_SECOND = 5.0
 
 
 class DeliveryFailed(Exception):
@@ -64,8 +66,10 @@ def payload(record: dict[str, Any], host: str) -> dict[str, Any]:
 class Channel:
     """One way out: a bounded queue and the thread that empties it."""
 
-    def __init__(self, name: str, deliver: Callable[[dict], str | None], *more_counters: str):
+    def __init__(self, name: str, deliver: Callable[[dict], str | None], *more_counters: str,
+                 log_drops: bool = True):
         self.name = name
+        self.log_drops = log_drops   # False where a flood of records would make a flood of lines
         self._deliver = deliver   # returns None, or a counter to bump instead of "sent"
         # Every key from the start: `info()` copies them while the thread counts.
         self.counters = dict.fromkeys(("sent", "failed", "dropped", *more_counters), 0)
@@ -82,7 +86,8 @@ class Channel:
             self._queue.put_nowait(item)
         except queue.Full:
             self.count("dropped")
-            log.error("notify %s: %d records waiting; dropped hold %s %s", self.name,
+            if self.log_drops:
+                log.error("notify %s: %d records waiting; dropped hold %s %s", self.name,
                       self._queue.qsize(), item.get("hold_id"), item.get("state"))
 
     def _run(self) -> None:
@@ -142,15 +147,57 @@ class PendingHolds:
 
 def journal_fields(record: dict, text: str) -> dict[str, Any]:
     """The journal entry of a hold: a message and structured AGENTWARDEN_* fields."""
-    fields = {"MESSAGE": f"hold {text}", "PRIORITY": str(PRIORITY.get(record["state"], NOTICE)),
-              "SYSLOG_IDENTIFIER": "agentwarden", "AGENTWARDEN_RECORD": "hold"}
-    for key in ("hold_id", "state", "agent", "session", "on_behalf_of", "task", "pid", "action",
-                "rule", "policy_hash", "required", "reason", "waited", "seq"):
-        if record.get(key) not in (None, ""):
-            fields[f"AGENTWARDEN_{key.upper()}"] = str(record[key])
-    if record.get("approvers"):
-        fields["AGENTWARDEN_APPROVERS"] = ",".join(map(str, record["approvers"]))
-    return fields
+    keys = ("hold_id", "state", "agent", "session", "on_behalf_of", "task", "pid", "action",
+            "rule", "policy_hash", "required", "reason", "waited", "seq", "approvers")
+    return {"MESSAGE": f"hold {text}", "PRIORITY": str(PRIORITY.get(record["state"], NOTICE)),
+            "SYSLOG_IDENTIFIER": journal.IDENTIFIER,
+            **journal.fields(record="hold", **{key: record.get(key) for key in keys})}
+
+
+class AgentRateLimit:
+    """A token bucket per agent: `allow(agent)` says whether one more entry may go now."""
+
+    def __init__(self, burst: int = VIOLATIONS_BURST, rate: float = VIOLATIONS_PER_SECOND,
+                 clock: Callable[[], float] = time.monotonic):
+        self.burst, self.rate, self.clock = burst, rate, clock
+        self._buckets: dict[str, tuple[float, float]] = {}   # agent -> (tokens, when)
+
+    def allow(self, agent: str) -> bool:
+        now = self.clock()
+        tokens, then = self._buckets.get(agent, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[agent] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
+    def forget_full(self) -> None:
+        """Drop the buckets that have refilled: agents that went quiet cost nothing."""
+        now = self.clock()
+        self._buckets = {agent: (tokens, then) for agent, (tokens, then) in self._buckets.items()
+                         if tokens + (now - then) * self.rate < self.burst}
+
+
+def suppressed_fields(counts: dict[str, int]) -> dict[str, Any]:
+    """One entry for the violations the rate limit kept from the journal."""
+    total = sum(counts.values())
+    listed = ", ".join(f"{agent} {n}" for agent, n in sorted(counts.items(), key=lambda item: -item[1])[:10])
+    return {"MESSAGE": f"{total} more violations not sent to the journal (more than "
+                       f"{VIOLATIONS_PER_SECOND:g}/s per agent; the archive has each): {listed}",
+            "PRIORITY": str(WARNING), "SYSLOG_IDENTIFIER": journal.IDENTIFIER,
+            **journal.fields(record="violations-suppressed", count=total,
+                             agents=sorted(counts))}
+
+
+def violation_fields(violation: dict) -> dict[str, Any]:
+    """The journal entry of a violation: VERDICT is the policy's decision."""
+    return {"MESSAGE": f"violation: agent {violation['agent']} {violation['attempted']}: "
+                       f"{violation['reason']}; {violation['action_taken']}",
+            "PRIORITY": str(WARNING), "SYSLOG_IDENTIFIER": journal.IDENTIFIER,
+            **journal.fields(record="violation", agent=violation["agent"], session=violation.get("session"),
+                             verdict=violation["decision"], rule=violation.get("rule"),
+                             event=violation["event"], pid=violation["pid"], action=violation["action"],
+                             action_taken=violation["action_taken"], mode=violation["mode"],
+                             policy_hash=violation["policy_hash"], seq=violation.get("event_seq"))}
 
 
 class HoldAlerts:
@@ -162,6 +209,11 @@ class HoldAlerts:
         self.pending = PendingHolds()
         self._stop = threading.Event()
         self.channels = {"journal": Channel("journal", self._to_journal, "unavailable")}
+        # Violations apart: a flood of them must not crowd holds out of the journal's queue.
+        self.violations = Channel("violations", self._violation_to_journal, "unavailable",
+                                  "suppressed", log_drops=False)
+        self.violation_limit = AgentRateLimit()
+        self._suppressed: dict[str, int] = {}   # agent -> violations kept from the journal since the last tick
         self._command = shlex.split(settings.notify_command)
         self.command_problem = settings_mod.notify_program_problem(settings.notify_command)
         if self.command_problem:   # still tried each time (it may come back); each failure counted
@@ -179,26 +231,37 @@ class HoldAlerts:
         for channel in self.channels.values():
             channel.submit(item)
 
+    def violation(self, record: dict) -> None:
+        """From the daemon's loop, for each violation record: never blocks."""
+        if self.violation_limit.allow(record["agent"]):
+            self.violations.submit(dict(record))
+        else:
+            self.violations.count("suppressed")
+            self._suppressed[record["agent"]] = self._suppressed.get(record["agent"], 0) + 1
+
+    def tick(self) -> None:
+        """From the daemon's loop, once a second: what the rate limit kept back, in one entry."""
+        if self._suppressed:
+            self.violations.submit({"suppressed": self._suppressed})
+            self._suppressed = {}
+        self.violation_limit.forget_full()
+
     def info(self) -> dict:
         return {"pending": len(self.pending), "command_problem": self.command_problem,
                 "channels": {name: c.info() for name, c in self.channels.items()},
+                "violations": self.violations.info(),
                 "journal_available": self._journal_available()}
 
     def close(self, grace: float = CLOSE_GRACE) -> None:
         self._stop.set()   # no more retries: deliver or fail what is queued
         deadline = time.monotonic() + grace
-        for channel in self.channels.values():
+        for channel in [*self.channels.values(), self.violations]:
             channel.close(deadline)
 
     # -- the channels (each called from its own thread) -----------------------
 
     def _journal_available(self) -> bool:
-        if _journal is None:
-            return False
-        try:
-            return stat.S_ISSOCK(os.stat(self.journal_socket).st_mode)
-        except OSError:
-            return False
+        return journal.available(self.journal_socket)
 
     def _to_journal(self, record: dict) -> str | None:
         text = render.hold_text(record)
@@ -206,11 +269,25 @@ class HoldAlerts:
             # No journal here (not under systemd): the daemon's log has it instead.
             log.log(logging.WARNING if record["state"] == "pending" else logging.INFO, "hold %s", text)
             return "unavailable"
+        self._send(journal_fields(record, text))
+        return None
+
+    def _violation_to_journal(self, record: dict) -> str | None:
+        entry = suppressed_fields(record["suppressed"]) if "suppressed" in record else violation_fields(record)
+        if not self._journal_available():
+            log.warning("%s", entry["MESSAGE"])
+            return "unavailable"
+        self._send(entry)
+        return None
+
+    @staticmethod
+    def _send(entry: dict[str, str]) -> None:
+        entry = dict(entry)
         try:
-            _journal.send(**journal_fields(record, text))
+            journal.send(entry.pop("MESSAGE"), int(entry.pop("PRIORITY")), entry,
+                         entry.pop("SYSLOG_IDENTIFIER"))
         except OSError as exc:
             raise DeliveryFailed(f"journal: {exc.strerror or exc}") from None
-        return None
 
     def _body(self, record: dict) -> bytes:
         return render.as_json(payload(record, self.host)).encode()

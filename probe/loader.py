@@ -5,6 +5,7 @@ import logging
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 from agentwarden.doctor import PROC_PID_INIT_INO
@@ -69,7 +70,15 @@ def load_bcc():
 
 def compile_and_attach(wakeup_interval: float = KEYS["wakeup_interval"].default):
     """Compile, load and attach the program; returns the bcc.BPF object.
-    wakeup_interval: seconds, the `wakeup_interval` setting."""
+    wakeup_interval: seconds, the `wakeup_interval` setting. Says so on the
+    log before and after: compiling takes seconds, and nothing else is said meanwhile."""
+    started = time.monotonic()
+    bpf = _compile_and_attach(wakeup_interval)
+    log.info("BPF program loaded and attached in %.1f s", time.monotonic() - started)
+    return bpf
+
+
+def _compile_and_attach(wakeup_interval: float):
     if os.geteuid() != 0:
         raise NeedsRoot("loading the BPF program")
     tracefs = ensure_tracefs()
@@ -82,6 +91,7 @@ def compile_and_attach(wakeup_interval: float = KEYS["wakeup_interval"].default)
         cflags.append("-DAW_HAVE_GROUP_DEAD=1")
     cflags += [f"-DAW_HAVE_SYS_{name.upper()}=1" for name in OPTIONAL_SYSCALLS
                if (tracefs / f"events/syscalls/sys_enter_{name}").is_dir()]
+    log.info("compiling the BPF program (BCC, against the headers in %s)…", kernel_headers_dir())
     if exec_stash_supported():
         try:
             return bcc.BPF(src_file=str(bpf_dir() / PROGRAM).encode(), cflags=cflags + ["-DAW_EXEC_STASH=1"])

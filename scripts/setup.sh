@@ -28,6 +28,7 @@ apt_install() {
 missing=""
 for pkg in python3-bpfcc python3-seccomp python3-venv python3-setuptools python3-pip \
            python3-zmq python3-msgpack python3-psutil python3-typer python3-pytest python3-systemd \
+           python3-prometheus-client \
            mount util-linux gcc libc6-dev; do
     installed "$pkg" || missing="$missing $pkg"
 done

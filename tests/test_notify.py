@@ -192,3 +192,49 @@ def test_good_notify_settings(tmp_path):
              overrides=["notify_command=true --quiet", "notify_timeout=2s"])
     assert (s.notify_command, s.notify_webhook, s.notify_timeout) == (
         "true --quiet", "https://hooks.example.com/T/B", 2.0)
+
+
+def violation(agent: str = "coder", pid: int = 42) -> dict:
+    return {"kind": "violation", "time": T, "agent": agent, "pid": pid, "comm": "cat", "event": "open",
+            "event_seq": 3, "attempted": "read /etc/shadow", "decision": "violation", "rule": None,
+            "reason": "matches no allow rule", "policy_hash": "sha256:ab", "mode": "enforce",
+            "action": "alert", "action_taken": "none (alert)", "session": "coder-1"}
+
+
+def test_violations_reach_the_journal_at_a_bounded_rate_per_agent_and_the_rest_are_summed_up(tmp_path, caplog):
+    a = alerts(tmp_path)
+    with caplog.at_level("INFO", logger="agentwarden.daemon.notify"):
+        for pid in range(notify.VIOLATIONS_BURST + 30):   # a flood from one agent, at once
+            a.violation(violation(pid=pid))
+        a.violation(violation("reviewer"))                # another agent is not crowded out
+        a.tick()
+        a.close()
+    channel = a.info()["violations"]
+    assert (channel["unavailable"], channel["suppressed"], channel["dropped"]) == (
+        notify.VIOLATIONS_BURST + 1 + 1, 30, 0)   # the burst, reviewer's, and the summary entry
+    assert caplog.text.count("violation: agent coder read /etc/shadow") == notify.VIOLATIONS_BURST
+    assert "violation: agent reviewer read /etc/shadow" in caplog.text
+    assert "30 more violations not sent to the journal (more than 5/s per agent; the archive has each): coder 30" \
+        in caplog.text
+    assert "violations: 0 to the journal, 22 to the daemon's log, 0 dropped" in render.notify_status(a.info())
+
+
+def test_the_rate_limit_refills():
+    now = [0.0]
+    limit = notify.AgentRateLimit(burst=2, rate=1.0, clock=lambda: now[0])
+    assert [limit.allow("a") for _ in range(3)] == [True, True, False]
+    now[0] = 0.5
+    assert not limit.allow("a") and limit.allow("b")
+    now[0] = 1.6
+    assert limit.allow("a") and not limit.allow("a")
+    now[0] = 10.0
+    limit.forget_full()
+    assert limit._buckets == {}
+
+
+def test_violation_fields():
+    fields = notify.violation_fields(violation())
+    assert fields["MESSAGE"] == "violation: agent coder read /etc/shadow: matches no allow rule; none (alert)"
+    assert (fields["PRIORITY"], fields["AGENTWARDEN_AGENT"], fields["AGENTWARDEN_VERDICT"],
+            fields["AGENTWARDEN_SESSION"], fields["AGENTWARDEN_SEQ"]) == ("4", "coder", "violation", "coder-1", "3")
+    assert "AGENTWARDEN_RULE" not in fields

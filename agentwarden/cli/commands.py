@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import time
@@ -12,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from agentwarden import agentdef, cgroups, control, doctor, render, settings as settings_mod, wire
+from agentwarden import agentdef, cgroups, control, doctor, journal, render, settings as settings_mod, wire
 from . import output
 from .log import log_app
 from .output import emit, emit_json, paint
@@ -60,7 +59,7 @@ def _settings() -> Settings:
 
 
 def _logging(name: str) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"agentwarden-{name}: %(message)s")
+    journal.setup_logging(name)   # the journal, with fields, under systemd; else stderr
 
 
 def _echo(lines: list[str]) -> None:

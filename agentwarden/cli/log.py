@@ -6,6 +6,7 @@ the work is in agentwarden/archive/verify.py and logquery.py.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from agentwarden import logquery
+from agentwarden import logquery, siem
 from agentwarden.archive.segments import HEAD_FILE, LOCK_FILE, SEGMENT_NAME, ArchiveError, load_key, read_items
 from agentwarden.archive.verify import verify as verify_archive
 from agentwarden.errors import AgentwardenError, NoPermission, UsageProblem
@@ -234,7 +235,8 @@ def replay(session: str = typer.Argument(..., help="a session id, or an agent na
 
 @log_app.command()
 def export(fmt: str = typer.Option("jsonl", "--format", help="jsonl: one JSON object per record, "
-                                   "with the stable fields listed in the README"),
+                                   "with the stable fields listed in docs/archive.md; ocsf: OCSF 1.8 "
+                                   "events; ecs: Elastic Common Schema documents (docs/observability.md)"),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to this file "
                                                  "(created 0600) instead of standard output"),
            agent: Optional[str] = _AGENT, session: Optional[str] = _SESSION, pid: Optional[int] = _PID,
@@ -244,10 +246,12 @@ def export(fmt: str = typer.Option("jsonl", "--format", help="jsonl: one JSON ob
     """Export records for a SIEM, with every event's attribution (agent, session, person,
     task, user, host, policy hash).
 
-    Example: sudo agentwarden log export --format jsonl --since 1d -o /var/tmp/agentwarden.jsonl
+    Example: sudo agentwarden log export --format ocsf --since 1d -o /var/tmp/agentwarden.ocsf.jsonl
     """
-    if fmt != "jsonl":
-        raise UsageProblem(f"--format {fmt!r}: the only export format is jsonl")
+    if fmt not in siem.FORMATS:
+        raise UsageProblem(f"--format {fmt!r}: use one of {', '.join(siem.FORMATS)}")
+    convert = siem.converter(fmt)
+    left_out: collections.Counter = collections.Counter()   # kinds the format has no class for
     directory = _archive(archive)
     flt = _filter(agent, session, pid, kind, verdict, path, since, until, seq)
     attribution = logquery.Attribution()
@@ -262,7 +266,11 @@ def export(fmt: str = typer.Option("jsonl", "--format", help="jsonl: one JSON ob
         for item in _items(directory):
             attribution.see(item.record)
             if flt.matches(item.record):
-                out.write(json.dumps(logquery.export_record(item.record, item.header, attribution)) + "\n")
+                line = logquery.export_record(item.record, item.header, attribution)
+                if fmt != "jsonl" and not siem.mapped(line):
+                    left_out[line["kind"]] += 1
+                    continue
+                out.write(json.dumps(convert(line)) + "\n")
                 count += 1
     except BrokenPipeError:
         sys.stderr.close()
@@ -270,5 +278,7 @@ def export(fmt: str = typer.Option("jsonl", "--format", help="jsonl: one JSON ob
     finally:
         if out is not sys.stdout:
             out.close()
-    if output is not None:
-        emit(f"exported {count} records to {output}", err=True)
+    skipped = (f"; {sum(left_out.values())} records of kinds {fmt} has no class for left out ("
+               + ", ".join(f"{k} {n}" for k, n in sorted(left_out.items())) + ")") if left_out else ""
+    if output is not None or skipped:
+        emit(f"exported {count} records" + (f" to {output}" if output is not None else "") + skipped, err=True)

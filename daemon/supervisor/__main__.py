@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import logging
 import os
 import signal
 
-from agentwarden import settings as settings_mod
+from agentwarden import journal, settings as settings_mod
 from agentwarden.settings import Settings
 
 from .loop import Supervisor
@@ -22,7 +21,7 @@ def main(settings: Settings, release_fd: int | None = None) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         return  # the daemon is already gone
-    logging.basicConfig(level=logging.INFO, format="agentwarden-supervisor: %(message)s")
+    journal.setup_logging("supervisor")
     supervisor = Supervisor(settings, release_fd)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when to stop

@@ -17,6 +17,7 @@ from agentwarden import wire
 from agentwarden.settings import Settings
 
 from .. import fastpath
+from ..metrics import HANDLING_BUCKETS, Buckets
 from ..governor import Governor
 from . import reader
 from .admin import Admin
@@ -44,6 +45,7 @@ class Supervisor:
         self.policy_feed.connect(settings.events_endpoint)
         self.names = sn.syscall_names()
         self.handling_ns: collections.deque[int] = collections.deque(maxlen=1000)
+        self.handling_histogram = Buckets(HANDLING_BUCKETS)   # since start, for metrics
         self.stopping = False
         self.listeners = Listeners()
         self.decisions = Decisions()
@@ -78,7 +80,8 @@ class Supervisor:
         current = self.governor.policy
         self.records.emit({"kind": "health", "time": time.time_ns(), "stage": "supervisor", "counters": {
             **self.records.counters, "sessions": len(self.listeners.sessions),
-            "holds": len(self.holds.pending), "handling": summarise(self.handling_ns), **self._fast_health(),
+            "holds": len(self.holds.pending), "handling": summarise(self.handling_ns),
+            "handling_histogram": self.handling_histogram.export(), **self._fast_health(),
             "policy_hash": current.hash if current else None}})
 
     def _fast_health(self) -> dict:
@@ -141,7 +144,9 @@ class Supervisor:
         try:
             self._on_notification(fd, n)
         finally:
-            self.handling_ns.append(time.perf_counter_ns() - started)
+            took = time.perf_counter_ns() - started
+            self.handling_ns.append(took)
+            self.handling_histogram.observe(took / 1e9)
 
     def on_forwarded(self) -> None:
         for kind, fd, n in self.fast.events():

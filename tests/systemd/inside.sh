@@ -65,6 +65,11 @@ for line in open(sys.argv[1]):
 sys.exit(1)' "$1" "$2"
 }
 
+journal_has() {  # journal_has "FIELD=VALUE ..." PYTHON-EXPR: some entry matching satisfies EXPR
+    journalctl -o json $1 > /tmp/journal-match.json 2>/dev/null
+    json_has /tmp/journal-match.json "$2"
+}
+
 case "$phase" in
 install)
     # First without Recommends, so without kernel headers: postinst must say
@@ -120,6 +125,12 @@ install)
     check "probe's capability bounding set" \
         test "$(prop agentwarden-probe CapabilityBoundingSet)" = "cap_sys_admin cap_perfmon cap_bpf"
     check "logs go to the journal" sh -c "journalctl -u agentwarden-daemon | grep -q 'daemon running'"
+    journalctl -o json -u agentwarden-daemon > /tmp/journal-daemon.json
+    check "through python3-systemd's JournalHandler, with fields (journalctl -o json)" json_has /tmp/journal-daemon.json \
+        "r.get('MESSAGE', '').startswith('daemon running') and r.get('SYSLOG_IDENTIFIER') == 'agentwarden-daemon' and r.get('LOGGER') == 'agentwarden.daemon' and r.get('PRIORITY') == '6'"
+    journalctl -o json -u agentwarden-probe > /tmp/journal-probe.json
+    check "the probe said it was compiling, then how long loading took" json_has /tmp/journal-probe.json \
+        "r.get('MESSAGE', '').startswith('BPF program loaded and attached in ')"
     out=$(systemd-analyze verify agentwarden-daemon.service agentwarden-probe.service \
           agents.slice agent@verify.service 2>&1)
     if [ -z "$out" ]; then ok "systemd-analyze verify: clean for every unit"; else fail "systemd-analyze verify"; echo "$out" | sed 's/^/    /'; fi
@@ -212,6 +223,48 @@ EOT
     wait_for 30 "the violation is recorded, and the daemon killed the agent's cgroup" \
         archive_has swt-intruder "r.get('kind') == 'violation' and 'sleep' in r.get('attempted', '') and r.get('action_taken', '').startswith('killed every process')"
     wait_for 10 "agent-swt-intruder is gone" sh -c "! systemctl is-active --quiet agent-swt-intruder"
+    wait_for 10 "journalctl -o json: the violation's entry carries AGENTWARDEN_AGENT and AGENTWARDEN_VERDICT" \
+        journal_has "AGENTWARDEN_RECORD=violation AGENTWARDEN_AGENT=swt-intruder" \
+        "r.get('AGENTWARDEN_VERDICT') == 'violation' and r.get('PRIORITY') == '4' and 'sleep' in r.get('MESSAGE', '') and r.get('AGENTWARDEN_SESSION', '').startswith('swt-intruder') and r.get('_SYSTEMD_UNIT') == 'agentwarden-daemon.service'"
+    journalctl -o json -n 1 AGENTWARDEN_RECORD=violation AGENTWARDEN_AGENT=swt-intruder | python3 -c '
+import json, sys
+entry = json.loads(sys.stdin.read())
+print("    " + json.dumps({k: v for k, v in entry.items() if k.startswith(("AGENTWARDEN_", "MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "_SYSTEMD_UNIT"))}, sort_keys=True))'
+    for fmt in ocsf ecs; do
+        agentwarden log export --format $fmt --agent swt-intruder > /tmp/export-intruder.$fmt 2>/dev/null
+    done
+    check "log export --format ocsf: the violation as a Detection Finding (2004)" json_has /tmp/export-intruder.ocsf \
+        "r.get('class_uid') == 2004 and r.get('type_uid') == 200401 and 'sleep' in r['finding_info']['title'] and r['metadata']['product']['name'] == 'agentwarden'"
+    check "log export --format ocsf: its execs as Process Activity (1007)" json_has /tmp/export-intruder.ocsf \
+        "r.get('class_uid') == 1007 and r['process'].get('file', {}).get('path') == '/usr/bin/cat'"
+    check "log export --format ecs: the violation as an intrusion_detection alert" json_has /tmp/export-intruder.ecs \
+        "r['event']['kind'] == 'alert' and r['event']['category'] == ['intrusion_detection'] and r['agentwarden']['agent'] == 'swt-intruder'"
+
+    # Prometheus metrics: off by default; on with metrics_listen and the
+    # python3-prometheus-client Recommends, once the unit may open TCP sockets.
+    check "apt installs python3-prometheus-client (a Recommends)" apt_install --no-install-recommends python3-prometheus-client
+    mkdir -p /etc/agentwarden/config.d
+    echo 'metrics_listen = "127.0.0.1:9464"' > /etc/agentwarden/config.d/50-swt-metrics.toml
+    systemctl restart agentwarden-daemon
+    wait_for 30 "under RestrictAddressFamilies=AF_UNIX the daemon runs on and says which drop-in is needed" \
+        journal_has "_SYSTEMD_UNIT=agentwarden-daemon.service" \
+        "'metrics_listen 127.0.0.1:9464: cannot listen' in r.get('MESSAGE', '') and 'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6' in r['MESSAGE']"
+    mkdir -p /etc/systemd/system/agentwarden-daemon.service.d
+    printf '[Service]\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n' \
+        > /etc/systemd/system/agentwarden-daemon.service.d/50-swt-metrics.conf
+    systemctl daemon-reload
+    systemctl restart agentwarden-daemon
+    wait_for 30 "agentwarden status: healthy after the restart" healthy
+    wait_for 20 "a scrape of http://127.0.0.1:9464/metrics: daemon and probe up" python3 -c '
+import sys, urllib.request
+body = urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=5).read().decode()
+sys.exit(0 if "agentwarden_daemon_up 1.0" in body and "agentwarden_probe_up 1.0" in body
+         and "agentwarden_archive_bytes_written_total" in body else 1)'
+    rm -f /etc/agentwarden/config.d/50-swt-metrics.toml /etc/systemd/system/agentwarden-daemon.service.d/50-swt-metrics.conf
+    rmdir /etc/systemd/system/agentwarden-daemon.service.d 2>/dev/null
+    systemctl daemon-reload
+    systemctl restart agentwarden-daemon
+    wait_for 30 "metrics off again: healthy" healthy
     systemctl reset-failed agent-swt-intruder 2>/dev/null
     ;;
 
