@@ -88,6 +88,79 @@ def hold_text(record: dict[str, Any]) -> str:
     return line
 
 
+def short_hash(facts: dict[str, Any] | None) -> str:
+    """A drift observation in a few characters: sha256:1a2b3c4d, absent, ..."""
+    if not facts:
+        return "?"
+    if facts.get("kind") == "file":
+        return f"sha256:{facts['sha256'][:8]}"
+    return facts.get("kind", "?")
+
+
+def drift_text(record: dict[str, Any]) -> str:
+    """One line about a `drift` record (a change to a tracked file), for tail,
+    replay, the journal and notification hooks."""
+    state = record["state"]
+    line = f"{record['change_id']} {state}: {record['path']!s}"
+    if state == "baseline":
+        return line + f" recorded as {short_hash(record.get('before'))} by {(record.get('admin') or {}).get('name')}"
+    line += f" by agent {record.get('agent') or '?'}"
+    who = ", ".join(f"{label} {record[key]}" for key, label in (("person", "for"), ("task", "task"))
+                    if record.get(key))
+    if who:
+        line += f" ({who})"
+    line += f" [{','.join(record.get('syscalls') or ())}] {short_hash(record.get('before'))} -> " \
+            f"{short_hash(record.get('after'))}"
+    if record.get("hold_id"):
+        line += f"; hold {record['hold_id']}"
+    if record.get("approvers"):
+        line += f" approved by {', '.join(map(str, record['approvers']))}"
+    if record.get("reason"):
+        line += f": {record['reason']}"
+    if record.get("expires"):
+        line += f"; expires {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record['expires'] / 1e9))}"
+    if record.get("admin") and state in ("reverted", "accepted"):
+        line += f"; {state} by {record['admin'].get('name')}"
+        if record["admin"].get("reason"):
+            line += f": {record['admin']['reason']}"
+    if state == "expired":
+        line += "; review it: agentwarden drift show " + record["change_id"]
+    return line
+
+
+def _when(ns: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) if ns else "-"
+
+
+def drift_row(row: dict[str, Any]) -> str:
+    """One changed file in `agentwarden drift`: when, id, state, path, agent,
+    person, task, approver and reason, before -> after, expiry."""
+    parts = [_when(row["time"]), row["id"], f"{row['state']:<8}", str(row["path"]),
+             f"agent {row.get('agent') or '-'}" if row["source"] != "baseline" else "outside sessions"]
+    for key, label in (("person", "for"), ("task", "task")):
+        if row.get(key):
+            parts.append(f"{label} {row[key]}")
+    if row.get("approvers"):
+        parts.append(f"approved by {', '.join(map(str, row['approvers']))}"
+                     + (f" ({row['reason']})" if row.get("reason") else ""))
+    elif row.get("hold_id"):
+        parts.append(f"remembered approval of {row['hold_id']}" if row.get("remembered") else f"hold {row['hold_id']}")
+    after = "(being written)" if row.get("after") is None and row["source"] == "session" else short_hash(row.get("after"))
+    parts.append(f"{short_hash(row.get('before'))} -> {after}")
+    if row.get("expires"):
+        parts.append(f"expires {_when(row['expires'])}")
+    if row.get("admin") and row["state"] in ("reverted", "accepted"):
+        parts.append(f"by {row['admin'].get('name')}")
+    return "  ".join(parts)
+
+
+def alert_text(record: dict[str, Any]) -> str:
+    """What the journal and hooks say of a hold or drift record."""
+    if record.get("kind") == "drift":
+        return f"change {drift_text(record)}"
+    return f"hold {hold_text(record)}"
+
+
 def notify_status(info: dict[str, Any]) -> str:
     """The daemon's hold notifications (`agentwarden status`), in one line."""
     parts = []

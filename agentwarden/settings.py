@@ -143,6 +143,12 @@ def _seconds_between(low: float, high: float, message: str) -> Callable[[Any], f
 _seconds = _seconds_between(0.01, 3600, "must be between 0.01 and 3600 seconds")
 
 
+def _store_max(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
+        raise ValueError("must be a whole number of bytes (0 keeps only hashes)")
+    return int(value)
+
+
 def _group(value: Any) -> str:
     if not isinstance(value, str) or (value and not _GROUP_NAME.match(value)):
         raise ValueError('must be a group name, or "" for root only')
@@ -269,6 +275,9 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("hold_messages", True, _flag,
         "sessions: one line on the held process's stderr when a call is held (what, hold id, "
         "timeout) and when it is denied or times out (by whom, why); false says nothing"),
+    Key("drift_store_max", 1 << 20, _store_max,
+        "drift: a tracked file's content before and after a change is kept in the state "
+        "directory's drift/ store up to this many bytes; a larger one only by its hash"),
 )}
 
 
@@ -290,6 +299,7 @@ class Settings:
     notify_command: str = KEYS["notify_command"].default
     notify_webhook: str = KEYS["notify_webhook"].default
     notify_timeout: float = KEYS["notify_timeout"].default
+    drift_store_max: int = KEYS["drift_store_max"].default
     archive: ArchiveSettings = field(default_factory=ArchiveSettings, compare=False)
     # key -> where its value came from ("default", a file, "environment AGENTWARDEN_X", "--set")
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -308,6 +318,11 @@ class Settings:
     def control_endpoint(self) -> str:
         """CLI REQ -> daemon REP"""
         return f"ipc://{self.run_dir / 'control.sock'}"
+
+    @property
+    def drift_dir(self) -> Path:
+        """drift's store and index (agentwarden.drift), root's alone."""
+        return self.state_dir / "drift"
 
     @property
     def archive_dir(self) -> Path:

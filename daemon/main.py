@@ -22,6 +22,7 @@ from .archive import ArchiveWriter
 from .freeze_guard import FreezeGuard
 from .watch import WatchGuard
 from .governor import Governor
+from .drift import ExpiredChanges, OutsideCapture
 from .notify import HoldAlerts
 from .releases import Channel, Releases
 from .resolver import Resolver
@@ -89,6 +90,9 @@ class Daemon:
         self.releases = Releases(self.counters)
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
         self.alerts = HoldAlerts(settings, self.archive.host)  # holds: journal, status line, hooks
+        self._drift_out: list[dict] = []   # drift records an event caused, archived after it
+        self.drift = OutsideCapture(settings, self._drift_out.append)   # agents' changes outside sessions
+        self.expired_changes = ExpiredChanges(settings)   # drift: expired, not yet answered
 
     def _bind(self, kind: int, endpoint: str):
         sock = self.ctx.socket(kind)
@@ -237,6 +241,7 @@ class Daemon:
             self.counters["events"] += 1
             if kind in wire.DECIDED_KINDS:
                 violation = self.governor.judge(record)
+            self._drift_event(record)
         elif kind == "gap":
             self.drops[record["stage"]] += record["count"]
         elif kind == "release":
@@ -256,6 +261,13 @@ class Daemon:
         if kind == "hold":
             self.alerts.hold(record)   # queued for the journal and hooks; never waits
             self.notifier.alive(self.status_line())
+        elif kind == "drift":
+            self.expired_changes.update(record)
+            if record["state"] == "expired":
+                self.alerts.hold(record)   # the same channels as holds
+                self.notifier.alive(self.status_line())
+        if self._drift_out:
+            own, self._drift_out[:] = own + self._drift_out, []
         self._archive_own(own)
         if violation:
             violation["event_seq"] = record.get("seq")
@@ -265,6 +277,20 @@ class Daemon:
             if violation["action_taken"].startswith("froze"):
                 self.disk_guard.forget([record["agent_cgroup_id"]])  # the policy froze it: stays frozen
         return violation
+
+    def _drift_event(self, record: dict) -> None:
+        """An agent's change outside `run` sessions (inside one, the supervisor
+        captured it before it went through)."""
+        policy = self.governor.policy
+        agent = record.get("agent")
+        tags = self.tags.get(str(record.get("cgroup_id"))) if isinstance(self.tags, dict) else None
+        in_session = bool(isinstance(tags, dict) and tags.get("instance"))
+        try:
+            self.drift.event(record, policy.agents.get(agent) if policy and agent else None, in_session,
+                             policy.hash if policy else None)
+        except OSError as exc:   # the state directory: counted, the event is archived anyway
+            self.drift.counters["drift_errors"] += 1
+            log.error("drift: %s", exc)
 
     def _watch_records(self, records: list[dict]) -> list[dict]:
         for record in records:
@@ -338,8 +364,9 @@ class Daemon:
         if self.watch.state == "lost":
             probe = "LOST: agents frozen"
         holds = self.alerts.pending.summary(time.time_ns())
+        expired = self.expired_changes.summary()
         return (f"{self.counters['events']} events archived, {self.rate:.0f}/s; probe {probe}"
-                + (f"; {holds}" if holds else ""))
+                + (f"; {holds}" if holds else "") + (f"; {expired}" if expired else ""))
 
     # -- archive ---------------------------------------------------------------
 
@@ -395,6 +422,7 @@ class Daemon:
             "sessions": self.supervisor_health,
             "watch": self.watch.info(),
             "notify": self.alerts.info(),
+            "drift": {**self.drift.counters, "expired": len(self.expired_changes)},
             "status_line": self.status_line(),
         }
 

@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from agentwarden import agentdef, cgroups, control, doctor, render, settings as settings_mod, wire
+from .drift import drift_app
 from .log import log_app
 from .policy import policy_app
 from .up import run_probe_and_daemon
@@ -26,6 +27,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 app.add_typer(policy_app, name="policy")
 app.add_typer(log_app, name="log")
+app.add_typer(drift_app, name="drift")
 
 TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive", "hold"}
 
@@ -336,16 +338,21 @@ def approve(hold_id: str = typer.Argument(..., help="the hold id from `agentward
             reason: Optional[str] = typer.Option(None, "--reason", help="why (archived)"),
             remember: Optional[str] = typer.Option(None, "--remember",
                                                    help="allow the same action by this agent without asking "
-                                                        "for this long (90s, 15m, 2h, 1d)")):
+                                                        "for this long (90s, 15m, 2h, 1d)"),
+            expires: Optional[str] = typer.Option(None, "--expires",
+                                                  help="a change of a tracked file this lets through stands "
+                                                       "this long, then is reported expired (see drift)")):
     """Let a held action proceed.
 
-    Example: sudo agentwarden approve h3-1a2b --reason "release day" --remember 1h
+    Example: sudo agentwarden approve h3-1a2b --reason "release day" --remember 1h --expires 7d
     """
     from agentwarden import session
     if remember is not None:
         parse_duration(remember, "--remember", positive=True)
+    if expires is not None:
+        parse_duration(expires, "--expires", positive=True)
     reply = session.admin_request(_settings(), {"cmd": "approve", "id": hold_id, "reason": reason,
-                                                "remember": remember})
+                                                "remember": remember, "expires": expires})
     if reply["state"] == "pending":
         typer.echo(f"{hold_id}: approval recorded; {reply['needed']} more distinct approver(s) needed")
     else:
