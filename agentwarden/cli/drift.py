@@ -75,7 +75,7 @@ def drift_show(change_id: str = typer.Argument(..., help="a change id from `agen
         return
     typer.echo(render.drift_row(row))
     after = change.get("after") or current
-    for line in drift.diff(store, change["path"], change.get("before"), after):
+    for line in drift.diff(store, change["path"], change.get("before"), after, drift.read_now(change["path"])):
         typer.echo(line)
     if row["state"] == "diverged" and change["source"] != "baseline":
         typer.echo(f"now:    {drift.describe(current)} (changed since)")

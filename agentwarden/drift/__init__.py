@@ -14,8 +14,8 @@ CLI (`agentwarden drift`) reads the index and asks the supervisor to revert or
 accept, so the admin's identity comes from the kernel (SO_PEERCRED).
 """
 from .changes import STATES, Index, find, listing, new_id, state
-from .restore import describe, diff, open_directory, revert
+from .restore import describe, diff, open_directory, read_now, revert
 from .store import DriftError, Store, observe, same, write_atomic
 
-__all__ = ["STATES", "DriftError", "Index", "find", "listing", "Store", "describe", "diff", "new_id", "observe", "open_directory",
+__all__ = ["STATES", "DriftError", "Index", "find", "listing", "Store", "describe", "diff", "new_id", "observe", "open_directory", "read_now",
            "revert", "same", "state", "write_atomic"]

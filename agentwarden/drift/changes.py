@@ -117,8 +117,10 @@ def listing(index: Index, agent: str | None = None, since_ns: int | None = None,
     its own (id b-..., source baseline, state diverged): changes made outside
     sessions by anyone."""
     now_ns = now_ns or time.time_ns()
-    rows = []
+    rows, explained = [], {}   # path -> the latest change's content after
     for change in index.changes():
+        if change.get("after") is not None:
+            explained[change["path"]] = change["after"]
         if agent and change.get("agent") != agent:
             continue
         if since_ns and change["time"] < since_ns:
@@ -131,8 +133,9 @@ def listing(index: Index, agent: str | None = None, since_ns: int | None = None,
     if not agent and not expired_only:
         for baseline in index.baselines():
             current = observe(baseline["path"])
-            if same(baseline["before"], current) or (since_ns and baseline["time"] < since_ns):
-                continue
+            if same(baseline["before"], current) or same(explained.get(baseline["path"]), current) \
+                    or (since_ns and baseline["time"] < since_ns):
+                continue   # as recorded, or as a recorded change left it
             rows.append({"id": "b-" + hashlib.sha256(baseline["path"].encode("utf-8", "surrogateescape"))
                          .hexdigest()[:10], "time": baseline["time"], "path": baseline["path"], "agent": None,
                          "person": None, "task": None, "approvers": [], "reason": None, "source": "baseline",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import difflib
 import errno
+import hashlib
 import os
 import stat
 import struct
@@ -132,18 +133,42 @@ def describe(facts: dict | None) -> str:
     return _short(facts)
 
 
-def diff(store: Store, path: str, before: dict | None, after: dict | None) -> list[str]:
+def read_now(path: str) -> dict[str, bytes]:
+    """The content of path as it is now (not following a symlink), by its
+    sha256, for a diff against what the store holds; {} when not a file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    finally:
+        os.close(fd)
+    return {hashlib.sha256(data).hexdigest(): data}
+
+
+def diff(store: Store, path: str, before: dict | None, after: dict | None,
+         known: dict[str, bytes] | None = None) -> list[str]:
     """A unified diff of two observations of path when both contents are kept
-    and are text; else their sizes and hashes (and modes, owners)."""
+    (in the store, or in known: sha256 -> bytes) and are text; else their
+    sizes and hashes (and modes, owners)."""
     def text(facts: dict | None) -> list[str] | None:
         if facts is None or facts["kind"] == "absent":
             return []
-        if facts["kind"] != "file" or not facts.get("stored"):
+        if facts["kind"] != "file":
             return None
-        try:
-            data = store.get(facts["sha256"])
-        except DriftError:
+        if known and facts.get("sha256") in known:
+            data = known[facts["sha256"]]
+        elif not facts.get("stored"):
             return None
+        else:
+            try:
+                data = store.get(facts["sha256"])
+            except DriftError:
+                return None
         if b"\0" in data:
             return None
         try:

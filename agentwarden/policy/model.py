@@ -123,7 +123,7 @@ class AgentPolicy:
 
     def tracks(self, path: str | None) -> bool:
         """Whether changes to path are kept (files.track)."""
-        return bool(path) and self.track.first_match(path, path) is not None
+        return bool(path) and self.track.first_match(path, path.rstrip("/") + "/") is not None   # glob.path_key
 
 
 @dataclass(frozen=True)
