@@ -27,6 +27,7 @@ def open_mode(flags: int) -> str:
 
 
 def clock(ns: int) -> str:
+    """A record's time of day (tail)."""
     # Integer division: ns / 1e9 rounds x.9995... up to the next second.
     seconds, rest = divmod(ns, 1_000_000_000)
     return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{rest // 1_000_000:03d}"
@@ -176,31 +177,50 @@ def notify_status(info: dict[str, Any]) -> str:
     return f"{info['pending']} holds pending; " + "; ".join(parts) + problem
 
 
-def human(record: dict[str, Any]) -> str:
+def dated(ns: int) -> str:
+    """A record's time with its date, for the archive's views (log show, replay)."""
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) + f".{rest // 1_000_000:03d}"
+
+
+def human(record: dict[str, Any], with_date: bool = False) -> str:
+    """One line per record: tail's (the time of day), or with its date (log show, search, replay)."""
     kind = record["kind"]
+    at = dated if with_date else clock
+    if kind == "supervision":
+        return (f"{at(record['time'])} SUPERVISION {record['session']} {record['state']}: agent "
+                f"{record['agent']} (for {record.get('on_behalf_of') or 'unknown'}, task "
+                f"{record.get('task') or 'unknown'}, user {record.get('user')}) pid {record['pid']} on {record['host']}")
+    if kind == "release":
+        how = f"remembered approval of {record['hold_id']}" if record["remembered"] else f"hold {record['hold_id']}"
+        paths = " -> ".join(text(p) for p in record["paths"])
+        return (f"{at(record['time'])} RELEASE {record['agent']} tid {record['tid']} {record['syscall']} "
+                f"{paths}: let through by {how}")
+    if kind == "drift":
+        return f"{at(record['time'])} DRIFT {drift_text(record)}"
     if kind == "hold":
-        return f"{clock(record['time'])} HOLD {hold_text(record)}"
+        return f"{at(record['time'])} HOLD {hold_text(record)}"
     if kind == "gap":
         detail = f": {record['detail']}" if record.get("detail") else ""
-        return f"{clock(record['time'])} LOST {record['count']} records at stage {record['stage']}{detail}"
+        return f"{at(record['time'])} LOST {record['count']} records at stage {record['stage']}{detail}"
     if kind == "violation":
-        return (f"{clock(record['time'])} VIOLATION {record['agent']} pid {record['pid']} "
+        return (f"{at(record['time'])} VIOLATION {record['agent']} pid {record['pid']} "
                 f"{record['attempted']}: {record['decision']} "
                 f"({record['rule'] or 'no rule allows it'}) -> {record['action_taken']}")
     if kind == "admin":
-        return (f"{clock(record['time'])} ADMIN {record['user']} {record['action']} "
+        return (f"{at(record['time'])} ADMIN {record['user']} {record['action']} "
                 f"{record['agent']}: {record['result']}")
     if kind == "archive":
-        return f"{clock(record['time'])} ARCHIVE {record['event']}: {record['detail']}"
+        return f"{at(record['time'])} ARCHIVE {record['event']}: {record['detail']}"
     if kind == "session":
         who = ", ".join(f"{k} {record[k]}" for k in ("person", "task", "user") if record.get(k))
-        return (f"{clock(record['time'])} SESSION {record['session']} {record['status']}: agent "
+        return (f"{at(record['time'])} SESSION {record['session']} {record['status']}: agent "
                 f"{record['agent']}" + (f" ({who})" if who else "") + f" on {record['host']}")
     if kind == "policy":
         detail = f": {record['detail']}" if record.get("detail") else ""
-        return f"{clock(record['time'])} POLICY {record['status']} {record['policy_hash']}{detail}"
+        return f"{at(record['time'])} POLICY {record['status']} {record['policy_hash']}{detail}"
     agent = record.get("agent") or f"cgroup:{record.get('agent_cgroup_id')}"
-    head = f"{clock(record['time'])} {agent:<12} {kind:<5} pid {record['pid']:<7}"
+    head = f"{at(record['time'])} {agent:<12} {kind:<5} pid {record['pid']:<7}"
     if kind == "exec":
         argv = " ".join(text(a) for a in record["argv"]) + (" …" if record["argv_truncated"] else "")
         shown = record.get("resolved_exec_path") or record.get("resolved_filename") or record["filename"]

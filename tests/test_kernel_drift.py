@@ -154,6 +154,26 @@ def test_sed_approved_with_expiry_listed_expired_reverted_then_diverged(warden, 
     assert [r["state"] for r in records] == ["changed", "expired", "reverted", "changed", "reverted"]
     assert records[2]["admin"]["name"] == "root" and records[2]["admin"]["reason"] == "no fast mode"
     assert records[4]["admin"]["force"] is True
+
+    # The auditor's views: changes only; a replay in readable lines with dates; the export's fields.
+    found = warden.cli("log", "search", "--write", "--agent", agent).stdout.splitlines()
+    assert found and all(" DRIFT " in line or " open " in line or " change " in line for line in found), found
+    assert any(f"DRIFT {row['id']} changed: {target} by agent {agent} (for alice, task tune) [rename]" in line
+               for line in found), found
+    assert not any(" exec " in line for line in found)
+    replay = warden.cli("log", "replay", row["session"]).stdout
+    timeline = replay.split("timeline:", 1)[1].splitlines()
+    today = time.strftime("%Y-%m-%d")
+    for word in ("HOLD", "SUPERVISION", "RELEASE", "DRIFT"):
+        lines = [line for line in timeline if f" {word} " in line]
+        assert lines and all(f" {today} " in line for line in lines), (word, replay)
+    assert "{'" not in replay, replay
+    exported = [json.loads(line) for line in warden.cli("log", "export", "--kind", "drift", "--path",
+                                                        str(target)).stdout.splitlines()]
+    changed = [e for e in exported if e["state"] == "changed"][0]
+    assert changed["before_sha256"] == sha(old) and changed["after_sha256"] == sha(new)
+    assert changed["agent"] == agent and changed["person"] == "alice" and changed["approvers"] == ["root"]
+    assert [e["admin_name"] for e in exported if e["state"] == "reverted"] == ["root", "root"]
     assert warden.cli("log", "verify").returncode == 0
 
 
