@@ -111,7 +111,8 @@ class SessionCapture(Captures):
         for path in paths:
             change = pending.get(path)
             if change is not None:   # its first content before stands; this call adds to it
-                change["syscalls"].append(request.syscall)
+                if request.syscall not in change["syscalls"]:
+                    change["syscalls"].append(request.syscall)
                 continue
             change = {"id": drift.new_id(), "time": now, "path": path, "agent": session.agent,
                       "session": session.id, "person": session.on_behalf_of or session.user,
