@@ -301,6 +301,14 @@ def status(st: dict[str, Any], now_ns: int) -> list[str]:
                      f"{fast_note}")
     if st.get("notify"):
         lines.append("notify: " + notify_status(st["notify"]))
+    changes = st.get("drift")
+    if changes:
+        sup_counts = st.get("sessions") or {}
+        lines.append(f"drift:  {changes.get('expired', 0)} expired changes to review"
+                     + (" (agentwarden drift --expired)" if changes.get("expired") else "")
+                     + f"; {sup_counts.get('drift_changes', 0)} changes kept in sessions, "
+                     f"{changes.get('drift_changes', 0)} outside; "
+                     f"{sup_counts.get('drift_errors', 0) + changes.get('drift_errors', 0)} errors")
     watch = st.get("watch")
     if watch and watch.get("state") == "lost":
         lines.append(f"WATCH LOST: the probe is gone; agents frozen until it watches again: "

@@ -120,6 +120,7 @@ def test_sed_approved_with_expiry_listed_expired_reverted_then_diverged(warden, 
     status = wait_for(lambda: (lambda s: s if s["drift"]["expired"] >= 1 else None)(warden.status()),
                       what="status to count the expired change")
     assert "expired change" in status["status_line"] and "agentwarden drift --expired" in status["status_line"]
+    assert "expired changes to review (agentwarden drift --expired)" in warden.cli("status").stdout
     line = warden.cli("drift", "--agent", agent).stdout
     assert f"{row['id']}  expired" in line and "approved by root (try fast mode)" in line, line
 
@@ -194,7 +195,7 @@ def test_each_kind_of_change_appears_with_before_and_after(warden, tracked_agent
     rows = {Path(r["path"]).name: r for r in wait_for(
         lambda: (lambda rows: rows if len(rows) >= 7 and all(r["after"] for r in rows) else None)(
             drift_rows(warden, "--agent", agent)), timeout=20, what="seven changes")}
-    assert set(rows) == {*files, "renamed"}, rows.keys()
+    assert set(rows) == {*files, "renamed"} and len(drift_rows(warden, "--agent", agent)) == 7, rows.keys()
     assert rows["appended"]["after"]["size"] == rows["appended"]["before"]["size"] + 2
     assert rows["truncated"]["after"]["size"] == 3
     assert rows["moved"]["after"] == {"kind": "absent"} and rows["renamed"]["before"] == {"kind": "absent"}

@@ -144,7 +144,11 @@ class Supervisor:
         keeps the content before of the tracked files it changes."""
         policy = self.governor.policy
         agent_policy = policy.agents.get(s.agent) if policy else None
-        self.drift.before(s, agent_policy, request, hold, remembered_from, policy.hash if policy else None)
+        try:
+            self.drift.before(s, agent_policy, request, hold, remembered_from, policy.hash if policy else None)
+        except Exception:   # a bug here must not leave the task waiting forever: counted, logged
+            self.drift.counters["drift_errors"] += 1
+            log.exception("supervisor: drift could not keep the content before of %s", request.action)
         if hold is None and agent_policy is not None and any(
                 agent_policy.tracks(path) for path in drift_paths(request.events)):
             request.fast_key = None   # each change of a tracked file is seen here, never repeated in C
