@@ -223,6 +223,17 @@ class OutsideCapture(Captures):
                 "before": baseline["before"] if baseline else {"kind": "unknown"},
                 "baseline": baseline["id"] if baseline else None, "after": None, "admin": None}
 
+    def wants(self, record: dict) -> bool:
+        """Whether event may matter here: a write-open, a change, or the close
+        or exit of a writer whose change is open."""
+        kind = record["kind"]
+        if kind == "open":
+            return policy_mod.is_write(record.get("flags", 0))
+        if kind == "change":
+            return True
+        return bool(self.writing) and (kind == "exit" or (kind == "fd" and record.get("syscall") in
+                                                          ("close", "close_range")))
+
     def event(self, record: dict, agent_policy: policy_mod.AgentPolicy | None, in_session: bool,
               policy_hash: str | None) -> None:
         """One archived event of an agent; in_session: made under a `run`

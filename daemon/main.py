@@ -281,6 +281,8 @@ class Daemon:
     def _drift_event(self, record: dict) -> None:
         """An agent's change outside `run` sessions (inside one, the supervisor
         captured it before it went through)."""
+        if not self.drift.wants(record):
+            return   # most events: one dict lookup
         policy = self.governor.policy
         agent = record.get("agent")
         tags = self.tags.get(str(record.get("cgroup_id"))) if isinstance(self.tags, dict) else None

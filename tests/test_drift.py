@@ -264,3 +264,43 @@ def test_index_entries_are_atomic_0600_and_ids_are_checked(tmp_path):
     with pytest.raises(drift.DriftError, match="no change 'c-9'"):
         index.load("c-9")
     assert os.listdir(tmp_path / "drift" / "changes") == ["c-0000000001.json"]
+
+
+def test_outside_sessions_a_write_is_kept_when_its_writer_closes_the_fd(tmp_path):
+    """The daemon's capture from the kernel's records (records as the daemon
+    has them, resolved), here fed by hand: before is the baseline, after is
+    taken at the writer's close; a session's own records are the supervisor's."""
+    settings = Settings(state_dir=tmp_path / "state")
+    emitted: list[dict] = []
+    capture = daemon_drift.OutsideCapture(settings, emitted.append)
+    coder = load(tmp_path, f'[agent.coder.files]\nwrite-allow = ["/**"]\ntrack = ["{tmp_path}/etc/**"]\n'
+                 ).agents["coder"]
+    conf = tmp_path / "etc" / "pool.conf"
+    conf.parent.mkdir()
+    conf.write_text("size=4\n")
+    capture.index.save_baseline({"id": "c-base", "time": 1, "path": str(conf),
+                                 "before": drift.observe(str(conf), capture.store)})
+    task = {"time": 5, "pid": 42, "agent": "coder", "session": "coder-1"}
+    opened = {**task, "kind": "open", "syscall": "openat", "resolved_path": str(conf),
+              "flags": os.O_WRONLY | os.O_APPEND, "ret": 3}
+    assert capture.wants(opened) and not capture.wants({**opened, "flags": os.O_RDONLY})
+    capture.event(opened, coder, False, "sha256:p")
+    conf.write_text("size=4\nsize=64\n")
+    closed = {**task, "kind": "fd", "syscall": "close", "fd": 3, "arg": 0, "ret": 0}
+    assert capture.wants(closed)
+    capture.event(closed, coder, False, "sha256:p")
+    [record] = emitted
+    assert record["state"] == "changed" and record["source"] == "outside" and record["agent"] == "coder"
+    assert record["before"]["sha256"] == hashlib.sha256(b"size=4\n").hexdigest()
+    assert record["after"]["sha256"] == hashlib.sha256(b"size=4\nsize=64\n").hexdigest()
+    assert "+size=64" in drift.diff(capture.store, str(conf), record["before"], record["after"])
+    # Under a `run` session, an untracked path, a failed open: nothing here.
+    capture.event({**opened, "ret": 4}, coder, True, "sha256:p")
+    capture.event({**opened, "resolved_path": str(tmp_path / "other"), "ret": 5}, coder, False, "sha256:p")
+    capture.event({**opened, "ret": -13}, coder, False, "sha256:p")
+    assert not capture.writing and len(emitted) == 1
+    # A change call is kept at once: an unlink leaves the file absent.
+    conf.unlink()
+    capture.event({**task, "kind": "change", "syscall": "unlinkat", "resolved_path": str(conf), "ret": 0},
+                  coder, False, "sha256:p")
+    assert emitted[-1]["after"] == {"kind": "absent"} and emitted[-1]["syscalls"] == ["unlinkat"]
