@@ -86,11 +86,16 @@ def revert(store: Store, change: dict, force: bool) -> dict:
             link = {} if stat.S_ISDIR(st.st_mode) else {"target": os.readlink(name, dir_fd=directory)}
             raise DriftError(refusal(path, {"kind": "directory" if stat.S_ISDIR(st.st_mode) else "symlink",
                                             **link}))
-        if data is None:
-            if st is not None:
-                os.unlink(name, dir_fd=directory)
-        else:
-            _replace(directory, name, data, before)
+        try:
+            if data is None:
+                if st is not None:
+                    os.unlink(name, dir_fd=directory)
+            else:
+                _replace(directory, name, data, before)
+        except OSError as exc:   # the path is as it was: the temporary file is gone
+            hint = (" (a read-only mount: under the packaged unit, add the directory to the daemon's "
+                    "ReadWritePaths)" if exc.errno == errno.EROFS else "")
+            raise DriftError(f"cannot write {path}: {exc.strerror}{hint}; nothing written") from None
     finally:
         os.close(directory)
     return observe(path, store)
@@ -105,8 +110,12 @@ def _replace(directory: int, name: str, data: bytes, facts: dict) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
+            # The mode while the file is still ours (no CAP_FOWNER needed), then
+            # the owner; chown clears set-id bits, so those are set again after it.
+            os.fchmod(fd, facts["mode"])
             os.fchown(fd, facts["uid"], facts["gid"])
-            os.fchmod(fd, facts["mode"])   # after chown, which clears set-id bits
+            if facts["mode"] & (stat.S_ISUID | stat.S_ISGID):
+                os.fchmod(fd, facts["mode"])
             os.fsync(fd)
         finally:
             os.close(fd)
