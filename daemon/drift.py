@@ -107,27 +107,40 @@ class SessionCapture(Captures):
             return
         pending = self.open.setdefault(session.id, {})
         now = time.time_ns()
-        expires_in = getattr(hold, "change_expires", None) or agent_policy.change_ttl
         for path in paths:
             change = pending.get(path)
             if change is not None:   # its first content before stands; this call adds to it
                 if request.syscall not in change["syscalls"]:
                     change["syscalls"].append(request.syscall)
+                if hold and not change["approvers"]:   # the first approval that let part of it through
+                    change.update(self._approval(hold, None, agent_policy, now, policy_hash))
+                    self._save(change)
+                    if change["expires"]:
+                        self.expiring[change["id"]] = change["expires"]
                 continue
             change = {"id": drift.new_id(), "time": now, "path": path, "agent": session.agent,
                       "session": session.id, "person": session.on_behalf_of or session.user,
                       "user": session.user, "task": session.task, "syscalls": [request.syscall],
-                      "hold_id": hold.id if hold else remembered_from, "remembered": bool(remembered_from),
-                      "approvers": sorted(a["name"] for a in hold.approvals.values()) if hold else [],
-                      "reason": "; ".join(a["reason"] or "no reason given" for a in hold.approvals.values())
-                      if hold else None,
-                      "policy_hash": getattr(hold, "policy_hash", None) or policy_hash, "source": "session",
-                      "expires": now + int(expires_in * 1e9) if expires_in else None,
-                      "before": self._observe(path), "after": None, "admin": None}
+                      **self._approval(hold, remembered_from, agent_policy, now, policy_hash),
+                      "source": "session", "before": self._observe(path), "after": None, "admin": None}
             pending[path] = change
             self._save(change)
             if change["expires"]:
                 self.expiring[change["id"]] = change["expires"]
+
+    @staticmethod
+    def _approval(hold, remembered_from: str | None, agent_policy: policy_mod.AgentPolicy, now: int,
+                  policy_hash: str | None) -> dict:
+        """Who let a change through and until when: the hold's approvers and
+        reasons (or the remembered approval's hold), its --expires, else the
+        agent's change-ttl."""
+        expires_in = getattr(hold, "change_expires", None) or agent_policy.change_ttl
+        return {"hold_id": hold.id if hold else remembered_from, "remembered": bool(remembered_from),
+                "approvers": sorted(a["name"] for a in hold.approvals.values()) if hold else [],
+                "reason": "; ".join(a["reason"] or "no reason given" for a in hold.approvals.values())
+                if hold else None,
+                "policy_hash": getattr(hold, "policy_hash", None) or policy_hash,
+                "expires": now + int(expires_in * 1e9) if expires_in else None}
 
     def session_ended(self, session) -> None:
         for change in self.open.pop(session.id, {}).values():

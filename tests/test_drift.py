@@ -304,3 +304,49 @@ def test_outside_sessions_a_write_is_kept_when_its_writer_closes_the_fd(tmp_path
     capture.event({**task, "kind": "change", "syscall": "unlinkat", "resolved_path": str(conf), "ret": 0},
                   coder, False, "sha256:p")
     assert emitted[-1]["after"] == {"kind": "absent"} and emitted[-1]["syscalls"] == ["unlinkat"]
+
+
+def test_a_session_change_keeps_its_first_before_and_the_first_approval(tmp_path):
+    """The supervisor's capture (its calls as reader.Request has them): a
+    write then an approved rename of the same file in one session is one
+    change, with the content before the first and the approval of the second;
+    a temporary file created and renamed away leaves nothing."""
+    from types import SimpleNamespace
+    from daemon.supervisor.reader import Request
+    settings = Settings(state_dir=tmp_path / "state")
+    emitted: list[dict] = []
+    capture = daemon_drift.SessionCapture(settings, emitted.append)
+    coder = load(tmp_path, f'change-ttl = "1h"\n[agent.coder.files]\nwrite-allow = ["/**"]\n'
+                           f'track = ["{tmp_path}/etc/**"]\n').agents["coder"]
+    conf, temp = tmp_path / "etc" / "app.conf", tmp_path / "etc" / "sedX"
+    conf.parent.mkdir()
+    conf.write_text("mode=safe\n")
+    session = SimpleNamespace(id="s-1", agent="coder", on_behalf_of="alice", user="root", task="tune")
+
+    def request(syscall, *paths):
+        return Request(syscall, ("file", syscall, paths), [
+            {"kind": "open", "resolved_path": str(p), "flags": os.O_WRONLY | os.O_CREAT} for p in paths],
+            None, syscall=syscall)
+
+    capture.before(session, coder, request("openat", conf), policy_hash="sha256:p")   # allowed
+    conf.write_text("mode=fast\n")
+    capture.before(session, coder, request("openat", temp), policy_hash="sha256:p")
+    temp.write_text("mode=fastest\n")
+    hold = SimpleNamespace(id="h2-ab12", approvals={0: {"name": "root", "reason": "try it"}},
+                           policy_hash="sha256:p", change_expires=2.0)
+    capture.before(session, coder, request("rename", temp, conf), hold)
+    temp.rename(conf)
+    assert [r for r in drift.listing(capture.index) if r["after"] is None]   # listed while being made
+    capture.session_ended(session)
+    [record] = emitted
+    assert record["path"] == str(conf) and record["syscalls"] == ["openat", "rename"]
+    assert record["before"]["sha256"] == hashlib.sha256(b"mode=safe\n").hexdigest()
+    assert record["after"]["sha256"] == hashlib.sha256(b"mode=fastest\n").hexdigest()
+    assert record["hold_id"] == "h2-ab12" and record["approvers"] == ["root"] and record["reason"] == "try it"
+    assert 0 < record["expires"] - record["time"] <= 2 * NS   # from the approval: --expires beats change-ttl
+    assert capture.counters["drift_transient"] == 1 and [r["path"] for r in drift.listing(capture.index)] == [
+        str(conf)]
+    capture.expire(record["expires"])
+    assert emitted[-1]["state"] == "expired" and capture.counters["drift_expired"] == 1
+    capture.expire(record["expires"] + NS)
+    assert len(emitted) == 2   # reported once

@@ -232,6 +232,7 @@ class Supervisor:
                 next_health = time.monotonic() + HEALTH_INTERVAL
                 self._follow_policy()
                 self.approvals.follow()
+                self.drift.expire()   # once a second: expiry is reported to the second
                 self._health()
             timeout = 0.2
             deadline = self.holds.next_deadline()
@@ -254,7 +255,6 @@ class Supervisor:
                 except Exception:  # one bad peer must not stop supervision of the others
                     log.exception("supervisor: error handling %s", kind)
             self.holds.expire()
-            self.drift.expire()
         if self.fast:
             self.fast.stop()
         for fd, session in list(self.listeners.sessions.items()):
