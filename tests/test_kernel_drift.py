@@ -300,3 +300,30 @@ def test_revert_refuses_bad_input_and_writes_nothing(warden, tracked_agent, tmp_
     shown = warden.cli("drift", "show", "c-0000000000", check=False)
     assert shown.returncode == 1 and shown.stderr.startswith("agentwarden: error: no change 'c-0000000000'")
     assert warden.cli("log", "verify").returncode == 0
+
+
+def test_an_expired_change_reaches_the_notification_command(kernel, agent_cgroup, tmp_path):
+    """The agent's change-ttl runs out: the daemon hands the `drift` record
+    to the hold notification hooks (here notify_command) once, with its text."""
+    from hooks import received, recorder
+    from test_kernel_sessions import warden_of_its_own
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    env = {"AGENTWARDEN_NOTIFY_COMMAND": str(recorder(hooks))}
+    with warden_of_its_own(agent_cgroup, tmp_path, "exp", env) as (warden, agent):
+        conf = tmp_path / "conf"
+        conf.mkdir()
+        (conf / "pool.conf").write_text("size=4\n")
+        warden.set_policy(agent, policy(agent, conf, write_allow=[f"{conf}/**"], extra='change-ttl = "1s"\n'))
+        proc = run(warden, agent, ["/bin/sh", "-c", f"echo size=64 >> {conf / 'pool.conf'}"])
+        assert proc.wait(timeout=30) == 0
+        [row] = finished(warden, conf / "pool.conf")
+        [sent] = wait_for(lambda: [r for r in received(hooks / "out.jsonl") if r.get("kind") == "drift"],
+                          timeout=20, what="the expired change at the command")
+        assert sent["state"] == "expired" and sent["change_id"] == row["id"] and sent["agent"] == agent
+        assert sent["text"].startswith(f"agentwarden on {sent['host']}: change {row['id']} expired: "
+                                       f"{conf / 'pool.conf'} by agent {agent}")
+        assert warden.status()["notify"]["pending"] == 0   # not taken for a hold
+        warden.cli("drift", "accept", row["id"], "--reason", "keep it")
+        wait_for(lambda: warden.status()["drift"]["expired"] == 0, what="the accepted change to leave status")
+        assert "expired change" not in warden.status()["status_line"]
