@@ -29,7 +29,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(log_app, name="log")
 app.add_typer(drift_app, name="drift")
 
-TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive", "hold"}
+TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive", "hold", "drift"}
 
 
 @app.callback()
