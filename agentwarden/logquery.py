@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator
 from . import render
 from .durations import DurationError, has_unit, parse_duration
 from .errors import AgentwardenError
+from .policy.decide import is_write as policy_is_write
 from .policy.glob import GlobError, path_key, path_regex
 from . import wire
 from .wire import text
@@ -82,8 +83,17 @@ def record_paths(record: dict) -> list[str]:
     keys = {"open": ("resolved_path", "path", "real_path"), "chdir": ("resolved_path", "path"),
             "exec": ("resolved_exec_path", "resolved_filename", "exec_path", "filename", "real_path"),
             "change": ("resolved_path", "path", "real_path", "resolved_path2", "path2", "real_path2"),
+            "drift": ("path",),
             "sidedoor": ("resolved_path", "path")}
     return [text(record[k]) for k in keys.get(kind, ()) if isinstance(record.get(k), (str, bytes)) and record[k]]
+
+
+def is_change(record: dict) -> bool:
+    """Whether a record is a file change: a write-open, a change call, a drift record."""
+    kind = record["kind"]
+    if kind == "open":
+        return isinstance(record.get("flags"), int) and policy_is_write(record["flags"])
+    return kind in ("change", "drift")
 
 
 def decision_of(record: dict) -> str | None:
@@ -104,6 +114,7 @@ class Filter:
     since: int | None = None            # unix ns
     until: int | None = None
     seqs: tuple[int, int] | None = None
+    write: bool = False                 # only changes: write-opens, change calls, drift records
     _recent: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 
     def __post_init__(self):
@@ -112,8 +123,9 @@ class Filter:
 
     @property
     def any(self) -> bool:
-        return any(v is not None for v in (self.agent, self.session, self.pid, self.kinds,
-                                           self.verdict, self.path, self.since, self.until, self.seqs))
+        return self.write or any(v is not None for v in (self.agent, self.session, self.pid, self.kinds,
+                                                         self.verdict, self.path, self.since, self.until,
+                                                         self.seqs))
 
     def _remember(self, record: dict) -> None:
         if record["kind"] in wire.DECIDED_KINDS and self.path is not None:
@@ -130,6 +142,8 @@ class Filter:
         elif kind in NOISE_KINDS:
             return False
         if self.seqs and not self.seqs[0] <= record["seq"] <= self.seqs[1]:
+            return False
+        if self.write and not is_change(record):
             return False
         if self.since is not None and record["time"] < self.since:
             return False
@@ -211,7 +225,23 @@ def export_record(record: dict, header, attribution: Attribution) -> dict[str, A
             line[key] = _plain(value)
     if record["kind"] == "open" and isinstance(record.get("flags"), int):
         line["access"] = render.open_mode(record["flags"])
+    if record["kind"] == "drift":
+        line.update(drift_fields(record))
     return line
+
+
+def drift_fields(record: dict) -> dict[str, Any]:
+    """A drift record's content before and after, and the admin's answer, as
+    flat fields (before_sha256, before_size, before_mode, before_uid, ...)."""
+    flat: dict[str, Any] = {}
+    for side in ("before", "after"):
+        facts = record.get(side) if isinstance(record.get(side), dict) else {}
+        for key in ("kind", "sha256", "size", "mode", "uid", "gid"):
+            flat[f"{side}_{key}"] = facts.get(key)
+    admin = record.get("admin") if isinstance(record.get("admin"), dict) else {}
+    flat.update(admin_name=admin.get("name"), admin_uid=admin.get("uid"), admin_reason=admin.get("reason"),
+                expires_iso=iso(record["expires"]) if isinstance(record.get("expires"), int) else None)
+    return flat
 
 
 # ---- show -----------------------------------------------------------------------
@@ -225,8 +255,8 @@ def human(record: dict) -> str:
         line = "TAGS " + (", ".join(f"{v.get('agent')}={v.get('path')}" for v in record["agents"].values()
                                     if isinstance(v, dict)) or "none")
     else:
-        return f"#{record['seq']:<8} " + render.human(record)
-    return f"#{record['seq']:<8} {render.clock(record['time'])} {line}"
+        return f"#{record['seq']:<8} " + render.human(record, with_date=True)
+    return f"#{record['seq']:<8} {render.dated(record['time'])} {line}"
 
 
 # ---- replay ---------------------------------------------------------------------

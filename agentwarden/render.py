@@ -27,6 +27,7 @@ def open_mode(flags: int) -> str:
 
 
 def clock(ns: int) -> str:
+    """A record's time of day (tail)."""
     # Integer division: ns / 1e9 rounds x.9995... up to the next second.
     seconds, rest = divmod(ns, 1_000_000_000)
     return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{rest // 1_000_000:03d}"
@@ -88,6 +89,79 @@ def hold_text(record: dict[str, Any]) -> str:
     return line
 
 
+def short_hash(facts: dict[str, Any] | None) -> str:
+    """A drift observation in a few characters: sha256:1a2b3c4d, absent, ..."""
+    if not facts:
+        return "?"
+    if facts.get("kind") == "file":
+        return f"sha256:{facts['sha256'][:8]}"
+    return facts.get("kind", "?")
+
+
+def drift_text(record: dict[str, Any]) -> str:
+    """One line about a `drift` record (a change to a tracked file), for tail,
+    replay, the journal and notification hooks."""
+    state = record["state"]
+    line = f"{record['change_id']} {state}: {record['path']!s}"
+    if state == "baseline":
+        return line + f" recorded as {short_hash(record.get('before'))} by {(record.get('admin') or {}).get('name')}"
+    line += f" by agent {record.get('agent') or '?'}"
+    who = ", ".join(f"{label} {record[key]}" for key, label in (("person", "for"), ("task", "task"))
+                    if record.get(key))
+    if who:
+        line += f" ({who})"
+    line += f" [{','.join(record.get('syscalls') or ())}] {short_hash(record.get('before'))} -> " \
+            f"{short_hash(record.get('after'))}"
+    if record.get("hold_id"):
+        line += f"; hold {record['hold_id']}"
+    if record.get("approvers"):
+        line += f" approved by {', '.join(map(str, record['approvers']))}"
+    if record.get("reason"):
+        line += f": {record['reason']}"
+    if record.get("expires"):
+        line += f"; expires {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record['expires'] / 1e9))}"
+    if record.get("admin") and state in ("reverted", "accepted"):
+        line += f"; {state} by {record['admin'].get('name')}"
+        if record["admin"].get("reason"):
+            line += f": {record['admin']['reason']}"
+    if state == "expired":
+        line += "; review it: agentwarden drift show " + record["change_id"]
+    return line
+
+
+def _when(ns: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) if ns else "-"
+
+
+def drift_row(row: dict[str, Any]) -> str:
+    """One changed file in `agentwarden drift`: when, id, state, path, agent,
+    person, task, approver and reason, before -> after, expiry."""
+    parts = [_when(row["time"]), row["id"], f"{row['state']:<8}", str(row["path"]),
+             f"agent {row.get('agent') or '-'}" if row["source"] != "baseline" else "outside sessions"]
+    for key, label in (("person", "for"), ("task", "task")):
+        if row.get(key):
+            parts.append(f"{label} {row[key]}")
+    if row.get("approvers"):
+        parts.append(f"approved by {', '.join(map(str, row['approvers']))}"
+                     + (f" ({row['reason']})" if row.get("reason") else ""))
+    elif row.get("hold_id"):
+        parts.append(f"remembered approval of {row['hold_id']}" if row.get("remembered") else f"hold {row['hold_id']}")
+    after = "(being written)" if row.get("after") is None and row["source"] == "session" else short_hash(row.get("after"))
+    parts.append(f"{short_hash(row.get('before'))} -> {after}")
+    if row.get("expires"):
+        parts.append(f"expires {_when(row['expires'])}")
+    if row.get("admin") and row["state"] in ("reverted", "accepted"):
+        parts.append(f"by {row['admin'].get('name')}")
+    return "  ".join(parts)
+
+
+def alert_text(record: dict[str, Any]) -> str:
+    """What the journal and hooks say of a hold or drift record."""
+    if record.get("kind") == "drift":
+        return f"change {drift_text(record)}"
+    return f"hold {hold_text(record)}"
+
+
 def notify_status(info: dict[str, Any]) -> str:
     """The daemon's hold notifications (`agentwarden status`), in one line."""
     parts = []
@@ -106,31 +180,50 @@ def notify_status(info: dict[str, Any]) -> str:
     return f"{info['pending']} holds pending; " + "; ".join(parts) + problem + violations
 
 
-def human(record: dict[str, Any]) -> str:
+def dated(ns: int) -> str:
+    """A record's time with its date, for the archive's views (log show, replay)."""
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) + f".{rest // 1_000_000:03d}"
+
+
+def human(record: dict[str, Any], with_date: bool = False) -> str:
+    """One line per record: tail's (the time of day), or with its date (log show, search, replay)."""
     kind = record["kind"]
+    at = dated if with_date else clock
+    if kind == "supervision":
+        return (f"{at(record['time'])} SUPERVISION {record['session']} {record['state']}: agent "
+                f"{record['agent']} (for {record.get('on_behalf_of') or 'unknown'}, task "
+                f"{record.get('task') or 'unknown'}, user {record.get('user')}) pid {record['pid']} on {record['host']}")
+    if kind == "release":
+        how = f"remembered approval of {record['hold_id']}" if record["remembered"] else f"hold {record['hold_id']}"
+        paths = " -> ".join(text(p) for p in record["paths"])
+        return (f"{at(record['time'])} RELEASE {record['agent']} tid {record['tid']} {record['syscall']} "
+                f"{paths}: let through by {how}")
+    if kind == "drift":
+        return f"{at(record['time'])} DRIFT {drift_text(record)}"
     if kind == "hold":
-        return f"{clock(record['time'])} HOLD {hold_text(record)}"
+        return f"{at(record['time'])} HOLD {hold_text(record)}"
     if kind == "gap":
         detail = f": {record['detail']}" if record.get("detail") else ""
-        return f"{clock(record['time'])} LOST {record['count']} records at stage {record['stage']}{detail}"
+        return f"{at(record['time'])} LOST {record['count']} records at stage {record['stage']}{detail}"
     if kind == "violation":
-        return (f"{clock(record['time'])} VIOLATION {record['agent']} pid {record['pid']} "
+        return (f"{at(record['time'])} VIOLATION {record['agent']} pid {record['pid']} "
                 f"{record['attempted']}: {record['decision']} "
                 f"({record['rule'] or 'no rule allows it'}) -> {record['action_taken']}")
     if kind == "admin":
-        return (f"{clock(record['time'])} ADMIN {record['user']} {record['action']} "
+        return (f"{at(record['time'])} ADMIN {record['user']} {record['action']} "
                 f"{record['agent']}: {record['result']}")
     if kind == "archive":
-        return f"{clock(record['time'])} ARCHIVE {record['event']}: {record['detail']}"
+        return f"{at(record['time'])} ARCHIVE {record['event']}: {record['detail']}"
     if kind == "session":
         who = ", ".join(f"{k} {record[k]}" for k in ("person", "task", "user") if record.get(k))
-        return (f"{clock(record['time'])} SESSION {record['session']} {record['status']}: agent "
+        return (f"{at(record['time'])} SESSION {record['session']} {record['status']}: agent "
                 f"{record['agent']}" + (f" ({who})" if who else "") + f" on {record['host']}")
     if kind == "policy":
         detail = f": {record['detail']}" if record.get("detail") else ""
-        return f"{clock(record['time'])} POLICY {record['status']} {record['policy_hash']}{detail}"
+        return f"{at(record['time'])} POLICY {record['status']} {record['policy_hash']}{detail}"
     agent = record.get("agent") or f"cgroup:{record.get('agent_cgroup_id')}"
-    head = f"{clock(record['time'])} {agent:<12} {kind:<5} pid {record['pid']:<7}"
+    head = f"{at(record['time'])} {agent:<12} {kind:<5} pid {record['pid']:<7}"
     if kind == "exec":
         argv = " ".join(text(a) for a in record["argv"]) + (" …" if record["argv_truncated"] else "")
         shown = record.get("resolved_exec_path") or record.get("resolved_filename") or record["filename"]
@@ -225,6 +318,14 @@ def status(st: dict[str, Any], now_ns: int) -> list[str]:
                      f"{fast_note}")
     if st.get("notify"):
         lines.append("notify: " + notify_status(st["notify"]))
+    changes = st.get("drift")
+    if changes:
+        sup_counts = st.get("sessions") or {}
+        lines.append(f"drift:  {changes.get('expired', 0)} expired changes to review"
+                     + (" (agentwarden drift --expired)" if changes.get("expired") else "")
+                     + f"; {sup_counts.get('drift_changes', 0)} changes kept in sessions, "
+                     f"{changes.get('drift_changes', 0)} outside; "
+                     f"{sup_counts.get('drift_errors', 0) + changes.get('drift_errors', 0)} errors")
     watch = st.get("watch")
     if watch and watch.get("state") == "lost":
         lines.append(f"WATCH LOST: the probe is gone; agents frozen until it watches again: "

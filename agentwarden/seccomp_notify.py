@@ -42,6 +42,10 @@ NOTIF_SIZE = _NOTIF.size
 DENIED = ("ptrace", "process_vm_writev", "process_vm_readv", "io_uring_setup",
           "open_by_handle_at")
 WRITE_OPEN_BITS = (os.O_CREAT, os.O_TRUNC, os.O_APPEND)
+# chmod and chown by path, notified like the other changes (judged as writes,
+# and drift keeps a tracked file's mode and owner before). The fd forms
+# (fchmod, fchown) act on a file the task opened, and are not notified.
+MODE_CHANGES = ("chmod", "fchmodat", "fchmodat2", "chown", "lchown", "fchownat")
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,14 @@ class Notification:
 def syscall_names() -> dict[int, str]:
     import seccomp
     names = ("execve", "execveat", "open", "openat", "openat2", "creat", "rename", "renameat",
-             "renameat2", "unlink", "unlinkat", "truncate")
+             "renameat2", "unlink", "unlinkat", "truncate", *_known(seccomp, MODE_CHANGES))
     return {seccomp.resolve_syscall(seccomp.Arch.NATIVE, n): n for n in names}
+
+
+def _known(seccomp, names: tuple[str, ...]) -> list[str]:
+    """The names this libseccomp knows (an older one lacks fchmodat2: the
+    daemon still judges that call from the kernel's record, after the fact)."""
+    return [name for name in names if seccomp.resolve_syscall(seccomp.Arch.NATIVE, name) >= 0]
 
 
 def build_filter() -> bytes:
@@ -65,7 +75,7 @@ def build_filter() -> bytes:
     import seccomp  # Debian's python3-seccomp
     f = seccomp.SyscallFilter(seccomp.ALLOW)
     for name in ("execve", "execveat", "openat2", "creat", "rename", "renameat", "renameat2",
-                 "unlink", "unlinkat", "truncate"):
+                 "unlink", "unlinkat", "truncate", *_known(seccomp, MODE_CHANGES)):
         f.add_rule(seccomp.NOTIFY, name)
     for name, flags_arg in (("open", 1), ("openat", 2)):
         for access in (os.O_WRONLY, os.O_RDWR, os.O_ACCMODE):

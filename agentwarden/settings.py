@@ -132,6 +132,12 @@ def _seconds_between(low: float, high: float, message: str) -> Callable[[Any], f
 _seconds = _seconds_between(0.01, 3600, "must be between 0.01 and 3600 seconds")
 
 
+def _store_max(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
+        raise ValueError("must be a whole number of bytes (0 keeps only hashes)")
+    return int(value)
+
+
 def _group(value: Any) -> str:
     if not isinstance(value, str) or (value and not _GROUP_NAME.match(value)):
         raise ValueError('must be a group name, or "" for root only')
@@ -322,6 +328,9 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("metrics_listen", "", _listen,
         "the daemon serves Prometheus metrics at http://HOST:PORT/metrics (e.g. "
         "\"127.0.0.1:9464\"; no authentication: keep it on localhost); \"\" is off"),
+    Key("drift_store_max", 1 << 20, _store_max,
+        "drift: a tracked file's content before and after a change is kept in the state "
+        "directory's drift/ store up to this many bytes; a larger one only by its hash"),
 )}
 
 
@@ -352,6 +361,7 @@ class Settings:
     archive_key_file: Path = KEYS["archive_key_file"].default
     archive_on_disk_full: str = KEYS["archive_on_disk_full"].default
     metrics_listen: str = KEYS["metrics_listen"].default
+    drift_store_max: int = KEYS["drift_store_max"].default
     # key -> where its value came from ("default", a file, "environment AGENTWARDEN_X", "--set")
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -380,6 +390,11 @@ class Settings:
             key_file=self.archive_key_file, on_disk_full=self.archive_on_disk_full,
             # A key file someone named must exist; the default one is used when present.
             key_file_required=self.origins.get("archive_key_file", "default") != "default")
+
+    @property
+    def drift_dir(self) -> Path:
+        """drift's store and index (agentwarden.drift), root's alone."""
+        return self.state_dir / "drift"
 
     @property
     def archive_dir(self) -> Path:

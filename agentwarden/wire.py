@@ -152,6 +152,21 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     # The archive about itself: `event` torn-tail-cut, damaged-tail, retention,
     # disk-full, disk-ok, key-changed; details in extra fields (see daemon/archive.py).
     "archive": {"time": Int, "event": Str, "detail": OptStr},
+    # A change to a tracked file (the policy's files.track; agentwarden.drift) and
+    # what became of it. `state`: changed (by an agent: `before` and `after` are
+    # store.observe's facts, the content kept in the drift store by its sha256),
+    # expired (its approval's time ran out: reported until an admin acts),
+    # reverted and accepted (an admin's answer: `admin` = {uid, name, ...} from
+    # SO_PEERCRED), baseline (an admin recorded the file as it is). `source`:
+    # session (captured by the supervisor before the call went through) or
+    # outside (after the fact, from the kernel's records; before = the baseline).
+    # `hold_id`, `approvers` and `reason` when a hold let it through, `expires`
+    # (ns) when its approval has a limit.
+    "drift": {"time": Int, "change_id": Str, "state": Str, "path": PathLike, "agent": OptStr,
+              "session": OptStr, "person": OptStr, "task": OptStr, "syscalls": (list,),
+              "hold_id": OptStr, "approvers": (list,), "reason": OptStr, "policy_hash": OptStr,
+              "source": Str, "before": (dict, type(None)), "after": (dict, type(None)),
+              "expires": (int, type(None)), "admin": (dict, type(None))},
 }
 
 # Records of what a task did, as the probe sends them; the daemon resolves
@@ -179,6 +194,9 @@ MAX_ADMIN_REPLY_BYTES = 1 << 20
 # The supervisor's admin socket: `register` hands over a session's listener fd;
 # the rest are admins' requests (`show`: one pending hold with its context).
 ADMIN_COMMANDS = ("register", "holds", "show", "approve", "deny")
+# drift (agentwarden.drift): an admin reverts or accepts a change, or records
+# files as they are; the supervisor does it, so who did is the kernel's word.
+DRIFT_COMMANDS = ("drift-revert", "drift-accept", "drift-baseline")
 
 
 class WireError(ValueError):

@@ -34,6 +34,7 @@ DOCS_PATH = REPO_DIR / "docs" / "benchmarks.md"
 RUN_RESULTS = "latest.json"              # bench/run.py
 ARCHIVE_RESULTS = "archive-latest.json"  # bench/archive.py
 NOTIFY_RESULTS = "notify-latest.json"    # bench/notify.py
+DRIFT_RESULTS = "drift-latest.json"      # bench/drift.py
 # The parts of bench/run.py, each one generated block of docs/benchmarks.md.
 RUN_PARTS = ("untagged", "throughput", "enforcement")
 
@@ -237,7 +238,7 @@ def enforcement_sections(result: dict) -> list[Section]:
                  "paired µs", "floor µs",
                  "bare p99 µs", "run p99 µs"],
                 session_rows),
-    ]
+    ] + ([drift_write_section(result["drift"])] if "drift" in result else [])
 
 
 def sections(results: dict) -> list[Section]:
@@ -412,6 +413,44 @@ def notify_blocks(results: dict) -> dict[str, str]:
     return block("notify", results, notify_section(results))
 
 
+# bench/drift.py's results (the tracked write also in bench/run.py's enforcement part).
+
+def drift_write_section(write: dict) -> Section:
+    rows = [[side, f"{write[side]['median_us']:.1f}", f"{write[side]['p99_us']:.1f}"]
+            for side in ("untracked", "tracked")]
+    return Section("A write to a tracked file under run (drift)",
+                   f"{write['rounds']} rounds of one session, each an O_TRUNC open, 10 KB written (new "
+                   "content each time) and close of a tracked and an untracked file, in a shuffled order. "
+                   "The untracked write-open is allowed by the compiled fast path; the tracked one goes to "
+                   "the supervisor's Python every time (never learnt by the fast path), which keeps the "
+                   "content before at the session's first change of the file (hash, store; `capture µs` "
+                   "in the store table) and adds later calls to that change.",
+                   ["write", "median µs", "p99 µs"], rows,
+                   [f"added at the median: {write['added_median_us']:+.1f} µs ({write['added_paired_us']:+.1f} µs "
+                    f"paired per round), tracked/untracked x{write['ratio']:.2f}"])
+
+
+def drift_section(results: dict) -> Section:
+    store = results["store"]
+    rows = [[name.replace("_", " "), f"{v['objects']}", f"{v['store_bytes'] / 1e6:.2f}",
+             f"{v['store_disk_bytes'] / 1e6:.2f}", f"{v['index_disk_bytes'] / 1e6:.2f}",
+             f"{v['capture_median_us']:.0f}"]
+            for name, v in (("store", store["store"]), ("hashes_only", store["hashes_only"]))]
+    return Section("The drift store: 1,000 changes to a 10 KB file",
+                   f"{store['changes']} edits of one line of a {store['file_bytes'] // 1024} KB text file, "
+                   "each observed before and after into the store and the index, as the supervisor does; "
+                   f"two full copies per change would be {store['two_copies_bytes'] / 1e6:.1f} MB. "
+                   "\"hashes only\" is drift_store_max = 0.",
+                   ["store", "objects", "content MB", "on disk MB", "index on disk MB", "capture µs"], rows,
+                   ["each content is kept once: a change's after is the next one's before"])
+
+
+def drift_blocks(results: dict) -> dict[str, str]:
+    meta = results["meta"]
+    return {"drift": "\n".join([f"Measured by `{meta['command']}`: {_headline(meta)}.", *_markdown_sections(
+        [drift_section(results), drift_write_section(results["write"])])])}
+
+
 # Saving results and writing docs/benchmarks.md.
 
 def write(results: dict, directory: Path, name: str = RUN_RESULTS) -> Path:
@@ -489,7 +528,7 @@ def saved_blocks(directory: Path = RESULTS_DIR) -> dict[str, str]:
     """The blocks the newest saved results make (run and archive)."""
     blocks: dict[str, str] = {}
     for name, render in ((RUN_RESULTS, run_blocks), (ARCHIVE_RESULTS, archive_blocks),
-                         (NOTIFY_RESULTS, notify_blocks)):
+                         (NOTIFY_RESULTS, notify_blocks), (DRIFT_RESULTS, drift_blocks)):
         path = directory / name
         if path.exists():
             blocks.update(render(json.loads(path.read_text())))

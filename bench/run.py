@@ -40,6 +40,7 @@ except ImportError:
     sys.exit("bench: agentwarden is not importable; run it as .venv/bin/python bench/run.py "
              "(make bench sets the venv up)")
 
+import drift
 import enforcement
 import report
 import sessions
@@ -218,6 +219,8 @@ def run_enforcement(profile: Profile, workdir: Path, cgroup: BenchCgroup,
     log("sessions: allowed exec and write-open, bare and under agentwarden run")
     result["sessions"] = sessions.session_costs(aw.settings, aw.env, BENCH_AGENT, cgroup.path,
                                                 aw.settings.policy_dir, profile.session_rounds, log)
+    result["drift"] = drift.tracked_write_cost(aw.settings, aw.env, BENCH_AGENT, aw.settings.policy_dir,
+                                               profile.session_rounds, log)
     aw.stop()
     return result
 

@@ -53,6 +53,7 @@ T_ANY, T_ONE, T_CLASS, T_CHAR = (C[f"AW_FAST_TOKEN_{name}"] for name in ("ANY", 
 MANY, NO_ARGV = C["AW_FAST_MANY"], C["AW_FAST_NO_ARGV"]
 # The rule lists the C side consults, in the policy's precedence: execs, then write-opens.
 SECTIONS = (policy_mod.EXEC_PRECEDENCE, policy_mod.FILE_PRECEDENCE["write"])
+TRACK = "files.track"
 
 
 class Uncompilable(ValueError):
@@ -92,9 +93,13 @@ def _agent(agent: policy_mod.AgentPolicy) -> bytes:
     name = agent.name.encode()
     out = [struct.pack("=H", len(name)), name]
     for precedence in SECTIONS:
+        if precedence is policy_mod.FILE_PRECEDENCE["write"]:
+            # A write to a tracked file (files.track) is never answered here:
+            # the supervisor keeps its content before (drift) first.
+            precedence = (precedence[0], (TRACK, "forward"), *precedence[1:])
         out.append(struct.pack("=B", len(precedence)))
         for kind, decision in precedence:
-            rules = agent.rules[kind].rules
+            rules = agent.track.rules if kind == TRACK else agent.rules[kind].rules
             out.append(struct.pack("=BI", decision == "allow", len(rules)))
             for rule in rules:
                 out.append(_words(rule.path_parts))

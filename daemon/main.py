@@ -23,6 +23,7 @@ from .freeze_guard import FreezeGuard
 from .watch import WatchGuard
 from .governor import Governor
 from .metrics import HOLD_WAIT_BUCKETS, Buckets, MetricsServer
+from .drift import ExpiredChanges, OutsideCapture
 from .notify import HoldAlerts
 from .releases import Channel, Releases
 from .resolver import Resolver
@@ -101,6 +102,9 @@ class Daemon:
             except AgentwardenError as exc:   # observability must not stop enforcement
                 self.metrics_error = str(exc)
                 log.error("%s; running without metrics", exc)
+        self._drift_out: list[dict] = []   # drift records an event caused, archived after it
+        self.drift = OutsideCapture(settings, self._drift_out.append)   # agents' changes outside sessions
+        self.expired_changes = ExpiredChanges(settings)   # drift: expired, not yet answered
 
     def _bind(self, kind: int, endpoint: str):
         sock = self.ctx.socket(kind)
@@ -251,6 +255,7 @@ class Daemon:
                 violation = self.governor.judge(record)
                 if record.get("verdict"):
                     self.counters[f"decisions_{record['verdict']['decision']}"] += 1
+            self._drift_event(record)
         elif kind == "gap":
             self.drops[record["stage"]] += record["count"]
         elif kind == "release":
@@ -273,6 +278,13 @@ class Daemon:
                 self.hold_waits.observe(float(record["waited"]))
             self.alerts.hold(record)   # queued for the journal and hooks; never waits
             self.notifier.alive(self.status_line())
+        elif kind == "drift":
+            self.expired_changes.update(record)
+            if record["state"] == "expired":
+                self.alerts.hold(record)   # the same channels as holds
+                self.notifier.alive(self.status_line())
+        if self._drift_out:
+            own, self._drift_out[:] = own + self._drift_out, []
         self._archive_own(own)
         if violation:
             violation["event_seq"] = record.get("seq")
@@ -283,6 +295,22 @@ class Daemon:
             if violation["action_taken"].startswith("froze"):
                 self.disk_guard.forget([record["agent_cgroup_id"]])  # the policy froze it: stays frozen
         return violation
+
+    def _drift_event(self, record: dict) -> None:
+        """An agent's change outside `run` sessions (inside one, the supervisor
+        captured it before it went through)."""
+        if not self.drift.wants(record):
+            return   # most events: one dict lookup
+        policy = self.governor.policy
+        agent = record.get("agent")
+        tags = self.tags.get(str(record.get("cgroup_id"))) if isinstance(self.tags, dict) else None
+        in_session = bool(isinstance(tags, dict) and tags.get("instance"))
+        try:
+            self.drift.event(record, policy.agents.get(agent) if policy and agent else None, in_session,
+                             policy.hash if policy else None)
+        except OSError as exc:   # the state directory: counted, the event is archived anyway
+            self.drift.counters["drift_errors"] += 1
+            log.error("drift: %s", exc)
 
     def _watch_records(self, records: list[dict]) -> list[dict]:
         for record in records:
@@ -360,8 +388,9 @@ class Daemon:
         if self.watch.state == "lost":
             probe = "LOST: agents frozen"
         holds = self.alerts.pending.summary(time.time_ns())
+        expired = self.expired_changes.summary()
         return (f"{self.counters['events']} events archived, {self.rate:.0f}/s; probe {probe}"
-                + (f"; {holds}" if holds else ""))
+                + (f"; {holds}" if holds else "") + (f"; {expired}" if expired else ""))
 
     # -- archive ---------------------------------------------------------------
 
@@ -419,6 +448,7 @@ class Daemon:
             "watch": self.watch.info(),
             "notify": self.alerts.info(),
             "metrics": {"listen": self.settings.metrics_listen, "error": self.metrics_error},
+            "drift": {**self.drift.counters, "expired": len(self.expired_changes)},
             "status_line": self.status_line(),
         }
 

@@ -60,7 +60,7 @@ class DeliveryFailed(Exception):
 def payload(record: dict[str, Any], host: str) -> dict[str, Any]:
     """What the command reads and the webhook receives: the hold record's fields,
     with a one-line `text` (Slack's field; other chat tools read it too) and the host."""
-    return {**record, "host": host, "text": f"agentwarden on {host}: hold {render.hold_text(record)}"}
+    return {**record, "host": host, "text": f"agentwarden on {host}: {render.alert_text(record)}"}
 
 
 class Channel:
@@ -146,7 +146,13 @@ class PendingHolds:
 
 
 def journal_fields(record: dict, text: str) -> dict[str, Any]:
-    """The journal entry of a hold: a message and structured AGENTWARDEN_* fields."""
+    """The journal entry of a hold (or an expired change, a `drift` record): a
+    message and structured AGENTWARDEN_* fields."""
+    if record.get("kind") == "drift":
+        drift_keys = ("change_id", "state", "path", "agent", "session", "person", "task", "hold_id",
+                      "policy_hash", "expires", "seq")
+        return {"MESSAGE": text, "PRIORITY": str(WARNING), "SYSLOG_IDENTIFIER": journal.IDENTIFIER,
+                **journal.fields(record="drift", **{key: record.get(key) for key in drift_keys})}
     keys = ("hold_id", "state", "agent", "session", "on_behalf_of", "task", "pid", "action",
             "rule", "policy_hash", "required", "reason", "waited", "seq", "approvers")
     return {"MESSAGE": f"hold {text}", "PRIORITY": str(PRIORITY.get(record["state"], NOTICE)),
@@ -225,8 +231,10 @@ class HoldAlerts:
             self.channels["webhook"] = Channel("webhook", self._post, "retries")
 
     def hold(self, record: dict) -> None:
-        """From the daemon's loop, for each hold record: never blocks."""
-        self.pending.update(record)
+        """From the daemon's loop, for each hold record (and each expired
+        change's `drift` record): never blocks."""
+        if record.get("kind") != "drift":
+            self.pending.update(record)
         item = dict(record)
         for channel in self.channels.values():
             channel.submit(item)
@@ -264,10 +272,12 @@ class HoldAlerts:
         return journal.available(self.journal_socket)
 
     def _to_journal(self, record: dict) -> str | None:
-        text = render.hold_text(record)
+        drift = record.get("kind") == "drift"
+        text = render.alert_text(record) if drift else render.hold_text(record)
         if not self._journal_available():
             # No journal here (not under systemd): the daemon's log has it instead.
-            log.log(logging.WARNING if record["state"] == "pending" else logging.INFO, "hold %s", text)
+            log.log(logging.WARNING if record["state"] in ("pending", "expired") else logging.INFO,
+                    "%s" if drift else "hold %s", text)
             return "unavailable"
         self._send(journal_fields(record, text))
         return None

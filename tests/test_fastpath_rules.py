@@ -102,6 +102,18 @@ deny = ["/home/coder/work/.git/**"]
     assert fast.rules_allow(fastpath.open_key(AGENT, os.O_RDONLY | os.O_CREAT, b"/tmp/x.txt"))  # a write too
     assert not fast.rules_allow(fastpath.open_key(AGENT, os.O_RDONLY, b"/tmp/x.txt"))  # a read: Python's
     assert not fast.rules_allow(fastpath.open_key("other", write, b"/tmp/notes.txt"))             # no such agent
+    # A tracked file (files.track; /etc/** when the policy does not say) is
+    # allowed by decide() but always forwarded: drift keeps its content first.
+    tracked = load(tmp_path, '[agent.coder.files]\nwrite-allow = ["/srv/**", "/etc/**"]\n'
+                             'track = ["/srv/conf/**"]\n')
+    fast.set_policy(tracked)
+    assert write_allowed_by_python(tracked, "/srv/conf/app.ini", write)
+    assert not fast.rules_allow(fastpath.open_key(AGENT, write, b"/srv/conf/app.ini"))
+    assert fast.rules_allow(fastpath.open_key(AGENT, write, b"/srv/data/x"))
+    assert fast.rules_allow(fastpath.open_key(AGENT, write, b"/etc/x"))      # the policy's track replaces /etc/**
+    fast.set_policy(load(tmp_path, '[agent.coder.files]\nwrite-allow = ["/etc/**", "/srv/**"]\n'))
+    assert not fast.rules_allow(fastpath.open_key(AGENT, write, b"/etc/x"))  # the default: /etc/**
+    assert fast.rules_allow(fastpath.open_key(AGENT, write, b"/srv/x"))
     # A new policy replaces the rules at once; no policy, no rules.
     fast.set_policy(load(tmp_path, '[agent.coder.exec]\nallow = ["/bin/*"]\n'))
     assert not fast.rules_allow(exec_key("/usr/bin/ls", []))
@@ -194,7 +206,8 @@ def test_random_rules_never_allow_more_and_allow_all_they_can(fast, tmp_path):
             path_only += before_args is not None
             flags = rng.choice([os.O_WRONLY, os.O_RDWR | os.O_CREAT, os.O_WRONLY | os.O_TRUNC,
                                 os.O_RDONLY | os.O_APPEND, os.O_RDONLY | os.O_CREAT])
-            python = write_allowed_by_python(policy, path, flags)
+            # a tracked file's write is the supervisor's (drift), however allowed
+            python = write_allowed_by_python(policy, path, flags) and not policy.agents[AGENT].tracks(path)
             c = fast.rules_allow(fastpath.open_key(AGENT, flags, path.encode()))
             assert c == python, (round_, body, path, flags, python)
             checked += 2

@@ -73,6 +73,12 @@ RECORDS = {
                 "boot_id": "b0", "policy_hash": None},
     "archive": {"kind": "archive", "time": 12, "event": "torn-tail-cut", "detail": "cut 7 bytes",
                 "bytes_cut": 7},
+    "drift": {"kind": "drift", "time": 14, "change_id": "c-1a2b3c4d5e", "state": "changed",
+              "path": "/etc/app.conf", "agent": "coder", "session": "s-1", "person": "alice", "task": "tune",
+              "syscalls": ["rename"], "hold_id": "h2-ab12", "approvers": ["root"], "reason": "try it",
+              "policy_hash": "sha256:x", "source": "session",
+              "before": {"kind": "file", "sha256": "a" * 64, "size": 3, "mode": 0o644, "uid": 0, "gid": 0},
+              "after": {"kind": "absent"}, "expires": 15, "admin": None},
     "watch": {"kind": "watch", "time": 13, "state": "lost", "probe_pid": 41,
               "detail": "the probe (pid 41) exited without being asked to; agents frozen until it "
                         "watches again", "action_taken": "froze /sys/fs/cgroup/agents/coder"},

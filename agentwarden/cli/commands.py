@@ -13,6 +13,7 @@ import typer
 
 from agentwarden import agentdef, cgroups, control, doctor, journal, render, settings as settings_mod, wire
 from . import output
+from .drift import drift_app
 from .log import log_app
 from .output import emit, emit_json, paint
 from .policy import policy_app
@@ -29,8 +30,9 @@ app = typer.Typer(pretty_exceptions_enable=False, context_settings=output.CONTEX
 
 app.add_typer(policy_app, name="policy")
 app.add_typer(log_app, name="log")
+app.add_typer(drift_app, name="drift")
 
-TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive", "hold"}
+TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive", "hold", "drift"}
 
 
 @app.callback()
@@ -416,16 +418,21 @@ def approve(hold_id: str = typer.Argument(..., help="the hold id from `agentward
             remember: Optional[str] = typer.Option(None, "--remember",
                                                    help="allow the same action by this agent without asking "
                                                         "for this long (90s, 15m, 2h, 1d)"),
-            as_json: bool = typer.Option(False, "--json", help=_JSON_HELP)):
+            as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
+            expires: Optional[str] = typer.Option(None, "--expires",
+                                                  help="a change of a tracked file this lets through stands "
+                                                       "this long, then is reported expired (see drift)")):
     """Let a held action proceed.
 
-    Example: sudo agentwarden approve h3-1a2b --reason "release day" --remember 1h
+    Example: sudo agentwarden approve h3-1a2b --reason "release day" --remember 1h --expires 7d
     """
     from agentwarden import session
     if remember is not None:
         parse_duration(remember, "--remember", positive=True)
+    if expires is not None:
+        parse_duration(expires, "--expires", positive=True)
     reply = session.admin_request(_settings(), {"cmd": "approve", "id": hold_id, "reason": reason,
-                                                "remember": remember})
+                                                "remember": remember, "expires": expires})
     if as_json:
         emit_json({"hold_id": hold_id, "state": "approved" if reply["state"] != "pending" else "pending",
                    "needed": reply.get("needed", 0) if reply["state"] == "pending" else 0})

@@ -108,7 +108,7 @@ def verify(key: Optional[Path] = typer.Option(None, "--key", help="the archive k
                + (f"; durable up to seq {head.seq}" if head else ""))
 
 
-def _filter(agent, session, pid, kind, verdict, path, since, until, seq) -> logquery.Filter:
+def _filter(agent, session, pid, kind, verdict, path, since, until, seq, write: bool = False) -> logquery.Filter:
     kinds = None
     if kind:
         kinds = {k.strip() for part in kind for k in part.split(",") if k.strip()}
@@ -122,7 +122,7 @@ def _filter(agent, session, pid, kind, verdict, path, since, until, seq) -> logq
             path=logquery.compile_path_glob(path) if path else None,
             since=logquery.parse_time(since, "--since") if since else None,
             until=logquery.parse_time(until, "--until") if until else None,
-            seqs=logquery.parse_seq_range(seq) if seq else None)
+            seqs=logquery.parse_seq_range(seq) if seq else None, write=write)
     except UsageProblem:
         raise
     except AgentwardenError as exc:   # a filter's value that cannot be
@@ -189,16 +189,18 @@ def search(agent: Optional[str] = _AGENT, session: Optional[str] = _SESSION, pid
            kind: Optional[List[str]] = _KIND, verdict: Optional[str] = _VERDICT,
            path: Optional[str] = _PATH, since: Optional[str] = _SINCE, until: Optional[str] = _UNTIL,
            seq: Optional[str] = _SEQ, as_json: bool = _JSON, limit: int = _LIMIT,
-           archive: Optional[Path] = _ARCHIVE):
+           archive: Optional[Path] = _ARCHIVE,
+           write: bool = typer.Option(False, "--write", help="only changes to files: write-opens, change "
+                                      "calls (rename, unlink, chmod...) and drift records")):
     """Find records by agent, session, pid, kind, verdict, path glob and time (at least one
     filter); exit 1 when nothing matches.
 
-    Example: sudo agentwarden log search --agent coder --verdict violation --since 2h
+    Example: sudo agentwarden log search --agent coder --write --path '/etc/**' --since 7d
     """
-    flt = _filter(agent, session, pid, kind, verdict, path, since, until, seq)
+    flt = _filter(agent, session, pid, kind, verdict, path, since, until, seq, write)
     if not flt.any:
         raise UsageProblem("give at least one filter (--agent, --session, --pid, --kind, --verdict, "
-                               "--path, --since, --until, --seq), or use `agentwarden log show`")
+                               "--path, --since, --until, --seq, --write), or use `agentwarden log show`")
     if not _print(_archive(archive), flt, as_json, limit):
         raise AgentwardenError("no records match")
 

@@ -14,6 +14,7 @@ across all files. Example::
     on-violation = "kill"     # alert | kill | kill-agent | freeze | hold
     hold-timeout = 300        # seconds a held action waits for an admin (default 300)
     hold-approvers = 1        # distinct admins who must approve each hold (default 1)
+    change-ttl = "7d"         # an approved change of a tracked file stands this long (optional)
 
     [agent.coder.exec]        # programs, by the path that actually ran
     allow = ["/usr/bin/git", "/usr/bin/python3*", "/home/coder/venv/bin/*"]
@@ -24,6 +25,7 @@ across all files. Example::
     read-allow  = ["/usr/**", "/etc/ld.so.cache", "/home/coder/**"]
     write-allow = ["/home/coder/work/**", "/tmp/*"]
     deny        = ["/home/coder/.ssh/**"]
+    track       = ["/etc/**"]  # files whose changes drift keeps; decides nothing (default /etc/**)
 
     [agent.coder.syscalls]    # side doors the agent may use (default: none)
     allow = ["unshare"]       # io_uring, open_by_handle, unshare, setns, mount, chroot, pivot_root

@@ -13,8 +13,9 @@ from typing import Any, Iterable
 from ..cgroups import validate_agent_name
 from ..errors import AgentwardenError
 from .glob import GlobError, compile_rule
-from .model import (ACTIONS, AGENT_KEYS, DEFAULT_HOLD_TIMEOUT, MODES, RULE_LISTS, SIDEDOORS, AgentPolicy,
-                    PolicyError, Rule, PolicySet, Problem, RuleList, quoted)
+from ..durations import DurationError, parse_duration
+from .model import (ACTIONS, AGENT_KEYS, DEFAULT_HOLD_TIMEOUT, DEFAULT_TRACK, MODES, RULE_LISTS, SIDEDOORS,
+                    TRACK_KEY, AgentPolicy, PolicyError, Rule, PolicySet, Problem, RuleList, quoted)
 
 
 # ---- where things are in a file -------------------------------------------------
@@ -166,13 +167,19 @@ class _FileLoader:
             if not isinstance(section_table, dict):
                 self.problem(at + (section,), f"{section} must be a table ([{_table_name(at + (section,))}])")
                 section_table = {}
-            self._unknown_keys(section_table, at + (section,), lists)
+            self._unknown_keys(section_table, at + (section,), lists + ((TRACK_KEY,) if section == "files" else ()))
             for list_name in lists:
                 kind = f"{section}.{list_name}"
                 rules[kind] = RuleList(self._rules(at + (section, list_name), kind,
                                                    section_table.get(list_name, [])))
                 canonical[kind] = sorted({rule.pattern for rule in rules[kind].rules})
         syscalls = self._syscalls(table, at)
+        track, track_given = self._track(table, at)
+        if track_given:   # only when given, as syscalls: hashes of policies without it stay
+            canonical["files.track"] = sorted({rule.pattern for rule in track.rules})
+        change_ttl = self._change_ttl(table, at)
+        if change_ttl is not None:
+            canonical["change-ttl"] = change_ttl
         if syscalls:   # only when given: the hash of a policy without the section stays as it was
             canonical["syscalls.allow"] = sorted(syscalls)
         if not any(rule_list.rules for rule_list in rules.values()):
@@ -180,7 +187,30 @@ class _FileLoader:
                              f"add rules under [{_table_name(at + ('exec',))}] or [{_table_name(at + ('files',))}]")
         source = f"{self.file}:{self.where.line(at)}"
         return AgentPolicy(name, mode, on_violation, hold_timeout, source, rules,
-                           hold_approvers, syscalls), canonical
+                           hold_approvers, syscalls, track, change_ttl), canonical
+
+    def _track(self, table: dict, at: tuple[str, ...]) -> tuple[RuleList, bool]:
+        """[agent.NAME.files] track = [globs]: the tracked files, and whether the
+        policy named them (else DEFAULT_TRACK)."""
+        section = table.get("files", {})
+        if isinstance(section, dict) and TRACK_KEY in section:
+            return RuleList(self._rules(at + ("files", TRACK_KEY), "files.track", section[TRACK_KEY])), True
+        return RuleList(compile_rule("files.track", pattern, "default") for pattern in DEFAULT_TRACK), False
+
+    def _change_ttl(self, table: dict, at: tuple[str, ...]) -> float | None:
+        """change-ttl = "7d" (or seconds): how long an approved change of a
+        tracked file stands before it is reported as expired; None: no limit."""
+        if "change-ttl" not in table:
+            return None
+        value = table["change-ttl"]
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise DurationError("")
+            return parse_duration(str(value), "change-ttl", positive=True)
+        except DurationError:
+            self.problem(at + ("change-ttl",), f"change-ttl must be a positive duration (e.g. \"7d\", "
+                                               f"\"12h\", or seconds), not {quoted(value)}")
+            return None
 
     def _syscalls(self, table: dict, at: tuple[str, ...]) -> dict[str, str]:
         """[agent.NAME.syscalls] allow = [side door names]: name -> "file:line"."""

@@ -21,7 +21,12 @@ RULE_LISTS = {"exec": ("allow", "hold", "deny"), "files": ("read-allow", "write-
 # the BPF header's AW_SIDEDOOR_* (one bit each), lower case.
 SIDEDOORS = tuple(name[len("AW_SIDEDOOR_"):].lower() for name in header_constants()
                   if name.startswith("AW_SIDEDOOR_"))
-AGENT_KEYS = ("mode", "on-violation", "hold-timeout", "hold-approvers", *RULE_LISTS, "syscalls")
+AGENT_KEYS = ("mode", "on-violation", "hold-timeout", "hold-approvers", *RULE_LISTS, "syscalls", "change-ttl")
+# [agent.NAME.files] track: the files whose changes are kept for drift
+# (content before and after, attribution, expiry); not a rule list, it decides
+# nothing. An agent that does not say is tracked in /etc.
+TRACK_KEY = "track"
+DEFAULT_TRACK = ("/etc/**",)
 
 
 def quoted(value: Any) -> str:
@@ -113,6 +118,12 @@ class AgentPolicy:
     rules: dict[str, RuleList]     # "exec.allow" -> its rules, for every kind
     hold_approvers: int = 1        # distinct admins who must approve a hold
     syscalls: dict[str, str] = field(default_factory=dict)   # side door allowed -> "file:line"
+    track: RuleList = field(default_factory=lambda: RuleList(()))   # files.track: changes kept for drift
+    change_ttl: float | None = None   # seconds an approved change stands before it is reported expired
+
+    def tracks(self, path: str | None) -> bool:
+        """Whether changes to path are kept (files.track)."""
+        return bool(path) and self.track.first_match(path, path.rstrip("/") + "/") is not None   # glob.path_key
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Callable
 from agentwarden import cgroups, control, wire
 from agentwarden import policy as policy_mod
 from agentwarden import seccomp_notify as sn
+from agentwarden.drift import DriftError
 from agentwarden.durations import parse_duration
 from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
@@ -49,7 +50,7 @@ def login_uid(pid: int) -> int | None:
 class Admin:
     def __init__(self, settings: Settings, listeners: Listeners, holds: Holds, decisions: Decisions,
                  records: Records, current_policy: Callable[[], policy_mod.PolicySet | None],
-                 start_session: Callable[[Session], None]):
+                 start_session: Callable[[Session], None], drift=None):
         """current_policy: the policy, reloaded first if the daemon announced
         another; start_session: supervise a registered session."""
         self.settings = settings
@@ -59,6 +60,7 @@ class Admin:
         self.records = records
         self.current_policy = current_policy
         self.start_session = start_session
+        self.drift = drift   # daemon.drift.SessionCapture: revert, accept, baseline
         self.admin_gid = settings.admin_gid()
         self.admin_group = settings.admin_group
         self.root = cgroups.cgroup2_root()
@@ -201,6 +203,8 @@ class Admin:
             return {"ok": False, "error": refusal}
         if cmd == "holds":
             return {"ok": True, "holds": [self._describe(h) for h in self.holds.pending.values()]}
+        if cmd in wire.DRIFT_COMMANDS:
+            return self._drift(cmd, request, self._approver(pid, uid, request.get("reason")))
         if cmd in ("show", "approve", "deny"):
             hold = self.holds.pending.get(request.get("id"))
             if hold is None:
@@ -222,6 +226,9 @@ class Admin:
                 if remember > self.settings.remember_max:
                     return {"ok": False, "error": f"--remember {request['remember']} is longer than "
                                                   f"remember_max ({self.settings.remember_max:g}s)"}
+            expires = request.get("expires")
+            if expires is not None:
+                hold.change_expires = parse_duration(str(expires), "expires", positive=True)
             if uid in hold.approvals:
                 return {"ok": False, "error": f"{hold.approvals[uid]['name']} (uid {uid}) already approved "
                                               f"{hold.id}; it needs {hold.required} approvals by distinct "
@@ -238,6 +245,30 @@ class Admin:
                 + (f"; remembered for {remember:g}s" if remember else ""))
             return {"ok": True, "state": "approved"}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _drift(self, cmd: str, request: dict, who: dict) -> dict:
+        """An admin's revert, accept or baseline; refused in one line, nothing written."""
+        if self.drift is None:
+            return {"ok": False, "error": "drift is not running in this supervisor"}
+        reason = request.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise ValueError("reason must be a string")
+        try:
+            if cmd == "drift-baseline":
+                paths = request.get("paths")
+                if not isinstance(paths, list) or not paths:
+                    raise ValueError("paths must be a list of paths")
+                return {"ok": True, "baselines": self.drift.baseline(paths, who)}
+            change_id = request.get("id")
+            if not isinstance(change_id, str):
+                raise ValueError("id must be a string")
+            if cmd == "drift-revert":
+                return {"ok": True, "change": self.drift.revert(change_id, bool(request.get("force")), who)}
+            return {"ok": True, "change": self.drift.accept(change_id, who)}
+        except DriftError as exc:
+            return {"ok": False, "error": str(exc)}
+        except OSError as exc:
+            return {"ok": False, "error": f"{exc.filename or ''}: {exc.strerror}; nothing more written"}
 
     def _show(self, hold: Hold) -> dict:
         """A pending hold with what an approver needs to judge it (context.py),

@@ -40,11 +40,16 @@ class Hold:
     approvals: dict[int, dict] = field(default_factory=dict)
     denial: dict | None = None                                      # who denied it, and why
     agent_says: str | None = None    # AGENTWARDEN_REASON in the held process's environment
+    change_expires: float | None = None   # approve --expires: seconds the change it lets through stands
 
 
 class Holds:
-    def __init__(self, records: Records, approvals: ExecApprovals, messages: bool = True):
-        """messages: tell held tasks on their stderr (setting hold_messages)."""
+    def __init__(self, records: Records, approvals: ExecApprovals, messages: bool = True,
+                 before_continue=None):
+        """messages: tell held tasks on their stderr (setting hold_messages);
+        before_continue(session, request, hold, remembered_from): called just
+        before a call is let through (drift's capture of the content before)."""
+        self.before_continue = before_continue
         self.records = records
         self.approvals = approvals
         self.messages = messages
@@ -78,9 +83,11 @@ class Holds:
             tell(hold.notification.pid, line)
 
     def let_through(self, s: Session, n: sn.Notification, request: Request, hold_id: str,
-                    remembered: bool) -> bool:
+                    remembered: bool, hold: Hold | None = None) -> bool:
         """Continue a call a hold (or its remembered approval) allows: the
         daemon hears of it first, so the kernel's record of it names the hold."""
+        if self.before_continue:
+            self.before_continue(s, request, hold, hold_id if remembered else None)
         self.records.release(hold_id, remembered, s, n.pid, request.syscall, request.raw_paths, request.flags)
         s.note(request.action, f"remembered {hold_id}" if remembered else f"approved {hold_id}")
         return self.approvals.let_through(s.fd, n, request.exec_form)
@@ -92,7 +99,7 @@ class Holds:
             self.records.hold(hold, "abandoned", "the waiting process is gone")
             return
         if allow:
-            delivered = self.let_through(hold.session, n, hold.request, hold.id, False)
+            delivered = self.let_through(hold.session, n, hold.request, hold.id, False, hold)
         else:
             hold.session.note(hold.action, f"{state} {hold.id}")
             if state == "denied":

@@ -18,6 +18,8 @@ from agentwarden.settings import Settings
 
 from .. import fastpath
 from ..metrics import HANDLING_BUCKETS, Buckets
+from ..drift import SessionCapture
+from ..drift import written_paths as drift_paths
 from ..governor import Governor
 from . import reader
 from .admin import Admin
@@ -52,9 +54,10 @@ class Supervisor:
         self.fast, self.fast_unavailable = self._start_fast_path()
         self.approvals = ExecApprovals(settings.bpf_pin_dir, self.fast, self.listeners.sessions,
                                        self.records.counters)
-        self.holds = Holds(self.records, self.approvals, settings.hold_messages)
+        self.drift = SessionCapture(settings, self.records.emit)
+        self.holds = Holds(self.records, self.approvals, settings.hold_messages, self._capture)
         self.admin = Admin(settings, self.listeners, self.holds, self.decisions, self.records,
-                           self._current_policy, self._start_session)
+                           self._current_policy, self._start_session, self.drift)
 
     def _start_fast_path(self) -> tuple[fastpath.FastPath | None, str | None]:
         if not self.settings.exec_fast_path:
@@ -82,7 +85,7 @@ class Supervisor:
             **self.records.counters, "sessions": len(self.listeners.sessions),
             "holds": len(self.holds.pending), "handling": summarise(self.handling_ns),
             "handling_histogram": self.handling_histogram.export(), **self._fast_health(),
-            "policy_hash": current.hash if current else None}})
+            "policy_hash": current.hash if current else None, **self.drift.counters}})
 
     def _fast_health(self) -> dict:
         if self.fast is None:
@@ -133,10 +136,25 @@ class Supervisor:
         session = self.listeners.remove(fd, self.fast)
         self.holds.abandon(session)
         os.close(fd)
+        self.drift.session_ended(session)
         self.records.supervision(session, "ended", time.time_ns())
         session.remove_cgroup()
 
     # -- notifications --------------------------------------------------------------------
+
+    def _capture(self, s: Session, request: reader.Request, hold=None, remembered_from: str | None = None) -> None:
+        """The one place a call is seen just before it is let through: drift
+        keeps the content before of the tracked files it changes."""
+        policy = self.governor.policy
+        agent_policy = policy.agents.get(s.agent) if policy else None
+        try:
+            self.drift.before(s, agent_policy, request, hold, remembered_from, policy.hash if policy else None)
+        except Exception:   # a bug here must not leave the task waiting forever: counted, logged
+            self.drift.counters["drift_errors"] += 1
+            log.exception("supervisor: drift could not keep the content before of %s", request.action)
+        if hold is None and agent_policy is not None and any(
+                agent_policy.tracks(path) for path in drift_paths(request.events)):
+            request.fast_key = None   # each change of a tracked file is seen here, never repeated in C
 
     def on_notification(self, fd: int, n: sn.Notification | None = None) -> None:
         """A notification on fd: received here, or n as the fast path forwarded it."""
@@ -179,6 +197,7 @@ class Supervisor:
         verdict = self.decisions.decide(self.governor.policy, request)
         agent_policy = self.governor.policy.agents.get(s.agent) if self.governor.policy else None
         if verdict.decision == "allow":
+            self._capture(s, request)
             if self.fast and request.fast_key:
                 # Learnt before the task goes on, so its next identical call finds
                 # it; decide() is pure: same line, same verdict.
@@ -188,6 +207,7 @@ class Supervisor:
             return
         if verdict.mode == "monitor":
             s.note(request.action, f"{verdict.decision} (monitor mode: allowed)")
+            self._capture(s, request)
             self.approvals.let_through(fd, n, request.exec_form)
             self.records.refusal(s, n.pid, request.action, verdict, "none (monitor mode)")
             return
@@ -217,6 +237,7 @@ class Supervisor:
                 next_health = time.monotonic() + HEALTH_INTERVAL
                 self._follow_policy()
                 self.approvals.follow()
+                self.drift.expire()   # once a second: expiry is reported to the second
                 self._health()
             timeout = 0.2
             deadline = self.holds.next_deadline()

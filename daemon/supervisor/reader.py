@@ -4,6 +4,7 @@ as the events `policy.decide` understands."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from agentwarden import seccomp_notify as sn
@@ -44,6 +45,9 @@ def _base(pid: int, dirfd: int) -> str | None:
 
 def _resolve(pid: int, dirfd: int, raw: bytes) -> str | None:
     path = os.fsdecode(raw)
+    own_fd = re.fullmatch(r"/proc/(?:self|thread-self)/fd/(\d+)", path)
+    if own_fd:   # glibc changes files through O_PATH fds this way: the file the fd names
+        return proc_link(pid, f"fd/{own_fd[1]}")
     if path.startswith("/"):
         return normalise(path)
     base = _base(pid, dirfd)
@@ -106,6 +110,10 @@ def _read_request(agent: str, n: sn.Notification, name: str, mem: sn.TaskMemory)
     elif name == "unlink" or name == "truncate":
         paths = [(AT_FDCWD, a[0], write)]
     elif name == "unlinkat":
+        paths = [(_int(a[0]), a[1], write)]
+    elif name in ("chmod", "chown", "lchown"):
+        paths = [(AT_FDCWD, a[0], write)]
+    elif name in ("fchmodat", "fchmodat2", "fchownat"):
         paths = [(_int(a[0]), a[1], write)]
     events, shown, raws = [], [], []
     for dirfd, pointer, flags in paths:
