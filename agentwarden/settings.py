@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
@@ -220,6 +221,33 @@ def _notify_webhook(value: Any) -> str:
 _notify_timeout = _seconds_between(0.1, 60, "must be between 0.1 and 60 seconds")
 
 
+def _fleet_url(value: Any) -> str:
+    """NATS servers, comma-separated ("" turns the fleet off)."""
+    if not isinstance(value, str):
+        raise ValueError('must be nats://HOST:PORT[,nats://HOST:PORT...], or "" for no fleet')
+    for url in filter(None, (u.strip() for u in value.split(","))):
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port
+        except ValueError as exc:
+            raise ValueError(f"{url!r} is not a URL: {exc}") from None
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ValueError(f"{url!r}: must be nats://HOST:PORT, e.g. nats://nats1.example:4222")
+    return value.strip()
+
+
+def _optional_path(value: Any) -> Path | None:
+    if value == "" or value is None:
+        return None
+    return _path(value)
+
+
+def _host_name(value: Any) -> str:
+    if not isinstance(value, str) or any(c.isspace() for c in value) or len(value) > 200:
+        raise ValueError('must be a host name without spaces, or "" for this host\'s name')
+    return value
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -269,6 +297,17 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("hold_messages", True, _flag,
         "sessions: one line on the held process's stderr when a call is held (what, hold id, "
         "timeout) and when it is denied or times out (by whom, why); false says nothing"),
+    Key("fleet_url", "", _fleet_url,
+        "NATS servers (nats://HOST:PORT, comma-separated) the daemon ships records and holds to; "
+        "\"\" is no fleet (docs/fleet.md)"),
+    Key("fleet_credentials", None, _optional_path,
+        "a root-only TOML file with user and password of this machine's NATS account"),
+    Key("fleet_host", "", _host_name, "this host's name in the fleet; \"\" is the host name"),
+    Key("fleet_admin_keys", None, _optional_path,
+        "admins whose signed fleet decisions this host accepts: lines `NAME ed25519:KEY` "
+        "(from `agentwarden fleet keygen`); none: fleet decisions are refused"),
+    Key("fleet_archive_dir", Path("/var/lib/agentwarden/fleet"), _path,
+        "`agentwarden fleet archive` writes each host's archive to HOST/ below it"),
 )}
 
 
@@ -290,6 +329,11 @@ class Settings:
     notify_command: str = KEYS["notify_command"].default
     notify_webhook: str = KEYS["notify_webhook"].default
     notify_timeout: float = KEYS["notify_timeout"].default
+    fleet_url: str = KEYS["fleet_url"].default
+    fleet_credentials: Path | None = KEYS["fleet_credentials"].default
+    fleet_host: str = KEYS["fleet_host"].default
+    fleet_admin_keys: Path | None = KEYS["fleet_admin_keys"].default
+    fleet_archive_dir: Path = KEYS["fleet_archive_dir"].default
     archive: ArchiveSettings = field(default_factory=ArchiveSettings, compare=False)
     # key -> where its value came from ("default", a file, "environment AGENTWARDEN_X", "--set")
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -317,6 +361,16 @@ class Settings:
     def sessions_socket(self) -> Path:
         """`agentwarden run` hands seccomp listeners here; admins approve holds here."""
         return self.run_dir / "sessions.sock"
+
+    @property
+    def fleet_name(self) -> str:
+        """This host's name in the fleet."""
+        return self.fleet_host or socket.gethostname()
+
+    @property
+    def fleet_state_file(self) -> Path:
+        """The last sequence the fleet acknowledged (the shipper resumes after it)."""
+        return self.state_dir / "fleet-acked.json"
 
     @property
     def instance(self) -> str:

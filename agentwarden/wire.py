@@ -152,6 +152,10 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     # The archive about itself: `event` torn-tail-cut, damaged-tail, retention,
     # disk-full, disk-ok, key-changed; details in extra fields (see daemon/archive.py).
     "archive": {"time": Int, "event": Str, "detail": OptStr},
+    # A fleet decision (agentwarden/fleet): `event` refused (not signed by a key in
+    # fleet_admin_keys, a bad signature, another host's, too old, no such pending
+    # hold) or accepted; extra fields `hold_id`, `signer` (the key's fingerprint).
+    "fleet": {"time": Int, "event": Str, "detail": Str},
 }
 
 # Records of what a task did, as the probe sends them; the daemon resolves
@@ -178,7 +182,8 @@ MAX_ADMIN_REQUEST_BYTES = 64 * 1024   # one datagram on the supervisor's socket
 MAX_ADMIN_REPLY_BYTES = 1 << 20
 # The supervisor's admin socket: `register` hands over a session's listener fd;
 # the rest are admins' requests (`show`: one pending hold with its context).
-ADMIN_COMMANDS = ("register", "holds", "show", "approve", "deny")
+ADMIN_COMMANDS = ("register", "holds", "show", "approve", "deny",
+                  "decide")   # a signed fleet decision, forwarded by the daemon
 
 
 class WireError(ValueError):

@@ -22,6 +22,7 @@ from .archive import ArchiveWriter
 from .freeze_guard import FreezeGuard
 from .watch import WatchGuard
 from .governor import Governor
+from .fleet import FleetShipper
 from .notify import HoldAlerts
 from .releases import Channel, Releases
 from .resolver import Resolver
@@ -89,6 +90,8 @@ class Daemon:
         self.releases = Releases(self.counters)
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
         self.alerts = HoldAlerts(settings, self.archive.host)  # holds: journal, status line, hooks
+        # The fleet (NATS): its own thread reads the archive as its outbox; None without fleet_url.
+        self.fleet = FleetShipper(settings, settings.archive_dir) if settings.fleet_url else None
 
     def _bind(self, kind: int, endpoint: str):
         sock = self.ctx.socket(kind)
@@ -255,6 +258,8 @@ class Daemon:
         self.archive.append(record)
         if kind == "hold":
             self.alerts.hold(record)   # queued for the journal and hooks; never waits
+            if self.fleet:
+                self.fleet.hold(record)
             self.notifier.alive(self.status_line())
         self._archive_own(own)
         if violation:
@@ -330,6 +335,9 @@ class Daemon:
         if now > mark_time:
             self.rate = (self.counters["events"] - mark_events) / (now - mark_time)
         self._rate_mark = (now, self.counters["events"])
+        if self.fleet:
+            self.fleet.note({"durable_seq": self.archive.durable_seq, "drops": dict(self.drops),
+                             "events_per_second": self.rate, "probe": self.status_line()})
         self.notifier.alive(self.status_line())
 
     def status_line(self) -> str:
@@ -395,6 +403,7 @@ class Daemon:
             "sessions": self.supervisor_health,
             "watch": self.watch.info(),
             "notify": self.alerts.info(),
+            "fleet": self.fleet.info(self.archive.durable_seq) if self.fleet else None,
             "status_line": self.status_line(),
         }
 
@@ -440,6 +449,8 @@ class Daemon:
              "--release-fd", str(self.release_channel.theirs.fileno())],
             pass_fds=[self.release_channel.theirs.fileno()])
         self.release_channel.handed_over()
+        if self.fleet:
+            self.fleet.start()
         poller.register(self.release_channel.fileno(), zmq.POLLIN)
         next_tick = time.monotonic() + TICK_INTERVAL
         watched_fd = None   # the probe's pidfd in the poller: its exit wakes this loop at once
@@ -489,6 +500,8 @@ class Daemon:
         self.tick()
         self.alerts.close()
         self.archive.close()
+        if self.fleet:
+            self.fleet.stop()   # after the last sync: what it had not shipped, the next start ships
         for sock in (self.pull, self.pub, self.control, self.release_channel):
             sock.close()
 

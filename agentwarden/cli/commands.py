@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from agentwarden import agentdef, cgroups, control, doctor, render, settings as settings_mod, wire
+from .fleet import fleet_app
 from .log import log_app
 from .policy import policy_app
 from .up import run_probe_and_daemon
@@ -26,6 +27,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 app.add_typer(policy_app, name="policy")
 app.add_typer(log_app, name="log")
+app.add_typer(fleet_app, name="fleet")
 
 TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive", "hold"}
 
