@@ -306,7 +306,8 @@ def test_nats_down_holds_work_locally_and_shipping_catches_up(fleet_env):
     warden.cli("approve", hold["id"], "--reason", "approved while the fleet is down")
     out, err = run.communicate(timeout=30)
     assert run.returncode == 0 and "offline-" in out, err
-    assert workload(path, 10).wait(timeout=60) == 0
+    _, busy = fleet_env.agent("host-a", "offline-load")   # an agent without a policy: watched only
+    assert workload(busy, 10).wait(timeout=60) == 0
     durable = settled_seq(warden)
     assert warden.status()["fleet"]["acked_seq"] < durable     # waiting: nothing is lost meanwhile
     assert "NOT CONNECTED" in warden.cli("status").stdout
@@ -316,4 +317,5 @@ def test_nats_down_holds_work_locally_and_shipping_catches_up(fleet_env):
     central = [i.record for i in read_items(fleet_env.central / "host-a")]
     assert [r for r in central if r["kind"] == "hold" and r["hold_id"] == hold["id"]
             and r["state"] == "approved"]
-    path.joinpath("cgroup.kill").write_text("1")
+    for cgroup in (path, busy):
+        cgroup.joinpath("cgroup.kill").write_text("1")
