@@ -175,6 +175,8 @@ class Collector:
                 ack.append(msg)
                 continue
             waiting = self.waiting.setdefault(shipped.host, {})
+            if shipped.seq in waiting:
+                self.counters["duplicates"] += 1   # acknowledged with the one written
             waiting.setdefault(shipped.seq, _Waiting(shipped)).messages.append(msg)
         for host, waiting in self.waiting.items():
             archive = self.hosts[host]
