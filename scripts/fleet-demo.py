@@ -80,7 +80,7 @@ def main() -> None:
                                        f"export AGENTWARDEN_FLEET_KEY={DIR / 'bob.key'}\n")
         aw = f"{REPO}/.venv/bin/agentwarden"
         bot = root / SCOPE / "demo-a" / "bot"
-        policy = ('[agent.bot]\\nmode = \\"enforce\\"\\n[agent.bot.exec]\\nallow = [\\"/usr/bin/*\\", '
+        policy = ('[agent.bot]\\nmode = \\"enforce\\"\\non-violation = \\"alert\\"\\n[agent.bot.exec]\\nallow = [\\"/usr/bin/*\\", '
                   '\\"/bin/*\\"]\\nhold = [\\"/usr/bin/date *\\"]\\n[agent.bot.files]\\nread-allow = [\\"/**\\"]\\n')
         print(f"""
 fleet-demo: running. NATS {cluster.url}; the collector writes {DIR / 'central'}/HOST/.

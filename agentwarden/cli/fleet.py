@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from agentwarden import fleet, render
+from agentwarden import fleet, render, wire
 from agentwarden.daemon import fleet_collector
 from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
@@ -26,6 +26,8 @@ _URL_HELP = "NATS servers (default: the fleet_url setting)"
 _CREDS_HELP = "TOML file with user and password of your NATS account (default: fleet_credentials)"
 _KEY_HELP = "your admin key from `fleet keygen` (also AGENTWARDEN_FLEET_KEY)"
 REQUEST_TIMEOUT = 10.0
+# What `fleet tail` shows, as `tail` does (health, tags and the like only with --json).
+SHOWN_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive", "hold", "fleet"}
 
 
 def _target(url: Optional[str], credentials: Optional[Path]) -> tuple[str, fleet.Credentials]:
@@ -264,6 +266,8 @@ def tail(host: Optional[str] = typer.Option(None, "--host", help="only this host
                     shipped = fleet.decode_shipped(msg.data)
                     record = fleet.decode_record(shipped.body)
                 except fleet.FleetError:
+                    continue
+                if not as_json and record.get("kind") not in SHOWN_KINDS:
                     continue
                 record["seq"] = shipped.seq
                 record["host"] = record.get("host", shipped.host) if record["kind"] == "session" else shipped.host
