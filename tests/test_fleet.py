@@ -78,6 +78,17 @@ def test_admin_key_files_say_what_is_wrong_in_one_line(tmp_path):
         fleet.load_credentials(creds)
 
 
+def test_fleet_settings_are_checked_in_one_line():
+    from agentwarden import settings
+    with pytest.raises(settings.ConfigError, match="fleet_url = 'http://nats:4222': .* must be nats://HOST:PORT"):
+        settings.load(overrides=["fleet_url=http://nats:4222"], environ={})
+    with pytest.raises(settings.ConfigError, match="fleet_admin_keys = 'admins': must be an absolute path"):
+        settings.load(overrides=["fleet_admin_keys=admins"], environ={})
+    loaded = settings.load(overrides=["fleet_url=nats://a:4222,nats://b:4222", "fleet_host=web-3"], environ={})
+    assert fleet.servers(loaded.fleet_url) == ["nats://a:4222", "nats://b:4222"]
+    assert loaded.fleet_name == "web-3" and loaded.fleet_credentials is None
+
+
 def test_subjects_are_one_token_per_name():
     assert fleet.record_subject("web-1.example.com", "claude code", "exec") == \
         "aw.rec.web-1_example_com.claude_code.exec"
