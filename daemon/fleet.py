@@ -26,7 +26,8 @@ from typing import Any
 import msgpack
 
 from agentwarden import fleet, session
-from agentwarden.archive.segments import ArchiveError, list_segments, load_segment, read_head
+from agentwarden.archive.segments import (FORMAT, HEAD_FILE, MAGIC, ArchiveError, list_segments,
+                                          load_segment, read_head)
 from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 from agentwarden.wire import pack
@@ -116,8 +117,11 @@ class OutboxReader:
         head = read_head(self.directory)
         if head is None or head.seq < self.next_seq:
             return []
-        head_raw = (self.directory / "head").read_bytes()
-        if head.seq != read_head(self.directory).seq:   # rewritten between the two reads
+        try:
+            head_raw = (self.directory / HEAD_FILE).read_bytes()
+        except FileNotFoundError:
+            return []
+        if head_raw != pack([MAGIC, FORMAT, head.body, head.mac]):   # rewritten meanwhile: next round
             return []
         out: list[fleet.Shipped] = []
         while len(out) < limit and self.next_seq <= head.seq:

@@ -163,6 +163,10 @@ class Collector:
         for msg in messages:
             try:
                 shipped = fleet.decode_shipped(msg.data)
+                # NATS lets a host publish only below its own name: the record's claim must match.
+                subject_host = msg.subject.split(".")[2] if msg.subject.count(".") >= 2 else None
+                if subject_host != fleet.token(shipped.host):
+                    raise fleet.FleetError(f"claims host {shipped.host!r} on another host's subject")
                 archive = self._host(shipped.host)
             except fleet.FleetError as exc:
                 self.counters["malformed"] += 1

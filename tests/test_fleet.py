@@ -179,6 +179,26 @@ def test_a_gap_in_the_central_archive_names_the_missing_records(tmp_path):
     writer.close()
 
 
+def test_a_host_cannot_write_another_hosts_central_archive(tmp_path):
+    """NATS keeps host web-2 to aw.rec.web-2.>; a record claiming web-1 there is refused."""
+    writer = write_archive(tmp_path / "archive", 20)
+    messages = shipped_messages(tmp_path / "archive")
+    collector = Collector(tmp_path / "central")
+    acked = collector.take([Message(m.data, subject="aw.rec.web-2.-.gap") for m in messages])
+    assert len(acked) == 20 and collector.counters["malformed"] == 20
+    assert not (tmp_path / "central" / "web-1").exists()
+    collector.close()
+    writer.close()
+
+
+def test_fleet_status_line():
+    from agentwarden import render
+    line = render.fleet_status({"connected": False, "url": "nats://n1:4222", "host": "web-3", "acked_seq": 41,
+                                "lag": 7, "pending_holds": 1, "skipped": 0, "last_error": "publishing: TimeoutError"})
+    assert line == ("NOT CONNECTED to nats://n1:4222 as web-3, acknowledged up to seq 41, lag 7 records, "
+                    "1 holds published; last error: publishing: TimeoutError")
+
+
 def test_a_collector_restarted_mid_segment_goes_on_where_it_stopped(tmp_path):
     writer = write_archive(tmp_path / "archive", 200)
     messages = shipped_messages(tmp_path / "archive")
