@@ -187,7 +187,9 @@ class FleetShipper:
         self.reader = OutboxReader(archive_dir, self.acked_seq + 1)
         self.holds: queue.Queue = queue.Queue(HOLDS_QUEUE)
         self.pending: dict[str, dict] = {}   # hold id -> entry, as last published
-        self.counters: dict[str, int] = {"published": 0, "publish_failures": 0, "holds_dropped": 0,
+        # Every key is made here: the daemon's thread copies this dict while this one counts.
+        self.counters: dict[str, int] = {"published": 0, "duplicates": 0, "publish_failures": 0,
+                                         "holds_dropped": 0,
                                          "holds_published": 0, "decisions": 0, "decisions_refused": 0,
                                          "reconnects": 0}
         self.connected = False
@@ -319,7 +321,7 @@ class FleetShipper:
                 continue
             delay = 0.1
             self.counters["published"] += sum(1 for a in acks if not a.duplicate)
-            self.counters["duplicates"] = self.counters.get("duplicates", 0) + sum(1 for a in acks if a.duplicate)
+            self.counters["duplicates"] += sum(1 for a in acks if a.duplicate)
             self.acked_seq = batch[-1].seq
             self.last_ack_time = time.time_ns()
             self.last_error = None
@@ -364,11 +366,9 @@ class FleetShipper:
                         await kv.delete(key)
                     self.counters["holds_published"] += 1
                     break
-                except Exception as exc:   # NATS away: the local approval works meanwhile
+                except Exception as exc:   # NATS away: local approvals work meanwhile; retried in order
                     self.last_error = f"publishing hold {record['hold_id']}: {exc.__class__.__name__}"
                     await asyncio.sleep(0.5)
-                    if record["hold_id"] not in self.pending and record["state"] not in TERMINAL_HOLD_STATES:
-                        break
 
     async def _host_entry(self, js) -> None:
         kv = None
