@@ -9,7 +9,8 @@ VENV := .venv
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup run test bench bench-archive bench-notify bench-drift archive-soak deb systemd-test
+.PHONY: setup run test bench bench-archive bench-notify bench-drift bench-fleet fleet-demo archive-soak deb systemd-test
+.PHONY: setup run test bench bench-archive bench-notify archive-soak deb systemd-test
 
 setup:
 	@sh scripts/setup.sh
@@ -39,6 +40,16 @@ bench-notify: setup
 # changes to a 10 KB file (root); the drift block of docs/benchmarks.md likewise.
 bench-drift: setup
 	$(VENV)/bin/python bench/drift.py
+# The fleet on a local three-node NATS cluster: records/s shipped with nothing lost,
+# hold -> visible in `fleet holds` -> approved and running (root); its block of
+# docs/benchmarks.md likewise.
+bench-fleet: setup
+	$(VENV)/bin/python bench/fleet.py $(BENCH_ARGS)
+
+# A local three-node NATS cluster, the collector and two agentwarden instances
+# (hosts demo-a, demo-b) to watch the fleet work (root; Ctrl-C stops it all).
+fleet-demo: setup
+	$(VENV)/bin/python scripts/fleet-demo.py
 
 # The kill -9 crash test, 500 times (ITERATIONS=n for another count).
 archive-soak: setup

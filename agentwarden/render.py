@@ -215,6 +215,8 @@ def human(record: dict[str, Any], with_date: bool = False) -> str:
                 f"{record['agent']}: {record['result']}")
     if kind == "archive":
         return f"{at(record['time'])} ARCHIVE {record['event']}: {record['detail']}"
+    if kind == "fleet":
+        return f"{at(record['time'])} FLEET {record['event']}: {record['detail']}"
     if kind == "session":
         who = ", ".join(f"{k} {record[k]}" for k in ("person", "task", "user") if record.get(k))
         return (f"{at(record['time'])} SESSION {record['session']} {record['status']}: agent "
@@ -326,6 +328,8 @@ def status(st: dict[str, Any], now_ns: int) -> list[str]:
                      + f"; {sup_counts.get('drift_changes', 0)} changes kept in sessions, "
                      f"{changes.get('drift_changes', 0)} outside; "
                      f"{sup_counts.get('drift_errors', 0) + changes.get('drift_errors', 0)} errors")
+    if st.get("fleet"):
+        lines.append("fleet: " + fleet_status(st["fleet"]))
     watch = st.get("watch")
     if watch and watch.get("state") == "lost":
         lines.append(f"WATCH LOST: the probe is gone; agents frozen until it watches again: "
@@ -333,6 +337,16 @@ def status(st: dict[str, Any], now_ns: int) -> list[str]:
     drops = st["drops"]
     lines.append("drops:  " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
     return lines
+
+
+def fleet_status(f: dict[str, Any]) -> str:
+    """The shipper's state in one line: connected, shipped up to, lag."""
+    state = "connected" if f["connected"] else "NOT CONNECTED"
+    line = (f"{state} to {f['url']} as {f['host']}, acknowledged up to seq {f['acked_seq']}, "
+            f"lag {f['lag']} records, {f['pending_holds']} holds published")
+    if f.get("skipped"):
+        line += f", {f['skipped']} records deleted before they were shipped"
+    return line + (f"; last error: {f['last_error']}" if f.get("last_error") else "")
 
 
 def holds(pending: list[dict[str, Any]]) -> list[str]:
@@ -395,7 +409,7 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value))
+    return json.dumps("" if value is None else str(value))  # None: an optional path not set  # a TOML basic string
 
 
 def settings_toml(settings: Settings, files: list[Path]) -> list[str]:

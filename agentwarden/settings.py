@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
@@ -261,6 +262,33 @@ def _listen(value: Any) -> str:
     return value.strip()
 
 
+def _fleet_url(value: Any) -> str:
+    """NATS servers, comma-separated ("" turns the fleet off)."""
+    if not isinstance(value, str):
+        raise ValueError('must be nats://HOST:PORT[,nats://HOST:PORT...], or "" for no fleet')
+    for url in filter(None, (u.strip() for u in value.split(","))):
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port
+        except ValueError as exc:
+            raise ValueError(f"{url!r} is not a URL: {exc}") from None
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ValueError(f"{url!r}: must be nats://HOST:PORT, e.g. nats://nats1.example:4222")
+    return value.strip()
+
+
+def _optional_path(value: Any) -> Path | None:
+    if value == "" or value is None:
+        return None
+    return _path(value)
+
+
+def _host_name(value: Any) -> str:
+    if not isinstance(value, str) or any(c.isspace() for c in value) or len(value) > 200:
+        raise ValueError('must be a host name without spaces, or "" for this host\'s name')
+    return value
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -331,6 +359,17 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("drift_store_max", 1 << 20, _store_max,
         "drift: a tracked file's content before and after a change is kept in the state "
         "directory's drift/ store up to this many bytes; a larger one only by its hash"),
+    Key("fleet_url", "", _fleet_url,
+        "NATS servers (nats://HOST:PORT, comma-separated) the daemon ships records and holds to; "
+        "\"\" is no fleet (docs/fleet.md)"),
+    Key("fleet_credentials", None, _optional_path,
+        "a root-only TOML file with user and password of this machine's NATS account"),
+    Key("fleet_host", "", _host_name, "this host's name in the fleet; \"\" is the host name"),
+    Key("fleet_admin_keys", None, _optional_path,
+        "admins whose signed fleet decisions this host accepts: lines `NAME ed25519:KEY` "
+        "(from `agentwarden fleet keygen`); none: fleet decisions are refused"),
+    Key("fleet_archive_dir", Path("/var/lib/agentwarden/fleet"), _path,
+        "`agentwarden fleet archive` writes each host's archive to HOST/ below it"),
 )}
 
 
@@ -362,6 +401,11 @@ class Settings:
     archive_on_disk_full: str = KEYS["archive_on_disk_full"].default
     metrics_listen: str = KEYS["metrics_listen"].default
     drift_store_max: int = KEYS["drift_store_max"].default
+    fleet_url: str = KEYS["fleet_url"].default
+    fleet_credentials: Path | None = KEYS["fleet_credentials"].default
+    fleet_host: str = KEYS["fleet_host"].default
+    fleet_admin_keys: Path | None = KEYS["fleet_admin_keys"].default
+    fleet_archive_dir: Path = KEYS["fleet_archive_dir"].default
     # key -> where its value came from ("default", a file, "environment AGENTWARDEN_X", "--set")
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -404,6 +448,16 @@ class Settings:
     def sessions_socket(self) -> Path:
         """`agentwarden run` hands seccomp listeners here; admins approve holds here."""
         return self.run_dir / "sessions.sock"
+
+    @property
+    def fleet_name(self) -> str:
+        """This host's name in the fleet."""
+        return self.fleet_host or socket.gethostname()
+
+    @property
+    def fleet_state_file(self) -> Path:
+        """The last sequence the fleet acknowledged (the shipper resumes after it)."""
+        return self.state_dir / "fleet-acked.json"
 
     @property
     def instance(self) -> str:

@@ -167,6 +167,10 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
               "hold_id": OptStr, "approvers": (list,), "reason": OptStr, "policy_hash": OptStr,
               "source": Str, "before": (dict, type(None)), "after": (dict, type(None)),
               "expires": (int, type(None)), "admin": (dict, type(None))},
+    # A fleet decision (agentwarden/fleet): `event` refused (not signed by a key in
+    # fleet_admin_keys, a bad signature, another host's, too old, no such pending
+    # hold) or accepted; extra fields `hold_id`, `signer` (the key's fingerprint).
+    "fleet": {"time": Int, "event": Str, "detail": Str},
 }
 
 # Records of what a task did, as the probe sends them; the daemon resolves
@@ -193,7 +197,8 @@ MAX_ADMIN_REQUEST_BYTES = 64 * 1024   # one datagram on the supervisor's socket
 MAX_ADMIN_REPLY_BYTES = 1 << 20
 # The supervisor's admin socket: `register` hands over a session's listener fd;
 # the rest are admins' requests (`show`: one pending hold with its context).
-ADMIN_COMMANDS = ("register", "holds", "show", "approve", "deny")
+ADMIN_COMMANDS = ("register", "holds", "show", "approve", "deny",
+                  "decide")   # a signed fleet decision, forwarded by the daemon
 # drift (agentwarden.drift): an admin reverts or accepts a change, or records
 # files as they are; the supervisor does it, so who did is the kernel's word.
 DRIFT_COMMANDS = ("drift-revert", "drift-accept", "drift-baseline")

@@ -24,6 +24,7 @@ from .watch import WatchGuard
 from .governor import Governor
 from .metrics import HOLD_WAIT_BUCKETS, Buckets, MetricsServer
 from .drift import ExpiredChanges, OutsideCapture
+from .fleet import FleetShipper
 from .notify import HoldAlerts
 from .releases import Channel, Releases
 from .resolver import Resolver
@@ -105,6 +106,8 @@ class Daemon:
         self._drift_out: list[dict] = []   # drift records an event caused, archived after it
         self.drift = OutsideCapture(settings, self._drift_out.append)   # agents' changes outside sessions
         self.expired_changes = ExpiredChanges(settings)   # drift: expired, not yet answered
+        # The fleet (NATS): its own thread reads the archive as its outbox; None without fleet_url.
+        self.fleet = FleetShipper(settings, settings.archive_dir) if settings.fleet_url else None
 
     def _bind(self, kind: int, endpoint: str):
         sock = self.ctx.socket(kind)
@@ -277,6 +280,8 @@ class Daemon:
             if record["state"] not in ("pending", "approval"):
                 self.hold_waits.observe(float(record["waited"]))
             self.alerts.hold(record)   # queued for the journal and hooks; never waits
+            if self.fleet:
+                self.fleet.hold(record)
             self.notifier.alive(self.status_line())
         elif kind == "drift":
             self.expired_changes.update(record)
@@ -377,6 +382,9 @@ class Daemon:
         if now > mark_time:
             self.rate = (self.counters["events"] - mark_events) / (now - mark_time)
         self._rate_mark = (now, self.counters["events"])
+        if self.fleet:
+            self.fleet.note({"durable_seq": self.archive.durable_seq, "drops": dict(self.drops),
+                             "events_per_second": self.rate, "probe": self.status_line()})
         self.notifier.alive(self.status_line())
         if self.metrics:
             self.metrics_snapshot = {**self.status(), "hold_waits": self.hold_waits.export(),
@@ -449,6 +457,7 @@ class Daemon:
             "notify": self.alerts.info(),
             "metrics": {"listen": self.settings.metrics_listen, "error": self.metrics_error},
             "drift": {**self.drift.counters, "expired": len(self.expired_changes)},
+            "fleet": self.fleet.info(self.archive.durable_seq) if self.fleet else None,
             "status_line": self.status_line(),
         }
 
@@ -494,6 +503,8 @@ class Daemon:
              "--release-fd", str(self.release_channel.theirs.fileno())],
             pass_fds=[self.release_channel.theirs.fileno()])
         self.release_channel.handed_over()
+        if self.fleet:
+            self.fleet.start()
         poller.register(self.release_channel.fileno(), zmq.POLLIN)
         next_tick = time.monotonic() + TICK_INTERVAL
         watched_fd = None   # the probe's pidfd in the poller: its exit wakes this loop at once
@@ -545,6 +556,8 @@ class Daemon:
         if self.metrics:
             self.metrics.stop()
         self.archive.close()
+        if self.fleet:
+            self.fleet.stop()   # after the last sync: what it had not shipped, the next start ships
         for sock in (self.pull, self.pub, self.control, self.release_channel):
             sock.close()
 

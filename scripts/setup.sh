@@ -28,7 +28,7 @@ apt_install() {
 missing=""
 for pkg in python3-bpfcc python3-seccomp python3-venv python3-setuptools python3-pip \
            python3-zmq python3-msgpack python3-psutil python3-typer python3-pytest python3-systemd \
-           python3-prometheus-client \
+           python3-prometheus-client python3-cryptography nats-server \
            mount util-linux gcc libc6-dev; do
     installed "$pkg" || missing="$missing $pkg"
 done
@@ -76,6 +76,13 @@ if [ ! -x .venv/bin/lint-imports ]; then
     .venv/bin/python -m pip install -q "import-linter==2.5" ||
         { echo "setup: installing import-linter from PyPI failed (is PyPI reachable?)" >&2; exit 1; }
 fi
+# 4b. nats-py from PyPI (Debian has none) for the fleet (docs/fleet.md); pure
+#     Python with no dependencies, so nothing shadows Debian's packages.
+if ! .venv/bin/python -c "import nats" 2>/dev/null; then
+    say "installing nats-py into .venv (PyPI)"
+    .venv/bin/python -m pip install -q --no-deps "nats-py==2.16.0" ||
+        { echo "setup: installing nats-py from PyPI failed (is PyPI reachable?)" >&2; exit 1; }
+fi
 # 5. The supervisor's compiled fast path for allowed execs.
 stale=$([ -f daemon/_fastpath.so ] && find daemon/fastpath.c bpf/fastpath.h bpf/agentwarden.h \
     -newer daemon/_fastpath.so || echo missing)
@@ -83,5 +90,5 @@ if [ -n "$stale" ]; then
     say "building daemon/_fastpath.so"
     sh scripts/build-fastpath.sh
 fi
-.venv/bin/python -c "import bcc, seccomp, zmq, msgpack, typer, psutil, pytest, importlinter" ||
+.venv/bin/python -c "import bcc, seccomp, zmq, msgpack, typer, psutil, pytest, importlinter, nats, cryptography" ||
     { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }

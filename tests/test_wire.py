@@ -82,6 +82,10 @@ RECORDS = {
     "watch": {"kind": "watch", "time": 13, "state": "lost", "probe_pid": 41,
               "detail": "the probe (pid 41) exited without being asked to; agents frozen until it "
                         "watches again", "action_taken": "froze /sys/fs/cgroup/agents/coder"},
+    "fleet": {"kind": "fleet", "time": 14, "event": "refused", "hold_id": "h1-ab12",
+              "signer": "ed25519:0123456789abcdef",
+              "detail": "fleet decision refused: signed by key ed25519:0123456789abcdef (claims "
+                        "'mallory'), which is not in this host's fleet_admin_keys"},
 }
 
 

@@ -14,6 +14,7 @@ import typer
 from agentwarden import agentdef, cgroups, control, doctor, journal, render, settings as settings_mod, wire
 from . import output
 from .drift import drift_app
+from .fleet import fleet_app
 from .log import log_app
 from .output import emit, emit_json, paint
 from .policy import policy_app
@@ -31,6 +32,7 @@ app = typer.Typer(pretty_exceptions_enable=False, context_settings=output.CONTEX
 app.add_typer(policy_app, name="policy")
 app.add_typer(log_app, name="log")
 app.add_typer(drift_app, name="drift")
+app.add_typer(fleet_app, name="fleet")
 
 TAIL_KINDS = {*wire.EVENT_KINDS, "gap", "violation", "admin", "policy", "archive", "hold", "drift"}
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from agentwarden import cgroups, control, wire
+from agentwarden import cgroups, control, fleet, wire
 from agentwarden import policy as policy_mod
 from agentwarden import seccomp_notify as sn
 from agentwarden.drift import DriftError
@@ -215,36 +215,70 @@ class Admin:
             reason = request.get("reason")
             if reason is not None and not isinstance(reason, str):
                 raise ValueError("reason must be a string")
-            who = self._approver(pid, uid, reason)
-            if cmd == "deny":
-                hold.denial = who
-                self.holds.finish(hold, False, "denied", f"{who['name']}: {reason or 'no reason given'}")
-                return {"ok": True, "state": "denied"}
-            remember = request.get("remember")
-            if remember is not None:
-                remember = parse_duration(str(remember), "remember", positive=True)
-                if remember > self.settings.remember_max:
-                    return {"ok": False, "error": f"--remember {request['remember']} is longer than "
-                                                  f"remember_max ({self.settings.remember_max:g}s)"}
-            expires = request.get("expires")
-            if expires is not None:
-                hold.change_expires = parse_duration(str(expires), "expires", positive=True)
-            if uid in hold.approvals:
-                return {"ok": False, "error": f"{hold.approvals[uid]['name']} (uid {uid}) already approved "
-                                              f"{hold.id}; it needs {hold.required} approvals by distinct "
-                                              "users (root counts once, whatever sudo says)"}
-            hold.approvals[uid] = who
-            if len(hold.approvals) < hold.required:
-                self.records.hold(hold, "approval", f"{who['name']}: {reason or 'no reason given'}")
-                return {"ok": True, "state": "pending",
-                        "needed": hold.required - len(hold.approvals)}
-            if remember:
-                self.decisions.remember(hold.session.agent, hold.key, remember, hold.id)
-            self.holds.finish(hold, True, "approved", "; ".join(
-                f"{a['name']}: {a['reason'] or 'no reason given'}" for a in hold.approvals.values())
-                + (f"; remembered for {remember:g}s" if remember else ""))
-            return {"ok": True, "state": "approved"}
+            return self._decide(hold, cmd, uid, self._approver(pid, uid, reason), reason,
+                                request.get("remember"), request.get("expires"))
+        if cmd == "decide":
+            return self._fleet_decision(request.get("signed"))
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _decide(self, hold: Hold, cmd: str, approver, who: dict, reason: str | None,
+                remember, expires=None) -> dict:
+        """An answer to a hold; approver: what makes approvers distinct (the
+        uid from the kernel, or the fleet admin's key)."""
+        if cmd == "deny":
+            hold.denial = who
+            self.holds.finish(hold, False, "denied", f"{who['name']}: {reason or 'no reason given'}")
+            return {"ok": True, "state": "denied"}
+        if remember is not None:
+            remember = parse_duration(str(remember), "remember", positive=True)
+            if remember > self.settings.remember_max:
+                return {"ok": False, "error": f"--remember {remember:g}s is longer than "
+                                              f"remember_max ({self.settings.remember_max:g}s)"}
+        if expires is not None:
+            hold.change_expires = parse_duration(str(expires), "expires", positive=True)
+        if approver in hold.approvals:
+            return {"ok": False, "error": f"{hold.approvals[approver]['name']} already approved "
+                                          f"{hold.id}; it needs {hold.required} approvals by distinct "
+                                          "admins (root counts once, whatever sudo says)"}
+        hold.approvals[approver] = who
+        if len(hold.approvals) < hold.required:
+            self.records.hold(hold, "approval", f"{who['name']}: {reason or 'no reason given'}")
+            return {"ok": True, "state": "pending", "needed": hold.required - len(hold.approvals)}
+        if remember:
+            self.decisions.remember(hold.session.agent, hold.key, remember, hold.id)
+        self.holds.finish(hold, True, "approved", "; ".join(
+            f"{a['name']}: {a['reason'] or 'no reason given'}" for a in hold.approvals.values())
+            + (f"; remembered for {remember:g}s" if remember else ""))
+        return {"ok": True, "state": "approved"}
+
+    def _fleet_decision(self, signed) -> dict:
+        """A decision an admin signed elsewhere, forwarded from NATS by the
+        daemon: the signature is the identity (a key in fleet_admin_keys), and
+        each key counts as one approver. Every refusal is recorded."""
+        if not isinstance(signed, bytes):
+            raise ValueError("decide carries the signed decision as bytes")
+        try:
+            admins = fleet.load_admin_keys(self.settings.fleet_admin_keys)
+            decision, name = fleet.verify_decision(signed, admins, self.settings.fleet_name)
+            hold = self.holds.pending.get(decision.hold_id)
+            if hold is None:
+                raise fleet.FleetError(f"no pending hold {decision.hold_id!r} (unknown, or already decided)")
+        except fleet.FleetError as exc:
+            try:
+                claimed = fleet.open_decision(signed)[0]
+                about = {"hold_id": claimed.hold_id, "signer": claimed.fingerprint}
+            except fleet.FleetError:
+                about = {}
+            self.records.emit({"kind": "fleet", "time": time.time_ns(), "event": "refused",
+                               "detail": f"fleet decision refused: {exc}", **about})
+            return {"ok": False, "error": f"refused by {self.settings.fleet_name}: {exc}"}
+        who = {"key": decision.fingerprint, "name": f"{name} (fleet key {decision.fingerprint})",
+               "reason": decision.reason, "time": time.time_ns()}
+        self.records.emit({"kind": "fleet", "time": time.time_ns(), "event": "accepted",
+                           "detail": f"{decision.verdict} of {hold.id} signed by {name}",
+                           "hold_id": hold.id, "signer": decision.fingerprint})
+        return self._decide(hold, "approve" if decision.verdict == "approve" else "deny",
+                            f"fleet:{decision.fingerprint}", who, decision.reason, decision.remember)
 
     def _drift(self, cmd: str, request: dict, who: dict) -> dict:
         """An admin's revert, accept or baseline; refused in one line, nothing written."""
