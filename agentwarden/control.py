@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import zmq
-
 from . import wire
 from .errors import AgentwardenError
 from .settings import Settings
@@ -35,6 +33,7 @@ def check_reachable(settings: Settings, endpoint: str) -> None:
 
 def request(settings: Settings, cmd: str, timeout: float = 3.0, check: bool = True,
             **args: Any) -> dict[str, Any]:
+    import zmq   # here: `agentwarden run` imports this module and should start fast
     endpoint = settings.control_endpoint
     check_reachable(settings, endpoint)
     sock = zmq.Context.instance().socket(zmq.REQ)
@@ -88,6 +87,7 @@ def subscribe(settings: Settings) -> Iterator[Received]:
 
 
 def _feed(endpoint: str) -> Iterator[Received]:
+    import zmq
     sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_EVENTS)

@@ -20,7 +20,6 @@ import os
 import re
 import shlex
 import shutil
-import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,6 +318,11 @@ class Settings:
         return self.run_dir / "sessions.sock"
 
     @property
+    def probe_socket(self) -> Path:
+        """`agentwarden run` asks the probe to watch its new session cgroup here (root only)."""
+        return self.run_dir / "probe.sock"
+
+    @property
     def instance(self) -> str:
         """Names this instance (probe + daemon); another run dir, another instance."""
         if str(self.run_dir) == DEFAULT_RUN_DIR:
@@ -396,6 +400,7 @@ def flag_args() -> list[str]:
     return args
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib   # here: most hosts' `agentwarden run` reads no config file
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
