@@ -81,14 +81,26 @@ class TagMirror:
         # agent numbers too (two new agents must never get the same one)
         self.lock = threading.RLock()
         self._added = False   # watch added a cgroup since take_added last looked
+        # cgroup id -> the watch number that added it, until a scan begun after it
+        self._watched: dict[int, int] = {}
+        self._watch_number = 0
 
     def agent_number(self, agent: str) -> int:
         with self.lock:
             return self._numbers.setdefault(agent, len(self._numbers) + 1)
 
     def sync(self) -> bool:
+        with self.lock:
+            begun = self._watch_number
         found = cgroups.scan_tagged(self.root, agents_slice=self.agents_slice, scope=self.scope)
         with self.lock:
+            # A cgroup watch added while the scan walked may have been passed
+            # before its tags were set: the scan cannot tell it is gone.
+            for cgid, number in list(self._watched.items()):
+                if number <= begun:
+                    del self._watched[cgid]
+                elif cgid not in found and cgid in self.current:
+                    found[cgid] = self.current[cgid]
             return self._sync(found)
 
     def _sync(self, found: dict[int, cgroups.TaggedCgroup]) -> bool:
@@ -161,6 +173,8 @@ class TagMirror:
                 self._publish_levels(self.levels | 1 << tagged.level, self.session_levels | session)
                 self.current = {**self.current, tagged.cgroup_id: tagged}
                 self._added = True
+                self._watch_number += 1
+                self._watched[tagged.cgroup_id] = self._watch_number
             return {"ok": True, "tag": self.describe(tagged.cgroup_id, tagged)}
 
     def tag_of(self, cgroup_id: int) -> dict:
