@@ -186,8 +186,9 @@ def measure(settings, env: dict, agent: str, agent_cgroup: Path, policy_dir: Pat
 
 def workload(env: dict, agent: str, agent_cgroup: Path, rounds: int, workdir: Path, log=print) -> dict:
     work = workdir / "agent-work"
+    # An agent's usual PATH: gcc's search for `as` goes through every directory of it.
     env = {**env, "TMPDIR": str(workdir), "HOME": str(workdir), "GIT_CONFIG_NOSYSTEM": "1",
-           "LC_ALL": "C"}
+           "LC_ALL": "C", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
     run_argv = launchers(env)["venv entry point"] + ["run", "--agent", agent, "--"]
     sides = ("bare", "watched", "run")
     samples = {side: [] for side in sides}
