@@ -10,7 +10,7 @@
 2. A coding agent's workload: tool calls as an agent makes them -- a git
    repository made and committed, byte-compiling with `python3 -m compileall`,
    a small `make` of a few C files, and shell loops of sed, cat, grep, wc, find
-   (about 400 execs in 23 tool calls) -- each tool call a `sh -c` started by the
+   (about 400 execs in 24 tool calls) -- each tool call a `sh -c` started by the
    harness (this process). Three sides: bare; watched (every tool call in the
    tagged agent cgroup, with the agent's policy in force: the daemon decides
    every exec and open); under run (every tool call in a session of its own,
@@ -123,8 +123,9 @@ def tool_calls() -> list[tuple[str, str]]:
         ("edit with sed", "for f in pkg/*.py; do sed -i 's/return x +/return x -/' $f; done"),
         ("git status", "git status --short > /dev/null"),
         ("git diff", "git diff --stat > /dev/null"),
-        ("many short commands", "for i in $(seq 1 40); do sed -n 1p pkg/m1.py > /dev/null; "
+        ("many short commands", "for i in $(seq 1 100); do sed -n 1p pkg/m1.py > /dev/null; "
          "head -c 10 src/f1.c > /dev/null; done"),
+        ("cat loop", "for f in pkg/*.py src/*.c; do cat $f | wc -c > /dev/null; done"),
         ("grep loop", "for f in pkg/*.py src/*.c; do grep -c x $f > /dev/null || true; done"),
         ("wc loop", "for f in pkg/*.py; do wc -l < $f > /dev/null; basename $f > /dev/null; done"),
         ("compileall again", "python3 -m compileall -q -f pkg"),
