@@ -75,6 +75,21 @@ def _timed(argv: list[str], env: dict, cwd: Path | None = None, join: Path | Non
     return took
 
 
+def _timed_start(argv: list[str], env: dict) -> tuple[int, int]:
+    """Wall ns and CPU ns (user + system, the started process alone: its own
+    work, not the probe's or the supervisor's) of one command."""
+    start = time.perf_counter_ns()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    took = time.perf_counter_ns() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)[-300:]} failed ({proc.returncode}): {err.strip()[-400:]}")
+    return took, int((usage.ru_utime + usage.ru_stime) * 1e9)
+
+
 def _summary_ms(values: list[int]) -> dict:
     ordered = sorted(v / 1e6 for v in values)
     return {"n": len(ordered), "median_ms": statistics.median(ordered),
@@ -88,15 +103,19 @@ def session_start(env: dict, agent: str, starts: int, log=print) -> dict:
     for name, argv in launchers(env).items():
         sides[name] = argv + ["run", "--agent", agent, "--", "/bin/true"]
     samples = {side: [] for side in sides}
+    cpu = {side: [] for side in sides}
     order = random.Random(2)
     for number in range(starts + 3):   # 3 warm-up rounds
         for side in order.sample(list(sides), len(sides)):
-            took = _timed(sides[side], env)
+            took, used = _timed_start(sides[side], env)
             if number >= 3:
                 samples[side].append(took)
-    result = {side: _summary_ms(values) for side, values in samples.items()}
+                cpu[side].append(used)
+    result = {side: {**_summary_ms(values), "cpu_median_ms": statistics.median(cpu[side]) / 1e6}
+              for side, values in samples.items()}
     for side, r in result.items():
-        log(f"  session start, {side}: median {r['median_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
+        log(f"  session start, {side}: median {r['median_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+            f"CPU {r['cpu_median_ms']:.1f} ms")
     return result
 
 
