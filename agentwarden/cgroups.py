@@ -299,20 +299,26 @@ def scan_tagged(root: Path, agents_slice: str = "agents.slice", scope: str = "")
     tagged: dict[int, TaggedCgroup] = {}
     base = agents_slice_dir(root, agents_slice)
     for dirpath, _dirs, _files in os.walk(root / scope if scope else root):
-        path = Path(dirpath)
         try:
-            agent, source = read_tag(path), "xattr"
-            if agent is None or not AGENT_NAME.match(agent):
-                agent, source = _slice_agent(path, base), "slice"
-            if agent is None:
-                continue
-            cgid = cgroup_id(path)
-            tagged[cgid] = TaggedCgroup(cgid, agent, path, level(path, root), source,
-                                        read_attribution(path), read_tag(path, SESSION_XATTR),
-                                        read_tag(path, INSTANCE_XATTR))
+            found = tagged_at(Path(dirpath), root, base)
         except OSError:
             continue  # removed while we walked
+        if found is not None:
+            tagged[found.cgroup_id] = found
     return tagged
+
+
+def tagged_at(path: Path, root: Path, base: Path | None) -> TaggedCgroup | None:
+    """One directory as scan_tagged judges it (base: agents_slice_dir), or None
+    when it is no agent cgroup. Raises OSError when it is gone."""
+    agent, source = read_tag(path), "xattr"
+    if agent is None or not AGENT_NAME.match(agent):
+        agent, source = _slice_agent(path, base), "slice"
+    if agent is None:
+        return None
+    cgid = cgroup_id(path)
+    return TaggedCgroup(cgid, agent, path, level(path, root), source, read_attribution(path),
+                        read_tag(path, SESSION_XATTR), read_tag(path, INSTANCE_XATTR))
 
 
 

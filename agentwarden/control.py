@@ -9,9 +9,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import zmq
-from zmq.utils.monitor import recv_monitor_message
-
 from . import wire
 from .errors import EXIT_UNREACHABLE, AgentwardenError, NoPermission
 from .settings import Settings
@@ -64,6 +61,7 @@ def probe_listener(settings: Settings, path: str, kind: int = socket.SOCK_STREAM
 
 def request(settings: Settings, cmd: str, timeout: float = 3.0, check: bool = True,
             **args: Any) -> dict[str, Any]:
+    import zmq   # here: `agentwarden run` imports this module and should start fast
     endpoint = settings.control_endpoint
     check_reachable(settings, endpoint)
     sock = zmq.Context.instance().socket(zmq.REQ)
@@ -119,6 +117,8 @@ def subscribe(settings: Settings) -> Iterator[Received]:
 def _feed(endpoint: str) -> Iterator[Received]:
     """Raises DaemonUnavailable when the daemon closes the feed (it stopped):
     ZeroMQ would otherwise wait for it to come back, silently."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
     sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_EVENTS)

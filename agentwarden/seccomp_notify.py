@@ -13,14 +13,12 @@ import ctypes
 import errno
 import fcntl
 import os
-import platform
 import struct
-import tempfile
 from dataclasses import dataclass
 
 from .errors import AgentwardenError
 
-SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(platform.machine(), 317)
+SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(os.uname().machine, 317)
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
@@ -73,6 +71,7 @@ def build_filter() -> bytes:
     """The BPF program of a session: notify on exec, on opens that can write,
     on rename/unlink/truncate; refuse the side doors; allow the rest."""
     import seccomp  # Debian's python3-seccomp
+    import tempfile
     f = seccomp.SyscallFilter(seccomp.ALLOW)
     for name in ("execve", "execveat", "openat2", "creat", "rename", "renameat", "renameat2",
                  "unlink", "unlinkat", "truncate", *_known(seccomp, MODE_CHANGES)):

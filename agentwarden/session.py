@@ -1,11 +1,16 @@
 """`agentwarden run`: start a command as an agent session whose execs and file
 changes wait for the daemon's decision (seccomp user notification).
 
-Order matters: make and tag the session cgroup, wait until the probe watches
-it, join it, install the filter, hand the listener to the daemon, close our
-copy, drop to the user, exec. From the filter on, every exec -- the command
-itself included -- is decided by the daemon; if the daemon is gone, notified
-calls fail (ENOSYS) instead of proceeding.
+Order matters: make and tag the session cgroup, have the probe watch it (at
+once: it puts the cgroup in its BPF maps before it answers), join it, install
+the filter, hand the listener to the daemon, close our copy, drop to the user,
+exec. From the filter on, every exec -- the command itself included -- is
+decided by the daemon; if the daemon is gone, notified calls fail (ENOSYS)
+instead of proceeding.
+
+Started once per tool call by agent harnesses, so it imports little (no
+ZeroMQ unless it must fall back to the daemon's status) and asks the probe
+instead of scanning the cgroup tree.
 """
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import pwd
 import shutil
 import socket
 import time
-import uuid
 from pathlib import Path
 
 
@@ -27,23 +31,34 @@ from .errors import AgentwardenError, NeedsRoot, NoPermission
 from .settings import Settings
 
 
+class ProbeUnavailable(AgentwardenError):
+    pass
 
-def request(settings: Settings, message: dict, fd: int | None = None, timeout: float = 10.0) -> dict:
-    """One request on the daemon's sessions socket (SO_PEERCRED tells it who asks)."""
-    path = settings.sessions_socket
+
+def _connect(settings: Settings, path: Path, timeout: float) -> socket.socket:
+    """A seqpacket socket connected to the daemon's sessions socket (SO_PEERCRED
+    tells it who asks), or one clear error."""
     control.check_reachable(settings, f"ipc://{path}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(timeout)
     try:
-        try:
-            sock.connect(str(path))
-        except PermissionError:
-            raise NoPermission(f"cannot reach {path}: run this as root or as a member of the "
+        sock.connect(str(path))
+    except PermissionError:
+        sock.close()
+        raise NoPermission(f"cannot reach {path}: run this as root or as a member of the "
                                "admin group") from None
-        except ConnectionRefusedError:
-            raise control.DaemonUnavailable(
-                f"the daemon is not running (nothing listens on {path}, a socket left by a stopped "
-                "daemon); start it with `agentwarden up`") from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise control.DaemonUnavailable(
+            f"the daemon is not running (nothing listens on {path}, a socket left by a stopped "
+            "daemon); start it with `agentwarden up`") from None
+    return sock
+
+
+def _exchange(sock: socket.socket, path: Path, message: dict, fd: int | None = None,
+              who: str = "the daemon", unavailable=control.DaemonUnavailable) -> dict:
+    """Send one request (with fd as SCM_RIGHTS), return the answer; closes sock."""
+    try:
         data = wire.pack(message)
         if fd is None:
             sock.send(data)
@@ -52,15 +67,39 @@ def request(settings: Settings, message: dict, fd: int | None = None, timeout: f
         try:
             reply = sock.recv(wire.MAX_ADMIN_REPLY_BYTES)
         except socket.timeout:
-            raise control.DaemonUnavailable(f"the daemon did not answer on {path} within {timeout:g}s") from None
+            raise unavailable(f"{who} did not answer on {path} within {sock.gettimeout():g}s") from None
     finally:
         sock.close()
     if not reply:
-        raise control.DaemonUnavailable(f"the daemon closed {path} without an answer")
+        raise unavailable(f"{who} closed {path} without an answer")
     try:
         return wire.decode_reply(reply)
     except wire.WireError as exc:
-        raise AgentwardenError(f"the daemon sent a malformed answer on {path}: {exc}") from None
+        raise AgentwardenError(f"{who} sent a malformed answer on {path}: {exc}") from None
+
+
+def request(settings: Settings, message: dict, fd: int | None = None, timeout: float = 10.0) -> dict:
+    """One request on the daemon's sessions socket (SO_PEERCRED tells it who asks)."""
+    path = settings.sessions_socket
+    return _exchange(_connect(settings, path, timeout), path, message, fd)
+
+
+def probe_request(settings: Settings, message: dict, timeout: float = 5.0) -> dict:
+    """One request on the probe's watch socket (root only; wire.PROBE_COMMANDS).
+    ProbeUnavailable when no probe listens there."""
+    path = settings.probe_socket
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise ProbeUnavailable(f"the probe is not running (nothing listens on {path}); start it "
+                               "with `agentwarden up`") from None
+    except PermissionError:
+        sock.close()
+        raise NeedsRoot("asking the probe") from None
+    return _exchange(sock, path, message, who="the probe", unavailable=ProbeUnavailable)
 
 
 def admin_request(settings: Settings, message: dict) -> dict:
@@ -71,9 +110,17 @@ def admin_request(settings: Settings, message: dict) -> dict:
 
 
 def _agent_cgroup(settings: Settings, agent: str) -> Path:
-    root = cgroups.cgroup2_root()
     # The agent's own cgroup: the outermost one tagged with its name that is
-    # not itself a session.
+    # not itself a session. The probe knows them (a rescan's worth of work on
+    # a host with many cgroups); one tagged since its last rescan is not yet
+    # among them, so the tree is scanned when it names none.
+    try:
+        known = probe_request(settings, {"cmd": "agent", "agent": agent}).get("cgroups")
+    except ProbeUnavailable:
+        known = None
+    if known:
+        return Path(known[0])
+    root = cgroups.cgroup2_root()
     found = [t for t in cgroups.agent_cgroups(root, agent, settings.agents_slice, settings.cgroup_scope)
              if not t.session]
     if not found:
@@ -91,6 +138,23 @@ def _session_parent(settings: Settings, agent: str) -> Path:
     if own is not None and cgroups.is_delegated(own):
         return own
     return _agent_cgroup(settings, agent)
+
+
+def _watch_now(settings: Settings, cgroup: Path, session: str) -> None:
+    """The probe watches the session cgroup as this session of this instance
+    when this returns: its first exec is seen by the BPF program."""
+    try:
+        reply = probe_request(settings, {"cmd": "watch", "cgroup": str(cgroup)})
+    except ProbeUnavailable:
+        # No watch socket (a probe of an older version): wait for its rescan.
+        _wait_watched(settings, cgroup)
+        return
+    if not reply.get("ok"):
+        raise AgentwardenError(f"the probe cannot watch {cgroup}: {reply.get('error')}")
+    tag = reply.get("tag") or {}
+    if tag.get("session") != session or tag.get("instance") != settings.instance:
+        raise AgentwardenError(f"the probe does not watch {cgroup} as session {session} of this "
+                               f"instance ({settings.instance}): it reports {tag}")
 
 
 def _wait_watched(settings: Settings, cgroup: Path, timeout: float = 10.0) -> None:
@@ -129,12 +193,14 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
         except KeyError:
             raise AgentwardenError(f"no such group: {group}") from None
     parent = _session_parent(settings, agent)
-    control.request(settings, "status", timeout=3)  # the daemon answers, or this says why
+    # Connected now: the daemon's supervisor listens, or this says why before
+    # anything is made. It learns who we are (SO_PEERCRED) at the registration.
+    supervisor = _connect(settings, settings.sessions_socket, timeout=10.0)
 
     # Built before joining the agent: libseccomp writes it through a temporary
     # file, which would be the agent's write, watched but not yet supervised.
     seccomp_filter = sn.build_filter()
-    session = f"s-{uuid.uuid4().hex[:12]}"
+    session = f"s-{os.urandom(6).hex()}"
     cgroup = parent / session
     cgroup.mkdir()
     try:
@@ -145,9 +211,10 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
                             (cgroups.ATTRIBUTION_XATTRS["user"], user or "root")):
             if value:
                 os.setxattr(cgroup, name, value[:cgroups.ATTRIBUTION_MAX].encode())
-        _wait_watched(settings, cgroup)
+        _watch_now(settings, cgroup, session)
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     except BaseException:
+        supervisor.close()
         with contextlib.suppress(FileNotFoundError):   # the agent cgroup went away meanwhile
             cgroup.rmdir()
         raise
@@ -155,7 +222,7 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
     listener = sn.install(seccomp_filter)
     # From here on, failing means the command never runs: the filter stays.
     try:
-        reply = request(settings, {
+        reply = _exchange(supervisor, settings.sessions_socket, {
             "cmd": "register", "session": session, "agent": agent,
             "user": user or pwd.getpwuid(os.getuid()).pw_name, "task": task,
             "on_behalf_of": on_behalf_of, "host": socket.gethostname(), "cgroup": str(cgroup)},

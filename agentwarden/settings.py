@@ -21,7 +21,6 @@ import re
 import shlex
 import shutil
 import socket
-import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,6 +457,9 @@ class Settings:
     def fleet_state_file(self) -> Path:
         """The last sequence the fleet acknowledged (the shipper resumes after it)."""
         return self.state_dir / "fleet-acked.json"
+    def probe_socket(self) -> Path:
+        """`agentwarden run` asks the probe to watch its new session cgroup here (root only)."""
+        return self.run_dir / "probe.sock"
 
     @property
     def instance(self) -> str:
@@ -537,6 +539,7 @@ def flag_args() -> list[str]:
     return args
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib   # here: most hosts' `agentwarden run` reads no config file
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

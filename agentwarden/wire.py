@@ -321,6 +321,23 @@ def decode_admin_request(raw: bytes) -> dict[str, Any]:
     return decode_control(raw)
 
 
+# The probe's watch socket (probe/watch_now.py): `run` has its new session
+# cgroup watched at once; the supervisor asks how a cgroup is watched.
+PROBE_COMMANDS = {"watch": ("cgroup",), "tag": ("cgroup_id",), "agent": ("agent",)}
+
+
+def decode_probe_request(raw: bytes) -> dict[str, Any]:
+    """A request on the probe's watch socket: one of PROBE_COMMANDS with its field."""
+    msg = decode_admin_request(raw)
+    fields = PROBE_COMMANDS.get(msg["cmd"])
+    if fields is None:
+        raise WireError(f"unknown probe command {msg['cmd']!r}")
+    missing = [f for f in fields if f not in msg]
+    if missing:
+        raise WireError(f"{msg['cmd']} needs {', '.join(missing)}")
+    return msg
+
+
 def encode_kernel_rules(policy_hash: str | None, rules: list[dict[str, Any]],
                         sidedoors: dict[str, list[str]], kill_on_leave: list[str] = ()) -> bytes:
     """The daemon's in-kernel deny rules; each rule a map of agent, path,

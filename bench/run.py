@@ -12,6 +12,11 @@
 4. Enforcement: decisions/s with a 1,000-rule policy; violation -> process
    gone, in-kernel and user-space; the cost of an allowed exec and write-open
    under `agentwarden run` against the same workload without it.
+5. Agent load (bench/agentload.py): session start (`run -- /bin/true` against
+   `/bin/true`), and a coding agent's workload bare, watched and with each tool
+   call under `run`, paired in one run.
+6. Notify (bench/notify.py, also `make bench-notify`): hold to notification
+   delivered.
 
 Installs what it needs (gcc, bpftrace, auditd) when missing. Prints a report,
 saves it in bench/results/ (latest.json, latest.md, and a copy of the JSON
@@ -41,7 +46,9 @@ except ImportError:
              "(make bench sets the venv up)")
 
 import drift
+import agentload
 import enforcement
+import notify
 import report
 import sessions
 from measure import (OverheadPlan, PeakRss, ThroughputPlan, measure_throughput,
@@ -69,6 +76,9 @@ class Profile:
     decisions: int     # synthetic events decided for decisions/s
     kill_trials: int   # violations per enforcement path
     session_rounds: int   # operations of each kind per side in the session-cost run
+    starts: int = 50          # session starts per side (agent load)
+    workload_rounds: int = 5  # rounds of the coding workload, each side once per round
+    notify_holds: int = 50    # holds of the notify part
 
 
 PROFILES = {
@@ -77,7 +87,7 @@ PROFILES = {
                     seconds=4, decisions=200_000, kill_trials=200, session_rounds=2000),
     "quick": Profile("quick", rounds=2, reps=1, open_count=100_000, exec_count=300,
                      rates=(25_000, 100_000), seconds=2, decisions=20_000, kill_trials=30,
-                     session_rounds=200),
+                     session_rounds=200, starts=20, workload_rounds=2, notify_holds=20),
 }
 
 
@@ -96,6 +106,9 @@ def parse_args() -> argparse.Namespace:
                         help="no throughput or memory runs")
     parser.add_argument("--skip-enforcement", action="store_true",
                         help="no decision, kill-latency or session-cost runs")
+    parser.add_argument("--skip-agentload", action="store_true",
+                        help="no session-start or coding-workload runs")
+    parser.add_argument("--skip-notify", action="store_true", help="no hold-to-notification run")
     parser.add_argument("--no-docs", action="store_true",
                         help="save the results in bench/results/ but leave docs/benchmarks.md alone")
     return parser.parse_args()
@@ -225,6 +238,19 @@ def run_enforcement(profile: Profile, workdir: Path, cgroup: BenchCgroup,
     return result
 
 
+def run_agentload(profile: Profile, workdir: Path, cgroup: BenchCgroup,
+                  cleanup: contextlib.ExitStack) -> dict:
+    aw = Agentwarden(workdir / "agentload", cgroup)
+    cleanup.callback(aw.stop)
+    aw.start()
+    aw.settle()
+    log("agent load: session start, and a coding workload bare, watched and under run")
+    result = agentload.measure(aw.settings, aw.env, BENCH_AGENT, cgroup.path, aw.settings.policy_dir,
+                               profile.starts, profile.workload_rounds, workdir, log)
+    aw.stop()
+    return result
+
+
 @contextlib.contextmanager
 def one_bench_at_a_time():
     """Two runs would undo each other's audit rules and load each other's
@@ -285,6 +311,12 @@ def main() -> int:
                                                    cleanup)
         if not args.skip_enforcement:
             results["enforcement"] = run_enforcement(profile, workdir, cgroup, cleanup)
+        if not args.skip_agentload:
+            results["agentload"] = run_agentload(profile, workdir, cgroup, cleanup)
+        if not args.skip_notify:
+            log("notify: hold to notification delivered")
+            (workdir / "notify").mkdir()
+            results["notify"] = notify.measure(profile.notify_holds, workdir / "notify")
     if results.get("untagged", {}).get("configs", {}).get("auditd", {}).get("visits"):
         log("note: audit has now been enabled in this boot; until a reboot every new process "
             "takes the slower audit syscall path unless "

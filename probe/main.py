@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from agentwarden.settings import Settings
 
 from . import loader
 from .decode import DecodeError, Decoder
+from .watch_now import WatchServer
 
 log = logging.getLogger("agentwarden.probe")
 
@@ -58,7 +60,8 @@ def describe_sender(pid: int, uid: int) -> str:
 
 class TagMirror:
     """Keeps the BPF agent_cgroups map and level mask equal to the tagged
-    cgroups found on disk. Tags added or removed take effect at the next sync."""
+    cgroups found on disk. Tags added or removed take effect at the next sync,
+    or at once for a cgroup `watch` is asked for (`run`'s new session)."""
 
     def __init__(self, bpf, root: Path, max_levels: int, session_bit: int, scope: str = "",
                  instance: str = "", agents_slice: str = "agents.slice"):
@@ -73,12 +76,34 @@ class TagMirror:
         self.too_deep: set[int] = set()
         self._numbers: dict[str, int] = {}
         self._paths: dict[int, object] = {}   # cgroup id -> its agent_paths key
+        self.levels = self.session_levels = 0  # the masks last published
+        # sync (the run loop) and watch (the watch socket's thread) take turns;
+        # agent numbers too (two new agents must never get the same one)
+        self.lock = threading.RLock()
+        self._added = False   # watch added a cgroup since take_added last looked
+        # cgroup id -> the watch number that added it, until a scan begun after it
+        self._watched: dict[int, int] = {}
+        self._watch_number = 0
 
     def agent_number(self, agent: str) -> int:
-        return self._numbers.setdefault(agent, len(self._numbers) + 1)
+        with self.lock:
+            return self._numbers.setdefault(agent, len(self._numbers) + 1)
 
     def sync(self) -> bool:
+        with self.lock:
+            begun = self._watch_number
         found = cgroups.scan_tagged(self.root, agents_slice=self.agents_slice, scope=self.scope)
+        with self.lock:
+            # A cgroup watch added while the scan walked may have been passed
+            # before its tags were set: the scan cannot tell it is gone.
+            for cgid, number in list(self._watched.items()):
+                if number <= begun:
+                    del self._watched[cgid]
+                elif cgid not in found and cgid in self.current:
+                    found[cgid] = self.current[cgid]
+            return self._sync(found)
+
+    def _sync(self, found: dict[int, cgroups.TaggedCgroup]) -> bool:
         if found == self.current:
             return False
         table = self.bpf[b"agent_cgroups"]
@@ -92,18 +117,13 @@ class TagMirror:
                 log.error("cannot watch %s: cgroup depth %d exceeds %d", tagged.path,
                           tagged.level, self.max_levels - 1)
                 continue
-            number = self.agent_number(tagged.agent)
-            if tagged.session and tagged.instance == self.instance:
-                number |= self.session_bit
+            number = self._number(tagged)
+            if number & self.session_bit:
                 sessions |= 1 << tagged.level
             table[table.Key(cgid)] = table.Leaf(number)
             self._set_path(cgid, tagged.path)
             mask |= 1 << tagged.level
-        config = self.bpf[b"config"]
-        leaf = config.Leaf()
-        leaf.tagged_levels = mask
-        leaf.session_levels = sessions
-        config[config.Key(0)] = leaf
+        self._publish_levels(mask, sessions)
         for cgid in set(self.current) - set(found):
             try:
                 del table[table.Key(cgid)]
@@ -112,6 +132,69 @@ class TagMirror:
             self._set_path(cgid, None)
         self.current = found
         return True
+
+    def _number(self, tagged: cgroups.TaggedCgroup) -> int:
+        number = self.agent_number(tagged.agent)
+        if tagged.session and tagged.instance == self.instance:
+            number |= self.session_bit
+        return number
+
+    def _publish_levels(self, mask: int, sessions: int) -> None:
+        config = self.bpf[b"config"]
+        leaf = config.Leaf()
+        leaf.tagged_levels = mask
+        leaf.session_levels = sessions
+        config[config.Key(0)] = leaf
+        self.levels, self.session_levels = mask, sessions
+
+    def watch(self, path: Path) -> dict:
+        """Watch one cgroup now, as the next sync would (`agentwarden run` asks
+        for its new session cgroup before it joins it). Only adds: what sync
+        would remove, sync removes. The reply for the watch socket."""
+        scope_root = self.root / self.scope if self.scope else self.root
+        if path != scope_root and scope_root not in path.parents:
+            return {"ok": False, "error": f"{path} is outside the cgroups this probe watches ({scope_root})"}
+        try:
+            tagged = cgroups.tagged_at(path, self.root, cgroups.agents_slice_dir(self.root, self.agents_slice))
+        except OSError as exc:
+            return {"ok": False, "error": f"cannot read {path}: {exc.strerror}"}
+        if tagged is None:
+            return {"ok": False, "error": f"{path} is not tagged as an agent"}
+        if tagged.level >= self.max_levels:
+            return {"ok": False, "error": f"cannot watch {path}: cgroup depth {tagged.level} exceeds "
+                                          f"{self.max_levels - 1}"}
+        with self.lock:
+            if self.current.get(tagged.cgroup_id) != tagged:
+                # As in sync: the map entry first, then the level mask.
+                table = self.bpf[b"agent_cgroups"]
+                table[table.Key(tagged.cgroup_id)] = table.Leaf(self._number(tagged))
+                self._set_path(tagged.cgroup_id, tagged.path)
+                session = 1 << tagged.level if self._number(tagged) & self.session_bit else 0
+                self._publish_levels(self.levels | 1 << tagged.level, self.session_levels | session)
+                self.current = {**self.current, tagged.cgroup_id: tagged}
+                self._added = True
+                self._watch_number += 1
+                self._watched[tagged.cgroup_id] = self._watch_number
+            return {"ok": True, "tag": self.describe(tagged.cgroup_id, tagged)}
+
+    def tag_of(self, cgroup_id: int) -> dict:
+        """The watch socket's `tag`: how this probe watches a cgroup (None: not)."""
+        with self.lock:
+            tagged = self.current.get(cgroup_id)
+            return {"ok": True, "tag": None if tagged is None else self.describe(cgroup_id, tagged)}
+
+    def agent_cgroups(self, agent: str) -> dict:
+        """The watch socket's `agent`: an agent's cgroups that are no session, outermost first."""
+        with self.lock:
+            found = sorted((t for t in self.current.values() if t.agent == agent and not t.session
+                            and t.cgroup_id not in self.too_deep), key=lambda t: t.level)
+        return {"ok": True, "cgroups": [str(t.path) for t in found]}
+
+    def take_added(self) -> bool:
+        """Whether watch added a cgroup since the last call."""
+        with self.lock:
+            added, self._added = self._added, False
+            return added
 
     def _set_path(self, cgid: int, path: Path | None) -> None:
         """agent_paths: the cgroup's path from the v2 root, plus '/', -> its id
@@ -139,12 +222,15 @@ class TagMirror:
         trie[key] = trie.Leaf(cgid)
         self._paths[cgid] = key
 
+    def describe(self, cgid: int, t: cgroups.TaggedCgroup) -> dict:
+        return {"agent": t.agent, "path": str(t.path), "level": t.level,
+                "watched": cgid not in self.too_deep, **dict(t.attribution),
+                **({"instance": t.instance} if t.instance else {})}
+
     def record(self) -> dict:
-        return {"kind": "tags", "time": now_ns(), "agents": {
-            str(cgid): {"agent": t.agent, "path": str(t.path), "level": t.level,
-                        "watched": cgid not in self.too_deep, **dict(t.attribution),
-                        **({"instance": t.instance} if t.instance else {})}
-            for cgid, t in self.current.items()}}
+        with self.lock:
+            return {"kind": "tags", "time": now_ns(), "agents": {
+                str(cgid): self.describe(cgid, t) for cgid, t in self.current.items()}}
 
 
 class Probe:
@@ -355,6 +441,9 @@ class Probe:
             "kernel_sidedoor_agents": len(self._sidedoor_agents),
             "kernel_rules_policy": self.kernel_rules_hash,
             "kernel_rules_malformed": self.counters["kernel_rules_malformed"],
+            # the watch socket: cgroups watched at once on request, and requests refused
+            "watch_requests": self.counters["watch_requests"],
+            "watch_refused": self.counters["watch_refused"],
         }}
         if self.stopped_by is not None:
             health["stopping"] = self.stopped_by
@@ -450,10 +539,15 @@ class Probe:
             self.bpf.ring_buffer_poll(self.active_poll_ms if active else POLL_MS)
             active = bool(self.raw or self.raw_vital)
             records = self._drain_ring()
+            if self.tags.take_added():
+                # Looked at after the drain: a record of a cgroup watch added
+                # can only be in it if the addition was seen, and the tags
+                # record goes first, so the daemon knows its agent.
+                records.insert(0, self.tags.record())
             now = time.monotonic()
+            self._poll_kernel_rules()   # each turn: a non-blocking read, and rules apply sooner
             if now >= next_tags:
                 next_tags = now + self.settings.tag_scan_interval
-                self._poll_kernel_rules()
                 if self.tags.sync():
                     records.append(self.tags.record())
             if now >= next_health:
@@ -495,6 +589,7 @@ def main(settings: Settings) -> int:
             bpfsys.pin(bpf[path.name.encode()].map_fd, path)
         probe = Probe(settings, bpf, headers.header_constants())
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # taken in the loop, with the sender
+        WatchServer(settings.probe_socket, probe.tags, probe.counters).start()  # after the mask: its thread inherits it
         log.info("probe running: BPF attached, sending to %s", settings.ingest_endpoint)
         probe.run()
         if probe.stopped_by and not probe.stopped_by["deliberate"]:
@@ -505,6 +600,7 @@ def main(settings: Settings) -> int:
     finally:
         for path in pinned:
             path.unlink(missing_ok=True)
+        settings.probe_socket.unlink(missing_ok=True)
         try:
             settings.bpf_pin_dir.rmdir()
         except OSError:

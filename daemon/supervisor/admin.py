@@ -14,6 +14,7 @@ from typing import Callable
 
 from agentwarden import cgroups, control, fleet, wire
 from agentwarden import policy as policy_mod
+from agentwarden import session as session_mod
 from agentwarden import seccomp_notify as sn
 from agentwarden.drift import DriftError
 from agentwarden.durations import parse_duration
@@ -349,12 +350,14 @@ class Admin:
             return refuse("the registering process is not in the session cgroup")
         # The session's tags, as the probe read them (it has CAP_SYS_ADMIN for
         # trusted.* xattrs; the daemon's unit does not): it watches the cgroup
-        # as this session of this agent, made for this instance.
+        # as this session of this agent, made for this instance. Asked of the
+        # probe itself: `run` had it watched a moment ago, the daemon may not
+        # have its tags record yet.
         try:
-            tags = control.request(self.settings, "status", timeout=2)["status"]["probe"]["tags"]
-            watched = tags.get(str(cgroups.cgroup_id(cgroup)))
-        except (AgentwardenError, OSError) as exc:
-            return refuse(f"cannot ask the daemon whether the probe watches the session: {exc}")
+            watched = session_mod.probe_request(self.settings, {
+                "cmd": "tag", "cgroup_id": cgroups.cgroup_id(cgroup)}, timeout=2)["tag"]
+        except (AgentwardenError, OSError, KeyError) as exc:
+            return refuse(f"cannot ask the probe whether it watches the session: {exc}")
         if not watched or watched.get("session") != fields["session"]:
             return refuse("the probe does not watch the session cgroup yet")
         if watched.get("agent") != fields["agent"] or watched.get("instance") != self.settings.instance:

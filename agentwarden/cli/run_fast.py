@@ -1,0 +1,67 @@
+"""`agentwarden run` without typer: an agent harness that wraps each tool call
+in `run` pays the CLI's start-up every call, and importing typer and the rest
+of the CLI takes longer than the session's start itself.
+
+It takes only the plain form `run [--agent A] [--user U] [--group G] [--task T]
+[--on-behalf-of P] -- COMMAND...` (each option as `--opt VALUE` or
+`--opt=VALUE`, the last of a repeated one wins, as in typer); anything else
+(--help, global options, a missing --agent or `--`, a value starting with '-')
+goes to typer (`commands.run`), whose help and errors stay the only ones.
+Both end in `session.run`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# option -> session.run's keyword (commands.run declares the same options)
+OPTIONS = {"--agent": "agent", "--user": "user", "--group": "group", "--task": "task",
+           "--on-behalf-of": "on_behalf_of"}
+
+
+def parse(args: list[str]) -> dict | None:
+    """run's arguments (after `run`) as session.run's keywords, or None when
+    typer should parse them."""
+    given: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            command = args[i + 1:]
+            if not command or "agent" not in given:
+                return None
+            return {"agent": given["agent"], "command": command, "user": given.get("user"),
+                    "group": given.get("group"), "task": given.get("task", ""),
+                    "on_behalf_of": given.get("on_behalf_of", "")}
+        name, equals, value = word.partition("=")
+        if name not in OPTIONS:
+            return None
+        if not equals:
+            i += 1
+            if i >= len(args):
+                return None
+            value = args[i]
+        if value.startswith("-"):
+            return None
+        given[OPTIONS[name]] = value
+        i += 1
+    return None
+
+
+def run_fast(args: list[str]) -> None:
+    """Run the session (never returns), or return when typer should parse args."""
+    parsed = parse(args)
+    if parsed is None:
+        return
+    from agentwarden import session
+    from agentwarden.errors import AgentwardenError
+    from agentwarden.settings import Settings
+    try:
+        session.run(Settings.from_env(), parsed["agent"], parsed["command"], parsed["user"],
+                    parsed["task"], parsed["on_behalf_of"] or os.environ.get("SUDO_USER", ""),
+                    parsed["group"])
+    except AgentwardenError as exc:   # as commands.main says it
+        print(f"agentwarden: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
