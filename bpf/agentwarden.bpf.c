@@ -91,6 +91,19 @@ BPF_PERCPU_ARRAY(path_scratch, struct aw_path_key, 1);
  * loads it from the daemon's policy with the deny rules. */
 BPF_HASH(agent_policy, u32, u32, AW_MAX_AGENT_CGROUPS);
 BPF_PERCPU_ARRAY(move_scratch, struct aw_move, 1);
+/* [AW_HEARTBEAT_*] -> the probe's heartbeat calls each program saw. */
+BPF_ARRAY(heartbeats, u64, AW_HEARTBEAT_SLOTS);
+
+/* A heartbeat call of the probe's (its path is AW_HEARTBEAT_ADDRESS): counted. */
+static __always_inline int heartbeat(const void *path, u32 slot)
+{
+    if ((u64)path != AW_HEARTBEAT_ADDRESS)
+        return 0;
+    u64 *beats = heartbeats.lookup(&slot);
+    if (beats)
+        __sync_fetch_and_add(beats, 1);
+    return 1;
+}
 
 static __always_inline void count(u32 slot)
 {
@@ -494,11 +507,15 @@ static __always_inline int exec_exit(long ret)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_execve)
 {
+    if (heartbeat(args->filename, AW_HEARTBEAT_EXECVE))
+        return 0;
     return exec_enter(AW_SYS_EXECVE, AW_AT_FDCWD, args->filename, args->argv, 0);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
 {
+    if (heartbeat(args->filename, AW_HEARTBEAT_EXECVEAT))
+        return 0;
     return exec_enter(AW_SYS_EXECVEAT, (s32)args->fd, args->filename, args->argv,
                       (u32)args->flags);
 }
@@ -747,6 +764,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_open)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 {
+    if (heartbeat(args->filename, AW_HEARTBEAT_OPENAT))
+        return 0;
     return file_enter(AW_KIND_OPEN, AW_SYS_OPENAT, (s32)args->dfd, args->filename,
                       (u32)args->flags, (u32)args->mode, 0, 0);
 }

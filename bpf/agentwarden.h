@@ -89,7 +89,16 @@
 #define AW_ARGC_UNKNOWN 0xFFFFFFFF
 /* Interpreters judged per exec: the kernel nests at most 5 (BINPRM_MAX_RECURSION + 1). */
 #define AW_MAX_INTERPRETERS 5
-#define AW_INTERPRETER_ARGS 8   /* arguments an interpreter's record carries */
+#define AW_INTERPRETER_ARGS 8
+/* Heartbeat: the probe calls execve, execveat and openat with this address as
+ * the path (unmapped: the calls fail with EFAULT); the programs on their
+ * entry count it in `heartbeats`, by slot. A slot that stops counting: that
+ * program no longer runs (detached) while the probe lives. */
+#define AW_HEARTBEAT_ADDRESS 0x4157484200
+#define AW_HEARTBEAT_EXECVE 0
+#define AW_HEARTBEAT_EXECVEAT 1
+#define AW_HEARTBEAT_OPENAT 2
+#define AW_HEARTBEAT_SLOTS 3   /* arguments an interpreter's record carries */
 
 /* aw_file.flags */
 #define AW_FILE_PATH_UNREADABLE 1
