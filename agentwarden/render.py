@@ -244,6 +244,9 @@ def human(record: dict[str, Any], with_date: bool = False) -> str:
         return f"{head} {sidedoor(record)} {_result(record)}"
     if kind == "move":
         where = "OUT of the agent's cgroups" if record["left"] else "within the agent"
+        if record.get("born_by_clone3"):
+            return (f"{head} pid {record['moved_pid']} born by clone3 in cgroup id "
+                    f"{record['dst_cgroup_id']} ({where})")
         return f"{head} moved pid {record['moved_pid']} to {text(record['dst_path'])} ({where})"
     if kind == "fd":
         named = record.get("resolved_path")

@@ -91,6 +91,19 @@ BPF_PERCPU_ARRAY(path_scratch, struct aw_path_key, 1);
  * loads it from the daemon's policy with the deny rules. */
 BPF_HASH(agent_policy, u32, u32, AW_MAX_AGENT_CGROUPS);
 BPF_PERCPU_ARRAY(move_scratch, struct aw_move, 1);
+/* [AW_HEARTBEAT_*] -> the probe's heartbeat calls each program saw. */
+BPF_ARRAY(heartbeats, u64, AW_HEARTBEAT_SLOTS);
+
+/* A heartbeat call of the probe's (its path is AW_HEARTBEAT_ADDRESS): counted. */
+static __always_inline int heartbeat(const void *path, u32 slot)
+{
+    if ((u64)path != AW_HEARTBEAT_ADDRESS)
+        return 0;
+    u64 *beats = heartbeats.lookup(&slot);
+    if (beats)
+        __sync_fetch_and_add(beats, 1);
+    return 1;
+}
 
 static __always_inline void count(u32 slot)
 {
@@ -132,6 +145,28 @@ static __always_inline void forget_task(u32 key)
     agent_tasks.delete(&key);
 }
 
+/* The tagged cgroup the current task is in (itself or its deepest tagged
+ * ancestor) and its agent number, or 0. */
+static __always_inline u64 tagged_cgroup_of(u32 *agent)
+{
+    u32 zero = 0;
+    struct aw_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->tagged_levels)
+        return 0;
+    u32 levels = cfg->tagged_levels;
+    for (int level = AW_MAX_CGROUP_LEVELS - 1; level >= 0; level--) {
+        if (!(levels & (1u << level)))
+            continue;
+        u64 id = bpf_get_current_ancestor_cgroup_id(level);
+        u32 *number = id ? agent_cgroups.lookup(&id) : 0;
+        if (number) {
+            *agent = *number;
+            return id;
+        }
+    }
+    return 0;
+}
+
 /* The agent cgroup the current task belongs to, or 0: for a task that has
  * left its agent's cgroups, the one it left (kept in agent_tasks, looked up
  * only while some task has left); else the tagged cgroup it is in (itself or
@@ -154,23 +189,12 @@ static __always_inline u64 agent_cgroup_of(u32 *agent)
             return t->agent_cgroup_id;
         }
     }
-    struct aw_config *cfg = config.lookup(&zero);
-    if (!cfg || !cfg->tagged_levels)
-        return 0;
-    u32 levels = cfg->tagged_levels;
-    for (int level = AW_MAX_CGROUP_LEVELS - 1; level >= 0; level--) {
-        if (!(levels & (1u << level)))
-            continue;
-        u64 id = bpf_get_current_ancestor_cgroup_id(level);
-        u32 *number = id ? agent_cgroups.lookup(&id) : 0;
-        if (number) {
-            *agent = *number;
-            struct aw_agent_task task = {.agent_cgroup_id = id, .agent = *number};
-            track(tgid, &task);
-            return id;
-        }
+    u64 id = tagged_cgroup_of(agent);
+    if (id) {
+        struct aw_agent_task task = {.agent_cgroup_id = id, .agent = *agent};
+        track(tgid, &task);
     }
-    return 0;
+    return id;
 }
 
 static __always_inline u64 agent_cgroup(void)
@@ -363,6 +387,53 @@ static __always_inline void forget_approval(u32 tid)
     approved_exec.delete(&tid);
 }
 
+/* argv into e: NUL-separated, at most AW_MAX_ARGS args of AW_ARG_MAX bytes;
+ * e->real_argc counts every pointer (up to AW_MAX_ARGC_COUNTED), so that
+ * sched_process_exec can tell the arguments an interpreter added. */
+static __always_inline void read_argv(struct aw_exec *e, const char *const *argv)
+{
+    u32 off = 0;
+    const char *arg = 0;
+    e->argc = 0;
+    e->argv_len = 0;
+    e->real_argc = AW_ARGC_UNKNOWN;
+    for (int i = 0; i < AW_MAX_ARGS; i++) {
+        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]))
+            goto done;
+        if (!arg) {
+            e->real_argc = i;
+            goto done;
+        }
+        if (off > AW_ARGV_BYTES) {
+            e->flags |= AW_EXEC_ARGV_TRUNCATED;
+            goto count;
+        }
+        int len = bpf_probe_read_user_str(&e->argv[off], AW_ARG_MAX, arg);
+        if (len <= 0) {
+            e->flags |= AW_EXEC_ARGV_TRUNCATED;
+            goto count;
+        }
+        if (len == AW_ARG_MAX)
+            e->flags |= AW_EXEC_ARGV_TRUNCATED;
+        off += len;
+        e->argc++;
+    }
+    /* All AW_MAX_ARGS slots used: is there more? */
+    if (bpf_probe_read_user(&arg, sizeof(arg), &argv[AW_MAX_ARGS]) == 0 && arg)
+        e->flags |= AW_EXEC_ARGV_TRUNCATED;
+count:
+    for (u32 i = e->argc; i < AW_MAX_ARGC_COUNTED; i++) {
+        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]))
+            break;
+        if (!arg) {
+            e->real_argc = i;
+            break;
+        }
+    }
+done:
+    e->argv_len = off;
+}
+
 static __always_inline int exec_enter(u32 syscall, s32 dirfd, const char *filename,
                                       const char *const *argv, u32 at_flags)
 {
@@ -384,7 +455,6 @@ static __always_inline int exec_enter(u32 syscall, s32 dirfd, const char *filena
     e->argc = 0;
     e->argv_len = 0;
     e->deny_rule = 0;
-    e->reserved = 0;
     e->exec_path[0] = 0;
 
     int n = bpf_probe_read_user_str(e->filename, sizeof(e->filename), filename);
@@ -395,31 +465,7 @@ static __always_inline int exec_enter(u32 syscall, s32 dirfd, const char *filena
         e->flags |= AW_EXEC_FILENAME_TRUNCATED;
     }
 
-    /* argv: NUL-separated, at most AW_MAX_ARGS args of AW_ARG_MAX bytes. */
-    u32 off = 0;
-    const char *arg = 0;
-    for (int i = 0; i < AW_MAX_ARGS; i++) {
-        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) || !arg)
-            goto done;
-        if (off > AW_ARGV_BYTES) {
-            e->flags |= AW_EXEC_ARGV_TRUNCATED;
-            goto done;
-        }
-        int len = bpf_probe_read_user_str(&e->argv[off], AW_ARG_MAX, arg);
-        if (len <= 0) {
-            e->flags |= AW_EXEC_ARGV_TRUNCATED;
-            goto done;
-        }
-        if (len == AW_ARG_MAX)
-            e->flags |= AW_EXEC_ARGV_TRUNCATED;
-        off += len;
-        e->argc++;
-    }
-    /* All AW_MAX_ARGS slots used: is there more? */
-    if (bpf_probe_read_user(&arg, sizeof(arg), &argv[AW_MAX_ARGS]) == 0 && arg)
-        e->flags |= AW_EXEC_ARGV_TRUNCATED;
-done:
-    e->argv_len = off;
+    read_argv(e, argv);
 
     u64 key = bpf_get_current_pid_tgid();
     if (inflight_exec.update(&key, e))
@@ -461,17 +507,123 @@ static __always_inline int exec_exit(long ret)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_execve)
 {
+    if (heartbeat(args->filename, AW_HEARTBEAT_EXECVE))
+        return 0;
     return exec_enter(AW_SYS_EXECVE, AW_AT_FDCWD, args->filename, args->argv, 0);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
 {
+    if (heartbeat(args->filename, AW_HEARTBEAT_EXECVEAT))
+        return 0;
     return exec_enter(AW_SYS_EXECVEAT, (s32)args->fd, args->filename, args->argv,
                       (u32)args->flags);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_execve) { return exec_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_execveat) { return exec_exit(args->ret); }
+
+/* The first AW_INTERPRETER_ARGS arguments into e (an interpreter's record:
+ * its own path, the script's, and what follows), short of read_argv. */
+static __always_inline void read_some_argv(struct aw_exec *e, const char *const *argv)
+{
+    u32 off = 0;
+    const char *arg = 0;
+    e->argc = 0;
+    e->real_argc = AW_ARGC_UNKNOWN;
+    e->flags |= AW_EXEC_ARGV_TRUNCATED;
+    for (int i = 0; i < AW_INTERPRETER_ARGS; i++) {
+        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]))
+            break;
+        if (!arg) {
+            e->flags &= ~AW_EXEC_ARGV_TRUNCATED;
+            e->real_argc = i;
+            break;
+        }
+        if (off > AW_ARGV_BYTES)
+            break;
+        int len = bpf_probe_read_user_str(&e->argv[off], AW_ARG_MAX, arg);
+        if (len <= 0)
+            break;
+        off += len;
+        e->argc++;
+    }
+    e->argv_len = off;
+}
+
+#ifdef AW_EXEC_STASH
+#define AW_REG_SP 19        /* pt_regs (x86-64, ptrace ABI): the user stack pointer */
+
+/* Interpreters: for a script (#!) or a binfmt_misc binary the kernel runs
+ * another program, which no exec call names. At sched_process_exec the new
+ * program's registers are set: its stack pointer points at argc and argv,
+ * which the kernel built (new memory, read as the task's own). Each
+ * interpreter level replaced argv[0] by the interpreter (and an optional
+ * argument) and the file's path, so argc grew by one or two per level; an
+ * exec whose argc grew ran interpreters, argv[0] the one that runs. Each is
+ * recorded as an exec of its own (syscall AW_SYS_INTERPRETER, argv from its
+ * place on), checked against the deny rules (killed before its first
+ * instruction) and judged by the daemon like any exec. Of the later added
+ * arguments (an interpreter of a #! chain, or a #! line's optional argument)
+ * those that are absolute paths are taken as interpreters. With more
+ * arguments than counted, argv[0] is taken as one when it is an absolute
+ * path other than the exec's. Returns the number recorded. */
+static __always_inline u32 judge_interpreters(struct aw_exec *e, u32 agent, int exec_len)
+{
+    const u64 *regs = (const u64 *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
+    u64 sp = 0, argc = 0;
+    if (bpf_probe_read_kernel(&sp, sizeof(sp), &regs[AW_REG_SP]) ||
+        bpf_probe_read_user(&argc, sizeof(argc), (void *)sp))
+        return 0;
+    const char *const *argv = (const char *const *)(sp + 8);
+    u32 zero = 0;
+    struct aw_exec *r = exec_scratch.lookup(&zero);
+    if (!r)
+        return 0;
+    u64 added;
+    if (e->real_argc == AW_ARGC_UNKNOWN) {
+        const char *first = 0;
+        if (bpf_probe_read_user(&first, sizeof(first), &argv[0]) || !first)
+            return 0;
+        int n = bpf_probe_read_user_str(r->exec_path, sizeof(r->exec_path), first);
+        if (n <= 1 || r->exec_path[0] != '/' || same_path(exec_len, e->exec_path, r->exec_path, n))
+            return 0;
+        added = 1;
+    } else {
+        u64 before = e->real_argc ? e->real_argc : 1;   /* an empty argv gets "" */
+        if (argc <= before)
+            return 0;
+        added = argc - before;
+    }
+    u32 recorded = 0;
+    for (u32 i = 0; i < AW_MAX_INTERPRETERS; i++) {
+        if (i >= added)
+            break;
+        const char *path = 0;
+        if (bpf_probe_read_user(&path, sizeof(path), &argv[i]) || !path)
+            break;
+        __builtin_memcpy(&r->h, &e->h, sizeof(r->h));
+        int n = bpf_probe_read_user_str(r->exec_path, sizeof(r->exec_path), path);
+        if (n <= 1 || (i > 0 && r->exec_path[0] != '/'))
+            continue;
+        bpf_probe_read_kernel_str(r->filename, sizeof(r->filename), r->exec_path);
+        r->ret = 0;
+        r->dirfd = AW_AT_FDCWD;
+        r->at_flags = 0;
+        r->syscall = AW_SYS_INTERPRETER;
+        r->flags = AW_EXEC_SEEN_BY_KERNEL;
+        if (n == sizeof(r->exec_path))
+            r->flags |= AW_EXEC_FILENAME_TRUNCATED;
+        read_some_argv(r, &argv[i]);
+        r->deny_rule = deny_and_kill(agent, r->exec_path, AW_DENY_EXEC);
+        if (r->deny_rule)
+            r->flags |= AW_EXEC_KILLED_IN_KERNEL;
+        emit_exec(r);
+        recorded++;
+    }
+    return recorded;
+}
+#endif
 
 /* What really runs: the kernel's own copy of the filename, taken past the
  * point of no return and before the new program's first instruction. */
@@ -504,6 +656,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         e->deny_rule = deny_and_kill(agent, e->exec_path, AW_DENY_EXEC);
         if (e->deny_rule)
             e->flags |= AW_EXEC_KILLED_IN_KERNEL;
+#ifdef AW_EXEC_STASH
+        if (judge_interpreters(e, agent, exec_len))
+            e->flags |= AW_EXEC_INTERPRETED;
+#endif
         if (agent & AW_AGENT_SESSION_BIT) {
             /* A session exec runs only what the daemon approved: a thread that
              * rewrote the path after the check, or an exec the daemon never
@@ -608,6 +764,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_open)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 {
+    if (heartbeat(args->filename, AW_HEARTBEAT_OPENAT))
+        return 0;
     return file_enter(AW_KIND_OPEN, AW_SYS_OPENAT, (s32)args->dfd, args->filename,
                       (u32)args->flags, (u32)args->mode, 0, 0);
 }
@@ -859,6 +1017,49 @@ TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
         len = sizeof(m->dst_path);
     emit(m, offsetof(struct aw_move, dst_path) + len, AW_KIND_MOVE);
     return 0;
+}
+
+/* clone3(CLONE_INTO_CGROUP) makes a child right in a cgroup of the caller's
+ * choice: no cgroup_attach_task. The child returns from clone3 in its own
+ * context, before its first instruction: an agent's child (noted at fork)
+ * looks here at where it was born. Within its agent: nothing to say. Anywhere
+ * else it has left, as if moved: a move record (AW_MOVE_AT_CLONE, the
+ * destination named by id only), agent_cgroup_of answers from agent_tasks
+ * for it, and where the policy kills it dies here. One hash lookup per new
+ * task returning from clone3. */
+static __always_inline void check_birthplace(void)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    struct aw_agent_task *t = agent_tasks.lookup(&tgid);
+    if (!t || (t->flags & AW_TASK_LEFT))
+        return;
+    u32 number = 0;
+    u64 here = tagged_cgroup_of(&number);
+    u32 agent = t->agent & ~AW_AGENT_SESSION_BIT;
+    if (here && (number & ~AW_AGENT_SESSION_BIT) == agent)
+        return;
+    u32 zero = 0;
+    struct aw_move *m = move_scratch.lookup(&zero);
+    if (!m)
+        return;
+    u64 from = t->agent_cgroup_id;
+    t->flags |= AW_TASK_LEFT;
+    left_add(1);
+    m->flags = AW_MOVE_LEFT | AW_MOVE_AT_CLONE;
+    u32 *policy = agent_policy.lookup(&agent);
+    if (policy && (*policy & AW_POLICY_KILL_ON_LEAVE)) {
+        bpf_send_signal(9);
+        m->flags |= AW_MOVE_KILLED_IN_KERNEL;
+    }
+    fill_header(&m->h, AW_KIND_MOVE, from);
+    m->dst_cgroup_id = bpf_get_current_cgroup_id();
+    m->dst_agent_cgroup_id = here;
+    m->moved_pid = (u32)id == tgid ? tgid : (u32)id;
+    m->path_len = 0;
+    m->reserved = 0;
+    m->dst_path[0] = 0;
+    emit(m, offsetof(struct aw_move, dst_path), AW_KIND_MOVE);
 }
 
 /* ---- descriptors: dup*, fcntl, close*, pidfd_open, pidfd_getfd ----------- */
@@ -1390,7 +1591,12 @@ TRACEPOINT_PROBE(syscalls, sys_exit_io_uring_setup) { return file_exit(args->ret
 TRACEPOINT_PROBE(syscalls, sys_exit_open_by_handle_at) { return file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_unshare) { return file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_clone) { return file_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { return file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_clone3)
+{
+    if (args->ret == 0)
+        check_birthplace();   /* the new task, before its first instruction */
+    return file_exit(args->ret);
+}
 TRACEPOINT_PROBE(syscalls, sys_exit_setns) { return file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_mount) { return file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_umount) { return file_exit(args->ret); }

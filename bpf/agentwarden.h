@@ -67,6 +67,7 @@
 #define AW_MOVE_KILLED_IN_KERNEL 2  /* the mover was the moved process: killed at once */
 #define AW_MOVE_KILL_PENDING 4      /* moved by another: killed at its next watched call */
 #define AW_MOVE_PATH_TRUNCATED 8    /* dst_path cut at AW_CGROUP_PATH_MAX - 1 bytes */
+#define AW_MOVE_AT_CLONE 16         /* born elsewhere: clone3(CLONE_INTO_CGROUP); no dst_path */
 
 /* aw_deny_value.applies */
 #define AW_DENY_EXEC 1
@@ -80,6 +81,24 @@
 #define AW_EXEC_FILENAME_TRUNCATED 16
 #define AW_EXEC_KILLED_IN_KERNEL 32
 #define AW_EXEC_NOT_APPROVED 64   /* session exec that ran something else than was approved */
+#define AW_EXEC_INTERPRETED 128   /* the kernel ran it through an interpreter (#!, binfmt_misc):
+                                     the interpreter has its own record (AW_SYS_INTERPRETER) */
+
+/* aw_exec.real_argc when the arguments were more than counted */
+#define AW_MAX_ARGC_COUNTED 1024
+#define AW_ARGC_UNKNOWN 0xFFFFFFFF
+/* Interpreters judged per exec: the kernel nests at most 5 (BINPRM_MAX_RECURSION + 1). */
+#define AW_MAX_INTERPRETERS 5
+#define AW_INTERPRETER_ARGS 8
+/* Heartbeat: the probe calls execve, execveat and openat with this address as
+ * the path (unmapped: the calls fail with EFAULT); the programs on their
+ * entry count it in `heartbeats`, by slot. A slot that stops counting: that
+ * program no longer runs (detached) while the probe lives. */
+#define AW_HEARTBEAT_ADDRESS 0x4157484200
+#define AW_HEARTBEAT_EXECVE 0
+#define AW_HEARTBEAT_EXECVEAT 1
+#define AW_HEARTBEAT_OPENAT 2
+#define AW_HEARTBEAT_SLOTS 3   /* arguments an interpreter's record carries */
 
 /* aw_file.flags */
 #define AW_FILE_PATH_UNREADABLE 1
@@ -148,6 +167,9 @@
 #define AW_SYS_MOUNT_SETATTR 54
 #define AW_SYS_CHROOT 55
 #define AW_SYS_PIVOT_ROOT 56
+/* Not a syscall: the interpreter (#! line, binfmt_misc handler) the kernel
+ * started for an exec, recorded as an exec of its own at sched_process_exec. */
+#define AW_SYS_INTERPRETER 57
 
 /* Side door groups, as the policy names them ([agent.NAME.syscalls] allow =
  * ["io_uring", ...]): bits of a side door record's group and of the
@@ -186,7 +208,7 @@ struct aw_exec {
     u32 argc;             /* arguments read (<= AW_MAX_ARGS) */
     u32 argv_len;         /* bytes used in argv, NUL separated */
     u32 deny_rule;        /* in-kernel deny rule that killed it, else 0 */
-    u32 reserved;
+    u32 real_argc;        /* all arguments (pointers counted), AW_ARGC_UNKNOWN past AW_MAX_ARGC_COUNTED */
     char filename[AW_MAX_PATH];
     char exec_path[AW_MAX_PATH];
     char argv[AW_ARGV_BYTES + AW_ARG_MAX];

@@ -160,7 +160,9 @@ class Governor:
             return record["syscall"] in SESSION_CHANGES
         if kind in ("sidedoor", "move"):
             return False
-        return kind == "exec" or policy_mod.is_write(record["flags"])
+        if kind == "exec":   # an interpreter is the kernel's own exec: seccomp never saw it
+            return record["syscall"] != "interpreter"
+        return policy_mod.is_write(record["flags"])
 
     def _act(self, record: dict, verdict: policy_mod.Verdict, wanted: str) -> str:
         if record.get("killed_in_kernel"):
@@ -193,6 +195,8 @@ SESSION_CHANGES = ("rename", "renameat", "renameat2", "unlink", "unlinkat", "tru
 def attempted(record: dict) -> str:
     kind = record["kind"]
     if kind == "move":
+        if record.get("born_by_clone3"):
+            return f"clone3 of pid {record['moved_pid']} into cgroup id {record['dst_cgroup_id']}"
         return f"move of pid {record['moved_pid']} to cgroup {text(record['dst_path'])}"
     if kind == "exec":
         return "exec " + " ".join(text(a) for a in record["argv"]) + \

@@ -12,6 +12,11 @@ the record says how long the watch was down.
 What the guard froze is written to `state_file`, so a daemon restarted while
 the watch is down (a crash, a watchdog restart) still thaws it.
 
+A probe whose BPF programs stop running while it lives (detached: its
+perf event fds closed) notices it by its heartbeat (probe.main.Probe.heartbeat)
+and says so in a health record (`programs_stopped`): frozen the same way,
+then it exits and is started again.
+
 A stop is deliberate, and freezes nothing, only when the probe says so in its
 last health record: it was signalled by the service manager, its parent
 (`agentwarden up`) or the terminal. Any other sender — an agent killing
@@ -100,6 +105,13 @@ class WatchGuard:
         if isinstance(stopping, dict):
             return self._stopping(stopping)
         self._follow(pid)
+        stopped = health.get("programs_stopped")
+        if stopped:
+            # It lives, but its BPF programs no longer run (detached): it sees nothing.
+            if self.state == LOST:
+                return []
+            return self._lose(f"the probe (pid {pid}) lives but its BPF programs stopped running "
+                              f"({', '.join(map(str, stopped))})")
         if self.state == LOST:
             seconds, taken = self.freezer.release()
             self._save()

@@ -231,4 +231,5 @@ class Decoder:
             "killed_in_kernel": killed,
             "kernel_rule": LEAVE_RULE if killed else None,
             "kill_pending": bool(flags & c["AW_MOVE_KILL_PENDING"]),
+            "born_by_clone3": bool(flags & c["AW_MOVE_AT_CLONE"]),
         })

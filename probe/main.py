@@ -8,6 +8,7 @@ import heapq
 import logging
 import math
 import os
+import platform
 import signal
 import threading
 import time
@@ -30,6 +31,11 @@ MAX_BATCH = 4096            # records per ZeroMQ message
 VITAL_KINDS = frozenset({"exec", "fork", "exit", "move"})
 MAX_BACKLOG = 1_000_000     # records held while the daemon is not reading
 POLL_MS = 50
+# Seconds between heartbeats (see Probe.heartbeat): a detached program is
+# noticed within this, and the agents are frozen within 1 s.
+HEARTBEAT_INTERVAL = 0.2
+# The calls of a heartbeat, by name -> x86-64 syscall number.
+HEARTBEAT_CALLS = {"execve": 59, "execveat": 322, "openat": 257}
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
@@ -257,6 +263,8 @@ class Probe:
         self.backlog_records = 0
         self.seq = 0
         self.stopped_by: dict | None = None   # who sent the stop signal (see stop_requested)
+        self.programs_stopped: list[str] = []  # programs the heartbeat found detached
+        self.libc = ct.CDLL(None, use_errno=True)
         self.counters = collections.Counter()
         self.kernel_dropped_seen = [0] * (constants["AW_COUNTER_SLOTS"])
         self.ctx = zmq.Context.instance()
@@ -380,6 +388,25 @@ class Probe:
                 self.counters["kernel_rules_malformed"] += 1
                 log.error("ignored malformed kernel rules: %s", exc)
 
+    # -- heartbeat: are the programs still attached? -----------------------------
+
+    def heartbeat(self) -> list[str]:
+        """Call execve, execveat and openat with the heartbeat address (they
+        fail with EFAULT, nothing runs or opens) and return the programs whose
+        count did not move: detached while this probe lives."""
+        if platform.machine() != "x86_64":
+            return []   # the calls' numbers are x86-64's (HEARTBEAT_CALLS)
+        table = self.bpf[b"heartbeats"]
+        keys = [(name, self.c[f"AW_HEARTBEAT_{name.upper()}"]) for name in HEARTBEAT_CALLS]
+        before = {name: table[table.Key(k)].value for name, k in keys}
+        address = ct.c_void_p(self.c["AW_HEARTBEAT_ADDRESS"])
+        empty = (ct.c_void_p * 1)()
+        libc = self.libc
+        libc.syscall(HEARTBEAT_CALLS["execve"], address, empty, empty)
+        libc.syscall(HEARTBEAT_CALLS["execveat"], -100, address, empty, empty, 0)
+        libc.syscall(HEARTBEAT_CALLS["openat"], -100, address, 0, 0)
+        return [f"sys_enter_{name}" for name, k in keys if table[table.Key(k)].value == before[name]]
+
     def stop_requested(self) -> bool:
         """Take a pending SIGTERM/SIGINT (blocked, see main) and note who sent it:
         the daemon freezes the agents unless the stop is deliberate."""
@@ -447,6 +474,8 @@ class Probe:
         }}
         if self.stopped_by is not None:
             health["stopping"] = self.stopped_by
+        if self.programs_stopped:
+            health["programs_stopped"] = self.programs_stopped
         records.append(health)
         return records
 
@@ -529,7 +558,7 @@ class Probe:
         self.bpf[b"events"].open_ring_buffer(self._on_record)
         self._queue(self.health())
         self.notifier.ready(self.status_line())
-        next_tags = next_health = time.monotonic()
+        next_tags = next_health = next_beat = time.monotonic()
         active = False
         while not self.stop_requested():
             self.notifier.alive()
@@ -550,6 +579,18 @@ class Probe:
                 next_tags = now + self.settings.tag_scan_interval
                 if self.tags.sync():
                     records.append(self.tags.record())
+            if now >= next_beat:
+                next_beat = now + HEARTBEAT_INTERVAL
+                stopped = self.heartbeat()
+                if stopped:
+                    # Its programs no longer run: say so at once (the daemon
+                    # freezes every agent), then exit to be started again.
+                    log.error("BPF programs stopped running (detached?): %s; exiting %d to be restarted",
+                              ", ".join(stopped), EXIT_PROGRAMS_STOPPED)
+                    self.programs_stopped = stopped
+                    self._queue(records + self._drain_all() + self.health())
+                    self._flush()
+                    break
             if now >= next_health:
                 next_health = now + self.settings.health_interval
                 records.extend(self._drain_ring())
@@ -576,6 +617,8 @@ def _record_time(record: dict) -> int:
 # Exit status of a probe stopped by someone other than its service manager,
 # parent or terminal: a failure, so that Restart= (and `up`) start it again.
 EXIT_STOPPED_BY_OUTSIDER = 3
+# Exit status of a probe whose BPF programs stopped running (see heartbeat): restarted too.
+EXIT_PROGRAMS_STOPPED = 4
 
 
 def main(settings: Settings) -> int:
@@ -592,6 +635,8 @@ def main(settings: Settings) -> int:
         WatchServer(settings.probe_socket, probe.tags, probe.counters).start()  # after the mask: its thread inherits it
         log.info("probe running: BPF attached, sending to %s", settings.ingest_endpoint)
         probe.run()
+        if probe.programs_stopped:
+            return EXIT_PROGRAMS_STOPPED
         if probe.stopped_by and not probe.stopped_by["deliberate"]:
             log.error("stopped by %s, not by the service manager: exiting %d to be restarted",
                       probe.stopped_by["sender"], EXIT_STOPPED_BY_OUTSIDER)

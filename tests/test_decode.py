@@ -33,7 +33,7 @@ class AwExec(ct.Structure):
     _fields_ = [("h", AwHeader), ("ret", ct.c_longlong), ("dirfd", ct.c_int),
                 ("at_flags", ct.c_uint), ("syscall", ct.c_uint), ("flags", ct.c_uint),
                 ("argc", ct.c_uint), ("argv_len", ct.c_uint),
-                ("deny_rule", ct.c_uint), ("reserved", ct.c_uint),
+                ("deny_rule", ct.c_uint), ("real_argc", ct.c_uint),
                 ("filename", ct.c_char * C["AW_MAX_PATH"]),
                 ("exec_path", ct.c_char * C["AW_MAX_PATH"]),
                 ("argv", ct.c_char * (C["AW_ARGV_BYTES"] + C["AW_ARG_MAX"]))]
@@ -420,7 +420,7 @@ def test_move_out_killed_in_the_kernel(decoder):
                       "dst_agent_cgroup_id": 0, "dst_path": "/escape", "dst_path_truncated": False,
                       "left": True, "killed_in_kernel": True,
                       "kernel_rule": "on-violation kill: leaving the agent's cgroups",
-                      "kill_pending": False}
+                      "kill_pending": False, "born_by_clone3": False}
     wire.validate_record(record)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -154,4 +156,85 @@ def test_moves_within_the_agent_are_recorded_not_judged(warden, agent_cgroup):
     [move] = [r for r in mine if r["kind"] == "move"]
     assert not move["left"] and move["dst_agent_cgroup_id"] == cg.id
     assert any(r["kind"] == "exec" and r["argv"] == ["/usr/bin/true", "inside"] for r in mine)
+    assert not _violations(warden, agent)
+
+
+CLONE3_ATTACKER = Path(__file__).parent / "attackers" / "clone3_into_cgroup.c"
+
+
+def _clone3_attacker(tmp_path) -> Path:
+    binary = tmp_path / "clone3_into_cgroup"
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(CLONE3_ATTACKER)], check=True)
+    return binary
+
+
+def test_a_child_born_elsewhere_by_clone3_stays_watched_under_its_agent(warden, agent_cgroup, tmp_path):
+    agent = _name("clone3")
+    cg = agent_cgroup(agent)
+    escape = agent_cgroup("escape", tag=False)
+    warden.set_policy(agent, _policy(agent, "enforce", "alert"))
+    secret = tmp_path / "secret"
+    secret.write_text("the secret\n")
+    result = cg.run([str(_clone3_attacker(tmp_path)), str(escape.path), str(secret)], check=True)
+    child = int(result.stdout.split()[0])
+    assert b"the secret" in result.stdout
+    warden.settle()
+    records = warden.records()
+    mine = events_of(records, cg.id)
+    # The child was born in the other cgroup, and all it did is recorded under the agent.
+    [shell] = [r for r in mine if r["kind"] == "exec" and r["pid"] == child]
+    # (right after a fork, its program's strings may not be mapped yet: the kernel's own path says)
+    assert shell["cgroup_id"] == escape.id and shell["exec_path"] == "/bin/sh"
+    [cat] = [r for r in mine if r["kind"] == "exec" and r["argv"][:1] == ["/usr/bin/cat"]]
+    assert cat["cgroup_id"] == escape.id
+    assert any(r["kind"] == "open" and r.get("resolved_path") == str(secret) and r["pid"] == cat["pid"]
+               for r in mine)
+    assert any(r["kind"] == "exec" and r["argv"] == ["/usr/bin/true", "escaped"] for r in mine)
+    [move] = [r for r in mine if r["kind"] == "move"]
+    assert move["born_by_clone3"] and move["left"] and move["moved_pid"] == child
+    assert move["dst_cgroup_id"] == escape.id and not move["killed_in_kernel"]
+    [violation] = _violations(warden, agent)
+    assert violation["event"] == "move" and violation["pid"] == child
+    assert violation["attempted"] == f"clone3 of pid {child} into cgroup id {escape.id}"
+    assert not [r for r in records if r.get("cgroup_id") == escape.id
+                and r.get("agent_cgroup_id") not in (cg.id, None)]
+
+
+def test_a_child_born_elsewhere_dies_before_its_first_instruction_where_the_policy_kills(
+        warden, agent_cgroup, tmp_path):
+    agent = _name("clone3kill")
+    cg = agent_cgroup(agent)
+    escape = agent_cgroup("escape", tag=False)
+    warden.set_policy(agent, _policy(agent, "enforce", "kill"))
+    secret = tmp_path / "secret"
+    secret.write_text("the secret\n")
+    result = cg.run([str(_clone3_attacker(tmp_path)), str(escape.path), str(secret)], check=True)
+    child, status = (int(v) for v in result.stdout.split())
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9
+    assert b"secret" not in result.stdout
+    warden.settle()
+    mine = events_of(warden.records(), cg.id)
+    [move] = [r for r in mine if r["kind"] == "move"]
+    assert move["born_by_clone3"] and move["killed_in_kernel"] and move["moved_pid"] == child
+    assert not [r for r in mine if r["kind"] == "exec" and r["pid"] == child]
+    [violation] = _violations(warden, agent)
+    assert violation["event"] == "move" and violation["action"] == "kill"
+
+
+def test_a_child_born_by_clone3_within_its_agent_is_no_violation(warden, agent_cgroup, tmp_path):
+    agent = _name("clone3in")
+    cg = agent_cgroup(agent)
+    sub = cg.child("sub")
+    warden.set_policy(agent, _policy(agent, "enforce", "kill"))
+    secret = tmp_path / "secret"
+    secret.write_text("the secret\n")
+    result = cg.run([str(_clone3_attacker(tmp_path)), str(sub), str(secret)], check=True)
+    lines = result.stdout.split(b"\n")
+    child, status = int(lines[0]), int(lines[-2])
+    assert b"the secret" in result.stdout
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    warden.settle()
+    mine = events_of(warden.records(), cg.id)
+    assert not [r for r in mine if r["kind"] == "move"]
+    assert any(r["kind"] == "exec" and r["pid"] == child for r in mine)
     assert not _violations(warden, agent)

@@ -4,16 +4,18 @@ watching again; the archive says when, why and who."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
 
 from agentwarden import cgroups
-from conftest import TEST_CGROUP_PARENT, Warden, wait_for
+from conftest import REQUIRE_KERNEL, TEST_CGROUP_PARENT, Warden, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -92,4 +94,51 @@ def test_stopping_or_killing_the_probe_freezes_agents_until_it_watches_again(sco
     warden.stop()
     assert not frozen(agent)
     assert watch_records(warden)[-1]["state"] == "stopped"
+    os.rmdir(agent)
+
+
+DETACH = Path(__file__).parent / "attackers" / "detach_probe.sh"
+
+
+def test_detached_programs_freeze_agents_until_the_probe_watches_again(scoped_warden):
+    if not shutil.which("gdb"):
+        if REQUIRE_KERNEL:
+            pytest.fail("gdb is missing and AGENTWARDEN_REQUIRE_KERNEL=1")
+        pytest.skip("gdb is needed to close the probe's fds from outside")
+    warden, scope = scoped_warden
+    agent = scope / "coder"
+    agent.mkdir()
+    cgroups.tag(agent, "coder")
+    wait_for(lambda: str(cgroups.cgroup_id(agent)) in warden.status()["probe"]["tags"],
+             what="the probe to watch the agent")
+
+    def join():
+        (agent / "cgroup.procs").write_text("0")
+
+    worker = subprocess.Popen(["sleep", "600"], preexec_fn=join)
+    probe = probe_of(warden)
+    try:
+        # The probe lives on; its programs stop running, a few at a time.
+        result = subprocess.run([str(DETACH), str(probe.pid)], capture_output=True, check=True)
+        batches = [(int(line.split()[-3]), int(line.split()[-1]))
+                   for line in result.stdout.decode().splitlines()]
+        assert batches, result.stderr
+        wait_for(lambda: frozen(agent), timeout=1.0, interval=0.01, what="the agent to be frozen")
+        lost = wait_for(lambda: [r for r in watch_records(warden) if r["state"] == "lost"],
+                        what="a watch record saying the watch was lost")[0]
+        assert f"the probe (pid {probe.pid}) lives but its BPF programs stopped running" in lost["detail"]
+        assert "sys_enter_" in lost["detail"] and str(agent) in lost["action_taken"]
+        # Frozen during the batch of closes that detached what it noticed, or within 1 s after it.
+        [(_, end)] = [(start, end) for start, end in batches
+                      if start <= lost["time"] <= end + 1_000_000_000]
+        print(f"frozen {(lost['time'] - end) / 1e6:.0f} ms after the gdb session that detached "
+              "the programs ended (negative: before it had exited)")
+        wait_for(lambda: not frozen(agent), timeout=120, what="up to restart the probe and the agent to thaw")
+        assert probe_of(warden).pid != probe.pid
+        assert watch_records(warden)[-1]["state"] == "restored"
+        assert worker.poll() is None
+    finally:
+        worker.kill()
+        (agent / "cgroup.freeze").write_text("0")
+    warden.stop()
     os.rmdir(agent)

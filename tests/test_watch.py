@@ -137,3 +137,22 @@ def test_a_restarted_daemon_still_thaws_what_the_last_one_froze(agents, tmp_path
         successor.kill()
     assert restored["state"] == "restored"
     assert not agents.frozen("coder") and not state.exists()
+
+
+def test_a_probe_whose_programs_stopped_freezes_at_once_and_its_successor_thaws(agents, probe):
+    agents("coder")
+    guard = WatchGuard(lambda: agents.cgroups, silence_timeout=60)
+    guard.heard(health(probe.pid))
+    [lost] = guard.heard(health(probe.pid, programs_stopped=["sys_enter_execve"]))
+    assert lost["state"] == LOST and "lives but its BPF programs stopped running" in lost["detail"]
+    assert "sys_enter_execve" in lost["detail"] and agents.frozen("coder")
+    # Its last words say the same: nothing more, and nothing thaws.
+    assert guard.heard(health(probe.pid, programs_stopped=["sys_enter_execve"])) == []
+    assert agents.frozen("coder")
+    successor = a_probe()
+    try:
+        [restored] = guard.heard(health(successor.pid))
+    finally:
+        successor.kill()
+        successor.wait()
+    assert restored["state"] == "restored" and not agents.frozen("coder")

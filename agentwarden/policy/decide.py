@@ -153,6 +153,8 @@ def decide(event: dict, policy: PolicySet) -> Verdict:
 def _decide_move(agent: AgentPolicy, policy_hash: str, event: dict) -> Verdict:
     """Leaving the agent's cgroups is a violation whatever the rules say."""
     where = f"cgroup {text(event['dst_path'])}"
+    if event.get("born_by_clone3"):   # clone3(CLONE_INTO_CGROUP): the kernel names it by id only
+        where = f"cgroup id {event['dst_cgroup_id']} (born there by clone3 CLONE_INTO_CGROUP)"
     if not event["left"]:
         return Verdict("allow", None, None, f"move to {where}, one of the agent's cgroups",
                        policy_hash, agent.mode)
