@@ -61,6 +61,11 @@ def _state(f: dict) -> tuple:
             sorted(os.listdir(f["no"])))
 
 
+def performed(health: dict) -> int:
+    """Calls performed for tasks: by the supervisor's Python and its fast path."""
+    return health.get("performed", 0) + health.get("fast", {}).get("performed", 0)
+
+
 def _race(warden, agent: str, racer: Path, f: dict) -> tuple[int, int]:
     proc = start_run(warden, agent, [str(racer), str(f["allowed"]), str(f["forbidden"]), str(f["missing"])
                                      [:len(str(f["allowed"]))], str(f["spare"]), str(RACE_SECONDS)])
@@ -80,25 +85,41 @@ def test_a_thread_flipping_the_path_never_changes_the_forbidden_file(warden, age
     warden.set_policy(agent, _policy(agent, on_violation="alert", exec_allow=[str(racer)],
                                      write_allow=[f"{tmp_path}/ok/**"]))
     before = _state(f)
-    performed_before = supervisor_health(warden).get("performed", 0)
+    performed_before = performed(supervisor_health(warden))
     calls, succeeded = _race(warden, agent, racer, f)
     # The forbidden file: same content, inode, mtime, size and mode; nothing new beside it.
     assert _state(f) == before
     assert not f["missing"].exists()
     # The race was on: thousands of calls, the allowed ones done, the swapped ones refused.
     assert calls > 1000 and succeeded > 100, (calls, succeeded)
-    health = supervisor_health(warden, lambda h: h.get("performed", 0) >= performed_before + succeeded // 2)
+    health = supervisor_health(warden, lambda h: performed(h) >= performed_before + succeeded // 2)
     assert health["refused"] > 0
+    if health.get("fast_path") == "running":   # most opens done in C, the rest in Python
+        assert health["fast"]["performed"] > 0 and health.get("performed", 0) > 0
     warden.settle()
     records = warden.records()
-    performed = [r for r in records if r.get("performed") and r.get("agent") == agent]
-    assert performed, "no record of a performed call"
+    done_records = [r for r in records if r.get("performed") and r.get("agent") == agent]
+    assert done_records, "no record of a performed call"
     # Every performed call's record names an allowed path: what was done is what was checked.
-    done = {r.get("resolved_path") for r in performed if r["ret"] >= 0}
+    done = {r.get("resolved_path") for r in done_records if r["ret"] >= 0}
     assert done and all(p and p.startswith(f"{tmp_path}/ok/") for p in done), sorted(map(str, done))[:10]
     refusals = [r for r in records if r["kind"] == "violation" and r["agent"] == agent]
     assert refusals and all(r["action_taken"] == "refused: EPERM" for r in refusals)
     assert any(str(f["forbidden"]) in r["attempted"] for r in refusals)
+
+
+def test_python_alone_performs_as_safely(kernel, agent_cgroup, racer, tmp_path):
+    """Without the compiled fast path every call is performed in Python
+    (perform.py): the same attacker, the same result."""
+    f = _battlefield(tmp_path)
+    with warden_of_its_own(agent_cgroup, tmp_path, "py", {"AGENTWARDEN_EXEC_FAST_PATH": "false"}) as (warden, agent):
+        warden.set_policy(agent, _policy(agent, on_violation="alert", exec_allow=[str(racer)],
+                                         write_allow=[f"{tmp_path}/ok/**"]))
+        before = _state(f)
+        calls, succeeded = _race(warden, agent, racer, f)
+        assert _state(f) == before and not f["missing"].exists()
+        assert calls > 1000 and succeeded > 100, (calls, succeeded)
+        assert supervisor_health(warden, lambda h: h.get("performed", 0) >= succeeded // 2)
 
 
 def test_with_continue_the_same_attacker_wins(kernel, agent_cgroup, racer, tmp_path):
@@ -197,7 +218,7 @@ def test_real_tools_under_run_as_nobody_give_what_they_give_without_it(warden, a
     plain = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--init-groups", *command],
                            cwd=bare, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 0, plain.stderr
-    performed_before = supervisor_health(warden).get("performed", 0)
+    performed_before = performed(supervisor_health(warden))
     proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "run", "--agent", agent,
                              "--user", "nobody", "--", *command], cwd=held, env=warden.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=120)
@@ -209,6 +230,9 @@ def test_real_tools_under_run_as_nobody_give_what_they_give_without_it(warden, a
     assert _tree(held)["a/f"][1] == 0o640   # the task's umask 027, not the supervisor's
     assert (held / "a" / "reopened").read_text() == "two\nx\n"   # through /dev/stdout
     # Done by the supervisor, and not one false alarm.
-    supervisor_health(warden, lambda h: h.get("performed", 0) >= performed_before + 20)
+    supervisor_health(warden, lambda h: performed(h) >= performed_before + 20)
     warden.settle()
-    assert [r["attempted"] for r in warden.records() if r["kind"] == "violation" and r["agent"] == agent] == []
+    records = warden.records()
+    violations = [r for r in records if r["kind"] == "violation" and r["agent"] == agent]
+    assert violations == [], "\n".join(str(x) for x in [(r["kind"], r.get("syscall"), r.get("path"), r.get("ret"), r.get("performed"),
+                               r.get("time")) for r in records if r.get("pid") == violations[0]["pid"]])

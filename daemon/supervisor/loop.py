@@ -65,9 +65,13 @@ class Supervisor:
         if lib is None:
             log.warning("supervisor: no compiled fast path, every exec is decided in Python: %s", why)
             return None, why
-        # Performed write-opens are Python's (perform.py): the fast path then takes execs alone.
+        # Write-opens the fast path allows it performs too (fastpath.c), its records on the
+        # release pair; without one, it leaves them to Python (perform.py).
+        perform_fast = self.performer is not None and self.records.releases is not None
         fast = fastpath.FastPath(lib, {name: nr for nr, name in self.names.items()
-                                       if not (self.performer and name in perform_mod.OPENS)})
+                                       if perform_fast or not (self.performer and name in perform_mod.OPENS)})
+        if perform_fast:
+            fast.perform(self.records.releases.fileno())
         self.listeners.watch(fast.forwarded.fileno(), "fastpath", fast)
         self.fast = fast
         self._fast_policy()

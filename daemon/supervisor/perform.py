@@ -176,6 +176,7 @@ class _Worker(threading.Thread):
             self.own_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             self.root_id = (os.fstat(self.own_root).st_dev, os.fstat(self.own_root).st_ino)
             self.mount_ns = os.stat("/proc/self/ns/mnt").st_ino
+            self.user_ns = os.stat("/proc/self/ns/user").st_ino
             self.header = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
             self.own_caps = (_CapData * 2)()
             _check(_libc.capget(ctypes.byref(self.header), self.own_caps))
@@ -319,6 +320,8 @@ class Performer:
             root_stat = os.fstat(root)
             chrooted = ((root_stat.st_dev, root_stat.st_ino) != w.root_id
                         or os.stat(f"/proc/{task.tid}/ns/mnt").st_ino != w.mount_ns)
+            if os.stat(f"/proc/{task.tid}/ns/user").st_ino != w.user_ns:
+                task.capabilities = 0   # its capabilities are its namespace's, not ours
             bases = [self._base(task, dirfd, raw, base, opened)
                      for dirfd, raw, base in zip(request.dirfds, request.raw_paths, request.bases)]
             if chrooted:
