@@ -27,7 +27,9 @@
  *    copies it whole.
  * To allow, it does what the supervisor would: check the notification is still
  * valid, approve an exec's filename for the BPF program (which kills anything
- * else at sched_process_exec) and continue the call. Approvals go into the
+ * else at sched_process_exec) and continue the call -- or, for a write-open
+ * once aw_fast_perform is on, open it itself as the task and hand the fd back
+ * (perform_open below), so a path swapped after the check changes nothing. Approvals go into the
  * thread's slot of approval_slots, a BPF array this library maps, so approving
  * costs no syscall; when another thread's approval holds that slot, into the
  * approved_exec hash map, by bpf(). Only these threads write slots: a thread's
@@ -183,6 +185,7 @@ struct listener {
     int pointer_count, pointers_ended;   /* argv read so far (exec_filename, exec_args) */
     struct open_call open;       /* the open of the key being answered (open_key) */
     int can_perform;             /* this thread has its own fs_struct and saved credentials */
+    int own_root;                /* to come back from a task's root (O_PATH) */
     struct __user_cap_data_struct own_caps[2];
     gid_t own_groups[NGROUPS_MAX_HERE];
     int own_group_count;
@@ -1016,17 +1019,29 @@ static int read_status(struct listener *l, pid_t tid, struct task_info *t)
     return 0;
 }
 
-/* The task's root, mount and user namespaces are ours, and it is in the session's own cgroup. */
-static int same_world(struct listener *l, pid_t tid)
+/* Whether the task's root is not ours -- a chroot, or another mount
+ * namespace (under systemd's ProtectSystem the supervisor has its own):
+ * then the call is made chrooted into it. -1: unknown. */
+static int other_root(pid_t tid)
 {
     char path[64];
     struct stat st;
     snprintf(path, sizeof(path), "/proc/%u/root", tid);
-    if (stat(path, &st) < 0 || st.st_dev != perf.root.st_dev || st.st_ino != perf.root.st_ino)
-        return 0;
+    if (stat(path, &st) < 0)
+        return -1;
+    if (st.st_dev != perf.root.st_dev || st.st_ino != perf.root.st_ino)
+        return 1;
     snprintf(path, sizeof(path), "/proc/%u/ns/mnt", tid);
-    if (stat(path, &st) < 0 || st.st_ino != perf.mount_ns)
-        return 0;
+    if (stat(path, &st) < 0)
+        return -1;
+    return st.st_ino != perf.mount_ns;
+}
+
+/* The task's user namespace is ours, and it is in the session's own cgroup. */
+static int same_world(struct listener *l, pid_t tid)
+{
+    char path[64];
+    struct stat st;
     snprintf(path, sizeof(path), "/proc/%u/ns/user", tid);
     if (stat(path, &st) < 0 || st.st_ino != perf.user_ns)
         return 0;
@@ -1090,7 +1105,9 @@ static void perform_prepare(struct listener *l)
 {
     struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
     int groups = getgroups(NGROUPS_MAX_HERE, l->own_groups);
-    l->can_perform = unshare(CLONE_FS) == 0 && syscall(SYS_capget, &header, l->own_caps) == 0 && groups >= 0;
+    l->own_root = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    l->can_perform = unshare(CLONE_FS) == 0 && syscall(SYS_capget, &header, l->own_caps) == 0 && groups >= 0 &&
+                     l->own_root >= 0;
     l->own_group_count = groups;
 }
 
@@ -1253,7 +1270,8 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
 {
     const char *path = l->key + l->open.path_at, *raw = l->key + l->open.raw_at;
     struct task_info *t = &l->task;
-    if (!l->can_perform || selfward(path) || read_status(l, n->pid, t) < 0 || !same_world(l, n->pid))
+    int chrooted = l->can_perform ? other_root(n->pid) : -1;
+    if (chrooted < 0 || selfward(path) || read_status(l, n->pid, t) < 0 || !same_world(l, n->pid))
         return 0;
     int base = AT_FDCWD;
     if (l->open.relative) {
@@ -1278,11 +1296,28 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
                             .resolve = RESOLVE_NO_MAGICLINKS };
     uint64_t when = wall_ns();
     int fd = -1, err = EPERM;
+    if (chrooted) {
+        char link[40];
+        snprintf(link, sizeof(link), "/proc/%u/root", n->pid);
+        int root = open(link, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        int moved = root >= 0 && fchdir(root) == 0, rooted = moved && chroot(".") == 0;
+        if (root >= 0)
+            close(root);
+        if (!rooted) {
+            if (moved && fchdir(l->own_root) < 0)
+                abort();
+            if (base >= 0)
+                close(base);
+            return 0;   /* no CAP_SYS_CHROOT: the supervisor's */
+        }
+    }
     if (become(l, t) == 0) {
         fd = syscall(SYS_openat2, base, raw, &how, sizeof(how));
         err = errno;
     }
     restore(l);
+    if (chrooted && (fchdir(l->own_root) < 0 || chroot(".") < 0))
+        abort();   /* a thread stuck in a task's root: fail closed */
     if (base >= 0)
         close(base);
     if (fd < 0 && (err == ELOOP || err == ENXIO))
@@ -1437,6 +1472,8 @@ static void *serve(void *arg)
         forward(AW_FAST_FORWARD_HANGUP, l->fd, NULL);
         break;   /* the supervisor closes the fd once it reads the hang-up */
     }
+    if (l->own_root >= 0)
+        close(l->own_root);
     return NULL;
 }
 

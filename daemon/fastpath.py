@@ -5,7 +5,8 @@ A thread in C per session receives its notifications, blocked in NOTIF_RECV
 to the execs and write-opens that the agent's rules, compiled here
 (`compile_rules`), allow -- or whose exact command line, or absolute path and
 flags, the supervisor already decided `allow` under the current policy -- and
-forwards everything else, unanswered, on a socket the supervisor reads like a
+performs the write-opens it allows for the task instead of continuing them
+(`perform`: see fastpath.c), and forwards everything else, unanswered, on a socket the supervisor reads like a
 listener. The library, the BPF program and this module share bpf/fastpath.h:
 its version, structs, codes and counters are read from there. Built by
 scripts/build-fastpath.sh (make setup, the .deb); without it the supervisor

@@ -236,3 +236,23 @@ def test_real_tools_under_run_as_nobody_give_what_they_give_without_it(warden, a
     violations = [r for r in records if r["kind"] == "violation" and r["agent"] == agent]
     assert violations == [], "\n".join(str(x) for x in [(r["kind"], r.get("syscall"), r.get("path"), r.get("ret"), r.get("performed"),
                                r.get("time")) for r in records if r.get("pid") == violations[0]["pid"]])
+
+
+def test_a_task_in_a_mount_namespace_of_its_own_is_written_for_in_its_own(warden, agent_cgroup, tmp_path):
+    """Another mount namespace (or a chroot): the supervisor takes the task's
+    root for the call (perform.py chroots its thread into /proc/TID/root), so
+    the write lands where the task's own would -- here on a tmpfs mounted in
+    the task's namespace alone, which the supervisor's namespace does not have."""
+    agent = _name("mntns")
+    agent_cgroup(agent)
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    warden.set_policy(agent, _policy(agent, on_violation="alert", exec_allow=TOOLS + SHELL,
+                                     write_allow=[f"{ok}/**"]))
+    script = (f"mount -t tmpfs none {ok} && echo inside > {ok}/f && cat {ok}/f && "
+              f"mv {ok}/f {ok}/g && ls {ok}")
+    proc = start_run(warden, agent, ["/usr/bin/unshare", "-m", "--propagation", "private", "/bin/sh", "-c", script])
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out == "inside\ng\n"
+    assert list(ok.iterdir()) == []   # the host's directory was never written
