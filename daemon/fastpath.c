@@ -974,11 +974,9 @@ static const char *field(const char *status, const char *name)
 }
 
 /* The thread's ids and credentials from /proc/TID/status; -1 when unreadable. */
-static int read_status(struct listener *l, pid_t tid, struct task_info *t)
+static int read_status(struct listener *l, int proc, struct task_info *t)
 {
-    char path[40];
-    snprintf(path, sizeof(path), "/proc/%u/status", tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = openat(proc, "status", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -1;
     ssize_t got = read(fd, l->status, sizeof(l->status) - 1);
@@ -1022,31 +1020,25 @@ static int read_status(struct listener *l, pid_t tid, struct task_info *t)
 /* Whether the task's root is not ours -- a chroot, or another mount
  * namespace (under systemd's ProtectSystem the supervisor has its own):
  * then the call is made chrooted into it. -1: unknown. */
-static int other_root(pid_t tid)
+static int other_root(int proc)
 {
-    char path[64];
     struct stat st;
-    snprintf(path, sizeof(path), "/proc/%u/root", tid);
-    if (stat(path, &st) < 0)
+    if (fstatat(proc, "root", &st, 0) < 0)
         return -1;
     if (st.st_dev != perf.root.st_dev || st.st_ino != perf.root.st_ino)
         return 1;
-    snprintf(path, sizeof(path), "/proc/%u/ns/mnt", tid);
-    if (stat(path, &st) < 0)
+    if (fstatat(proc, "ns/mnt", &st, 0) < 0)
         return -1;
     return st.st_ino != perf.mount_ns;
 }
 
 /* The task's user namespace is ours, and it is in the session's own cgroup. */
-static int same_world(struct listener *l, pid_t tid)
+static int same_world(struct listener *l, int proc)
 {
-    char path[64];
     struct stat st;
-    snprintf(path, sizeof(path), "/proc/%u/ns/user", tid);
-    if (stat(path, &st) < 0 || st.st_ino != perf.user_ns)
+    if (fstatat(proc, "ns/user", &st, 0) < 0 || st.st_ino != perf.user_ns)
         return 0;
-    snprintf(path, sizeof(path), "/proc/%u/cgroup", tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = openat(proc, "cgroup", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return 0;
     char line[PAGE + 8];
@@ -1270,20 +1262,31 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
 {
     const char *path = l->key + l->open.path_at, *raw = l->key + l->open.raw_at;
     struct task_info *t = &l->task;
-    int chrooted = l->can_perform ? other_root(n->pid) : -1;
-    if (chrooted < 0 || selfward(path) || read_status(l, n->pid, t) < 0 || !same_world(l, n->pid))
+    if (!l->can_perform || selfward(path))
         return 0;
+    char link[40];
+    snprintf(link, sizeof(link), "/proc/%u", n->pid);
+    int proc = open(link, O_PATH | O_DIRECTORY | O_CLOEXEC);   /* one walk to the task's /proc */
+    if (proc < 0)
+        return 0;
+    int chrooted = other_root(proc);
+    if (chrooted < 0 || read_status(l, proc, t) < 0 || !same_world(l, proc)) {
+        close(proc);
+        return 0;
+    }
     int base = AT_FDCWD;
     if (l->open.relative) {
-        char link[40], now[PAGE];
-        snprintf(link, sizeof(link), "/proc/%u/cwd", n->pid);
-        base = open(link, O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (base < 0)
+        char now[PAGE];
+        base = openat(proc, "cwd", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (base < 0) {
+            close(proc);
             return 0;
+        }
         snprintf(link, sizeof(link), "/proc/self/fd/%d", base);
         ssize_t len = readlink(link, now, sizeof(now));
         if (len != l->open.cwd_len || memcmp(now, l->cwd, len)) {
             close(base);   /* moved since the check (another thread's chdir): the supervisor decides again */
+            close(proc);
             return 0;
         }
     }
@@ -1297,9 +1300,7 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
     uint64_t when = wall_ns();
     int fd = -1, err = EPERM;
     if (chrooted) {
-        char link[40];
-        snprintf(link, sizeof(link), "/proc/%u/root", n->pid);
-        int root = open(link, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        int root = openat(proc, "root", O_PATH | O_DIRECTORY | O_CLOEXEC);
         int moved = root >= 0 && fchdir(root) == 0, rooted = moved && chroot(".") == 0;
         if (root >= 0)
             close(root);
@@ -1308,6 +1309,7 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
                 abort();
             if (base >= 0)
                 close(base);
+            close(proc);
             return 0;   /* no CAP_SYS_CHROOT: the supervisor's */
         }
     }
@@ -1320,6 +1322,7 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
         abort();   /* a thread stuck in a task's root: fail closed */
     if (base >= 0)
         close(base);
+    close(proc);
     if (fd < 0 && (err == ELOOP || err == ENXIO))
         return 0;   /* a magic link, a FIFO without a reader, a device: the supervisor's */
     if (fd >= 0) {
