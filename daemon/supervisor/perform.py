@@ -50,7 +50,7 @@ from agentwarden.paths import AT_FDCWD
 from agentwarden.policy.decide import is_write
 
 from ..resolver import proc_link
-from .context import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, SYS_OPENAT2
+from .context import RESOLVE_NO_MAGICLINKS, SYS_OPENAT2
 from .listeners import Session
 from .reader import Request
 
