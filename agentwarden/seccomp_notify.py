@@ -31,9 +31,12 @@ NOTIF_ID_VALID = 0x40082102
 NOTIF_SET_FLAGS = 0x40082104
 USER_NOTIF_FLAG_CONTINUE = 1
 USER_NOTIF_FD_SYNC_WAKE_UP = 1
+NOTIF_ADDFD = 0x40182103          # _IOW('!', 3, struct seccomp_notif_addfd), kernel 5.9
+ADDFD_FLAG_SEND = 1 << 1          # install and answer in one step, kernel 5.14
 
 _NOTIF = struct.Struct("=QIIiIQ6Q")   # id, pid, flags, nr, arch, ip, args[6]
 _RESP = struct.Struct("=QqiI")        # id, val, error, flags
+_ADDFD = struct.Struct("=QIIII")      # id, flags, srcfd, newfd, newfd_flags
 NOTIF_SIZE = _NOTIF.size
 
 # What a session's processes may not do at all: ways around the filter.
@@ -170,12 +173,41 @@ def respond(fd: int, notification_id: int, *, allow: bool, error: int = errno.EP
         raise
 
 
+def answer(fd: int, notification_id: int, value: int = 0, error: int = 0) -> bool:
+    """The call's result, made by the supervisor: value, or -1 with errno
+    error; False if the task is gone."""
+    try:
+        fcntl.ioctl(fd, NOTIF_SEND, _RESP.pack(notification_id, value, -error if error else 0, 0))
+        return True
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+
+
+def add_fd(fd: int, notification_id: int, src: int, cloexec: bool, send: bool = False) -> int | None:
+    """Install our descriptor src in the notified task (the lowest free
+    number, close-on-exec as it asked); with send, it is also the call's
+    return value, in one step. The number it has there; None if the task is
+    gone. Other failures (EMFILE: its table is full) raise."""
+    request = ctypes.create_string_buffer(_ADDFD.pack(
+        notification_id, ADDFD_FLAG_SEND if send else 0, src, 0, os.O_CLOEXEC if cloexec else 0))
+    installed = _libc.ioctl(fd, NOTIF_ADDFD, request)   # fcntl.ioctl drops the return value
+    if installed >= 0:
+        return installed
+    err = ctypes.get_errno()
+    if err in (errno.ENOENT, errno.ESRCH):
+        return None
+    raise OSError(err, os.strerror(err))
+
+
 class _IoVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
                                    ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
 

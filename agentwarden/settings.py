@@ -369,6 +369,11 @@ KEYS: dict[str, Key] = {k.name: k for k in (
         "(from `agentwarden fleet keygen`); none: fleet decisions are refused"),
     Key("fleet_archive_dir", Path("/var/lib/agentwarden/fleet"), _path,
         "`agentwarden fleet archive` writes each host's archive to HOST/ below it"),
+    Key("perform_file_changes", True, _flag,
+        "sessions: an allowed or approved write-open, rename, unlink or truncate is done by the "
+        "supervisor for the task (its credentials, cwd, root) and the result handed back, so what "
+        "was checked is what happens; false lets the task's own call continue after the check, "
+        "which a racing thread can redirect (for measurement only)"),
 )}
 
 
@@ -382,6 +387,7 @@ class Settings:
     exec_fast_path: bool = KEYS["exec_fast_path"].default
     remember_max: float = KEYS["remember_max"].default
     hold_messages: bool = KEYS["hold_messages"].default
+    perform_file_changes: bool = KEYS["perform_file_changes"].default
     policy_dir: Path = KEYS["policy_dir"].default
     agents_dir: Path = KEYS["agents_dir"].default
     admin_group: str = KEYS["admin_group"].default

@@ -229,9 +229,20 @@ def run_enforcement(profile: Profile, workdir: Path, cgroup: BenchCgroup,
     result["kill_latency"] = enforcement.kill_latency(aw.settings, aw.env, cgroup.path, BENCH_AGENT,
                                                       aw.settings.policy_dir, profile.kill_trials, log)
     aw.settle()   # the kill trials' records archived: no backlog competes with the sessions
+    # A second agentwarden, whose supervisor lets file changes continue after
+    # the check (the way before it performed them): before and after in one run.
+    old_cgroup = BenchCgroup(cgroup.path.parent)
+    cleanup.callback(old_cgroup.remove)
+    old = Agentwarden(workdir / "enforcement-continued", old_cgroup)
+    old.env["AGENTWARDEN_PERFORM_FILE_CHANGES"] = "false"
+    cleanup.callback(old.stop)
+    old.start()
+    old.settle()
     log("sessions: allowed exec and write-open, bare and under agentwarden run")
     result["sessions"] = sessions.session_costs(aw.settings, aw.env, BENCH_AGENT, cgroup.path,
-                                                aw.settings.policy_dir, profile.session_rounds, log)
+                                                aw.settings.policy_dir, profile.session_rounds, log,
+                                                continued=(old.settings, old.env))
+    old.stop()
     result["drift"] = drift.tracked_write_cost(aw.settings, aw.env, BENCH_AGENT, aw.settings.policy_dir,
                                                profile.session_rounds, log)
     aw.stop()

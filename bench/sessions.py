@@ -90,9 +90,12 @@ WARM_UP = 20   # rounds of each operation not counted: caches, the fast path's f
 
 
 def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_dir: Path, rounds: int,
-                  log=print) -> dict:
+                  log=print, continued: tuple | None = None) -> dict:
     """Needs a running agentwarden (policy dir policy_dir) whose probe watches
-    agent_cgroup, tagged `agent`. rounds: operations of each kind per side."""
+    agent_cgroup, tagged `agent`. rounds: operations of each kind per side.
+    continued: (settings, env) of a second agentwarden watching another
+    cgroup of `agent`, with perform_file_changes = false: the fifth side."""
+    sides = SIDES + (("continued",) if continued else ())
     with tempfile.TemporaryDirectory(prefix="agentwarden-bench-") as tmp:
         work = Path(tmp)
         binary = build(work, "session_workload")
@@ -100,11 +103,13 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
         writes = work / "writes"
         writes.mkdir()
         missing = work / "missing" / "program"
-        (policy_dir / POLICY_FILE).write_text(
-            f'[agent.{agent}]\nmode = "enforce"\non-violation = "kill"\n'
-            f'[agent.{agent}.exec]\nallow = ["{binary}", "/usr/bin/true", "{missing}"]\n'
-            f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["{writes}/**"]\n')
-        control.request(settings, "reload", timeout=10)
+        policy = (f'[agent.{agent}]\nmode = "enforce"\non-violation = "kill"\n'
+                  f'[agent.{agent}.exec]\nallow = ["{binary}", "/usr/bin/true", "{missing}"]\n'
+                  f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["{writes}/**"]\n')
+        wardens = [(settings, policy_dir)] + ([(continued[0], continued[0].policy_dir)] if continued else [])
+        for each_settings, each_dir in wardens:
+            (each_dir / POLICY_FILE).write_text(policy)
+            control.request(each_settings, "reload", timeout=10)
         run = [sys.executable, "-m", "agentwarden", "run", "--agent", agent, "--"]
         # The shell joins the agent cgroup, then becomes the workload.
         watched = ["sh", "-c", f'echo $$ > {agent_cgroup}/cgroup.procs && exec "$@"', "watched"]
@@ -112,13 +117,17 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
         pin = ["taskset", "-c", str(os.cpu_count() - 1)]
         # The supervisors are not pinned: neither is agentwarden's.
         prefix = {"bare": pin, "watched": pin + watched, "floor": [str(floor)] + pin + watched,
-                  "session": pin + run}
+                  "session": pin + run, "continued": pin + run}
+        side_env = {side: env for side in sides}
+        if continued:
+            side_env["continued"] = continued[1]
         command = [str(binary), "/usr/bin/true", str(missing), str(writes)]
-        samples = {(what, side): [] for what in OPERATIONS for side in SIDES}
+        samples = {(what, side): [] for what in OPERATIONS for side in sides}
         order = random.Random(1)   # the same shuffles every run
         workers = []
         try:
-            workers = [Worker(side, prefix[side] + command, env, work / f"{side}.err") for side in SIDES]
+            workers = [Worker(side, prefix[side] + command, side_env[side], work / f"{side}.err")
+                       for side in sides]
             # Every operation in every round: the machine's drift over the
             # minutes this takes falls on all operations alike.
             for round_number in range(WARM_UP + rounds):
@@ -130,7 +139,8 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
         finally:
             for worker in workers:
                 worker.close()
-            (policy_dir / POLICY_FILE).unlink()
+            for _, each_dir in wardens:
+                (each_dir / POLICY_FILE).unlink()
     results = {}
     for what in OPERATIONS:
         bare, watched, floor, session = (_summary(samples[(what, side)]) for side in SIDES)
@@ -145,4 +155,13 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
             f"under run {session['median_us']:.1f} us ({r['added_median_us']:+.1f} us at the median, "
             f"{r['added_paired_us']:+.1f} us paired, {r['added_p99_us']:+.1f} us p99; watching alone "
             f"{r['watched_added_median_us']:+.1f} us, minimal supervisor {r['floor_added_median_us']:+.1f} us)")
+        if continued:
+            c = _summary(samples[(what, "continued")])
+            r["continued"] = c
+            r["continued_added_median_us"] = c["median_us"] - bare["median_us"]
+            r["continued_added_paired_us"] = _paired(samples[(what, "continued")], samples[(what, "bare")])
+            log(f"  {what}: under run with file changes continued after the check (the old way) "
+                f"{c['median_us']:.1f} us ({r['continued_added_median_us']:+.1f} us at the median, "
+                f"{r['continued_added_paired_us']:+.1f} us paired); performed/continued "
+                f"{session['median_us'] / c['median_us']:.2f}x")
     return results

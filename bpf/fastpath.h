@@ -17,7 +17,7 @@
 
 /* Of fastpath.c's calls (aw_fast_*) and this file's layouts: a library built
  * from another version is not loaded. */
-#define AW_FAST_ABI 5
+#define AW_FAST_ABI 6
 
 /* Slots of approval_slots and exec_stash; a power of two (index tid % slots). */
 #define AW_APPROVAL_SLOTS 1024
@@ -71,10 +71,12 @@ struct aw_fast_forward {
 #define AW_FAST_COUNTER_RESETS 5            /* the learned table was full: started again */
 #define AW_FAST_COUNTER_MAP_FAILURES 6      /* an approval could not be written */
 #define AW_FAST_COUNTER_FORWARD_FAILURES 7  /* the supervisor's socket was gone */
-#define AW_FAST_COUNTER_RULED 8             /* of continued: allowed by the compiled rules */
+#define AW_FAST_COUNTER_RULED 8             /* of continued and performed: allowed by the compiled rules */
 #define AW_FAST_COUNTER_APPROVED_IN_MAP 9   /* approvals in approved_exec: another held the slot */
 #define AW_FAST_COUNTER_STASHED 10          /* exec filenames taken from exec_stash */
-#define AW_FAST_COUNTERS 11
+#define AW_FAST_COUNTER_PERFORMED 11        /* write-opens done here for the task (aw_fast_perform) */
+#define AW_FAST_COUNTER_RECORDS_LOST 12     /* their records not sent to the daemon (a gap) */
+#define AW_FAST_COUNTERS 13
 #define AW_FAST_RECENT 1024                 /* handling times kept for aw_fast_stats */
 
 /* The compiled rules' encoding (aw_fast_policy; layout in fastpath.c). */

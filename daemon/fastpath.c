@@ -27,7 +27,9 @@
  *    copies it whole.
  * To allow, it does what the supervisor would: check the notification is still
  * valid, approve an exec's filename for the BPF program (which kills anything
- * else at sched_process_exec) and continue the call. Approvals go into the
+ * else at sched_process_exec) and continue the call -- or, for a write-open
+ * once aw_fast_perform is on, open it itself as the task and hand the fd back
+ * (perform_open below), so a path swapped after the check changes nothing. Approvals go into the
  * thread's slot of approval_slots, a BPF array this library maps, so approving
  * costs no syscall; when another thread's approval holds that slot, into the
  * approved_exec hash map, by bpf(). Only these threads write slots: a thread's
@@ -68,6 +70,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
+#include <inttypes.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,6 +81,11 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/sysmacros.h>
+#include <linux/capability.h>
+#include <linux/openat2.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -140,8 +148,32 @@ struct scratch {
     struct piece args[MAX_ARGS];
 };
 
+/* An open/openat/creat as open_key read it: where its path is in the key
+ * (path_at: as checked, absolute; raw_at: as the task passed it). */
+struct open_call {
+    int flags, dirfd, relative, cwd_len;
+    uint64_t mode;
+    int path_at, raw_at;
+};
+
+#define NGROUPS_MAX_HERE 1024   /* more groups than this: the supervisor performs it */
+#define MAX_RECORD (3 * PAGE)
+
+/* A task's ids and credentials (read_status). */
+struct task_info {
+    int tgid, ppid;
+    unsigned uid, gid, fsuid, fsgid, umask;
+    uint64_t capabilities;
+    int group_count;
+    gid_t groups[NGROUPS_MAX_HERE];
+    char comm[64];
+};
+
+
 struct listener {
     int fd;                      /* -1: free */
+    uint64_t session_ino;        /* the session cgroup's inode: the records' agent_cgroup_id */
+    char session_cgroup[PAGE];   /* its path below the cgroup v2 root, as /proc/PID/cgroup says it */
     pthread_t thread;
     volatile int stopping;
     uint32_t agent_len;
@@ -151,6 +183,15 @@ struct listener {
     uint64_t pointers[MAX_ARGS];
     char cwd[PAGE];              /* a relative open's base */
     int pointer_count, pointers_ended;   /* argv read so far (exec_filename, exec_args) */
+    struct open_call open;       /* the open of the key being answered (open_key) */
+    int can_perform;             /* this thread has its own fs_struct and saved credentials */
+    int own_root;                /* to come back from a task's root (O_PATH) */
+    struct __user_cap_data_struct own_caps[2];
+    gid_t own_groups[NGROUPS_MAX_HERE];
+    int own_group_count;
+    char status[8192];           /* /proc/TID/status, read for each performed open */
+    struct task_info task;
+    char record[MAX_RECORD];     /* the performed open's record, msgpack */
     struct scratch scratch;
 };
 
@@ -846,25 +887,30 @@ static void forward(uint32_t kind, int fd, const struct seccomp_notif *n)
  * is relative to the cwd; other directory fds are the supervisor's. */
 static int open_key(struct listener *l, const struct seccomp_notif *n, char *key)
 {
-    uint64_t path;
+    uint64_t path, mode;
     int flags, dirfd = AT_FDCWD;
     if (n->data.nr == fp.open_nr) {
         path = n->data.args[0];
         flags = (int)(uint32_t)n->data.args[1];
+        mode = n->data.args[2];
     } else if (n->data.nr == fp.openat_nr) {
         dirfd = (int)(uint32_t)n->data.args[0];
         path = n->data.args[1];   /* the directory fd does not matter for an absolute path */
         flags = (int)(uint32_t)n->data.args[2];
+        mode = n->data.args[3];
     } else if (n->data.nr == fp.creat_nr) {
         path = n->data.args[0];
         flags = O_CREAT | O_WRONLY | O_TRUNC;
+        mode = n->data.args[1];
     } else {
         return -1;
     }
+    l->open = (struct open_call){ .flags = flags, .mode = mode, .dirfd = dirfd };
     int at = l->agent_len;
     memcpy(key, l->agent, at);
     at += snprintf(key + at, 32, "%c%c%d%c", 0, 1, flags, 0);
     int start = at;
+    l->open.path_at = l->open.raw_at = start;
     at = append_string(n->pid, path, key, at, PAGE);
     if (at < 0 || key[start] == '/')
         return at;
@@ -883,7 +929,441 @@ static int open_key(struct listener *l, const struct seccomp_notif *n, char *key
     memcpy(key + start, cwd, cwd_len);
     if (slash)
         key[start + cwd_len] = '/';
+    l->open.raw_at = start + cwd_len + slash;
+    l->open.relative = 1;
+    l->open.cwd_len = cwd_len;
     return start + cwd_len + slash + relative_len;
+}
+
+/* ---- performing an allowed write-open for the task ------------------------- */
+
+/* With perform on (aw_fast_perform), an allowed open/openat/creat is not
+ * continued: the kernel would read its path from the task again, after the
+ * check, and a second thread can swap it. This thread opens the path it
+ * checked itself, as the task -- its fs uid and gid, groups (raw setgroups:
+ * glibc's would change every thread), effective capabilities (capset: this
+ * thread only), umask (the thread unshares its fs_struct), cwd -- with
+ * openat2(RESOLVE_NO_MAGICLINKS), installs the fd in the task
+ * (SECCOMP_IOCTL_NOTIF_ADDFD), sends the call's record to the daemon on the
+ * ordered release pair, and answers with the fd's number. What needs more
+ * (another root, mount or user namespace, a path under /proc or naming the
+ * task itself, a result that is /dev/tty or in /proc, ELOOP, ENXIO, a cwd
+ * that moved since the check, more than NGROUPS_MAX_HERE groups) goes to the
+ * supervisor, which does the same in Python (daemon/supervisor/perform.py);
+ * nothing was changed by then. */
+
+#define PROC_SUPER_MAGIC_HERE 0x9fa0
+#define VALID_OPEN_FLAGS_HERE (O_ACCMODE | O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_APPEND | O_NONBLOCK | \
+                               O_DSYNC | O_ASYNC | O_DIRECT | O_LARGEFILE | O_DIRECTORY | O_NOFOLLOW | \
+                               O_NOATIME | O_CLOEXEC | O_SYNC | O_PATH | O_TMPFILE)
+#define O_PATH_FLAGS_HERE (O_DIRECTORY | O_NOFOLLOW | O_PATH | O_CLOEXEC)
+
+static struct {
+    int release_fd;              /* the daemon's ordered pair; -1: opens continue */
+    uint64_t seq;                /* of source "supervisor-fast" */
+    pthread_mutex_t lock;        /* one record at a time, in seq order */
+    struct stat root;            /* ours, to tell a chrooted task */
+    ino_t mount_ns, user_ns;
+} perf = { .release_fd = -1, .lock = PTHREAD_MUTEX_INITIALIZER };
+
+
+static const char *field(const char *status, const char *name)
+{
+    const char *at = strstr(status, name);
+    return at ? at + strlen(name) : NULL;
+}
+
+/* The thread's ids and credentials from /proc/TID/status; -1 when unreadable. */
+static int read_status(struct listener *l, int proc, struct task_info *t)
+{
+    int fd = openat(proc, "status", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t got = read(fd, l->status, sizeof(l->status) - 1);
+    close(fd);
+    if (got <= 0 || got == (ssize_t)sizeof(l->status) - 1)
+        return -1;
+    l->status[got] = 0;
+    const char *name = field(l->status, "Name:\t"), *tgid = field(l->status, "\nTgid:\t"),
+               *ppid = field(l->status, "\nPPid:\t"), *uid = field(l->status, "\nUid:\t"),
+               *gid = field(l->status, "\nGid:\t"), *groups = field(l->status, "\nGroups:\t"),
+               *mask = field(l->status, "\nUmask:\t"), *cap = field(l->status, "\nCapEff:\t");
+    unsigned u[4], g[4];
+    if (!name || !tgid || !ppid || !uid || !gid || !groups || !mask || !cap ||
+        sscanf(uid, "%u %u %u %u", &u[0], &u[1], &u[2], &u[3]) != 4 ||
+        sscanf(gid, "%u %u %u %u", &g[0], &g[1], &g[2], &g[3]) != 4 ||
+        sscanf(tgid, "%d", &t->tgid) != 1 || sscanf(ppid, "%d", &t->ppid) != 1 ||
+        sscanf(mask, "%o", &t->umask) != 1 || sscanf(cap, "%" SCNx64, &t->capabilities) != 1)
+        return -1;
+    t->uid = u[0], t->fsuid = u[3], t->gid = g[0], t->fsgid = g[3];
+    size_t name_len = strcspn(name, "\n");
+    if (name_len >= sizeof(t->comm))
+        return -1;
+    memcpy(t->comm, name, name_len);
+    t->comm[name_len] = 0;
+    t->group_count = 0;
+    for (const char *at = groups; *at && *at != '\n';) {
+        char *end;
+        unsigned long value = strtoul(at, &end, 10);
+        if (end == at)
+            break;
+        if (t->group_count == NGROUPS_MAX_HERE)
+            return -1;
+        t->groups[t->group_count++] = (gid_t)value;
+        at = end;
+        while (*at == ' ' || *at == '\t')
+            at++;
+    }
+    return 0;
+}
+
+/* Whether the task's root is not ours -- a chroot, or another mount
+ * namespace (under systemd's ProtectSystem the supervisor has its own):
+ * then the call is made chrooted into it. -1: unknown. */
+static int other_root(int proc)
+{
+    struct stat st;
+    if (fstatat(proc, "root", &st, 0) < 0)
+        return -1;
+    if (st.st_dev != perf.root.st_dev || st.st_ino != perf.root.st_ino)
+        return 1;
+    if (fstatat(proc, "ns/mnt", &st, 0) < 0)
+        return -1;
+    return st.st_ino != perf.mount_ns;
+}
+
+/* The task's user namespace is ours, and it is in the session's own cgroup. */
+static int same_world(struct listener *l, int proc)
+{
+    struct stat st;
+    if (fstatat(proc, "ns/user", &st, 0) < 0 || st.st_ino != perf.user_ns)
+        return 0;
+    int fd = openat(proc, "cgroup", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    char line[PAGE + 8];
+    ssize_t got = read(fd, line, sizeof(line) - 1);
+    close(fd);
+    if (got <= 3)
+        return 0;
+    line[got] = 0;
+    const char *v2 = strstr(line, "0::");   /* the unified hierarchy's line */
+    if (!v2)
+        return 0;
+    v2 += 3;
+    size_t len = strcspn(v2, "\n");
+    return len == strlen(l->session_cgroup) && !memcmp(v2, l->session_cgroup, len);
+}
+
+static int set_groups(const gid_t *groups, int count)
+{
+    return syscall(SYS_setgroups, count, groups) < 0 ? -1 : 0;
+}
+
+static int become(struct listener *l, const struct task_info *t)
+{
+    if (set_groups(t->groups, t->group_count) < 0)
+        return -1;
+    syscall(SYS_setfsgid, t->fsgid);
+    syscall(SYS_setfsuid, t->fsuid);
+    /* -1 changes nothing and returns the current id */
+    if ((unsigned)syscall(SYS_setfsgid, -1) != t->fsgid || (unsigned)syscall(SYS_setfsuid, -1) != t->fsuid)
+        return -1;
+    struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct caps[2];
+    memcpy(caps, l->own_caps, sizeof(caps));
+    for (int i = 0; i < 2; i++)
+        caps[i].effective = (uint32_t)(t->capabilities >> (32 * i)) & l->own_caps[i].permitted;
+    if (syscall(SYS_capset, &header, caps) < 0)
+        return -1;
+    umask(t->umask);   /* this thread's fs_struct alone */
+    return 0;
+}
+
+static void restore(struct listener *l)
+{
+    struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    int ok = syscall(SYS_capset, &header, l->own_caps) == 0;
+    syscall(SYS_setfsuid, geteuid());
+    syscall(SYS_setfsgid, getegid());
+    ok = ok && set_groups(l->own_groups, l->own_group_count) == 0 &&
+         (unsigned)syscall(SYS_setfsuid, -1) == geteuid() && (unsigned)syscall(SYS_setfsgid, -1) == getegid();
+    if (!ok)
+        abort();   /* a thread stuck as a task: fail closed, the supervisor dies */
+}
+
+/* This thread's part of performing: its own fs_struct (umask) and its credentials to go back to. */
+static void perform_prepare(struct listener *l)
+{
+    struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    int groups = getgroups(NGROUPS_MAX_HERE, l->own_groups);
+    l->own_root = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    l->can_perform = unshare(CLONE_FS) == 0 && syscall(SYS_capget, &header, l->own_caps) == 0 && groups >= 0 &&
+                     l->own_root >= 0;
+    l->own_group_count = groups;
+}
+
+/* ---- the record, in msgpack (the daemon's wire format: agentwarden/wire.py) ---- */
+
+struct packer { char *buf; size_t len, cap; int bad, fields; };
+
+static void put(struct packer *p, const void *data, size_t len)
+{
+    if (p->bad || p->len + len > p->cap) {
+        p->bad = 1;
+        return;
+    }
+    memcpy(p->buf + p->len, data, len);
+    p->len += len;
+}
+
+static void put_byte(struct packer *p, uint8_t b) { put(p, &b, 1); }
+
+static void put_int(struct packer *p, int64_t value)
+{
+    uint8_t b[9] = { 0xd3 };   /* int 64 */
+    for (int i = 0; i < 8; i++)
+        b[1 + i] = (uint8_t)((uint64_t)value >> (56 - 8 * i));
+    put(p, b, 9);
+}
+
+static void put_text(struct packer *p, const char *s, size_t len, int binary)
+{
+    uint8_t head[3] = { binary ? 0xc5 : 0xda, (uint8_t)(len >> 8), (uint8_t)len };   /* bin16 / str16 */
+    put(p, head, 3);
+    put(p, s, len);
+}
+
+static void put_str(struct packer *p, const char *s) { put_text(p, s, strlen(s), 0); }
+
+/* A key of the record's map: counted for its header. */
+static void put_key(struct packer *p, const char *key) { put_str(p, key); p->fields++; }
+
+static void put_key_int(struct packer *p, const char *key, int64_t value) { put_key(p, key); put_int(p, value); }
+
+static void put_key_bool(struct packer *p, const char *key, int value) { put_key(p, key); put_byte(p, value ? 0xc3 : 0xc2); }
+
+static int ascii(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s >= 0x80)
+            return 0;
+    return 1;
+}
+
+static uint64_t wall_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+/* Sends the performed open's record; 0, or -1 when it could not be (counted). */
+static int send_record(struct listener *l, const struct seccomp_notif *n, const struct task_info *t,
+                       const char *syscall_name, const char *raw, int flags, uint64_t mode, long ret,
+                       int delivered, uint64_t when)
+{
+    struct packer p = { .buf = l->record, .cap = sizeof(l->record) };
+    pthread_mutex_lock(&perf.lock);
+    put_byte(&p, 0x85);   /* the batch: v, type, source, seq, records */
+    put_key_int(&p, "v", 1);
+    put_str(&p, "type");
+    put_str(&p, "batch");
+    put_str(&p, "source");
+    put_str(&p, "supervisor-fast");
+    put_key_int(&p, "seq", (int64_t)perf.seq);
+    put_str(&p, "records");
+    put_byte(&p, 0x91);
+    size_t map_at = p.len;
+    put(&p, "\xde\0\0", 3);   /* map16: its count written once the fields are in */
+    p.fields = 0;
+    put_key(&p, "kind");
+    put_str(&p, "open");
+    put_key_int(&p, "time", (int64_t)when);
+    put_key_int(&p, "pid", t->tgid);
+    put_key_int(&p, "tid", n->pid);
+    put_key_int(&p, "ppid", t->ppid);
+    put_key_int(&p, "uid", t->uid);
+    put_key_int(&p, "gid", t->gid);
+    put_key(&p, "comm");
+    put_text(&p, t->comm, strlen(t->comm), !ascii(t->comm));
+    put_key_int(&p, "cgroup_id", (int64_t)l->session_ino);
+    put_key_int(&p, "agent_cgroup_id", (int64_t)l->session_ino);
+    put_key(&p, "syscall");
+    put_str(&p, syscall_name);
+    put_key(&p, "path");
+    put_str(&p, raw);     /* ASCII: the fast path takes no other */
+    put_key_int(&p, "dirfd", l->open.dirfd);
+    put_key_int(&p, "flags", flags);
+    put_key_int(&p, "mode", (int64_t)mode);
+    put_key_int(&p, "resolve", 0);
+    put_key_int(&p, "ret", ret);
+    put_key(&p, "error");
+    if (ret < 0) {
+        const char *name = strerrorname_np((int)-ret);
+        if (name)
+            put_str(&p, name);
+        else
+            put_byte(&p, 0xc0);
+    } else {
+        put_byte(&p, 0xc0);
+    }
+    put_key_bool(&p, "path_unreadable", 0);
+    put_key_bool(&p, "path_truncated", 0);
+    put_key_bool(&p, "killed_in_kernel", 0);
+    put_key(&p, "kernel_rule");
+    put_byte(&p, 0xc0);
+    put_key_bool(&p, "performed", 1);
+    if (!delivered)
+        put_key_bool(&p, "performed_for_gone_task", 1);
+    if (!p.bad) {
+        p.buf[map_at + 1] = (char)(p.fields >> 8);
+        p.buf[map_at + 2] = (char)p.fields;
+    }
+    int sent = -1;
+    if (!p.bad) {
+        /* The daemon reads the pair before each message it takes in; a full
+         * queue is waited for, at most 2 s, as the supervisor's releases are. */
+        for (int tries = 0; tries < 2; tries++) {
+            if (send(perf.release_fd, p.buf, p.len, MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)p.len) {
+                sent = 0;
+                break;
+            }
+            if (errno != EAGAIN)
+                break;
+            struct pollfd out = { .fd = perf.release_fd, .events = POLLOUT };
+            poll(&out, 1, 2000);
+        }
+    }
+    perf.seq++;   /* a record not sent leaves a gap the daemon records */
+    pthread_mutex_unlock(&perf.lock);
+    if (sent < 0)
+        count(AW_FAST_COUNTER_RECORDS_LOST);
+    return sent;
+}
+
+static const char *open_name(const struct seccomp_notif *n)
+{
+    return n->data.nr == fp.open_nr ? "open" : n->data.nr == fp.openat_nr ? "openat" : "creat";
+}
+
+/* Paths the supervisor rewrites to the task's own /proc/PID, or that
+ * name the calling process: never opened here. */
+static int selfward(const char *path)
+{
+    return !strncmp(path, "/proc/", 6) || !strcmp(path, "/proc") || !strncmp(path, "/dev/fd/", 8) ||
+           !strcmp(path, "/dev/stdin") || !strcmp(path, "/dev/stdout") || !strcmp(path, "/dev/stderr") ||
+           !strcmp(path, "/dev/tty");
+}
+
+/* Performs the allowed open of l->key for the task and answers it: 1; or 0
+ * when it is the supervisor's to do (nothing the task can see happened). */
+static int perform_open(struct listener *l, const struct seccomp_notif *n, int ruled, uint64_t started)
+{
+    const char *path = l->key + l->open.path_at, *raw = l->key + l->open.raw_at;
+    struct task_info *t = &l->task;
+    if (!l->can_perform || selfward(path))
+        return 0;
+    char link[40];
+    snprintf(link, sizeof(link), "/proc/%u", n->pid);
+    int proc = open(link, O_PATH | O_DIRECTORY | O_CLOEXEC);   /* one walk to the task's /proc */
+    if (proc < 0)
+        return 0;
+    int chrooted = other_root(proc);
+    if (chrooted < 0 || read_status(l, proc, t) < 0 || !same_world(l, proc)) {
+        close(proc);
+        return 0;
+    }
+    int base = AT_FDCWD;
+    if (l->open.relative) {
+        char now[PAGE];
+        base = openat(proc, "cwd", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (base < 0) {
+            close(proc);
+            return 0;
+        }
+        snprintf(link, sizeof(link), "/proc/self/fd/%d", base);
+        ssize_t len = readlink(link, now, sizeof(now));
+        if (len != l->open.cwd_len || memcmp(now, l->cwd, len)) {
+            close(base);   /* moved since the check (another thread's chdir): the supervisor decides again */
+            close(proc);
+            return 0;
+        }
+    }
+    int flags = l->open.flags & VALID_OPEN_FLAGS_HERE;
+    uint64_t mode = (flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE ? l->open.mode & 07777 : 0;
+    if (flags & O_PATH)
+        flags &= O_PATH_FLAGS_HERE;
+    int ours = flags & O_PATH ? O_CLOEXEC : O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
+    struct open_how how = { .flags = (uint64_t)(unsigned)(flags | ours), .mode = mode,
+                            .resolve = RESOLVE_NO_MAGICLINKS };
+    uint64_t when = wall_ns();
+    int fd = -1, err = EPERM;
+    if (chrooted) {
+        int root = openat(proc, "root", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        int moved = root >= 0 && fchdir(root) == 0, rooted = moved && chroot(".") == 0;
+        if (root >= 0)
+            close(root);
+        if (!rooted) {
+            if (moved && fchdir(l->own_root) < 0)
+                abort();
+            if (base >= 0)
+                close(base);
+            close(proc);
+            return 0;   /* no CAP_SYS_CHROOT: the supervisor's */
+        }
+    }
+    if (become(l, t) == 0) {
+        fd = syscall(SYS_openat2, base, raw, &how, sizeof(how));
+        err = errno;
+    }
+    restore(l);
+    if (chrooted && (fchdir(l->own_root) < 0 || chroot(".") < 0))
+        abort();   /* a thread stuck in a task's root: fail closed */
+    if (base >= 0)
+        close(base);
+    close(proc);
+    if (fd < 0 && (err == ELOOP || err == ENXIO))
+        return 0;   /* a magic link, a FIFO without a reader, a device: the supervisor's */
+    if (fd >= 0) {
+        struct stat st;
+        struct statfs fs;
+        if (fstat(fd, &st) < 0 || fstatfs(fd, &fs) < 0 || fs.f_type == PROC_SUPER_MAGIC_HERE ||
+            (S_ISCHR(st.st_mode) && st.st_rdev == makedev(5, 0))) {
+            close(fd);
+            return 0;   /* /proc (reached through a link), /dev/tty: the supervisor's */
+        }
+        if (!(flags & (O_NONBLOCK | O_PATH)))
+            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);   /* it was only so a FIFO cannot hold us */
+    }
+    long ret = fd < 0 ? -err : 0;
+    int delivered = 1;
+    if (fd >= 0) {
+        struct seccomp_notif_addfd add = { .id = n->id, .srcfd = fd, .newfd_flags = flags & O_CLOEXEC };
+        int installed = ioctl(l->fd, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
+        int add_err = errno;
+        close(fd);
+        if (installed >= 0)
+            ret = installed;
+        else if (add_err == ENOENT || add_err == ESRCH)
+            delivered = 0, ret = -ESRCH;
+        else
+            ret = -add_err;   /* EMFILE: its table is full */
+    }
+    send_record(l, n, t, open_name(n), raw, flags, mode, ret, delivered, when);
+    int sent = delivered;
+    if (delivered) {
+        struct seccomp_notif_resp resp = { .id = n->id, .val = ret >= 0 ? ret : 0,
+                                           .error = ret >= 0 ? 0 : (int)ret };
+        sent = ioctl(l->fd, SECCOMP_IOCTL_NOTIF_SEND, &resp) == 0;
+    }
+    pthread_mutex_lock(&fp.lock);
+    fp.counters[sent ? AW_FAST_COUNTER_PERFORMED : AW_FAST_COUNTER_GONE]++;
+    if (sent && ruled)
+        fp.counters[AW_FAST_COUNTER_RULED]++;
+    fp.recent[fp.recent_count++ % AW_FAST_RECENT] = (uint32_t)(now_ns() - started);
+    pthread_mutex_unlock(&fp.lock);
+    return 1;
 }
 
 /* Continues an allowed call: checks it is still valid, approves an exec's
@@ -897,6 +1377,10 @@ static int allow_call(struct listener *l, const struct seccomp_notif *n, const c
         pthread_rwlock_unlock(&fp.config);
         count(AW_FAST_COUNTER_GONE);     /* the task died or was interrupted */
         return 1;
+    }
+    if (!filename && perf.release_fd >= 0) {
+        pthread_rwlock_unlock(&fp.config);
+        return perform_open(l, n, ruled, started);   /* not continued: done here, as the task */
     }
     int in_slot = filename ? approve(n->pid, filename, filename_len) : 0;
     if (in_slot < 0) {
@@ -969,6 +1453,7 @@ static void *serve(void *arg)
     sigfillset(&signals);
     sigdelset(&signals, STOP_SIGNAL);
     pthread_sigmask(SIG_SETMASK, &signals, NULL);   /* the rest are the supervisor's */
+    perform_prepare(l);
     while (!l->stopping) {
         struct seccomp_notif n;
         memset(&n, 0, sizeof(n));
@@ -990,6 +1475,8 @@ static void *serve(void *arg)
         forward(AW_FAST_FORWARD_HANGUP, l->fd, NULL);
         break;   /* the supervisor closes the fd once it reads the hang-up */
     }
+    if (l->own_root >= 0)
+        close(l->own_root);
     return NULL;
 }
 
@@ -1047,16 +1534,42 @@ int aw_fast_start(int forward_fd, int execve_nr, int open_nr, int openat_nr, int
     return 0;
 }
 
+/* Performs allowed write-opens for the tasks from now on, and sends their
+ * records on release_fd (the daemon's ordered pair, the supervisor's: it
+ * stays open while threads run); -1: opens continue after the check. 0, or -errno. */
+int aw_fast_perform(int release_fd)
+{
+    if (release_fd >= 0) {
+        struct stat st;
+        if (stat("/", &perf.root) < 0)
+            return -errno;
+        if (stat("/proc/self/ns/mnt", &st) < 0)
+            return -errno;
+        perf.mount_ns = st.st_ino;
+        if (stat("/proc/self/ns/user", &st) < 0)
+            return -errno;
+        perf.user_ns = st.st_ino;
+    }
+    pthread_rwlock_wrlock(&fp.config);
+    perf.release_fd = release_fd;
+    pthread_rwlock_unlock(&fp.config);
+    return 0;
+}
+
 /* Hands a session's listener to a thread of its own. From now on only that
  * thread receives on it; the supervisor still answers what it forwards. */
-int aw_fast_watch(int fd, const char *agent, uint32_t agent_len)
+int aw_fast_watch(int fd, const char *agent, uint32_t agent_len, const char *session_cgroup,
+                  uint64_t session_ino)
 {
-    if (!fp.running || fd < 0 || fd >= fp.listeners_cap || agent_len >= MAX_AGENT || fp.listeners[fd])
+    if (!fp.running || fd < 0 || fd >= fp.listeners_cap || agent_len >= MAX_AGENT || fp.listeners[fd] ||
+        strlen(session_cgroup) >= PAGE)
         return -EINVAL;
     struct listener *l = calloc(1, sizeof(*l));
     if (!l)
         return -ENOMEM;
     l->fd = fd;
+    l->session_ino = session_ino;
+    strcpy(l->session_cgroup, session_cgroup);
     memcpy(l->agent, agent, agent_len);
     l->agent_len = agent_len;
     int err = pthread_create(&l->thread, NULL, serve, l);

@@ -5,7 +5,8 @@ A thread in C per session receives its notifications, blocked in NOTIF_RECV
 to the execs and write-opens that the agent's rules, compiled here
 (`compile_rules`), allow -- or whose exact command line, or absolute path and
 flags, the supervisor already decided `allow` under the current policy -- and
-forwards everything else, unanswered, on a socket the supervisor reads like a
+performs the write-opens it allows for the task instead of continuing them
+(`perform`: see fastpath.c), and forwards everything else, unanswered, on a socket the supervisor reads like a
 listener. The library, the BPF program and this module share bpf/fastpath.h:
 its version, structs, codes and counters are read from there. Built by
 scripts/build-fastpath.sh (make setup, the .deb); without it the supervisor
@@ -130,7 +131,9 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
     if lib.aw_fast_abi() != ABI or lib.aw_fast_counter_count() != len(COUNTERS):
         return None, f"{LIBRARY} is from another version (rebuild it: make setup)"
     lib.aw_fast_start.argtypes = [ctypes.c_int] * 5
-    lib.aw_fast_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    lib.aw_fast_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_char_p,
+                                  ctypes.c_uint64]
+    lib.aw_fast_perform.argtypes = [ctypes.c_int]
     lib.aw_fast_release.argtypes = [ctypes.c_int]
     lib.aw_fast_learn.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_policy.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
@@ -155,11 +158,20 @@ class FastPath:
         if err < 0:
             raise OSError(-err, f"cannot start the fast path: {os.strerror(-err)}")
 
-    def watch(self, fd: int, agent: str) -> None:
+    def watch(self, fd: int, agent: str, session_cgroup: str = "", session_ino: int = 0) -> None:
+        """session_cgroup: the session's cgroup as /proc/PID/cgroup names it,
+        session_ino its inode (the records of performed opens)."""
         name = agent.encode()
-        err = self.lib.aw_fast_watch(fd, name, len(name))
+        err = self.lib.aw_fast_watch(fd, name, len(name), session_cgroup.encode(), session_ino)
         if err < 0:
             raise OSError(-err, os.strerror(-err))
+
+    def perform(self, release_fd: int) -> None:
+        """Perform allowed write-opens for the tasks (their records on
+        release_fd, the daemon's ordered pair) instead of continuing them."""
+        err = self.lib.aw_fast_perform(release_fd)
+        if err < 0:
+            raise OSError(-err, f"cannot perform opens in the fast path: {os.strerror(-err)}")
 
     def release(self, fd: int) -> None:
         """Ends fd's thread (after its hang-up); the fd is still the caller's to close."""

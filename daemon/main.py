@@ -26,6 +26,7 @@ from .metrics import HOLD_WAIT_BUCKETS, Buckets, MetricsServer
 from .drift import ExpiredChanges, OutsideCapture
 from .fleet import FleetShipper
 from .notify import HoldAlerts
+from .performed import Performed
 from .releases import Channel, Releases
 from .resolver import Resolver
 from agentwarden.archive.segments import load_key
@@ -90,6 +91,7 @@ class Daemon:
         self.supervisor: subprocess.Popen | None = None
         self.release_channel = Channel()   # the supervisor's `release` records, in order (releases.py)
         self.releases = Releases(self.counters)
+        self.performed = Performed()   # the supervisor's performed calls, each to its place
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
         self.alerts = HoldAlerts(settings, self.archive.host)  # holds: journal, status line, hooks
         self.hold_waits = Buckets(HOLD_WAIT_BUCKETS)   # pending to decided, of the hold records seen
@@ -232,7 +234,15 @@ class Daemon:
         out = self._check_sequence(batch)
         if batch.source == "probe":
             self.probe_last_seen = time.time_ns()
-        out.extend(batch.records)
+        for record in batch.records:
+            if self.performed.wanted(record, batch.source):
+                self.performed.hold(record)   # until its place in its task's records (performed.py)
+                continue
+            out.extend(self.performed.before(record))
+            out.append(record)
+        self._handle_records(out)
+
+    def _handle_records(self, out: list[dict]) -> None:
         for record in list(out):
             violation = self.handle_record(record)
             if violation:
@@ -551,6 +561,7 @@ class Daemon:
         self.notifier.stopping("draining and closing the archive")
         self.drain_ingest()
         self.drain_releases()
+        self._handle_records(self.performed.remaining())
         self.tick()
         self.alerts.close()
         if self.metrics:

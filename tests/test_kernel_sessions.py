@@ -132,6 +132,7 @@ def test_fast_path_decides_new_command_lines_by_the_rules_and_drops_them_when_th
                                   write_allow=[f"{tmp_path}/**"]))
     assert supervisor_health(warden)["fast_path"] == "running"
     before, stashed_before = fast_counter(warden, "ruled"), fast_counter(warden, "stashed")
+    performed_before = fast_counter(warden, "performed")
     # Ten command lines and ten files never seen before (by absolute and by
     # relative path), then one command line the hold rule names.
     loop = (f"cd {tmp_path} && for i in 1 2 3 4 5 6 7 8 9 10; do /usr/bin/true $i || exit 9; "
@@ -145,8 +146,10 @@ def test_fast_path_decides_new_command_lines_by_the_rules_and_drops_them_when_th
     assert (proc.returncode, out) == (0, "status=126\n"), err
     assert (tmp_path / "notes.10").read_text() == (tmp_path / "relative.10").read_text() == "10\n"
     # The shell, the ten execs and the twenty write-opens were allowed by the
-    # compiled rules alone, none learned from Python first.
-    supervisor_health(warden, lambda h: h["fast"]["ruled"] >= before + 31)
+    # compiled rules alone, none learned from Python first; the write-opens
+    # were performed by the fast path for the task, not continued.
+    supervisor_health(warden, lambda h: h["fast"]["ruled"] >= before + 31
+                      and h["fast"]["performed"] >= performed_before + 20)
     assert "exec fast path running (" in warden.cli("status").stdout
     # The execs' filenames came from what the BPF program copied while each
     # waited (exec_stash), not from reading the shell's memory.

@@ -13,7 +13,6 @@ from agentwarden import policy as policy_mod
 from agentwarden import seccomp_notify as sn
 
 from . import context
-from .approvals import ExecApprovals
 from .listeners import Session
 from .reader import Request
 from .records import Records
@@ -44,14 +43,12 @@ class Hold:
 
 
 class Holds:
-    def __init__(self, records: Records, approvals: ExecApprovals, messages: bool = True,
-                 before_continue=None):
-        """messages: tell held tasks on their stderr (setting hold_messages);
-        before_continue(session, request, hold, remembered_from): called just
-        before a call is let through (drift's capture of the content before)."""
-        self.before_continue = before_continue
+    def __init__(self, records: Records, proceed, messages: bool = True):
+        """proceed(session, notification, request, hold_id, remembered, hold): lets a
+        call go ahead (the supervisor's); messages: tell held tasks on their
+        stderr (setting hold_messages)."""
         self.records = records
-        self.approvals = approvals
+        self.proceed = proceed
         self.messages = messages
         self.pending: dict[str, Hold] = {}
         self.numbers = itertools.count(1)
@@ -85,12 +82,10 @@ class Holds:
     def let_through(self, s: Session, n: sn.Notification, request: Request, hold_id: str,
                     remembered: bool, hold: Hold | None = None) -> bool:
         """Continue a call a hold (or its remembered approval) allows: the
-        daemon hears of it first, so the kernel's record of it names the hold."""
-        if self.before_continue:
-            self.before_continue(s, request, hold, hold_id if remembered else None)
-        self.records.release(hold_id, remembered, s, n.pid, request.syscall, request.raw_paths, request.flags)
+        daemon hears of it first, so the kernel's record of it names the hold
+        (or the supervisor's own record, when it performs the call)."""
         s.note(request.action, f"remembered {hold_id}" if remembered else f"approved {hold_id}")
-        return self.approvals.let_through(s.fd, n, request.exec_form)
+        return self.proceed(s, n, request, hold_id, remembered, hold)
 
     def finish(self, hold: Hold, allow: bool, state: str, reason: str | None) -> None:
         del self.pending[hold.id]

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agentwarden import cgroups
+
 from .. import fastpath
 
 log = logging.getLogger("agentwarden.daemon")
@@ -73,7 +75,13 @@ class Listeners:
     def _fast_watch(self, session: Session, fast: fastpath.FastPath) -> bool:
         """Hand the session's listener to a fast-path thread; False if none starts."""
         try:
-            fast.watch(session.fd, session.agent)
+            try:
+                ino = session.cgroup.stat().st_ino
+                below = session.cgroup.relative_to(cgroups.cgroup2_root()).as_posix()
+                relative = "/" if below == "." else "/" + below   # as /proc/PID/cgroup says it
+            except (OSError, ValueError):
+                ino, relative = 0, ""   # matches no task: its write-opens go to Python
+            fast.watch(session.fd, session.agent, relative, ino)
             return True
         except OSError as exc:
             log.error("supervisor: no fast-path thread for session %s: %s", session.id, exc)

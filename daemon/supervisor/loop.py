@@ -27,6 +27,8 @@ from .approvals import ExecApprovals
 from .decisions import Decisions
 from .holds import Holds
 from .listeners import Listeners, Session
+from . import perform as perform_mod
+from .perform import Performer
 from .records import Records, summarise
 
 log = logging.getLogger("agentwarden.daemon")
@@ -51,11 +53,13 @@ class Supervisor:
         self.stopping = False
         self.listeners = Listeners()
         self.decisions = Decisions()
+        # None: file changes continue after the check (setting perform_file_changes)
+        self.performer = Performer(self.records) if settings.perform_file_changes else None
         self.fast, self.fast_unavailable = self._start_fast_path()
         self.approvals = ExecApprovals(settings.bpf_pin_dir, self.fast, self.listeners.sessions,
                                        self.records.counters)
         self.drift = SessionCapture(settings, self.records.emit)
-        self.holds = Holds(self.records, self.approvals, settings.hold_messages, self._capture)
+        self.holds = Holds(self.records, self.proceed, settings.hold_messages)
         self.admin = Admin(settings, self.listeners, self.holds, self.decisions, self.records,
                            self._current_policy, self._start_session, self.drift)
 
@@ -66,7 +70,13 @@ class Supervisor:
         if lib is None:
             log.warning("supervisor: no compiled fast path, every exec is decided in Python: %s", why)
             return None, why
-        fast = fastpath.FastPath(lib, {name: nr for nr, name in self.names.items()})
+        # Write-opens the fast path allows it performs too (fastpath.c), its records on the
+        # release pair; without one, it leaves them to Python (perform.py).
+        perform_fast = self.performer is not None and self.records.releases is not None
+        fast = fastpath.FastPath(lib, {name: nr for nr, name in self.names.items()
+                                       if perform_fast or not (self.performer and name in perform_mod.OPENS)})
+        if perform_fast:
+            fast.perform(self.records.releases.fileno())
         self.listeners.watch(fast.forwarded.fileno(), "fastpath", fast)
         self.fast = fast
         self._fast_policy()
@@ -156,6 +166,22 @@ class Supervisor:
                 agent_policy.tracks(path) for path in drift_paths(request.events)):
             request.fast_key = None   # each change of a tracked file is seen here, never repeated in C
 
+    def proceed(self, s: Session, n: sn.Notification, request: reader.Request, hold_id: str | None = None,
+                remembered: bool = False, hold=None, captured: bool = False) -> bool:
+        """The one way a checked call goes ahead (allowed, monitor mode, or let
+        through by hold_id): a file change is performed for the task on the
+        path that was checked; anything else continues (an exec once approved
+        for the BPF program), after the daemon has the hold's release. Drift
+        keeps the content before of tracked files first."""
+        if not captured:
+            self._capture(s, request, hold, hold_id if remembered else None)
+        if self.performer and perform_mod.takes(request):
+            return self.performer.perform(s, n, request, hold_id, remembered)
+        if hold_id:
+            self.records.release(hold_id, remembered, s, n.pid, request.syscall, request.raw_paths,
+                                 request.flags)
+        return self.approvals.let_through(s.fd, n, request.exec_form)
+
     def on_notification(self, fd: int, n: sn.Notification | None = None) -> None:
         """A notification on fd: received here, or n as the fast path forwarded it."""
         started = time.perf_counter_ns()
@@ -203,12 +229,11 @@ class Supervisor:
                 # it; decide() is pure: same line, same verdict.
                 self.fast.learn(request.fast_key)
             s.note(request.action, "allowed")
-            self.approvals.let_through(fd, n, request.exec_form)
+            self.proceed(s, n, request, captured=True)
             return
         if verdict.mode == "monitor":
             s.note(request.action, f"{verdict.decision} (monitor mode: allowed)")
-            self._capture(s, request)
-            self.approvals.let_through(fd, n, request.exec_form)
+            self.proceed(s, n, request)
             self.records.refusal(s, n.pid, request.action, verdict, "none (monitor mode)")
             return
         wants_hold = verdict.decision == "hold" or (

@@ -27,6 +27,9 @@ class Request:
     syscall: str = ""
     raw_paths: tuple[bytes, ...] = ()   # the path arguments as the task passed them
     flags: int = 0                      # an open's flags
+    dirfds: tuple[int, ...] = ()        # each path's directory fd (AT_FDCWD: the cwd)
+    bases: tuple[str | None, ...] = ()  # what each relative path was joined to when checked
+    how: tuple[int, int, int] | None = None   # openat2: flags, mode, resolve as read
 
 
 def read(agent: str, n: sn.Notification, name: str) -> Request | None:
@@ -44,13 +47,17 @@ def _base(pid: int, dirfd: int) -> str | None:
 
 
 def _resolve(pid: int, dirfd: int, raw: bytes) -> str | None:
+    return _join(raw, None if raw.startswith(b"/") else _base(pid, dirfd))
+
+
+def _join(raw: bytes, base: str | None) -> str | None:
+    """raw as checked: absolute, or joined to base (None: unknown)."""
     path = os.fsdecode(raw)
     own_fd = re.fullmatch(r"/proc/(?:self|thread-self)/fd/(\d+)", path)
     if own_fd:   # glibc changes files through O_PATH fds this way: the file the fd names
         return proc_link(pid, f"fd/{own_fd[1]}")
     if path.startswith("/"):
         return normalise(path)
-    base = _base(pid, dirfd)
     if base is None:
         return None
     return normalise(base + "/" + path) if path else normalise(base)
@@ -97,7 +104,7 @@ def _read_request(agent: str, n: sn.Notification, name: str, mem: sn.TaskMemory)
     elif name == "openat":
         paths = [(_int(a[0]), a[1], _int(a[2]))]
     elif name == "openat2":
-        how = mem.u64s(a[2], 1)
+        how = mem.u64s(a[2], 3) if a[3] >= 24 else mem.u64s(a[2], 1)
         if how is None:
             return None
         paths = [(_int(a[0]), a[1], how[0])]
@@ -115,17 +122,20 @@ def _read_request(agent: str, n: sn.Notification, name: str, mem: sn.TaskMemory)
         paths = [(AT_FDCWD, a[0], write)]
     elif name in ("fchmodat", "fchmodat2", "fchownat"):
         paths = [(_int(a[0]), a[1], write)]
-    events, shown, raws = [], [], []
+    events, shown, raws, bases = [], [], [], []
     for dirfd, pointer, flags in paths:
         raw = mem.string(pointer)
         if raw is None:
             return None
         raws.append(raw)
-        resolved = _resolve(n.pid, dirfd, raw)
+        bases.append(None if raw.startswith(b"/") else _base(n.pid, dirfd))
+        resolved = _join(raw, bases[-1])
         events.append({"kind": "open", "agent": agent, "resolved_path": resolved,
                        "path": os.fsdecode(raw), "flags": flags, "ret": 0})
         shown.append(resolved or os.fsdecode(raw))
     action = f"{name} {' -> '.join(shown)}"
     repeatable = name in ("open", "openat", "creat") and raw.startswith(b"/")
     return Request(action, ("file", name, tuple(shown)), events, None,
-                   fastpath.open_key(agent, flags, raw) if repeatable else None, name, tuple(raws), flags)
+                   fastpath.open_key(agent, flags, raw) if repeatable else None, name, tuple(raws), flags,
+                   tuple(dirfd for dirfd, _, _ in paths), tuple(bases),
+                   how if name == "openat2" and len(how) == 3 else None)

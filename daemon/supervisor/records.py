@@ -100,6 +100,22 @@ class Records:
                 log.error("supervisor: release of %s not delivered in order: %s", hold_id, exc)
         self.emit(record)
 
+    def performed(self, record: dict) -> None:
+        """The record of a call the supervisor made for a task (perform.py),
+        sent before the task runs on, in order with the releases (see
+        release()): the task's next records, which may name its new fd,
+        reach the daemon after it."""
+        if self.releases is not None:
+            try:
+                self.releases.send(wire.encode_batch("supervisor-releases", self.release_seq, [record]))
+                self.release_seq += 1
+                return
+            except OSError as exc:
+                self.counters["releases_late"] = self.counters.get("releases_late", 0) + 1
+                log.error("supervisor: record of a performed %s not delivered in order: %s",
+                          record["syscall"], exc)
+        self.emit(record)
+
     def refusal(self, s: Session, pid: int, action: str, verdict: Verdict, taken: str) -> None:
         self.emit({"kind": "violation", "time": time.time_ns(), "agent": s.agent, "pid": pid,
                    "comm": "", "event": "seccomp", "event_seq": None, "attempted": action,

@@ -121,7 +121,7 @@ install)
         sh -c "systemctl status agentwarden-probe | grep -q 'Status: \"watching'"
     check "daemon's capability bounding set" \
         test "$(prop agentwarden-daemon CapabilityBoundingSet)" = \
-             "cap_chown cap_dac_override cap_dac_read_search cap_kill cap_sys_ptrace cap_bpf"
+             "cap_chown cap_dac_override cap_dac_read_search cap_kill cap_setgid cap_setuid cap_sys_chroot cap_sys_ptrace cap_bpf"
     check "probe's capability bounding set" \
         test "$(prop agentwarden-probe CapabilityBoundingSet)" = "cap_sys_admin cap_perfmon cap_bpf"
     check "logs go to the journal" sh -c "journalctl -u agentwarden-daemon | grep -q 'daemon running'"
