@@ -47,11 +47,12 @@ def _base(pid: int, dirfd: int) -> str | None:
 
 
 def _resolve(pid: int, dirfd: int, raw: bytes) -> str | None:
-    return _join(raw, None if raw.startswith(b"/") else _base(pid, dirfd))
+    return _join(raw, None if raw.startswith(b"/") else _base(pid, dirfd), pid)
 
 
-def _join(raw: bytes, base: str | None) -> str | None:
-    """raw as checked: absolute, or joined to base (None: unknown)."""
+def _join(raw: bytes, base: str | None, pid: int) -> str | None:
+    """raw as checked: absolute, or joined to base (None: unknown); pid's own
+    /proc/self/fd/N is the file that fd names."""
     path = os.fsdecode(raw)
     own_fd = re.fullmatch(r"/proc/(?:self|thread-self)/fd/(\d+)", path)
     if own_fd:   # glibc changes files through O_PATH fds this way: the file the fd names
@@ -129,7 +130,7 @@ def _read_request(agent: str, n: sn.Notification, name: str, mem: sn.TaskMemory)
             return None
         raws.append(raw)
         bases.append(None if raw.startswith(b"/") else _base(n.pid, dirfd))
-        resolved = _join(raw, bases[-1])
+        resolved = _join(raw, bases[-1], n.pid)
         events.append({"kind": "open", "agent": agent, "resolved_path": resolved,
                        "path": os.fsdecode(raw), "flags": flags, "ret": 0})
         shown.append(resolved or os.fsdecode(raw))
