@@ -17,7 +17,7 @@
 
 /* Of fastpath.c's calls (aw_fast_*) and this file's layouts: a library built
  * from another version is not loaded. */
-#define AW_FAST_ABI 5
+#define AW_FAST_ABI 6
 
 /* Slots of approval_slots and exec_stash; a power of two (index tid % slots). */
 #define AW_APPROVAL_SLOTS 1024

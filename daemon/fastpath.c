@@ -151,6 +151,10 @@ struct listener {
     uint64_t pointers[MAX_ARGS];
     char cwd[PAGE];              /* a relative open's base */
     int pointer_count, pointers_ended;   /* argv read so far (exec_filename, exec_args) */
+    /* The session's receipt, a shared file mapping that outlives this process:
+     * the last notification received, for a restarted supervisor to answer
+     * (NULL: not kept). */
+    struct seccomp_notif *receipt;
     struct scratch scratch;
 };
 
@@ -973,6 +977,8 @@ static void *serve(void *arg)
         struct seccomp_notif n;
         memset(&n, 0, sizeof(n));
         if (ioctl(l->fd, SECCOMP_IOCTL_NOTIF_RECV, &n) == 0) {
+            if (l->receipt)
+                *l->receipt = n;
             if (!answer(l, &n, now_ns())) {
                 count(AW_FAST_COUNTER_FORWARDED);
                 forward(AW_FAST_FORWARD_NOTIFICATION, l->fd, &n);
@@ -1048,19 +1054,27 @@ int aw_fast_start(int forward_fd, int execve_nr, int open_nr, int openat_nr, int
 }
 
 /* Hands a session's listener to a thread of its own. From now on only that
- * thread receives on it; the supervisor still answers what it forwards. */
-int aw_fast_watch(int fd, const char *agent, uint32_t agent_len)
+ * thread receives on it; the supervisor still answers what it forwards.
+ * receipt_fd: a file whose first bytes the thread keeps the last received
+ * notification in (mapped shared; -1: none). */
+int aw_fast_watch(int fd, const char *agent, uint32_t agent_len, int receipt_fd)
 {
     if (!fp.running || fd < 0 || fd >= fp.listeners_cap || agent_len >= MAX_AGENT || fp.listeners[fd])
         return -EINVAL;
     struct listener *l = calloc(1, sizeof(*l));
     if (!l)
         return -ENOMEM;
+    if (receipt_fd >= 0) {
+        void *mapped = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, receipt_fd, 0);
+        l->receipt = mapped == MAP_FAILED ? NULL : mapped;
+    }
     l->fd = fd;
     memcpy(l->agent, agent, agent_len);
     l->agent_len = agent_len;
     int err = pthread_create(&l->thread, NULL, serve, l);
     if (err) {
+        if (l->receipt)
+            munmap(l->receipt, PAGE);
         free(l);
         return -err;
     }
@@ -1075,6 +1089,8 @@ void aw_fast_release(int fd)
     if (fd < 0 || fd >= fp.listeners_cap || !fp.listeners[fd])
         return;
     stop_thread(fp.listeners[fd]);
+    if (fp.listeners[fd]->receipt)
+        munmap(fp.listeners[fd]->receipt, PAGE);
     free(fp.listeners[fd]);
     fp.listeners[fd] = NULL;
 }

@@ -125,7 +125,7 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
     if lib.aw_fast_abi() != ABI or lib.aw_fast_counter_count() != len(COUNTERS):
         return None, f"{LIBRARY} is from another version (rebuild it: make setup)"
     lib.aw_fast_start.argtypes = [ctypes.c_int] * 5
-    lib.aw_fast_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    lib.aw_fast_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_int]
     lib.aw_fast_release.argtypes = [ctypes.c_int]
     lib.aw_fast_learn.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_policy.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
@@ -150,9 +150,11 @@ class FastPath:
         if err < 0:
             raise OSError(-err, f"cannot start the fast path: {os.strerror(-err)}")
 
-    def watch(self, fd: int, agent: str) -> None:
+    def watch(self, fd: int, agent: str, receipt_fd: int = -1) -> None:
+        """A thread for listener fd; receipt_fd: the session's receipt file
+        (the last notification received, kept across a restart), or -1."""
         name = agent.encode()
-        err = self.lib.aw_fast_watch(fd, name, len(name))
+        err = self.lib.aw_fast_watch(fd, name, len(name), receipt_fd)
         if err < 0:
             raise OSError(-err, os.strerror(-err))
 

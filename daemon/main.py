@@ -88,6 +88,9 @@ class Daemon:
         self.release_channel = Channel()   # the supervisor's `release` records, in order (releases.py)
         self.releases = Releases(self.counters)
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
+        # Sessions' listeners kept by the service manager (systemd's fd store,
+        # or `up`) while this process was gone: the supervisor resumes them.
+        self.inherited = sdnotify.listen_fds()
         self.alerts = HoldAlerts(settings, self.archive.host)  # holds: journal, status line, hooks
 
     def _bind(self, kind: int, endpoint: str):
@@ -437,9 +440,11 @@ class Daemon:
         # Its own process (see supervisor/__init__.py); it dies with this one.
         self.supervisor = subprocess.Popen(
             [sys.executable, "-m", "agentwarden.daemon.supervisor", *settings_mod.flag_args(),
-             "--release-fd", str(self.release_channel.theirs.fileno())],
-            pass_fds=[self.release_channel.theirs.fileno()])
+             "--release-fd", str(self.release_channel.theirs.fileno()),
+             *(f"--listener={name}={fd}" for name, fd in self.inherited)],
+            pass_fds=[self.release_channel.theirs.fileno(), *(fd for _, fd in self.inherited)])
         self.release_channel.handed_over()
+        sdnotify.fds_close([fd for _, fd in self.inherited])   # the supervisor's now (and the store's)
         poller.register(self.release_channel.fileno(), zmq.POLLIN)
         next_tick = time.monotonic() + TICK_INTERVAL
         watched_fd = None   # the probe's pidfd in the poller: its exit wakes this loop at once

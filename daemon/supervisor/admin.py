@@ -228,6 +228,7 @@ class Admin:
                                               "users (root counts once, whatever sudo says)"}
             hold.approvals[uid] = who
             if len(hold.approvals) < hold.required:
+                self.holds.keeper.keep_hold(hold)   # the approval outlives a restart
                 self.records.hold(hold, "approval", f"{who['name']}: {reason or 'no reason given'}")
                 return {"ok": True, "state": "pending",
                         "needed": hold.required - len(hold.approvals)}

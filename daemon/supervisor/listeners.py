@@ -30,6 +30,7 @@ class Session:
     fd: int
     pid: int
     started: int
+    receipt_fd: int = -1   # the last notification received, kept across a restart (restart.py)
     # the last calls this process decided (the fast path's allows are not seen
     # here): {time, action, verdict}
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_ACTIONS))
@@ -73,7 +74,7 @@ class Listeners:
     def _fast_watch(self, session: Session, fast: fastpath.FastPath) -> bool:
         """Hand the session's listener to a fast-path thread; False if none starts."""
         try:
-            fast.watch(session.fd, session.agent)
+            fast.watch(session.fd, session.agent, session.receipt_fd)
             return True
         except OSError as exc:
             log.error("supervisor: no fast-path thread for session %s: %s", session.id, exc)
