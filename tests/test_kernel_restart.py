@@ -224,3 +224,31 @@ def test_calls_the_dead_daemon_received_are_answered_not_left_hanging(restart_wa
     resumed = [r for r in records_of(w, "supervision", session) if r["state"] == "resumed"]
     assert len(resumed) == 1
     assert resumed[0]["redecided"] == [received[1].id] and resumed[0]["failed"] == [received[0].id]
+
+
+def test_a_real_stop_fails_sessions_closed_and_the_next_start_records_it(restart_warden, agent, tmp_path):
+    """Stopping `up` (not a restart) closes the stored listeners: the held exec
+    fails with ENOSYS and never runs; the next `up` finds the kept session
+    without a listener and records it as ended, with its hold. (Last in this
+    module: it stops the module's warden.)"""
+    w = restart_warden
+    run = start_run(w, agent, f"/usr/bin/date +%s > {tmp_path}/held-ran; echo exit=$?")
+    hold = wait_for(lambda: pending(w, agent), timeout=30, what="the date exec to be held")[0]
+    kept = w.settings.state_dir / "sessions"
+    assert (kept / f"hold-{hold['id']}.json").exists() and (kept / f"{hold['session']}.json").exists()
+    stop_process(w.proc)
+    out, err = run.communicate(timeout=30)
+    assert "Function not implemented" in err and "exit=126" in out, (out, err)
+    assert (tmp_path / "held-ran").read_text() == ""
+    # The next start: the kept session has no listener any more.
+    again = subprocess.Popen([PY, "-m", "agentwarden", "up"], env=w.env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        def ended():
+            return [r for r in records_of(w, "supervision", hold["session"])
+                    if r["state"] == "ended" and r.get("detail")]
+        [record] = wait_for(ended, timeout=90, what="the kept session to be recorded as ended")
+        assert record["holds_ended"] == [hold["id"]] and "did not survive" in record["detail"]
+        assert not list(kept.glob(f"*{hold['session']}*")) and not (kept / f"hold-{hold['id']}.json").exists()
+    finally:
+        stop_process(again)

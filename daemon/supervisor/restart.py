@@ -28,6 +28,7 @@ import os
 import time
 from pathlib import Path
 
+from agentwarden import sdnotify
 from agentwarden import seccomp_notify as sn
 
 from .listeners import Session
@@ -64,6 +65,9 @@ class Keeper:
         _write(self.dir / f"{s.id}.json", {**{k: getattr(s, k) for k in SESSION_FIELDS},
                                            "cgroup": str(s.cgroup)})
         s.receipt_fd = self._open_receipt(s.id, create=True)
+        if not sdnotify.valid_fd_name(s.id):   # `run` makes s-HEX ids; a hand-made one may not do
+            log.error("supervisor: session id %r cannot name a stored fd", s.id)
+            return False
         return self.notifier.store_fd(s.fd, s.id)
 
     def _open_receipt(self, session_id: str, create: bool) -> int:
