@@ -423,11 +423,11 @@ def restart_section(results: dict) -> Section:
              f"{results['restarts']}", f"{statistics.median(results['status_back_ms']):.0f}",
              f"{min(results['status_back_ms']):.0f}", f"{max(results['status_back_ms']):.0f}"]]
     intro = ("One `agentwarden run` session under `agentwarden up` execs date (which writes the "
-             "clock) and sleep 0.005 in a loop; each round kills the supervisor and the daemon "
-             "with SIGKILL at T and takes the first date line after T: that exec waited through "
-             "the gap (`up` restarts the daemon, which gets the session's listener back from "
-             "`up`'s fd store; its supervisor resumes the session) and was then decided. The "
-             "loop's period (about 7 ms) bounds how late after T it started.")
+             "clock) for each line it reads from a FIFO; each round kills the supervisor and the "
+             "daemon with SIGKILL at T, waits until both are dead and writes a line: the gap is "
+             "from T to the clock date wrote. That exec waited through the gap (`up` restarts the "
+             "daemon, which gets the session's listener back from `up`'s fd store; its supervisor "
+             "resumes the session) and was then decided. Kills are 16 s apart.")
     notes = ["gaps (ms): " + ", ".join(f"{g:.0f}" for g in results["gaps_ms"])]
     return Section("Daemon restart as a session sees it", intro,
                    ["measure", "restarts", "median ms", "min ms", "max ms"], rows, notes)

@@ -5,14 +5,15 @@ restarted one, median over a few restarts.
     .venv/bin/python bench/restart.py [--restarts 5]   (as root; or: make bench-restart)
 
 Starts its own `agentwarden up` (own run and state directories, own tagged
-cgroup) and one `agentwarden run` session whose shell execs /usr/bin/date
-(which appends the realtime clock in ns to a file) and /usr/bin/sleep 0.005
-in a loop. Each round kills the supervisor and the daemon with SIGKILL at
-time T (nothing decides from T on), waits for the first date line after T
-(that exec waited through the gap: `up` restarts the daemon, which gets the
-listener back from `up`'s fd store, and its supervisor resumes the session),
-then for the daemon to report the probe again before the next round. The
-loop's own period (about 7 ms) bounds how late the first exec after T starts.
+cgroup) and one `agentwarden run` session whose shell waits on a FIFO and,
+for each line, execs /usr/bin/date, which appends the realtime clock in ns to
+a file. Each round kills the supervisor and the daemon with SIGKILL at time
+T, waits until both are gone (nothing can decide from then on), writes a
+line to the FIFO, and takes the clock date wrote: that exec waited through
+the gap (`up` restarts the daemon, which gets the listener back from `up`'s
+fd store, and its supervisor resumes the session) and was then decided.
+Before each round one line checks the session answers. Kills are 16 s apart:
+`up`, as systemd, gives up on a daemon that exits five times within a minute.
 
 Prints the figures, saves them in bench/results/restart-latest.json and
 rewrites the restart block of docs/benchmarks.md (not with --no-docs).
@@ -20,6 +21,7 @@ rewrites the restart block of docs/benchmarks.md (not with --no-docs).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import statistics
@@ -34,12 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402
 
 from agentwarden import cgroups  # noqa: E402
+from agentwarden.cli.up import START_LIMIT_BURST, START_LIMIT_INTERVAL  # noqa: E402
 
 import report as bench_report  # noqa: E402  (bench/report.py, beside this file)
 from monitors import BENCH_AGENT, Agentwarden, BenchCgroup, wait_until  # noqa: E402
 from run import one_bench_at_a_time  # noqa: E402
 
 WAIT = 60.0  # seconds for any one step before the bench gives up
+# `up` gives up on a daemon that exits START_LIMIT_BURST times within
+# START_LIMIT_INTERVAL s (as systemd would): kills are spaced to stay below.
+SPACING = START_LIMIT_INTERVAL / (START_LIMIT_BURST - 1) + 1
 
 
 def policy(workdir: Path) -> str:
@@ -56,6 +62,14 @@ def ticks(path: Path) -> list[int]:
         return []
 
 
+def gone(process: psutil.Process) -> bool:
+    """Dead: a zombie (not reaped yet) counts."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def step(what: str, predicate):
     value = wait_until(predicate, WAIT, interval=0.001)
     if not value:
@@ -66,26 +80,38 @@ def step(what: str, predicate):
 def measure(restarts: int, workdir: Path) -> dict:
     cgroup = BenchCgroup(cgroups.cgroup2_root())
     warden = Agentwarden(workdir / "agentwarden", cgroup, policy=policy(workdir))
-    tick_file = workdir / "ticks"
+    tick_file, fifo = workdir / "ticks", workdir / "go"
+    os.mkfifo(fifo)
     proc = None
     gaps, back = [], []
+
+    def tick_after(since_ns: int) -> int:
+        """One exec of date by the session; the clock it wrote (after since_ns)."""
+        with open(fifo, "w") as go:
+            go.write("go\n")
+        return step("a decided exec", lambda: next((t for t in ticks(tick_file) if t > since_ns), None))
+
     try:
         warden.start()
-        script = f"while :; do /usr/bin/date +%s%N >> {tick_file}; /usr/bin/sleep 0.005; done"
+        script = f"while read x < {fifo}; do /usr/bin/date +%s%N >> {tick_file}; done"
         proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "run", "--agent", BENCH_AGENT,
                                  "--", "/bin/sh", "-c", script], env=warden.env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        last_kill = None
         for number in range(restarts):
-            seen = len(ticks(tick_file))
-            step("ticks from the session", lambda: len(ticks(tick_file)) > seen + 10)
+            if last_kill is not None:
+                time.sleep(max(0.0, last_kill + SPACING - time.monotonic()))
+            tick_after(time.time_ns())   # the session answers before the kill
             daemon = psutil.Process(warden.status()["daemon"]["pid"])
-            victims = [*daemon.children(), daemon]   # the supervisor first: nothing decides after T
-            killed_at = time.time_ns()
+            victims = [*daemon.children(), daemon]
+            killed_at, last_kill = time.time_ns(), time.monotonic()
             for victim in victims:
                 victim.send_signal(signal.SIGKILL)
-            first = step(f"a decided exec after restart {number + 1}",
-                         lambda: next((t for t in ticks(tick_file) if t > killed_at), None))
+            step("the daemon and its supervisor to die", lambda: all(gone(v) for v in victims))
+            first = tick_after(killed_at)
             gaps.append(first - killed_at)
+            print(f"bench: restart {number + 1}: exec decided {(first - killed_at) / 1e6:.0f} ms "
+                  "after the kill", file=sys.stderr, flush=True)
 
             def answering():
                 try:
