@@ -149,10 +149,8 @@ class Supervisor:
 
     def _resume(self, inherited: list[tuple[str, int]]) -> None:
         """Sessions whose listeners the service manager kept while the daemon
-        restarted (restart.py): their holds stay pending, what the dead
-        process received and did not answer is answered now, before the
-        session's notifications are received again; kept sessions whose
-        listener did not come back are recorded as ended."""
+        restarted (restart.py); kept sessions whose listener did not come back
+        are recorded as ended."""
         kept, kept_holds = self.keeper.load()
         for name, fd in inherited:
             data = kept.pop(name, None)
@@ -162,49 +160,54 @@ class Supervisor:
                 os.close(fd)
                 self.keeper.notifier.remove_fd(name)
                 continue
-            started = time.monotonic()
-            s = self.keeper.session(data, fd)
-            sn.set_sync_wakeup(fd)
-            self.listeners.sessions[fd] = s   # answers below need it; watched once they are given
-            restored = []
-            for hold_data in kept_holds.pop(name, []):
-                raw = hold_data["notification"]
-                n = sn.Notification(raw["id"], raw["pid"], raw["nr"], tuple(raw["args"]))
-                if not sn.still_valid(fd, n.id):
-                    self.keeper.forget_hold(hold_data["id"])   # answered, or its task is gone
-                    continue
-                request = reader.read(s.agent, n, self.names.get(n.nr, str(n.nr)))
-                if self.holds.restore(s, hold_data, request):
-                    restored.append(hold_data["id"])
-            receipt = self.keeper.receipt(s)
-            redecided, failed = [], []
-            if receipt is not None:
-                known = {h.notification.id for h in self.holds.pending.values() if h.session is s}
-                for nid in received_unanswered(fd, receipt, known):
-                    if nid == receipt.id:
-                        self._on_notification(fd, receipt)   # decided again, as if just received
-                        redecided.append(nid)
-                    elif sn.respond(fd, nid, allow=False):
-                        failed.append(nid)
-            self.listeners.add(s, self.fast)
-            self.records.counters["resumed"] = self.records.counters.get("resumed", 0) + 1
-            self.records.emit({"kind": "supervision", "time": time.time_ns(), "state": "resumed",
-                               **session_fields(s), "user": s.user, "host": s.host,
-                               "cgroup": str(s.cgroup), "pid": s.pid, "holds_resumed": restored,
-                               "redecided": redecided, "failed": failed,
-                               "resume_ms": round((time.monotonic() - started) * 1000, 3)})
-            log.info("supervisor: resumed session %s (%d holds pending, %d received calls decided "
-                     "again, %d failed with EPERM)", s.id, len(restored), len(redecided), len(failed))
+            self._resume_session(self.keeper.session(data, fd), kept_holds.pop(name, []))
         for session_id, data in kept.items():
             ended = [h["id"] for h in kept_holds.get(session_id, [])]
             self.keeper.drop(session_id, ended)
             self.records.emit({"kind": "supervision", "time": time.time_ns(), "state": "ended",
-                               **{k: data.get(k) or "" for k in ("agent", "on_behalf_of", "task",
-                                                                  "user", "host", "cgroup")},
-                               "session": session_id, "pid": data.get("pid", 0),
+                               **{k: str(data[k]) for k in ("agent", "on_behalf_of", "task", "user",
+                                                            "host", "cgroup")},
+                               "session": session_id, "pid": data["pid"],
                                "detail": "its listener did not survive (the service was stopped, or "
                                          "there was no fd store): its calls failed closed",
                                "holds_ended": ended})
+
+    def _resume_session(self, s: Session, kept_holds: list[dict]) -> None:
+        """One session back: its holds stay pending, what the dead process
+        received and did not answer is answered now, and only then are its
+        notifications received again."""
+        started = time.monotonic()
+        fd = s.fd
+        sn.set_sync_wakeup(fd)
+        self.listeners.sessions[fd] = s   # the answers below need it; watched once they are given
+        restored = []
+        for hold_data in kept_holds:
+            raw = hold_data["notification"]
+            n = sn.Notification(raw["id"], raw["pid"], raw["nr"], tuple(raw["args"]))
+            if not sn.still_valid(fd, n.id):
+                self.keeper.forget_hold(hold_data["id"])   # answered, or its task is gone
+                continue
+            request = reader.read(s.agent, n, self.names.get(n.nr, str(n.nr)))
+            if self.holds.restore(s, hold_data, request):
+                restored.append(hold_data["id"])
+        receipt = self.keeper.receipt(s)
+        redecided, failed = [], []
+        if receipt is not None:
+            known = {h.notification.id for h in self.holds.pending.values() if h.session is s}
+            for nid in received_unanswered(fd, receipt, known):
+                if nid == receipt.id:
+                    self._on_notification(fd, receipt)   # decided again, as if just received
+                    redecided.append(nid)
+                elif sn.respond(fd, nid, allow=False):
+                    failed.append(nid)
+        self.listeners.add(s, self.fast)
+        self.records.counters["resumed"] = self.records.counters.get("resumed", 0) + 1
+        self.records.emit({"kind": "supervision", "time": time.time_ns(), "state": "resumed",
+                           **session_fields(s), "user": s.user, "host": s.host, "cgroup": str(s.cgroup),
+                           "pid": s.pid, "holds_resumed": restored, "redecided": redecided,
+                           "failed": failed, "resume_ms": round((time.monotonic() - started) * 1000, 3)})
+        log.info("supervisor: resumed session %s (%d holds pending, %d received calls decided again, "
+                 "%d failed with EPERM)", s.id, len(restored), len(redecided), len(failed))
 
     # -- notifications --------------------------------------------------------------------
 

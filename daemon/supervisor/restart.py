@@ -39,6 +39,8 @@ RECEIPT_SIZE = 4096        # one page: the fast path maps it whole
 RECEIPT_SCAN = 1024        # ids looked at on each side of the receipt's
 MAX_ID = (1 << 64) - 1
 SESSION_FIELDS = ("id", "agent", "user", "task", "on_behalf_of", "host", "pid", "started")
+HOLD_FIELDS = ("id", "session", "notification", "action", "decision", "rule", "reason", "policy_hash",
+               "required", "since_ns", "deadline_ns", "approvals", "denial", "agent_says")
 
 
 def _write(path: Path, data: dict) -> None:
@@ -129,10 +131,14 @@ class Keeper:
             except (OSError, ValueError) as exc:
                 log.error("supervisor: ignoring %s: %s", path, exc)
                 continue
+            wanted = HOLD_FIELDS if path.name.startswith("hold-") else (*SESSION_FIELDS, "cgroup")
+            if not isinstance(data, dict) or not all(k in data for k in wanted):
+                log.error("supervisor: ignoring %s: not what this version keeps", path)
+                continue
             if path.name.startswith("hold-"):
-                holds.setdefault(data.get("session"), []).append(data)
+                holds.setdefault(data["session"], []).append(data)
             else:
-                sessions[data.get("id")] = data
+                sessions[data["id"]] = data
         return sessions, holds
 
     def session(self, data: dict, fd: int) -> Session:
