@@ -82,12 +82,15 @@ def kill_daemon(warden: Warden) -> int:
     os.kill(warden.proc.pid, signal.SIGSTOP)
     daemon.kill()
 
-    def gone(p: psutil.Process) -> bool:   # a zombie: `up`, stopped, has not reaped it
+    def zombie(p: psutil.Process) -> bool:   # `up`, stopped, does not reap the daemon
         try:
             return p.status() == psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return True
-    wait_for(lambda: all(gone(p) for p in (daemon, *supervisor)), what="the daemon and its supervisor to die")
+    # The supervisor wholly gone, every thread: a thread not yet dead could still
+    # take a notification (and it would be failed after the restart, not decided).
+    wait_for(lambda: zombie(daemon) and not any(s.is_running() for s in supervisor),
+             what="the daemon and its supervisor to die")
     return daemon.pid
 
 
