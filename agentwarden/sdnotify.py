@@ -184,9 +184,12 @@ class FdStore:
         room = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4) + socket.CMSG_SPACE(struct.calcsize("3i"))
         while True:
             try:
-                data, ancillary, _flags, _addr = self.sock.recvmsg(4096, room, socket.MSG_CMSG_CLOEXEC)
+                data, ancillary, flags, _addr = self.sock.recvmsg(4096, room, socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
+            if flags & socket.MSG_CTRUNC:   # out of fds (RLIMIT_NOFILE): what was sent is lost
+                self.refused += 1
+                log.error("fd store: a message's fds were cut off (too many open files)")
             fds, sender = [], None
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

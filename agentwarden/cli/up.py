@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -57,6 +58,9 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
 
     settings.prepare_run_dir()
+    # Room for every session's listener (the soft limit is often 1024).
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     store = sdnotify.FdStore(settings.run_dir / "up-notify.sock")
 
     def start(part: str) -> subprocess.Popen:
