@@ -150,6 +150,22 @@ def parse(raw: bytes) -> Notification:
     return Notification(nid, pid, nr, tuple(args))
 
 
+def pack(n: Notification) -> bytes:
+    """n as NOTIF_RECV lays it out (flags, arch and ip left zero): a session's
+    receipt, which parse() reads back."""
+    return _NOTIF.pack(n.id, n.pid, 0, n.nr, 0, 0, *n.args)
+
+
+def is_listener(fd: int) -> bool:
+    """Whether fd is a seccomp listener: it knows the ID_VALID ioctl (no
+    notification has id 0 for long, so ENOENT or success both say yes)."""
+    try:
+        fcntl.ioctl(fd, NOTIF_ID_VALID, struct.pack("=Q", 0))
+        return True
+    except OSError as exc:
+        return exc.errno == errno.ENOENT
+
+
 def still_valid(fd: int, notification_id: int) -> bool:
     try:
         fcntl.ioctl(fd, NOTIF_ID_VALID, struct.pack("=Q", notification_id))

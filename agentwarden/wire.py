@@ -134,7 +134,10 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
                 "on_behalf_of": Str, "task": Str, "tid": Int, "syscall": Str, "event": OptStr,
                 "paths": (list,), "flags": Int},
     # The seccomp supervision of an `agentwarden run` session starting (its listener
-    # handed over) or ending (no process left under the filter).
+    # handed over), ending (no process left under the filter, or, with `detail`, its
+    # listener gone with a stopped service: `holds_ended`) or `resumed` by a restarted
+    # supervisor: extra `holds_resumed` (ids still pending), `redecided` and `failed`
+    # (ids of calls the dead process had received: decided again, or failed with EPERM).
     "supervision": {"time": Int, "state": Str, "session": Str, "agent": Str, "on_behalf_of": Str,
                     "task": Str, "user": Str, "host": Str, "cgroup": Str, "pid": Int},
     # An admin's action from the CLI (freeze, thaw, kill), with who did it.

@@ -35,6 +35,7 @@ RUN_RESULTS = "latest.json"              # bench/run.py
 ARCHIVE_RESULTS = "archive-latest.json"  # bench/archive.py
 NOTIFY_RESULTS = "notify-latest.json"    # bench/notify.py
 DRIFT_RESULTS = "drift-latest.json"      # bench/drift.py
+RESTART_RESULTS = "restart-latest.json"  # bench/restart.py
 # The parts of bench/run.py, each one generated block of docs/benchmarks.md.
 RUN_PARTS = ("untagged", "throughput", "enforcement")
 
@@ -455,6 +456,30 @@ def drift_blocks(results: dict) -> dict[str, str]:
         [drift_section(results), drift_write_section(results["write"])])])}
 
 
+# bench/restart.py's results.
+
+def restart_section(results: dict) -> Section:
+    g = results["gap"]
+    rows = [["kill -9 of the daemon → the session's first exec decided again",
+             f"{results['restarts']}", f"{g['median_ms']:.0f}", f"{g['min_ms']:.0f}", f"{g['max_ms']:.0f}"],
+            ["kill -9 of the daemon → its status answered with the probe's health",
+             f"{results['restarts']}", f"{statistics.median(results['status_back_ms']):.0f}",
+             f"{min(results['status_back_ms']):.0f}", f"{max(results['status_back_ms']):.0f}"]]
+    intro = ("One `agentwarden run` session under `agentwarden up` execs date (which writes the "
+             "clock) for each line it reads from a FIFO; each round kills the supervisor and the "
+             "daemon with SIGKILL at T, waits until both are dead and writes a line: the gap is "
+             "from T to the clock date wrote. That exec waited through the gap (`up` restarts the "
+             "daemon, which gets the session's listener back from `up`'s fd store; its supervisor "
+             "resumes the session) and was then decided. Kills are 16 s apart.")
+    notes = ["gaps (ms): " + ", ".join(f"{g:.0f}" for g in results["gaps_ms"])]
+    return Section("Daemon restart as a session sees it", intro,
+                   ["measure", "restarts", "median ms", "min ms", "max ms"], rows, notes)
+
+
+def restart_blocks(results: dict) -> dict[str, str]:
+    return block("restart", results, restart_section(results))
+
+
 # Saving results and writing docs/benchmarks.md.
 
 def write(results: dict, directory: Path, name: str = RUN_RESULTS) -> Path:
@@ -532,7 +557,8 @@ def saved_blocks(directory: Path = RESULTS_DIR) -> dict[str, str]:
     """The blocks the newest saved results make (run and archive)."""
     blocks: dict[str, str] = {}
     for name, render in ((RUN_RESULTS, run_blocks), (ARCHIVE_RESULTS, archive_blocks),
-                         (NOTIFY_RESULTS, notify_blocks), (DRIFT_RESULTS, drift_blocks)):
+                         (NOTIFY_RESULTS, notify_blocks), (DRIFT_RESULTS, drift_blocks),
+                         (RESTART_RESULTS, restart_blocks)):
         path = directory / name
         if path.exists():
             blocks.update(render(json.loads(path.read_text())))

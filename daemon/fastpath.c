@@ -192,6 +192,10 @@ struct listener {
     char status[8192];           /* /proc/TID/status, read for each performed open */
     struct task_info task;
     char record[MAX_RECORD];     /* the performed open's record, msgpack */
+    /* The session's receipt, a shared file mapping that outlives this process:
+     * the last notification received, for a restarted supervisor to answer
+     * (NULL: not kept). */
+    struct seccomp_notif *receipt;
     struct scratch scratch;
 };
 
@@ -1458,6 +1462,8 @@ static void *serve(void *arg)
         struct seccomp_notif n;
         memset(&n, 0, sizeof(n));
         if (ioctl(l->fd, SECCOMP_IOCTL_NOTIF_RECV, &n) == 0) {
+            if (l->receipt)
+                *l->receipt = n;
             if (!answer(l, &n, now_ns())) {
                 count(AW_FAST_COUNTER_FORWARDED);
                 forward(AW_FAST_FORWARD_NOTIFICATION, l->fd, &n);
@@ -1557,9 +1563,13 @@ int aw_fast_perform(int release_fd)
 }
 
 /* Hands a session's listener to a thread of its own. From now on only that
- * thread receives on it; the supervisor still answers what it forwards. */
+ * thread receives on it; the supervisor still answers what it forwards.
+ * session_cgroup/session_ino: the session's cgroup as /proc/PID/cgroup names
+ * it and its inode (the records of performed opens); receipt_fd: a file whose
+ * first bytes the thread keeps the last received notification in (mapped
+ * shared; -1: none). */
 int aw_fast_watch(int fd, const char *agent, uint32_t agent_len, const char *session_cgroup,
-                  uint64_t session_ino)
+                  uint64_t session_ino, int receipt_fd)
 {
     if (!fp.running || fd < 0 || fd >= fp.listeners_cap || agent_len >= MAX_AGENT || fp.listeners[fd] ||
         strlen(session_cgroup) >= PAGE)
@@ -1567,6 +1577,10 @@ int aw_fast_watch(int fd, const char *agent, uint32_t agent_len, const char *ses
     struct listener *l = calloc(1, sizeof(*l));
     if (!l)
         return -ENOMEM;
+    if (receipt_fd >= 0) {
+        void *mapped = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, receipt_fd, 0);
+        l->receipt = mapped == MAP_FAILED ? NULL : mapped;
+    }
     l->fd = fd;
     l->session_ino = session_ino;
     strcpy(l->session_cgroup, session_cgroup);
@@ -1574,6 +1588,8 @@ int aw_fast_watch(int fd, const char *agent, uint32_t agent_len, const char *ses
     l->agent_len = agent_len;
     int err = pthread_create(&l->thread, NULL, serve, l);
     if (err) {
+        if (l->receipt)
+            munmap(l->receipt, PAGE);
         free(l);
         return -err;
     }
@@ -1588,6 +1604,8 @@ void aw_fast_release(int fd)
     if (fd < 0 || fd >= fp.listeners_cap || !fp.listeners[fd])
         return;
     stop_thread(fp.listeners[fd]);
+    if (fp.listeners[fd]->receipt)
+        munmap(fp.listeners[fd]->receipt, PAGE);
     free(fp.listeners[fd]);
     fp.listeners[fd] = NULL;
 }

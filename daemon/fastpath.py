@@ -132,7 +132,7 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"{LIBRARY} is from another version (rebuild it: make setup)"
     lib.aw_fast_start.argtypes = [ctypes.c_int] * 5
     lib.aw_fast_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_char_p,
-                                  ctypes.c_uint64]
+                                  ctypes.c_uint64, ctypes.c_int]
     lib.aw_fast_perform.argtypes = [ctypes.c_int]
     lib.aw_fast_release.argtypes = [ctypes.c_int]
     lib.aw_fast_learn.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
@@ -158,11 +158,14 @@ class FastPath:
         if err < 0:
             raise OSError(-err, f"cannot start the fast path: {os.strerror(-err)}")
 
-    def watch(self, fd: int, agent: str, session_cgroup: str = "", session_ino: int = 0) -> None:
+    def watch(self, fd: int, agent: str, session_cgroup: str = "", session_ino: int = 0,
+              receipt_fd: int = -1) -> None:
         """session_cgroup: the session's cgroup as /proc/PID/cgroup names it,
-        session_ino its inode (the records of performed opens)."""
+        session_ino its inode (the records of performed opens); receipt_fd: the
+        session's receipt file (the last notification received, kept across a
+        restart), or -1."""
         name = agent.encode()
-        err = self.lib.aw_fast_watch(fd, name, len(name), session_cgroup.encode(), session_ino)
+        err = self.lib.aw_fast_watch(fd, name, len(name), session_cgroup.encode(), session_ino, receipt_fd)
         if err < 0:
             raise OSError(-err, os.strerror(-err))
 

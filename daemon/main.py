@@ -93,6 +93,9 @@ class Daemon:
         self.releases = Releases(self.counters)
         self.performed = Performed()   # the supervisor's performed calls, each to its place
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
+        # Sessions' listeners kept by the service manager (systemd's fd store,
+        # or `up`) while this process was gone: the supervisor resumes them.
+        self.inherited = sdnotify.listen_fds()
         self.alerts = HoldAlerts(settings, self.archive.host)  # holds: journal, status line, hooks
         self.hold_waits = Buckets(HOLD_WAIT_BUCKETS)   # pending to decided, of the hold records seen
         # Metrics read a snapshot the loop takes each tick: never what the loop is changing.
@@ -510,11 +513,13 @@ class Daemon:
         # Its own process (see supervisor/__init__.py); it dies with this one.
         self.supervisor = subprocess.Popen(
             [sys.executable, "-m", "agentwarden.daemon.supervisor", *settings_mod.flag_args(),
-             "--release-fd", str(self.release_channel.theirs.fileno())],
-            pass_fds=[self.release_channel.theirs.fileno()])
+             "--release-fd", str(self.release_channel.theirs.fileno()),
+             *(f"--listener={name}={fd}" for name, fd in self.inherited)],
+            pass_fds=[self.release_channel.theirs.fileno(), *(fd for _, fd in self.inherited)])
         self.release_channel.handed_over()
         if self.fleet:
             self.fleet.start()
+        sdnotify.fds_close([fd for _, fd in self.inherited])   # the supervisor's now (and the store's)
         poller.register(self.release_channel.fileno(), zmq.POLLIN)
         next_tick = time.monotonic() + TICK_INTERVAL
         watched_fd = None   # the probe's pidfd in the poller: its exit wakes this loop at once

@@ -596,7 +596,9 @@ def test_root_counts_once_whatever_sudo_says(warden, session_agent):
     assert denied["denial"]["uid"] == 0 and denied["denial"]["reason"] == "no second admin"
 
 
-def test_killing_the_daemon_fails_held_and_later_calls_closed(own_warden, agent_cgroup, tmp_path):
+def test_stopping_the_service_fails_held_and_later_calls_closed(own_warden, agent_cgroup, tmp_path):
+    """A real stop (of `up`, which keeps the listeners while the daemon
+    restarts: tests/test_kernel_restart.py) ends the sessions, closed."""
     warden = own_warden
     agent = _name("closed")
     cg = agent_cgroup(agent, tag=False)
@@ -607,8 +609,7 @@ def test_killing_the_daemon_fails_held_and_later_calls_closed(own_warden, agent_
               f"echo x > {tmp_path}/write; echo write=$?")
     proc = start_run(warden, agent, ["/bin/sh", "-c", script])
     wait_hold(warden, agent)
-    daemon = [p for p in psutil.Process(warden.proc.pid).children() if p.cmdline()[-1] == "daemon"][0]
-    daemon.send_signal(signal.SIGKILL)
+    warden.proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     # The held exec, the later (allowed!) exec and the write all fail: nothing proceeds unchecked.
     assert "held=126" in out and "later=126" in out and "write=2" in out, (out, err)

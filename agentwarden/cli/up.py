@@ -6,18 +6,27 @@ for the services: a probe killed by an agent must not end the watch (the
 daemon freezes the agents until the new probe watches). A part that keeps
 failing — START_LIMIT_BURST exits within START_LIMIT_INTERVAL seconds — stops
 `up` with an error, and agents the daemon froze stay frozen (fail closed).
+
+`up` plays systemd's part of the fd-store protocol for the daemon (see
+agentwarden/sdnotify.py): the daemon's NOTIFY_SOCKET is a socket `up` serves,
+where the session supervisor stores each session's seccomp listener; a
+restarted daemon gets them back as LISTEN_FDS, so sessions and their pending
+holds outlive a daemon that dies. Only `up`'s own stop closes them: then
+sessions fail closed.
 """
 from __future__ import annotations
 
 import collections
 import os
+import resource
+import select
 import signal
 import subprocess
 import sys
 import time
 from typing import Callable
 
-from agentwarden import control, settings as settings_mod
+from agentwarden import control, sdnotify, settings as settings_mod
 from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
@@ -49,10 +58,37 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
     env = {k: v for k, v in os.environ.items()
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
 
-    def start(part: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "agentwarden", *flags, part], env=env)
+    settings.prepare_run_dir()
+    # Room for every session's listener (the soft limit is often 1024).
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    store = sdnotify.FdStore(settings.run_dir / "up-notify.sock")
 
-    children = {part: start(part) for part in PARTS}
+    def start(part: str) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "agentwarden", *flags, part]
+        if part != "daemon":
+            return subprocess.Popen(argv, env=env)
+        # The daemon talks to us as to systemd: readiness, and the fd store.
+        daemon_env = {**env, "NOTIFY_SOCKET": store.path}
+        listen_env, fds = store.handed_over()
+        if not fds:
+            return subprocess.Popen(argv, env=daemon_env)
+        full_env = {**daemon_env, **listen_env}
+        return subprocess.Popen(argv, env=full_env,
+                                preexec_fn=lambda: sdnotify.place_fds_and_exec(argv, full_env, fds))
+
+    def trusted(pid: int) -> bool:
+        """The daemon, or a child of it (its session supervisor)."""
+        daemon = children.get("daemon")
+        return daemon is not None and daemon.poll() is None and daemon.pid in (pid, _parent_of(pid))
+
+    def wait(seconds: float) -> None:
+        if select.select([store], [], [], seconds)[0]:
+            store.receive(trusted)
+
+    children: dict[str, subprocess.Popen] = {}
+    for part in PARTS:
+        children[part] = start(part)
     exits: dict[str, collections.deque] = {part: collections.deque() for part in PARTS}
     try:
         deadline = time.monotonic() + ready_timeout
@@ -66,7 +102,7 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
                     break
             except AgentwardenError:
                 pass
-            time.sleep(POLL_INTERVAL)
+            wait(POLL_INTERVAL)
         while not stopping:
             for part, child in children.items():
                 if child.poll() is None or stopping:
@@ -84,7 +120,7 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
                 print(f"agentwarden: the {part} exited ({_exits({part: child.returncode})}); "
                       f"starting it again", file=sys.stderr, flush=True)
                 children[part] = start(part)
-            time.sleep(POLL_INTERVAL)
+            wait(POLL_INTERVAL)
         return stopping
     finally:
         for part in STOP_ORDER:
@@ -96,8 +132,17 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
                 except subprocess.TimeoutExpired:
                     child.kill()
                     child.wait()
+        store.close()   # a real stop: the sessions' listeners close, their calls fail (ENOSYS)
 
 
 def _exits(codes: dict[str, int]) -> str:
     return ", ".join(f"{part} exited with {code}" if code >= 0 else f"{part} killed by signal {-code}"
                      for part, code in codes.items())
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -1,8 +1,10 @@
 """Sessions of `agentwarden run`: their seccomp listeners, and the holds admins answer.
 
 Runs as its own process (`python -m agentwarden.daemon.supervisor`), a child
-of the daemon (it dies with it, and then the listeners close: held and later
-notified calls fail). A separate process, not a thread, so that the daemon's
+of the daemon (it dies with it). The listeners outlive both: each is kept in
+the service manager's fd store (systemd's, or `agentwarden up`'s), so a
+restarted daemon resumes its sessions (restart.py); only a real stop of the
+service closes them, and then held and later notified calls fail. A separate process, not a thread, so that the daemon's
 event processing never holds the interpreter while a syscall waits. Its
 records (sessions, holds, refusals, its health) go to the daemon's ingest
 socket like the probe's, as source "supervisor". One UNIX seqpacket socket
@@ -32,4 +34,5 @@ The modules:
   tell       one line on a held task's own stderr
   admin      the socket: session registration, the holds admins list, show, approve and deny
   records    what goes to the daemon's ingest socket, and the counters health reports
+  restart    what outlives this process (fd store, state_dir/sessions, receipts), and resuming
 """

@@ -243,6 +243,7 @@ class Admin:
                                           "admins (root counts once, whatever sudo says)"}
         hold.approvals[approver] = who
         if len(hold.approvals) < hold.required:
+            self.holds.keeper.keep_hold(hold)   # the approval outlives a restart
             self.records.hold(hold, "approval", f"{who['name']}: {reason or 'no reason given'}")
             return {"ok": True, "state": "pending", "needed": hold.required - len(hold.approvals)}
         if remember:

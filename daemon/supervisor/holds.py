@@ -16,6 +16,7 @@ from . import context
 from .listeners import Session
 from .reader import Request
 from .records import Records
+from .restart import Keeper
 from .tell import tell
 
 
@@ -43,12 +44,14 @@ class Hold:
 
 
 class Holds:
-    def __init__(self, records: Records, proceed, messages: bool = True):
+    def __init__(self, records: Records, proceed, keeper: Keeper, messages: bool = True):
         """proceed(session, notification, request, hold_id, remembered, hold): lets a
-        call go ahead (the supervisor's); messages: tell held tasks on their
-        stderr (setting hold_messages)."""
+        call go ahead (the supervisor's); keeper: where pending holds are kept
+        across a restart; messages: tell held tasks on their stderr (setting
+        hold_messages)."""
         self.records = records
         self.proceed = proceed
+        self.keeper = keeper
         self.messages = messages
         self.pending: dict[str, Hold] = {}
         self.numbers = itertools.count(1)
@@ -69,6 +72,7 @@ class Holds:
                     since=time.monotonic(), since_ns=time.time_ns(),
                     deadline=time.monotonic() + timeout, agent_says=context.agent_reason(n, request.syscall))
         self.pending[hold.id] = hold
+        self.keeper.keep_hold(hold)
         self.records.counters["held"] += 1
         self.records.hold(hold, "pending", verdict.reason)
         s.note(request.action, f"held {hold.id}")
@@ -89,6 +93,9 @@ class Holds:
 
     def finish(self, hold: Hold, allow: bool, state: str, reason: str | None) -> None:
         del self.pending[hold.id]
+        # Forgotten before it is answered: a restart in between finds the call
+        # received and unanswered, and fails it (closed), never lets it through.
+        self.keeper.forget_hold(hold.id)
         fd, n = hold.session.fd, hold.notification
         if not sn.still_valid(fd, n.id):
             self.records.hold(hold, "abandoned", "the waiting process is gone")
@@ -115,7 +122,35 @@ class Holds:
         """The session ended: its holds have no one left to answer."""
         for hold in [h for h in self.pending.values() if h.session is session]:
             del self.pending[hold.id]
+            self.keeper.forget_hold(hold.id)
             self.records.hold(hold, "abandoned", "the session ended")
+
+    def restore(self, s: Session, kept: dict, request: Request | None) -> Hold | None:
+        """A hold kept by the process before this one, still pending: the same
+        id, approvals and deadline; its call read again (request, None when it
+        cannot be: then it fails with EPERM, recorded as abandoned)."""
+        raw = kept["notification"]
+        n = sn.Notification(raw["id"], raw["pid"], raw["nr"], tuple(raw["args"]))
+        now_ns, now = time.time_ns(), time.monotonic()
+        hold = Hold(id=kept["id"], session=s, notification=n, request=request,
+                    key=request.key if request else (), action=kept["action"], decision=kept["decision"],
+                    rule=kept["rule"], reason=kept["reason"], policy_hash=kept["policy_hash"],
+                    required=kept["required"], since=now - (now_ns - kept["since_ns"]) / 1e9,
+                    since_ns=kept["since_ns"], deadline=now + (kept["deadline_ns"] - now_ns) / 1e9,
+                    approvals={a["uid"]: a for a in kept["approvals"]}, denial=kept["denial"],
+                    agent_says=kept["agent_says"])
+        number = hold.id[1:].split("-", 1)[0]
+        if number.isdigit():   # new holds are numbered after the kept ones
+            self.numbers = itertools.count(max(int(number) + 1, next(self.numbers)))
+        if request is None:
+            self.keeper.forget_hold(hold.id)
+            sn.respond(s.fd, n.id, allow=False)
+            self.records.hold(hold, "abandoned", "its call could not be read again after a restart: "
+                                                 "refused (EPERM)")
+            return None
+        self.pending[hold.id] = hold
+        self.records.hold(hold, "pending", "still pending after a restart of the daemon")
+        return hold
 
     def next_deadline(self) -> float | None:
         return min((h.deadline for h in self.pending.values()), default=None)

@@ -32,6 +32,7 @@ class Session:
     fd: int
     pid: int
     started: int
+    receipt_fd: int = -1   # the last notification received, kept across a restart (restart.py)
     # the last calls this process decided (the fast path's allows are not seen
     # here): {time, action, verdict}
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_ACTIONS))
@@ -81,7 +82,7 @@ class Listeners:
                 relative = "/" if below == "." else "/" + below   # as /proc/PID/cgroup says it
             except (OSError, ValueError):
                 ino, relative = 0, ""   # matches no task: its write-opens go to Python
-            fast.watch(session.fd, session.agent, relative, ino)
+            fast.watch(session.fd, session.agent, relative, ino, session.receipt_fd)
             return True
         except OSError as exc:
             log.error("supervisor: no fast-path thread for session %s: %s", session.id, exc)

@@ -1,6 +1,7 @@
 """The supervisor's loop: one epoll wait over every fd it watches, a
 notification from receipt (here or forwarded by the fast path) to its answer,
-sessions started and ended, policy reloads the daemon announces, health."""
+sessions started, resumed after a restart and ended, policy reloads the daemon
+announces, health."""
 from __future__ import annotations
 
 import collections
@@ -12,6 +13,7 @@ import time
 import zmq
 
 from agentwarden import policy as policy_mod
+from agentwarden import sdnotify
 from agentwarden import seccomp_notify as sn
 from agentwarden import wire
 from agentwarden.settings import Settings
@@ -29,7 +31,8 @@ from .holds import Holds
 from .listeners import Listeners, Session
 from . import perform as perform_mod
 from .perform import Performer
-from .records import Records, summarise
+from .records import Records, session_fields, summarise
+from .restart import Keeper, received_unanswered
 
 log = logging.getLogger("agentwarden.daemon")
 
@@ -37,8 +40,11 @@ HEALTH_INTERVAL = 1.0
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, release_fd: int | None = None):
-        """release_fd: the daemon's end of the pair for `release` records."""
+    def __init__(self, settings: Settings, release_fd: int | None = None,
+                 inherited: list[tuple[str, int]] = ()):
+        """release_fd: the daemon's end of the pair for `release` records;
+        inherited: (session id, listener fd) the service manager kept while
+        the daemon restarted."""
         self.settings = settings
         self.governor = Governor([settings.policy_dir], lambda cgroup_id: None)
         self.governor.load()
@@ -59,9 +65,13 @@ class Supervisor:
         self.approvals = ExecApprovals(settings.bpf_pin_dir, self.fast, self.listeners.sessions,
                                        self.records.counters)
         self.drift = SessionCapture(settings, self.records.emit)
-        self.holds = Holds(self.records, self.proceed, settings.hold_messages)
+        # Listeners to the service manager's fd store (NotifyAccess=all under
+        # systemd; `up` serves the daemon's NOTIFY_SOCKET itself).
+        self.keeper = Keeper(settings.state_dir, sdnotify.Notifier())
+        self.holds = Holds(self.records, self.proceed, self.keeper, settings.hold_messages)
         self.admin = Admin(settings, self.listeners, self.holds, self.decisions, self.records,
                            self._current_policy, self._start_session, self.drift)
+        self._resume(list(inherited))
 
     def _start_fast_path(self) -> tuple[fastpath.FastPath | None, str | None]:
         if not self.settings.exec_fast_path:
@@ -139,16 +149,82 @@ class Supervisor:
     # -- sessions -------------------------------------------------------------------------
 
     def _start_session(self, session: Session) -> None:
+        if not self.keeper.keep(session):
+            log.warning("supervisor: no fd store (NOTIFY_SOCKET): session %s ends if the daemon "
+                        "restarts", session.id)
         self.listeners.add(session, self.fast)
         self.records.supervision(session, "started", session.started)
 
     def _end_session(self, fd: int) -> None:
         session = self.listeners.remove(fd, self.fast)
         self.holds.abandon(session)
+        self.keeper.forget(session)
         os.close(fd)
         self.drift.session_ended(session)
         self.records.supervision(session, "ended", time.time_ns())
         session.remove_cgroup()
+
+    def _resume(self, inherited: list[tuple[str, int]]) -> None:
+        """Sessions whose listeners the service manager kept while the daemon
+        restarted (restart.py); kept sessions whose listener did not come back
+        are recorded as ended."""
+        kept, kept_holds = self.keeper.load()
+        for name, fd in inherited:
+            data = kept.pop(name, None)
+            if data is None or not sn.is_listener(fd):
+                log.error("supervisor: the fd store handed back %s, not a session this host kept; "
+                          "closing it", name)
+                os.close(fd)
+                self.keeper.notifier.remove_fd(name)
+                continue
+            self._resume_session(self.keeper.session(data, fd), kept_holds.pop(name, []))
+        for session_id, data in kept.items():
+            ended = [h["id"] for h in kept_holds.get(session_id, [])]
+            self.keeper.drop(session_id, ended)
+            self.records.emit({"kind": "supervision", "time": time.time_ns(), "state": "ended",
+                               **{k: str(data[k]) for k in ("agent", "on_behalf_of", "task", "user",
+                                                            "host", "cgroup")},
+                               "session": session_id, "pid": data["pid"],
+                               "detail": "its listener did not survive (the service was stopped, or "
+                                         "there was no fd store): its calls failed closed",
+                               "holds_ended": ended})
+
+    def _resume_session(self, s: Session, kept_holds: list[dict]) -> None:
+        """One session back: its holds stay pending, what the dead process
+        received and did not answer is answered now, and only then are its
+        notifications received again."""
+        started = time.monotonic()
+        fd = s.fd
+        sn.set_sync_wakeup(fd)
+        self.listeners.sessions[fd] = s   # the answers below need it; watched once they are given
+        restored = []
+        for hold_data in kept_holds:
+            raw = hold_data["notification"]
+            n = sn.Notification(raw["id"], raw["pid"], raw["nr"], tuple(raw["args"]))
+            if not sn.still_valid(fd, n.id):
+                self.keeper.forget_hold(hold_data["id"])   # answered, or its task is gone
+                continue
+            request = reader.read(s.agent, n, self.names.get(n.nr, str(n.nr)))
+            if self.holds.restore(s, hold_data, request):
+                restored.append(hold_data["id"])
+        receipt = self.keeper.receipt(s)
+        redecided, failed = [], []
+        if receipt is not None:
+            known = {h.notification.id for h in self.holds.pending.values() if h.session is s}
+            for nid in received_unanswered(fd, receipt, known):
+                if nid == receipt.id:
+                    self._on_notification(fd, receipt)   # decided again, as if just received
+                    redecided.append(nid)
+                elif sn.respond(fd, nid, allow=False):
+                    failed.append(nid)
+        self.listeners.add(s, self.fast)
+        self.records.counters["resumed"] = self.records.counters.get("resumed", 0) + 1
+        self.records.emit({"kind": "supervision", "time": time.time_ns(), "state": "resumed",
+                           **session_fields(s), "user": s.user, "host": s.host, "cgroup": str(s.cgroup),
+                           "pid": s.pid, "holds_resumed": restored, "redecided": redecided,
+                           "failed": failed, "resume_ms": round((time.monotonic() - started) * 1000, 3)})
+        log.info("supervisor: resumed session %s (%d holds pending, %d received calls decided again, "
+                 "%d failed with EPERM)", s.id, len(restored), len(redecided), len(failed))
 
     # -- notifications --------------------------------------------------------------------
 
@@ -207,6 +283,7 @@ class Supervisor:
             n = sn.receive(fd)
             if n is None:
                 return
+            self.keeper.note(s, n)
         counters = self.records.counters
         counters["notifications"] += 1
         name = self.names.get(n.nr, str(n.nr))
@@ -288,7 +365,9 @@ class Supervisor:
         if self.fast:
             self.fast.stop()
         for fd, session in list(self.listeners.sessions.items()):
-            os.close(fd)  # held and future notified calls now fail with ENOSYS
+            # The fd store keeps the listener (a restart resumes the session);
+            # without one, held and later notified calls now fail with ENOSYS.
+            os.close(fd)
             session.remove_cgroup()
         self.admin.close()
         self.listeners.close()

@@ -309,6 +309,58 @@ EOT
     check "stopping the unit removed its cgroups, the session's too" test ! -d "$unit_cg"
     ;;
 
+restart)
+    # `systemctl restart agentwarden-daemon` (and a kill -9 of it) mid-session is
+    # a pause: the session's listener waits in the unit's fd store, the restarted
+    # daemon resumes it, its next exec is decided, its pending hold is still
+    # pending and can be approved.
+    cat > /etc/agentwarden/policy.d/swt-restart.toml <<'EOT'
+[agent.swt-restart]
+mode = "enforce"
+on-violation = "kill"
+[agent.swt-restart.exec]
+allow = ["/usr/bin/sh", "/usr/bin/dash", "/bin/sh", "/usr/bin/sleep", "/usr/bin/touch"]
+hold = ["/usr/bin/date"]
+[agent.swt-restart.files]
+read-allow = ["/**"]
+write-allow = ["/tmp/**", "/dev/null"]
+EOT
+    check "policy reload" agentwarden policy reload
+    cat > /etc/agentwarden/agents/swt-restart.toml <<'EOT'
+command = ["/bin/sh", "-c", "/usr/bin/date +held-%Y > /tmp/restart-held & while :; do /usr/bin/touch /tmp/restart-tick; /usr/bin/sleep 0.2; done"]
+user = "reviewer"
+EOT
+    systemctl daemon-reload
+    rm -f /tmp/restart-held /tmp/restart-tick
+    check "FileDescriptorStoreMax is set" test "$(prop agentwarden-daemon.service FileDescriptorStoreMax)" -gt 0
+    check "systemctl start agent@swt-restart" systemctl start agent@swt-restart
+    wait_for 20 "its exec of /usr/bin/date is held" sh -c "agentwarden holds --json | grep -q swt-restart"
+    hold=$(agentwarden holds --json | python3 -c 'import json, sys; print([h["id"] for h in json.load(sys.stdin) if h["agent"] == "swt-restart"][0])')
+    wait_for 20 "the session ticks" test -e /tmp/restart-tick
+    agent_pid=$(prop agent@swt-restart MainPID)
+    for how in "systemctl restart agentwarden-daemon" "systemctl kill -s KILL agentwarden-daemon"; do
+        daemon_pid=$(prop agentwarden-daemon MainPID)
+        check "$how" $how
+        wait_for 30 "the daemon is back ($how)" sh -c \
+            "test \"\$(systemctl show -p MainPID --value agentwarden-daemon)\" != $daemon_pid && agentwarden status >/dev/null"
+        rm -f /tmp/restart-tick
+        wait_for 30 "the session's next exec is decided after $how" test -e /tmp/restart-tick
+        check "the session is the same process" test "$(prop agent@swt-restart MainPID)" = "$agent_pid"
+        check "the unit is still active" active agent@swt-restart.service
+        check "$hold is still pending" sh -c "agentwarden holds --json | grep -q '\"$hold\"'"
+        check "nothing held ran" test ! -s /tmp/restart-held
+    done
+    check "approve $hold after the restarts" agentwarden approve "$hold" --reason "systemd-test restart"
+    wait_for 20 "the approved date ran" grep -q held- /tmp/restart-held
+    wait_for 20 "the archive has the resumed session" archive_has swt-restart \
+        "r.get('kind') == 'supervision' and r.get('state') == 'resumed' and r.get('holds_resumed') == ['$hold']"
+    wait_for 20 "the archive has the approved hold" archive_has swt-restart \
+        "r.get('kind') == 'hold' and r.get('state') == 'approved' and r.get('hold_id') == '$hold'"
+    systemctl stop agent@swt-restart
+    rm -f /etc/agentwarden/agents/swt-restart.toml /etc/agentwarden/policy.d/swt-restart.toml
+    systemctl daemon-reload
+    agentwarden policy reload >/dev/null
+    ;;
 watchdog)
     pid=$(prop agentwarden-daemon MainPID)
     restarts=$(prop agentwarden-daemon NRestarts)
