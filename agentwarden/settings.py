@@ -463,6 +463,8 @@ class Settings:
     def fleet_state_file(self) -> Path:
         """The last sequence the fleet acknowledged (the shipper resumes after it)."""
         return self.state_dir / "fleet-acked.json"
+
+    @property
     def probe_socket(self) -> Path:
         """`agentwarden run` asks the probe to watch its new session cgroup here (root only)."""
         return self.run_dir / "probe.sock"
