@@ -60,8 +60,8 @@ def run_fast(args: list[str]) -> None:
         session.run(Settings.from_env(), parsed["agent"], parsed["command"], parsed["user"],
                     parsed["task"], parsed["on_behalf_of"] or os.environ.get("SUDO_USER", ""),
                     parsed["group"])
-    except AgentwardenError as exc:   # as commands.main says it
+    except AgentwardenError as exc:   # as commands.main says it (docs/cli.md's exit codes)
         print(f"agentwarden: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
