@@ -241,18 +241,10 @@ print("    " + json.dumps({k: v for k, v in entry.items() if k.startswith(("AGEN
         "r['event']['kind'] == 'alert' and r['event']['category'] == ['intrusion_detection'] and r['agentwarden']['agent'] == 'swt-intruder'"
 
     # Prometheus metrics: off by default; on with metrics_listen and the
-    # python3-prometheus-client Recommends, once the unit may open TCP sockets.
+    # python3-prometheus-client Recommends (the unit allows AF_INET for it).
     check "apt installs python3-prometheus-client (a Recommends)" apt_install --no-install-recommends python3-prometheus-client
     mkdir -p /etc/agentwarden/config.d
     echo 'metrics_listen = "127.0.0.1:9464"' > /etc/agentwarden/config.d/50-swt-metrics.toml
-    systemctl restart agentwarden-daemon
-    wait_for 30 "under RestrictAddressFamilies=AF_UNIX the daemon runs on and says which drop-in is needed" \
-        journal_has "_SYSTEMD_UNIT=agentwarden-daemon.service" \
-        "'metrics_listen 127.0.0.1:9464: cannot listen' in r.get('MESSAGE', '') and 'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6' in r['MESSAGE']"
-    mkdir -p /etc/systemd/system/agentwarden-daemon.service.d
-    printf '[Service]\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n' \
-        > /etc/systemd/system/agentwarden-daemon.service.d/50-swt-metrics.conf
-    systemctl daemon-reload
     systemctl restart agentwarden-daemon
     wait_for 30 "agentwarden status: healthy after the restart" healthy
     wait_for 20 "a scrape of http://127.0.0.1:9464/metrics: daemon and probe up" python3 -c '
@@ -260,9 +252,7 @@ import sys, urllib.request
 body = urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=5).read().decode()
 sys.exit(0 if "agentwarden_daemon_up 1.0" in body and "agentwarden_probe_up 1.0" in body
          and "agentwarden_archive_bytes_written_total" in body else 1)'
-    rm -f /etc/agentwarden/config.d/50-swt-metrics.toml /etc/systemd/system/agentwarden-daemon.service.d/50-swt-metrics.conf
-    rmdir /etc/systemd/system/agentwarden-daemon.service.d 2>/dev/null
-    systemctl daemon-reload
+    rm -f /etc/agentwarden/config.d/50-swt-metrics.toml
     systemctl restart agentwarden-daemon
     wait_for 30 "metrics off again: healthy" healthy
     systemctl reset-failed agent-swt-intruder 2>/dev/null
