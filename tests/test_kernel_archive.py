@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agentwarden import identity
 from agentwarden import cgroups, wire
 from agentwarden.archive.segments import read_items
 
@@ -84,8 +85,8 @@ def test_replay_of_a_real_session_shows_what_happened(warden, agent_cgroup, tmp_
     timeline = replay["timeline"]
     assert [t["seq"] for t in timeline] == sorted(t["seq"] for t in timeline)
     admin = [(t["action"], t["user"]) for t in timeline if t["kind"] == "admin"]
-    assert admin == [("freeze", os.environ.get("SUDO_USER") or "root"),
-                     ("thaw", os.environ.get("SUDO_USER") or "root")]
+    me = identity.describe("self", os.getuid())[0]   # the kernel's word, not $SUDO_USER
+    assert admin == [("freeze", me), ("thaw", me)]
     started = [t["pid"] for t in timeline if t["kind"] == "exec"]
     assert started.index(cat_pid) < started.index(ls_pid) < started.index(id_pid)
     # Every event and decision in it carries the whole attribution.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
+from agentwarden import identity
 from agentwarden import session
 from agentwarden.cli import commands, run_fast
 
@@ -30,8 +31,9 @@ def test_lines_it_takes_mean_what_typer_makes_of_them(args, monkeypatch):
     result = CliRunner().invoke(commands.app, ["run", *args])
     assert result.exit_code == 0, result.output
     parsed = run_fast.parse(args)
+    # Not told on whose behalf: the invoking login user, from the kernel (never $SUDO_USER).
     assert seen == [(parsed["agent"], parsed["command"], parsed["user"], parsed["task"],
-                     parsed["on_behalf_of"], parsed["group"])]
+                     parsed["on_behalf_of"] or identity.invoking_user(), parsed["group"])]
 
 
 @pytest.mark.parametrize("args", LEFT_TO_TYPER)

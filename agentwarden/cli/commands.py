@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from agentwarden import agentdef, cgroups, control, doctor, journal, render, settings as settings_mod, wire
+from agentwarden import agentdef, cgroups, control, doctor, identity, journal, render, settings as settings_mod, wire
 from . import output
 from .drift import drift_app
 from .fleet import fleet_app
@@ -295,11 +295,12 @@ def _admin(action: str, agent: Optional[str], every: bool, act, as_json: bool) -
     if not as_json:
         for line in results:
             emit(line)
-    user = os.environ.get("SUDO_USER") or "root"
+    # Who acted, from the kernel (uid, audit login uid), never $SUDO_USER.
+    user, _login = identity.describe("self", os.getuid())
     archived = None
     try:
         control.request(_settings(), "admin", action=action, agent=agent if agent else "*",
-                        uid=int(os.environ.get("SUDO_UID", os.getuid())), user=user,
+                        uid=os.getuid(), user=user,
                         result="; ".join(results))
     except AgentwardenError as exc:
         archived = str(exc)
@@ -363,7 +364,7 @@ def run(command: List[str] = typer.Argument(None, help="the command and its argu
     """
     from agentwarden import session
     session.run(_settings(), agent, list(command or []), user, task,
-                on_behalf_of or os.environ.get("SUDO_USER", ""), group)
+                on_behalf_of or identity.invoking_user(), group)
 
 
 holds_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)

@@ -11,7 +11,6 @@ Both end in `session.run`.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 # option -> session.run's keyword (commands.run declares the same options)
@@ -53,12 +52,12 @@ def run_fast(args: list[str]) -> None:
     parsed = parse(args)
     if parsed is None:
         return
-    from agentwarden import session
+    from agentwarden import identity, session
     from agentwarden.errors import AgentwardenError
     from agentwarden.settings import Settings
     try:
         session.run(Settings.from_env(), parsed["agent"], parsed["command"], parsed["user"],
-                    parsed["task"], parsed["on_behalf_of"] or os.environ.get("SUDO_USER", ""),
+                    parsed["task"], parsed["on_behalf_of"] or identity.invoking_user(),
                     parsed["group"])
     except AgentwardenError as exc:   # as commands.main says it (docs/cli.md's exit codes)
         print(f"agentwarden: error: {exc}", file=sys.stderr)

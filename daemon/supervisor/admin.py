@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import array
 import os
-import pwd
 import socket
 import struct
 import time
 from pathlib import Path
 from typing import Callable
 
-from agentwarden import cgroups, control, fleet, wire
+from agentwarden import cgroups, control, fleet, identity, wire
 from agentwarden import policy as policy_mod
 from agentwarden import session as session_mod
 from agentwarden import seccomp_notify as sn
@@ -27,25 +26,6 @@ from .decisions import Decisions
 from .holds import Hold, Holds
 from .listeners import Listeners, Session
 from .records import Records, session_fields
-
-
-NO_LOGIN_UID = 0xFFFFFFFF   # (uid_t)-1: the session has no audit login uid
-
-
-def user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid:{uid}"
-
-
-def login_uid(pid: int) -> int | None:
-    """The audit login uid of a process (set at login, kept across sudo), or None."""
-    try:
-        value = int(open(f"/proc/{pid}/loginuid").read())
-    except (OSError, ValueError):
-        return None
-    return None if value == NO_LOGIN_UID else value
 
 
 class Admin:
@@ -154,12 +134,10 @@ class Admin:
         """Who answers, from the kernel alone: the socket peer's uid (SO_PEERCRED)
         and, for root, the audit login uid of its session (who logged in before
         sudo). Environment variables (SUDO_USER) are never asked."""
-        answer = {"uid": uid, "name": user_name(uid), "reason": reason, "time": time.time_ns()}
-        if uid == 0:
-            login = login_uid(pid)
-            if login is not None and login != 0:
-                answer["login_uid"] = login
-                answer["name"] = f"root (logged in as {user_name(login)})"
+        name, login = identity.describe(pid, uid)
+        answer = {"uid": uid, "name": name, "reason": reason, "time": time.time_ns()}
+        if login is not None:
+            answer["login_uid"] = login
         return answer
 
     # -- requests -------------------------------------------------------------------------
