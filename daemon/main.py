@@ -5,6 +5,7 @@ import collections
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -506,11 +507,28 @@ class Daemon:
         self._record(record)
         return {"ok": True}
 
+    def _sessions_open(self) -> bool:
+        """Whether the supervisor takes sessions (its socket accepts): the
+        service is ready only then, or an agent@ unit started right after it
+        would find nothing listening. A supervisor that died counts as an
+        answer (the loop stops for it)."""
+        if self.supervisor.poll() is not None:
+            return True
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(str(self.settings.sessions_socket))
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         # Its own process (see supervisor/__init__.py); it dies with this one.
+        self.ready_sent = False
         self.supervisor = subprocess.Popen(
             [sys.executable, "-m", "agentwarden.daemon.supervisor", *settings_mod.flag_args(),
              "--release-fd", str(self.release_channel.theirs.fileno()),
@@ -549,6 +567,9 @@ class Daemon:
                 log.error("the session supervisor died (exit %s); stopping", self.supervisor.returncode)
                 self.exit_code = 1
                 self.stopping = True
+            if not self.ready_sent and self._sessions_open():
+                self.ready_sent = True
+                self.notifier.ready(self.status_line())
             self.check_watch()
             if self.archive.sync_due():
                 self.sync_archive()  # bounded loss: at most sync_interval after the first unsynced record
@@ -583,7 +604,6 @@ def main(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
     log.info("daemon running: archive %s", settings.archive_dir)
-    daemon.notifier.ready(daemon.status_line())
-    daemon.run()
+    daemon.run()   # READY once its supervisor takes sessions
     if daemon.exit_code:
         raise SystemExit(daemon.exit_code)
