@@ -44,7 +44,7 @@ POLICY = ('[agent.coder]\nmode = "enforce"\non-violation = "kill"\n'
           '[agent.coder.exec]\nallow = ["/usr/bin/git"]\n')
 
 # Commands that run for long or become another program print no result of their own.
-NO_JSON = {("up",), ("probe",), ("daemon",), ("run",), ("log", "export")}
+NO_JSON = {("up",), ("probe",), ("daemon",), ("run",), ("log", "export"), ("fleet", "archive")}
 
 # Codes: 1 problem, 2 usage, 3 daemon unreachable, 4 permission (docs/cli.md).
 # Per command: a valid invocation, and its code as nobody, with the daemon down,
@@ -79,9 +79,24 @@ INVOCATIONS: dict[tuple, tuple[list[str], dict]] = {
     ("log", "search"): (["log", "search", "--agent", "a"], {"nobody": 4}),
     ("log", "replay"): (["log", "replay", "s1"], {"nobody": 4}),
     ("log", "export"): (["log", "export"], {"nobody": 4}),
+    ("drift", "show"): (["drift", "show", "c-0000000000"], {"nobody": 4}),
+    ("drift", "revert"): (["drift", "revert", "c-0000000000"], {"nobody": 4, **DAEMON}),
+    ("drift", "accept"): (["drift", "accept", "c-0000000000"], {"nobody": 4, **DAEMON}),
+    ("drift", "baseline"): (["drift", "baseline", "/etc/hosts"], {"nobody": 4, **DAEMON}),
+    # The fleet's commands talk to NATS, not to this host's daemon: without
+    # fleet_url (or --url) they say so; keygen needs nothing.
+    ("fleet", "keygen"): (["fleet", "keygen", "alice", "--out", "/nonexistent/alice.key"], {"nobody": 1}),
+    ("fleet", "init"): (["fleet", "init"], {"nobody": 2}),
+    ("fleet", "holds"): (["fleet", "holds"], {"nobody": 2}),
+    ("fleet", "status"): (["fleet", "status"], {"nobody": 2}),
+    ("fleet", "tail"): (["fleet", "tail"], {"nobody": 2}),
+    ("fleet", "approve"): (["fleet", "approve", "h1-0000", "--key", "/nonexistent"], {"nobody": 1}),
+    ("fleet", "deny"): (["fleet", "deny", "h1-0000", "--key", "/nonexistent"], {"nobody": 1}),
+    ("fleet", "archive"): (["fleet", "archive"], {"nobody": 2}),
 }
 # `holds` is a group that runs by itself.
 INVOCATIONS[("holds",)] = (["holds"], {"nobody": 4, **DAEMON})
+INVOCATIONS[("drift",)] = (["drift"], {"nobody": 4})
 
 # Bad values for options (beyond the unknown option every command gets): usage, 2.
 BAD_VALUES = [
@@ -121,15 +136,18 @@ def dirs():
             os.chmod(made[where] / name, 0o777)
     made["closed"].chmod(0o700 if IS_ROOT else 0o000)   # the run dir of root's daemon
     (made["state"] / "archive").mkdir(mode=0o700)
+    (made["state"] / "drift").mkdir(mode=0o700)   # root's alone, as the daemon makes it
     (made["state"] / "archive" / "lock").write_text("")
     if not IS_ROOT:
         (made["state"] / "archive").chmod(0o000)
+        (made["state"] / "drift").chmod(0o000)
     (made["policy"] / "coder.toml").write_text(POLICY)
     os.chmod(made["policy"] / "coder.toml", 0o644)
     yield made
     for path in made.values():
         path.chmod(0o755)
     (made["state"] / "archive").chmod(0o755)
+    (made["state"] / "drift").chmod(0o755)
     shutil.rmtree(base)
 
 
@@ -162,7 +180,7 @@ def run_all(jobs):
 
 
 def test_every_command_has_an_invocation_here():
-    assert set(INVOCATIONS) == set(LEAVES) | {("holds",)}, \
+    assert set(INVOCATIONS) == set(LEAVES) | {("holds",), ("drift",)}, \
         "a new command: add it to INVOCATIONS with its codes (and to docs/cli.md)"
 
 
@@ -196,7 +214,7 @@ def test_bad_values_are_usage_errors(dirs, args):
 def test_every_command_with_the_daemon_down_and_with_stale_sockets(dirs):
     jobs = [((path, where), (lambda args=args, where=where: cli(args, dirs[where], dirs)), codes[where])
             for path, (args, codes) in INVOCATIONS.items() for where in ("down", "stale") if where in codes]
-    assert len(jobs) == 2 * 7   # the commands that talk to the daemon
+    assert len(jobs) == 2 * 10   # the commands that talk to the daemon
     for (path, where), result, code in run_all(jobs):
         assert_clean(result, code, (path, where))
         said = "nothing listens on" if where == "stale" else "the daemon is not running"

@@ -15,8 +15,9 @@ import typer
 
 from agentwarden import drift, render
 from agentwarden.durations import parse_duration
-from agentwarden.errors import AgentwardenError
+from agentwarden.errors import NoPermission
 from agentwarden.settings import Settings
+from .output import emit_json
 
 drift_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
                         help="Changes agents made to tracked files: list, show, revert, accept, baseline.\n\n"
@@ -27,7 +28,7 @@ def _index() -> tuple[drift.Index, drift.Store]:
     settings = Settings.from_env()
     directory = settings.drift_dir
     if directory.exists() and not os.access(directory, os.R_OK | os.X_OK):
-        raise AgentwardenError(f"cannot read {directory}: permission denied (it is root's alone: run with sudo)")
+        raise NoPermission(f"cannot read {directory}: permission denied (it is root's alone: run with sudo)")
     return drift.Index(directory), drift.Store(directory, settings.drift_store_max)
 
 
@@ -84,7 +85,8 @@ def drift_show(change_id: str = typer.Argument(..., help="a change id from `agen
 @drift_app.command("revert")
 def drift_revert(change_id: str = typer.Argument(..., help="a change id from `agentwarden drift`"),
                  force: bool = typer.Option(False, "--force", help="even when the file changed since (diverged)"),
-                 reason: Optional[str] = typer.Option(None, "--reason", help="why (archived)")):
+                 reason: Optional[str] = typer.Option(None, "--reason", help="why (archived)"),
+                 as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object")):
     """Put the file back as it was before the change: bytes, mode, owner (or
     remove it, if it did not exist). Refused, with nothing written, when the
     file changed since (unless --force), is now a directory or a symlink, or
@@ -93,28 +95,40 @@ def drift_revert(change_id: str = typer.Argument(..., help="a change id from `ag
     Example: sudo agentwarden drift revert c-1a2b3c4d5e --reason "debug flag left on"
     """
     change = _request({"cmd": "drift-revert", "id": change_id, "force": force, "reason": reason})["change"]
-    typer.echo(f"{change_id}: reverted {change['path']} to {drift.describe(change['before'])}")
+    if as_json:
+        emit_json({"id": change_id, "state": "reverted", "change": change})
+    else:
+        typer.echo(f"{change_id}: reverted {change['path']} to {drift.describe(change['before'])}")
 
 
 @drift_app.command("accept")
 def drift_accept(change_id: str = typer.Argument(..., help="a change id from `agentwarden drift`"),
-                 reason: Optional[str] = typer.Option(None, "--reason", help="why (archived)")):
+                 reason: Optional[str] = typer.Option(None, "--reason", help="why (archived)"),
+                 as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object")):
     """Make a change permanent: no longer active or expired, never reported again.
 
     Example: sudo agentwarden drift accept c-1a2b3c4d5e --reason "the new pool size stays"
     """
     change = _request({"cmd": "drift-accept", "id": change_id, "reason": reason})["change"]
-    typer.echo(f"{change_id}: accepted ({change['path']})")
+    if as_json:
+        emit_json({"id": change_id, "state": "accepted", "change": change})
+    else:
+        typer.echo(f"{change_id}: accepted ({change['path']})")
 
 
 @drift_app.command("baseline")
 def drift_baseline(paths: List[Path] = typer.Argument(..., help="files to record as they are now"),
-                   reason: Optional[str] = typer.Option(None, "--reason", help="why (archived)")):
+                   reason: Optional[str] = typer.Option(None, "--reason", help="why (archived)"),
+                   as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object")):
     """Record files as they are now, so that later changes made outside
     sessions (by agents, or anyone) are listed and shown as diffs.
 
     Example: sudo agentwarden drift baseline /etc/nginx/nginx.conf /etc/hosts
     """
     absolute = [os.path.abspath(p) for p in paths]
-    for entry in _request({"cmd": "drift-baseline", "paths": absolute, "reason": reason})["baselines"]:
+    baselines = _request({"cmd": "drift-baseline", "paths": absolute, "reason": reason})["baselines"]
+    if as_json:
+        emit_json({"baselines": baselines})
+        return
+    for entry in baselines:
         typer.echo(f"{entry['path']}: baseline {drift.describe(entry['before'])}")

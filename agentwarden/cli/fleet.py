@@ -15,8 +15,9 @@ import typer
 
 from agentwarden import fleet, render, wire
 from agentwarden.daemon import fleet_collector
-from agentwarden.errors import AgentwardenError
+from agentwarden.errors import AgentwardenError, UsageProblem
 from agentwarden.settings import Settings
+from .output import emit_json
 
 fleet_app = typer.Typer(no_args_is_help=True,
                         help="Holds, records and state of every host, over NATS (docs/fleet.md).\n\n"
@@ -34,7 +35,7 @@ def _target(url: Optional[str], credentials: Optional[Path]) -> tuple[str, fleet
     settings = Settings.from_env()
     url = url or settings.fleet_url
     if not url:
-        raise AgentwardenError("no NATS servers: set fleet_url (config or --set fleet_url=nats://HOST:4222) "
+        raise UsageProblem("no NATS servers: set fleet_url (config or --set fleet_url=nats://HOST:4222) "
                                "or pass --url")
     return url, fleet.load_credentials(credentials or settings.fleet_credentials)
 
@@ -102,18 +103,24 @@ def _run(coroutine):
 
 @fleet_app.command("keygen")
 def keygen(name: str = typer.Argument(..., help="your admin name, as hosts will record it"),
-           out: Path = typer.Option(..., "--out", help="where to write the private key (0600)")):
+           out: Path = typer.Option(..., "--out", help="where to write the private key (0600)"),
+           as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object")):
     """Make your admin key (Ed25519) and print the line hosts add to fleet_admin_keys.
 
     Example: agentwarden fleet keygen alice --out ~/.config/agentwarden/alice.key
     """
-    typer.echo(fleet.generate_key(name, out))
+    line = fleet.generate_key(name, out)
+    if as_json:
+        emit_json({"name": name, "key_file": str(out), "admin_keys_line": line})
+    else:
+        typer.echo(line)
 
 
 @fleet_app.command("init")
 def init(replicas: int = typer.Option(3, help="JetStream replicas of the stream and buckets"),
          url: Optional[str] = typer.Option(None, "--url", help=_URL_HELP),
-         credentials: Optional[Path] = typer.Option(None, "--credentials", help=_CREDS_HELP)):
+         credentials: Optional[Path] = typer.Option(None, "--credentials", help=_CREDS_HELP),
+         as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object")):
     """Create the record stream and the holds and hosts buckets (the collector does it too).
 
     Example: agentwarden fleet init --replicas 3
@@ -124,7 +131,10 @@ def init(replicas: int = typer.Option(3, help="JetStream replicas of the stream 
         async with _Connection(*target) as conn:
             await fleet_collector.ensure_fleet(conn.nc.jetstream(), replicas)
     _run(go())
-    typer.echo(f"stream {fleet.STREAM} and buckets {fleet.HOLDS_BUCKET}, {fleet.HOSTS_BUCKET} are there")
+    if as_json:
+        emit_json({"stream": fleet.STREAM, "buckets": [fleet.HOLDS_BUCKET, fleet.HOSTS_BUCKET], "replicas": replicas})
+    else:
+        typer.echo(f"stream {fleet.STREAM} and buckets {fleet.HOLDS_BUCKET}, {fleet.HOSTS_BUCKET} are there")
 
 
 async def _holds(conn: _Connection) -> list[dict]:
@@ -207,12 +217,16 @@ def approve(hold: str = typer.Argument(..., help="HOST/ID, or an ID pending on o
                                                    "through for this long (15m, 8h; at most remember_max)"),
             key: Path = typer.Option(..., "--key", envvar="AGENTWARDEN_FLEET_KEY", help=_KEY_HELP),
             url: Optional[str] = typer.Option(None, "--url", help=_URL_HELP),
-            credentials: Optional[Path] = typer.Option(None, "--credentials", help=_CREDS_HELP)):
+            credentials: Optional[Path] = typer.Option(None, "--credentials", help=_CREDS_HELP),
+            as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object")):
     """Approve a hold on any host, signed with your admin key.
 
     Example: agentwarden fleet approve web-3/h4-1a2b --reason "ok" --key ~/alice.key
     """
     answer = _decide("approve", hold, host, reason, remember, key, url, credentials)
+    if as_json:
+        emit_json(answer)
+        return
     more = f" ({answer['needed']} more approvals needed)" if answer.get("state") == "pending" else ""
     typer.echo(f"{answer['host']}/{answer['hold_id']}: {answer['state']}{more}")
 
@@ -223,12 +237,16 @@ def deny(hold: str = typer.Argument(..., help="HOST/ID, or an ID pending on one 
          reason: Optional[str] = typer.Option(None, "--reason", help="why (archived on the host)"),
          key: Path = typer.Option(..., "--key", envvar="AGENTWARDEN_FLEET_KEY", help=_KEY_HELP),
          url: Optional[str] = typer.Option(None, "--url", help=_URL_HELP),
-         credentials: Optional[Path] = typer.Option(None, "--credentials", help=_CREDS_HELP)):
+         credentials: Optional[Path] = typer.Option(None, "--credentials", help=_CREDS_HELP),
+         as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object")):
     """Deny a hold on any host, signed with your admin key.
 
     Example: agentwarden fleet deny web-3/h4-1a2b --reason "not on a Friday" --key ~/alice.key
     """
     answer = _decide("deny", hold, host, reason, None, key, url, credentials)
+    if as_json:
+        emit_json(answer)
+        return
     typer.echo(f"{answer['host']}/{answer['hold_id']}: {answer['state']}")
 
 
