@@ -4,6 +4,7 @@ sessions started and ended, policy reloads the daemon announces, health."""
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import select
@@ -172,6 +173,14 @@ class Supervisor:
             s.note(f"{name} (unreadable arguments)", "refused")
             return
         verdict = self.decisions.decide(self.governor.policy, request)
+        if verdict.decision != "allow" and request.exec_form is not None:
+            # No program there to run: the kernel's own answer, not a refusal (see exec_cannot_run).
+            failure = reader.exec_cannot_run(n, request)
+            if failure is not None and sn.still_valid(fd, n.id):
+                counters["exec_cannot_run"] += 1
+                sn.respond(fd, n.id, allow=False, error=failure)
+                s.note(request.action, f"not run: {errno.errorcode[failure]}, as the kernel answers")
+                return
         agent_policy = self.governor.policy.agents.get(s.agent) if self.governor.policy else None
         if verdict.decision == "allow":
             if self.fast and request.fast_key:
