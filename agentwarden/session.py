@@ -14,13 +14,11 @@ instead of scanning the cgroup tree.
 """
 from __future__ import annotations
 
-import array
-import contextlib
 import grp
 import os
 import pwd
-import shutil
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -33,6 +31,15 @@ from .settings import Settings
 
 class ProbeUnavailable(AgentwardenError):
     pass
+
+
+def _which(name: str) -> str | None:
+    """shutil.which for an executable file (shutil costs run a few ms to import)."""
+    candidates = [name] if "/" in name else [os.path.join(d or ".", name) for d in os.get_exec_path()]
+    for path in candidates:
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
 
 
 def _connect(settings: Settings, path: Path, timeout: float) -> socket.socket:
@@ -63,7 +70,7 @@ def _exchange(sock: socket.socket, path: Path, message: dict, fd: int | None = N
         if fd is None:
             sock.send(data)
         else:
-            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
         try:
             reply = sock.recv(wire.MAX_ADMIN_REPLY_BYTES)
         except socket.timeout:
@@ -174,7 +181,7 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
     if not command:
         raise AgentwardenError("no command given: agentwarden run --agent NAME -- COMMAND [ARG...]")
     cgroups.validate_agent_name(agent)
-    program = shutil.which(command[0])
+    program = _which(command[0])
     if program is None:
         raise AgentwardenError(f"command not found: {command[0]}")
     program = os.path.abspath(program)
@@ -215,8 +222,10 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     except BaseException:
         supervisor.close()
-        with contextlib.suppress(FileNotFoundError):   # the agent cgroup went away meanwhile
+        try:
             cgroup.rmdir()
+        except FileNotFoundError:   # the agent cgroup went away meanwhile
+            pass
         raise
 
     listener = sn.install(seccomp_filter)

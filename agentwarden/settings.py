@@ -18,9 +18,6 @@ import hashlib
 import math
 import os
 import re
-import shlex
-import shutil
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -178,6 +175,7 @@ def _notify_command(value: Any) -> str:
     later must not stop admins from answering holds."""
     if not isinstance(value, str):
         raise ValueError('must be a command line, or "" for none')
+    import shlex   # here and below: `agentwarden run` loads settings on every start
     try:
         shlex.split(value)
     except ValueError as exc:
@@ -187,6 +185,8 @@ def _notify_command(value: Any) -> str:
 
 def notify_program_problem(command_line: str) -> str | None:
     """Why notify_command's program cannot be run now, or None."""
+    import shlex
+    import shutil
     argv = shlex.split(command_line)
     if not argv:
         return None
@@ -205,6 +205,7 @@ def _notify_webhook(value: Any) -> str:
         raise ValueError('must be an http:// or https:// URL, or "" for none')
     if not value:
         return ""
+    import urllib.parse
     try:
         url = urllib.parse.urlsplit(value)
         url.port  # raises on a port that is not a number

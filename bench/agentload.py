@@ -55,8 +55,15 @@ def launchers(settings_env: dict) -> dict[str, list[str]]:
     venv_entry = Path(sys.executable).parent / "agentwarden"
     boot = ("import sys; sys.path[:0] = [sys.argv.pop(1), '/usr/lib/python3/dist-packages']; "
             "from agentwarden.cli import main; main()")
-    return {"venv entry point": [str(venv_entry)],
-            "python3 -IS (as the .deb starts run)": ["/usr/bin/python3", "-IS", "-c", boot, str(REPO)]}
+    found = {"venv entry point": [str(venv_entry)],
+             "python3 -IS (as the .deb starts run)": ["/usr/bin/python3", "-IS", "-c", boot, str(REPO)]}
+    # Before/after in one run: AGENTWARDEN_BENCH_BASELINE names another tree of
+    # the package (`git archive REF agentwarden | tar -x -C DIR`), started the same way.
+    baseline = settings_env.get("AGENTWARDEN_BENCH_BASELINE")
+    if baseline:
+        found[f"python3 -IS, baseline {Path(baseline).name}"] = ["/usr/bin/python3", "-IS", "-c", boot,
+                                                                 baseline]
+    return found
 
 
 def _timed(argv: list[str], env: dict, cwd: Path | None = None, join: Path | None = None) -> int:
