@@ -39,10 +39,10 @@ POLICY_FILE = "bench-agentload.toml"   # targets: bench/report.py
 def policy(agent: str, work: Path) -> str:
     """Enforce: the tools the workload runs and what it builds, reads anywhere,
     writes in its work tree and /dev/null. Anything else would fail the bench
-    (every tool call must exit 0). The directories of $PATH are all allowed:
-    under a session a refused exec fails with EPERM, which ends execvp's
-    search (gcc looks for `as` in /usr/local/sbin first, and in
-    /usr/x86_64-linux-gnu/bin)."""
+    (every tool call must exit 0). The directories of $PATH are all allowed,
+    as an admin would allow them (a refused exec where there is no program
+    fails with ENOENT under a session as it does bare, so gcc's search for
+    `as` through /usr/local/sbin goes on either way)."""
     return (f'[agent.{agent}]\nmode = "enforce"\non-violation = "alert"\n'
             f'[agent.{agent}.exec]\nallow = ["/usr/**", "/bin/**", "/sbin/**", '
             f'"{work}/**"]\n'
