@@ -19,6 +19,7 @@ from ..resolver import proc_link
 MAX_ARGS = 4096
 AT_SYMLINK_NOFOLLOW = 0x100
 SYS_OPENAT2 = 437              # the same number on every architecture
+RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
 # Lookup failures that are the kernel's answer to the exec whoever asks (root
 # included): the supervisor seeing one means the task's exec would fail so too.
@@ -151,8 +152,9 @@ def exec_cannot_run(n: sn.Notification, request: Request) -> int | None:
     there by then and lean on the in-BPF check alone. Looked up as root in
     the task's root and cwd: a directory the task may not search gives
     ENOENT here where the kernel says EACCES, both of which go on searching.
-    Paths through /proc or /dev/fd would name the supervisor's own fds here:
-    those are judged as always."""
+    A path through /proc or /dev/fd, or through any magic link (ELOOP
+    here), would name the supervisor's own files: such an exec is judged as
+    always, so no attempt at a program that is there escapes its record."""
     if request.syscall not in ("execve", "execveat") or not request.raw_paths:
         return None
     raw = request.raw_paths[0]
@@ -170,7 +172,8 @@ def exec_cannot_run(n: sn.Notification, request: Request) -> int | None:
         return None
     try:
         how = struct.pack("=QQQ", os.O_PATH | os.O_CLOEXEC
-                          | (os.O_NOFOLLOW if flags & AT_SYMLINK_NOFOLLOW else 0), 0, resolve)
+                          | (os.O_NOFOLLOW if flags & AT_SYMLINK_NOFOLLOW else 0), 0,
+                          resolve | RESOLVE_NO_MAGICLINKS)
         fd = _libc.syscall(SYS_OPENAT2, start, raw, how, len(how))
         if fd < 0:
             code = ctypes.get_errno()
