@@ -17,7 +17,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import socket
+# socket.py's C core: socket.py itself (enum classes, selectors) costs every
+# `run` start a few ms, for nothing run uses.
+import _socket
 import struct
 import time
 from pathlib import Path
@@ -42,11 +44,11 @@ def _which(name: str) -> str | None:
     return None
 
 
-def _connect(settings: Settings, path: Path, timeout: float) -> socket.socket:
+def _connect(settings: Settings, path: Path, timeout: float) -> _socket.socket:
     """A seqpacket socket connected to the daemon's sessions socket (SO_PEERCRED
     tells it who asks), or one clear error."""
     control.check_reachable(settings, f"ipc://{path}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
@@ -62,7 +64,7 @@ def _connect(settings: Settings, path: Path, timeout: float) -> socket.socket:
     return sock
 
 
-def _exchange(sock: socket.socket, path: Path, message: dict, fd: int | None = None,
+def _exchange(sock: _socket.socket, path: Path, message: dict, fd: int | None = None,
               who: str = "the daemon", unavailable=control.DaemonUnavailable) -> dict:
     """Send one request (with fd as SCM_RIGHTS), return the answer; closes sock."""
     try:
@@ -70,10 +72,10 @@ def _exchange(sock: socket.socket, path: Path, message: dict, fd: int | None = N
         if fd is None:
             sock.send(data)
         else:
-            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+            sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", fd))])
         try:
             reply = sock.recv(wire.MAX_ADMIN_REPLY_BYTES)
-        except socket.timeout:
+        except TimeoutError:
             raise unavailable(f"{who} did not answer on {path} within {sock.gettimeout():g}s") from None
     finally:
         sock.close()
@@ -95,7 +97,7 @@ def probe_request(settings: Settings, message: dict, timeout: float = 5.0) -> di
     """One request on the probe's watch socket (root only; wire.PROBE_COMMANDS).
     ProbeUnavailable when no probe listens there."""
     path = settings.probe_socket
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
@@ -234,7 +236,7 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
         reply = _exchange(supervisor, settings.sessions_socket, {
             "cmd": "register", "session": session, "agent": agent,
             "user": user or pwd.getpwuid(os.getuid()).pw_name, "task": task,
-            "on_behalf_of": on_behalf_of, "host": socket.gethostname(), "cgroup": str(cgroup)},
+            "on_behalf_of": on_behalf_of, "host": _socket.gethostname(), "cgroup": str(cgroup)},
             fd=listener)
     finally:
         os.close(listener)
