@@ -667,3 +667,17 @@ def test_a_refused_exec_with_no_program_there_gets_the_kernels_answer(warden, se
     violations = [r for r in warden.records() if r["kind"] == "violation" and r.get("agent") == agent]
     assert [v["attempted"] for v in violations] == [f"exec {forbidden}/tool ({forbidden}/tool)"], violations
     assert violations[0]["action_taken"] == "refused: EPERM"
+
+
+def test_ended_sessions_leave_no_cgroup_behind(warden, session_agent):
+    """The listener hangs up as the last task leaves the filter, which can be
+    before it has left the cgroup (rmdir: EBUSY): the supervisor tries again,
+    so a harness that starts a session per tool call does not pile up empty
+    cgroups (about one in five stayed before)."""
+    agent, cg = session_agent(dict(exec_allow=["/usr/bin/*", "/bin/*"]))
+    for _ in range(20):
+        proc = start_run(warden, agent, ["/bin/true"])
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    wait_for(lambda: not [p for p in cg.path.iterdir() if p.is_dir() and p.name.startswith("s-")],
+             timeout=15, what="every ended session's cgroup removed")

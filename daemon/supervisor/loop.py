@@ -30,6 +30,7 @@ from .records import Records, summarise
 log = logging.getLogger("agentwarden.daemon")
 
 HEALTH_INTERVAL = 1.0
+CGROUP_REMOVAL_GRACE = 10.0   # s: a busy ended session's cgroup is tried again this long
 
 
 class Supervisor:
@@ -47,6 +48,7 @@ class Supervisor:
         self.handling_ns: collections.deque[int] = collections.deque(maxlen=1000)
         self.stopping = False
         self.listeners = Listeners()
+        self.busy_cgroups: list[tuple[float, Session]] = []   # (give-up time, ended session)
         self.decisions = Decisions()
         self.fast, self.fast_unavailable = self._start_fast_path()
         self.approvals = ExecApprovals(settings.bpf_pin_dir, self.fast, self.listeners.sessions,
@@ -132,7 +134,15 @@ class Supervisor:
         self.holds.abandon(session)
         os.close(fd)
         self.records.supervision(session, "ended", time.time_ns())
-        session.remove_cgroup()
+        if not session.remove_cgroup():
+            self.busy_cgroups.append((time.monotonic() + CGROUP_REMOVAL_GRACE, session))
+
+    def _remove_busy_cgroups(self) -> None:
+        """Ended sessions' cgroups that were still busy: again, until the grace ends
+        (then kept, as one populated by processes that left the filter)."""
+        now = time.monotonic()
+        self.busy_cgroups = [(until, s) for until, s in self.busy_cgroups
+                             if not s.remove_cgroup() and now < until]
 
     # -- notifications --------------------------------------------------------------------
 
@@ -221,6 +231,7 @@ class Supervisor:
                 next_health = time.monotonic() + HEALTH_INTERVAL
                 self._follow_policy()
                 self.approvals.follow()
+                self._remove_busy_cgroups()
                 self._health()
             timeout = 0.2
             deadline = self.holds.next_deadline()
