@@ -58,7 +58,7 @@ class TaggedCgroup:
     instance: str | None = None    # which agentwarden instance's `run` made the session
 
 
-def _unescape_mount_field(field: str) -> str:
+def unescape_mount_field(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo.
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -74,7 +74,7 @@ def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path:
     for line in lines:
         left, sep, right = line.partition(" - ")
         if sep and right.split()[0] == "cgroup2":
-            return Path(_unescape_mount_field(left.split()[4]))
+            return Path(unescape_mount_field(left.split()[4]))
     raise CgroupError(
         "cgroup v2 is not mounted; mount it with: "
         "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified")

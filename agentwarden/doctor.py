@@ -152,8 +152,35 @@ def _pid_namespace() -> Check:
                  "--pid=host)", required=False)
 
 
-CHECKS = (_root, _bcc, _bpf_syscall, _btf, _tracefs, _headers, _cgroup2, _cgroup_namespace,
-          _pid_namespace, _seccomp)
+def _cgroup_migration(mountinfo: str = "/proc/self/mountinfo") -> Check:
+    """Whether joining a cgroup waits for an RCU grace period: writing
+    cgroup.procs takes the kernel's threadgroup rwsem for writing, which
+    waits for one unless the hierarchy favours dynamic changes. Each
+    `agentwarden run` joins its session cgroup so (sessions.md, Start-up)."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.readlines()
+    except OSError as exc:
+        return Check("cgroup joins", False, f"cannot read {mountinfo}: {exc.strerror}", required=False)
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields = right.split()
+        if sep and fields[0] == "cgroup2" and len(fields) >= 3:
+            point = cgroups.unescape_mount_field(left.split()[4])
+            if "favordynmods" in fields[2].split(","):
+                return Check("cgroup joins", True, f"{point} favours dynamic changes (favordynmods)",
+                             required=False)
+            return Check("cgroup joins", False,
+                         f"{point} is mounted without favordynmods: each `agentwarden run` waits "
+                         "for an RCU grace period (about 10 ms) to join its session cgroup",
+                         f"mount -o remount,favordynmods {point} (forks and exits get a little "
+                         "slower; a kernel built with CONFIG_CGROUP_FAVOR_DYNMODS=y does it by default)",
+                         required=False)
+    return Check("cgroup joins", False, "cgroup v2 is not mounted", required=False)
+
+
+CHECKS = (_root, _bcc, _bpf_syscall, _btf, _tracefs, _headers, _cgroup2, _cgroup_migration,
+          _cgroup_namespace, _pid_namespace, _seccomp)
 
 
 def run_checks() -> list[Check]:

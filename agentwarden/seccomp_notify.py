@@ -74,7 +74,6 @@ def build_filter() -> bytes:
     """The BPF program of a session: notify on exec, on opens that can write,
     on rename/unlink/truncate; refuse the side doors; allow the rest."""
     import seccomp  # Debian's python3-seccomp
-    import tempfile
     f = seccomp.SyscallFilter(seccomp.ALLOW)
     for name in ("execve", "execveat", "openat2", "creat", "rename", "renameat", "renameat2",
                  "unlink", "unlinkat", "truncate", *_known(seccomp, MODE_CHANGES)):
@@ -91,7 +90,9 @@ def build_filter() -> bytes:
                seccomp.Arg(0, seccomp.EQ, SECCOMP_SET_MODE_FILTER),
                seccomp.Arg(1, seccomp.MASKED_EQ, SECCOMP_FILTER_FLAG_NEW_LISTENER,
                            SECCOMP_FILTER_FLAG_NEW_LISTENER))
-    with tempfile.TemporaryFile() as out:
+    # A memory file, not tempfile's: no write to /tmp, and `run` (which builds
+    # this on every start) does not import tempfile, random and shutil.
+    with open(os.memfd_create("agentwarden-filter", os.MFD_CLOEXEC), "w+b", buffering=0) as out:
         f.export_bpf(out)
         out.seek(0)
         return out.read()

@@ -14,13 +14,13 @@ instead of scanning the cgroup tree.
 """
 from __future__ import annotations
 
-import array
-import contextlib
 import grp
 import os
 import pwd
-import shutil
-import socket
+# socket.py's C core: socket.py itself (enum classes, selectors) costs every
+# `run` start a few ms, for nothing run uses.
+import _socket
+import struct
 import time
 from pathlib import Path
 
@@ -35,11 +35,20 @@ class ProbeUnavailable(AgentwardenError):
     pass
 
 
-def _connect(settings: Settings, path: Path, timeout: float) -> socket.socket:
+def _which(name: str) -> str | None:
+    """shutil.which for an executable file (shutil costs run a few ms to import)."""
+    candidates = [name] if "/" in name else [os.path.join(d or ".", name) for d in os.get_exec_path()]
+    for path in candidates:
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
+
+def _connect(settings: Settings, path: Path, timeout: float) -> _socket.socket:
     """A seqpacket socket connected to the daemon's sessions socket (SO_PEERCRED
     tells it who asks), or one clear error."""
     control.check_reachable(settings, f"ipc://{path}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
@@ -55,7 +64,7 @@ def _connect(settings: Settings, path: Path, timeout: float) -> socket.socket:
     return sock
 
 
-def _exchange(sock: socket.socket, path: Path, message: dict, fd: int | None = None,
+def _exchange(sock: _socket.socket, path: Path, message: dict, fd: int | None = None,
               who: str = "the daemon", unavailable=control.DaemonUnavailable) -> dict:
     """Send one request (with fd as SCM_RIGHTS), return the answer; closes sock."""
     try:
@@ -63,10 +72,10 @@ def _exchange(sock: socket.socket, path: Path, message: dict, fd: int | None = N
         if fd is None:
             sock.send(data)
         else:
-            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", fd))])
         try:
             reply = sock.recv(wire.MAX_ADMIN_REPLY_BYTES)
-        except socket.timeout:
+        except TimeoutError:
             raise unavailable(f"{who} did not answer on {path} within {sock.gettimeout():g}s") from None
     finally:
         sock.close()
@@ -88,7 +97,7 @@ def probe_request(settings: Settings, message: dict, timeout: float = 5.0) -> di
     """One request on the probe's watch socket (root only; wire.PROBE_COMMANDS).
     ProbeUnavailable when no probe listens there."""
     path = settings.probe_socket
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
@@ -174,7 +183,7 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
     if not command:
         raise AgentwardenError("no command given: agentwarden run --agent NAME -- COMMAND [ARG...]")
     cgroups.validate_agent_name(agent)
-    program = shutil.which(command[0])
+    program = _which(command[0])
     if program is None:
         raise AgentwardenError(f"command not found: {command[0]}")
     program = os.path.abspath(program)
@@ -215,8 +224,10 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     except BaseException:
         supervisor.close()
-        with contextlib.suppress(FileNotFoundError):   # the agent cgroup went away meanwhile
+        try:
             cgroup.rmdir()
+        except FileNotFoundError:   # the agent cgroup went away meanwhile
+            pass
         raise
 
     listener = sn.install(seccomp_filter)
@@ -225,7 +236,7 @@ def run(settings: Settings, agent: str, command: list[str], user: str | None, ta
         reply = _exchange(supervisor, settings.sessions_socket, {
             "cmd": "register", "session": session, "agent": agent,
             "user": user or pwd.getpwuid(os.getuid()).pw_name, "task": task,
-            "on_behalf_of": on_behalf_of, "host": socket.gethostname(), "cgroup": str(cgroup)},
+            "on_behalf_of": on_behalf_of, "host": _socket.gethostname(), "cgroup": str(cgroup)},
             fd=listener)
     finally:
         os.close(listener)

@@ -18,10 +18,6 @@ import hashlib
 import math
 import os
 import re
-import shlex
-import shutil
-import socket
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -174,6 +170,7 @@ def _notify_command(value: Any) -> str:
     later must not stop admins from answering holds."""
     if not isinstance(value, str):
         raise ValueError('must be a command line, or "" for none')
+    import shlex   # here and below: `agentwarden run` loads settings on every start
     try:
         shlex.split(value)
     except ValueError as exc:
@@ -183,6 +180,8 @@ def _notify_command(value: Any) -> str:
 
 def notify_program_problem(command_line: str) -> str | None:
     """Why notify_command's program cannot be run now, or None."""
+    import shlex
+    import shutil
     argv = shlex.split(command_line)
     if not argv:
         return None
@@ -201,6 +200,7 @@ def _notify_webhook(value: Any) -> str:
         raise ValueError('must be an http:// or https:// URL, or "" for none')
     if not value:
         return ""
+    import urllib.parse
     try:
         url = urllib.parse.urlsplit(value)
         url.port  # raises on a port that is not a number
@@ -263,6 +263,7 @@ def _listen(value: Any) -> str:
 
 def _fleet_url(value: Any) -> str:
     """NATS servers, comma-separated ("" turns the fleet off)."""
+    import urllib.parse   # here: `agentwarden run` should start fast
     if not isinstance(value, str):
         raise ValueError('must be nats://HOST:PORT[,nats://HOST:PORT...], or "" for no fleet')
     for url in filter(None, (u.strip() for u in value.split(","))):
@@ -457,6 +458,7 @@ class Settings:
     @property
     def fleet_name(self) -> str:
         """This host's name in the fleet."""
+        import socket
         return self.fleet_host or socket.gethostname()
 
     @property

@@ -39,10 +39,10 @@ POLICY_FILE = "bench-agentload.toml"   # targets: bench/report.py
 def policy(agent: str, work: Path) -> str:
     """Enforce: the tools the workload runs and what it builds, reads anywhere,
     writes in its work tree and /dev/null. Anything else would fail the bench
-    (every tool call must exit 0). The directories of $PATH are all allowed:
-    under a session a refused exec fails with EPERM, which ends execvp's
-    search (gcc looks for `as` in /usr/local/sbin first, and in
-    /usr/x86_64-linux-gnu/bin)."""
+    (every tool call must exit 0). The directories of $PATH are all allowed,
+    as an admin would allow them (a refused exec where there is no program
+    fails with ENOENT under a session as it does bare, so gcc's search for
+    `as` through /usr/local/sbin goes on either way)."""
     return (f'[agent.{agent}]\nmode = "enforce"\non-violation = "alert"\n'
             f'[agent.{agent}.exec]\nallow = ["/usr/**", "/bin/**", "/sbin/**", '
             f'"{work}/**"]\n'
@@ -55,8 +55,15 @@ def launchers(settings_env: dict) -> dict[str, list[str]]:
     venv_entry = Path(sys.executable).parent / "agentwarden"
     boot = ("import sys; sys.path[:0] = [sys.argv.pop(1), '/usr/lib/python3/dist-packages']; "
             "from agentwarden.cli import main; main()")
-    return {"venv entry point": [str(venv_entry)],
-            "python3 -IS (as the .deb starts run)": ["/usr/bin/python3", "-IS", "-c", boot, str(REPO)]}
+    found = {"venv entry point": [str(venv_entry)],
+             "python3 -IS (as the .deb starts run)": ["/usr/bin/python3", "-IS", "-c", boot, str(REPO)]}
+    # Before/after in one run: AGENTWARDEN_BENCH_BASELINE names another tree of
+    # the package (`git archive REF agentwarden | tar -x -C DIR`), started the same way.
+    baseline = settings_env.get("AGENTWARDEN_BENCH_BASELINE")
+    if baseline:
+        found[f"python3 -IS, baseline {Path(baseline).name}"] = ["/usr/bin/python3", "-IS", "-c", boot,
+                                                                 baseline]
+    return found
 
 
 def _timed(argv: list[str], env: dict, cwd: Path | None = None, join: Path | None = None) -> int:

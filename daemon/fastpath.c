@@ -18,7 +18,10 @@
  *    in the policy's precedence, the first rule list with a matching rule is
  *    an allow list. A deny or hold rule that matches, no rule at all, an
  *    indirect route (the dynamic loader, /dev/fd, /proc, memfd), anything
- *    outside ASCII or not normalised: the supervisor decides. An exec's
+ *    outside ASCII or not normalised: the supervisor decides (and answers
+ *    ENOENT/ENOTDIR/EACCES, as the kernel would, to a refused exec with no
+ *    program to run, never EPERM, which would end execvp's PATH search:
+ *    reader.exec_cannot_run). An exec's
  *    arguments are read only when a rule with an argv pattern matches its
  *    path: a read of the task's memory is most of an answer's cost. Its
  *    filename is usually not read either: the BPF program copies it while

@@ -631,3 +631,58 @@ def test_in_kernel_deny_rules_apply_inside_sessions(warden, session_agent, tmp_p
     [opened] = [r for r in warden.records() if r["kind"] == "open" and r.get("agent") == agent
                 and r.get("path") == str(secret)]
     assert opened["killed_in_kernel"], opened
+
+
+def test_a_refused_exec_with_no_program_there_gets_the_kernels_answer(warden, session_agent, tmp_path):
+    """EPERM ends execvp's PATH search and a shell's: a refused path where
+    there is no program (missing, or not executable) must fail as the kernel
+    would fail it (ENOENT, EACCES) with no violation, so the search goes on
+    to the allowed program; a forbidden program that is there is still refused."""
+    not_executable = tmp_path / "plain"
+    not_executable.mkdir()
+    for name in ("ls", "as", "grep"):
+        (not_executable / name).write_text("#!/bin/sh\necho should not run\n")
+        (not_executable / name).chmod(0o644)
+    forbidden = tmp_path / "forbidden"
+    forbidden.mkdir()
+    shutil.copy("/usr/bin/true", forbidden / "tool")
+    path = f"/nonexistent/bin:{tmp_path}/missing/bin:{not_executable}:/usr/bin"
+    agent, _ = session_agent(dict(exec_allow=["/usr/bin/*", "/usr/lib/gcc/**", "/usr/libexec/gcc/**"],
+                                  write_allow=[f"{tmp_path}/**", "/tmp/**", "/dev/null"]))
+    before = supervisor_health(warden)["exec_cannot_run"]
+    script = (f"PATH={path}; true && ls / >/dev/null && grep -rq root /etc/passwd && "
+              f"find {tmp_path} -name tool | grep -q tool && echo searched=ok")
+    proc = start_run(warden, agent, ["/usr/bin/sh", "-c", script])
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (0, "searched=ok\n"), err
+    if shutil.which("gcc"):
+        (tmp_path / "hello.c").write_text("int main(void) { return 0; }\n")
+        proc = start_run(warden, agent, ["/usr/bin/env", f"PATH={path}", "TMPDIR=" + str(tmp_path),
+                                         "gcc", "-c", str(tmp_path / "hello.c"), "-o", str(tmp_path / "hello.o")])
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and (tmp_path / "hello.o").exists(), err
+    # A forbidden program that exists: EPERM, and a violation.
+    proc = start_run(warden, agent, ["/usr/bin/sh", "-c", f"{forbidden}/tool; echo status=$?"])
+    out, err = proc.communicate(timeout=30)
+    assert "Operation not permitted" in err and out == "status=126\n", (out, err)
+    supervisor_health(warden, lambda h: h["exec_cannot_run"] >= before + 4)
+    violations = wait_for(lambda: [r for r in warden.records() if r["kind"] == "violation"
+                                   and r.get("agent") == agent] or None, timeout=20, what="the violation")
+    warden.settle()
+    violations = [r for r in warden.records() if r["kind"] == "violation" and r.get("agent") == agent]
+    assert [v["attempted"] for v in violations] == [f"exec {forbidden}/tool ({forbidden}/tool)"], violations
+    assert violations[0]["action_taken"] == "refused: EPERM"
+
+
+def test_ended_sessions_leave_no_cgroup_behind(warden, session_agent):
+    """The listener hangs up as the last task leaves the filter, which can be
+    before it has left the cgroup (rmdir: EBUSY): the supervisor tries again,
+    so a harness that starts a session per tool call does not pile up empty
+    cgroups (about one in five stayed before)."""
+    agent, cg = session_agent(dict(exec_allow=["/usr/bin/*", "/bin/*"]))
+    for _ in range(20):
+        proc = start_run(warden, agent, ["/bin/true"])
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    wait_for(lambda: not [p for p in cg.path.iterdir() if p.is_dir() and p.name.startswith("s-")],
+             timeout=15, what="every ended session's cgroup removed")

@@ -5,6 +5,7 @@ itself, the admin socket and its clients, the fast path's forwarding socket).
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import select
 import time
@@ -40,13 +41,19 @@ class Session:
     def note(self, action: str, verdict: str) -> None:
         self.recent.append({"time": time.time_ns(), "action": action, "verdict": verdict})
 
-    def remove_cgroup(self) -> None:
+    def remove_cgroup(self) -> bool:
         """An empty session leaves nothing behind; one still populated by
-        processes that left the filter's reach keeps its cgroup."""
+        processes that left the filter's reach keeps its cgroup. False when
+        it is still busy: the listener hangs up as the last task leaves the
+        filter, which can be before that task has left the cgroup (about one
+        `run -- /bin/true` in five here), so the caller tries again."""
         try:
             self.cgroup.rmdir()
-        except OSError:
-            pass
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            return exc.errno != errno.EBUSY
+        return True
 
 
 class Listeners:

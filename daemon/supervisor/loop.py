@@ -5,6 +5,7 @@ announces, health."""
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import select
@@ -37,6 +38,7 @@ from .restart import Keeper, received_unanswered
 log = logging.getLogger("agentwarden.daemon")
 
 HEALTH_INTERVAL = 1.0
+CGROUP_REMOVAL_GRACE = 10.0   # s: a busy ended session's cgroup is tried again this long
 
 
 class Supervisor:
@@ -58,6 +60,7 @@ class Supervisor:
         self.handling_histogram = Buckets(HANDLING_BUCKETS)   # since start, for metrics
         self.stopping = False
         self.listeners = Listeners()
+        self.busy_cgroups: list[tuple[float, Session]] = []   # (give-up time, ended session)
         self.decisions = Decisions()
         # None: file changes continue after the check (setting perform_file_changes)
         self.performer = Performer(self.records) if settings.perform_file_changes else None
@@ -162,7 +165,15 @@ class Supervisor:
         os.close(fd)
         self.drift.session_ended(session)
         self.records.supervision(session, "ended", time.time_ns())
-        session.remove_cgroup()
+        if not session.remove_cgroup():
+            self.busy_cgroups.append((time.monotonic() + CGROUP_REMOVAL_GRACE, session))
+
+    def _remove_busy_cgroups(self) -> None:
+        """Ended sessions' cgroups that were still busy: again, until the grace ends
+        (then kept, as one populated by processes that left the filter)."""
+        now = time.monotonic()
+        self.busy_cgroups = [(until, s) for until, s in self.busy_cgroups
+                             if not s.remove_cgroup() and now < until]
 
     def _resume(self, inherited: list[tuple[str, int]]) -> None:
         """Sessions whose listeners the service manager kept while the daemon
@@ -298,6 +309,14 @@ class Supervisor:
             s.note(f"{name} (unreadable arguments)", "refused")
             return
         verdict = self.decisions.decide(self.governor.policy, request)
+        if verdict.decision != "allow" and request.exec_form is not None:
+            # No program there to run: the kernel's own answer, not a refusal (see exec_cannot_run).
+            failure = reader.exec_cannot_run(n, request)
+            if failure is not None and sn.still_valid(fd, n.id):
+                counters["exec_cannot_run"] += 1
+                sn.respond(fd, n.id, allow=False, error=failure)
+                s.note(request.action, f"not run: {errno.errorcode[failure]}, as the kernel answers")
+                return
         agent_policy = self.governor.policy.agents.get(s.agent) if self.governor.policy else None
         if verdict.decision == "allow":
             self._capture(s, request)
@@ -340,6 +359,7 @@ class Supervisor:
                 self._follow_policy()
                 self.approvals.follow()
                 self.drift.expire()   # once a second: expiry is reported to the second
+                self._remove_busy_cgroups()
                 self._health()
             timeout = 0.2
             deadline = self.holds.next_deadline()

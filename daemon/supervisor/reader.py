@@ -3,8 +3,12 @@ task's memory (/proc/PID/mem) and resolved against its cwd or directory fds,
 as the events `policy.decide` understands."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
+import stat
+import struct
 from dataclasses import dataclass
 
 from agentwarden import seccomp_notify as sn
@@ -14,6 +18,15 @@ from .. import fastpath
 from ..resolver import proc_link
 
 MAX_ARGS = 4096
+AT_SYMLINK_NOFOLLOW = 0x100
+SYS_OPENAT2 = 437              # the same number on every architecture
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+# Lookup failures that are the kernel's answer to the exec whoever asks (root
+# included): the supervisor seeing one means the task's exec would fail so too.
+NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
 
 
 @dataclass
@@ -140,3 +153,60 @@ def _read_request(agent: str, n: sn.Notification, name: str, mem: sn.TaskMemory)
                    fastpath.open_key(agent, flags, raw) if repeatable else None, name, tuple(raws), flags,
                    tuple(dirfd for dirfd, _, _ in paths), tuple(bases),
                    how if name == "openat2" and len(how) == 3 else None)
+
+
+def exec_cannot_run(n: sn.Notification, request: Request) -> int | None:
+    """The errno the kernel itself fails a refused exec with when there is no
+    program to run -- ENOENT or ENOTDIR (missing), EACCES (not a regular file,
+    no execute bit for anyone, a noexec mount) -- or None when there is one,
+    whose refusal is then a real one (EPERM and a violation).
+
+    Why: EPERM ends execvp's PATH search (and a shell's), so a refused path
+    that does not even exist (gcc trying `as` in ~/.cargo/bin first) would
+    break the command and raise a false alarm; ENOENT/EACCES let it go on.
+    The supervisor answers the error itself rather than letting the call
+    continue for the kernel to fail: an answered error cannot be raced into
+    running anything (a program put at that path after this look is never
+    executed by this call), where a continued call would exec whatever is
+    there by then and lean on the in-BPF check alone. Looked up as root in
+    the task's root and cwd: a directory the task may not search gives
+    ENOENT here where the kernel says EACCES, both of which go on searching.
+    A path through /proc or /dev/fd, or through any magic link (ELOOP
+    here), would name the supervisor's own files: such an exec is judged as
+    always, so no attempt at a program that is there escapes its record."""
+    if request.syscall not in ("execve", "execveat") or not request.raw_paths:
+        return None
+    raw = request.raw_paths[0]
+    resolved = request.events[0].get("resolved_filename") or ""
+    if not raw or resolved.startswith(("/proc/", "/dev/fd/", "/dev/std")) or resolved in ("/proc", "/dev/fd"):
+        return None
+    dirfd, flags = (AT_FDCWD, 0) if request.syscall == "execve" else (_int(n.args[0]), _int(n.args[4]))
+    if raw.startswith(b"/"):
+        base, resolve = f"/proc/{n.pid}/root", RESOLVE_IN_ROOT
+    else:
+        base, resolve = f"/proc/{n.pid}/" + ("cwd" if dirfd == AT_FDCWD else f"fd/{dirfd}"), 0
+    try:
+        start = os.open(base, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        how = struct.pack("=QQQ", os.O_PATH | os.O_CLOEXEC
+                          | (os.O_NOFOLLOW if flags & AT_SYMLINK_NOFOLLOW else 0), 0,
+                          resolve | RESOLVE_NO_MAGICLINKS)
+        fd = _libc.syscall(SYS_OPENAT2, start, raw, how, len(how))
+        if fd < 0:
+            code = ctypes.get_errno()
+            return code if code in NOT_THERE else None
+        try:
+            st, fs = os.fstat(fd), os.fstatvfs(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(start)
+    if stat.S_ISLNK(st.st_mode):
+        return None   # execveat AT_SYMLINK_NOFOLLOW of a link: ELOOP, judged as always
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111 or fs.f_flag & os.ST_NOEXEC:
+        return errno.EACCES
+    return None

@@ -52,7 +52,8 @@ class Records:
             self.releases = socket.socket(fileno=release_fd)
             self.releases.settimeout(RELEASE_SEND_TIMEOUT)
         self.counters: dict[str, int] = {"notifications": 0, "continued": 0, "refused": 0,
-                                         "held": 0, "unreadable": 0, "policy_announcements_malformed": 0}
+                                         "held": 0, "unreadable": 0, "policy_announcements_malformed": 0,
+                                         "exec_cannot_run": 0}
 
     def emit(self, record: dict) -> None:
         try:
