@@ -245,7 +245,7 @@ def small_archive(kernel, tmp_path_factory):
     (["show", "--kind", "exec,bogus"], "--kind bogus: unknown", 2),
     (["show", "--path", "etc/*"], "is not an absolute path", 2),
     (["show", "--seq", "ten"], "give a seq (1234) or a range", 2),
-    (["export", "--format", "csv"], "the only export format is jsonl", 2),
+    (["export", "--format", "csv"], "use one of jsonl, ocsf, ecs", 2),
     (["verify", "--archive", "/nonexistent/archive"], "there is no archive at /nonexistent/archive", 2),
     (["verify", "--key", "/nonexistent/key"], "archive key file /nonexistent/key does not exist", 1),
     (["replay", "nosuch"], "no session 'nosuch' in the archive", 1),
