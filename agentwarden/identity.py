@@ -35,8 +35,8 @@ def describe(pid: int | str, uid: int) -> tuple[str, int | None]:
 
 
 def invoking_user() -> str:
-    """The person at this process's origin: its session's login user (kept
-    across sudo), else its own user; what `run` archives as on whose behalf
-    when not told."""
+    """The person behind this process when it is not who it runs as: its
+    session's login user when that differs from its own uid (sudo), else "".
+    What `run` archives as on whose behalf when not told."""
     login = login_uid("self")
-    return user_name(login if login is not None else os.getuid())
+    return user_name(login) if login is not None and login != os.getuid() else ""
