@@ -1330,8 +1330,9 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
     if (base >= 0)
         close(base);
     close(proc);
-    if (fd < 0 && (err == ELOOP || err == ENXIO))
-        return 0;   /* a magic link, a FIFO without a reader, a device: the supervisor's */
+    if (fd < 0 && (err == ELOOP || err == ENXIO || err == ENOSYS))
+        return 0;   /* a magic link, a FIFO without a reader, a device; or openat2 barred by a
+                     * sandbox's seccomp filter (ENOSYS; systemd-nspawn's): the supervisor's */
     if (fd >= 0) {
         struct stat st;
         struct statfs fs;

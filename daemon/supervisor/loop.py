@@ -263,7 +263,9 @@ class Supervisor:
         if not captured:
             self._capture(s, request, hold, hold_id if remembered else None)
         if self.performer and perform_mod.takes(request):
-            return self.performer.perform(s, n, request, hold_id, remembered)
+            performed = self.performer.perform(s, n, request, hold_id, remembered)
+            if performed is not None:
+                return performed
         if hold_id:
             self.records.release(hold_id, remembered, s, n.pid, request.syscall, request.raw_paths,
                                  request.flags)

@@ -250,9 +250,10 @@ class Performer:
     # -- the call site's one entry ------------------------------------------------------
 
     def perform(self, s: Session, n: sn.Notification, request: Request, hold_id: str | None = None,
-                remembered: bool = False) -> bool:
+                remembered: bool = False) -> bool | None:
         """Do the let-through call n of session s for its task and answer it.
-        False when the task was gone (nothing done) or the answer found it gone."""
+        False when the task was gone (nothing done) or the answer found it gone;
+        None when it cannot be done here (nothing done, nothing answered)."""
         counters = self.records.counters
         if not sn.still_valid(s.fd, n.id):
             return False   # died or interrupted: nobody to act for
@@ -268,6 +269,15 @@ class Performer:
         except Refused as exc:
             code = exc.code
         except OSError as exc:
+            if exc.errno == errno.ENOSYS:
+                # A syscall this process may not make here (a sandbox's seccomp filter,
+                # e.g. systemd-nspawn's): nothing was done; the caller lets the task's
+                # own call go ahead, checked as before, and it is counted.
+                counters["perform_unavailable"] = counters.get("perform_unavailable", 0) + 1
+                if counters["perform_unavailable"] == 1:
+                    log.warning("supervisor: cannot perform file changes here (%s): the checked "
+                                "calls continue instead (racy; see docs/sessions.md)", exc)
+                return None
             code = exc.errno or errno.EPERM
         except Exception:   # a bug: fail closed
             log.exception("supervisor: performing %s", request.action)
