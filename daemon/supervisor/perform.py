@@ -143,7 +143,10 @@ class Task:
 
 def _check(result: int) -> int:
     if result < 0:
-        raise Refused(ctypes.get_errno())
+        code = ctypes.get_errno()
+        if code == errno.ENOSYS:   # barred by a sandbox's seccomp filter: not the task's answer
+            raise OSError(code, os.strerror(code))
+        raise Refused(code)
     return result
 
 
