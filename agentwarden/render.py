@@ -225,7 +225,7 @@ def human(record: dict[str, Any], with_date: bool = False) -> str:
         detail = f": {record['detail']}" if record.get("detail") else ""
         return f"{at(record['time'])} POLICY {record['status']} {record['policy_hash']}{detail}"
     agent = record.get("agent") or f"cgroup:{record.get('agent_cgroup_id')}"
-    head = f"{at(record['time'])} {agent:<12} {kind:<5} pid {record['pid']:<7}"
+    head = f"{at(record['time'])} {agent:<12} {kind:<5} pid {str(record.get('pid', '-')):<7}"
     if kind == "exec":
         argv = " ".join(text(a) for a in record["argv"]) + (" …" if record["argv_truncated"] else "")
         shown = record.get("resolved_exec_path") or record.get("resolved_filename") or record["filename"]
