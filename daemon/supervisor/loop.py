@@ -152,6 +152,10 @@ class Supervisor:
     # -- sessions -------------------------------------------------------------------------
 
     def _start_session(self, session: Session) -> None:
+        # A probe restarted a moment ago pins new approval maps; an agent@ unit
+        # restarted with it registers at once: its first exec's approval must
+        # land in the maps the new program reads, not wait for the next check.
+        self.approvals.follow()
         if not self.keeper.keep(session):
             log.warning("supervisor: no fd store (NOTIFY_SOCKET): session %s ends if the daemon "
                         "restarts", session.id)
