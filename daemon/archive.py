@@ -39,7 +39,7 @@ from typing import Any
 from agentwarden.settings import ArchiveSettings
 from agentwarden.wire import pack
 
-from agentwarden.archive.segments import (COMPRESSED_SUFFIXES, GENESIS, HEAD_FILE, LOCK_FILE, SEGMENT_NAME, ArchiveError,
+from agentwarden.archive.segments import (fsync_dir, COMPRESSED_SUFFIXES, GENESIS, HEAD_FILE, LOCK_FILE, SEGMENT_NAME, ArchiveError,
                        Header, NewerFormat, SegmentFile, SegmentReader, TornHeader, chain_hash, compress_bytes,
                        decompress_bytes, encode_head, encode_header, key_id, list_segments,
                        load_segment, read_head, read_header, read_records, segment_name)
@@ -59,14 +59,6 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return "unknown"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> int:
@@ -294,7 +286,7 @@ class ArchiveWriter:
         try:
             _write_all(fd, header)
             os.fsync(fd)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError:
             os.close(fd)
             os.unlink(path)
@@ -400,7 +392,7 @@ class ArchiveWriter:
             finally:
                 os.close(fd)
             os.rename(tmp, self.directory / HEAD_FILE)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             # The head only guards against cutting records off the end; a stale
             # head is never wrong, merely less strict. Counted, retried next sync.
@@ -460,9 +452,9 @@ class ArchiveWriter:
                 tmp.unlink()
                 return
             os.rename(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             path.unlink()
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         self.counters["segments_compressed"] += 1
 
     def _header(self, segment: SegmentFile) -> Header:
@@ -502,7 +494,7 @@ class ArchiveWriter:
                 if not self.sync():
                     break  # not recorded durably: the segment stays
                 older.path.unlink()
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 self._headers.pop(older.first_seq, None)
                 total -= sizes[older.first_seq]
                 done.append(record)

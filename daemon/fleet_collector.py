@@ -30,7 +30,7 @@ from typing import Any
 import msgpack
 
 from agentwarden import fleet
-from agentwarden.archive.segments import (GENESIS, HEAD_FILE, LOCK_FILE, ArchiveError, SegmentReader,
+from agentwarden.archive.segments import (fsync_dir, HEAD_FILE, LOCK_FILE, ArchiveError, SegmentReader,
                                           TornHeader, decode_header, list_segments, load_segment,
                                           segment_name)
 from agentwarden.wire import pack
@@ -40,14 +40,6 @@ log = logging.getLogger("agentwarden.fleet")
 FETCH = 1000          # messages per fetch
 ACK_WAIT = 60.0       # s before JetStream redelivers an unacknowledged message
 GAP_WAIT = 10.0       # s a record waits for missing ones before they are taken as lost
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class HostArchive:
@@ -110,7 +102,7 @@ class HostArchive:
         if not exists or os.fstat(self.fd).st_size == 0:
             os.write(self.fd, header)
             os.fsync(self.fd)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         self.segment_first = first_seq
 
     def sync(self, head: bytes | None) -> None:
@@ -124,7 +116,7 @@ class HostArchive:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.directory / HEAD_FILE)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def close(self) -> None:
         if self.fd is not None:

@@ -58,6 +58,16 @@ _PERSON_HEAD = b"aw-head"
 _PERSON_KEY_ID = b"aw-key-id"
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (a new, renamed or removed file) durable:
+    the daemon's archive and the fleet collector's per-host copies."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ArchiveError(AgentwardenError):
     pass
 
