@@ -32,6 +32,12 @@ int main(int argc, char **argv)
     args.flags = CLONE_INTO_CGROUP;
     args.exit_signal = SIGCHLD;
     args.cgroup = (uint64_t)cgroup;
+    /* The child waits until its pid is printed, so the output's order is fixed. */
+    int go[2];
+    if (pipe(go) < 0) {
+        perror("pipe");
+        return 1;
+    }
     fflush(stdout);
     long pid = syscall(SYS_clone3, &args, sizeof(args));
     if (pid < 0) {
@@ -39,11 +45,20 @@ int main(int argc, char **argv)
         return 1;
     }
     if (pid == 0) {
+        char byte;
+        close(go[1]);
+        if (read(go[0], &byte, 1) != 1)
+            _exit(126);
+        close(go[0]);
         execl("/bin/sh", "/bin/sh", "-c", command, (char *)NULL);
         _exit(127);
     }
     printf("%ld\n", pid);
     fflush(stdout);
+    /* (the read end stays open here: a child killed at birth must not SIGPIPE us) */
+    if (write(go[1], "g", 1) != 1)
+        perror("write");
+    close(go[1]);
     int status = 0;
     waitpid((pid_t)pid, &status, 0);
     printf("%d\n", status);
