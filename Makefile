@@ -18,7 +18,7 @@ run: setup
 	$(VENV)/bin/agentwarden up
 
 test: setup
-	$(VENV)/bin/python -m pytest -v $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -v --durations=30 $(PYTEST_ARGS)
 
 # Measures, prints, saves bench/results/ and rewrites docs/benchmarks.md's blocks
 # (BENCH_ARGS="--quick" for a short run; see bench/run.py --help).
