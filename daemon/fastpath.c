@@ -192,6 +192,9 @@ struct listener {
     struct __user_cap_data_struct own_caps[2];
     gid_t own_groups[NGROUPS_MAX_HERE];
     int own_group_count;
+    unsigned own_uid, own_gid;   /* this thread's fs ids when it is itself */
+    int umask_now;               /* this thread's umask (its own fs_struct); -1: unknown */
+    int switched;                /* what become() changed and restore() takes back (SWITCHED_*) */
     char status[8192];           /* /proc/TID/status, read for each performed open */
     struct task_info task;
     char record[MAX_RECORD];     /* the performed open's record, msgpack */
@@ -1067,36 +1070,67 @@ static int set_groups(const gid_t *groups, int count)
     return syscall(SYS_setgroups, count, groups) < 0 ? -1 : 0;
 }
 
+#define SWITCHED_GROUPS 1
+#define SWITCHED_IDS 2
+#define SWITCHED_CAPS 4
+
+/* The thread takes the task's credentials, changing only what differs from
+ * its own (a root task with every capability, the usual agent of a root
+ * harness, needs no change at all): what the call is checked against is the
+ * task's as read for this very call, never a remembered copy. */
 static int become(struct listener *l, const struct task_info *t)
 {
-    if (set_groups(t->groups, t->group_count) < 0)
-        return -1;
-    syscall(SYS_setfsgid, t->fsgid);
-    syscall(SYS_setfsuid, t->fsuid);
-    /* -1 changes nothing and returns the current id */
-    if ((unsigned)syscall(SYS_setfsgid, -1) != t->fsgid || (unsigned)syscall(SYS_setfsuid, -1) != t->fsuid)
-        return -1;
+    l->switched = 0;
+    if (t->group_count != l->own_group_count ||
+        memcmp(t->groups, l->own_groups, sizeof(gid_t) * (size_t)t->group_count)) {
+        l->switched |= SWITCHED_GROUPS;
+        if (set_groups(t->groups, t->group_count) < 0)
+            return -1;
+    }
+    if (t->fsuid != l->own_uid || t->fsgid != l->own_gid) {
+        l->switched |= SWITCHED_IDS;
+        syscall(SYS_setfsgid, t->fsgid);
+        syscall(SYS_setfsuid, t->fsuid);
+        /* -1 changes nothing and returns the current id */
+        if ((unsigned)syscall(SYS_setfsgid, -1) != t->fsgid || (unsigned)syscall(SYS_setfsuid, -1) != t->fsuid)
+            return -1;
+    }
+    /* Set after the ids: a change of the fs uid from or to 0 changes the effective set. */
     struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
     struct __user_cap_data_struct caps[2];
     memcpy(caps, l->own_caps, sizeof(caps));
     for (int i = 0; i < 2; i++)
         caps[i].effective = (uint32_t)(t->capabilities >> (32 * i)) & l->own_caps[i].permitted;
-    if (syscall(SYS_capset, &header, caps) < 0)
-        return -1;
-    umask(t->umask);   /* this thread's fs_struct alone */
+    if ((l->switched & SWITCHED_IDS) || caps[0].effective != l->own_caps[0].effective ||
+        caps[1].effective != l->own_caps[1].effective) {
+        l->switched |= SWITCHED_CAPS;
+        if (syscall(SYS_capset, &header, caps) < 0)
+            return -1;
+    }
+    if ((int)t->umask != l->umask_now) {
+        umask(t->umask);   /* this thread's fs_struct alone */
+        l->umask_now = (int)t->umask;
+    }
     return 0;
 }
 
 static void restore(struct listener *l)
 {
     struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
-    int ok = syscall(SYS_capset, &header, l->own_caps) == 0;
-    syscall(SYS_setfsuid, geteuid());
-    syscall(SYS_setfsgid, getegid());
-    ok = ok && set_groups(l->own_groups, l->own_group_count) == 0 &&
-         (unsigned)syscall(SYS_setfsuid, -1) == geteuid() && (unsigned)syscall(SYS_setfsgid, -1) == getegid();
+    int ok = 1;
+    if (l->switched & SWITCHED_CAPS)
+        ok = syscall(SYS_capset, &header, l->own_caps) == 0;
+    if (l->switched & SWITCHED_IDS) {
+        syscall(SYS_setfsuid, l->own_uid);
+        syscall(SYS_setfsgid, l->own_gid);
+        ok = ok && (unsigned)syscall(SYS_setfsuid, -1) == l->own_uid &&
+             (unsigned)syscall(SYS_setfsgid, -1) == l->own_gid;
+    }
+    if (l->switched & SWITCHED_GROUPS)
+        ok = ok && set_groups(l->own_groups, l->own_group_count) == 0;
     if (!ok)
         abort();   /* a thread stuck as a task: fail closed, the supervisor dies */
+    l->switched = 0;
 }
 
 /* This thread's part of performing: its own fs_struct (umask) and its credentials to go back to. */
@@ -1105,8 +1139,13 @@ static void perform_prepare(struct listener *l)
     struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
     int groups = getgroups(NGROUPS_MAX_HERE, l->own_groups);
     l->own_root = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    l->own_uid = geteuid();
+    l->own_gid = getegid();
+    l->umask_now = -1;
+    l->switched = 0;
     l->can_perform = unshare(CLONE_FS) == 0 && syscall(SYS_capget, &header, l->own_caps) == 0 && groups >= 0 &&
-                     l->own_root >= 0;
+                     l->own_root >= 0 && (unsigned)syscall(SYS_setfsuid, -1) == l->own_uid &&
+                     (unsigned)syscall(SYS_setfsgid, -1) == l->own_gid;
     l->own_group_count = groups;
 }
 
