@@ -269,7 +269,7 @@ def run_enforcement(profile: Profile, workdir: Path, cgroup: BenchCgroup,
     result["sessions"] = sessions.session_costs(aw.settings, aw.env, BENCH_AGENT, cgroup.path,
                                                 aw.settings.policy_dir, profile.session_rounds, log,
                                                 continued=(old.settings, old.env),
-                                                baseline=(base.settings, base.env, base.baseline) if base else None)
+                                                baseline=(base.settings, base.env, base.cwd, base.baseline.name) if base else None)
     old.stop()
     if base:
         base.stop()

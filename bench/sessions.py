@@ -95,8 +95,9 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
     agent_cgroup, tagged `agent`. rounds: operations of each kind per side.
     continued: (settings, env) of a second agentwarden watching another
     cgroup of `agent`, with perform_file_changes = false: the fifth side.
-    baseline: (settings, env, tree) of a third, another tree's (bench/run.py
-    baseline_tree), whose `run` starts from that tree: one more side."""
+    baseline: (settings, env, directory, name) of a third, another tree's
+    (bench/run.py baseline_tree), whose `run` starts in that directory (where
+    `-m agentwarden` finds the tree's package: monitors.importable): one more side."""
     sides = SIDES + (("continued",) if continued else ()) + (("baseline",) if baseline else ())
     with tempfile.TemporaryDirectory(prefix="agentwarden-bench-") as tmp:
         work = Path(tmp)
@@ -172,10 +173,10 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
                 f"{session['median_us'] / c['median_us']:.2f}x")
         if baseline:
             b = _summary(samples[(what, "baseline")])
-            r["baseline"] = {**b, "tree": baseline[2].name}
+            r["baseline"] = {**b, "tree": baseline[3]}
             r["baseline_added_median_us"] = b["median_us"] - bare["median_us"]
             r["baseline_added_paired_us"] = _paired(samples[(what, "baseline")], samples[(what, "bare")])
-            log(f"  {what}: under run of the baseline tree {baseline[2].name} {b['median_us']:.1f} us "
+            log(f"  {what}: under run of the baseline tree {baseline[3]} {b['median_us']:.1f} us "
                 f"({r['baseline_added_median_us']:+.1f} us at the median, {r['baseline_added_paired_us']:+.1f} "
                 f"us paired); this tree/baseline {session['median_us'] / b['median_us']:.2f}x")
     return results
