@@ -23,6 +23,8 @@ fd it names may be the one the open returned.
 """
 from __future__ import annotations
 
+import errno
+
 from agentwarden import wire
 
 LATE_NS = 1_000_000_000   # a probe health record this much later: its records are all in
@@ -63,7 +65,9 @@ class Performed:
 
     def _unknown(self, marker: dict) -> None:
         record = {k: v for k, v in marker.items() if k != "performed_pending"}
-        record["performed_result_unknown"] = True
+        # Which fd the task got is unknown: a negative ret (EIO; the flag says
+        # why) keeps the process model from naming one after it.
+        record.update(performed_result_unknown=True, ret=-errno.EIO, error=errno.errorcode[errno.EIO])
         self.waiting.setdefault(record["pid"], []).append(record)
 
     def before(self, record: dict) -> list[dict]:

@@ -41,6 +41,7 @@ def test_a_record_that_never_comes_is_given_up_with_its_result_unknown():
     assert not p.awaits(_event(time=200)) and p.awaits(_event(pid=11, time=200))
     placed = p.before(_event(time=200))
     assert len(placed) == 1 and placed[0]["performed_result_unknown"] and "performed_pending" not in placed[0]
+    assert placed[0]["ret"] < 0   # no fd named: the process model maps nothing after it
     rest = p.remaining()   # the daemon stops: what is still pending is archived as unknown
     assert [(r["pid"], r["performed_result_unknown"]) for r in rest] == [(11, True)]
     assert not p.pending
