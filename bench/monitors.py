@@ -186,9 +186,17 @@ class Agentwarden(Monitor):
     name = "agentwarden"
     label = "agentwarden"
 
-    def __init__(self, workdir: Path, cgroup: BenchCgroup, policy: str | None = None):
+    def __init__(self, workdir: Path, cgroup: BenchCgroup, policy: str | None = None,
+                 baseline: Path | None = None):
         super().__init__()
         workdir.mkdir(parents=True, exist_ok=True)
+        # Before/after in one run: baseline is another tree of the project
+        # (`git archive REF | tar -x -C DIR`, its fast path built there with
+        # scripts/build-fastpath.sh), whose `up` runs from that tree instead.
+        self.baseline = baseline
+        if baseline is not None:
+            self.name = "agentwarden-baseline"
+            self.label = f"agentwarden, baseline {baseline.name}"
         self.cgroup = cgroup
         # Its own policy directory keeps the host's policies out of the figures
         # (empty, the daemon archives events without deciding them); its cgroup
@@ -202,15 +210,21 @@ class Agentwarden(Monitor):
                     "AGENTWARDEN_STATE_DIR": str(self.settings.state_dir),
                     "AGENTWARDEN_POLICY_DIR": str(self.settings.policy_dir),
                     "AGENTWARDEN_CGROUP_SCOPE": self.settings.cgroup_scope}
+        # `-m agentwarden` looks in the current directory first: the baseline's
+        # processes (up, its probe and daemon, run) start in its tree.
+        self.cwd = importable(baseline) if baseline is not None else None
+        if self.cwd is not None:
+            self.env["PYTHONPATH"] = str(self.cwd)
         self.log_path = workdir / "up.log"
         self.proc: subprocess.Popen | None = None
         self.children: list[psutil.Process] = []  # probe and daemon, once running
-        self.note = f"agentwarden up, tagged cgroup {cgroup.path.name} (id {cgroup.id})"
+        self.note = (f"agentwarden up{f' of the tree at {baseline}' if baseline else ''}, "
+                     f"tagged cgroup {cgroup.path.name} (id {cgroup.id})")
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "up"], env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         watching = wait_until(self._watching, timeout=90, interval=0.2)
         self.children = list(self.processes().values())
@@ -266,6 +280,21 @@ class Agentwarden(Monitor):
         # `up` stops the probe first, so its last records reach the daemon.
         _stop_process(self.proc, signal.SIGTERM, timeout=40, children=self.children)
         self.children = []
+
+
+def importable(tree: Path) -> Path:
+    """A directory from which `import agentwarden` finds the tree's package
+    laid out as installed (pyproject.toml's package-dir: daemon/, probe/ and
+    bpf/ inside agentwarden), made of symlinks inside the tree, once."""
+    site = tree / ".bench-site"
+    package = site / "agentwarden"
+    if not package.is_dir():
+        package.mkdir(parents=True)
+        for entry in (tree / "agentwarden").iterdir():
+            (package / entry.name).symlink_to(entry)
+        for part in ("daemon", "probe", "bpf"):
+            (package / part).symlink_to(tree / part)
+    return site
 
 
 class Bpftrace(Monitor):

@@ -92,6 +92,12 @@ def untagged_section(untagged: dict) -> Section:
         if c["note"]:
             notes.append(f"{c['label']}: {c['note']}")
     notes += target_verdicts(untagged)
+    for name, by_config in untagged["workloads"].items():
+        now, before = by_config.get("agentwarden"), by_config.get("agentwarden-baseline")
+        if now and before and "ratio" in now and "ratio" in before:
+            notes.append(f"before/after {info[name]['label']}: × no monitor {before['ratio']:.3f} "
+                         f"({untagged['configs']['agentwarden-baseline']['label']}) -> {now['ratio']:.3f} "
+                         f"(this tree); µs/op {before['ns_per_op'] / 1000:.3f} -> {now['ns_per_op'] / 1000:.3f}")
     if untagged["visits_with_other_bpf_users"]:
         notes.append(f"warning: {untagged['visits_with_other_bpf_users']} of "
                      f"{len(untagged['sequence'])} visits began while other processes held BPF "
@@ -239,7 +245,32 @@ def enforcement_sections(result: dict) -> list[Section]:
                  "paired µs", "floor µs",
                  "bare p99 µs", "run p99 µs"],
                 session_rows),
-    ] + ([drift_write_section(result["drift"])] if "drift" in result else [])
+    ] + ([drift_write_section(result["drift"])] if "drift" in result else []) \
+      + ([before_after_section(result["sessions"])] if _has_other_sides(result["sessions"]) else [])
+
+
+def _has_other_sides(sessions: dict) -> bool:
+    return any("continued" in v or "baseline" in v for v in sessions.values())
+
+
+def before_after_section(sessions: dict) -> Section:
+    """This tree's `run` against the same tree with file changes continued
+    after the check, and against a baseline tree's, in the same run."""
+    tree = next((v["baseline"]["tree"] for v in sessions.values() if "baseline" in v), None)
+    rows = []
+    for what, v in sessions.items():
+        c, b = v.get("continued"), v.get("baseline")
+        rows.append([what, f"{v['bare']['median_us']:,.1f}", f"{v['session']['median_us']:,.1f}",
+                     f"{c['median_us']:,.1f}" if c else "", f"×{v['session']['median_us'] / c['median_us']:.2f}" if c else "",
+                     f"{b['median_us']:,.1f}" if b else "", f"×{v['session']['median_us'] / b['median_us']:.2f}" if b else ""])
+    return Section("Before and after, in the same run",
+                   "The same operations under `run` of this tree (write-opens performed by the supervisor), "
+                   "of this tree with perform_file_changes = false (checked, then continued: the racy old "
+                   "way), and of a baseline tree's agentwarden "
+                   f"({tree or 'none given'}; AGENTWARDEN_BENCH_BASELINE): each its own agentwarden up, "
+                   "alternated with the other sides one operation at a time.",
+                   ["operation", "bare median µs", "run median µs", "continued median µs", "run / continued",
+                    "baseline median µs", "run / baseline"], rows)
 
 
 def sections(results: dict) -> list[Section]:

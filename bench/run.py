@@ -148,6 +148,8 @@ def run_untagged(profile: Profile, workdir: Path, workload: Workload, cgroup: Be
     target = workdir / "open-target"
     target.touch()
     candidates = [Agentwarden(workdir / "untagged-agentwarden", cgroup)]
+    if baseline_tree():
+        candidates.append(Agentwarden(workdir / "untagged-baseline", cgroup, baseline=baseline_tree()))
     if "bpftrace" not in unusable:
         candidates.append(Bpftrace(workdir, cgroup, tracepoints, canary))
     if "auditd" not in unusable:
@@ -176,6 +178,22 @@ def run_untagged(profile: Profile, workdir: Path, workload: Workload, cgroup: Be
         "exec": {"label": "fork+exec", "count": profile.exec_count,
                  "describe": f"{profile.exec_count:,} x fork+execve({EXEC_PROGRAM})+waitpid"}})
     return result
+
+
+def baseline_tree() -> Path | None:
+    """AGENTWARDEN_BENCH_BASELINE=DIR: another tree of the project (`git
+    archive REF | tar -x -C DIR`, then `sh scripts/build-fastpath.sh` there),
+    whose agentwarden is one more side of the untagged and session parts, and
+    whose `run` is one more session-start side (bench/agentload.py): before
+    and after in one run."""
+    value = os.environ.get("AGENTWARDEN_BENCH_BASELINE")
+    if not value:
+        return None
+    tree = Path(value).resolve()
+    if not (tree / "agentwarden" / "__main__.py").is_file() or not (tree / "daemon" / "_fastpath.so").is_file():
+        raise BenchError(f"AGENTWARDEN_BENCH_BASELINE={value}: not a project tree with its fast path built "
+                         "(git archive REF | tar -x -C DIR; cd DIR; sh scripts/build-fastpath.sh)")
+    return tree
 
 
 def allow_policy(files_dir: Path) -> str:
@@ -238,11 +256,23 @@ def run_enforcement(profile: Profile, workdir: Path, cgroup: BenchCgroup,
     cleanup.callback(old.stop)
     old.start()
     old.settle()
+    # And the baseline tree's agentwarden, when one is given, with its own `run`.
+    base = None
+    if baseline_tree():
+        base_cgroup = BenchCgroup(cgroup.path.parent)
+        cleanup.callback(base_cgroup.remove)
+        base = Agentwarden(workdir / "enforcement-baseline", base_cgroup, baseline=baseline_tree())
+        cleanup.callback(base.stop)
+        base.start()
+        base.settle()
     log("sessions: allowed exec and write-open, bare and under agentwarden run")
     result["sessions"] = sessions.session_costs(aw.settings, aw.env, BENCH_AGENT, cgroup.path,
                                                 aw.settings.policy_dir, profile.session_rounds, log,
-                                                continued=(old.settings, old.env))
+                                                continued=(old.settings, old.env),
+                                                baseline=(base.settings, base.env, base.cwd, base.baseline.name) if base else None)
     old.stop()
+    if base:
+        base.stop()
     result["drift"] = drift.tracked_write_cost(aw.settings, aw.env, BENCH_AGENT, aw.settings.policy_dir,
                                                profile.session_rounds, log)
     aw.stop()

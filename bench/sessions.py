@@ -46,12 +46,12 @@ def build(workdir: Path, name: str) -> Path:
 class Worker:
     """One side's session_workload: an operation in, its latency (ns) out."""
 
-    def __init__(self, side: str, argv: list[str], env: dict, errors: Path):
+    def __init__(self, side: str, argv: list[str], env: dict, errors: Path, cwd: Path | None = None):
         self.side = side
         self.errors = errors
         with errors.open("w") as stderr:   # the worker keeps its own copy
             self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=stderr, text=True, bufsize=1)
+                                         stderr=stderr, text=True, bufsize=1, cwd=cwd)
 
     def time(self, operation: str) -> int:
         self.proc.stdin.write(operation + "\n")
@@ -90,12 +90,15 @@ WARM_UP = 20   # rounds of each operation not counted: caches, the fast path's f
 
 
 def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_dir: Path, rounds: int,
-                  log=print, continued: tuple | None = None) -> dict:
+                  log=print, continued: tuple | None = None, baseline: tuple | None = None) -> dict:
     """Needs a running agentwarden (policy dir policy_dir) whose probe watches
     agent_cgroup, tagged `agent`. rounds: operations of each kind per side.
     continued: (settings, env) of a second agentwarden watching another
-    cgroup of `agent`, with perform_file_changes = false: the fifth side."""
-    sides = SIDES + (("continued",) if continued else ())
+    cgroup of `agent`, with perform_file_changes = false: the fifth side.
+    baseline: (settings, env, directory, name) of a third, another tree's
+    (bench/run.py baseline_tree), whose `run` starts in that directory (where
+    `-m agentwarden` finds the tree's package: monitors.importable): one more side."""
+    sides = SIDES + (("continued",) if continued else ()) + (("baseline",) if baseline else ())
     with tempfile.TemporaryDirectory(prefix="agentwarden-bench-") as tmp:
         work = Path(tmp)
         binary = build(work, "session_workload")
@@ -106,7 +109,8 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
         policy = (f'[agent.{agent}]\nmode = "enforce"\non-violation = "kill"\n'
                   f'[agent.{agent}.exec]\nallow = ["{binary}", "/usr/bin/true", "{missing}"]\n'
                   f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["{writes}/**"]\n')
-        wardens = [(settings, policy_dir)] + ([(continued[0], continued[0].policy_dir)] if continued else [])
+        wardens = [(settings, policy_dir)] + ([(continued[0], continued[0].policy_dir)] if continued else []) \
+            + ([(baseline[0], baseline[0].policy_dir)] if baseline else [])
         for each_settings, each_dir in wardens:
             (each_dir / POLICY_FILE).write_text(policy)
             control.request(each_settings, "reload", timeout=10)
@@ -117,16 +121,19 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
         pin = ["taskset", "-c", str(os.cpu_count() - 1)]
         # The supervisors are not pinned: neither is agentwarden's.
         prefix = {"bare": pin, "watched": pin + watched, "floor": [str(floor)] + pin + watched,
-                  "session": pin + run, "continued": pin + run}
+                  "session": pin + run, "continued": pin + run, "baseline": pin + run}
         side_env = {side: env for side in sides}
         if continued:
             side_env["continued"] = continued[1]
+        if baseline:
+            side_env["baseline"] = baseline[1]
         command = [str(binary), "/usr/bin/true", str(missing), str(writes)]
         samples = {(what, side): [] for what in OPERATIONS for side in sides}
         order = random.Random(1)   # the same shuffles every run
         workers = []
         try:
-            workers = [Worker(side, prefix[side] + command, side_env[side], work / f"{side}.err")
+            workers = [Worker(side, prefix[side] + command, side_env[side], work / f"{side}.err",
+                              cwd=baseline[2] if side == "baseline" else None)
                        for side in sides]
             # Every operation in every round: the machine's drift over the
             # minutes this takes falls on all operations alike.
@@ -164,4 +171,12 @@ def session_costs(settings, env: dict, agent: str, agent_cgroup: Path, policy_di
                 f"{c['median_us']:.1f} us ({r['continued_added_median_us']:+.1f} us at the median, "
                 f"{r['continued_added_paired_us']:+.1f} us paired); performed/continued "
                 f"{session['median_us'] / c['median_us']:.2f}x")
+        if baseline:
+            b = _summary(samples[(what, "baseline")])
+            r["baseline"] = {**b, "tree": baseline[3]}
+            r["baseline_added_median_us"] = b["median_us"] - bare["median_us"]
+            r["baseline_added_paired_us"] = _paired(samples[(what, "baseline")], samples[(what, "bare")])
+            log(f"  {what}: under run of the baseline tree {baseline[3]} {b['median_us']:.1f} us "
+                f"({r['baseline_added_median_us']:+.1f} us at the median, {r['baseline_added_paired_us']:+.1f} "
+                f"us paired); this tree/baseline {session['median_us'] / b['median_us']:.2f}x")
     return results

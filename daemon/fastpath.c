@@ -192,6 +192,9 @@ struct listener {
     struct __user_cap_data_struct own_caps[2];
     gid_t own_groups[NGROUPS_MAX_HERE];
     int own_group_count;
+    unsigned own_uid, own_gid;   /* this thread's fs ids when it is itself */
+    int umask_now;               /* this thread's umask (its own fs_struct); -1: unknown */
+    int switched;                /* what become() changed and restore() takes back (SWITCHED_*) */
     char status[8192];           /* /proc/TID/status, read for each performed open */
     struct task_info task;
     char record[MAX_RECORD];     /* the performed open's record, msgpack */
@@ -950,9 +953,11 @@ static int open_key(struct listener *l, const struct seccomp_notif *n, char *key
  * checked itself, as the task -- its fs uid and gid, groups (raw setgroups:
  * glibc's would change every thread), effective capabilities (capset: this
  * thread only), umask (the thread unshares its fs_struct), cwd -- with
- * openat2(RESOLVE_NO_MAGICLINKS), installs the fd in the task
- * (SECCOMP_IOCTL_NOTIF_ADDFD), sends the call's record to the daemon on the
- * ordered release pair, and answers with the fd's number. What needs more
+ * openat2(RESOLVE_NO_MAGICLINKS), sends the call's record marked pending to
+ * the daemon on the ordered release pair, installs the fd in the task and
+ * answers with its number in one step (SECCOMP_IOCTL_NOTIF_ADDFD with
+ * ADDFD_FLAG_SEND), then sends the record with that number (the daemon holds
+ * the task's later records for it: daemon/performed.py). What needs more
  * (another root, mount or user namespace, a path under /proc or naming the
  * task itself, a result that is /dev/tty or in /proc, ELOOP, ENXIO, a cwd
  * that moved since the check, more than NGROUPS_MAX_HERE groups) goes to the
@@ -1067,36 +1072,67 @@ static int set_groups(const gid_t *groups, int count)
     return syscall(SYS_setgroups, count, groups) < 0 ? -1 : 0;
 }
 
+#define SWITCHED_GROUPS 1
+#define SWITCHED_IDS 2
+#define SWITCHED_CAPS 4
+
+/* The thread takes the task's credentials, changing only what differs from
+ * its own (a root task with every capability, the usual agent of a root
+ * harness, needs no change at all): what the call is checked against is the
+ * task's as read for this very call, never a remembered copy. */
 static int become(struct listener *l, const struct task_info *t)
 {
-    if (set_groups(t->groups, t->group_count) < 0)
-        return -1;
-    syscall(SYS_setfsgid, t->fsgid);
-    syscall(SYS_setfsuid, t->fsuid);
-    /* -1 changes nothing and returns the current id */
-    if ((unsigned)syscall(SYS_setfsgid, -1) != t->fsgid || (unsigned)syscall(SYS_setfsuid, -1) != t->fsuid)
-        return -1;
+    l->switched = 0;
+    if (t->group_count != l->own_group_count ||
+        memcmp(t->groups, l->own_groups, sizeof(gid_t) * (size_t)t->group_count)) {
+        l->switched |= SWITCHED_GROUPS;
+        if (set_groups(t->groups, t->group_count) < 0)
+            return -1;
+    }
+    if (t->fsuid != l->own_uid || t->fsgid != l->own_gid) {
+        l->switched |= SWITCHED_IDS;
+        syscall(SYS_setfsgid, t->fsgid);
+        syscall(SYS_setfsuid, t->fsuid);
+        /* -1 changes nothing and returns the current id */
+        if ((unsigned)syscall(SYS_setfsgid, -1) != t->fsgid || (unsigned)syscall(SYS_setfsuid, -1) != t->fsuid)
+            return -1;
+    }
+    /* Set after the ids: a change of the fs uid from or to 0 changes the effective set. */
     struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
     struct __user_cap_data_struct caps[2];
     memcpy(caps, l->own_caps, sizeof(caps));
     for (int i = 0; i < 2; i++)
         caps[i].effective = (uint32_t)(t->capabilities >> (32 * i)) & l->own_caps[i].permitted;
-    if (syscall(SYS_capset, &header, caps) < 0)
-        return -1;
-    umask(t->umask);   /* this thread's fs_struct alone */
+    if ((l->switched & SWITCHED_IDS) || caps[0].effective != l->own_caps[0].effective ||
+        caps[1].effective != l->own_caps[1].effective) {
+        l->switched |= SWITCHED_CAPS;
+        if (syscall(SYS_capset, &header, caps) < 0)
+            return -1;
+    }
+    if ((int)t->umask != l->umask_now) {
+        umask(t->umask);   /* this thread's fs_struct alone */
+        l->umask_now = (int)t->umask;
+    }
     return 0;
 }
 
 static void restore(struct listener *l)
 {
     struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
-    int ok = syscall(SYS_capset, &header, l->own_caps) == 0;
-    syscall(SYS_setfsuid, geteuid());
-    syscall(SYS_setfsgid, getegid());
-    ok = ok && set_groups(l->own_groups, l->own_group_count) == 0 &&
-         (unsigned)syscall(SYS_setfsuid, -1) == geteuid() && (unsigned)syscall(SYS_setfsgid, -1) == getegid();
+    int ok = 1;
+    if (l->switched & SWITCHED_CAPS)
+        ok = syscall(SYS_capset, &header, l->own_caps) == 0;
+    if (l->switched & SWITCHED_IDS) {
+        syscall(SYS_setfsuid, l->own_uid);
+        syscall(SYS_setfsgid, l->own_gid);
+        ok = ok && (unsigned)syscall(SYS_setfsuid, -1) == l->own_uid &&
+             (unsigned)syscall(SYS_setfsgid, -1) == l->own_gid;
+    }
+    if (l->switched & SWITCHED_GROUPS)
+        ok = ok && set_groups(l->own_groups, l->own_group_count) == 0;
     if (!ok)
         abort();   /* a thread stuck as a task: fail closed, the supervisor dies */
+    l->switched = 0;
 }
 
 /* This thread's part of performing: its own fs_struct (umask) and its credentials to go back to. */
@@ -1105,8 +1141,13 @@ static void perform_prepare(struct listener *l)
     struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
     int groups = getgroups(NGROUPS_MAX_HERE, l->own_groups);
     l->own_root = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    l->own_uid = geteuid();
+    l->own_gid = getegid();
+    l->umask_now = -1;
+    l->switched = 0;
     l->can_perform = unshare(CLONE_FS) == 0 && syscall(SYS_capget, &header, l->own_caps) == 0 && groups >= 0 &&
-                     l->own_root >= 0;
+                     l->own_root >= 0 && (unsigned)syscall(SYS_setfsuid, -1) == l->own_uid &&
+                     (unsigned)syscall(SYS_setfsgid, -1) == l->own_gid;
     l->own_group_count = groups;
 }
 
@@ -1168,7 +1209,7 @@ static uint64_t wall_ns(void)
 /* Sends the performed open's record; 0, or -1 when it could not be (counted). */
 static int send_record(struct listener *l, const struct seccomp_notif *n, const struct task_info *t,
                        const char *syscall_name, const char *raw, int flags, uint64_t mode, long ret,
-                       int delivered, uint64_t when)
+                       int delivered, uint64_t when, int pending)
 {
     struct packer p = { .buf = l->record, .cap = sizeof(l->record) };
     pthread_mutex_lock(&perf.lock);
@@ -1221,6 +1262,8 @@ static int send_record(struct listener *l, const struct seccomp_notif *n, const 
     put_key(&p, "kernel_rule");
     put_byte(&p, 0xc0);
     put_key_bool(&p, "performed", 1);
+    if (pending)
+        put_key_bool(&p, "performed_pending", 1);
     if (!delivered)
         put_key_bool(&p, "performed_for_gone_task", 1);
     if (!p.bad) {
@@ -1345,24 +1388,31 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
             fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);   /* it was only so a FIFO cannot hold us */
     }
     long ret = fd < 0 ? -err : 0;
-    int delivered = 1;
+    int delivered = 1, answered = 0;
+    const char *name = open_name(n);
     if (fd >= 0) {
-        struct seccomp_notif_addfd add = { .id = n->id, .srcfd = fd, .newfd_flags = flags & O_CLOEXEC };
+        /* Installed and answered in one step (ADDFD_FLAG_SEND): the task runs on
+         * as soon as it has the fd, without a second wake-up for the answer. Its
+         * number is known only then, so the daemon first gets this call's record
+         * marked pending -- before the task runs on, so its next records find
+         * it and wait for the result (daemon/performed.py) -- then the record. */
+        send_record(l, n, t, name, raw, flags, mode, 0, 1, when, 1);
+        struct seccomp_notif_addfd add = { .id = n->id, .srcfd = fd, .newfd_flags = flags & O_CLOEXEC,
+                                           .flags = SECCOMP_ADDFD_FLAG_SEND };
         int installed = ioctl(l->fd, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
         int add_err = errno;
         close(fd);
         if (installed >= 0)
-            ret = installed;
+            ret = installed, answered = 1;
         else if (add_err == ENOENT || add_err == ESRCH)
             delivered = 0, ret = -ESRCH;
         else
-            ret = -add_err;   /* EMFILE: its table is full */
+            ret = -add_err;   /* EMFILE: its table is full; the call is still ours to answer */
     }
-    send_record(l, n, t, open_name(n), raw, flags, mode, ret, delivered, when);
+    send_record(l, n, t, name, raw, flags, mode, ret, delivered, when, 0);
     int sent = delivered;
-    if (delivered) {
-        struct seccomp_notif_resp resp = { .id = n->id, .val = ret >= 0 ? ret : 0,
-                                           .error = ret >= 0 ? 0 : (int)ret };
+    if (delivered && !answered) {
+        struct seccomp_notif_resp resp = { .id = n->id, .val = 0, .error = (int)ret };
         sent = ioctl(l->fd, SECCOMP_IOCTL_NOTIF_SEND, &resp) == 0;
     }
     pthread_mutex_lock(&fp.lock);

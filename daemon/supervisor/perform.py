@@ -184,6 +184,11 @@ class _Worker(threading.Thread):
             self.own_caps = (_CapData * 2)()
             _check(_libc.capget(ctypes.byref(self.header), self.own_caps))
             self.own_groups = os.getgroups()
+            self.own_uid, self.own_gid = os.geteuid(), os.getegid()
+            if _libc.setfsuid(-1) != self.own_uid or _libc.setfsgid(-1) != self.own_gid:
+                raise Refused(errno.EPERM)
+            self.umask_now = -1
+            self.switched: set[str] = set()
         except BaseException as exc:   # the supervisor then lets nothing through (see call)
             self.failure = exc
         self.ready.set()
@@ -213,27 +218,47 @@ class _Worker(threading.Thread):
         _check(_libc.syscall(self.sys_setgroups, len(groups), array))
 
     def become(self, task: Task) -> None:
-        self._setgroups(task.groups)
-        _libc.setfsgid(task.fsgid)
-        _libc.setfsuid(task.fsuid)
-        if _libc.setfsgid(-1) != task.fsgid or _libc.setfsuid(-1) != task.fsuid:
-            raise Refused(errno.EPERM)   # -1 changes nothing and returns the current id
+        """Take the task's credentials as read for this call, changing only
+        what differs from the thread's own (a root task with every capability
+        needs no change)."""
+        self.switched = set()
+        if list(task.groups) != self.own_groups:
+            self.switched.add("groups")
+            self._setgroups(task.groups)
+        if (task.fsuid, task.fsgid) != (self.own_uid, self.own_gid):
+            self.switched.add("ids")
+            _libc.setfsgid(task.fsgid)
+            _libc.setfsuid(task.fsuid)
+            if _libc.setfsgid(-1) != task.fsgid or _libc.setfsuid(-1) != task.fsuid:
+                raise Refused(errno.EPERM)   # -1 changes nothing and returns the current id
         caps = (_CapData * 2)()
         for i in range(2):
             caps[i].permitted = self.own_caps[i].permitted
             caps[i].inheritable = self.own_caps[i].inheritable
             caps[i].effective = (task.capabilities >> (32 * i)) & self.own_caps[i].permitted
-        _check(_libc.capset(ctypes.byref(self.header), caps))
-        os.umask(task.umask)
+        # After the ids: a change of the fs uid from or to 0 changes the effective set.
+        if "ids" in self.switched or any(caps[i].effective != self.own_caps[i].effective for i in range(2)):
+            self.switched.add("caps")
+            _check(_libc.capset(ctypes.byref(self.header), caps))
+        if task.umask != self.umask_now:
+            os.umask(task.umask)   # this thread's fs_struct alone
+            self.umask_now = task.umask
 
     def restore(self) -> None:
-        _check(_libc.capset(ctypes.byref(self.header), self.own_caps))
-        _libc.setfsuid(os.geteuid())
-        _libc.setfsgid(os.getegid())
-        self._setgroups(self.own_groups)
-        if _libc.setfsuid(-1) != os.geteuid() or _libc.setfsgid(-1) != os.getegid():
+        try:
+            if "caps" in self.switched:
+                _check(_libc.capset(ctypes.byref(self.header), self.own_caps))
+            if "ids" in self.switched:
+                _libc.setfsuid(self.own_uid)
+                _libc.setfsgid(self.own_gid)
+                if _libc.setfsuid(-1) != self.own_uid or _libc.setfsgid(-1) != self.own_gid:
+                    raise Refused(errno.EPERM)
+            if "groups" in self.switched:
+                self._setgroups(self.own_groups)
+        except Refused:
             log.critical("supervisor: the perform thread cannot take back its credentials")
             os._exit(70)   # fail closed: the daemon's sessions end
+        self.switched = set()
 
 
 class _Box(list):
