@@ -953,11 +953,9 @@ static int open_key(struct listener *l, const struct seccomp_notif *n, char *key
  * checked itself, as the task -- its fs uid and gid, groups (raw setgroups:
  * glibc's would change every thread), effective capabilities (capset: this
  * thread only), umask (the thread unshares its fs_struct), cwd -- with
- * openat2(RESOLVE_NO_MAGICLINKS), sends the call's record marked pending to
- * the daemon on the ordered release pair, installs the fd in the task and
- * answers with its number in one step (SECCOMP_IOCTL_NOTIF_ADDFD with
- * ADDFD_FLAG_SEND), then sends the record with that number (the daemon holds
- * the task's later records for it: daemon/performed.py). What needs more
+ * openat2(RESOLVE_NO_MAGICLINKS), installs the fd in the task
+ * (SECCOMP_IOCTL_NOTIF_ADDFD), sends the call's record to the daemon on the
+ * ordered release pair, and answers with the fd's number. What needs more
  * (another root, mount or user namespace, a path under /proc or naming the
  * task itself, a result that is /dev/tty or in /proc, ELOOP, ENXIO, a cwd
  * that moved since the check, more than NGROUPS_MAX_HERE groups) goes to the
@@ -1209,7 +1207,7 @@ static uint64_t wall_ns(void)
 /* Sends the performed open's record; 0, or -1 when it could not be (counted). */
 static int send_record(struct listener *l, const struct seccomp_notif *n, const struct task_info *t,
                        const char *syscall_name, const char *raw, int flags, uint64_t mode, long ret,
-                       int delivered, uint64_t when, int pending)
+                       int delivered, uint64_t when)
 {
     struct packer p = { .buf = l->record, .cap = sizeof(l->record) };
     pthread_mutex_lock(&perf.lock);
@@ -1262,8 +1260,6 @@ static int send_record(struct listener *l, const struct seccomp_notif *n, const 
     put_key(&p, "kernel_rule");
     put_byte(&p, 0xc0);
     put_key_bool(&p, "performed", 1);
-    if (pending)
-        put_key_bool(&p, "performed_pending", 1);
     if (!delivered)
         put_key_bool(&p, "performed_for_gone_task", 1);
     if (!p.bad) {
@@ -1388,31 +1384,24 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
             fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);   /* it was only so a FIFO cannot hold us */
     }
     long ret = fd < 0 ? -err : 0;
-    int delivered = 1, answered = 0;
-    const char *name = open_name(n);
+    int delivered = 1;
     if (fd >= 0) {
-        /* Installed and answered in one step (ADDFD_FLAG_SEND): the task runs on
-         * as soon as it has the fd, without a second wake-up for the answer. Its
-         * number is known only then, so the daemon first gets this call's record
-         * marked pending -- before the task runs on, so its next records find
-         * it and wait for the result (daemon/performed.py) -- then the record. */
-        send_record(l, n, t, name, raw, flags, mode, 0, 1, when, 1);
-        struct seccomp_notif_addfd add = { .id = n->id, .srcfd = fd, .newfd_flags = flags & O_CLOEXEC,
-                                           .flags = SECCOMP_ADDFD_FLAG_SEND };
+        struct seccomp_notif_addfd add = { .id = n->id, .srcfd = fd, .newfd_flags = flags & O_CLOEXEC };
         int installed = ioctl(l->fd, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
         int add_err = errno;
         close(fd);
         if (installed >= 0)
-            ret = installed, answered = 1;
+            ret = installed;
         else if (add_err == ENOENT || add_err == ESRCH)
             delivered = 0, ret = -ESRCH;
         else
-            ret = -add_err;   /* EMFILE: its table is full; the call is still ours to answer */
+            ret = -add_err;   /* EMFILE: its table is full */
     }
-    send_record(l, n, t, name, raw, flags, mode, ret, delivered, when, 0);
+    send_record(l, n, t, open_name(n), raw, flags, mode, ret, delivered, when);
     int sent = delivered;
-    if (delivered && !answered) {
-        struct seccomp_notif_resp resp = { .id = n->id, .val = 0, .error = (int)ret };
+    if (delivered) {
+        struct seccomp_notif_resp resp = { .id = n->id, .val = ret >= 0 ? ret : 0,
+                                           .error = ret >= 0 ? 0 : (int)ret };
         sent = ioctl(l->fd, SECCOMP_IOCTL_NOTIF_SEND, &resp) == 0;
     }
     pthread_mutex_lock(&fp.lock);

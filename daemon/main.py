@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from .metrics import HOLD_WAIT_BUCKETS, Buckets, MetricsServer
 from .drift import ExpiredChanges, OutsideCapture
 from .fleet import FleetShipper
 from .notify import HoldAlerts
-from .performed import PENDING_WAIT_S, Performed
+from .performed import Performed
 from .releases import Channel, Releases
 from .resolver import Resolver
 from agentwarden.archive.segments import load_key
@@ -243,21 +242,9 @@ class Daemon:
             if self.performed.wanted(record, batch.source):
                 self.performed.hold(record)   # until its place in its task's records (performed.py)
                 continue
-            if self.performed.awaits(record):
-                self._await_performed(record)
             out.extend(self.performed.before(record))
             out.append(record)
         self._handle_records(out)
-
-    def _await_performed(self, record: dict) -> None:
-        """The records of the performed calls this record must follow (performed.py)."""
-        deadline = time.monotonic() + PENDING_WAIT_S
-        while self.performed.awaits(record):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.release_channel.fileno()], [], [], left)[0]:
-                self.counters["performed_result_unknown"] += self.performed.give_up(record["pid"])
-                return
-            self.drain_releases()
 
     def _handle_records(self, out: list[dict]) -> None:
         for record in list(out):

@@ -13,28 +13,17 @@ says the kernel's records up to it are in, or the daemon stops. Times are
 the wall clock on both sides (the probe's: boot time plus the offset it took
 at its start), so a step of the clock since then can misorder records within
 the step.
-
-An open the fast path installs and answers in one step (ADDFD_FLAG_SEND)
-comes twice: first marked `performed_pending`, sent before the task runs on,
-then, once the kernel says which fd the task got, the record itself. A
-record of the task's process later than a pending call waits for that call's
-record (main.py reads the release pair for it, at most PENDING_WAIT_S): the
-fd it names may be the one the open returned.
 """
 from __future__ import annotations
-
-import errno
 
 from agentwarden import wire
 
 LATE_NS = 1_000_000_000   # a probe health record this much later: its records are all in
-PENDING_WAIT_S = 1.0      # for a pending call's record (sent right after the kernel's answer)
 
 
 class Performed:
     def __init__(self):
         self.waiting: dict[int, list[dict]] = {}   # pid -> its performed records, oldest first
-        self.pending: dict[int, dict] = {}         # tid -> its call marked pending (one at a time)
 
     @staticmethod
     def wanted(record: dict, source: str) -> bool:
@@ -42,32 +31,6 @@ class Performed:
         return source.startswith("supervisor") and bool(record.get("performed"))
 
     def hold(self, record: dict) -> None:
-        if record.get("performed_pending"):
-            self.pending[record["tid"]] = record
-            return
-        self.pending.pop(record["tid"], None)
-        self.waiting.setdefault(record["pid"], []).append(record)
-
-    def awaits(self, record: dict) -> bool:
-        """Whether this record of the probe's must wait for a pending call's record."""
-        if not self.pending or record["kind"] not in wire.EVENT_KINDS:
-            return False
-        return any(p["pid"] == record["pid"] and p["time"] <= record["time"] for p in self.pending.values())
-
-    def give_up(self, pid: int) -> int:
-        """The pending calls of pid whose record never came (the supervisor
-        died, or its record was lost): held as they are, their result
-        unknown. How many."""
-        lost = [tid for tid, p in self.pending.items() if p["pid"] == pid]
-        for tid in lost:
-            self._unknown(self.pending.pop(tid))
-        return len(lost)
-
-    def _unknown(self, marker: dict) -> None:
-        record = {k: v for k, v in marker.items() if k != "performed_pending"}
-        # Which fd the task got is unknown: a negative ret (EIO; the flag says
-        # why) keeps the process model from naming one after it.
-        record.update(performed_result_unknown=True, ret=-errno.EIO, error=errno.errorcode[errno.EIO])
         self.waiting.setdefault(record["pid"], []).append(record)
 
     def before(self, record: dict) -> list[dict]:
@@ -92,9 +55,6 @@ class Performed:
         return due
 
     def remaining(self) -> list[dict]:
-        for marker in self.pending.values():
-            self._unknown(marker)
-        self.pending.clear()
         out = sorted((r for records in self.waiting.values() for r in records), key=lambda r: r["time"])
         self.waiting.clear()
         return out
