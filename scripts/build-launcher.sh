@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 python=$1
 out=${2:-agentwarden/_launcher}
 command -v gcc >/dev/null || { echo "build-launcher: gcc is missing (apt-get install gcc libc6-dev)" >&2; exit 1; }
-"$python" scripts/launcher-constants.py > launcher/constants.h.tmp
+PYTHONPATH="$PWD" "$python" -P scripts/launcher-constants.py > launcher/constants.h.tmp
 mv launcher/constants.h.tmp launcher/constants.h
 gcc -O2 -g -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong -Wl,-z,relro,-z,now \
     -DAW_PYTHON="\"$python\"" -o "$out.tmp" launcher/agentwarden.c
