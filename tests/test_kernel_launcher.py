@@ -184,6 +184,10 @@ def test_run_dir_from_the_config_file_and_what_the_launcher_cannot_read_goes_to_
     escaped.write_text(f'run_dir = "{tmp_path}/\\u0065sc"\n')
     one_error_line(launch(["run", "--agent", "a", "--", "true"], {**env, "AGENTWARDEN_CONFIG": str(escaped)}),
                    3, f"no socket at {tmp_path}/esc/sessions.sock")
+    # Global options are the Python CLI's: it resolves them and starts the launcher.
+    one_error_line(launch(["--set", f"run_dir={tmp_path}/flag", "run", "--agent", "a", "--", "true"],
+                          {**env, "AGENTWARDEN_CONFIG": str(plain)}),
+                   3, f"no socket at {tmp_path}/flag/sessions.sock")
     # What Python refuses, it says (a usage problem, 2).
     broken = tmp_path / "broken.toml"
     broken.write_text("run_dir = [[[\n")
