@@ -299,8 +299,8 @@ static int by_name(const struct dirent **a, const struct dirent **b)
 
 static int is_dropin(const struct dirent *entry)
 {
-    size_t len = strlen(entry->d_name);
-    return len > 5 && strcmp(entry->d_name + len - 5, ".toml") == 0;
+    size_t len = strlen(entry->d_name);   /* as pathlib's glob("*.toml"): hidden ones too */
+    return len >= 5 && strcmp(entry->d_name + len - 5, ".toml") == 0;
 }
 
 /* settings.load's run_dir: the config file, its drop-ins, the environment.
