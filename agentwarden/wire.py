@@ -198,9 +198,10 @@ MAX_RECORDS_PER_BATCH = 100_000
 MAX_CONTROL_BYTES = 1 << 20
 MAX_ADMIN_REQUEST_BYTES = 64 * 1024   # one datagram on the supervisor's socket
 MAX_ADMIN_REPLY_BYTES = 1 << 20
-# The supervisor's admin socket: `register` hands over a session's listener fd;
-# the rest are admins' requests (`show`: one pending hold with its context).
-ADMIN_COMMANDS = ("register", "holds", "show", "approve", "deny",
+# The supervisor's admin socket: `launch` gives the session launcher its filter
+# and instance, `register` hands over a session's listener fd (both root's, on
+# one connection); the rest are admins' requests (`show`: one pending hold with its context).
+ADMIN_COMMANDS = ("launch", "register", "holds", "show", "approve", "deny",
                   "decide")   # a signed fleet decision, forwarded by the daemon
 # drift (agentwarden.drift): an admin reverts or accepts a change, or records
 # files as they are; the supervisor does it, so who did is the kernel's word.

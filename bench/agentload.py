@@ -3,10 +3,11 @@
 
 1. Session start: `agentwarden run --agent A -- /bin/true` against `/bin/true`
    alone, alternated one start at a time; wall time from fork to the
-   harness's wait returning. Two ways to start the command: the venv's
-   `agentwarden` (what `make setup` installs; Python's site runs the venv's
-   .pth files first) and `python3 -IS` with the package on sys.path, which is
-   how the .deb's /usr/bin/agentwarden starts `run` (packaging/agentwarden.bin).
+   harness's wait returning. Two ways to start the command: the installed
+   `agentwarden`, the compiled launcher (launcher/agentwarden.c; the venv's
+   `agentwarden` as `make setup` links it, and the .deb's /usr/bin/agentwarden),
+   and the Python CLI (`python3 -IS` with the package on sys.path), which
+   resolves the settings and execs the launcher.
 2. A coding agent's workload: tool calls as an agent makes them -- a git
    repository made and committed, byte-compiling with `python3 -m compileall`,
    a small `make` of a few C files, and shell loops of sed, cat, grep, wc, find
@@ -34,6 +35,7 @@ from agentwarden import control
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 POLICY_FILE = "bench-agentload.toml"   # targets: bench/report.py
+INSTALLED = "agentwarden (the compiled launcher)"   # the venv's and the .deb's `agentwarden`
 
 
 def policy(agent: str, work: Path) -> str:
@@ -55,8 +57,9 @@ def launchers(settings_env: dict) -> dict[str, list[str]]:
     venv_entry = Path(sys.executable).parent / "agentwarden"
     boot = ("import sys; sys.path[:0] = [sys.argv.pop(1), '/usr/lib/python3/dist-packages']; "
             "from agentwarden.cli import main; main()")
-    found = {"venv entry point": [str(venv_entry)],
-             "python3 -IS (as the .deb starts run)": ["/usr/bin/python3", "-IS", "-c", boot, str(REPO)]}
+    found = {INSTALLED: [str(venv_entry)],
+             "python3 -IS (the Python CLI, then the launcher)": ["/usr/bin/python3", "-IS", "-c", boot,
+                                                                 str(REPO)]}
     # Before/after in one run: AGENTWARDEN_BENCH_BASELINE names another tree of
     # the package (`git archive REF agentwarden | tar -x -C DIR`), started the same way.
     baseline = settings_env.get("AGENTWARDEN_BENCH_BASELINE")
@@ -216,7 +219,7 @@ def workload(env: dict, agent: str, agent_cgroup: Path, rounds: int, workdir: Pa
     # An agent's usual PATH: gcc's search for `as` goes through every directory of it.
     env = {**env, "TMPDIR": str(workdir), "HOME": str(workdir), "GIT_CONFIG_NOSYSTEM": "1",
            "LC_ALL": "C", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-    run_argv = launchers(env)["venv entry point"] + ["run", "--agent", agent, "--"]
+    run_argv = launchers(env)[INSTALLED] + ["run", "--agent", agent, "--"]
     sides = ("bare", "watched", "run")
     samples = {side: [] for side in sides}
     order = random.Random(3)

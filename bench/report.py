@@ -661,9 +661,10 @@ def agentload_sections(result: dict) -> list[Section]:
     return [
         Section("Session start", f"`agentwarden run --agent A -- /bin/true` against `/bin/true` alone, "
                 f"alternated one start at a time in a shuffled order; wall time from the harness's fork "
-                f"to its wait returning. The venv's entry point runs Python's site (the venv's .pth "
-                f"files, the editable install's finder) first; `python3 -IS` is how the .deb's "
-                f"/usr/bin/agentwarden starts `run` (packaging/agentwarden.bin). CPU: user + system time of "
+                f"to its wait returning. `agentwarden` is the compiled launcher (launcher/agentwarden.c), "
+                f"as the venv (`make setup`) and the .deb install it; `python3 -IS` is the Python CLI "
+                f"(`python -m agentwarden run`), which resolves the settings and execs the launcher. "
+                f"CPU: user + system time of "
                 f"the started process alone (rusage), the figure least bent by a busy machine.",
                 ["command", "starts", "median ms", "p99 ms", "min ms", "added ms", "CPU median ms"],
                 start_rows, start_notes),
@@ -671,8 +672,8 @@ def agentload_sections(result: dict) -> list[Section]:
                 f"(strace), as an agent harness makes them (each a `sh -c`): git init, add and commit of a "
                 f"small tree, `python3 -m compileall`, `make` of five C files, loops of sed, cat, grep, "
                 f"wc, find. Bare; watched (each call in the tagged agent cgroup, its enforce policy in "
-                f"force); under run (each call in its own `agentwarden run` session, the venv's entry "
-                f"point, session start included). {work['rounds']} rounds, each side once per round in "
+                f"force); under run (each call in its own `agentwarden run` session, the compiled "
+                f"launcher, session start included). {work['rounds']} rounds, each side once per round in "
                 f"a shuffled order; × bare = median over rounds of the side's time over bare's in the "
                 f"same round (min-max).",
                 ["side", "median s", "× bare (min-max)"], work_rows, work_notes),

@@ -38,7 +38,11 @@ rm -f "$site"/agentwarden-*.dist-info/RECORD
 find "$site" -name '__pycache__' -prune -exec rm -rf {} +
 sh scripts/build-fastpath.sh "$site/agentwarden/daemon/_fastpath.so"
 
-install -D -m 0755 packaging/agentwarden.bin "$root/usr/bin/agentwarden"
+# The session launcher is /usr/bin/agentwarden: `run` starts there, every
+# other line goes on to `python3 -I -m agentwarden`.
+sh scripts/build-launcher.sh "$PYTHON" "$site/agentwarden/_launcher"
+mkdir -p "$root/usr/bin"
+ln -s ../lib/python3/dist-packages/agentwarden/_launcher "$root/usr/bin/agentwarden"
 # Man pages and bash completion from the commands' own help (agentwarden/cli/manpage.py),
 # from the unpacked package (-P: not the source tree, whose layout differs).
 PYTHONPATH=$site "$PYTHON" -P -m agentwarden.cli.manpage "$root/usr/share/man/man1" >/dev/null

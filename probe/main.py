@@ -194,6 +194,9 @@ class TagMirror:
         with self.lock:
             found = sorted((t for t in self.current.values() if t.agent == agent and not t.session
                             and t.cgroup_id not in self.too_deep), key=lambda t: t.level)
+        if not found:   # one tagged since the last rescan: the tree as it is now
+            found = [t for t in cgroups.agent_cgroups(self.root, agent, self.agents_slice, self.scope)
+                     if not t.session]
         return {"ok": True, "cgroups": [str(t.path) for t in found]}
 
     def take_added(self) -> bool:

@@ -65,6 +65,8 @@ fi
 stamp=.venv/.agentwarden-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     say "installing agentwarden into .venv"
+    # pip writes its entry script here: not through the link to the launcher (step 6)
+    [ ! -L .venv/bin/agentwarden ] || rm .venv/bin/agentwarden
     .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . 
     touch "$stamp"
 fi
@@ -90,5 +92,15 @@ if [ -n "$stale" ]; then
     say "building daemon/_fastpath.so"
     sh scripts/build-fastpath.sh
 fi
+# 6. The session launcher, which is also the venv's `agentwarden` command
+#    (it hands every line but `run` to the venv's Python CLI).
+stale=$([ -f agentwarden/_launcher ] && find launcher/agentwarden.c scripts/launcher-constants.py \
+    scripts/build-launcher.sh agentwarden/settings.py agentwarden/cgroups.py agentwarden/wire.py \
+    agentwarden/errors.py agentwarden/session.py -newer agentwarden/_launcher || echo missing)
+if [ -n "$stale" ]; then
+    say "building agentwarden/_launcher"
+    sh scripts/build-launcher.sh "$PWD/.venv/bin/python"
+fi
+ln -sfn "$PWD/agentwarden/_launcher" .venv/bin/agentwarden
 .venv/bin/python -c "import bcc, seccomp, zmq, msgpack, typer, psutil, pytest, importlinter, nats, cryptography" ||
     { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }

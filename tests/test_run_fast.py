@@ -1,11 +1,11 @@
-"""`agentwarden run` parsed without typer (cli/run_fast.py): the lines it takes
-mean what they mean to typer's `run`; the rest it leaves to typer."""
+"""`agentwarden run` parsed without typer (cli/run_fast.py, and the same rules
+in the compiled launcher's parse_run): the lines it takes mean what they mean
+to typer's `run`; the rest it leaves to typer."""
 from __future__ import annotations
 
 import pytest
 from typer.testing import CliRunner
 
-from agentwarden import identity
 from agentwarden import session
 from agentwarden.cli import commands, run_fast
 
@@ -15,6 +15,7 @@ TAKEN = [
     ["--agent", "a", "--user", "coder", "--group", "staff", "--task", "fix #12",
      "--on-behalf-of", "alice", "--", "bash", "-l"],
     ["--task=", "--agent", "x", "--agent", "y", "--", "ls", "--all"],   # the last --agent wins
+    ["--agent", "a", "--task=-x", "--", "ls"],   # `=`: a value may start with '-'
 ]
 LEFT_TO_TYPER = [
     [], ["--help"], ["--agent", "a"], ["--agent", "a", "--"], ["--agent", "a", "/bin/true"],
@@ -26,14 +27,12 @@ LEFT_TO_TYPER = [
 @pytest.mark.parametrize("args", TAKEN)
 def test_lines_it_takes_mean_what_typer_makes_of_them(args, monkeypatch):
     seen = []
-    monkeypatch.setattr(session, "run", lambda settings, *a: seen.append(a))
-    monkeypatch.delenv("SUDO_USER", raising=False)
+    monkeypatch.setattr(session, "launch", lambda settings, *a: seen.append(a))
     result = CliRunner().invoke(commands.app, ["run", *args])
     assert result.exit_code == 0, result.output
     parsed = run_fast.parse(args)
-    # Not told on whose behalf: the invoking login user, from the kernel (never $SUDO_USER).
     assert seen == [(parsed["agent"], parsed["command"], parsed["user"], parsed["task"],
-                     parsed["on_behalf_of"] or identity.invoking_user(), parsed["group"])]
+                     parsed["on_behalf_of"], parsed["group"])]
 
 
 @pytest.mark.parametrize("args", LEFT_TO_TYPER)

@@ -363,8 +363,7 @@ def run(command: List[str] = typer.Argument(None, help="the command and its argu
     Example: sudo agentwarden run --agent coder --user coder --task "fix #12" -- bash
     """
     from agentwarden import session
-    session.run(_settings(), agent, list(command or []), user, task,
-                on_behalf_of or identity.invoking_user(), group)
+    session.launch(_settings(), agent, list(command or []), user, task, on_behalf_of, group)
 
 
 holds_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)

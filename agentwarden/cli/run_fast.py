@@ -1,25 +1,27 @@
-"""`agentwarden run` without typer: an agent harness that wraps each tool call
-in `run` pays the CLI's start-up every call, and importing typer and the rest
-of the CLI takes longer than the session's start itself.
+"""`agentwarden run` without typer, for `python -m agentwarden run` (the
+installed `agentwarden` is the compiled launcher, which takes these lines
+itself and hands the rest here): importing typer and the rest of the CLI
+takes longer than the session's start itself.
 
 It takes only the plain form `run [--agent A] [--user U] [--group G] [--task T]
 [--on-behalf-of P] -- COMMAND...` (each option as `--opt VALUE` or
-`--opt=VALUE`, the last of a repeated one wins, as in typer); anything else
-(--help, global options, a missing --agent or `--`, a value starting with '-')
-goes to typer (`commands.run`), whose help and errors stay the only ones.
-Both end in `session.run`.
+`--opt=VALUE`, the last of a repeated one wins, as in typer), as the launcher
+(launcher/agentwarden.c, parse_run) does; anything else (--help, global
+options, a missing --agent or `--`, `--opt VALUE` with a VALUE starting with
+'-') goes to typer (`commands.run`), whose help and errors stay the only ones.
+Both end in `session.launch`.
 """
 from __future__ import annotations
 
 import sys
 
-# option -> session.run's keyword (commands.run declares the same options)
+# option -> session.launch's keyword (commands.run declares the same options)
 OPTIONS = {"--agent": "agent", "--user": "user", "--group": "group", "--task": "task",
            "--on-behalf-of": "on_behalf_of"}
 
 
 def parse(args: list[str]) -> dict | None:
-    """run's arguments (after `run`) as session.run's keywords, or None when
+    """run's arguments (after `run`) as session.launch's keywords, or None when
     typer should parse them."""
     given: dict[str, str] = {}
     i = 0
@@ -40,8 +42,8 @@ def parse(args: list[str]) -> dict | None:
             if i >= len(args):
                 return None
             value = args[i]
-        if value.startswith("-"):
-            return None
+            if value.startswith("-"):
+                return None   # typer says what is missing
         given[OPTIONS[name]] = value
         i += 1
     return None
@@ -52,13 +54,12 @@ def run_fast(args: list[str]) -> None:
     parsed = parse(args)
     if parsed is None:
         return
-    from agentwarden import identity, session
+    from agentwarden import session
     from agentwarden.errors import AgentwardenError
     from agentwarden.settings import Settings
     try:
-        session.run(Settings.from_env(), parsed["agent"], parsed["command"], parsed["user"],
-                    parsed["task"], parsed["on_behalf_of"] or identity.invoking_user(),
-                    parsed["group"])
+        session.launch(Settings.from_env(), parsed["agent"], parsed["command"], parsed["user"],
+                       parsed["task"], parsed["on_behalf_of"], parsed["group"])
     except AgentwardenError as exc:   # as commands.main says it (docs/cli.md's exit codes)
         print(f"agentwarden: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -45,6 +45,7 @@ class Admin:
         self.admin_gid = settings.admin_gid()
         self.admin_group = settings.admin_group
         self.root = cgroups.cgroup2_root()
+        self.session_filter: bytes | None = None   # built at the first `launch`
         self.server = self._listen()
 
     def _listen(self) -> socket.socket:
@@ -173,6 +174,8 @@ class Admin:
 
     def _answer(self, request: dict, pid: int, uid: int, gid: int, fds: list[int]) -> dict:
         cmd = request["cmd"]
+        if cmd == "launch":
+            return self._launch(uid, fds)
         if cmd == "register":
             return self._register(request, pid, uid, fds)
         for fd in fds:
@@ -306,6 +309,18 @@ class Admin:
                 "waited": round(time.monotonic() - hold.since, 1),
                 "timeout_in": round(hold.deadline - time.monotonic(), 1),
                 "approvals": sorted(a["name"] for a in hold.approvals.values()), "required": hold.required}
+
+    def _launch(self, uid: int, fds: list[int]) -> dict:
+        """The launcher's first request: the session filter it installs (one
+        definition, seccomp_notify.build_filter) and the instance its session
+        cgroup is tagged for; it registers on the same connection."""
+        for fd in fds:
+            os.close(fd)
+        if uid != 0:
+            return {"ok": False, "error": "only root may start a session"}
+        if self.session_filter is None:
+            self.session_filter = sn.build_filter()
+        return {"ok": True, "filter": self.session_filter, "instance": self.settings.instance}
 
     def _register(self, request: dict, pid: int, uid: int, fds: list[int]) -> dict:
         def refuse(why: str) -> dict:

@@ -402,7 +402,7 @@ stop)
     check "stopping took ${took}s (under 10s: no kill after timeout)" test $took -lt 10
     check "agent@swt-reviewer stopped with the probe (never unwatched)" sh -c "! systemctl is-active --quiet agent@swt-reviewer"
     check "no traceback in the journal" sh -c "! journalctl -u 'agentwarden-*' | grep -q Traceback"
-    check "no agentwarden process left" sh -c "! pgrep -f '^/usr/bin/python3 -I /usr/bin/agentwarden'"
+    check "no agentwarden process left" sh -c "! pgrep -f '^/usr/bin/python3 -I -m agentwarden'"
     check "the archive is there ($archive_before files)" test "$archive_before" -gt 0
     check "start again" systemctl start $UNITS
     wait_for 30 "healthy again" healthy
@@ -437,7 +437,7 @@ remove)
     for u in $UNITS agent@swt-reviewer.service; do
         check "$u is not running" sh -c "! systemctl is-active --quiet $u"
     done
-    check "no agentwarden process left" sh -c "! pgrep -f '^/usr/bin/python3 -I /usr/bin/agentwarden'"
+    check "no agentwarden process left" sh -c "! pgrep -f '^/usr/bin/python3 -I -m agentwarden'"
     check "program, units and python package gone (no __pycache__ left)" sh -c \
         "! test -e /usr/bin/agentwarden -o -e /lib/systemd/system/agentwarden-daemon.service -o -e /usr/lib/python3/dist-packages/agentwarden"
     check "the archive is kept: every file from before, none shorter" archive_kept
