@@ -14,7 +14,9 @@ seen: the in-kernel and seccomp paths are the boundary, this is the backstop.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import struct
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +24,8 @@ from typing import Callable
 from agentwarden import cgroups, policy as policy_mod, render
 from agentwarden import wire
 from agentwarden.wire import text
+from agentwarden.drift.restore import RESOLVE_NO_SYMLINKS, SYS_OPENAT2
+from agentwarden.paths import AT_FDCWD
 
 from . import enforce
 
@@ -31,6 +35,9 @@ from . import enforce
 # AT_SYMLINK_NOFOLLOW); the others act on the link itself.
 FOLLOWS_LAST = ("truncate", "chmod", "chown", "fchmodat", "fchmodat2", "fchownat")
 AT_SYMLINK_NOFOLLOW = 0x100
+# Verdicts on opens kept for repeated ones (see Governor._decide_open); when
+# full the cache starts over.
+DECISION_CACHE_SIZE = 65536
 
 
 def real_paths(record: dict) -> dict[str, tuple[str, str]]:
@@ -66,10 +73,31 @@ def real_paths(record: dict) -> dict[str, tuple[str, str]]:
     return found
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_NO_SYMLINKS = struct.pack("=QQQ", os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+
+
+def _without_symlinks(path: str) -> bool:
+    """Whether the kernel reaches path through no symlink at all (openat2 with
+    RESOLVE_NO_SYMLINKS): then the path is where it leads. Two syscalls where
+    the /proc/self/fd look costs three and a d_path. Only for paths in normal
+    form ('..' would be resolved physically)."""
+    if not path.startswith("/") or "//" in path or "/./" in path or "/.." in path or path.endswith("/.") or \
+            (path.endswith("/") and path != "/"):
+        return False
+    fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, os.fsencode(path), _NO_SYMLINKS, len(_NO_SYMLINKS))
+    if fd < 0:
+        return False   # a symlink on the way (ELOOP), nothing there, or no openat2: look the long way
+    os.close(fd)
+    return True
+
+
 def kernel_real_path(path: str) -> str | None:
     """The kernel's own resolution of path (an O_PATH open, which opens no
     device or FIFO, then its /proc/self/fd link): three syscalls where
     os.path.realpath makes one per component. None when nothing is there."""
+    if _without_symlinks(path):
+        return path
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
@@ -92,6 +120,11 @@ class Governor:
         self.agent_cgroup = agent_cgroup
         self.in_session = in_session
         self.policy: policy_mod.PolicySet | None = None
+        # (agent, path decided, access, failure, path shown) -> the verdict on
+        # such an open, under the policy object it was made with
+        self._open_verdicts: dict[tuple, policy_mod.Verdict] = {}
+        self._verdicts_policy: policy_mod.PolicySet | None = None
+        self.cache_hits = 0
 
     def load(self) -> policy_mod.PolicySet | None:
         """Load the policy files; None when there are none. A broken policy
@@ -111,15 +144,35 @@ class Governor:
     def kernel_kill_agents(self) -> list[str]:
         return policy_mod.kernel_kill_agents(self.policy) if self.policy else []
 
+    def _decide_open(self, record: dict) -> policy_mod.Verdict:
+        """decide() on an open, from the cache when an open with the same
+        fields decide() reads was decided under this very policy object (a
+        reload makes a new one: the cache goes with the old)."""
+        if self.policy is not self._verdicts_policy or len(self._open_verdicts) >= DECISION_CACHE_SIZE:
+            self._open_verdicts = {}
+            self._verdicts_policy = self.policy
+        resolved = record.get("resolved_path")
+        ret = record.get("ret", 0)
+        key = (record.get("agent"), resolved, policy_mod.is_write(record["flags"]),
+               record.get("error") if ret < 0 else None,
+               record.get("path", "") if resolved is None else None)
+        verdict = self._open_verdicts.get(key)
+        if verdict is None:
+            verdict = self._open_verdicts[key] = policy_mod.decide(record, self.policy)
+        else:
+            self.cache_hits += 1
+        return verdict
+
     def _decide(self, record: dict) -> policy_mod.Verdict:
-        verdict = policy_mod.decide(record, self.policy)
+        decide = self._decide_open if record["kind"] == "open" else \
+            lambda r: policy_mod.decide(r, self.policy)
+        verdict = decide(record)
         real = real_paths(record)
         if not real:
             return verdict
         for real_key, path in real.values():
             record[real_key] = path
-        via_target = policy_mod.decide({**record, **{key: path for key, (_, path) in real.items()}},
-                                       self.policy)
+        via_target = decide({**record, **{key: path for key, (_, path) in real.items()}})
         if wire.SEVERITY[via_target.decision] > wire.SEVERITY[verdict.decision]:
             return policy_mod.Verdict(
                 via_target.decision, via_target.action, via_target.rule,
