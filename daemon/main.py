@@ -37,6 +37,9 @@ log = logging.getLogger("agentwarden.daemon")
 
 # PUB topics: tail subscribes to events, the probe to the in-kernel deny rules.
 MAX_MESSAGES_PER_WAKE = 4  # then answer control and supervisor: they must not wait
+# The counters' names, made once rather than per record.
+_RECORDS_OF = {kind: f"records_{kind}" for kind in wire.RECORD_FIELDS}
+_DECISIONS_OF = {decision: f"decisions_{decision}" for decision in wire.DECISIONS}
 TICK_INTERVAL = 1.0       # seconds between periodic duties
 RETENTION_INTERVAL = 10.0  # seconds between retention checks
 
@@ -259,7 +262,8 @@ class Daemon:
         """Archive one record (after enriching it); returns the violation it
         caused, already archived, or None."""
         kind = record["kind"]
-        self.counters[f"records_{kind}"] += 1
+        counters = self.counters
+        counters[_RECORDS_OF.get(kind) or f"records_{kind}"] += 1
         violation = None
         own: list[dict] = []   # records the daemon makes because of this one
         if kind in wire.EVENT_KINDS:
@@ -267,11 +271,13 @@ class Daemon:
             record["session"] = self.sessions.session_of(record["agent_cgroup_id"])
             self.resolver.annotate(record)
             self.releases.annotate(record)
-            self.counters["events"] += 1
+            counters["events"] += 1
             if kind in wire.DECIDED_KINDS:
                 violation = self.governor.judge(record)
-                if record.get("verdict"):
-                    self.counters[f"decisions_{record['verdict']['decision']}"] += 1
+                verdict = record.get("verdict")
+                if verdict:
+                    decision = verdict["decision"]
+                    counters[_DECISIONS_OF.get(decision) or f"decisions_{decision}"] += 1
             self._drift_event(record)
         elif kind == "gap":
             self.drops[record["stage"]] += record["count"]
@@ -304,7 +310,8 @@ class Daemon:
                 self.notifier.alive(self.status_line())
         if self._drift_out:
             own, self._drift_out[:] = own + self._drift_out, []
-        self._archive_own(own)
+        if own:
+            self._archive_own(own)
         if violation:
             violation["event_seq"] = record.get("seq")
             violation["session"] = record.get("session")
