@@ -14,6 +14,7 @@ seen: the in-kernel and seccomp paths are the boundary, this is the backstop.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import struct
@@ -40,7 +41,7 @@ AT_SYMLINK_NOFOLLOW = 0x100
 DECISION_CACHE_SIZE = 65536
 
 
-def real_paths(record: dict) -> dict[str, tuple[str, str]]:
+def real_paths(record: dict, look: Callable[[str], str | None] | None = None) -> dict[str, tuple[str, str]]:
     """Where the decided paths really lead (symlinks followed, now), where
     that differs from the lexical one: the key decide() reads -> (the key the
     record gets, the real path). Not /proc/PID/fd/N: by the time the record
@@ -57,16 +58,17 @@ def real_paths(record: dict) -> dict[str, tuple[str, str]]:
                  for key, _ in policy_mod.changed_paths(record)]
     else:
         return {}
+    look = look or kernel_real_path
     found = {}
     for key, lexical, real_key, follow in paths:
         if lexical is None:
             continue
         lexical = os.fsdecode(lexical)
         if follow:
-            real = kernel_real_path(lexical)
+            real = look(lexical)
         else:   # the call acts on the link itself: only the directories above it can lead elsewhere
             parent, name = os.path.split(lexical)
-            real_parent = kernel_real_path(parent) if name else None
+            real_parent = look(parent) if name else None
             real = os.path.join(real_parent, name) if real_parent else None
         if real and real != lexical:
             found[key] = (real_key, real)
@@ -125,6 +127,27 @@ class Governor:
         self._open_verdicts: dict[tuple, policy_mod.Verdict] = {}
         self._verdicts_policy: policy_mod.PolicySet | None = None
         self.cache_hits = 0
+        self._looked: dict[str, str | None] | None = None   # real paths looked up in this batch
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Decide a batch of records: a path's real path is looked up once in
+        it. Every event of the batch happened before its first look, so one
+        look serves them all as well as one each (the look is "now", when
+        the records arrive, either way)."""
+        self._looked = {}
+        try:
+            yield
+        finally:
+            self._looked = None
+
+    def _real_path_now(self, path: str) -> str | None:
+        looked = self._looked
+        if looked is None:
+            return kernel_real_path(path)
+        if path not in looked:
+            looked[path] = kernel_real_path(path)
+        return looked[path]
 
     def load(self) -> policy_mod.PolicySet | None:
         """Load the policy files; None when there are none. A broken policy
@@ -167,7 +190,7 @@ class Governor:
         decide = self._decide_open if record["kind"] == "open" else \
             lambda r: policy_mod.decide(r, self.policy)
         verdict = decide(record)
-        real = real_paths(record)
+        real = real_paths(record, self._real_path_now)
         if not real:
             return verdict
         for real_key, path in real.values():

@@ -241,19 +241,23 @@ class Daemon:
         out = self._check_sequence(batch)
         if batch.source == "probe":
             self.probe_last_seen = time.time_ns()
-        for record in batch.records:
-            if self.performed.wanted(record, batch.source):
-                self.performed.hold(record)   # until its place in its task's records (performed.py)
-                continue
-            out.extend(self.performed.before(record))
-            out.append(record)
+        if batch.source == "probe" and not self.performed.waiting:
+            out.extend(batch.records)   # no performed record waits for its place among them
+        else:
+            for record in batch.records:
+                if self.performed.wanted(record, batch.source):
+                    self.performed.hold(record)   # until its place in its task's records (performed.py)
+                    continue
+                out.extend(self.performed.before(record))
+                out.append(record)
         self._handle_records(out)
 
     def _handle_records(self, out: list[dict]) -> None:
-        for record in list(out):
-            violation = self.handle_record(record)
-            if violation:
-                out.append(violation)
+        with self.governor.batch():
+            for record in list(out):
+                violation = self.handle_record(record)
+                if violation:
+                    out.append(violation)
         self.archive.flush()
         self.publish(out)
         self.check_archive()

@@ -108,3 +108,26 @@ def test_the_verdict_cache_goes_with_the_policy(tmp_path):
                                        f'deny = ["{data}/f"]\nread-allow = ["{data}/**"]\n')
     governor.load()
     assert judged() == "deny"
+
+
+def test_a_batch_looks_each_real_path_up_once(tmp_path):
+    """Within one batch (whose events all happened before it is decided) a
+    path's real path is looked up once; the next batch looks again."""
+    from agentwarden.daemon.governor import Governor
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_text("x")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "f").write_text("y")
+    governor = Governor([tmp_path / "none.d"], lambda cgroup_id: None)
+    record = {"kind": "open", "resolved_path": str(tmp_path / "link" / "f")}
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    via_a = {"resolved_path": ("real_path", str(tmp_path / "a" / "f"))}
+    via_b = {"resolved_path": ("real_path", str(tmp_path / "b" / "f"))}
+    with governor.batch():
+        assert real_paths(record, governor._real_path_now) == via_a
+        os.unlink(tmp_path / "link")
+        os.symlink(tmp_path / "b", tmp_path / "link")
+        assert real_paths(record, governor._real_path_now) == via_a
+    with governor.batch():
+        assert real_paths(record, governor._real_path_now) == via_b
+    assert real_paths(record, governor._real_path_now) == via_b
