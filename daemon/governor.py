@@ -11,6 +11,11 @@ looks at where the path leads (``realpath``, when the record arrives), and the
 more severe of the two verdicts stands: a link in an allowed directory does not
 make its target allowed. A link swapped between the open and that look is not
 seen: the in-kernel and seccomp paths are the boundary, this is the backstop.
+
+Throughput: the look is one openat2(RESOLVE_NO_SYMLINKS) for a path with no
+symlink, and once per path in a batch of records; the verdict on an open is
+kept for repeated ones (same agent, paths, access and failure) until the
+policy object changes, which every load does.
 """
 from __future__ import annotations
 
