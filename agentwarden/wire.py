@@ -228,6 +228,31 @@ def encode_batch(source: str, seq: int, records: list[dict[str, Any]]) -> bytes:
                  "records": records})
 
 
+def encode_packed_batch(source: str, seq: int, packed: list[bytes]) -> bytes:
+    """encode_batch's very bytes, from records each already packed as pack() would."""
+    packer = msgpack.Packer(use_bin_type=True)
+    head = [packer.pack_map_header(5)]
+    for item in ("v", SCHEMA_VERSION, "type", "batch", "source", source, "seq", seq, "records"):
+        head.append(packer.pack(item))
+    head.append(packer.pack_array_header(len(packed)))
+    return b"".join(head) + b"".join(packed)
+
+
+def pack_with_last(packed_map: bytes, key: str, value: Any) -> bytes:
+    """pack() of a map, from pack() of it without key, with key added last."""
+    first = packed_map[0]
+    if 0x80 <= first <= 0x8F:
+        count, start = first & 0x0F, 1
+    elif first == 0xDE:
+        count, start = int.from_bytes(packed_map[1:3], "big"), 3
+    elif first == 0xDF:
+        count, start = int.from_bytes(packed_map[1:5], "big"), 5
+    else:
+        raise ValueError("not a packed map")
+    packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack_map_header(count + 1) + packed_map[start:] + packer.pack(key) + packer.pack(value)
+
+
 def validate_record(record: Any) -> dict[str, Any]:
     if type(record) is dict:
         kind = record.get("kind")

@@ -298,7 +298,7 @@ class Daemon:
             own = self._watch_records(self.watch.heard(record))
         elif kind == "health" and record["stage"] == "supervisor":
             self.supervisor_health = record["counters"]
-        self.archive.append(record)
+        self.archive.append(record, keep_body=kind in wire.EVENT_KINDS)
         if kind == "hold":
             self.counters[f"holds_{record['state']}"] += 1
             if record["state"] not in ("pending", "approval"):
@@ -363,12 +363,18 @@ class Daemon:
                 return
 
     def publish(self, records: list[dict]) -> None:
+        bodies = self.archive.take_bodies()
         if self.outbox:
             records, self.outbox = records + self.outbox, []
         if not records:
             return
+        # An event is published as archived, plus its seq: its packed body is
+        # reused (nothing changes an event after it is archived).
+        packed = [wire.pack_with_last(body, "seq", record["seq"])
+                  if (body := bodies.get(record.get("seq"))) is not None else wire.pack(record)
+                  for record in records]
         try:
-            self.pub.send_multipart([wire.TOPIC_EVENTS, wire.encode_batch("daemon", self.pub_seq, records)],
+            self.pub.send_multipart([wire.TOPIC_EVENTS, wire.encode_packed_batch("daemon", self.pub_seq, packed)],
                                     zmq.NOBLOCK)
         except zmq.Again:
             self.counters["publish_dropped"] += 1
