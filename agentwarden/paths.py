@@ -11,6 +11,8 @@ AT_EMPTY_PATH = 0x1000   # *at() flag: act on dirfd itself when the path is ""
 
 def normalise(path: str) -> str:
     """Lexical normalisation of an absolute path; keeps no '//' prefix."""
+    if path[:1] == "/" and "//" not in path and "/." not in path and (path == "/" or path[-1] != "/"):
+        return path   # already normal (most are): no empty, '.' or '..' component
     parts: list[str] = []
     for part in path.split("/"):
         if part in ("", "."):

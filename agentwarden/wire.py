@@ -19,6 +19,7 @@ the archive keeps the exact bytes the agent used.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,7 +229,53 @@ def encode_batch(source: str, seq: int, records: list[dict[str, Any]]) -> bytes:
                  "records": records})
 
 
+def encode_packed_batch(source: str, seq: int, packed: list[bytes]) -> bytes:
+    """encode_batch's very bytes, from records each already packed as pack() would."""
+    packer = msgpack.Packer(use_bin_type=True)
+    head = [packer.pack_map_header(5)]
+    for item in ("v", SCHEMA_VERSION, "type", "batch", "source", source, "seq", seq, "records"):
+        head.append(packer.pack(item))
+    head.append(packer.pack_array_header(len(packed)))
+    return b"".join(head) + b"".join(packed)
+
+
+def pack_with_last(packed_map: bytes, key: str, value: Any) -> bytes:
+    """pack() of a map, from pack() of it without key, with key added last."""
+    first = packed_map[0]
+    if 0x80 <= first <= 0x8F:
+        count, start = first & 0x0F, 1
+    elif first == 0xDE:
+        count, start = int.from_bytes(packed_map[1:3], "big"), 3
+    elif first == 0xDF:
+        count, start = int.from_bytes(packed_map[1:5], "big"), 5
+    else:
+        raise ValueError("not a packed map")
+    packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack_map_header(count + 1) + packed_map[start:] + packer.pack(key) + packer.pack(value)
+
+
 def validate_record(record: Any) -> dict[str, Any]:
+    if type(record) is dict:
+        kind = record.get("kind")
+        fast = _FAST_CHECKS.get(kind) if type(kind) is str else None
+        if fast is not None:
+            getter, valid = fast
+            try:
+                signature = tuple(map(type, getter(record)))
+            except KeyError:
+                signature = None
+            # Validity depends only on the fields' types: a signature seen valid once is valid.
+            if signature in valid and (kind != "exec" or all(type(a) in PathLike for a in record["argv"])):
+                return record
+    _validate_slowly(record)
+    getter, valid = _FAST_CHECKS[record["kind"]]
+    if type(record) is dict and len(valid) < MAX_SIGNATURES:
+        valid.add(tuple(map(type, getter(record))))
+    return record
+
+
+def _validate_slowly(record: Any) -> None:
+    """The schema check field by field, with the error that names what is wrong."""
     if not isinstance(record, dict):
         raise WireError(f"record is {type(record).__name__}, not a map")
     kind = record.get("kind")
@@ -244,7 +291,13 @@ def validate_record(record: Any) -> dict[str, Any]:
             raise WireError(f"{kind} record field {name!r} has type {type(value).__name__}")
     if kind == "exec" and not all(isinstance(a, PathLike) for a in record["argv"]):
         raise WireError("exec record field 'argv' has an item that is not str or bytes")
-    return record
+
+
+# kind -> (getter of "kind" and its fields, the tuples of their types found valid):
+# records on the wire come from msgpack, whose few types make few signatures.
+_FAST_CHECKS: dict[str, tuple[Any, set]] = {
+    kind: (operator.itemgetter("kind", *fields), set()) for kind, fields in RECORD_FIELDS.items()}
+MAX_SIGNATURES = 256   # per kind; past it the slow check runs (odd input must not grow memory)
 
 
 _MISSING = object()

@@ -36,8 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from agentwarden.settings import ArchiveSettings
-from agentwarden.wire import pack
 
 from agentwarden.archive.segments import (fsync_dir, COMPRESSED_SUFFIXES, GENESIS, HEAD_FILE, LOCK_FILE, SEGMENT_NAME, ArchiveError,
                        Header, NewerFormat, SegmentFile, SegmentReader, TornHeader, chain_hash, compress_bytes,
@@ -111,6 +112,9 @@ class ArchiveWriter:
         self.unsynced_since: float | None = None
         self.retry_at = 0.0
         self.counters: collections.Counter = collections.Counter()
+        # wire.pack's encoding, one packer kept (append runs in the daemon's loop only)
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self.bodies: dict[int, bytes] = {}   # seq -> packed record, kept on request until taken
         self._headers: dict[int, Header] = {}
         self._files_lock = threading.Lock()   # compression vs retention
         self._compress_queue: queue.Queue = queue.Queue()
@@ -226,24 +230,31 @@ class ArchiveWriter:
 
     # -- appending -----------------------------------------------------------------
 
-    def append(self, record: dict[str, Any]) -> int | None:
+    def append(self, record: dict[str, Any], keep_body: bool = False) -> int | None:
         """Give the record its seq and chain it; None when it had to be dropped
-        (the archive cannot be written and memory is full: counted in ``dropped``)."""
+        (the archive cannot be written and memory is full: counted in ``dropped``).
+        keep_body: keep its packed form (without seq) for take_bodies."""
         if self.failure and self.pending_bytes > MAX_PENDING_BYTES:
             self.dropped += 1
             return None
         record.pop("seq", None)
-        body = pack(record)
+        body = self._pack(record)
         seq = self.seq
         self.chain = chain_hash(self.key, self.chain, seq, body)
-        envelope = pack([seq, body, self.chain])
+        envelope = self._pack([seq, body, self.chain])
         self.pending.append(envelope)
         self.pending_bytes += len(envelope)
         self.seq += 1
         record["seq"] = seq
+        if keep_body:
+            self.bodies[seq] = body
         if self.unsynced_since is None:
             self.unsynced_since = time.monotonic()
         return seq
+
+    def take_bodies(self) -> dict[int, bytes]:
+        bodies, self.bodies = self.bodies, {}
+        return bodies
 
     def take_dropped(self) -> int:
         dropped, self.dropped = self.dropped, 0

@@ -11,10 +11,18 @@ looks at where the path leads (``realpath``, when the record arrives), and the
 more severe of the two verdicts stands: a link in an allowed directory does not
 make its target allowed. A link swapped between the open and that look is not
 seen: the in-kernel and seccomp paths are the boundary, this is the backstop.
+
+Throughput: the look is one openat2(RESOLVE_NO_SYMLINKS) for a path with no
+symlink, and once per path in a batch of records; the verdict on an open is
+kept for repeated ones (same agent, paths, access and failure) until the
+policy object changes, which every load does.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import struct
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +30,8 @@ from typing import Callable
 from agentwarden import cgroups, policy as policy_mod, render
 from agentwarden import wire
 from agentwarden.wire import text
+from agentwarden.drift.restore import RESOLVE_NO_SYMLINKS, SYS_OPENAT2
+from agentwarden.paths import AT_FDCWD
 
 from . import enforce
 
@@ -31,9 +41,12 @@ from . import enforce
 # AT_SYMLINK_NOFOLLOW); the others act on the link itself.
 FOLLOWS_LAST = ("truncate", "chmod", "chown", "fchmodat", "fchmodat2", "fchownat")
 AT_SYMLINK_NOFOLLOW = 0x100
+# Verdicts on opens kept for repeated ones (see Governor._decide_open); when
+# full the cache starts over.
+DECISION_CACHE_SIZE = 65536
 
 
-def real_paths(record: dict) -> dict[str, tuple[str, str]]:
+def real_paths(record: dict, look: Callable[[str], str | None] | None = None) -> dict[str, tuple[str, str]]:
     """Where the decided paths really lead (symlinks followed, now), where
     that differs from the lexical one: the key decide() reads -> (the key the
     record gets, the real path). Not /proc/PID/fd/N: by the time the record
@@ -50,26 +63,48 @@ def real_paths(record: dict) -> dict[str, tuple[str, str]]:
                  for key, _ in policy_mod.changed_paths(record)]
     else:
         return {}
+    look = look or kernel_real_path
     found = {}
     for key, lexical, real_key, follow in paths:
         if lexical is None:
             continue
         lexical = os.fsdecode(lexical)
         if follow:
-            real = kernel_real_path(lexical)
+            real = look(lexical)
         else:   # the call acts on the link itself: only the directories above it can lead elsewhere
             parent, name = os.path.split(lexical)
-            real_parent = kernel_real_path(parent) if name else None
+            real_parent = look(parent) if name else None
             real = os.path.join(real_parent, name) if real_parent else None
         if real and real != lexical:
             found[key] = (real_key, real)
     return found
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_NO_SYMLINKS = struct.pack("=QQQ", os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+
+
+def _without_symlinks(path: str) -> bool:
+    """Whether the kernel reaches path through no symlink at all (openat2 with
+    RESOLVE_NO_SYMLINKS): then the path is where it leads. Two syscalls where
+    the /proc/self/fd look costs three and a d_path. Only for paths in normal
+    form ('..' would be resolved physically)."""
+    if not path.startswith("/") or "//" in path or "/./" in path or "/.." in path or path.endswith("/.") or \
+            (path.endswith("/") and path != "/"):
+        return False
+    fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, os.fsencode(path), _NO_SYMLINKS, len(_NO_SYMLINKS))
+    if fd < 0:
+        return False   # a symlink on the way (ELOOP), nothing there, or no openat2: look the long way
+    os.close(fd)
+    return True
+
+
 def kernel_real_path(path: str) -> str | None:
     """The kernel's own resolution of path (an O_PATH open, which opens no
     device or FIFO, then its /proc/self/fd link): three syscalls where
     os.path.realpath makes one per component. None when nothing is there."""
+    if _without_symlinks(path):
+        return path
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
@@ -92,6 +127,32 @@ class Governor:
         self.agent_cgroup = agent_cgroup
         self.in_session = in_session
         self.policy: policy_mod.PolicySet | None = None
+        # (agent, path decided, access, failure, path shown) -> the verdict on
+        # such an open, under the policy object it was made with
+        self._open_verdicts: dict[tuple, policy_mod.Verdict] = {}
+        self._verdicts_policy: policy_mod.PolicySet | None = None
+        self.cache_hits = 0
+        self._looked: dict[str, str | None] | None = None   # real paths looked up in this batch
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Decide a batch of records: a path's real path is looked up once in
+        it. Every event of the batch happened before its first look, so one
+        look serves them all as well as one each (the look is "now", when
+        the records arrive, either way)."""
+        self._looked = {}
+        try:
+            yield
+        finally:
+            self._looked = None
+
+    def _real_path_now(self, path: str) -> str | None:
+        looked = self._looked
+        if looked is None:
+            return kernel_real_path(path)
+        if path not in looked:
+            looked[path] = kernel_real_path(path)
+        return looked[path]
 
     def load(self) -> policy_mod.PolicySet | None:
         """Load the policy files; None when there are none. A broken policy
@@ -111,15 +172,35 @@ class Governor:
     def kernel_kill_agents(self) -> list[str]:
         return policy_mod.kernel_kill_agents(self.policy) if self.policy else []
 
+    def _decide_open(self, record: dict) -> policy_mod.Verdict:
+        """decide() on an open, from the cache when an open with the same
+        fields decide() reads was decided under this very policy object (a
+        reload makes a new one: the cache goes with the old)."""
+        if self.policy is not self._verdicts_policy or len(self._open_verdicts) >= DECISION_CACHE_SIZE:
+            self._open_verdicts = {}
+            self._verdicts_policy = self.policy
+        resolved = record.get("resolved_path")
+        ret = record.get("ret", 0)
+        key = (record.get("agent"), resolved, policy_mod.is_write(record["flags"]),
+               record.get("error") if ret < 0 else None,
+               record.get("path", "") if resolved is None else None)
+        verdict = self._open_verdicts.get(key)
+        if verdict is None:
+            verdict = self._open_verdicts[key] = policy_mod.decide(record, self.policy)
+        else:
+            self.cache_hits += 1
+        return verdict
+
     def _decide(self, record: dict) -> policy_mod.Verdict:
-        verdict = policy_mod.decide(record, self.policy)
-        real = real_paths(record)
+        decide = self._decide_open if record["kind"] == "open" else \
+            lambda r: policy_mod.decide(r, self.policy)
+        verdict = decide(record)
+        real = real_paths(record, self._real_path_now)
         if not real:
             return verdict
         for real_key, path in real.values():
             record[real_key] = path
-        via_target = policy_mod.decide({**record, **{key: path for key, (_, path) in real.items()}},
-                                       self.policy)
+        via_target = decide({**record, **{key: path for key, (_, path) in real.items()}})
         if wire.SEVERITY[via_target.decision] > wire.SEVERITY[verdict.decision]:
             return policy_mod.Verdict(
                 via_target.decision, via_target.action, via_target.rule,

@@ -37,6 +37,9 @@ log = logging.getLogger("agentwarden.daemon")
 
 # PUB topics: tail subscribes to events, the probe to the in-kernel deny rules.
 MAX_MESSAGES_PER_WAKE = 4  # then answer control and supervisor: they must not wait
+# The counters' names, made once rather than per record.
+_RECORDS_OF = {kind: f"records_{kind}" for kind in wire.RECORD_FIELDS}
+_DECISIONS_OF = {decision: f"decisions_{decision}" for decision in wire.DECISIONS}
 TICK_INTERVAL = 1.0       # seconds between periodic duties
 RETENTION_INTERVAL = 10.0  # seconds between retention checks
 
@@ -238,19 +241,23 @@ class Daemon:
         out = self._check_sequence(batch)
         if batch.source == "probe":
             self.probe_last_seen = time.time_ns()
-        for record in batch.records:
-            if self.performed.wanted(record, batch.source):
-                self.performed.hold(record)   # until its place in its task's records (performed.py)
-                continue
-            out.extend(self.performed.before(record))
-            out.append(record)
+        if batch.source == "probe" and not self.performed.waiting:
+            out.extend(batch.records)   # no performed record waits for its place among them
+        else:
+            for record in batch.records:
+                if self.performed.wanted(record, batch.source):
+                    self.performed.hold(record)   # until its place in its task's records (performed.py)
+                    continue
+                out.extend(self.performed.before(record))
+                out.append(record)
         self._handle_records(out)
 
     def _handle_records(self, out: list[dict]) -> None:
-        for record in list(out):
-            violation = self.handle_record(record)
-            if violation:
-                out.append(violation)
+        with self.governor.batch():
+            for record in list(out):
+                violation = self.handle_record(record)
+                if violation:
+                    out.append(violation)
         self.archive.flush()
         self.publish(out)
         self.check_archive()
@@ -259,7 +266,8 @@ class Daemon:
         """Archive one record (after enriching it); returns the violation it
         caused, already archived, or None."""
         kind = record["kind"]
-        self.counters[f"records_{kind}"] += 1
+        counters = self.counters
+        counters[_RECORDS_OF.get(kind) or f"records_{kind}"] += 1
         violation = None
         own: list[dict] = []   # records the daemon makes because of this one
         if kind in wire.EVENT_KINDS:
@@ -267,11 +275,13 @@ class Daemon:
             record["session"] = self.sessions.session_of(record["agent_cgroup_id"])
             self.resolver.annotate(record)
             self.releases.annotate(record)
-            self.counters["events"] += 1
+            counters["events"] += 1
             if kind in wire.DECIDED_KINDS:
                 violation = self.governor.judge(record)
-                if record.get("verdict"):
-                    self.counters[f"decisions_{record['verdict']['decision']}"] += 1
+                verdict = record.get("verdict")
+                if verdict:
+                    decision = verdict["decision"]
+                    counters[_DECISIONS_OF.get(decision) or f"decisions_{decision}"] += 1
             self._drift_event(record)
         elif kind == "gap":
             self.drops[record["stage"]] += record["count"]
@@ -288,7 +298,7 @@ class Daemon:
             own = self._watch_records(self.watch.heard(record))
         elif kind == "health" and record["stage"] == "supervisor":
             self.supervisor_health = record["counters"]
-        self.archive.append(record)
+        self.archive.append(record, keep_body=kind in wire.EVENT_KINDS)
         if kind == "hold":
             self.counters[f"holds_{record['state']}"] += 1
             if record["state"] not in ("pending", "approval"):
@@ -304,7 +314,8 @@ class Daemon:
                 self.notifier.alive(self.status_line())
         if self._drift_out:
             own, self._drift_out[:] = own + self._drift_out, []
-        self._archive_own(own)
+        if own:
+            self._archive_own(own)
         if violation:
             violation["event_seq"] = record.get("seq")
             violation["session"] = record.get("session")
@@ -352,12 +363,18 @@ class Daemon:
                 return
 
     def publish(self, records: list[dict]) -> None:
+        bodies = self.archive.take_bodies()
         if self.outbox:
             records, self.outbox = records + self.outbox, []
         if not records:
             return
+        # An event is published as archived, plus its seq: its packed body is
+        # reused (nothing changes an event after it is archived).
+        packed = [wire.pack_with_last(body, "seq", record["seq"])
+                  if (body := bodies.get(record.get("seq"))) is not None else wire.pack(record)
+                  for record in records]
         try:
-            self.pub.send_multipart([wire.TOPIC_EVENTS, wire.encode_batch("daemon", self.pub_seq, records)],
+            self.pub.send_multipart([wire.TOPIC_EVENTS, wire.encode_packed_batch("daemon", self.pub_seq, packed)],
                                     zmq.NOBLOCK)
         except zmq.Again:
             self.counters["publish_dropped"] += 1

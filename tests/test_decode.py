@@ -230,6 +230,24 @@ def test_open(decoder):
         "killed_in_kernel": False, "kernel_rule": None}
 
 
+@pytest.mark.parametrize("fields", [
+    {}, {"path": b"/tmp/\xff.txt\0", "ret": -13}, {"path": b"", "flags": C["AW_FILE_PATH_UNREADABLE"]},
+    {"path": b"/" + b"x" * (C["AW_MAX_PATH"] - 2) + b"\0", "flags": C["AW_FILE_PATH_TRUNCATED"]},
+    {"flags": C["AW_FILE_KILLED_IN_KERNEL"], "deny_rule": 7}, {"syscall": 99}])
+def test_the_open_fast_path_decodes_as_the_general_one(decoder, fields):
+    """decode() takes a one-step path for opens: the same record, keys in the same order."""
+    decoder.deny_rules[7] = "files.deny /etc/shadow"
+    raw = file_record(**fields)
+    fast, general = decoder.decode(raw), decoder.decode_general(raw, C["AW_KIND_OPEN"])
+    assert fast == general and list(fast) == list(general)
+    for cut in (AwFile.path.offset - 1, len(raw) - 1):   # short of the fixed part, of the path
+        with pytest.raises(DecodeError) as fast_error:
+            decoder.decode(raw[:cut])
+        with pytest.raises(DecodeError) as general_error:
+            decoder.decode_general(raw[:cut], C["AW_KIND_OPEN"])
+        assert str(fast_error.value) == str(general_error.value)
+
+
 @pytest.mark.parametrize("sys,name", [("AW_SYS_OPEN", "open"), ("AW_SYS_OPENAT", "openat"),
                                       ("AW_SYS_CREAT", "creat")])
 def test_open_syscall_names(decoder, sys, name):

@@ -352,3 +352,22 @@ def test_kernel_rules_carry_the_agents_killed_on_leaving():
     with pytest.raises(wire.WireError, match="applies"):
         wire.decode_kernel_rules(wire.encode_kernel_rules(None, [
             {"agent": "a", "path": "/x", "exact": True, "applies": "move", "rule": "r"}], {}))
+
+
+@pytest.mark.parametrize("fields", [0, 14, 15, 16, 40, 65535, 65536])
+def test_a_packed_batch_is_the_batch_packed(fields):
+    """The daemon publishes events from their archived bodies: the bytes must
+    be encode_batch's, whatever the size of each map's header."""
+    records = []
+    for n in (fields, 3):
+        record = {"kind": "open", **{f"x{i}": i for i in range(n)}, "path": b"/\xff"}
+        body = wire.pack(record)
+        record["seq"] = 2 ** 40 + n
+        assert wire.pack_with_last(body, "seq", record["seq"]) == wire.pack(record)
+        records.append(record)
+    packed = [wire.pack(r) for r in records]
+    assert wire.encode_packed_batch("daemon", 7, packed) == wire.encode_batch("daemon", 7, records)
+    assert wire.encode_packed_batch("daemon", 8, []) == wire.encode_batch("daemon", 8, [])
+    assert wire.encode_packed_batch("daemon", 9, packed * 10) == wire.encode_batch("daemon", 9, records * 10)
+    with pytest.raises(ValueError):
+        wire.pack_with_last(wire.pack([1]), "seq", 1)
