@@ -24,7 +24,7 @@ from ..metrics import HANDLING_BUCKETS, Buckets
 from ..drift import SessionCapture
 from ..drift import written_paths as drift_paths
 from ..governor import Governor
-from . import reader
+from . import interpreters, reader
 from .admin import Admin
 from .approvals import ExecApprovals
 from .decisions import Decisions
@@ -93,7 +93,17 @@ class Supervisor:
         self.listeners.watch(fast.forwarded.fileno(), "fastpath", fast)
         self.fast = fast
         self._fast_policy()
+        self._fast_binfmt()
         return fast, None
+
+    def _fast_binfmt(self) -> None:
+        """binfmt_misc's entries to the fast path when they changed (each
+        health interval: one registered since and claiming an ELF file gets
+        that file's execs killed in the kernel until then, not refused)."""
+        formats = interpreters.binfmt_formats()
+        if formats != getattr(self, "_binfmt", None):
+            self._binfmt = formats
+            self.fast.set_binfmt(formats)
 
     def _fast_policy(self) -> None:
         """The current policy's rules to the fast path; what it learned is void."""
@@ -219,7 +229,7 @@ class Supervisor:
             if not sn.still_valid(fd, n.id):
                 self.keeper.forget_hold(hold_data["id"])   # answered, or its task is gone
                 continue
-            request = reader.read(s.agent, n, self.names.get(n.nr, str(n.nr)))
+            request = self._read(s, n, self.names.get(n.nr, str(n.nr)))
             if self.holds.restore(s, hold_data, request):
                 restored.append(hold_data["id"])
         receipt = self.keeper.receipt(s)
@@ -273,7 +283,15 @@ class Supervisor:
         if hold_id:
             self.records.release(hold_id, remembered, s, n.pid, request.syscall, request.raw_paths,
                                  request.flags)
-        return self.approvals.let_through(s.fd, n, request.exec_form)
+        return self.approvals.let_through(s.fd, n, request.exec_form, request.interpreters)
+
+    def _read(self, s: Session, n: sn.Notification, name: str) -> reader.Request | None:
+        """What n asks for; an exec with the interpreters the kernel will run
+        for it (#!, binfmt_misc), each judged as an exec of its own."""
+        request = reader.read(s.agent, n, name)
+        if request is not None and request.exec_form is not None:
+            interpreters.add_to(n, request, interpreters.binfmt_formats())
+        return request
 
     def on_notification(self, fd: int, n: sn.Notification | None = None) -> None:
         """A notification on fd: received here, or n as the fast path forwarded it."""
@@ -304,7 +322,7 @@ class Supervisor:
         counters = self.records.counters
         counters["notifications"] += 1
         name = self.names.get(n.nr, str(n.nr))
-        request = reader.read(s.agent, n, name)
+        request = self._read(s, n, name)
         if not sn.still_valid(fd, n.id):
             return  # the task died or was interrupted: nothing to answer
         if request is None:
@@ -317,7 +335,7 @@ class Supervisor:
         verdict = self.decisions.decide(self.governor.policy, request)
         if verdict.decision != "allow" and request.exec_form is not None:
             # No program there to run: the kernel's own answer, not a refusal (see exec_cannot_run).
-            failure = reader.exec_cannot_run(n, request)
+            failure = reader.exec_cannot_run(n, request) or request.exec_error
             if failure is not None and sn.still_valid(fd, n.id):
                 counters["exec_cannot_run"] += 1
                 sn.respond(fd, n.id, allow=False, error=failure)
@@ -364,6 +382,8 @@ class Supervisor:
                 next_health = time.monotonic() + HEALTH_INTERVAL
                 self._follow_policy()
                 self.approvals.follow()
+                if self.fast:
+                    self._fast_binfmt()
                 self.drift.expire()   # once a second: expiry is reported to the second
                 self._remove_busy_cgroups()
                 self._health()
