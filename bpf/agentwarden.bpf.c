@@ -626,10 +626,11 @@ static __always_inline u32 judge_interpreters(struct aw_exec *e, u32 agent, int 
             return 0;
         int n = bpf_probe_read_user_str(r->exec_path, sizeof(r->exec_path), first);
         /* Arguments uncounted: argv[0] is what the supervisor approved first,
-         * or, with nothing approved, no interpreter at all. */
+         * or, with nothing approved, the exec's own argv[0] or its path. */
         if (session && (expected ? !approved_interpreter(expected, 0, r->exec_path, n)
                                  : n > 1 && r->exec_path[0] == '/' &&
-                                   !same_path(exec_len, e->exec_path, r->exec_path, n)))
+                                   !same_path(exec_len, e->exec_path, r->exec_path, n) &&
+                                   !(e->argc && same_path(n, e->argv, r->exec_path, n))))
             *unapproved = 1;
         if (n <= 1 || r->exec_path[0] != '/' || same_path(exec_len, e->exec_path, r->exec_path, n))
             return 0;

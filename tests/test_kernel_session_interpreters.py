@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import stop_process
+from conftest import stop_process, wait_for
 from test_kernel_sessions import SHELL, _policy, holds, session_agent, start_run, wait_hold  # noqa: F401
 
 pytestmark = pytest.mark.kernel
@@ -103,7 +104,13 @@ def test_a_binfmt_misc_handler_is_judged_before_it_runs(warden, session_agent, t
     marker = tmp_path / "marker"
     agent, _ = session_agent(dict(exec_allow=TOOLS + [str(program)], write_allow=[f"{tmp_path}/**"]))
     (registry / "register").write_text(f":aw{tag}:M::{magic}::{evil}:")
+    registered = time.time_ns()
     try:
+        # The supervisor reads the entries each second, just before its health
+        # record: the second record since the registration follows a reading.
+        wait_for(lambda: len([r for r in warden.records() if r["kind"] == "health"
+                              and r["stage"] == "supervisor" and r["time"] > registered]) >= 2,
+                 what="the supervisor to read binfmt_misc again")
         code, out, err = _run(warden, agent, f"{program} {marker}; echo status=$?")
         assert "status=126" in out and not marker.exists(), (out, err)
         # The handler allowed: it runs, with no hold and no violation.
@@ -118,6 +125,38 @@ def test_a_binfmt_misc_handler_is_judged_before_it_runs(warden, session_agent, t
     assert refusal["event"] == "seccomp" and f"through {evil}" in refusal["attempted"]
     [ran] = [r for r in _records(warden, agent, "exec") if r["syscall"] == "interpreter"]
     assert ran["exec_path"] == str(evil) and ran["argv"][:2] == [str(evil), str(program)]
+
+
+def test_an_elf_binary_a_binfmt_misc_entry_claims_is_not_left_to_the_fast_path(
+        warden, session_agent, tmp_path, evil):
+    """binfmt_misc is tried before the kernel's ELF loader (qemu-user entries
+    claim ELF files of other machines): the compiled fast path, which the
+    rules would let approve this path, leaves it to the supervisor."""
+    registry = Path("/proc/sys/fs/binfmt_misc")
+    if not (registry / "register").exists():
+        pytest.skip("binfmt_misc is not available")
+    tag = uuid.uuid4().hex[:7]
+    program = tmp_path / "native"
+    head = bytearray(Path("/usr/bin/true").read_bytes())
+    head[9:16] = tag.encode()   # e_ident's padding, which the ELF loader ignores
+    program.write_bytes(bytes(head))
+    program.chmod(0o755)
+    marker = tmp_path / "marker"
+    agent, _ = session_agent(dict(exec_allow=TOOLS + [str(program)], write_allow=[f"{tmp_path}/**"]))
+    escaped = "".join(f"\\x{b:02x}" for b in head[:16])
+    mask = "".join(f"\\x{b:02x}" for b in b"\xff" * 4 + b"\0" * 5 + b"\xff" * 7)
+    (registry / "register").write_text(f":aw{tag}:M:0:{escaped}:{mask}:{evil}:")
+    registered = time.time_ns()
+    try:
+        wait_for(lambda: len([r for r in warden.records() if r["kind"] == "health"
+                              and r["stage"] == "supervisor" and r["time"] > registered]) >= 2,
+                 what="the supervisor to read binfmt_misc again")
+        code, out, err = _run(warden, agent, f"{program} {marker}; echo status=$?")
+    finally:
+        (registry / f"aw{tag}").write_text("-1")
+    assert "status=126" in out and not marker.exists(), (out, err)   # refused, not killed (137)
+    code, out, err = _run(warden, agent, f"{program} && echo status=$?")
+    assert "status=0" in out, (out, err)   # the entry gone: the native binary runs
 
 
 def test_each_level_of_a_chain_is_judged(warden, session_agent, tmp_path, evil):

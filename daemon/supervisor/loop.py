@@ -64,6 +64,10 @@ class Supervisor:
         self.decisions = Decisions()
         # None: file changes continue after the check (setting perform_file_changes)
         self.performer = Performer(self.records) if settings.perform_file_changes else None
+        # binfmt_misc's entries, read again each health interval: an entry
+        # registered since gets its files' execs killed in the kernel meanwhile
+        # (their interpreters were not approved), not refused.
+        self.binfmt = interpreters.binfmt_formats()
         self.fast, self.fast_unavailable = self._start_fast_path()
         self.approvals = ExecApprovals(settings.bpf_pin_dir, self.fast, self.listeners.sessions,
                                        self.records.counters)
@@ -93,17 +97,15 @@ class Supervisor:
         self.listeners.watch(fast.forwarded.fileno(), "fastpath", fast)
         self.fast = fast
         self._fast_policy()
-        self._fast_binfmt()
+        fast.set_binfmt(self.binfmt)
         return fast, None
 
-    def _fast_binfmt(self) -> None:
-        """binfmt_misc's entries to the fast path when they changed (each
-        health interval: one registered since and claiming an ELF file gets
-        that file's execs killed in the kernel until then, not refused)."""
+    def _follow_binfmt(self) -> None:
         formats = interpreters.binfmt_formats()
-        if formats != getattr(self, "_binfmt", None):
-            self._binfmt = formats
-            self.fast.set_binfmt(formats)
+        if formats != self.binfmt:
+            self.binfmt = formats
+            if self.fast:
+                self.fast.set_binfmt(formats)
 
     def _fast_policy(self) -> None:
         """The current policy's rules to the fast path; what it learned is void."""
@@ -290,7 +292,7 @@ class Supervisor:
         for it (#!, binfmt_misc), each judged as an exec of its own."""
         request = reader.read(s.agent, n, name)
         if request is not None and request.exec_form is not None:
-            interpreters.add_to(n, request, interpreters.binfmt_formats())
+            interpreters.add_to(n, request, self.binfmt)
         return request
 
     def on_notification(self, fd: int, n: sn.Notification | None = None) -> None:
@@ -382,8 +384,7 @@ class Supervisor:
                 next_health = time.monotonic() + HEALTH_INTERVAL
                 self._follow_policy()
                 self.approvals.follow()
-                if self.fast:
-                    self._fast_binfmt()
+                self._follow_binfmt()
                 self.drift.expire()   # once a second: expiry is reported to the second
                 self._remove_busy_cgroups()
                 self._health()
