@@ -1434,18 +1434,19 @@ static int runs_alone(pid_t pid, const char *filename)
         return 0;
     struct open_how how = { .flags = O_PATH | O_CLOEXEC, .resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS };
     int found = syscall(SYS_openat2, root, filename, &how, sizeof(how));
+    int missing = errno == ENOENT || errno == ENOTDIR || errno == ENAMETOOLONG;
     close(root);
     if (found < 0)
-        return 0;
+        return missing;   /* the kernel runs nothing there either (a PATH search); a file put there meanwhile is checked */
     struct stat st;
-    int fd = -1;
-    if (fstat(found, &st) == 0 && S_ISREG(st.st_mode)) {   /* never open a device */
+    int fd = -1, known = fstat(found, &st) == 0, regular = known && S_ISREG(st.st_mode);
+    if (regular) {   /* never open a device; the kernel runs no directory, device or FIFO (EACCES) */
         snprintf(link, sizeof(link), "/proc/self/fd/%d", found);
         fd = open(link, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | O_NOATIME);
     }
     close(found);
     if (fd < 0)
-        return 0;
+        return known && !regular;
     uint8_t head[HEAD_SIZE] = {0};
     ssize_t got = pread(fd, head, sizeof(head), 0);
     close(fd);
