@@ -1858,6 +1858,8 @@ static const struct { const char *type, *field; uint32_t offset, size; } layout[
     STRUCT(aw_approval_slot), FIELD(aw_approval_slot, tid), FIELD(aw_approval_slot, len),
     FIELD(aw_approval_slot, path),
     STRUCT(aw_fast_forward), FIELD(aw_fast_forward, kind), FIELD(aw_fast_forward, fd),
+    STRUCT(aw_approved_interpreters), FIELD(aw_approved_interpreters, count),
+    FIELD(aw_approved_interpreters, len), FIELD(aw_approved_interpreters, path),
 };
 
 int aw_fast_layout(int i, const char **type, const char **field, uint32_t *offset, uint32_t *size)
