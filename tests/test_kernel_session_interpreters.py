@@ -48,6 +48,14 @@ def _run(warden, agent: str, command: str, timeout: float = 60) -> tuple[int, st
     return proc.returncode, out, err
 
 
+def _binfmt_read_since(warden, since_ns: int) -> None:
+    """The supervisor reads binfmt_misc each second, just before its health
+    record: the second record since since_ns follows a reading."""
+    wait_for(lambda: len([r for r in warden.records() if r["kind"] == "health"
+                          and r["stage"] == "supervisor" and r["time"] > since_ns]) >= 2,
+             what="the supervisor to read binfmt_misc again")
+
+
 def test_a_forbidden_interpreter_of_an_allowed_script_is_refused_before_it_runs(
         warden, session_agent, tmp_path, evil):
     script = _script(tmp_path / "allowed.sh", f"#!{evil}")
@@ -106,11 +114,7 @@ def test_a_binfmt_misc_handler_is_judged_before_it_runs(warden, session_agent, t
     (registry / "register").write_text(f":aw{tag}:M::{magic}::{evil}:")
     registered = time.time_ns()
     try:
-        # The supervisor reads the entries each second, just before its health
-        # record: the second record since the registration follows a reading.
-        wait_for(lambda: len([r for r in warden.records() if r["kind"] == "health"
-                              and r["stage"] == "supervisor" and r["time"] > registered]) >= 2,
-                 what="the supervisor to read binfmt_misc again")
+        _binfmt_read_since(warden, registered)
         code, out, err = _run(warden, agent, f"{program} {marker}; echo status=$?")
         assert "status=126" in out and not marker.exists(), (out, err)
         # The handler allowed: it runs, with no hold and no violation.
@@ -148,13 +152,12 @@ def test_an_elf_binary_a_binfmt_misc_entry_claims_is_not_left_to_the_fast_path(
     (registry / "register").write_text(f":aw{tag}:M:0:{escaped}:{mask}:{evil}:")
     registered = time.time_ns()
     try:
-        wait_for(lambda: len([r for r in warden.records() if r["kind"] == "health"
-                              and r["stage"] == "supervisor" and r["time"] > registered]) >= 2,
-                 what="the supervisor to read binfmt_misc again")
+        _binfmt_read_since(warden, registered)
         code, out, err = _run(warden, agent, f"{program} {marker}; echo status=$?")
     finally:
         (registry / f"aw{tag}").write_text("-1")
     assert "status=126" in out and not marker.exists(), (out, err)   # refused, not killed (137)
+    _binfmt_read_since(warden, time.time_ns())
     code, out, err = _run(warden, agent, f"{program} && echo status=$?")
     assert "status=0" in out, (out, err)   # the entry gone: the native binary runs
 
