@@ -10,7 +10,8 @@
  *     `agentwarden run`: the supervisor reads the #! line, then the kernel
  *     reads it again, and a child whose check saw ALLOWED may be run by
  *     FORBIDDEN. A refused exec (EPERM: the check saw FORBIDDEN) is tried
- *     again. Stops after ATTEMPTS children, or once 3 were killed and 1 ran.
+ *     again. Stops after ATTEMPTS children, once 3 were killed and 1 ran, or
+ *     once MARKER exists (FORBIDDEN ran: the attack won).
  *     Prints "killed=K ran=R refused=F other=O".
  *
  * FORBIDDEN is a program that would create MARKER (a copy of touch); the
@@ -58,7 +59,7 @@ static int flip(const char *script, const char *allowed, const char *forbidden, 
 static int run(const char *script, const char *marker, int attempts)
 {
     int killed = 0, ran = 0, refused = 0, other = 0;
-    for (int i = 0; i < attempts && (killed < 3 || ran < 1); i++) {
+    for (int i = 0; i < attempts && (killed < 3 || ran < 1) && access(marker, F_OK) != 0; i++) {
         pid_t pid = fork();
         if (pid == 0) {
             char *args[] = { (char *)script, (char *)marker, NULL };
