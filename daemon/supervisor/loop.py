@@ -295,6 +295,13 @@ class Supervisor:
             interpreters.add_to(n, request, self.binfmt)
         return request
 
+    @staticmethod
+    def _refused(verdict: policy_mod.Verdict, agent_policy) -> bool:
+        """Whether the call is refused as it stands (neither allowed, held nor in monitor mode)."""
+        return verdict.decision != "allow" and verdict.mode != "monitor" and not (
+            verdict.decision == "hold" or (verdict.decision == "violation" and agent_policy
+                                           and agent_policy.on_violation == "hold"))
+
     def on_notification(self, fd: int, n: sn.Notification | None = None) -> None:
         """A notification on fd: received here, or n as the fast path forwarded it."""
         started = time.perf_counter_ns()
@@ -324,7 +331,7 @@ class Supervisor:
         counters = self.records.counters
         counters["notifications"] += 1
         name = self.names.get(n.nr, str(n.nr))
-        request = self._read(s, n, name)
+        request = reader.read(s.agent, n, name)
         if not sn.still_valid(fd, n.id):
             return  # the task died or was interrupted: nothing to answer
         if request is None:
@@ -335,6 +342,12 @@ class Supervisor:
             s.note(f"{name} (unreadable arguments)", "refused")
             return
         verdict = self.decisions.decide(self.governor.policy, request)
+        agent_policy = self.governor.policy.agents.get(s.agent) if self.governor.policy else None
+        if request.exec_form is not None and not self._refused(verdict, agent_policy):
+            # What would go ahead or wait is decided with its interpreters (an
+            # exec refused by its path alone is refused without reading them).
+            if interpreters.add_to(n, request, self.binfmt).added:
+                verdict = self.decisions.decide(self.governor.policy, request)
         if verdict.decision != "allow" and request.exec_form is not None:
             # No program there to run: the kernel's own answer, not a refusal (see exec_cannot_run).
             failure = reader.exec_cannot_run(n, request) or request.exec_error
@@ -343,7 +356,6 @@ class Supervisor:
                 sn.respond(fd, n.id, allow=False, error=failure)
                 s.note(request.action, f"not run: {errno.errorcode[failure]}, as the kernel answers")
                 return
-        agent_policy = self.governor.policy.agents.get(s.agent) if self.governor.policy else None
         if verdict.decision == "allow":
             self._capture(s, request)
             if self.fast and request.fast_key:
