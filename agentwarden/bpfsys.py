@@ -24,6 +24,9 @@ BPFFS = Path("/sys/fs/bpf")
 # approval_slots through the fast path's shared mapping) and reads waiting
 # execs' filenames from the third (the fast path's mapping too).
 SUPERVISOR_MAPS = ("approved_exec", "approval_slots", "exec_stash")
+# ... and this one: the interpreters of an approved session exec (a script),
+# written by bpf() before the exec continues.
+INTERPRETER_MAP = "approved_interpreters"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long

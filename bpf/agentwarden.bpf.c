@@ -47,6 +47,10 @@ BPF_F_TABLE("array", u32, struct aw_approval_slot, approval_slots, AW_APPROVAL_S
 /* tid % AW_APPROVAL_SLOTS -> the filename a session thread waiting in execve's
  * seccomp notification asked for (see sched_switch), for the supervisor. */
 BPF_F_TABLE("array", u32, struct aw_exec_stash, exec_stash, AW_APPROVAL_SLOTS, BPF_F_MMAPABLE);
+/* thread id -> the arguments the interpreters of its approved exec (a #!
+ * script, a binfmt_misc binary) put in front of argv, as the supervisor read
+ * them before approving (pinned for it); compared at sched_process_exec. */
+BPF_HASH(approved_interpreters, u32, struct aw_approved_interpreters, AW_MAX_APPROVED_INTERPRETED);
 /* pid_tgid -> record being built between a syscall's entry and exit. */
 BPF_HASH(inflight_exec, u64, struct aw_exec, AW_MAX_INFLIGHT);
 BPF_HASH(inflight_file, u64, struct aw_file, AW_MAX_INFLIGHT);
@@ -385,6 +389,7 @@ static __always_inline void forget_approval(u32 tid)
     if (slot && slot->tid == tid)
         slot->tid = 0;
     approved_exec.delete(&tid);
+    approved_interpreters.delete(&tid);
 }
 
 /* argv into e: NUL-separated, at most AW_MAX_ARGS args of AW_ARG_MAX bytes;
@@ -568,7 +573,41 @@ static __always_inline void read_some_argv(struct aw_exec *e, const char *const 
  * those that are absolute paths are taken as interpreters. With more
  * arguments than counted, argv[0] is taken as one when it is an absolute
  * path other than the exec's. Returns the number recorded. */
-static __always_inline u32 judge_interpreters(struct aw_exec *e, u32 agent, int exec_len)
+/* Whether argument i an interpreter added (len bytes, NUL included) is the
+ * one the supervisor approved there. */
+static __always_inline int approved_interpreter(const struct aw_approved_interpreters *ok, u32 i,
+                                                const char *path, int len)
+{
+    if (!ok)
+        return 0;
+    /* Not hoisted above the NULL check (the verifier refuses arithmetic on it). */
+    asm volatile("" : "+r"(ok));
+    if (i >= AW_MAX_INTERPRETERS || len <= 0 || len > AW_INTERPRETER_PATH || ok->len[i] != (u32)len)
+        return 0;
+    const char *want = ok->path + i * AW_INTERPRETER_PATH;
+    u32 words = (u32)len / 8;
+    for (int w = 0; w < AW_INTERPRETER_PATH / 8; w++) {
+        if (w >= words)
+            break;
+        if (((const u64 *)want)[w] != ((const u64 *)path)[w])
+            return 0;
+    }
+    for (int j = 0; j < 8; j++) {
+        u32 k = words * 8 + j;
+        if (k >= (u32)len)
+            break;
+        k &= AW_INTERPRETER_PATH - 1;
+        if (want[k] != path[k])
+            return 0;
+    }
+    return 1;
+}
+
+/* session: the exec is a `run` session's, whose interpreters must be the
+ * ones approved (expected; NULL: none): *unapproved is set otherwise. */
+static __always_inline u32 judge_interpreters(struct aw_exec *e, u32 agent, int exec_len, int session,
+                                              const struct aw_approved_interpreters *expected,
+                                              u32 *unapproved)
 {
     const u64 *regs = (const u64 *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
     u64 sp = 0, argc = 0;
@@ -586,14 +625,23 @@ static __always_inline u32 judge_interpreters(struct aw_exec *e, u32 agent, int 
         if (bpf_probe_read_user(&first, sizeof(first), &argv[0]) || !first)
             return 0;
         int n = bpf_probe_read_user_str(r->exec_path, sizeof(r->exec_path), first);
+        /* Arguments uncounted: argv[0] is what the supervisor approved first,
+         * or, with nothing approved, the exec's own argv[0] or its path. */
+        if (session && (expected ? !approved_interpreter(expected, 0, r->exec_path, n)
+                                 : n > 1 && r->exec_path[0] == '/' &&
+                                   !same_path(exec_len, e->exec_path, r->exec_path, n) &&
+                                   !(e->argc && same_path(n, e->argv, r->exec_path, n))))
+            *unapproved = 1;
         if (n <= 1 || r->exec_path[0] != '/' || same_path(exec_len, e->exec_path, r->exec_path, n))
             return 0;
         added = 1;
     } else {
         u64 before = e->real_argc ? e->real_argc : 1;   /* an empty argv gets "" */
-        if (argc <= before)
+        added = argc > before ? argc - before : 0;
+        if (session && added != (expected ? expected->count : 0))
+            *unapproved = 1;
+        if (!added)
             return 0;
-        added = argc - before;
     }
     u32 recorded = 0;
     for (u32 i = 0; i < AW_MAX_INTERPRETERS; i++) {
@@ -604,6 +652,10 @@ static __always_inline u32 judge_interpreters(struct aw_exec *e, u32 agent, int 
             break;
         __builtin_memcpy(&r->h, &e->h, sizeof(r->h));
         int n = bpf_probe_read_user_str(r->exec_path, sizeof(r->exec_path), path);
+        int mismatch = session && e->real_argc != AW_ARGC_UNKNOWN &&
+                       !approved_interpreter(expected, i, r->exec_path, n);
+        if (mismatch)
+            *unapproved = 1;
         if (n <= 1 || (i > 0 && r->exec_path[0] != '/'))
             continue;
         bpf_probe_read_kernel_str(r->filename, sizeof(r->filename), r->exec_path);
@@ -618,6 +670,8 @@ static __always_inline u32 judge_interpreters(struct aw_exec *e, u32 agent, int 
         r->deny_rule = deny_and_kill(agent, r->exec_path, AW_DENY_EXEC);
         if (r->deny_rule)
             r->flags |= AW_EXEC_KILLED_IN_KERNEL;
+        if (mismatch)
+            r->flags |= AW_EXEC_NOT_APPROVED;   /* killed by the caller */
         emit_exec(r);
         recorded++;
     }
@@ -643,7 +697,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
             struct aw_exec *scratch = exec_scratch.lookup(&zero);
             int len = scratch ? bpf_probe_read_kernel_str(scratch->exec_path, sizeof(scratch->exec_path),
                                                           (char *)args + at) : -1;
-            if (!scratch || !take_approval(exec_session_tid(args->old_pid), scratch->exec_path, len))
+            u32 tid = exec_session_tid(args->old_pid);
+            approved_interpreters.delete(&tid);   /* not verified without the record's argc */
+            if (!scratch || !take_approval(tid, scratch->exec_path, len))
                 bpf_send_signal(9);
         }
         return 0;
@@ -656,15 +712,22 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         e->deny_rule = deny_and_kill(agent, e->exec_path, AW_DENY_EXEC);
         if (e->deny_rule)
             e->flags |= AW_EXEC_KILLED_IN_KERNEL;
+        u32 unapproved = 0;
 #ifdef AW_EXEC_STASH
-        if (judge_interpreters(e, agent, exec_len))
+        /* A session's interpreters too: those the supervisor read from the
+         * file before approving it, or none (a #! line swapped since). */
+        u32 as_approved = (agent & AW_AGENT_SESSION_BIT) ? exec_session_tid(args->old_pid) : 0;
+        struct aw_approved_interpreters *expected = as_approved ? approved_interpreters.lookup(&as_approved) : 0;
+        if (judge_interpreters(e, agent, exec_len, (agent & AW_AGENT_SESSION_BIT) != 0, expected, &unapproved))
             e->flags |= AW_EXEC_INTERPRETED;
+        if (expected)
+            approved_interpreters.delete(&as_approved);
 #endif
         if (agent & AW_AGENT_SESSION_BIT) {
             /* A session exec runs only what the daemon approved: a thread that
              * rewrote the path after the check, or an exec the daemon never
              * saw, is killed here, before the new program's first instruction. */
-            if (!take_approval(exec_session_tid(args->old_pid), e->exec_path, exec_len)) {
+            if (!take_approval(exec_session_tid(args->old_pid), e->exec_path, exec_len) || unapproved) {
                 bpf_send_signal(9);
                 e->flags |= AW_EXEC_NOT_APPROVED;
             }

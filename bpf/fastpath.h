@@ -17,7 +17,7 @@
 
 /* Of fastpath.c's calls (aw_fast_*) and this file's layouts: a library built
  * from another version is not loaded. */
-#define AW_FAST_ABI 6
+#define AW_FAST_ABI 7
 
 /* Slots of approval_slots and exec_stash; a power of two (index tid % slots). */
 #define AW_APPROVAL_SLOTS 1024
@@ -29,6 +29,22 @@ struct aw_approved {
     u32 len;              /* bytes of path including the NUL */
     u32 reserved;
     char path[AW_MAX_PATH];
+};
+
+/* approved_interpreters value: for a session exec whose file the kernel will
+ * run through interpreters (#! lines, binfmt_misc handlers), the arguments
+ * they put in front of argv, as the supervisor read them before approving:
+ * `count` of them, the first AW_MAX_INTERPRETERS each at most
+ * AW_INTERPRETER_PATH bytes (a #! line is at most BINPRM_BUF_SIZE), at
+ * path + i * AW_INTERPRETER_PATH. sched_process_exec kills a session exec
+ * whose argc grew otherwise (a #! line swapped after the check). */
+#define AW_INTERPRETER_PATH 256
+#define AW_APPROVED_INTERPRETERS_BYTES 1280   /* AW_MAX_INTERPRETERS * AW_INTERPRETER_PATH */
+#define AW_MAX_APPROVED_INTERPRETED 1024      /* entries: session scripts between approval and exec */
+struct aw_approved_interpreters {
+    u32 count;            /* arguments added in front of argv */
+    u32 len[AW_MAX_INTERPRETERS];   /* bytes of each including the NUL */
+    char path[AW_APPROVED_INTERPRETERS_BYTES];
 };
 
 /* exec_stash value: the filename of a session thread's execve, copied while

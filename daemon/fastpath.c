@@ -1413,12 +1413,95 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
     return 1;
 }
 
+/* ---- what else an exec runs: #! scripts, binfmt_misc ----------------------- */
+
+#define HEAD_SIZE 256   /* what the kernel reads of a file to choose its handler (BINPRM_BUF_SIZE) */
+
+/* The enabled binfmt_misc entries as the supervisor read them (aw_fast_binfmt),
+ * guarded by fp.config: entry := u8 kind ('M' magic, 'E' extension),
+ * u16 offset, u16 size, size bytes (magic or extension), for 'M' size bytes
+ * of mask. */
+static struct { uint8_t *blob; uint32_t len; } binfmt;
+
+/* Whether a binfmt_misc entry claims a file whose first HEAD_SIZE bytes
+ * (zero-padded) are head, run by the path filename; a malformed entry does. */
+static int binfmt_claims(const uint8_t *head, const char *filename)
+{
+    const uint8_t *at = binfmt.blob, *end = at ? at + binfmt.len : NULL;
+    while (at && at < end) {
+        uint16_t offset, size;
+        if (end - at < 5)
+            return 1;
+        memcpy(&offset, at + 1, 2);
+        memcpy(&size, at + 3, 2);
+        uint8_t kind = at[0];
+        at += 5;
+        if (end - at < (kind == 'M' ? 2 * size : size))
+            return 1;
+        if (kind == 'E') {   /* as the kernel: after the last '.' of the whole path */
+            const char *dot = strrchr(filename, '.');
+            if (dot && strlen(dot + 1) == size && !memcmp(dot + 1, at, size))
+                return 1;
+        } else if ((uint32_t)offset + size <= HEAD_SIZE) {
+            uint16_t i = 0;
+            while (i < size && !((head[offset + i] ^ at[i]) & at[size + i]))
+                i++;
+            if (i == size)
+                return 1;
+        }
+        at += kind == 'M' ? 2 * size : size;
+    }
+    return 0;
+}
+
+/* Whether the kernel will run the file an exec names (a normalised absolute
+ * path) alone: an ELF binary no binfmt_misc entry claims. Anything else -- a
+ * #! script, a file a binfmt_misc entry claims, not ELF, not a regular file,
+ * unreadable here -- the supervisor decides, with the interpreters the kernel
+ * would run for it (interpreters.py); the BPF program kills a session exec
+ * whose interpreters were not approved, so a file changed after this look
+ * runs nothing unapproved. Looked up in the task's root, never through a
+ * magic link; read as root (the kernel reads what it runs without read
+ * permission), only a regular file, with O_NONBLOCK and O_NOATIME.
+ * Called with fp.config held. */
+static int runs_alone(pid_t pid, const char *filename)
+{
+    char link[40];
+    snprintf(link, sizeof(link), "/proc/%u/root", (unsigned)pid);
+    int root = open(link, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (root < 0)
+        return 0;
+    struct open_how how = { .flags = O_PATH | O_CLOEXEC, .resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS };
+    int found = syscall(SYS_openat2, root, filename, &how, sizeof(how));
+    int missing = errno == ENOENT || errno == ENOTDIR || errno == ENAMETOOLONG;
+    close(root);
+    if (found < 0)
+        return missing;   /* the kernel runs nothing there either (a PATH search); a file put there meanwhile is checked */
+    struct stat st;
+    int fd = -1, known = fstat(found, &st) == 0, regular = known && S_ISREG(st.st_mode);
+    if (regular) {   /* never open a device; the kernel runs no directory, device or FIFO (EACCES) */
+        snprintf(link, sizeof(link), "/proc/self/fd/%d", found);
+        fd = open(link, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | O_NOATIME);
+    }
+    close(found);
+    if (fd < 0)
+        return known && !regular;
+    uint8_t head[HEAD_SIZE] = {0};
+    ssize_t got = pread(fd, head, sizeof(head), 0);
+    close(fd);
+    return got >= 4 && !memcmp(head, "\177ELF", 4) && !binfmt_claims(head, filename);
+}
+
 /* Continues an allowed call: checks it is still valid, approves an exec's
  * filename in approved_exec (filename NULL: not an exec), continues it.
  * Called with fp.config held, which it releases. True when answered here. */
 static int allow_call(struct listener *l, const struct seccomp_notif *n, const char *filename,
                       int filename_len, int ruled, uint64_t started)
 {
+    if (filename && !runs_alone(n->pid, filename)) {
+        pthread_rwlock_unlock(&fp.config);
+        return 0;   /* a script, or what binfmt_misc runs: the supervisor reads its interpreters */
+    }
     __u64 id = n->id;
     if (ioctl(l->fd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) < 0) {
         pthread_rwlock_unlock(&fp.config);
@@ -1701,6 +1784,23 @@ int aw_fast_policy(const uint8_t *blob, uint32_t len)
     return err;
 }
 
+/* The enabled binfmt_misc entries (see binfmt above), replacing the last;
+ * 0 or -ENOMEM (then every exec goes to the supervisor). */
+int aw_fast_binfmt(const uint8_t *blob, uint32_t len)
+{
+    static uint8_t malformed[1] = { 'M' };   /* claims every file */
+    uint8_t *copy = malloc(len ? len : 1);
+    if (copy)
+        memcpy(copy, blob, len);
+    pthread_rwlock_wrlock(&fp.config);
+    if (binfmt.blob != malformed)
+        free(binfmt.blob);
+    binfmt.blob = copy ? copy : malformed;
+    binfmt.len = copy ? len : sizeof(malformed);
+    pthread_rwlock_unlock(&fp.config);
+    return copy ? 0 : -ENOMEM;
+}
+
 /* What the current rules say of an execve by agent and filename alone: 1
  * allow, 0 not, -1 the arguments are needed (for tests). */
 int aw_fast_exec_path_verdict(const char *agent, uint32_t agent_len, const char *filename)
@@ -1797,6 +1897,8 @@ static const struct { const char *type, *field; uint32_t offset, size; } layout[
     STRUCT(aw_approval_slot), FIELD(aw_approval_slot, tid), FIELD(aw_approval_slot, len),
     FIELD(aw_approval_slot, path),
     STRUCT(aw_fast_forward), FIELD(aw_fast_forward, kind), FIELD(aw_fast_forward, fd),
+    STRUCT(aw_approved_interpreters), FIELD(aw_approved_interpreters, count),
+    FIELD(aw_approved_interpreters, len), FIELD(aw_approved_interpreters, path),
 };
 
 int aw_fast_layout(int i, const char **type, const char **field, uint32_t *offset, uint32_t *size)

@@ -16,6 +16,7 @@ microseconds slower per call.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import socket
@@ -26,6 +27,7 @@ from agentwarden import policy as policy_mod
 from agentwarden import seccomp_notify as sn
 from agentwarden.headers import FAST_HEADER, header_constants, header_struct
 
+log = logging.getLogger("agentwarden.daemon")
 LIBRARY = Path(__file__).with_name("_fastpath.so")
 C = header_constants(FAST_HEADER)
 ABI = C["AW_FAST_ABI"]
@@ -140,6 +142,7 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.aw_fast_rules_allow.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_exec_path_verdict.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_char_p]
     lib.aw_fast_set_map.argtypes = [ctypes.c_int] * 3
+    lib.aw_fast_binfmt.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
     lib.aw_fast_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32),
                                   ctypes.c_int]
     return lib, None
@@ -202,6 +205,16 @@ class FastPath:
         name = agent.encode()
         verdict = self.lib.aw_fast_exec_path_verdict(name, len(name), filename)
         return None if verdict < 0 else verdict == 1
+
+    def set_binfmt(self, formats) -> None:
+        """The enabled binfmt_misc entries (interpreters.Format): an ELF file
+        one of them claims is left to the supervisor."""
+        blob = b"".join(
+            struct.pack("=BHH", ord("E"), 0, len(f.extension)) + f.extension if f.extension is not None
+            else struct.pack("=BHH", ord("M"), f.offset, len(f.magic)) + f.magic
+            + (f.mask or b"\xff" * len(f.magic)) for f in formats)
+        if self.lib.aw_fast_binfmt(blob, len(blob)) < 0:
+            log.warning("fast path: out of memory for the binfmt_misc entries: every exec goes to Python")
 
     def set_maps(self, approved_fd: int | None, slots_fd: int | None, stash_fd: int | None) -> None:
         """The maps to approve execs in and to take waiting execs' filenames

@@ -241,11 +241,16 @@ class Governor:
             return record["syscall"] in SESSION_CHANGES
         if kind in ("sidedoor", "move"):
             return False
-        if kind == "exec":   # an interpreter is the kernel's own exec: seccomp never saw it
-            return record["syscall"] != "interpreter"
+        if kind == "exec":
+            # An interpreter the supervisor read from the file and approved
+            # with the exec is its decision too; one it did not approve (a #!
+            # line swapped since) was killed in the kernel, and is judged here.
+            return not (record["syscall"] == "interpreter" and record.get("not_approved"))
         return policy_mod.is_write(record["flags"])
 
     def _act(self, record: dict, verdict: policy_mod.Verdict, wanted: str) -> str:
+        if record.get("not_approved"):
+            return "killed in the kernel: not what the session's supervisor approved"
         if record.get("killed_in_kernel"):
             done = f"killed in the kernel by {record.get('kernel_rule')}"
             if wanted != "kill-agent":

@@ -629,7 +629,7 @@ def main(settings: Settings) -> int:
     bpf = loader.compile_and_attach(settings.wakeup_interval)
     settings.prepare_run_dir()
     # The supervisor uses these maps directly.
-    pinned = [settings.bpf_pin_dir / name for name in bpfsys.SUPERVISOR_MAPS]
+    pinned = [settings.bpf_pin_dir / name for name in (*bpfsys.SUPERVISOR_MAPS, bpfsys.INTERPRETER_MAP)]
     try:
         for path in pinned:
             bpfsys.pin(bpf[path.name.encode()].map_fd, path)

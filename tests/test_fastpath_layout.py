@@ -33,7 +33,8 @@ def lib():
 
 
 def test_the_header_declares_the_shared_structs():
-    assert set(STRUCTS) == {"aw_approved", "aw_exec_stash", "aw_approval_slot", "aw_fast_forward"}
+    assert set(STRUCTS) == {"aw_approved", "aw_exec_stash", "aw_approval_slot", "aw_fast_forward",
+                            "aw_approved_interpreters"}
 
 
 def test_python_view_matches_the_compiled_fast_path(lib):
@@ -61,7 +62,8 @@ def test_python_view_matches_the_bpf_program(kernel):
     bpf = loader.compile_and_attach()
     try:
         for map_name, struct_name in (("approved_exec", "aw_approved"), ("approval_slots", "aw_approval_slot"),
-                                      ("exec_stash", "aw_exec_stash")):
+                                      ("exec_stash", "aw_exec_stash"),
+                                      ("approved_interpreters", "aw_approved_interpreters")):
             leaf = bpf[map_name.encode()].Leaf
             compiled = {"": (0, ctypes.sizeof(leaf)),
                         **{f: (getattr(leaf, f).offset, getattr(leaf, f).size) for f, *_ in leaf._fields_}}

@@ -2,7 +2,8 @@
 (or a binfmt_misc handler) names a forbidden interpreter. The interpreter is
 an exec of its own (syscall "interpreter"), recorded, decided, killed in the
 kernel by a deny rule; a #! chain's middle script too. Ordinary scripts whose
-interpreter is allowed raise nothing."""
+interpreter is allowed raise nothing. Under `agentwarden run`:
+tests/test_kernel_session_interpreters.py."""
 from __future__ import annotations
 
 import os
@@ -135,23 +136,3 @@ def test_ordinary_scripts_whose_interpreter_is_allowed_raise_nothing(warden, age
     assert [r["argv"] for r in interps if r["exec_path"] == "/usr/bin/env"] == [
         ["/usr/bin/env", "python3", str(py)]]
     assert not _violations(warden, agent)
-
-
-def test_in_a_run_session_the_interpreter_is_judged_though_the_supervisor_approved_the_script(
-        warden, agent_cgroup, tmp_path):
-    import subprocess
-    import sys
-    agent = _name("interprun")
-    agent_cgroup(agent)
-    work, evil = _setup(tmp_path)
-    script = work / "allowed.sh"
-    script.write_text(f"#!{evil}\nsleep 30\necho ran-by-interpreter\n")
-    script.chmod(0o755)
-    warden.set_policy(agent, _policy(agent, "enforce", "kill", TOOLS + [str(script)]))
-    proc = subprocess.run([sys.executable, "-m", "agentwarden", "run", "--agent", agent, "--", str(script)],
-                          env=warden.env, capture_output=True, text=True, timeout=60)
-    assert "ran-by-interpreter" not in proc.stdout and proc.returncode != 0, proc.stderr
-    warden.settle()
-    [violation] = _violations(warden, agent)
-    assert violation["event"] == "exec" and str(evil) in violation["attempted"]
-    assert violation["action"] == "kill" and violation["action_taken"].startswith("killed")

@@ -24,7 +24,7 @@ from ..metrics import HANDLING_BUCKETS, Buckets
 from ..drift import SessionCapture
 from ..drift import written_paths as drift_paths
 from ..governor import Governor
-from . import reader
+from . import interpreters, reader
 from .admin import Admin
 from .approvals import ExecApprovals
 from .decisions import Decisions
@@ -64,6 +64,10 @@ class Supervisor:
         self.decisions = Decisions()
         # None: file changes continue after the check (setting perform_file_changes)
         self.performer = Performer(self.records) if settings.perform_file_changes else None
+        # binfmt_misc's entries, read again each health interval: an entry
+        # registered since gets its files' execs killed in the kernel meanwhile
+        # (their interpreters were not approved), not refused.
+        self.binfmt = interpreters.binfmt_formats()
         self.fast, self.fast_unavailable = self._start_fast_path()
         self.approvals = ExecApprovals(settings.bpf_pin_dir, self.fast, self.listeners.sessions,
                                        self.records.counters)
@@ -93,7 +97,15 @@ class Supervisor:
         self.listeners.watch(fast.forwarded.fileno(), "fastpath", fast)
         self.fast = fast
         self._fast_policy()
+        fast.set_binfmt(self.binfmt)
         return fast, None
+
+    def _follow_binfmt(self) -> None:
+        formats = interpreters.binfmt_formats()
+        if formats != self.binfmt:
+            self.binfmt = formats
+            if self.fast:
+                self.fast.set_binfmt(formats)
 
     def _fast_policy(self) -> None:
         """The current policy's rules to the fast path; what it learned is void."""
@@ -219,7 +231,7 @@ class Supervisor:
             if not sn.still_valid(fd, n.id):
                 self.keeper.forget_hold(hold_data["id"])   # answered, or its task is gone
                 continue
-            request = reader.read(s.agent, n, self.names.get(n.nr, str(n.nr)))
+            request = self._read(s, n, self.names.get(n.nr, str(n.nr)))
             if self.holds.restore(s, hold_data, request):
                 restored.append(hold_data["id"])
         receipt = self.keeper.receipt(s)
@@ -273,7 +285,22 @@ class Supervisor:
         if hold_id:
             self.records.release(hold_id, remembered, s, n.pid, request.syscall, request.raw_paths,
                                  request.flags)
-        return self.approvals.let_through(s.fd, n, request.exec_form)
+        return self.approvals.let_through(s.fd, n, request.exec_form, request.interpreters)
+
+    def _read(self, s: Session, n: sn.Notification, name: str) -> reader.Request | None:
+        """What n asks for; an exec with the interpreters the kernel will run
+        for it (#!, binfmt_misc), each judged as an exec of its own."""
+        request = reader.read(s.agent, n, name)
+        if request is not None and request.exec_form is not None:
+            interpreters.add_to(n, request, self.binfmt)
+        return request
+
+    @staticmethod
+    def _refused(verdict: policy_mod.Verdict, agent_policy) -> bool:
+        """Whether the call is refused as it stands (neither allowed, held nor in monitor mode)."""
+        return verdict.decision != "allow" and verdict.mode != "monitor" and not (
+            verdict.decision == "hold" or (verdict.decision == "violation" and agent_policy
+                                           and agent_policy.on_violation == "hold"))
 
     def on_notification(self, fd: int, n: sn.Notification | None = None) -> None:
         """A notification on fd: received here, or n as the fast path forwarded it."""
@@ -315,15 +342,20 @@ class Supervisor:
             s.note(f"{name} (unreadable arguments)", "refused")
             return
         verdict = self.decisions.decide(self.governor.policy, request)
+        agent_policy = self.governor.policy.agents.get(s.agent) if self.governor.policy else None
+        if request.exec_form is not None and not self._refused(verdict, agent_policy):
+            # What would go ahead or wait is decided with its interpreters (an
+            # exec refused by its path alone is refused without reading them).
+            if interpreters.add_to(n, request, self.binfmt).added:
+                verdict = self.decisions.decide(self.governor.policy, request)
         if verdict.decision != "allow" and request.exec_form is not None:
             # No program there to run: the kernel's own answer, not a refusal (see exec_cannot_run).
-            failure = reader.exec_cannot_run(n, request)
+            failure = reader.exec_cannot_run(n, request) or request.exec_error
             if failure is not None and sn.still_valid(fd, n.id):
                 counters["exec_cannot_run"] += 1
                 sn.respond(fd, n.id, allow=False, error=failure)
                 s.note(request.action, f"not run: {errno.errorcode[failure]}, as the kernel answers")
                 return
-        agent_policy = self.governor.policy.agents.get(s.agent) if self.governor.policy else None
         if verdict.decision == "allow":
             self._capture(s, request)
             if self.fast and request.fast_key:
@@ -364,6 +396,7 @@ class Supervisor:
                 next_health = time.monotonic() + HEALTH_INTERVAL
                 self._follow_policy()
                 self.approvals.follow()
+                self._follow_binfmt()
                 self.drift.expire()   # once a second: expiry is reported to the second
                 self._remove_busy_cgroups()
                 self._health()

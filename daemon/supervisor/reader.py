@@ -43,6 +43,8 @@ class Request:
     dirfds: tuple[int, ...] = ()        # each path's directory fd (AT_FDCWD: the cwd)
     bases: tuple[str | None, ...] = ()  # what each relative path was joined to when checked
     how: tuple[int, int, int] | None = None   # openat2: flags, mode, resolve as read
+    interpreters: tuple[bytes, ...] = ()      # exec: what its interpreters put in front of argv
+    exec_error: int | None = None             # exec: the kernel will fail it so (interpreters.py)
 
 
 def read(agent: str, n: sn.Notification, name: str) -> Request | None:
