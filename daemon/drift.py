@@ -4,8 +4,10 @@
 - `SessionCapture`, in the supervisor: the content before a session's change
   of a tracked file, taken before the call is continued (its one call site:
   Supervisor._continue); the content after once the session ends; expiry
-  reported; admins' revert, accept and baseline, done here so that who did it
-  is the kernel's word (SO_PEERCRED on the supervisor's socket).
+  reported; admins' accept and baseline, done here, and revert, checked and
+  archived here but written by the admin's own process (its mount namespace:
+  the packaged unit's is read-only), so that who did it is the kernel's word
+  (SO_PEERCRED on the supervisor's socket).
 - `OutsideCapture`, in the daemon: changes agents make outside `run`
   sessions, after the fact from the kernel's records (write-opens, change
   calls); the content before is the file's baseline (`drift baseline`), the
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Callable
 
 from agentwarden import drift
@@ -27,6 +30,10 @@ from agentwarden import policy as policy_mod
 from agentwarden.settings import Settings
 
 log = logging.getLogger("agentwarden.daemon")
+
+# How long an admin's process has, after the supervisor checked a revert, to
+# write it and say so (`agentwarden drift revert` takes milliseconds).
+REVERT_GRANT_SECONDS = 30.0
 
 # A change's facts as the `drift` record carries them.
 RECORD_KEYS = ("path", "agent", "session", "person", "task", "syscalls", "hold_id", "approvers", "reason",
@@ -89,6 +96,7 @@ class SessionCapture(Captures):
         self.open: dict[str, dict[str, dict]] = {}   # session id -> path -> change not yet finished
         self.counters["drift_expired"] = 0
         self.expiring: dict[str, int] = {}           # change id -> expiry (ns), not yet reported
+        self.grants: dict[str, dict] = {}            # token -> a revert an admin's process may do now
         for change in self.index.changes():
             if change.get("expires") and not change.get("admin") and not change.get("expired_reported"):
                 self.expiring[change["id"]] = change["expires"]
@@ -149,6 +157,7 @@ class SessionCapture(Captures):
     def expire(self, now_ns: int | None = None) -> None:
         """Reports (once, a `drift` record) each change whose approval ran out."""
         now_ns = now_ns or time.time_ns()
+        self._expire_grants()
         for change_id, expires in list(self.expiring.items()):
             if expires > now_ns:
                 continue
@@ -174,18 +183,75 @@ class SessionCapture(Captures):
 
     # -- admins ---------------------------------------------------------------------------
 
-    def revert(self, change_id: str, force: bool, who: dict) -> dict:
+    def grant_revert(self, change_id: str, force: bool, who: dict, pid: int) -> dict:
+        """An admin's process (pid, from SO_PEERCRED) may revert change_id: every
+        refusal is decided here first (drift.check), nothing is written. The
+        admin's process then writes -- with its own credentials, in its own
+        mount namespace, where the packaged unit's ProtectSystem=strict does not
+        make /etc read-only -- and reports back (`reverted`). {token, change}."""
         change = drift.find(self.index, change_id)
         if change.get("after") is None:
-            raise drift.DriftError(f"{change_id} is still being made (its session runs); revert it once "
-                                   "the session ended")
-        now = drift.revert(self.store, change, force)
-        change["admin"] = {"state": "reverted", **who, "force": force, "now": now}
+            raise drift.DriftError(f"{change_id} is still being written (a process of its session has the "
+                                   "file open for writing); revert it once the writer closed it")
+        self._not_being_reverted(change_id)
+        drift.check(self.store, change, force)
+        token = uuid.uuid4().hex
+        self.grants[token] = {"change": change, "force": force, "who": who, "pid": pid,
+                              "until": time.monotonic() + REVERT_GRANT_SECONDS,
+                              "was_before": drift.same(change["before"], drift.observe(change["path"]))}
+        return {"token": token, "change": change}
+
+    def reverted(self, token: str, pid: int, uid: int, error: str | None) -> dict:
+        """The admin's process reports its revert: archived once this process
+        sees the file as the change's content before; error: it refused or
+        failed (nothing written), nothing archived."""
+        grant = self.grants.get(token) if isinstance(token, str) else None
+        if grant is None or grant["pid"] != pid or grant["who"]["uid"] != uid:
+            raise drift.DriftError("no revert was granted to this process under that token (a grant "
+                                   f"lasts {REVERT_GRANT_SECONDS:g} s)")
+        del self.grants[token]
+        if error is not None:
+            log.info("drift: %s did not revert %s: %s", grant["who"]["name"], grant["change"]["id"], error)
+            return grant["change"]
+        return self._archive_revert(grant, reported=True)
+
+    def _archive_revert(self, grant: dict, reported: bool) -> dict:
+        change, who = grant["change"], grant["who"]
+        if change["source"] != "baseline":   # as it is now (its expiry may have been reported since)
+            change = self._live(change["id"]) or change
+        now = drift.observe(change["path"], self.store)
+        if not drift.same(change["before"], now):
+            raise drift.DriftError(f"{change['path']} is not as before {change['id']} after the revert (now "
+                                   f"{drift.describe(now)}): not archived as reverted")
+        change["admin"] = {"state": "reverted", **who, "force": grant["force"], "now": now}
+        if not reported:   # the admin's process wrote, then went before it said so
+            change["admin"]["unreported"] = True
         if change["source"] != "baseline":   # a baselined file put back: its baseline stands
             self._save(change)
-        self.expiring.pop(change_id, None)
+        self.expiring.pop(change["id"], None)
         self.emit(record_of(change, "reverted"))
         return change
+
+    def _not_being_reverted(self, change_id: str) -> None:
+        for grant in self.grants.values():
+            if grant["change"]["id"] == change_id:
+                raise drift.DriftError(f"{change_id} is being reverted by {grant['who']['name']} "
+                                       f"(pid {grant['pid']}); try again in {REVERT_GRANT_SECONDS:g} s")
+
+    def _expire_grants(self) -> None:
+        """Grants whose process never reported: archived as reverted when the
+        file is now as before (and was not when granted), else forgotten."""
+        now = time.monotonic()
+        for token, grant in list(self.grants.items()):
+            if grant["until"] > now:
+                continue
+            del self.grants[token]
+            if not grant["was_before"]:
+                try:
+                    self._archive_revert(grant, reported=False)
+                except drift.DriftError:
+                    log.info("drift: the revert of %s granted to %s was not done", grant["change"]["id"],
+                             grant["who"]["name"])
 
     def accept(self, change_id: str, who: dict) -> dict:
         change = drift.find(self.index, change_id)
@@ -195,6 +261,7 @@ class SessionCapture(Captures):
         if change.get("admin"):
             raise drift.DriftError(f"{change_id} was already {change['admin']['state']} by "
                                    f"{change['admin']['name']}")
+        self._not_being_reverted(change_id)
         change["admin"] = {"state": "accepted", **who}
         self._save(change)
         self.expiring.pop(change_id, None)

@@ -2,7 +2,8 @@
 owner, or its absence. Never through a symlink: the parent directory is opened
 with openat2(RESOLVE_NO_SYMLINKS), the file itself is looked at without
 following it and replaced by a rename inside that directory. Every refusal is
-decided before anything is written."""
+decided before anything is written (`check`, which the supervisor runs before
+it lets an admin's process revert, and `revert` again)."""
 from __future__ import annotations
 
 import ctypes
@@ -55,11 +56,12 @@ def refusal(path: str, now: dict) -> str | None:
     return None
 
 
-def revert(store: Store, change: dict, force: bool) -> dict:
-    """Restores change's `before` at its path; what the path is afterwards.
-    Refused (DriftError, nothing written) when the change was already
-    answered, the file diverged (unless force), the path is now a directory or
-    a symlink, or the store's copy is missing or corrupted."""
+def check(store: Store, change: dict, force: bool) -> bytes | None:
+    """Whether change's `before` may be put back at its path, without writing
+    anything: its content (None: the file is to be absent). DriftError when
+    the change was already answered, the file diverged (unless force), the
+    path is now a directory or a symlink, a directory on the way is a symlink,
+    or the store's copy is missing or corrupted."""
     path, before = change["path"], change["before"]
     if change.get("admin"):
         raise DriftError(f"{change['id']} was already {change['admin']['state']} by {change['admin']['name']}")
@@ -75,6 +77,16 @@ def revert(store: Store, change: dict, force: bool) -> dict:
     if before["kind"] not in ("file", "absent"):
         raise DriftError(f"{path} was a {before['kind']} before {change['id']}: only files are restored")
     data = content_of(store, before, "before") if before["kind"] == "file" else None
+    os.close(open_directory(os.path.dirname(path) or "/"))
+    return data
+
+
+def revert(store: Store, change: dict, force: bool) -> dict:
+    """Restores change's `before` at its path, as this process (its
+    credentials, its mount namespace); what the path is afterwards. Refused
+    (DriftError, nothing written) for every reason `check` gives."""
+    path, before = change["path"], change["before"]
+    data = check(store, change, force)
     parent, name = os.path.split(path)
     directory = open_directory(parent or "/")
     try:
@@ -93,9 +105,7 @@ def revert(store: Store, change: dict, force: bool) -> dict:
             else:
                 _replace(directory, name, data, before)
         except OSError as exc:   # the path is as it was: the temporary file is gone
-            hint = (" (a read-only mount: under the packaged unit, add the directory to the daemon's "
-                    "ReadWritePaths)" if exc.errno == errno.EROFS else "")
-            raise DriftError(f"cannot write {path}: {exc.strerror}{hint}; nothing written") from None
+            raise DriftError(f"cannot write {path}: {exc.strerror}; nothing written") from None
     finally:
         os.close(directory)
     return observe(path, store)
