@@ -34,6 +34,10 @@ log = logging.getLogger("agentwarden.daemon")
 # How long an admin's process has, after the supervisor checked a revert, to
 # write it and say so (`agentwarden drift revert` takes milliseconds).
 REVERT_GRANT_SECONDS = 30.0
+# A session's change is finished (its content after taken) once no process of
+# the session has held the file open for writing, and no call of the session
+# changed it, for this long.
+WRITER_QUIET_SECONDS = 1.0
 
 # A change's facts as the `drift` record carries them.
 RECORD_KEYS = ("path", "agent", "session", "person", "task", "syscalls", "hold_id", "approvers", "reason",
@@ -97,6 +101,8 @@ class SessionCapture(Captures):
         self.counters["drift_expired"] = 0
         self.expiring: dict[str, int] = {}           # change id -> expiry (ns), not yet reported
         self.grants: dict[str, dict] = {}            # token -> a revert an admin's process may do now
+        self.sessions: dict[str, object] = {}         # session id -> its Session, while changes are open
+        self.busy: dict[tuple[str, str], float] = {}  # (session id, path) -> last seen written (monotonic)
         for change in self.index.changes():
             if change.get("expires") and not change.get("admin") and not change.get("expired_reported"):
                 self.expiring[change["id"]] = change["expires"]
@@ -114,9 +120,11 @@ class SessionCapture(Captures):
         if not paths:
             return
         pending = self.open.setdefault(session.id, {})
+        self.sessions[session.id] = session
         now = time.time_ns()
         for path in paths:
             change = pending.get(path)
+            self.busy[(session.id, path)] = time.monotonic()
             if change is not None:   # its first content before stands; this call adds to it
                 if request.syscall not in change["syscalls"]:
                     change["syscalls"].append(request.syscall)
@@ -151,8 +159,37 @@ class SessionCapture(Captures):
                 "expires": now + int(expires_in * 1e9) if expires_in else None}
 
     def session_ended(self, session) -> None:
-        for change in self.open.pop(session.id, {}).values():
+        self.sessions.pop(session.id, None)
+        for path, change in self.open.pop(session.id, {}).items():
+            self.busy.pop((session.id, path), None)
             self.finish(change)
+
+    def settle(self) -> None:
+        """Takes the content after of each change of a running session whose
+        writer is done: no process of the session holds the file open for
+        writing and no call touched it for WRITER_QUIET_SECONDS (a call let
+        through a moment ago may not have happened yet; sed closes its
+        temporary file and renames it over the file at once). Called once a
+        second: a change's content after is known a second or two after its
+        writer closed the file, not only when the session ends."""
+        now = time.monotonic()
+        for session_id, pending in list(self.open.items()):
+            session = self.sessions.get(session_id)
+            for path, change in list(pending.items()):
+                key = (session_id, path)
+                if now - self.busy.get(key, 0.0) < WRITER_QUIET_SECONDS:
+                    continue
+                if session is not None and _held_for_writing(session.cgroup, path):
+                    self.busy[key] = now   # quiet only from when it was closed
+                    continue
+                del pending[path]
+                self.busy.pop(key, None)
+                self.finish(change)
+
+    def tick(self) -> None:
+        """Once a second, in the supervisor's loop."""
+        self.settle()
+        self.expire()
 
     def expire(self, now_ns: int | None = None) -> None:
         """Reports (once, a `drift` record) each change whose approval ran out."""
@@ -285,6 +322,38 @@ class SessionCapture(Captures):
                        "before": facts, "after": None})
             done.append(entry)
         return done
+
+
+def _held_for_writing(cgroup, path: str) -> bool:
+    """Whether a process of the cgroup (or a cgroup below it) has what path
+    names now open for writing (/proc/PID/fd and fdinfo; a process that exits
+    meanwhile holds nothing)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False   # gone: nothing writes to it through its name any more
+    target = (st.st_dev, st.st_ino)
+    try:
+        procs = [p for f in cgroup.rglob("cgroup.procs") for p in f.read_text().split()]
+    except OSError:
+        return False   # the cgroup is gone: its processes too
+    for pid in procs:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                fst = os.stat(f"/proc/{pid}/fd/{fd}")
+                if (fst.st_dev, fst.st_ino) != target:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+            except (OSError, StopIteration, ValueError):
+                continue
+            if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                return True
+    return False
 
 
 class OutsideCapture(Captures):

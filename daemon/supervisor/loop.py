@@ -364,7 +364,7 @@ class Supervisor:
                 next_health = time.monotonic() + HEALTH_INTERVAL
                 self._follow_policy()
                 self.approvals.follow()
-                self.drift.expire()   # once a second: expiry is reported to the second
+                self.drift.tick()   # once a second: expiry to the second, contents after of closed files
                 self._remove_busy_cgroups()
                 self._health()
             timeout = 0.2
