@@ -238,6 +238,11 @@ def test_a_change_outside_sessions_to_a_baselined_file_shows_its_diff(warden, tr
     assert row["before"]["sha256"] == sha(b"size=4\n") and row["after"]["sha256"] == sha(b"size=4\nsize=64\n")
     shown = warden.cli("drift", "show", row["id"]).stdout
     assert "+size=64" in shown and " size=4" in shown, shown
+    # Root inside the agent's cgroup may not revert it: the supervisor refuses before anything is written.
+    inside = cg.run([PY, "-m", "agentwarden", "drift", "revert", row["id"]], env=warden.env, text=True)
+    assert inside.returncode == 1 and inside.stderr == (f"agentwarden: error: requests from inside agent "
+                                                        f"{agent!r} are refused, even as root\n"), inside
+    assert by_agent.read_text() == "size=4\nsize=64\n"
     # Someone who is no agent edits the other file: listed as diverged from its baseline.
     by_admin.write_text("127.0.0.1 localhost\n10.0.0.9 db\n")
     [admin_row] = rows_of(warden, by_admin)
@@ -295,6 +300,9 @@ def test_revert_refuses_bad_input_and_writes_nothing(warden, tracked_agent, tmp_
     assert {p: (p.is_symlink(), p.is_dir(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
             for p in [*conf.iterdir(), elsewhere]} == snapshot
     assert elsewhere.read_text() == "not to be touched\n"
+    warden.settle()
+    assert not [r for r in warden.records() if r["kind"] == "drift" and r["state"] == "reverted"
+                and r.get("path", "").startswith(str(conf))], "a refused revert was archived"
     # A directory on the way that is now a symlink is not followed either.
     conf.rename(tmp_path / "conf-real")
     conf.symlink_to(tmp_path / "conf-real")

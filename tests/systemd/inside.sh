@@ -327,6 +327,7 @@ EOT
     cat > /etc/agentwarden/agents/swt-drift.toml <<'EOT'
 command = ["/bin/sh", "-c", "/usr/bin/sed -i s/safe/fast/ /etc/swt-drift/app.conf && /usr/bin/chmod 600 /etc/swt-drift/app.conf && /usr/bin/touch /tmp/swt-drift-done; /usr/bin/sleep 600"]
 user = "swt-drifter"
+workdir = "/tmp"
 [task]
 owner = "alice"
 EOT
@@ -353,7 +354,7 @@ EOT
     check "the agent still runs" active agent@swt-drift.service
     change=$(python3 -c 'import json, sys; print([r["id"] for r in map(json.loads, open(sys.argv[1])) if r["path"] == "/etc/swt-drift/app.conf"][0])' /tmp/drift-swt.json)
     wait_for 30 "ten seconds later it is listed expired" sh -c "agentwarden drift --expired | grep -q '$change  expired'"
-    wait_for 10 "agentwarden status says so" sh -c "agentwarden status | grep -q 'expired changes to review'"
+    wait_for 10 "agentwarden status says so" sh -c "agentwarden status | grep -q '^drift:  1 expired changes to review (agentwarden drift --expired)'"
     wait_for 10 "the journal has the expiry (AGENTWARDEN_RECORD=drift, AGENTWARDEN_STATE=expired)" \
         journal_has "AGENTWARDEN_RECORD=drift AGENTWARDEN_CHANGE_ID=$change" "r.get('AGENTWARDEN_STATE') == 'expired'"
     check "agentwarden drift revert $change" agentwarden drift revert "$change" --reason "systemd-test revert"
