@@ -164,16 +164,22 @@ class SessionCapture(Captures):
             self.busy.pop((session.id, path), None)
             self.finish(change)
 
-    def settle(self) -> None:
+    def settle(self, waiting: set[str] = frozenset()) -> None:
         """Takes the content after of each change of a running session whose
         writer is done: no process of the session holds the file open for
-        writing and no call touched it for WRITER_QUIET_SECONDS (a call let
+        writing, no call touched it for WRITER_QUIET_SECONDS (a call let
         through a moment ago may not have happened yet; sed closes its
-        temporary file and renames it over the file at once). Called once a
-        second: a change's content after is known a second or two after its
-        writer closed the file, not only when the session ends."""
+        temporary file and renames it over the file at once), and no call of
+        the session waits for an admin (sed's rename of its temporary file
+        may be held). Called once a second: a change's content after is known
+        a second or two after its writer closed the file, not only when the
+        session ends."""
         now = time.monotonic()
         for session_id, pending in list(self.open.items()):
+            if session_id in waiting:
+                for path in pending:
+                    self.busy[(session_id, path)] = now   # quiet only from the admin's answer
+                continue
             session = self.sessions.get(session_id)
             for path, change in list(pending.items()):
                 key = (session_id, path)
@@ -186,9 +192,10 @@ class SessionCapture(Captures):
                 self.busy.pop(key, None)
                 self.finish(change)
 
-    def tick(self) -> None:
-        """Once a second, in the supervisor's loop."""
-        self.settle()
+    def tick(self, waiting: set[str] = frozenset()) -> None:
+        """Once a second, in the supervisor's loop; waiting: the sessions with a
+        call held for an admin."""
+        self.settle(waiting)
         self.expire()
 
     def expire(self, now_ns: int | None = None) -> None:

@@ -413,3 +413,24 @@ def test_a_revert_is_granted_to_one_process_and_archived_once_the_file_is_as_bef
     capture.tick()
     assert emitted[-1]["state"] == "reverted" and emitted[-1]["change_id"] == changes["c.conf"]
     assert emitted[-1]["admin"]["unreported"] is True and not capture.grants
+
+
+def test_without_openat2_the_directory_is_walked_without_following_symlinks(tmp_path):
+    """Where a seccomp filter bars openat2 (systemd-nspawn's: ENOSYS), the
+    parent is opened one component at a time with O_NOFOLLOW: the same
+    directory, and the same refusal of a symlink on the way."""
+    from agentwarden.drift import restore
+    (tmp_path / "real" / "etc").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "file").write_text("x")
+    fd = restore._walk(str(tmp_path / "real" / "etc"))
+    try:
+        assert os.path.samestat(os.fstat(fd), os.stat(tmp_path / "real" / "etc"))
+    finally:
+        os.close(fd)
+    with pytest.raises(drift.DriftError, match="passes through a symlink; not followed, nothing written"):
+        restore._walk(str(tmp_path / "link" / "etc"))
+    with pytest.raises(drift.DriftError, match="Not a directory; nothing written"):
+        restore._walk(str(tmp_path / "file" / "etc"))
+    with pytest.raises(drift.DriftError, match="No such file or directory; nothing written"):
+        restore._walk(str(tmp_path / "missing"))

@@ -26,14 +26,39 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def open_directory(path: str) -> int:
-    """An O_PATH fd of directory path, resolved without following any symlink."""
+    """An O_PATH fd of directory path, resolved without following any symlink:
+    openat2(RESOLVE_NO_SYMLINKS), or where a seccomp filter bars openat2
+    (ENOSYS: systemd-nspawn's), one component at a time with O_NOFOLLOW."""
     how = struct.pack("=QQQ", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
     fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, os.fsencode(path), how, len(how))
-    if fd < 0:
-        code = ctypes.get_errno()
-        if code == errno.ELOOP:
-            raise DriftError(f"{path} passes through a symlink; not followed, nothing written")
-        raise DriftError(f"cannot open {path}: {os.strerror(code)}; nothing written")
+    if fd >= 0:
+        return fd
+    code = ctypes.get_errno()
+    if code == errno.ENOSYS:
+        return _walk(path)
+    if code == errno.ELOOP:
+        raise DriftError(f"{path} passes through a symlink; not followed, nothing written")
+    raise DriftError(f"cannot open {path}: {os.strerror(code)}; nothing written")
+
+
+def _walk(path: str) -> int:
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open("/", flags)
+    try:
+        for name in [part for part in os.path.normpath(path).split("/") if part]:   # no .. left
+            try:
+                step = os.open(name, flags, dir_fd=fd)
+            except NotADirectoryError:
+                if stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise DriftError(f"{path} passes through a symlink; not followed, nothing written") from None
+                raise DriftError(f"cannot open {path}: {os.strerror(errno.ENOTDIR)}; nothing written") from None
+            except OSError as exc:
+                raise DriftError(f"cannot open {path}: {exc.strerror}; nothing written") from None
+            os.close(fd)
+            fd = step
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

@@ -364,7 +364,8 @@ class Supervisor:
                 next_health = time.monotonic() + HEALTH_INTERVAL
                 self._follow_policy()
                 self.approvals.follow()
-                self.drift.tick()   # once a second: expiry to the second, contents after of closed files
+                # once a second: expiry to the second, contents after of closed files
+                self.drift.tick({h.session.id for h in self.holds.pending.values()})
                 self._remove_busy_cgroups()
                 self._health()
             timeout = 0.2
