@@ -3,7 +3,8 @@
 
 - `SessionCapture`, in the supervisor: the content before a session's change
   of a tracked file, taken before the call is continued (its one call site:
-  Supervisor._continue); the content after once the session ends; expiry
+  Supervisor._capture); the content after once its writer closed the file
+  (no process of the session holds it open for writing) or the session ends; expiry
   reported; admins' accept and baseline, done here, and revert, checked and
   archived here but written by the admin's own process (its mount namespace:
   the packaged unit's is read-only), so that who did it is the kernel's word

@@ -90,9 +90,11 @@ def drift_revert(change_id: str = typer.Argument(..., help="a change id from `ag
                  reason: Optional[str] = typer.Option(None, "--reason", help="why (archived)"),
                  as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object")):
     """Put the file back as it was before the change: bytes, mode, owner (or
-    remove it, if it did not exist). Refused, with nothing written, when the
-    file changed since (unless --force), is now a directory or a symlink, or
-    the store's copy is missing or corrupted. Exit status 1 when refused.
+    remove it, if it did not exist). The daemon checks and archives; this
+    command writes the file, as root in your mount namespace. Refused, with
+    nothing written, when the file changed since (unless --force), is now a
+    directory or a symlink, or the store's copy is missing or corrupted. Exit
+    status 1 when refused.
 
     Example: sudo agentwarden drift revert c-1a2b3c4d5e --reason "debug flag left on"
     """
