@@ -206,7 +206,9 @@ ADMIN_COMMANDS = ("launch", "register", "holds", "show", "approve", "deny",
                   "decide")   # a signed fleet decision, forwarded by the daemon
 # drift (agentwarden.drift): an admin reverts or accepts a change, or records
 # files as they are; the supervisor does it, so who did is the kernel's word.
-DRIFT_COMMANDS = ("drift-revert", "drift-accept", "drift-baseline")
+# A revert is two requests: drift-revert (checked, a token granted), then the
+# admin's process writes and says drift-reverted (token; error if it did not).
+DRIFT_COMMANDS = ("drift-revert", "drift-accept", "drift-baseline", "drift-reverted")
 
 
 class WireError(ValueError):

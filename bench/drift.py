@@ -11,8 +11,9 @@ of the store after 1,000 changes to a 10 KB file.
    write-open is answered by the supervisor's compiled fast path; the tracked
    one is forwarded to Python, which keeps the file's content before (hash,
    store) first. Medians of open+write+close, and the median of the
-   per-round differences. The content after is taken when the session ends
-   (not in the timed path): its time per change is reported apart.
+   per-round differences. The content after is taken once the writer is done
+   (a second after its last write, or the session's end; not in the timed
+   path): its time per change is reported apart.
 2. Store size: 1,000 changes to a 10 KB text file (one line edited each time),
    each observed before and after into a fresh store and index, as the
    supervisor does: bytes on disk, objects, against keeping two full copies
@@ -95,7 +96,7 @@ def tracked_write_cost(settings, env: dict, agent: str, policy_dir: Path, rounds
             if done.returncode != 0:
                 raise SystemExit(f"bench: the drift session failed ({done.returncode}): {done.stderr[-500:]}")
             times = json.loads(done.stdout)
-            # The session's end: the supervisor takes the content after of each change.
+            # The writer is done: the supervisor takes the content after of each change.
             deadline = time.monotonic() + 60
             while _drift_counters(settings) == before and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -3,9 +3,12 @@
 
 - `SessionCapture`, in the supervisor: the content before a session's change
   of a tracked file, taken before the call is continued (its one call site:
-  Supervisor._continue); the content after once the session ends; expiry
-  reported; admins' revert, accept and baseline, done here so that who did it
-  is the kernel's word (SO_PEERCRED on the supervisor's socket).
+  Supervisor._capture); the content after once its writer closed the file
+  (no process of the session holds it open for writing) or the session ends; expiry
+  reported; admins' accept and baseline, done here, and revert, checked and
+  archived here but written by the admin's own process (its mount namespace:
+  the packaged unit's is read-only), so that who did it is the kernel's word
+  (SO_PEERCRED on the supervisor's socket).
 - `OutsideCapture`, in the daemon: changes agents make outside `run`
   sessions, after the fact from the kernel's records (write-opens, change
   calls); the content before is the file's baseline (`drift baseline`), the
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Callable
 
 from agentwarden import drift
@@ -27,6 +31,14 @@ from agentwarden import policy as policy_mod
 from agentwarden.settings import Settings
 
 log = logging.getLogger("agentwarden.daemon")
+
+# How long an admin's process has, after the supervisor checked a revert, to
+# write it and say so (`agentwarden drift revert` takes milliseconds).
+REVERT_GRANT_SECONDS = 30.0
+# A session's change is finished (its content after taken) once no process of
+# the session has held the file open for writing, and no call of the session
+# changed it, for this long.
+WRITER_QUIET_SECONDS = 1.0
 
 # A change's facts as the `drift` record carries them.
 RECORD_KEYS = ("path", "agent", "session", "person", "task", "syscalls", "hold_id", "approvers", "reason",
@@ -89,6 +101,9 @@ class SessionCapture(Captures):
         self.open: dict[str, dict[str, dict]] = {}   # session id -> path -> change not yet finished
         self.counters["drift_expired"] = 0
         self.expiring: dict[str, int] = {}           # change id -> expiry (ns), not yet reported
+        self.grants: dict[str, dict] = {}            # token -> a revert an admin's process may do now
+        self.sessions: dict[str, object] = {}         # session id -> its Session, while changes are open
+        self.busy: dict[tuple[str, str], float] = {}  # (session id, path) -> last seen written (monotonic)
         for change in self.index.changes():
             if change.get("expires") and not change.get("admin") and not change.get("expired_reported"):
                 self.expiring[change["id"]] = change["expires"]
@@ -106,9 +121,11 @@ class SessionCapture(Captures):
         if not paths:
             return
         pending = self.open.setdefault(session.id, {})
+        self.sessions[session.id] = session
         now = time.time_ns()
         for path in paths:
             change = pending.get(path)
+            self.busy[(session.id, path)] = time.monotonic()
             if change is not None:   # its first content before stands; this call adds to it
                 if request.syscall not in change["syscalls"]:
                     change["syscalls"].append(request.syscall)
@@ -143,12 +160,49 @@ class SessionCapture(Captures):
                 "expires": now + int(expires_in * 1e9) if expires_in else None}
 
     def session_ended(self, session) -> None:
-        for change in self.open.pop(session.id, {}).values():
+        self.sessions.pop(session.id, None)
+        for path, change in self.open.pop(session.id, {}).items():
+            self.busy.pop((session.id, path), None)
             self.finish(change)
+
+    def settle(self, waiting: set[str] = frozenset()) -> None:
+        """Takes the content after of each change of a running session whose
+        writer is done: no process of the session holds the file open for
+        writing, no call touched it for WRITER_QUIET_SECONDS (a call let
+        through a moment ago may not have happened yet; sed closes its
+        temporary file and renames it over the file at once), and no call of
+        the session waits for an admin (sed's rename of its temporary file
+        may be held). Called once a second: a change's content after is known
+        a second or two after its writer closed the file, not only when the
+        session ends."""
+        now = time.monotonic()
+        for session_id, pending in list(self.open.items()):
+            if session_id in waiting:
+                for path in pending:
+                    self.busy[(session_id, path)] = now   # quiet only from the admin's answer
+                continue
+            session = self.sessions.get(session_id)
+            for path, change in list(pending.items()):
+                key = (session_id, path)
+                if now - self.busy.get(key, 0.0) < WRITER_QUIET_SECONDS:
+                    continue
+                if session is not None and _held_for_writing(session.cgroup, path):
+                    self.busy[key] = now   # quiet only from when it was closed
+                    continue
+                del pending[path]
+                self.busy.pop(key, None)
+                self.finish(change)
+
+    def tick(self, waiting: set[str] = frozenset()) -> None:
+        """Once a second, in the supervisor's loop; waiting: the sessions with a
+        call held for an admin."""
+        self.settle(waiting)
+        self.expire()
 
     def expire(self, now_ns: int | None = None) -> None:
         """Reports (once, a `drift` record) each change whose approval ran out."""
         now_ns = now_ns or time.time_ns()
+        self._expire_grants()
         for change_id, expires in list(self.expiring.items()):
             if expires > now_ns:
                 continue
@@ -174,18 +228,75 @@ class SessionCapture(Captures):
 
     # -- admins ---------------------------------------------------------------------------
 
-    def revert(self, change_id: str, force: bool, who: dict) -> dict:
+    def grant_revert(self, change_id: str, force: bool, who: dict, pid: int) -> dict:
+        """An admin's process (pid, from SO_PEERCRED) may revert change_id: every
+        refusal is decided here first (drift.check), nothing is written. The
+        admin's process then writes -- with its own credentials, in its own
+        mount namespace, where the packaged unit's ProtectSystem=strict does not
+        make /etc read-only -- and reports back (`reverted`). {token, change}."""
         change = drift.find(self.index, change_id)
         if change.get("after") is None:
-            raise drift.DriftError(f"{change_id} is still being made (its session runs); revert it once "
-                                   "the session ended")
-        now = drift.revert(self.store, change, force)
-        change["admin"] = {"state": "reverted", **who, "force": force, "now": now}
+            raise drift.DriftError(f"{change_id} is still being written (a process of its session has the "
+                                   "file open for writing); revert it once the writer closed it")
+        self._not_being_reverted(change_id)
+        drift.check(self.store, change, force)
+        token = uuid.uuid4().hex
+        self.grants[token] = {"change": change, "force": force, "who": who, "pid": pid,
+                              "until": time.monotonic() + REVERT_GRANT_SECONDS,
+                              "was_before": drift.same(change["before"], drift.observe(change["path"]))}
+        return {"token": token, "change": change}
+
+    def reverted(self, token: str, pid: int, uid: int, error: str | None) -> dict:
+        """The admin's process reports its revert: archived once this process
+        sees the file as the change's content before; error: it refused or
+        failed (nothing written), nothing archived."""
+        grant = self.grants.get(token) if isinstance(token, str) else None
+        if grant is None or grant["pid"] != pid or grant["who"]["uid"] != uid:
+            raise drift.DriftError("no revert was granted to this process under that token (a grant "
+                                   f"lasts {REVERT_GRANT_SECONDS:g} s)")
+        del self.grants[token]
+        if error is not None:
+            log.info("drift: %s did not revert %s: %s", grant["who"]["name"], grant["change"]["id"], error)
+            return grant["change"]
+        return self._archive_revert(grant, reported=True)
+
+    def _archive_revert(self, grant: dict, reported: bool) -> dict:
+        change, who = grant["change"], grant["who"]
+        if change["source"] != "baseline":   # as it is now (its expiry may have been reported since)
+            change = self._live(change["id"]) or change
+        now = drift.observe(change["path"], self.store)
+        if not drift.same(change["before"], now):
+            raise drift.DriftError(f"{change['path']} is not as before {change['id']} after the revert (now "
+                                   f"{drift.describe(now)}): not archived as reverted")
+        change["admin"] = {"state": "reverted", **who, "force": grant["force"], "now": now}
+        if not reported:   # the admin's process wrote, then went before it said so
+            change["admin"]["unreported"] = True
         if change["source"] != "baseline":   # a baselined file put back: its baseline stands
             self._save(change)
-        self.expiring.pop(change_id, None)
+        self.expiring.pop(change["id"], None)
         self.emit(record_of(change, "reverted"))
         return change
+
+    def _not_being_reverted(self, change_id: str) -> None:
+        for grant in self.grants.values():
+            if grant["change"]["id"] == change_id:
+                raise drift.DriftError(f"{change_id} is being reverted by {grant['who']['name']} "
+                                       f"(pid {grant['pid']}); try again in {REVERT_GRANT_SECONDS:g} s")
+
+    def _expire_grants(self) -> None:
+        """Grants whose process never reported: archived as reverted when the
+        file is now as before (and was not when granted), else forgotten."""
+        now = time.monotonic()
+        for token, grant in list(self.grants.items()):
+            if grant["until"] > now:
+                continue
+            del self.grants[token]
+            if not grant["was_before"]:
+                try:
+                    self._archive_revert(grant, reported=False)
+                except drift.DriftError:
+                    log.info("drift: the revert of %s granted to %s was not done", grant["change"]["id"],
+                             grant["who"]["name"])
 
     def accept(self, change_id: str, who: dict) -> dict:
         change = drift.find(self.index, change_id)
@@ -195,6 +306,7 @@ class SessionCapture(Captures):
         if change.get("admin"):
             raise drift.DriftError(f"{change_id} was already {change['admin']['state']} by "
                                    f"{change['admin']['name']}")
+        self._not_being_reverted(change_id)
         change["admin"] = {"state": "accepted", **who}
         self._save(change)
         self.expiring.pop(change_id, None)
@@ -218,6 +330,38 @@ class SessionCapture(Captures):
                        "before": facts, "after": None})
             done.append(entry)
         return done
+
+
+def _held_for_writing(cgroup, path: str) -> bool:
+    """Whether a process of the cgroup (or a cgroup below it) has what path
+    names now open for writing (/proc/PID/fd and fdinfo; a process that exits
+    meanwhile holds nothing)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False   # gone: nothing writes to it through its name any more
+    target = (st.st_dev, st.st_ino)
+    try:
+        procs = [p for f in cgroup.rglob("cgroup.procs") for p in f.read_text().split()]
+    except OSError:
+        return False   # the cgroup is gone: its processes too
+    for pid in procs:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                fst = os.stat(f"/proc/{pid}/fd/{fd}")
+                if (fst.st_dev, fst.st_ino) != target:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+            except (OSError, StopIteration, ValueError):
+                continue
+            if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                return True
+    return False
 
 
 class OutsideCapture(Captures):

@@ -167,6 +167,14 @@ class Collector:
         yield gauge("fastpath_running", "1 when the supervisor's compiled fast path runs",
                     supervisor.get("fast_path") == "running")
 
+        # -- drift: changes of tracked files -------------------------------------------------
+        drift = snap.get("drift") or {}
+        yield counter("drift_changes", "changes of tracked files recorded, by where they were seen "
+                      "(session: by the supervisor; outside: from the kernel's records)", ("source",),
+                      {"session": supervisor.get("drift_changes", 0), "outside": drift.get("drift_changes", 0)})
+        yield gauge("drift_expired_changes", "changes whose approval expired that no admin reverted or "
+                    "accepted yet (agentwarden drift --expired)", drift.get("expired", 0))
+
         # -- health ------------------------------------------------------------------------
         last_seen = probe.get("last_seen") or 0
         age = (now_ns - last_seen) / 1e9 if last_seen else float("inf")

@@ -350,3 +350,87 @@ def test_a_session_change_keeps_its_first_before_and_the_first_approval(tmp_path
     assert emitted[-1]["state"] == "expired" and capture.counters["drift_expired"] == 1
     capture.expire(record["expires"] + NS)
     assert len(emitted) == 2   # reported once
+
+
+def test_a_revert_is_granted_to_one_process_and_archived_once_the_file_is_as_before(tmp_path):
+    """The supervisor's side of `drift revert`: it checks and grants (nothing
+    written), the admin's process writes, then reports; only a report from the
+    same pid and uid with the file as before is archived. A grant whose
+    process never reported lapses: archived (unreported) if the file is as
+    before, else forgotten. A failed revert archives nothing."""
+    from types import SimpleNamespace
+    from daemon.supervisor.reader import Request
+    settings = Settings(state_dir=tmp_path / "state")
+    emitted: list[dict] = []
+    capture = daemon_drift.SessionCapture(settings, emitted.append)
+    coder = load(tmp_path, f'[agent.coder.files]\nwrite-allow = ["/**"]\ntrack = ["{tmp_path}/etc/**"]\n'
+                 ).agents["coder"]
+    (tmp_path / "etc").mkdir()
+    session = SimpleNamespace(id="s-1", agent="coder", on_behalf_of="", user="root", task="", cgroup=tmp_path)
+    changes = {}
+    for name in ("a.conf", "b.conf", "c.conf"):
+        path = tmp_path / "etc" / name
+        path.write_text("old\n")
+        capture.before(session, coder, Request("openat", ("file", "openat", (str(path),)), [
+            {"kind": "open", "resolved_path": str(path), "flags": os.O_WRONLY | os.O_TRUNC}], None,
+            syscall="openat"))
+        path.write_text("new\n")
+    capture.session_ended(session)
+    for record in emitted:
+        changes[Path(record["path"]).name] = record["change_id"]
+    root = {"uid": 0, "name": "root", "reason": "undo", "time": 1}
+    a = tmp_path / "etc" / "a.conf"
+
+    granted = capture.grant_revert(changes["a.conf"], False, root, pid=4242)
+    assert a.read_text() == "new\n"   # checked, not written
+    with pytest.raises(drift.DriftError, match="is being reverted by root .pid 4242"):
+        capture.grant_revert(changes["a.conf"], False, root, pid=4343)
+    with pytest.raises(drift.DriftError, match="is being reverted"):
+        capture.accept(changes["a.conf"], root)
+    with pytest.raises(drift.DriftError, match="no revert was granted to this process"):
+        capture.reverted(granted["token"], 4343, 0, None)   # another process
+    with pytest.raises(drift.DriftError, match="no revert was granted to this process"):
+        capture.reverted(granted["token"], 4242, 1000, None)   # another user
+    with pytest.raises(drift.DriftError, match="is not as before .* not archived as reverted"):
+        capture.reverted(granted["token"], 4242, 0, None)   # says done, but wrote nothing
+    granted = capture.grant_revert(changes["b.conf"], False, root, pid=4242)
+    drift.revert(capture.store, granted["change"], False)
+    done = capture.reverted(granted["token"], 4242, 0, None)
+    assert done["admin"]["state"] == "reverted" and emitted[-1]["state"] == "reverted"
+    assert emitted[-1]["change_id"] == changes["b.conf"] and emitted[-1]["admin"]["name"] == "root"
+
+    # Failed: nothing archived. Lapsed: the written one archived, unreported.
+    count = len(emitted)
+    granted = capture.grant_revert(changes["c.conf"], False, root, pid=4242)
+    assert capture.reverted(granted["token"], 4242, 0, "cannot write: Read-only file system")["admin"] is None
+    assert len(emitted) == count
+    granted = capture.grant_revert(changes["c.conf"], False, root, pid=4242)
+    drift.revert(capture.store, granted["change"], False)
+    capture.tick()
+    assert len(emitted) == count   # not yet lapsed
+    [grant] = capture.grants.values()
+    grant["until"] -= daemon_drift.REVERT_GRANT_SECONDS + 1
+    capture.tick()
+    assert emitted[-1]["state"] == "reverted" and emitted[-1]["change_id"] == changes["c.conf"]
+    assert emitted[-1]["admin"]["unreported"] is True and not capture.grants
+
+
+def test_without_openat2_the_directory_is_walked_without_following_symlinks(tmp_path):
+    """Where a seccomp filter bars openat2 (systemd-nspawn's: ENOSYS), the
+    parent is opened one component at a time with O_NOFOLLOW: the same
+    directory, and the same refusal of a symlink on the way."""
+    from agentwarden.drift import restore
+    (tmp_path / "real" / "etc").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "file").write_text("x")
+    fd = restore._walk(str(tmp_path / "real" / "etc"))
+    try:
+        assert os.path.samestat(os.fstat(fd), os.stat(tmp_path / "real" / "etc"))
+    finally:
+        os.close(fd)
+    with pytest.raises(drift.DriftError, match="passes through a symlink; not followed, nothing written"):
+        restore._walk(str(tmp_path / "link" / "etc"))
+    with pytest.raises(drift.DriftError, match="Not a directory; nothing written"):
+        restore._walk(str(tmp_path / "file" / "etc"))
+    with pytest.raises(drift.DriftError, match="No such file or directory; nothing written"):
+        restore._walk(str(tmp_path / "missing"))

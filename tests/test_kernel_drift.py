@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,6 +87,11 @@ def sed_approved(warden: Warden, agent: str, target: Path, expires: str, reason:
     approved = []
     while len(approved) < 2:
         [hold] = wait_hold(warden, agent)
+        if approved:
+            # An admin who takes a while over the rename: sed closed its temporary
+            # file long ago, but a call of its session waits, so the temporary
+            # file's change is not taken for finished (it would be a change of its own).
+            time.sleep(2.5)
         warden.cli("approve", hold["id"], "--expires", expires, "--reason", reason)
         approved.append(hold["id"])
         wait_for(lambda: hold["id"] not in [h["id"] for h in holds(warden)], what="the approval")
@@ -235,6 +243,11 @@ def test_a_change_outside_sessions_to_a_baselined_file_shows_its_diff(warden, tr
     assert row["before"]["sha256"] == sha(b"size=4\n") and row["after"]["sha256"] == sha(b"size=4\nsize=64\n")
     shown = warden.cli("drift", "show", row["id"]).stdout
     assert "+size=64" in shown and " size=4" in shown, shown
+    # Root inside the agent's cgroup may not revert it: the supervisor refuses before anything is written.
+    inside = cg.run([PY, "-m", "agentwarden", "drift", "revert", row["id"]], env=warden.env, text=True)
+    assert inside.returncode == 1 and inside.stderr == (f"agentwarden: error: requests from inside agent "
+                                                        f"{agent!r} are refused, even as root\n"), inside
+    assert by_agent.read_text() == "size=4\nsize=64\n"
     # Someone who is no agent edits the other file: listed as diverged from its baseline.
     by_admin.write_text("127.0.0.1 localhost\n10.0.0.9 db\n")
     [admin_row] = rows_of(warden, by_admin)
@@ -292,6 +305,9 @@ def test_revert_refuses_bad_input_and_writes_nothing(warden, tracked_agent, tmp_
     assert {p: (p.is_symlink(), p.is_dir(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
             for p in [*conf.iterdir(), elsewhere]} == snapshot
     assert elsewhere.read_text() == "not to be touched\n"
+    warden.settle()
+    assert not [r for r in warden.records() if r["kind"] == "drift" and r["state"] == "reverted"
+                and r.get("path", "").startswith(str(conf))], "a refused revert was archived"
     # A directory on the way that is now a symlink is not followed either.
     conf.rename(tmp_path / "conf-real")
     conf.symlink_to(tmp_path / "conf-real")
@@ -304,28 +320,134 @@ def test_revert_refuses_bad_input_and_writes_nothing(warden, tracked_agent, tmp_
     assert warden.cli("log", "verify").returncode == 0
 
 
-def test_an_expired_change_reaches_the_notification_command(kernel, agent_cgroup, tmp_path):
-    """The agent's change-ttl runs out: the daemon hands the `drift` record
-    to the hold notification hooks (here notify_command) once, with its text."""
-    from hooks import received, recorder
-    from test_kernel_sessions import warden_of_its_own
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    env = {"AGENTWARDEN_NOTIFY_COMMAND": str(recorder(hooks))}
-    with warden_of_its_own(agent_cgroup, tmp_path, "exp", env) as (warden, agent):
-        conf = tmp_path / "conf"
-        conf.mkdir()
-        (conf / "pool.conf").write_text("size=4\n")
-        warden.set_policy(agent, policy(agent, conf, write_allow=[f"{conf}/**"], extra='change-ttl = "1s"\n'))
-        proc = run(warden, agent, ["/bin/sh", "-c", f"echo size=64 >> {conf / 'pool.conf'}"])
-        assert proc.wait(timeout=30) == 0
-        [row] = finished(warden, conf / "pool.conf")
+def test_an_expired_change_is_reported_and_reverted_where_the_daemon_sees_the_file_read_only(
+        kernel, warden, agent_cgroup, tmp_path):
+    """As under the packaged unit: the warden runs in a mount namespace of its
+    own where the tracked directory is read-only (ProtectSystem=strict) and
+    /run/systemd/journal is a socket of this test. sed -i under `run`, the
+    agent's change-ttl runs out: the change is reported expired in status,
+    the journal, notify_command, notify_webhook and the metrics, until the
+    admin's `drift revert` -- written by the CLI in its own namespace --
+    puts the bytes, mode and owner back and it is archived."""
+    from hooks import Hook, received, recorder
+    from test_kernel_journal import entries
+    from test_kernel_observability import free_port, scrape
+    conf, hooks, journal_dir = tmp_path / "conf", tmp_path / "hooks", tmp_path / "journal"
+    for directory in (conf, hooks, journal_dir):
+        directory.mkdir()
+    target = conf / "pool.conf"
+    old = b"# pool\nsize=4\n"
+    target.write_bytes(old)
+    os.chmod(target, 0o640)
+    os.chown(target, 1234, 5678)
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(journal_dir / "socket"))
+    webhook = Hook()
+    port = free_port()
+    env = {"AGENTWARDEN_NOTIFY_COMMAND": str(recorder(hooks)), "AGENTWARDEN_NOTIFY_WEBHOOK": webhook.url,
+           "AGENTWARDEN_METRICS_LISTEN": f"127.0.0.1:{port}"}
+    sandbox = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               f"mount -t tmpfs none /run && mkdir /run/systemd && ln -s {journal_dir} /run/systemd/journal && "
+               f"mount --bind {conf} {conf} && mount -o remount,bind,ro {conf} {conf} && exec \"$@\"", "sh"]
+    run_dir = Path(tempfile.mkdtemp(prefix="aw-", dir="/tmp"))   # short: its sockets' paths
+    own = Warden(tmp_path, run_dir=run_dir / "run", env=env, wrapper=sandbox)
+    try:
+        own.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        agent = _name("ro")
+        cg = agent_cgroup(agent, tag=False)
+        cg.warden = own
+        cg.tag()
+        own.set_policy(agent, policy(agent, conf, write_allow=[f"{conf}/**"], extra='change-ttl = "2s"\n'))
+        daemon = own.status()["daemon"]["pid"]
+        denied = subprocess.run(["nsenter", "-t", str(daemon), "-m", "--", "/usr/bin/touch", str(conf / "x")],
+                                capture_output=True, text=True)
+        assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied
+        proc = run(own, agent, ["/usr/bin/sed", "-i", "s/size=4/size=64/", str(target)], "--task", "pool")
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        [row] = finished(own, target)
+        assert row["before"]["sha256"] == sha(old) and row["after"]["sha256"] == sha(b"# pool\nsize=64\n")
+
+        # Expired: once to each channel, and in status and the metrics until an admin acts.
         [sent] = wait_for(lambda: [r for r in received(hooks / "out.jsonl") if r.get("kind") == "drift"],
-                          timeout=20, what="the expired change at the command")
+                          timeout=20, what="the expired change at notify_command")
         assert sent["state"] == "expired" and sent["change_id"] == row["id"] and sent["agent"] == agent
         assert sent["text"].startswith(f"agentwarden on {sent['host']}: change {row['id']} expired: "
-                                       f"{conf / 'pool.conf'} by agent {agent}")
-        assert warden.status()["notify"]["pending"] == 0   # not taken for a hold
-        warden.cli("drift", "accept", row["id"], "--reason", "keep it")
-        wait_for(lambda: warden.status()["drift"]["expired"] == 0, what="the accepted change to leave status")
-        assert "expired change" not in warden.status()["status_line"]
+                                       f"{target} by agent {agent}")
+        [posted] = wait_for(lambda: [b for b in webhook.bodies if b.get("kind") == "drift"], timeout=20,
+                            what="the expired change at notify_webhook")
+        assert (posted["state"], posted["change_id"]) == ("expired", row["id"])
+        journaled: list[dict] = []
+
+        def drift_entries() -> list[dict]:
+            journaled.extend(entries(journal))
+            return [e for e in journaled if e.get("AGENTWARDEN_RECORD") == "drift"]
+        [logged] = wait_for(drift_entries, timeout=20, what="the expired change in the journal")
+        assert (logged["AGENTWARDEN_STATE"], logged["AGENTWARDEN_CHANGE_ID"], logged["AGENTWARDEN_AGENT"],
+                logged["AGENTWARDEN_PATH"], logged["PRIORITY"]) == ("expired", row["id"], agent, str(target), "4")
+        assert sent["text"] == f"agentwarden on {sent['host']}: {logged['MESSAGE']}"
+        status = wait_for(lambda: (lambda s: s if s["drift"]["expired"] == 1 else None)(own.status()),
+                          what="status to count the expired change")
+        assert "1 expired change to review" in status["status_line"]
+        assert status["notify"]["pending"] == 0   # not taken for a hold
+        metrics = wait_for(lambda: (lambda m: m if m.get("agentwarden_drift_expired_changes") == 1 else None)(
+            scrape(own)), what="the metric to count the expired change")
+        assert metrics['agentwarden_drift_changes_total{source="session"}'] >= 1
+
+        # The daemon cannot write there; the admin's revert is written by the CLI.
+        own.cli("drift", "revert", row["id"], "--reason", "back to 4")
+        assert facts(target) == (old, 0o640, 1234, 5678)
+        wait_for(lambda: own.status()["drift"]["expired"] == 0, what="the reverted change to leave status")
+        wait_for(lambda: scrape(own).get("agentwarden_drift_expired_changes") == 0,
+                 what="the reverted change to leave the metric")
+        assert "expired change" not in own.status()["status_line"]
+        own.settle()
+        states = [(r["state"], (r.get("admin") or {}).get("name")) for r in own.records()
+                  if r["kind"] == "drift" and r.get("path") == str(target)]
+        assert states == [("changed", None), ("expired", None), ("reverted", "root")]
+        assert len(received(hooks / "out.jsonl")) == 1   # reported once
+        assert own.cli("log", "verify").returncode == 0
+    finally:
+        own.stop()
+        webhook.close()
+        journal.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_a_running_session_has_the_content_after_once_the_writer_closed_the_file(warden, tracked_agent, tmp_path):
+    """A long session: sed -i's change of one file, and a file another of its
+    processes keeps open for writing. The first has its content after within
+    seconds while the session runs; the second only once its writer closed it."""
+    agent, _, conf, set_policy = tracked_agent
+    set_policy(write_allow=[f"{conf}/**"])
+    edited, held = conf / "edited.conf", conf / "held.conf"
+    edited.write_text("mode=safe\n")
+    held.write_text("one\n")
+    go_on, finish = tmp_path / "go-on", tmp_path / "finish"
+    os.mkfifo(go_on)
+    os.mkfifo(finish)
+    script = (f"/usr/bin/sed -i s/safe/fast/ {edited} && exec 3>> {held} && echo two >&3 && "
+              f"read line < {go_on} && echo three >&3 && exec 3>&- && read line < {finish}")
+    proc = run(warden, agent, ["/bin/sh", "-c", script])
+    [row] = finished(warden, edited)
+    assert proc.poll() is None, "the session is still running"
+    assert row["after"]["sha256"] == sha(b"mode=fast\n") and row["syscalls"] == ["rename"]
+    assert not rows_of(warden, conf / f"{edited.name}.tmp") and len(drift_rows(warden, "--agent", agent)) == 2
+    [open_row] = rows_of(warden, held)
+    # Its writer still has it open: no content after, however long (the window
+    # below is three of the supervisor's quiet periods).
+    time.sleep(3)
+    [open_row] = rows_of(warden, held)
+    assert open_row["after"] is None and held.read_bytes() == b"one\ntwo\n"
+    with open(go_on, "w") as fifo:
+        fifo.write("go\n")
+    [closed_row] = finished(warden, held)
+    assert proc.poll() is None, "the session is still running"
+    assert closed_row["id"] == open_row["id"] and closed_row["after"]["sha256"] == sha(b"one\ntwo\nthree\n")
+    assert closed_row["before"]["sha256"] == sha(b"one\n")
+    with open(finish, "w") as fifo:
+        fifo.write("done\n")
+    assert proc.wait(timeout=30) == 0
+    warden.settle()
+    # The session's end adds nothing: each change was recorded once.
+    records = [r for r in warden.records() if r["kind"] == "drift" and r.get("session") == row["session"]]
+    assert sorted((r["path"], r["state"]) for r in records) == [(str(edited), "changed"), (str(held), "changed")]

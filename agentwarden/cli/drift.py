@@ -1,8 +1,10 @@
 """`agentwarden drift`: changes agents made to tracked files, their state,
 diffs, and an admin's revert, accept and baseline. Only parsing, printing and
 error translation live here: the index and store are agentwarden.drift's;
-revert, accept and baseline are done by the supervisor (who asks is the
-kernel's word, and it archives the action)."""
+accept and baseline are done by the supervisor (who asks is the kernel's word,
+and it archives the action); a revert is checked by the supervisor, written by
+this process (agentwarden.drift.revert) and archived by the supervisor once it
+sees the file as before."""
 from __future__ import annotations
 
 import json
@@ -15,7 +17,7 @@ import typer
 
 from agentwarden import drift, render
 from agentwarden.durations import parse_duration
-from agentwarden.errors import NoPermission
+from agentwarden.errors import AgentwardenError, NoPermission
 from agentwarden.settings import Settings
 from .output import emit_json
 
@@ -88,13 +90,27 @@ def drift_revert(change_id: str = typer.Argument(..., help="a change id from `ag
                  reason: Optional[str] = typer.Option(None, "--reason", help="why (archived)"),
                  as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object")):
     """Put the file back as it was before the change: bytes, mode, owner (or
-    remove it, if it did not exist). Refused, with nothing written, when the
-    file changed since (unless --force), is now a directory or a symlink, or
-    the store's copy is missing or corrupted. Exit status 1 when refused.
+    remove it, if it did not exist). The daemon checks and archives; this
+    command writes the file, as root in your mount namespace. Refused, with
+    nothing written, when the file changed since (unless --force), is now a
+    directory or a symlink, or the store's copy is missing or corrupted. Exit
+    status 1 when refused.
 
     Example: sudo agentwarden drift revert c-1a2b3c4d5e --reason "debug flag left on"
     """
-    change = _request({"cmd": "drift-revert", "id": change_id, "force": force, "reason": reason})["change"]
+    _, store = _index()
+    # The supervisor checks and will archive; this process writes, as the admin
+    # in the admin's mount namespace (the daemon's unit sees /etc read-only).
+    granted = _request({"cmd": "drift-revert", "id": change_id, "force": force, "reason": reason})
+    try:
+        drift.revert(store, granted["change"], force)
+    except BaseException as exc:
+        try:
+            _request({"cmd": "drift-reverted", "token": granted["token"], "error": str(exc) or type(exc).__name__})
+        except AgentwardenError:
+            pass   # the grant lapses by itself; nothing was written
+        raise
+    change = _request({"cmd": "drift-reverted", "token": granted["token"]})["change"]
     if as_json:
         emit_json({"id": change_id, "state": "reverted", "change": change})
     else:

@@ -10,12 +10,14 @@ each, who approved it and until when, and the means to revert or accept it.
 
 The supervisor captures the content before a session's change goes through
 (daemon/drift.py), the daemon the changes agents make outside sessions; the
-CLI (`agentwarden drift`) reads the index and asks the supervisor to revert or
-accept, so the admin's identity comes from the kernel (SO_PEERCRED).
+CLI (`agentwarden drift`) reads the index and asks the supervisor to accept,
+or to let it revert (the admin's process writes; the supervisor checks first
+and archives what it then finds), so the admin's identity comes from the
+kernel (SO_PEERCRED).
 """
 from .changes import STATES, Index, find, listing, new_id, state
-from .restore import describe, diff, open_directory, read_now, revert
+from .restore import check, describe, diff, open_directory, read_now, revert
 from .store import DriftError, Store, observe, same, write_atomic
 
-__all__ = ["STATES", "DriftError", "Index", "find", "listing", "Store", "describe", "diff", "new_id", "observe", "open_directory", "read_now",
+__all__ = ["STATES", "DriftError", "Index", "check", "find", "listing", "Store", "describe", "diff", "new_id", "observe", "open_directory", "read_now",
            "revert", "same", "state", "write_atomic"]

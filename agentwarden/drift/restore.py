@@ -2,7 +2,8 @@
 owner, or its absence. Never through a symlink: the parent directory is opened
 with openat2(RESOLVE_NO_SYMLINKS), the file itself is looked at without
 following it and replaced by a rename inside that directory. Every refusal is
-decided before anything is written."""
+decided before anything is written (`check`, which the supervisor runs before
+it lets an admin's process revert, and `revert` again)."""
 from __future__ import annotations
 
 import ctypes
@@ -25,14 +26,39 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def open_directory(path: str) -> int:
-    """An O_PATH fd of directory path, resolved without following any symlink."""
+    """An O_PATH fd of directory path, resolved without following any symlink:
+    openat2(RESOLVE_NO_SYMLINKS), or where a seccomp filter bars openat2
+    (ENOSYS: systemd-nspawn's), one component at a time with O_NOFOLLOW."""
     how = struct.pack("=QQQ", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
     fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, os.fsencode(path), how, len(how))
-    if fd < 0:
-        code = ctypes.get_errno()
-        if code == errno.ELOOP:
-            raise DriftError(f"{path} passes through a symlink; not followed, nothing written")
-        raise DriftError(f"cannot open {path}: {os.strerror(code)}; nothing written")
+    if fd >= 0:
+        return fd
+    code = ctypes.get_errno()
+    if code == errno.ENOSYS:
+        return _walk(path)
+    if code == errno.ELOOP:
+        raise DriftError(f"{path} passes through a symlink; not followed, nothing written")
+    raise DriftError(f"cannot open {path}: {os.strerror(code)}; nothing written")
+
+
+def _walk(path: str) -> int:
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open("/", flags)
+    try:
+        for name in [part for part in os.path.normpath(path).split("/") if part]:   # no .. left
+            try:
+                step = os.open(name, flags, dir_fd=fd)
+            except NotADirectoryError:
+                if stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise DriftError(f"{path} passes through a symlink; not followed, nothing written") from None
+                raise DriftError(f"cannot open {path}: {os.strerror(errno.ENOTDIR)}; nothing written") from None
+            except OSError as exc:
+                raise DriftError(f"cannot open {path}: {exc.strerror}; nothing written") from None
+            os.close(fd)
+            fd = step
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -55,11 +81,12 @@ def refusal(path: str, now: dict) -> str | None:
     return None
 
 
-def revert(store: Store, change: dict, force: bool) -> dict:
-    """Restores change's `before` at its path; what the path is afterwards.
-    Refused (DriftError, nothing written) when the change was already
-    answered, the file diverged (unless force), the path is now a directory or
-    a symlink, or the store's copy is missing or corrupted."""
+def check(store: Store, change: dict, force: bool) -> bytes | None:
+    """Whether change's `before` may be put back at its path, without writing
+    anything: its content (None: the file is to be absent). DriftError when
+    the change was already answered, the file diverged (unless force), the
+    path is now a directory or a symlink, a directory on the way is a symlink,
+    or the store's copy is missing or corrupted."""
     path, before = change["path"], change["before"]
     if change.get("admin"):
         raise DriftError(f"{change['id']} was already {change['admin']['state']} by {change['admin']['name']}")
@@ -75,6 +102,16 @@ def revert(store: Store, change: dict, force: bool) -> dict:
     if before["kind"] not in ("file", "absent"):
         raise DriftError(f"{path} was a {before['kind']} before {change['id']}: only files are restored")
     data = content_of(store, before, "before") if before["kind"] == "file" else None
+    os.close(open_directory(os.path.dirname(path) or "/"))
+    return data
+
+
+def revert(store: Store, change: dict, force: bool) -> dict:
+    """Restores change's `before` at its path, as this process (its
+    credentials, its mount namespace); what the path is afterwards. Refused
+    (DriftError, nothing written) for every reason `check` gives."""
+    path, before = change["path"], change["before"]
+    data = check(store, change, force)
     parent, name = os.path.split(path)
     directory = open_directory(parent or "/")
     try:
@@ -93,9 +130,7 @@ def revert(store: Store, change: dict, force: bool) -> dict:
             else:
                 _replace(directory, name, data, before)
         except OSError as exc:   # the path is as it was: the temporary file is gone
-            hint = (" (a read-only mount: under the packaged unit, add the directory to the daemon's "
-                    "ReadWritePaths)" if exc.errno == errno.EROFS else "")
-            raise DriftError(f"cannot write {path}: {exc.strerror}{hint}; nothing written") from None
+            raise DriftError(f"cannot write {path}: {exc.strerror}; nothing written") from None
     finally:
         os.close(directory)
     return observe(path, store)

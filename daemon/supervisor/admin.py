@@ -186,7 +186,7 @@ class Admin:
         if cmd == "holds":
             return {"ok": True, "holds": [self._describe(h) for h in self.holds.pending.values()]}
         if cmd in wire.DRIFT_COMMANDS:
-            return self._drift(cmd, request, self._approver(pid, uid, request.get("reason")))
+            return self._drift(cmd, request, self._approver(pid, uid, request.get("reason")), pid)
         if cmd in ("show", "approve", "deny"):
             hold = self.holds.pending.get(request.get("id"))
             if hold is None:
@@ -263,8 +263,10 @@ class Admin:
         return self._decide(hold, "approve" if decision.verdict == "approve" else "deny",
                             f"fleet:{decision.fingerprint}", who, decision.reason, decision.remember)
 
-    def _drift(self, cmd: str, request: dict, who: dict) -> dict:
-        """An admin's revert, accept or baseline; refused in one line, nothing written."""
+    def _drift(self, cmd: str, request: dict, who: dict, pid: int) -> dict:
+        """An admin's revert (checked here, written by the admin's process pid,
+        archived once it reports), accept or baseline; refused in one line,
+        nothing written."""
         if self.drift is None:
             return {"ok": False, "error": "drift is not running in this supervisor"}
         reason = request.get("reason")
@@ -276,11 +278,16 @@ class Admin:
                 if not isinstance(paths, list) or not paths:
                     raise ValueError("paths must be a list of paths")
                 return {"ok": True, "baselines": self.drift.baseline(paths, who)}
+            if cmd == "drift-reverted":
+                error = request.get("error")
+                if error is not None and not isinstance(error, str):
+                    raise ValueError("error must be a string")
+                return {"ok": True, "change": self.drift.reverted(request.get("token"), pid, who["uid"], error)}
             change_id = request.get("id")
             if not isinstance(change_id, str):
                 raise ValueError("id must be a string")
             if cmd == "drift-revert":
-                return {"ok": True, "change": self.drift.revert(change_id, bool(request.get("force")), who)}
+                return {"ok": True, **self.drift.grant_revert(change_id, bool(request.get("force")), who, pid)}
             return {"ok": True, "change": self.drift.accept(change_id, who)}
         except DriftError as exc:
             return {"ok": False, "error": str(exc)}

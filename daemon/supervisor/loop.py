@@ -397,7 +397,8 @@ class Supervisor:
                 self._follow_policy()
                 self.approvals.follow()
                 self._follow_binfmt()
-                self.drift.expire()   # once a second: expiry is reported to the second
+                # once a second: expiry to the second, contents after of closed files
+                self.drift.tick({h.session.id for h in self.holds.pending.values()})
                 self._remove_busy_cgroups()
                 self._health()
             timeout = 0.2

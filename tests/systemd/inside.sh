@@ -299,6 +299,85 @@ EOT
     check "stopping the unit removed its cgroups, the session's too" test ! -d "$unit_cg"
     ;;
 
+drift)
+    # Configuration drift under the packaged units: agent@swt-drift edits a
+    # tracked file under /etc (sed -i, then chmod), each write held and
+    # approved with --expires; `drift` lists the change with its content after
+    # while the agent still runs, then expired; `drift revert` puts back the
+    # exact bytes, mode and owner although the daemon's unit sees /etc
+    # read-only (ProtectSystem=strict); the archive verifies.
+    useradd --system --no-create-home --shell /usr/sbin/nologin swt-drifter 2>/dev/null
+    install -d -o swt-drifter -g swt-drifter -m 755 /etc/swt-drift
+    printf '# app\nmode=safe\nworkers=4\n' > /etc/swt-drift/app.conf
+    chown root:root /etc/swt-drift/app.conf
+    chmod 644 /etc/swt-drift/app.conf
+    cp -p /etc/swt-drift/app.conf /tmp/swt-drift-original
+    cat > /etc/agentwarden/policy.d/swt-drift.toml <<'EOT'
+[agent.swt-drift]
+mode = "enforce"
+on-violation = "hold"
+[agent.swt-drift.exec]
+allow = ["/usr/bin/sh", "/usr/bin/dash", "/bin/sh", "/usr/bin/sed", "/usr/bin/chmod", "/usr/bin/sleep"]
+[agent.swt-drift.files]
+read-allow = ["/**"]
+write-allow = ["/tmp/**", "/dev/null"]
+track = ["/etc/swt-drift/**"]
+EOT
+    check "policy reload" agentwarden policy reload
+    cat > /etc/agentwarden/agents/swt-drift.toml <<'EOT'
+command = ["/bin/sh", "-c", "/usr/bin/sed -i s/safe/fast/ /etc/swt-drift/app.conf && /usr/bin/chmod 600 /etc/swt-drift/app.conf; /usr/bin/sleep 600"]
+user = "swt-drifter"
+workdir = "/tmp"
+[task]
+owner = "alice"
+EOT
+    systemctl daemon-reload
+    changed() { test "$(stat -c '%a %U' /etc/swt-drift/app.conf)" = "600 swt-drifter"; }
+    check "the daemon's unit sees / read-only (ProtectSystem=strict)" sh -c \
+        "test \"\$(systemctl show -p ProtectSystem --value agentwarden-daemon)\" = strict && awk '\$5 == \"/\" { print \$6 }' /proc/\$(systemctl show -p MainPID --value agentwarden-daemon)/mountinfo | grep -q '^ro'"
+    check "systemctl start agent@swt-drift" systemctl start agent@swt-drift
+    approved=0
+    deadline=$((SECONDS + 60))
+    until changed || [ $SECONDS -ge $deadline ]; do
+        for hold in $(agentwarden holds --json | python3 -c 'import json, sys; print(" ".join(h["id"] for h in json.load(sys.stdin) if h["agent"] == "swt-drift"))'); do
+            agentwarden approve "$hold" --expires 15s --reason "systemd-test drift" > /dev/null && approved=$((approved + 1))
+        done
+        sleep 0.2
+    done
+    edited() { changed && grep -q mode=fast /etc/swt-drift/app.conf && [ "$approved" -ge 3 ]; }
+    check "sed -i and chmod changed the file (content, mode, owner) once their $approved holds were approved with --expires 15s" edited
+    # sed's change, and chmod's (one, or two when the approvals took over a second).
+    listed() {
+        agentwarden drift --json --agent swt-drift > /tmp/drift-swt.json 2>/dev/null && python3 -c '
+import json, sys
+rows = [r for r in map(json.loads, open(sys.argv[1])) if r["path"] == "/etc/swt-drift/app.conf"]
+done = rows and all(r["after"] for r in rows) and rows[-1]["after"]["mode"] == 0o600
+sys.exit(0 if done and all(r["state"] == sys.argv[2] and r["person"] == "alice" and r["approvers"] == ["root"]
+                           and r["reason"] == "systemd-test drift" for r in rows) else 1)' /tmp/drift-swt.json "$1"
+    }
+    wait_for 20 "agentwarden drift lists the change active, with its content after, while the agent still runs" listed active
+    check "the agent still runs" active agent@swt-drift.service
+    wait_for 30 "fifteen seconds after the approval it is listed expired" listed expired
+    wait_for 10 "agentwarden status says so" sh -c "agentwarden status | grep -Eq '^drift:  [1-9] expired changes to review \(agentwarden drift --expired\)'"
+    wait_for 10 "the journal has the expiry (AGENTWARDEN_RECORD=drift, AGENTWARDEN_STATE=expired)" \
+        journal_has "AGENTWARDEN_RECORD=drift AGENTWARDEN_PATH=/etc/swt-drift/app.conf" "r.get('AGENTWARDEN_STATE') == 'expired' and r.get('AGENTWARDEN_AGENT') == 'swt-drift'"
+    for change in $(python3 -c 'import json, sys; print(" ".join(r["id"] for r in reversed(list(map(json.loads, open(sys.argv[1])))) if r["path"] == "/etc/swt-drift/app.conf"))' /tmp/drift-swt.json); do
+        check "agentwarden drift revert $change (newest first)" agentwarden drift revert "$change" --reason "systemd-test revert"
+        check "listed reverted" sh -c "agentwarden drift --agent swt-drift | grep -q '$change  reverted'"
+    done
+    check "the exact bytes are back" cmp /tmp/swt-drift-original /etc/swt-drift/app.conf
+    expect_mode "644 root:root" /etc/swt-drift/app.conf
+    wait_for 10 "agentwarden status: no expired change left" sh -c "agentwarden status | grep -q '^drift:  0 expired changes to review'"
+    wait_for 20 "the archive has the revert, with the admin" archive_has swt-drift \
+        "r.get('kind') == 'drift' and r.get('state') == 'reverted' and r['admin']['name'].startswith('root') and r['admin']['reason'] == 'systemd-test revert'"
+    check "agentwarden log verify" agentwarden log verify
+    systemctl stop agent@swt-drift
+    rm -rf /etc/agentwarden/agents/swt-drift.toml /etc/agentwarden/policy.d/swt-drift.toml /etc/swt-drift \
+        /tmp/swt-drift-original
+    systemctl daemon-reload
+    agentwarden policy reload > /dev/null
+    ;;
+
 restart)
     # `systemctl restart agentwarden-daemon` (and a kill -9 of it) mid-session is
     # a pause: the session's listener waits in the unit's fd store, the restarted

@@ -5,7 +5,8 @@
 # debootstraps a Debian bookworm root once (cached in .cache/systemd-test, so
 # later runs start in seconds), boots a copy of it with systemd-nspawn, and runs
 # tests/systemd/inside.sh phase by phase in it: install with apt, services and
-# status, auto-tagging of agents.slice, agent@.service, held sessions surviving a
+# status, auto-tagging of agents.slice, agent@.service, held sessions, drift (a
+# revert under the unit's read-only /etc), held sessions surviving a
 # daemon restart, the watchdog, a clean
 # stop, upgrade, remove and purge. Cleans up what nspawn leaves behind.
 #
@@ -152,7 +153,7 @@ esac
 # Each runs as a transient service of the container's systemd, so it sees what
 # any service there sees (nspawn's seccomp filter and capabilities included).
 failures=0
-for phase in ${PHASES:-install autotag template held restart watchdog killprobe stop upgrade remove purge}; do
+for phase in ${PHASES:-install autotag template held drift restart watchdog killprobe stop upgrade remove purge}; do
     t=$SECONDS
     say "== $phase"
     if ! in_ct systemd-run --quiet --wait --pipe --collect --unit="systemd-test-$phase" \
