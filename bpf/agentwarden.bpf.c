@@ -245,10 +245,13 @@ static __always_inline void fill_header(struct aw_header *h, u32 kind, u64 agent
     bpf_get_current_comm(h->comm, sizeof(h->comm));
 }
 
-/* BPF_RB_FORCE_WAKEUP once per AW_WAKEUP_INTERVAL_NS, else BPF_RB_NO_WAKEUP.
+/* BPF_RB_FORCE_WAKEUP once per AW_WAKEUP_INTERVAL_NS, else BPF_RB_NO_WAKEUP;
+ * always for an exec record (at_once): the daemon's after-the-fact kill of a
+ * forbidden program waits for it, and an exec is rare and slow next to the
+ * wake-up's 10 us (the records queued before it go with it).
  * The time is the emission's, not the record's (an open is stamped at entry
  * and may have blocked for long). */
-static __always_inline u64 wakeup_flag(void)
+static __always_inline u64 wakeup_flag(int at_once)
 {
     if (AW_WAKEUP_INTERVAL_NS == 0)
         return 0;
@@ -257,7 +260,7 @@ static __always_inline u64 wakeup_flag(void)
     u64 *last = last_wakeup.lookup(&zero);
     if (!last)
         return BPF_RB_FORCE_WAKEUP;
-    if (now - *last < AW_WAKEUP_INTERVAL_NS)
+    if (!at_once && now - *last < AW_WAKEUP_INTERVAL_NS)
         return BPF_RB_NO_WAKEUP;
     *last = now;
     return BPF_RB_FORCE_WAKEUP;
@@ -266,7 +269,7 @@ static __always_inline u64 wakeup_flag(void)
 /* Into the `vital` ring when vital, else into `events`; counted either way. */
 static __always_inline void emit_to(void *record, u32 size, u32 kind, int vital_ring)
 {
-    u64 flags = wakeup_flag();
+    u64 flags = wakeup_flag(kind == AW_KIND_EXEC);
     long err = vital_ring ? vital.ringbuf_output(record, size, flags)
                           : events.ringbuf_output(record, size, flags);
     if (err == 0)
@@ -639,6 +642,13 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
          * session exec is verified all the same: a full map is no way around
          * the check. */
         u32 agent, zero = 0;
+        /* Every exec on the host passes here: with no session cgroup and no
+         * agent task out of its cgroups, no session task can be exec'ing
+         * (one array lookup each, before the agent lookup). */
+        struct aw_config *cfg = config.lookup(&zero);
+        u64 *left = left_count.lookup(&zero);
+        if (cfg && !cfg->session_levels && left && !*left)
+            return 0;
         if (agent_cgroup_of(&agent) && (agent & AW_AGENT_SESSION_BIT)) {
             struct aw_exec *scratch = exec_scratch.lookup(&zero);
             int len = scratch ? bpf_probe_read_kernel_str(scratch->exec_path, sizeof(scratch->exec_path),
