@@ -390,6 +390,19 @@ static __always_inline void forget_approval(u32 tid)
     approved_exec.delete(&tid);
 }
 
+/* Whether any task can be a session's: some `run` session cgroup is watched,
+ * or some agent task is out of its cgroups (it may have left a session). No
+ * approval or stash is made otherwise: every exec and exit on the host leaves
+ * the session bookkeeping after these two array lookups, which stay cached,
+ * where the slots it would clear are cold. */
+static __always_inline int sessions_possible(void)
+{
+    u32 zero = 0;
+    struct aw_config *cfg = config.lookup(&zero);
+    u64 *left = left_count.lookup(&zero);
+    return !cfg || cfg->session_levels || !left || *left;
+}
+
 /* argv into e: NUL-separated, at most AW_MAX_ARGS args of AW_ARG_MAX bytes;
  * e->real_argc counts every pointer (up to AW_MAX_ARGC_COUNTED), so that
  * sched_process_exec can tell the arguments an interpreter added. */
@@ -487,7 +500,8 @@ static __always_inline void emit_exec(struct aw_exec *e)
 static __always_inline int exec_exit(long ret)
 {
     u64 key = bpf_get_current_pid_tgid();
-    forget_stash(session_tid());   /* also after a call the supervisor refused (never entered) */
+    if (sessions_possible())
+        forget_stash(session_tid());   /* also after a call the supervisor refused (never entered) */
     struct aw_exec *e = inflight_exec.lookup(&key);
     if (!e)
         return 0;
@@ -642,12 +656,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
          * session exec is verified all the same: a full map is no way around
          * the check. */
         u32 agent, zero = 0;
-        /* Every exec on the host passes here: with no session cgroup and no
-         * agent task out of its cgroups, no session task can be exec'ing
-         * (one array lookup each, before the agent lookup). */
-        struct aw_config *cfg = config.lookup(&zero);
-        u64 *left = left_count.lookup(&zero);
-        if (cfg && !cfg->session_levels && left && !*left)
+        /* Every untagged exec on the host passes here: leave before the agent lookup. */
+        if (!sessions_possible())
             return 0;
         if (agent_cgroup_of(&agent) && (agent & AW_AGENT_SESSION_BIT)) {
             struct aw_exec *scratch = exec_scratch.lookup(&zero);
@@ -923,9 +933,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     }
     inflight_file.delete(&id);
     unread_paths.delete(&id);
-    u32 as_approved = session_tid();
-    forget_approval(as_approved);   /* approved, then killed before the exec ran */
-    forget_stash(as_approved);
+    if (sessions_possible()) {
+        u32 as_approved = session_tid();
+        forget_approval(as_approved);   /* approved, then killed before the exec ran */
+        forget_stash(as_approved);
+    }
 
 #ifdef AW_HAVE_GROUP_DEAD
     int process_ends = args->group_dead;
