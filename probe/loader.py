@@ -96,7 +96,8 @@ def release_compiler_memory(smaps: Path = Path("/proc/self/smaps")) -> int:
     if they are ever touched again. About 90 of the probe's 150 MB after a
     compile."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.malloc_trim(0)
+    if hasattr(libc, "malloc_trim"):   # glibc's
+        libc.malloc_trim(0)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     released = 0
     for start, end, resident in _clean_compiler_mappings(smaps.read_text()):
