@@ -249,10 +249,13 @@ static __always_inline void fill_header(struct aw_header *h, u32 kind, u64 agent
     bpf_get_current_comm(h->comm, sizeof(h->comm));
 }
 
-/* BPF_RB_FORCE_WAKEUP once per AW_WAKEUP_INTERVAL_NS, else BPF_RB_NO_WAKEUP.
+/* BPF_RB_FORCE_WAKEUP once per AW_WAKEUP_INTERVAL_NS, else BPF_RB_NO_WAKEUP;
+ * always for an exec record (at_once): the daemon's after-the-fact kill of a
+ * forbidden program waits for it, and an exec is rare and slow next to the
+ * wake-up's 10 us (the records queued before it go with it).
  * The time is the emission's, not the record's (an open is stamped at entry
  * and may have blocked for long). */
-static __always_inline u64 wakeup_flag(void)
+static __always_inline u64 wakeup_flag(int at_once)
 {
     if (AW_WAKEUP_INTERVAL_NS == 0)
         return 0;
@@ -261,7 +264,7 @@ static __always_inline u64 wakeup_flag(void)
     u64 *last = last_wakeup.lookup(&zero);
     if (!last)
         return BPF_RB_FORCE_WAKEUP;
-    if (now - *last < AW_WAKEUP_INTERVAL_NS)
+    if (!at_once && now - *last < AW_WAKEUP_INTERVAL_NS)
         return BPF_RB_NO_WAKEUP;
     *last = now;
     return BPF_RB_FORCE_WAKEUP;
@@ -270,7 +273,7 @@ static __always_inline u64 wakeup_flag(void)
 /* Into the `vital` ring when vital, else into `events`; counted either way. */
 static __always_inline void emit_to(void *record, u32 size, u32 kind, int vital_ring)
 {
-    u64 flags = wakeup_flag();
+    u64 flags = wakeup_flag(kind == AW_KIND_EXEC);
     long err = vital_ring ? vital.ringbuf_output(record, size, flags)
                           : events.ringbuf_output(record, size, flags);
     if (err == 0)
@@ -392,6 +395,19 @@ static __always_inline void forget_approval(u32 tid)
     approved_interpreters.delete(&tid);
 }
 
+/* Whether any task can be a session's: some `run` session cgroup is watched,
+ * or some agent task is out of its cgroups (it may have left a session). No
+ * approval or stash is made otherwise: every exec and exit on the host leaves
+ * the session bookkeeping after these two array lookups, which stay cached,
+ * where the slots it would clear are cold. */
+static __always_inline int sessions_possible(void)
+{
+    u32 zero = 0;
+    struct aw_config *cfg = config.lookup(&zero);
+    u64 *left = left_count.lookup(&zero);
+    return !cfg || cfg->session_levels || !left || *left;
+}
+
 /* argv into e: NUL-separated, at most AW_MAX_ARGS args of AW_ARG_MAX bytes;
  * e->real_argc counts every pointer (up to AW_MAX_ARGC_COUNTED), so that
  * sched_process_exec can tell the arguments an interpreter added. */
@@ -489,7 +505,8 @@ static __always_inline void emit_exec(struct aw_exec *e)
 static __always_inline int exec_exit(long ret)
 {
     u64 key = bpf_get_current_pid_tgid();
-    forget_stash(session_tid());   /* also after a call the supervisor refused (never entered) */
+    if (sessions_possible())
+        forget_stash(session_tid());   /* also after a call the supervisor refused (never entered) */
     struct aw_exec *e = inflight_exec.lookup(&key);
     if (!e)
         return 0;
@@ -693,6 +710,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
          * session exec is verified all the same: a full map is no way around
          * the check. */
         u32 agent, zero = 0;
+        /* Every untagged exec on the host passes here: leave before the agent lookup. */
+        if (!sessions_possible())
+            return 0;
         if (agent_cgroup_of(&agent) && (agent & AW_AGENT_SESSION_BIT)) {
             struct aw_exec *scratch = exec_scratch.lookup(&zero);
             int len = scratch ? bpf_probe_read_kernel_str(scratch->exec_path, sizeof(scratch->exec_path),
@@ -976,9 +996,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     }
     inflight_file.delete(&id);
     unread_paths.delete(&id);
-    u32 as_approved = session_tid();
-    forget_approval(as_approved);   /* approved, then killed before the exec ran */
-    forget_stash(as_approved);
+    if (sessions_possible()) {
+        u32 as_approved = session_tid();
+        forget_approval(as_approved);   /* approved, then killed before the exec ran */
+        forget_stash(as_approved);
+    }
 
 #ifdef AW_HAVE_GROUP_DEAD
     int process_ends = args->group_dead;
