@@ -405,23 +405,28 @@ def read_items(directory: Path, errors: list[str] | None = None) -> Iterator[Ite
     """Every readable record, oldest first, without checking the chain (that is
     verify's job). What cannot be read is skipped and, with ``errors``, said."""
     for segment in list_segments(directory):
+        yield from segment_items(segment, errors)
+
+
+def segment_items(segment: SegmentFile, errors: list[str] | None = None) -> Iterator[Item]:
+    """One segment's readable records, as read_items gives them."""
+    try:
+        reader = SegmentReader(load_segment(segment))
+    except ArchiveError as exc:
+        if errors is not None:
+            errors.append(f"{segment.path.name}: {exc}")
+        return
+    for entry in reader.entries():
         try:
-            reader = SegmentReader(load_segment(segment))
-        except ArchiveError as exc:
+            record = decode_body(entry.body)
+        except Exception:
             if errors is not None:
-                errors.append(f"{segment.path.name}: {exc}")
+                errors.append(f"{segment.path.name}: record seq {entry.seq} is unreadable")
             continue
-        for entry in reader.entries():
-            try:
-                record = decode_body(entry.body)
-            except Exception:
-                if errors is not None:
-                    errors.append(f"{segment.path.name}: record seq {entry.seq} is unreadable")
-                continue
-            record["seq"] = entry.seq
-            yield Item(entry.seq, entry.chain, record, reader.header, segment.path.name)
-        if reader.tail and errors is not None and not reader.tail.torn:
-            errors.append(f"{segment.path.name}: {reader.tail.detail} at byte {reader.tail.offset}")
+        record["seq"] = entry.seq
+        yield Item(entry.seq, entry.chain, record, reader.header, segment.path.name)
+    if reader.tail and errors is not None and not reader.tail.torn:
+        errors.append(f"{segment.path.name}: {reader.tail.detail} at byte {reader.tail.offset}")
 
 
 def read_records(directory: Path) -> Iterator[dict[str, Any]]:
