@@ -89,10 +89,14 @@ class Captures:
         if (before["kind"] == "absent" and after["kind"] == "absent") or drift.same(before, after):
             self.counters["drift_transient"] += 1
             self.index.drop(change["id"])
+            self.transient(change["id"])
             return
         self.counters["drift_changes"] += 1
         self._save(change)
         self.emit(record_of(change, "changed"))
+
+    def transient(self, change_id: str) -> None:
+        """A change that came to nothing was dropped."""
 
 
 class SessionCapture(Captures):
@@ -144,6 +148,9 @@ class SessionCapture(Captures):
             self._save(change)
             if change["expires"]:
                 self.expiring[change["id"]] = change["expires"]
+
+    def transient(self, change_id: str) -> None:
+        self.expiring.pop(change_id, None)   # never reported expired: there is nothing to review
 
     @staticmethod
     def _approval(hold, remembered_from: str | None, agent_policy: policy_mod.AgentPolicy, now: int,
@@ -206,8 +213,10 @@ class SessionCapture(Captures):
         for change_id, expires in list(self.expiring.items()):
             if expires > now_ns:
                 continue
-            del self.expiring[change_id]
             change = self._live(change_id)
+            if change is not None and change.get("after") is None:
+                continue   # still being written: reported once finished (sed's temporary file may come to nothing)
+            del self.expiring[change_id]
             if change is None or change.get("admin"):
                 continue   # dropped (nothing came of it), or answered
             change["expired_reported"] = now_ns

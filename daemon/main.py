@@ -210,6 +210,13 @@ class Daemon:
     def _check_sequence(self, batch: wire.Batch) -> list[dict]:
         last = self.last_seq.get(batch.source)
         self.last_seq[batch.source] = batch.seq
+        if last is None and batch.seq > 0 and batch.source == "probe":
+            # The probe ran before this daemon: what it had sent the previous
+            # daemon and that one had not archived is gone, and no one counted it.
+            return [self._gap("transport", 0,
+                              f"the daemon started while the probe was running (its batch seq {batch.seq}): "
+                              "batches it sent the previous daemon and that one had not archived are "
+                              "lost, not counted")]
         if last is None or batch.seq == last + 1:
             return []
         if batch.seq > last + 1:
