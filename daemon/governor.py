@@ -20,9 +20,7 @@ policy object changes, which every load does.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import struct
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,8 +28,7 @@ from typing import Callable
 from agentwarden import cgroups, policy as policy_mod, render
 from agentwarden import wire
 from agentwarden.wire import text
-from agentwarden.drift.restore import RESOLVE_NO_SYMLINKS, SYS_OPENAT2
-from agentwarden.paths import AT_FDCWD
+from agentwarden.paths import AT_FDCWD, RESOLVE_NO_SYMLINKS, open_how, openat2
 
 from . import enforce
 
@@ -80,8 +77,7 @@ def real_paths(record: dict, look: Callable[[str], str | None] | None = None) ->
     return found
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_NO_SYMLINKS = struct.pack("=QQQ", os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+_NO_SYMLINKS = open_how(os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
 
 
 def _without_symlinks(path: str) -> bool:
@@ -92,7 +88,7 @@ def _without_symlinks(path: str) -> bool:
     if not path.startswith("/") or "//" in path or "/./" in path or "/.." in path or path.endswith("/.") or \
             (path.endswith("/") and path != "/"):
         return False
-    fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, os.fsencode(path), _NO_SYMLINKS, len(_NO_SYMLINKS))
+    fd = openat2(AT_FDCWD, os.fsencode(path), _NO_SYMLINKS)
     if fd < 0:
         return False   # a symlink on the way (ELOOP), nothing there, or no openat2: look the long way
     os.close(fd)

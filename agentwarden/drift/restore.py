@@ -12,25 +12,22 @@ import errno
 import hashlib
 import os
 import stat
-import struct
 import uuid
+
+from agentwarden.paths import AT_FDCWD, RESOLVE_NO_SYMLINKS, open_how, openat2
 
 from .store import DriftError, Store, observe, same
 
-SYS_OPENAT2 = 437            # the same number on every architecture (since Linux 5.6)
-RESOLVE_NO_SYMLINKS = 0x04
-AT_FDCWD = -100
 DIFF_LINES = 400             # lines of a diff `drift show` prints at most
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def open_directory(path: str) -> int:
     """An O_PATH fd of directory path, resolved without following any symlink:
     openat2(RESOLVE_NO_SYMLINKS), or where a seccomp filter bars openat2
     (ENOSYS: systemd-nspawn's), one component at a time with O_NOFOLLOW."""
-    how = struct.pack("=QQQ", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
-    fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, os.fsencode(path), how, len(how))
+    how = open_how(os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+    fd = openat2(AT_FDCWD, os.fsencode(path), how)
     if fd >= 0:
         return fd
     code = ctypes.get_errno()

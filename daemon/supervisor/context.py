@@ -20,9 +20,9 @@ import errno
 import hashlib
 import os
 import stat
-import struct
 
 from agentwarden import seccomp_notify as sn
+from agentwarden.paths import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, open_how, openat2
 
 from ..resolver import proc_link, proc_ppid
 
@@ -37,11 +37,6 @@ MAX_DIFF_LINES = 200
 MAX_DIFF_BYTES = 64 << 10
 REASON_VARIABLE = b"AGENTWARDEN_REASON="
 
-SYS_OPENAT2 = 437              # the same number on every architecture
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_IN_ROOT = 0x10
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 def _status_fields(pid: int) -> dict[str, list[str]]:
@@ -138,9 +133,9 @@ def _handle_in_root(pid: int, path: str, follow: bool) -> int:
     acts on it) and, without follow, is the symbolic link itself."""
     root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        how = struct.pack("=QQQ", os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW), 0,
-                          RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-        fd = _libc.syscall(SYS_OPENAT2, root, os.fsencode(path), how, len(how))
+        how = open_how(os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW), 0,
+                       RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        fd = openat2(root, os.fsencode(path), how)
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), path)

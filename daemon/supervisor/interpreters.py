@@ -24,15 +24,14 @@ import errno
 import os
 import re
 import stat
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentwarden import seccomp_notify as sn
 from agentwarden.headers import header_constants
-from agentwarden.paths import AT_FDCWD
+from agentwarden.paths import AT_FDCWD, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, open_how, openat2
 
-from .reader import AT_SYMLINK_NOFOLLOW, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, SYS_OPENAT2, Request, _int, _join
+from .reader import AT_SYMLINK_NOFOLLOW, Request, _int, _join
 from ..resolver import proc_link
 
 BINPRM_BUF_SIZE = 256                   # what the kernel reads of a file to choose its handler
@@ -41,8 +40,6 @@ APPROVED_INTERPRETER_PATH = header_constants("fastpath.h")["AW_INTERPRETER_PATH"
 BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
 _OWN_FD = re.compile(rb"/(?:proc/(?:self|thread-self)|dev)/fd/(\d+)")
 _STD = {b"/dev/stdin": 0, b"/dev/stdout": 1, b"/dev/stderr": 2}
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 @dataclass(frozen=True)
@@ -140,8 +137,7 @@ class Chain:
 
 
 def _openat2(base: int, raw: bytes, flags: int, resolve: int) -> int:
-    how = struct.pack("=QQQ", flags, 0, resolve)
-    fd = _libc.syscall(SYS_OPENAT2, base, raw, how, len(how))
+    fd = openat2(base, raw, open_how(flags, 0, resolve))
     if fd < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))

@@ -46,11 +46,10 @@ from dataclasses import dataclass
 
 from agentwarden import cgroups, wire
 from agentwarden import seccomp_notify as sn
-from agentwarden.paths import AT_FDCWD
+from agentwarden.paths import AT_FDCWD, RESOLVE_NO_MAGICLINKS, open_how, openat2
 from agentwarden.policy.decide import is_write
 
 from ..resolver import proc_link
-from .context import RESOLVE_NO_MAGICLINKS, SYS_OPENAT2
 from .listeners import Session
 from .reader import Request
 
@@ -151,8 +150,7 @@ def _check(result: int) -> int:
 
 
 def _openat2(dirfd: int, path: bytes, flags: int, mode: int = 0, resolve: int = 0) -> int:
-    how = struct.pack("=QQQ", flags, mode, resolve)
-    return _check(_libc.syscall(SYS_OPENAT2, dirfd, path, how, len(how)))
+    return _check(openat2(dirfd, path, open_how(flags, mode, resolve)))
 
 
 def _fs_type(fd: int) -> int:

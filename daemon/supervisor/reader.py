@@ -8,25 +8,20 @@ import errno
 import os
 import re
 import stat
-import struct
 from dataclasses import dataclass
 
 from agentwarden import seccomp_notify as sn
-from agentwarden.paths import AT_EMPTY_PATH, AT_FDCWD, normalise
+from agentwarden.paths import (AT_EMPTY_PATH, AT_FDCWD, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, normalise,
+                               open_how, openat2)
 
 from .. import fastpath
 from ..resolver import proc_link
 
 MAX_ARGS = 4096
 AT_SYMLINK_NOFOLLOW = 0x100
-SYS_OPENAT2 = 437              # the same number on every architecture
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_IN_ROOT = 0x10
 # Lookup failures that are the kernel's answer to the exec whoever asks (root
 # included): the supervisor seeing one means the task's exec would fail so too.
 NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 @dataclass
@@ -192,10 +187,9 @@ def exec_cannot_run(n: sn.Notification, request: Request) -> int | None:
     except OSError:
         return None
     try:
-        how = struct.pack("=QQQ", os.O_PATH | os.O_CLOEXEC
-                          | (os.O_NOFOLLOW if flags & AT_SYMLINK_NOFOLLOW else 0), 0,
-                          resolve | RESOLVE_NO_MAGICLINKS)
-        fd = _libc.syscall(SYS_OPENAT2, start, raw, how, len(how))
+        how = open_how(os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if flags & AT_SYMLINK_NOFOLLOW else 0), 0,
+                       resolve | RESOLVE_NO_MAGICLINKS)
+        fd = openat2(start, raw, how)
         if fd < 0:
             code = ctypes.get_errno()
             return code if code in NOT_THERE else None
