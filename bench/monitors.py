@@ -388,6 +388,7 @@ class Auditd(Monitor):
         self.running = False
         self.proc: subprocess.Popen | None = None
         self.mode = ""
+        self.unknown: list[str] = []   # syscalls auditctl does not know (prepare)
 
     def prepare(self) -> None:
         status = _audit_status()
@@ -399,8 +400,25 @@ class Auditd(Monitor):
         if status.get("enabled") == "2":
             raise MonitorUnavailable("audit configuration is locked (enabled 2)")
         self.initial_enabled = status.get("enabled", "0")
+        self._drop_unknown_syscalls()
         self._write_config()
         _auditctl("-a", "never,task")
+
+    def _drop_unknown_syscalls(self) -> None:
+        """auditctl refuses a whole rule for one syscall its table lacks (fchmodat2
+        in bookworm's): such syscalls are left out, and the note says which."""
+        known, self.unknown = [], []
+        words = iter(self.rule)
+        for word in words:
+            if word != "-S":
+                known.append(word)
+                continue
+            name = next(words)
+            if subprocess.run(["ausyscall", "x86_64", name], capture_output=True).returncode == 0:
+                known.extend(("-S", name))
+            else:
+                self.unknown.append(name)
+        self.rule = known
 
     def _write_config(self) -> None:
         self.confdir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -433,7 +451,8 @@ class Auditd(Monitor):
             self.proc = None
             _auditctl("-e", "1")
             self.mode = f"kernel audit backlog only, no auditd (auditd did not start: {why})"
-        self.note = (f"{self.mode}; rule: auditctl {' '.join(self.rule)}; between its runs "
+        left_out = f" (left out, unknown to auditctl: {', '.join(self.unknown)})" if self.unknown else ""
+        self.note = (f"{self.mode}; rule: auditctl {' '.join(self.rule)}{left_out}; between its runs "
                      "`auditctl -a never,task` keeps audit contexts off the other configurations' "
                      "processes (once audit was enabled in a boot, they would slow every syscall)")
 
