@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import platform
 from dataclasses import dataclass
@@ -114,9 +115,7 @@ def _seccomp() -> Check:
         return Check("seccomp", False, "seccomp not available", "a kernel with CONFIG_SECCOMP_FILTER=y")
     if "user_notif" not in actions:
         return Check("seccomp", False, "no seccomp user notification", "kernel 5.0 or newer")
-    try:
-        import seccomp  # noqa: F401  Debian's python3-seccomp
-    except ImportError:
+    if importlib.util.find_spec("seccomp") is None:   # Debian's python3-seccomp
         return Check("seccomp", False, "user_notif available, python module seccomp missing",
                      "apt-get install python3-seccomp")
     return Check("seccomp", True, "user_notif available, libseccomp bindings present")

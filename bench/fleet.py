@@ -99,7 +99,7 @@ def ship(cluster: NatsCluster, warden: Agentwarden, cgroup: BenchCgroup, central
     step("disconnection", lambda: not warden.status()["fleet"]["connected"])
     before = warden.status()["daemon"]["archive_state"]["next_seq"]
     # find opens every directory it lists: real open records, in the agent's cgroup.
-    script = f"while :; do find /usr -xdev >/dev/null 2>&1; done"
+    script = "while :; do find /usr -xdev >/dev/null 2>&1; done"
     load = subprocess.Popen(["/bin/sh", "-c", script], preexec_fn=lambda: cgroup.procs.write_text("0"))
     step(f"{records} records", lambda: warden.status()["daemon"]["archive_state"]["next_seq"] - before
          >= records, interval=0.2)

@@ -659,13 +659,13 @@ def agentload_sections(result: dict) -> list[Section]:
                       f"{side} " + ", ".join(f"{v:.2f}" for v in work["seconds"][side])
                       for side in ("bare", "watched", "run"))]
     return [
-        Section("Session start", f"`agentwarden run --agent A -- /bin/true` against `/bin/true` alone, "
-                f"alternated one start at a time in a shuffled order; wall time from the harness's fork "
-                f"to its wait returning. `agentwarden` is the compiled launcher (launcher/agentwarden.c), "
-                f"as the venv (`make setup`) and the .deb install it; `python3 -IS` is the Python CLI "
-                f"(`python -m agentwarden run`), which resolves the settings and execs the launcher. "
-                f"CPU: user + system time of "
-                f"the started process alone (rusage), the figure least bent by a busy machine.",
+        Section("Session start", "`agentwarden run --agent A -- /bin/true` against `/bin/true` alone, "
+                "alternated one start at a time in a shuffled order; wall time from the harness's fork "
+                "to its wait returning. `agentwarden` is the compiled launcher (launcher/agentwarden.c), "
+                "as the venv (`make setup`) and the .deb install it; `python3 -IS` is the Python CLI "
+                "(`python -m agentwarden run`), which resolves the settings and execs the launcher. "
+                "CPU: user + system time of "
+                "the started process alone (rusage), the figure least bent by a busy machine.",
                 ["command", "starts", "median ms", "p99 ms", "min ms", "added ms", "CPU median ms"],
                 start_rows, start_notes),
         Section("A coding agent's workload", f"{work['tool_calls']} tool calls, {work['execs']} execs "
