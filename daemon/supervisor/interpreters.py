@@ -29,9 +29,9 @@ from pathlib import Path
 
 from agentwarden import seccomp_notify as sn
 from agentwarden.headers import header_constants
-from agentwarden.paths import AT_FDCWD, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, open_how, openat2
+from agentwarden.paths import AT_FDCWD, RESOLVE_NO_MAGICLINKS, open_how, openat2
 
-from .reader import AT_SYMLINK_NOFOLLOW, Request, _int, _join
+from .reader import AT_SYMLINK_NOFOLLOW, Request, _int, _join, lookup_start
 from ..resolver import proc_link
 
 BINPRM_BUF_SIZE = 256                   # what the kernel reads of a file to choose its handler
@@ -150,10 +150,7 @@ def _open_as_task(pid: int, dirfd: int, raw: bytes, nofollow: bool = False) -> i
     number = int(own[1]) if own else _STD.get(raw)
     if number is not None or raw == b"":
         return os.open(f"/proc/{pid}/fd/{dirfd if raw == b'' else number}", os.O_PATH | os.O_CLOEXEC)
-    if raw.startswith(b"/"):
-        base, resolve = f"/proc/{pid}/root", RESOLVE_IN_ROOT
-    else:
-        base, resolve = f"/proc/{pid}/" + ("cwd" if dirfd == AT_FDCWD else f"fd/{dirfd}"), 0
+    base, resolve = lookup_start(pid, dirfd, raw)
     start = os.open(base, os.O_PATH | os.O_CLOEXEC)
     try:
         return _openat2(start, raw, os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0),

@@ -152,6 +152,15 @@ def _read_request(agent: str, n: sn.Notification, name: str, mem: sn.TaskMemory)
                    how if name == "openat2" and len(how) == 3 else None)
 
 
+def lookup_start(pid: int, dirfd: int, raw: bytes) -> tuple[str, int]:
+    """Where the kernel starts the task's lookup of raw, as a path the
+    supervisor can open, and the openat2 resolve flag that keeps it there: the
+    task's root for an absolute path, else its cwd or its directory fd."""
+    if raw.startswith(b"/"):
+        return f"/proc/{pid}/root", RESOLVE_IN_ROOT
+    return f"/proc/{pid}/" + ("cwd" if dirfd == AT_FDCWD else f"fd/{dirfd}"), 0
+
+
 def exec_cannot_run(n: sn.Notification, request: Request) -> int | None:
     """The errno the kernel itself fails a refused exec with when there is no
     program to run -- ENOENT or ENOTDIR (missing), EACCES (not a regular file,
@@ -178,10 +187,7 @@ def exec_cannot_run(n: sn.Notification, request: Request) -> int | None:
     if not raw or resolved.startswith(("/proc/", "/dev/fd/", "/dev/std")) or resolved in ("/proc", "/dev/fd"):
         return None
     dirfd, flags = (AT_FDCWD, 0) if request.syscall == "execve" else (_int(n.args[0]), _int(n.args[4]))
-    if raw.startswith(b"/"):
-        base, resolve = f"/proc/{n.pid}/root", RESOLVE_IN_ROOT
-    else:
-        base, resolve = f"/proc/{n.pid}/" + ("cwd" if dirfd == AT_FDCWD else f"fd/{dirfd}"), 0
+    base, resolve = lookup_start(n.pid, dirfd, raw)
     try:
         start = os.open(base, os.O_PATH | os.O_CLOEXEC)
     except OSError:
