@@ -18,6 +18,11 @@
    `agentwarden run --agent A -- sh -c CALL`, session start included). A round
    runs the whole workload once per side, in a shuffled order; the ratio of a
    side is the median over rounds of its time over bare's in the same round.
+   Two reference sides give the floor of holding by seccomp user-notify on this
+   machine, apart from anything agentwarden does: floor (every tool call under
+   bench/notify_floor.c, a minimal supervisor that reads each notified exec's and
+   write-open's arguments and continues it) and watched floor (the same, in the
+   tagged agent cgroup: what `run` cannot go below while the calls are watched).
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ import time
 from pathlib import Path
 
 from agentwarden import control
+
+import sessions
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -168,7 +175,11 @@ def tool_calls() -> list[tuple[str, str]]:
     return calls
 
 
-def _workload_once(side: str, work: Path, env: dict, run_argv: list[str], agent_procs: Path) -> int:
+SIDES = ("bare", "watched", "run", "floor", "watched floor")
+
+
+def _workload_once(side: str, work: Path, env: dict, run_argv: list[str], agent_procs: Path,
+                   floor: Path) -> int:
     """One pass of every tool call; wall ns of the whole."""
     if work.exists():
         shutil.rmtree(work)
@@ -180,8 +191,12 @@ def _workload_once(side: str, work: Path, env: dict, run_argv: list[str], agent_
             total += _timed(call, env, work)
         elif side == "watched":
             total += _timed(call, env, work, join=agent_procs)
-        else:
+        elif side == "run":
             total += _timed(run_argv + call, env, work)
+        elif side == "floor":
+            total += _timed([str(floor)] + call, env, work)
+        else:
+            total += _timed([str(floor)] + call, env, work, join=agent_procs)
     return total
 
 
@@ -220,21 +235,25 @@ def workload(env: dict, agent: str, agent_cgroup: Path, rounds: int, workdir: Pa
     env = {**env, "TMPDIR": str(workdir), "HOME": str(workdir), "GIT_CONFIG_NOSYSTEM": "1",
            "LC_ALL": "C", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
     run_argv = launchers(env)[INSTALLED] + ["run", "--agent", agent, "--"]
-    sides = ("bare", "watched", "run")
+    sides = SIDES
+    floor = sessions.build(workdir, "notify_floor")
     samples = {side: [] for side in sides}
     order = random.Random(3)
     try:
         execs = count_execs(work, env)
         for side in sides:   # a warm-up pass of each
-            _workload_once(side, work, env, run_argv, agent_cgroup / "cgroup.procs")
+            _workload_once(side, work, env, run_argv, agent_cgroup / "cgroup.procs", floor)
         for number in range(rounds):
             for side in order.sample(sides, len(sides)):
-                samples[side].append(_workload_once(side, work, env, run_argv, agent_cgroup / "cgroup.procs"))
+                samples[side].append(_workload_once(side, work, env, run_argv, agent_cgroup / "cgroup.procs",
+                                                    floor))
             log(f"  workload round {number + 1}/{rounds}: " + ", ".join(
                 f"{side} {samples[side][-1] / 1e9:.2f} s" for side in sides))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ratios = {side: [s / b for s, b in zip(samples[side], samples["bare"])] for side in ("watched", "run")}
+    ratios = {side: [s / b for s, b in zip(samples[side], samples["bare"])] for side in sides if side != "bare"}
+    # What agentwarden's sessions add above the mechanism's own floor, watched as they are.
+    ratios["run over watched floor"] = [r / f for r, f in zip(samples["run"], samples["watched floor"])]
     result = {"tool_calls": len(tool_calls()), "execs": execs, "rounds": rounds,
               "seconds": {side: [v / 1e9 for v in samples[side]] for side in sides},
               "median_s": {side: statistics.median(samples[side]) / 1e9 for side in sides},
@@ -242,5 +261,6 @@ def workload(env: dict, agent: str, agent_cgroup: Path, rounds: int, workdir: Pa
               "ratio_min": {side: min(r) for side, r in ratios.items()},
               "ratio_max": {side: max(r) for side, r in ratios.items()}}
     log(f"  workload: bare {result['median_s']['bare']:.2f} s, watched ×{result['ratio']['watched']:.3f}, "
-        f"under run ×{result['ratio']['run']:.3f} ({execs} execs in {result['tool_calls']} tool calls)")
+        f"under run ×{result['ratio']['run']:.3f}, floor ×{result['ratio']['floor']:.3f}, watched floor "
+        f"×{result['ratio']['watched floor']:.3f} ({execs} execs in {result['tool_calls']} tool calls)")
     return result
