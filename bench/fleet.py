@@ -145,7 +145,7 @@ class Lines:
 async def holds(cluster: NatsCluster, warden: Agentwarden, key: fleet.AdminKey, count: int) -> dict:
     nats = fleet.nats_module()
     creds = fleet.load_credentials(cluster.credentials("alice"))
-    nc = await nats.connect(cluster.url.split(","), user=creds.user, password=creds.password)
+    nc = await nats.connect(fleet.servers(cluster.url), **fleet.connect_options(creds))
     kv = await nc.jetstream().key_value(fleet.HOLDS_BUCKET)
     script = f"i=0; while [ $i -lt {count} ]; do /usr/bin/true held-$i; echo ran-$i; i=$((i+1)); done"
     proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "run", "--agent", BENCH_AGENT, "--",

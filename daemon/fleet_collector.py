@@ -233,7 +233,7 @@ async def run_collector(url: str, credentials: fleet.Credentials, root: Path, re
     nats = fleet.nats_module()
     from nats.js import api
     collector = Collector(root, gap_wait)
-    nc = await nats.connect(fleet.servers(url), user=credentials.user, password=credentials.password,
+    nc = await nats.connect(fleet.servers(url), **fleet.connect_options(credentials),
                             name="agentwarden fleet archive", allow_reconnect=True,
                             max_reconnect_attempts=-1, reconnect_time_wait=0.5)
     js = nc.jetstream()
