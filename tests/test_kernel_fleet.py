@@ -21,6 +21,7 @@ import pytest
 
 from agentwarden import cgroups, fleet, session
 from agentwarden.archive.segments import read_items
+from agentwarden.errors import AgentwardenError
 from conftest import TEST_CGROUP_PARENT, Warden, stop_process, wait_for
 from fleet_cluster import NATS_SERVER, NatsCluster
 
@@ -454,6 +455,10 @@ def test_a_blackholed_nats_never_stalls_enforcement(fleet_env):
     warden = fleet_env.wardens["host-a"]
     agent, path = fleet_env.agent("host-a", "blackhole")
     warden.set_policy(agent, _policy(agent, exec_hold=["/usr/bin/date *"]))
+    # A hold pending when the daemon dies: the restarted one keeps it (docs/sessions.md), and
+    # publishes it again once NATS answers.
+    kept_run = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date +kept-%Y; echo rc=$?"])
+    kept = wait_fleet_hold(fleet_env, agent)
     fleet_env.shipped_up_to("host-a", settled_seq(warden))
     fleet_env.cluster.pause()
     try:
@@ -462,6 +467,13 @@ def test_a_blackholed_nats_never_stalls_enforcement(fleet_env):
         wait_for(lambda: warden.status()["daemon"]["pid"] != old, timeout=60, what="host-a's daemon to restart")
         cgid = str(cgroups.cgroup_id(path))
         wait_for(lambda: cgid in warden.status()["probe"]["tags"], what="the restarted daemon to watch the agent")
+        def kept_pending():
+            try:
+                holds = session.admin_request(warden.settings, {"cmd": "holds"})["holds"]
+            except AgentwardenError:   # the restarted supervisor is not listening yet
+                return False
+            return [h for h in holds if h["id"] == kept["hold_id"]]
+        wait_for(kept_pending, timeout=30, what="the kept hold to be pending again")
         refused = run_in(path, ["/usr/sbin/nologin"])
         assert refused.wait(timeout=30) != 0
         wait_for(lambda: [r for r in warden.records() if r["kind"] == "violation" and r.get("agent") == agent
@@ -469,7 +481,8 @@ def test_a_blackholed_nats_never_stalls_enforcement(fleet_env):
                  what="the violation in host-a's archive")
         run = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date +blackhole-%Y; echo rc=$?"])
         [hold] = wait_for(lambda: [h for h in session.admin_request(warden.settings, {"cmd": "holds"})["holds"]
-                                   if h["agent"] == agent], timeout=20, what="the local hold")
+                                   if h["agent"] == agent and h["id"] != kept["hold_id"]],
+                          timeout=20, what="the local hold")
         warden.cli("approve", hold["id"], "--reason", "approved while NATS is a blackhole")
         out, err = run.communicate(timeout=30)
         assert run.returncode == 0 and "blackhole-" in out, err
@@ -483,5 +496,9 @@ def test_a_blackholed_nats_never_stalls_enforcement(fleet_env):
         fleet_env.cluster.resume()
     fleet_env.shipped_up_to("host-a", durable, timeout=120)
     compare(fleet_env, "host-a", durable)
+    assert wait_fleet_hold(fleet_env, agent)["hold_id"] == kept["hold_id"]
+    fleet_env.cli("alice", "approve", f"host-a/{kept['hold_id']}", key="alice")
+    out, err = kept_run.communicate(timeout=30)
+    assert kept_run.returncode == 0 and "kept-" in out, err
     for cgroup in (path, busy):
         cgroup.joinpath("cgroup.kill").write_text("1")
