@@ -119,7 +119,9 @@ def ship(cluster: NatsCluster, warden: Agentwarden, cgroup: BenchCgroup, central
     start, first = time.monotonic(), warden.status()["fleet"]["acked_seq"]
     step("acknowledgements", lambda: warden.status()["fleet"]["acked_seq"] >= target, interval=0.005)
     seconds = time.monotonic() - start
-    step("the collector's copy", lambda: any(i.seq >= target for i in read_items(central / HOST)), interval=0.5)
+    # The collector reconnects on its own after the cluster's restart: its directory may not exist yet.
+    step("the collector's copy", lambda: (central / HOST).is_dir()
+         and any(i.seq >= target for i in read_items(central / HOST)), interval=0.5)
     local = {i.seq: i.chain for i in read_items(warden.settings.archive_dir) if i.seq <= target}
     copy = [(i.seq, i.chain) for i in read_items(central / HOST) if i.seq <= target]
     lost = len(set(local) - {s for s, _ in copy})

@@ -242,18 +242,33 @@ def host_records(fleet_env: Fleet, host: str, kind: str) -> list[dict]:
     return [r for r in fleet_env.wardens[host].records() if r["kind"] == kind]
 
 
-def test_hold_on_a_approved_from_anywhere_by_two_distinct_admins(fleet_env):
+def test_hold_on_a_approved_from_anywhere_by_three_distinct_admins(fleet_env):
+    """hold-approvers = 3: two admins' fleet keys from two machines and a local admin on the host."""
+    import json
+    import re
     warden = fleet_env.wardens["host-a"]
     agent, _ = fleet_env.agent("host-a", "hold")
-    warden.set_policy(agent, _policy(agent, exec_hold=["/usr/bin/date *"], approvers=2))
+    warden.set_policy(agent, _policy(agent, exec_hold=["/usr/bin/date *"], approvers=3))
     run = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date +fleet-approved-%Y; echo rc=$?"])
     hold = wait_fleet_hold(fleet_env, agent)
     assert hold["host"] == "host-a" and hold["action"].startswith("exec /usr/bin/date")
     ref = f"host-a/{hold['hold_id']}"
+    # `fleet status`: host-a up, the hold pending, what it shipped, its lag and drops.
+    def host_a_line():
+        lines = [line for line in fleet_env.cli("alice", "status").stdout.splitlines() if line.startswith("host-a ")]
+        return lines if lines and " 1 holds pending" in lines[0] else None
+    [line] = wait_for(host_a_line, what="fleet status to show host-a's pending hold")
+    assert re.match(r"host-a +up, shipped up to seq \d+ \d+s ago, lag \d+, 1 holds pending, drops: ", line), line
+    [entry] = [h for h in map(json.loads, fleet_env.cli("alice", "status", "--json").stdout.splitlines())
+               if h["host"] == "host-a"]
+    assert entry["pending_holds"] == 1 and entry["acked_seq"] > 0 and entry["last_ack"] > 0
+    assert {"lag", "drops", "durable_seq", "counters"} <= entry.keys()
     first = fleet_env.cli("bob", "approve", ref, "--reason", "fine", key="alice")
-    assert "pending (1 more approvals needed)" in first.stdout
+    assert "pending (2 more approvals needed)" in first.stdout
     again = fleet_env.cli("bob", "approve", ref, key="alice", check=False)
     assert again.returncode == 1 and "already approved" in again.stderr
+    local = warden.cli("approve", hold["hold_id"], "--reason", "and root on the host")
+    assert "1 more distinct approver(s) needed" in local.stdout
     # From "bob's machine": bob's NATS account and bob's own key; the bare id finds its host.
     second = fleet_env.cli("bob", "approve", hold["hold_id"], "--reason", "ok too", key="bob")
     assert f"{ref}: approved" in second.stdout
@@ -263,7 +278,7 @@ def test_hold_on_a_approved_from_anywhere_by_two_distinct_admins(fleet_env):
                 if r["hold_id"] == hold["hold_id"] and r["state"] == "approved"]
     assert len(approved) == 1
     names = sorted(a["name"].split(" ")[0] for a in approved[0]["approvals"])
-    assert names == ["alice", "bob"]
+    assert len(names) == 3 and "alice" in names and "bob" in names, names
     wait_for(lambda: not [h for h in fleet_env.cli("alice", "holds", "--json").stdout.splitlines()
                           if agent in h], what="the hold to leave the fleet's holds")
 
