@@ -36,9 +36,10 @@ def host_permissions(host: str) -> str:
 
 
 def admin_permissions(admin: str) -> str:
-    """Decisions, reading the stream and buckets; never records."""
+    """Decisions, reading the stream and buckets (ordered consumers answer
+    flow control: $JS.FC); never records."""
     return f"""{{
-        publish: {{ allow: ["aw.decide.>", "$JS.API.>"] }}
+        publish: {{ allow: ["aw.decide.>", "$JS.API.>", "$JS.FC.>"] }}
         subscribe: {{ allow: ["{fleet.inbox_prefix(admin)}.>"] }}
     }}"""
 
