@@ -119,7 +119,9 @@ def ship(cluster: NatsCluster, warden: Agentwarden, cgroup: BenchCgroup, central
     start, first = time.monotonic(), warden.status()["fleet"]["acked_seq"]
     step("acknowledgements", lambda: warden.status()["fleet"]["acked_seq"] >= target, interval=0.005)
     seconds = time.monotonic() - start
-    step("the collector's copy", lambda: any(i.seq >= target for i in read_items(central / HOST)), interval=0.5)
+    # The collector reconnects on its own after the cluster's restart: its directory may not exist yet.
+    step("the collector's copy", lambda: (central / HOST).is_dir()
+         and any(i.seq >= target for i in read_items(central / HOST)), interval=0.5)
     local = {i.seq: i.chain for i in read_items(warden.settings.archive_dir) if i.seq <= target}
     copy = [(i.seq, i.chain) for i in read_items(central / HOST) if i.seq <= target]
     lost = len(set(local) - {s for s, _ in copy})
@@ -145,7 +147,7 @@ class Lines:
 async def holds(cluster: NatsCluster, warden: Agentwarden, key: fleet.AdminKey, count: int) -> dict:
     nats = fleet.nats_module()
     creds = fleet.load_credentials(cluster.credentials("alice"))
-    nc = await nats.connect(cluster.url.split(","), user=creds.user, password=creds.password)
+    nc = await nats.connect(fleet.servers(cluster.url), **fleet.connect_options(creds))
     kv = await nc.jetstream().key_value(fleet.HOLDS_BUCKET)
     script = f"i=0; while [ $i -lt {count} ]; do /usr/bin/true held-$i; echo ran-$i; i=$((i+1)); done"
     proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "run", "--agent", BENCH_AGENT, "--",

@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ IDLE_POLL = 0.05           # s between looks at the head file when all is shippe
 RETRY_MAX = 2.0            # s: the longest wait between attempts while NATS fails
 HOST_STATE_INTERVAL = 1.0  # s between updates of this host's entry in aw-hosts
 HOLDS_QUEUE = 10_000
+HOLD_KEYS_FILE = "fleet-holds.json"   # in state_dir: this host's keys in aw-holds, to delete after a restart
 TERMINAL_HOLD_STATES = ("approved", "denied", "timed-out", "abandoned")
 
 
@@ -165,6 +167,24 @@ def save_acked(path: Path, seq: int) -> None:
     os.replace(tmp, path)
 
 
+def load_hold_keys(path: Path) -> set[str]:
+    try:
+        keys = json.loads(path.read_text())["keys"]
+        return {k for k in keys if isinstance(k, str)}
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("fleet: %s is unreadable (%s); pending holds of the last run may stay listed "
+                  "in `fleet holds`", path, exc)
+        return set()
+
+
+def save_hold_keys(path: Path, keys: set[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"keys": sorted(keys)}))
+    os.replace(tmp, path)
+
+
 def hold_entry(host: str, record: dict) -> dict:
     """A pending hold as `fleet holds` shows it."""
     return {"host": host, "hold_id": record["hold_id"], "agent": record["agent"],
@@ -187,6 +207,10 @@ class FleetShipper:
         self.reader = OutboxReader(archive_dir, self.acked_seq + 1)
         self.holds: queue.Queue = queue.Queue(HOLDS_QUEUE)
         self.pending: dict[str, dict] = {}   # hold id -> entry, as last published
+        # Written before a key is put: this host's account may not list the bucket (it would see
+        # other hosts' holds), so a restarted daemon deletes the keys of its last run from here.
+        self.hold_keys_file = self.state_file.with_name(HOLD_KEYS_FILE)
+        self.hold_keys = load_hold_keys(self.hold_keys_file)
         # Every key is made here: the daemon's thread copies this dict while this one counts.
         self.counters: dict[str, int] = {"published": 0, "duplicates": 0, "publish_failures": 0,
                                          "holds_dropped": 0,
@@ -269,8 +293,8 @@ class FleetShipper:
         while not self._stop.is_set():
             try:
                 nc = await self.nats.connect(
-                    fleet.servers(self.settings.fleet_url), user=self.credentials.user,
-                    password=self.credentials.password, name=f"agentwarden {self.host}",
+                    fleet.servers(self.settings.fleet_url), **fleet.connect_options(self.credentials),
+                    name=f"agentwarden {self.host}",
                     allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                     connect_timeout=2, error_cb=on_error, disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect, ping_interval=5, max_outstanding_pings=2)
@@ -336,16 +360,28 @@ class FleetShipper:
                 self.last_error = f"the {fleet.HOLDS_BUCKET} bucket: {exc.__class__.__name__}: {exc}"
                 await asyncio.sleep(RETRY_MAX)
 
+    async def _until_done(self, operation, what: str) -> bool:
+        """Retry operation() while NATS is away; False when the shipper stops first."""
+        while not self._stop.is_set():
+            try:
+                await operation()
+                return True
+            except Exception as exc:   # NATS away: local approvals work meanwhile; retried in order
+                self.last_error = f"{what}: {exc.__class__.__name__}"
+                await asyncio.sleep(0.5)
+        return False
+
+    async def _save_hold_keys(self) -> None:
+        await asyncio.to_thread(save_hold_keys, self.hold_keys_file, set(self.hold_keys))
+
     async def _publish_holds(self, js) -> None:
         kv = await self._holds_bucket(js)
-        prefix = fleet.token(self.host) + "."
         # Holds of an earlier run of this daemon ended with it (sessions fail closed).
-        try:
-            for key in await kv.keys():
-                if key.startswith(prefix):
-                    await kv.delete(key)
-        except Exception:   # NoKeysError when the bucket is empty
-            pass
+        for key in sorted(self.hold_keys):
+            if not await self._until_done(partial(kv.delete, key), f"deleting hold key {key}"):
+                return
+            self.hold_keys.discard(key)
+        await self._save_hold_keys()
         while not self._stop.is_set():
             try:
                 record = await asyncio.to_thread(self.holds.get, True, 0.2)
@@ -358,17 +394,19 @@ class FleetShipper:
                 entry = hold_entry(self.host, record)
                 entry["since"] = self.pending.get(record["hold_id"], entry)["since"]
                 self.pending[record["hold_id"]] = entry
-            while not self._stop.is_set():
-                try:
-                    if record["hold_id"] in self.pending:
-                        await kv.put(key, json.dumps(self.pending[record["hold_id"]]).encode())
-                    else:
-                        await kv.delete(key)
-                    self.counters["holds_published"] += 1
-                    break
-                except Exception as exc:   # NATS away: local approvals work meanwhile; retried in order
-                    self.last_error = f"publishing hold {record['hold_id']}: {exc.__class__.__name__}"
-                    await asyncio.sleep(0.5)
+            if record["hold_id"] in self.pending:
+                if key not in self.hold_keys:
+                    self.hold_keys.add(key)
+                    await self._save_hold_keys()
+                value = json.dumps(self.pending[record["hold_id"]]).encode()
+                done = await self._until_done(partial(kv.put, key, value), f"publishing hold {record['hold_id']}")
+            else:
+                done = await self._until_done(partial(kv.delete, key), f"publishing hold {record['hold_id']}")
+                if done and key in self.hold_keys:
+                    self.hold_keys.discard(key)
+                    await self._save_hold_keys()
+            if done:
+                self.counters["holds_published"] += 1
 
     async def _host_entry(self, js) -> None:
         kv = None
@@ -376,6 +414,7 @@ class FleetShipper:
             try:
                 kv = kv or await js.key_value(fleet.HOSTS_BUCKET)
                 state = {"host": self.host, "time": time.time_ns(), "acked_seq": self.acked_seq,
+                         "last_ack": self.last_ack_time,
                          "pending_holds": len(self.pending), "counters": dict(self.counters),
                          **self.host_state}
                 state["lag"] = max(0, state.get("durable_seq", -1) - self.acked_seq)

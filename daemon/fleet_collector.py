@@ -38,8 +38,11 @@ from agentwarden.wire import pack
 log = logging.getLogger("agentwarden.fleet")
 
 FETCH = 1000          # messages per fetch
-ACK_WAIT = 60.0       # s before JetStream redelivers an unacknowledged message
-GAP_WAIT = 10.0       # s a record waits for missing ones before they are taken as lost
+ACK_WAIT = 5.0        # s before JetStream redelivers an unacknowledged message
+# s a record waits for missing ones before they are taken as lost. Longer than ACK_WAIT, twice:
+# a message delivered while the collector was away (a fetch that timed out, a reconnection) is
+# in the stream and comes again only by redelivery; a re-publish of it is a duplicate to JetStream.
+GAP_WAIT = 3 * ACK_WAIT
 
 
 class HostArchive:
@@ -233,7 +236,7 @@ async def run_collector(url: str, credentials: fleet.Credentials, root: Path, re
     nats = fleet.nats_module()
     from nats.js import api
     collector = Collector(root, gap_wait)
-    nc = await nats.connect(fleet.servers(url), user=credentials.user, password=credentials.password,
+    nc = await nats.connect(fleet.servers(url), **fleet.connect_options(credentials),
                             name="agentwarden fleet archive", allow_reconnect=True,
                             max_reconnect_attempts=-1, reconnect_time_wait=0.5)
     js = nc.jetstream()

@@ -49,7 +49,8 @@ PYTHONPATH=$site "$PYTHON" -P -m agentwarden.cli.manpage "$root/usr/share/man/ma
 mkdir -p "$root/usr/share/bash-completion/completions"
 PYTHONPATH=$site "$PYTHON" -P -m agentwarden --show-completion bash \
     > "$root/usr/share/bash-completion/completions/agentwarden"
-for unit in agentwarden-daemon.service agentwarden-probe.service agents.slice 'agent@.service' agentwarden-bpffs.service; do
+for unit in agentwarden-daemon.service agentwarden-probe.service agents.slice 'agent@.service' agentwarden-bpffs.service \
+        agentwarden-fleet-archive.service; do   # the collector's: installed, not enabled
     install -D -m 0644 "systemd/$unit" "$root/lib/systemd/system/$unit"
 done
 install -D -m 0755 packaging/agentwarden-generator "$root/lib/systemd/system-generators/agentwarden-agents"

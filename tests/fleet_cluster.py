@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from agentwarden import fleet
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
@@ -21,27 +24,32 @@ def free_port() -> int:
 
 
 def host_permissions(host: str) -> str:
-    """What a host may do: ship its own records, keep its own holds and state,
-    answer decisions for itself. Never publish a decision."""
+    """What a host may do: ship its own records, keep its own hold keys and
+    state, answer decisions for itself, read its own inbox. Never publish a
+    decision, never read the buckets (other hosts' holds) or another inbox."""
     return f"""{{
         publish: {{ allow: ["aw.rec.{host}.>", "$KV.aw-holds.{host}.>", "$KV.aw-hosts.{host}",
-                            "$JS.API.STREAM.INFO.KV_aw-holds", "$JS.API.STREAM.INFO.KV_aw-hosts",
-                            "$JS.API.CONSUMER.CREATE.KV_aw-holds", "$JS.API.CONSUMER.CREATE.KV_aw-holds.>",
-                            "$JS.API.CONSUMER.INFO.KV_aw-holds.>", "$JS.API.CONSUMER.DELETE.KV_aw-holds.>"] }}
-        subscribe: {{ allow: ["aw.decide.{host}", "_INBOX.>"] }}
+                            "$JS.API.STREAM.INFO.KV_aw-holds", "$JS.API.STREAM.INFO.KV_aw-hosts"] }}
+        subscribe: {{ allow: ["aw.decide.{host}", "{fleet.inbox_prefix(host)}.>"] }}
         allow_responses: true
     }}"""
 
 
-ADMIN_PERMISSIONS = """{
-        publish: { allow: ["aw.decide.>", "$JS.API.>"] }
-        subscribe: { allow: ["_INBOX.>"] }
-    }"""
+def admin_permissions(admin: str) -> str:
+    """Decisions, reading the stream and buckets (ordered consumers answer
+    flow control: $JS.FC); never records."""
+    return f"""{{
+        publish: {{ allow: ["aw.decide.>", "$JS.API.>", "$JS.FC.>"] }}
+        subscribe: {{ allow: ["{fleet.inbox_prefix(admin)}.>"] }}
+    }}"""
 
-COLLECTOR_PERMISSIONS = """{
-        publish: { allow: ["$JS.API.>", "$JS.ACK.AW_RECORDS.>"] }
-        subscribe: { allow: ["_INBOX.>"] }
-    }"""
+
+def collector_permissions(user: str) -> str:
+    """Consume and acknowledge the stream (and create it and the buckets)."""
+    return f"""{{
+        publish: {{ allow: ["$JS.API.>", "$JS.ACK.AW_RECORDS.>"] }}
+        subscribe: {{ allow: ["{fleet.inbox_prefix(user)}.>"] }}
+    }}"""
 
 
 def authorization(users: dict[str, tuple[str, str]]) -> str:
@@ -59,8 +67,8 @@ class NatsCluster:
         for host in hosts:
             self.users[host] = (secrets.token_hex(12), host_permissions(host))
         for admin in admins:
-            self.users[admin] = (secrets.token_hex(12), ADMIN_PERMISSIONS)
-        self.users["collector"] = (secrets.token_hex(12), COLLECTOR_PERMISSIONS)
+            self.users[admin] = (secrets.token_hex(12), admin_permissions(admin))
+        self.users["collector"] = (secrets.token_hex(12), collector_permissions("collector"))
         self.client_ports = [free_port() for _ in range(nodes)]
         self.route_ports = [free_port() for _ in range(nodes)]
         self.procs: list[subprocess.Popen | None] = [None] * nodes
@@ -115,7 +123,20 @@ class NatsCluster:
             proc.wait()
         self.procs[i] = None
 
+    def pause(self) -> None:
+        """Every node SIGSTOPped: a blackhole. The kernel still accepts
+        connections on their ports, nothing ever answers."""
+        for proc in self.procs:
+            if proc and proc.poll() is None:
+                proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for proc in self.procs:
+            if proc and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()
         for i, proc in enumerate(self.procs):
             if proc and proc.poll() is None:
                 proc.terminate()

@@ -21,6 +21,7 @@ import pytest
 
 from agentwarden import cgroups, fleet, session
 from agentwarden.archive.segments import read_items
+from agentwarden.errors import AgentwardenError
 from conftest import TEST_CGROUP_PARENT, Warden, stop_process, wait_for
 from fleet_cluster import NATS_SERVER, NatsCluster
 
@@ -241,18 +242,33 @@ def host_records(fleet_env: Fleet, host: str, kind: str) -> list[dict]:
     return [r for r in fleet_env.wardens[host].records() if r["kind"] == kind]
 
 
-def test_hold_on_a_approved_from_anywhere_by_two_distinct_admins(fleet_env):
+def test_hold_on_a_approved_from_anywhere_by_three_distinct_admins(fleet_env):
+    """hold-approvers = 3: two admins' fleet keys from two machines and a local admin on the host."""
+    import json
+    import re
     warden = fleet_env.wardens["host-a"]
     agent, _ = fleet_env.agent("host-a", "hold")
-    warden.set_policy(agent, _policy(agent, exec_hold=["/usr/bin/date *"], approvers=2))
+    warden.set_policy(agent, _policy(agent, exec_hold=["/usr/bin/date *"], approvers=3))
     run = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date +fleet-approved-%Y; echo rc=$?"])
     hold = wait_fleet_hold(fleet_env, agent)
     assert hold["host"] == "host-a" and hold["action"].startswith("exec /usr/bin/date")
     ref = f"host-a/{hold['hold_id']}"
+    # `fleet status`: host-a up, the hold pending, what it shipped, its lag and drops.
+    def host_a_line():
+        lines = [line for line in fleet_env.cli("alice", "status").stdout.splitlines() if line.startswith("host-a ")]
+        return lines if lines and " 1 holds pending" in lines[0] else None
+    [line] = wait_for(host_a_line, what="fleet status to show host-a's pending hold")
+    assert re.match(r"host-a +up, shipped up to seq \d+ \d+s ago, lag \d+, 1 holds pending, drops: ", line), line
+    [entry] = [h for h in map(json.loads, fleet_env.cli("alice", "status", "--json").stdout.splitlines())
+               if h["host"] == "host-a"]
+    assert entry["pending_holds"] == 1 and entry["acked_seq"] > 0 and entry["last_ack"] > 0
+    assert {"lag", "drops", "durable_seq", "counters"} <= entry.keys()
     first = fleet_env.cli("bob", "approve", ref, "--reason", "fine", key="alice")
-    assert "pending (1 more approvals needed)" in first.stdout
+    assert "pending (2 more approvals needed)" in first.stdout
     again = fleet_env.cli("bob", "approve", ref, key="alice", check=False)
     assert again.returncode == 1 and "already approved" in again.stderr
+    local = warden.cli("approve", hold["hold_id"], "--reason", "and root on the host")
+    assert "1 more distinct approver(s) needed" in local.stdout
     # From "bob's machine": bob's NATS account and bob's own key; the bare id finds its host.
     second = fleet_env.cli("bob", "approve", hold["hold_id"], "--reason", "ok too", key="bob")
     assert f"{ref}: approved" in second.stdout
@@ -262,7 +278,7 @@ def test_hold_on_a_approved_from_anywhere_by_two_distinct_admins(fleet_env):
                 if r["hold_id"] == hold["hold_id"] and r["state"] == "approved"]
     assert len(approved) == 1
     names = sorted(a["name"].split(" ")[0] for a in approved[0]["approvals"])
-    assert names == ["alice", "bob"]
+    assert len(names) == 3 and "alice" in names and "bob" in names, names
     wait_for(lambda: not [h for h in fleet_env.cli("alice", "holds", "--json").stdout.splitlines()
                           if agent in h], what="the hold to leave the fleet's holds")
 
@@ -325,5 +341,179 @@ def test_nats_down_holds_work_locally_and_shipping_catches_up(fleet_env):
     central = [i.record for i in read_items(fleet_env.central / "host-a")]
     assert [r for r in central if r["kind"] == "hold" and r["hold_id"] == hold["id"]
             and r["state"] == "approved"]
+    for cgroup in (path, busy):
+        cgroup.joinpath("cgroup.kill").write_text("1")
+
+
+async def _attempts_as(cluster: NatsCluster, user: str, hold_key: str) -> dict[str, str]:
+    """What user's NATS account gets when it reads or writes another host's
+    hold key and subjects: per attempt "ok" or the server's refusal."""
+    import asyncio
+    nats = fleet.nats_module()
+    errors: list[str] = []
+
+    async def on_error(exc):
+        errors.append(str(exc))
+    creds = fleet.load_credentials(cluster.credentials(user))
+    nc = await nats.connect(fleet.servers(cluster.url), **fleet.connect_options(creds), error_cb=on_error,
+                            connect_timeout=3, max_reconnect_attempts=2)
+    js = nc.jetstream(timeout=2)
+    kv = await js.key_value(fleet.HOLDS_BUCKET)   # the bucket's existence: every account may ask
+    results: dict[str, str] = {}
+
+    async def attempt(name, operation):
+        before = len(errors)
+        try:
+            await operation()
+            await nc.flush(timeout=2)
+            await asyncio.sleep(0.3)   # a refused subscription is reported after the fact
+            results[name] = errors[before] if len(errors) > before else "ok"
+        except Exception as exc:
+            await asyncio.sleep(0.3)
+            results[name] = errors[before] if len(errors) > before else f"failed: {exc!r}"
+    await attempt("get", lambda: kv.get(hold_key))
+    await attempt("keys", kv.keys)
+    await attempt("put", lambda: kv.put(hold_key, b'{"state": "forged"}'))
+    await attempt("delete", lambda: kv.delete(hold_key))
+    await attempt("publish record", lambda: js.publish(fleet.record_subject("host-a", "x", "exec"), b"forged"))
+    for name, subject in (("watch bucket", f"$KV.{fleet.HOLDS_BUCKET}.>"), ("all inboxes", "_INBOX.>"),
+                          ("admin inbox", f"{fleet.inbox_prefix('alice')}.>"),
+                          ("host-a decisions", fleet.decide_subject("host-a")),
+                          ("records", f"{fleet.RECORD_PREFIX}.>")):
+        await attempt(name, lambda s=subject: nc.subscribe(s))
+    await nc.close()
+    return results
+
+
+def test_a_host_reads_and_writes_only_its_own_keys_and_subjects(fleet_env):
+    import asyncio
+    import json
+    warden = fleet_env.wardens["host-a"]
+    agent, _ = fleet_env.agent("host-a", "private")
+    warden.set_policy(agent, _policy(agent, exec_hold=["/usr/bin/date *"]))
+    run = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date +private-%Y; echo rc=$?"])
+    hold = wait_fleet_hold(fleet_env, agent)
+    key = fleet.hold_key("host-a", hold["hold_id"])
+    # The same attempts by an admin read the key: the host's refusals below are permissions.
+    admin = asyncio.run(_attempts_as(fleet_env.cluster, "alice", key))
+    assert admin["get"] == "ok" and admin["keys"] == "ok", admin
+    host_b = asyncio.run(_attempts_as(fleet_env.cluster, "host-b", key))
+    for name, outcome in host_b.items():
+        assert "permissions violation" in outcome.lower(), (name, outcome)
+    log = fleet_env.cluster.server_log()
+    assert 'Subscription Violation - User "host-b", Subject "$KV.aw-holds.>"' in log
+    assert 'Publish Violation - User "host-b", Subject "$KV.aw-holds.' + key in log
+    # Nothing host-b tried changed host-a's pending hold.
+    [still] = [h for h in map(json.loads, fleet_env.cli("alice", "holds", "--json").stdout.splitlines())
+               if h["hold_id"] == hold["hold_id"]]
+    assert still == hold
+    # `fleet holds` with a host's account: one line saying why, not an empty list.
+    listed = fleet_env.cli("host-b", "holds", check=False)
+    assert listed.returncode == 1 and "NATS refused reading the aw-holds bucket" in listed.stderr
+    assert "Traceback" not in listed.stderr and not listed.stdout
+    fleet_env.cli("alice", "deny", f"host-a/{hold['hold_id']}", "--reason", "permissions test", key="alice")
+    out, _ = run.communicate(timeout=30)
+    assert "private-" not in out
+
+
+def test_fleet_tail_follows_one_host_one_agent_and_violations(fleet_env):
+    import json
+    paths, refusing = {}, {}
+    for host in HOSTS:
+        paths[host] = fleet_env.agent(host, "tail")          # watched only: the workload
+        refusing[host] = fleet_env.agent(host, "tailv")      # its policy refuses nologin
+        fleet_env.wardens[host].set_policy(refusing[host][0], _policy(refusing[host][0]))
+    a_agent, b_agent = paths["host-a"][0], refusing["host-b"][0]
+
+    def tail(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([PY, "-m", "agentwarden", "fleet", "tail", *args, "--url", fleet_env.cluster.url,
+                                 "--credentials", str(fleet_env.cluster.credentials("alice"))],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    one_agent = tail("--host", "host-a", "--agent", a_agent, "--json", "--count", "30")
+    violations = tail("--violations", "--host", "host-b", "--agent", b_agent, "--json", "--count", "2")
+    text = tail("--host", "host-b", "--count", "5")
+    tails = (one_agent, violations, text)
+    deadline = time.monotonic() + 90
+    # Records on both hosts until every tail has what it waits for (each follows from now on).
+    while any(t.poll() is None for t in tails) and time.monotonic() < deadline:
+        loads = [workload(path, 1) for _, path in paths.values()]
+        assert all(p.wait(timeout=60) == 0 for p in loads)
+        for _, path in refusing.values():   # not allowed by the policy: a violation on each host
+            assert run_in(path, ["/usr/sbin/nologin"]).wait(timeout=30) != 0
+    outputs = []
+    for t in tails:
+        if t.poll() is None:
+            t.kill()
+        out, err = t.communicate(timeout=10)
+        assert t.returncode == 0, err
+        outputs.append(out.splitlines())
+    local = {r["seq"]: r for r in fleet_env.wardens["host-a"].records() if r.get("agent") == a_agent}
+    records = [json.loads(line) for line in outputs[0]]
+    assert len(records) == 30
+    for record in records:
+        assert record["agent"] == a_agent and record["host"] == "host-a", record
+        assert {k: v for k, v in record.items() if k != "host"} == {k: v for k, v in local[record["seq"]].items()
+                                                                    if k != "host"}
+    assert [r["seq"] for r in records] == sorted(r["seq"] for r in records)
+    found = [json.loads(line) for line in outputs[1]]
+    assert len(found) == 2 and all(r["kind"] == "violation" and r["host"] == "host-b"
+                                   and r["agent"] == b_agent for r in found), found
+    assert len(outputs[2]) == 5 and all(line.startswith("host-b ") for line in outputs[2]), outputs[2]
+    for _, path in [*paths.values(), *refusing.values()]:
+        path.joinpath("cgroup.kill").write_text("1")
+
+
+def test_a_blackholed_nats_never_stalls_enforcement(fleet_env):
+    """Every NATS node SIGSTOPped: connections are accepted, nothing ever
+    answers. The daemon restarts, enforces, holds and archives as if NATS
+    were not there; shipping catches up once the nodes answer again."""
+    warden = fleet_env.wardens["host-a"]
+    agent, path = fleet_env.agent("host-a", "blackhole")
+    warden.set_policy(agent, _policy(agent, exec_hold=["/usr/bin/date *"]))
+    # A hold pending when the daemon dies: the restarted one keeps it (docs/sessions.md), and
+    # publishes it again once NATS answers.
+    kept_run = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date +kept-%Y; echo rc=$?"])
+    kept = wait_fleet_hold(fleet_env, agent)
+    fleet_env.shipped_up_to("host-a", settled_seq(warden))
+    fleet_env.cluster.pause()
+    try:
+        old = warden.status()["daemon"]["pid"]
+        os.kill(old, signal.SIGKILL)          # a daemon that starts while NATS is a blackhole
+        wait_for(lambda: warden.status()["daemon"]["pid"] != old, timeout=60, what="host-a's daemon to restart")
+        cgid = str(cgroups.cgroup_id(path))
+        wait_for(lambda: cgid in warden.status()["probe"]["tags"], what="the restarted daemon to watch the agent")
+        def kept_pending():
+            try:
+                holds = session.admin_request(warden.settings, {"cmd": "holds"})["holds"]
+            except AgentwardenError:   # the restarted supervisor is not listening yet
+                return False
+            return [h for h in holds if h["id"] == kept["hold_id"]]
+        wait_for(kept_pending, timeout=30, what="the kept hold to be pending again")
+        refused = run_in(path, ["/usr/sbin/nologin"])
+        assert refused.wait(timeout=30) != 0
+        wait_for(lambda: [r for r in warden.records() if r["kind"] == "violation" and r.get("agent") == agent
+                          and "/usr/sbin/nologin" in r["attempted"]],
+                 what="the violation in host-a's archive")
+        run = start_run(warden, agent, ["/bin/sh", "-c", "/usr/bin/date +blackhole-%Y; echo rc=$?"])
+        [hold] = wait_for(lambda: [h for h in session.admin_request(warden.settings, {"cmd": "holds"})["holds"]
+                                   if h["agent"] == agent and h["id"] != kept["hold_id"]],
+                          timeout=20, what="the local hold")
+        warden.cli("approve", hold["id"], "--reason", "approved while NATS is a blackhole")
+        out, err = run.communicate(timeout=30)
+        assert run.returncode == 0 and "blackhole-" in out, err
+        _, busy = fleet_env.agent("host-a", "blackhole-load")   # watched only
+        assert workload(busy, 5).wait(timeout=60) == 0
+        durable = settled_seq(warden)
+        assert warden.status()["fleet"]["acked_seq"] < durable
+        shown = warden.cli("status").stdout
+        assert "lag" in shown and "fleet:" in shown, shown
+    finally:
+        fleet_env.cluster.resume()
+    fleet_env.shipped_up_to("host-a", durable, timeout=120)
+    compare(fleet_env, "host-a", durable)
+    assert wait_fleet_hold(fleet_env, agent)["hold_id"] == kept["hold_id"]
+    fleet_env.cli("alice", "approve", f"host-a/{kept['hold_id']}", key="alice")
+    out, err = kept_run.communicate(timeout=30)
+    assert kept_run.returncode == 0 and "kept-" in out, err
     for cgroup in (path, busy):
         cgroup.joinpath("cgroup.kill").write_text("1")

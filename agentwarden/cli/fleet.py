@@ -57,8 +57,8 @@ class _Connection:
                 self.refused.set()
 
         try:
-            self.nc = await nats.connect(fleet.servers(self.url), user=self.credentials.user,
-                                         password=self.credentials.password, connect_timeout=3,
+            self.nc = await nats.connect(fleet.servers(self.url), **fleet.connect_options(self.credentials),
+                                         connect_timeout=3,
                                          max_reconnect_attempts=2, error_cb=on_error,
                                          name="agentwarden fleet CLI")
         except Exception as exc:
@@ -81,8 +81,15 @@ async def _kv_entries(conn: _Connection, bucket: str) -> list[dict]:
                                "collector running, or `agentwarden fleet init` done?") from None
     try:
         keys = await kv.keys()
-    except Exception:   # NoKeysError: empty
-        return []
+    except Exception as exc:   # NoKeysError: empty
+        if conn.refusal:
+            raise AgentwardenError(f"NATS refused reading the {bucket} bucket to this account "
+                                   f"({conn.refusal}): use an admin's credentials") from None
+        from nats.js.errors import NoKeysError
+        if isinstance(exc, NoKeysError):
+            return []
+        raise AgentwardenError(f"cannot read the {bucket} bucket on {conn.url}: "
+                               f"{exc.__class__.__name__} {exc}") from None
     entries = []
     for key in keys:
         try:
@@ -317,7 +324,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="as JSON, one host
         age = (now - h["time"]) / 1e9
         up = "up" if age < 5 else f"SILENT for {age:.0f}s"
         drops = ", ".join(f"{k}={v}" for k, v in sorted((h.get("drops") or {}).items())) or "none"
-        typer.echo(f"{h['host']:<16} {up}, shipped up to seq {h['acked_seq']}, lag {h.get('lag', '?')}, "
+        last = (f" {(now - h['last_ack']) / 1e9:.0f}s ago" if h.get("last_ack") else "")
+        typer.echo(f"{h['host']:<16} {up}, shipped up to seq {h['acked_seq']}{last}, lag {h.get('lag', '?')}, "
                    f"{h['pending_holds']} holds pending, drops: {drops}")
 
 

@@ -10,6 +10,7 @@ Subjects and buckets (one definition, used by the docs' server configuration)::
     aw.decide.<host>               signed decisions for a host's holds (request/reply)
     KV aw-holds   <host>.<hold>    a host's pending holds (deleted when decided)
     KV aw-hosts   <host>           a host's shipping state, refreshed every second
+    _INBOX.<user>.>                replies to one NATS account (only it may subscribe there)
 
 A host name becomes one subject token: anything but letters, digits, ``-``
 and ``_`` is replaced by ``_`` (the records themselves keep the exact name).
@@ -39,6 +40,7 @@ DECIDE_PREFIX = "aw.decide"
 HOLDS_BUCKET = "aw-holds"
 HOSTS_BUCKET = "aw-hosts"
 COLLECTOR_DURABLE = "aw-collector"
+INBOX_PREFIX = "_INBOX"
 DUPLICATE_WINDOW = 3600.0   # s: JetStream drops a repeated message id within this window
 DECISION_MAX_AGE = 300.0    # s: a signed decision older than this (or from the future) is refused
 SHIPPED_VERSION = 1
@@ -341,6 +343,21 @@ def nats_module():
     raise FleetError(f"the fleet needs nats-py, which Debian does not package: "
                      f"pip install --target {VENDOR_DIR} --no-deps nats-py=={NATS_PY_VERSION} "
                      "(see docs/fleet.md)")
+
+
+def connect_options(credentials: Credentials) -> dict[str, Any]:
+    """nats.connect's account options. Replies come to _INBOX.<user>, the only
+    inbox the server lets that account read: a host subscribed to all of
+    _INBOX could read the replies of others' requests (an admin's view of every
+    host's holds, the collector's records)."""
+    if credentials.user is None:
+        return {}
+    return {"user": credentials.user, "password": credentials.password,
+            "inbox_prefix": inbox_prefix(credentials.user)}
+
+
+def inbox_prefix(user: str) -> str:
+    return f"{INBOX_PREFIX}.{token(user)}"
 
 
 def servers(url: str) -> list[str]:

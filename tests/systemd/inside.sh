@@ -132,7 +132,7 @@ install)
     check "the probe said it was compiling, then how long loading took" json_has /tmp/journal-probe.json \
         "r.get('MESSAGE', '').startswith('BPF program loaded and attached in ')"
     out=$(systemd-analyze verify agentwarden-daemon.service agentwarden-probe.service \
-          agents.slice agent@verify.service 2>&1)
+          agents.slice agent@verify.service agentwarden-fleet-archive.service 2>&1)
     if [ -z "$out" ]; then ok "systemd-analyze verify: clean for every unit"; else fail "systemd-analyze verify"; echo "$out" | sed 's/^/    /'; fi
     ;;
 

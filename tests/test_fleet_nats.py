@@ -1,0 +1,113 @@
+"""The collector on a real nats-server cluster (no kernel needed): a record
+JetStream delivered to it but that never reached it (a fetch that timed out, a
+reconnection) comes again by redelivery before its gap is taken as lost."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from agentwarden import fleet
+from agentwarden.archive.segments import read_items
+from agentwarden.archive.verify import verify
+from agentwarden.daemon import fleet_collector
+from fleet_cluster import NATS_SERVER, NatsCluster
+from test_fleet import KEY, shipped_messages, write_archive
+
+HOST = "web-1"
+ADMIN = "alice"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    if not os.path.exists(NATS_SERVER):
+        pytest.fail("nats-server is missing (make setup installs Debian's nats-server)")
+    c = NatsCluster(tmp_path / "nats", [HOST], [ADMIN])
+    c.start()
+    yield c
+    c.stop()
+
+
+async def _connect(cluster: NatsCluster, user: str):
+    nats = fleet.nats_module()
+    return await nats.connect(fleet.servers(cluster.url),
+                              **fleet.connect_options(fleet.load_credentials(cluster.credentials(user))))
+
+
+async def _lose_then_collect(cluster: NatsCluster, messages: list, central) -> dict:
+    from nats.js import api
+    collector_nc = await _connect(cluster, "collector")
+    js = collector_nc.jetstream(timeout=10)
+    await fleet_collector.ensure_fleet(js, 3)
+    host_nc = await _connect(cluster, HOST)
+    host_js = host_nc.jetstream(timeout=10)
+    for i, message in enumerate(messages):
+        await host_js.publish(fleet.record_subject(HOST, None, "gap"), message.data,
+                              headers={"Nats-Msg-Id": fleet.message_id(HOST, i)})
+    await host_nc.close()
+    # The collector's consumer delivers the first five records to a fetch whose answer is lost.
+    sub = await js.pull_subscribe(
+        f"{fleet.RECORD_PREFIX}.>", durable=fleet.COLLECTOR_DURABLE, stream=fleet.STREAM,
+        config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=fleet_collector.ACK_WAIT,
+                                  max_ack_pending=100_000, deliver_policy=api.DeliverPolicy.ALL))
+    lost = await sub.fetch(5, timeout=5)
+    assert [fleet.decode_shipped(m.data).seq for m in lost] == [0, 1, 2, 3, 4]
+    await collector_nc.close()
+    stop = asyncio.Event()
+    task = asyncio.create_task(fleet_collector.run_collector(
+        cluster.url, fleet.load_credentials(cluster.credentials("collector")), central, 3, stop))
+    last = len(messages) - 1
+    for _ in range(int(fleet_collector.GAP_WAIT * 4 / 0.2)):
+        await asyncio.sleep(0.2)
+        if (central / HOST).is_dir() and any(i.seq == last for i in read_items(central / HOST)):
+            break
+    stop.set()
+    return (await task).state()
+
+
+def test_a_record_delivered_but_lost_on_the_way_comes_again_before_its_gap_is_declared(cluster, tmp_path):
+    write_archive(tmp_path / "host", 30)
+    messages = shipped_messages(tmp_path / "host")
+    assert len(messages) == 30
+    state = asyncio.run(_lose_then_collect(cluster, messages, tmp_path / "central"))
+    assert [i.seq for i in read_items(tmp_path / "central" / HOST)] == list(range(30)), state
+    assert state["counters"]["missing"] == 0 and state["counters"]["gaps"] == 0, state
+    assert verify(tmp_path / "central" / HOST, key=KEY).ok
+
+
+async def _publish_and_follow(cluster: NatsCluster, count: int, size: int) -> int:
+    """count records of size bytes published by the host; how many an admin's
+    ordered consumer (what `fleet tail` uses) reads from the start."""
+    from nats.js import api
+    collector_nc = await _connect(cluster, "collector")
+    await fleet_collector.ensure_fleet(collector_nc.jetstream(timeout=10), 3)
+    await collector_nc.close()
+    host_nc = await _connect(cluster, HOST)
+    host_js = host_nc.jetstream(timeout=30)
+    body = b"x" * size
+    for start in range(0, count, 500):
+        acks = [await host_js.publish_async(fleet.record_subject(HOST, None, "gap"), body,
+                                            headers={"Nats-Msg-Id": fleet.message_id(HOST, i)})
+                for i in range(start, min(count, start + 500))]
+        await asyncio.gather(*acks)
+    await host_nc.close()
+    admin_nc = await _connect(cluster, ADMIN)
+    sub = await admin_nc.jetstream().subscribe(f"{fleet.RECORD_PREFIX}.>", ordered_consumer=True,
+                                               config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL))
+    seen = 0
+    while seen < count:
+        try:
+            await sub.next_msg(timeout=10)
+        except Exception:   # nothing for 10 s: the consumer stalled
+            break
+        seen += 1
+    await admin_nc.close()
+    return seen
+
+
+def test_an_admins_ordered_consumer_reads_a_large_stream_without_stalling(cluster):
+    """Flow control asks the consumer to answer on $JS.FC; an admin account
+    without that permission stalls after some megabytes."""
+    count = 30_000
+    assert asyncio.run(_publish_and_follow(cluster, count, 1024)) == count
