@@ -46,12 +46,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -849,6 +854,210 @@ static int install_filter(const uint8_t *program, uint32_t len)
     return (int)fd;
 }
 
+/* ---- the command: born in the session cgroup ------------------------------ */
+
+/* Joining a cgroup by writing cgroup.procs waits for the kernel's cgroup
+ * migration (an RCU grace period on a hybrid mount: 5-15 ms); a process
+ * made by clone3(CLONE_INTO_CGROUP) is born there instead. So the command is
+ * this process's child, and this process stays its parent: it passes signals
+ * on, follows the child's stops, and ends as the child ended. The launcher
+ * itself stays where it was started, outside the session. */
+
+struct command {
+    const char *run_dir, *program, *session, *cgroup;
+    char **argv;
+    const struct passwd *account;
+    gid_t gid;
+    const uint8_t *filter;
+    uint32_t filter_len;
+    struct packer *registration;
+};
+
+/* Passed on to the command: what a terminal, a service manager or a harness
+ * sends the process it started. SIGKILL and SIGSTOP cannot be caught: the
+ * command has PR_SET_PDEATHSIG, and a stopped launcher stops nothing. */
+static const int forwarded_signals[] = {SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2,
+                                        SIGWINCH, SIGCONT, SIGTSTP, SIGTTIN, SIGTTOU};
+#define FORWARDED_COUNT (sizeof forwarded_signals / sizeof forwarded_signals[0])
+
+static volatile pid_t command_pid;
+static int caught[FORWARDED_COUNT];   /* 1: handled here; 0: ignored when we started, left so */
+static sigset_t original_mask;
+
+static void forward(int sig, siginfo_t *info, void *context)
+{
+    (void)context;
+    pid_t child = command_pid;
+    if (child <= 0)
+        return;
+    int saved = errno;
+    /* The terminal signals its foreground process group (Ctrl-C, Ctrl-Z, a
+     * resize, a hang-up): the command already has it when it shares ours. A
+     * signal the command sent (kill(0, ...) reaches us too) is not sent back. */
+    int from_terminal = info->si_code == SI_KERNEL && getpgid(child) == getpgrp();
+    int from_command = info->si_code <= 0 && info->si_pid == child;
+    if (!from_terminal && !from_command)
+        kill(child, sig);
+    errno = saved;
+}
+
+static void catch_signals(void)
+{
+    sigset_t all;
+    sigemptyset(&all);
+    for (size_t i = 0; i < FORWARDED_COUNT; i++)
+        sigaddset(&all, forwarded_signals[i]);
+    sigprocmask(SIG_BLOCK, &all, &original_mask);   /* until the child's pid is known */
+    struct sigaction action = {.sa_sigaction = forward, .sa_flags = SA_SIGINFO | SA_RESTART};
+    sigfillset(&action.sa_mask);
+    for (size_t i = 0; i < FORWARDED_COUNT; i++) {
+        struct sigaction old;
+        sigaction(forwarded_signals[i], NULL, &old);
+        caught[i] = old.sa_handler != SIG_IGN;   /* nohup's SIGHUP, a background job's SIGINT stay ignored */
+        if (caught[i])
+            sigaction(forwarded_signals[i], &action, NULL);
+    }
+}
+
+/* In the child: the signals as they were when the launcher started (a
+ * pending one is delivered now, with its default action). */
+static void restore_signals(void)
+{
+    for (size_t i = 0; i < FORWARDED_COUNT; i++)
+        if (caught[i])
+            signal(forwarded_signals[i], SIG_DFL);
+    sigprocmask(SIG_SETMASK, &original_mask, NULL);
+}
+
+/* The child, in the session cgroup: filter, registration, user, exec. From
+ * here on, failing means the command never runs. */
+static void __attribute__((noreturn)) become_command(const struct command *cmd, pid_t launcher,
+                                                     volatile int *registered)
+{
+    cgroup_made = NULL;   /* the launcher removes it, if the daemon never took the session */
+    /* A connection of its own: the supervisor learns this process from the
+     * kernel (SO_PEERCRED) and checks that it is in the session cgroup. */
+    int supervisor = connect_supervisor(cmd->run_dir);
+    int listener = install_filter(cmd->filter, cmd->filter_len);
+    struct reply registered_reply = exchange(supervisor, sessions_path, cmd->registration, listener, "the daemon",
+                                             AW_EXIT_UNREACHABLE, SUPERVISOR_TIMEOUT);
+    close(listener);
+    close(supervisor);
+    if (!mp_ok(registered_reply.data, registered_reply.end))
+        fail(AW_EXIT_PROBLEM, "the daemon refused the session: %s",
+             mp_string(registered_reply.data, registered_reply.end, "error", NULL) ?: "no reason given");
+    *registered = 1;
+
+    const struct passwd *account = cmd->account;
+    if (account != NULL) {
+        if (initgroups(account->pw_name, cmd->gid) != 0 || setgid(cmd->gid) != 0 || setuid(account->pw_uid) != 0)
+            fail(AW_EXIT_PROBLEM, "cannot become user %s: %s", account->pw_name, strerror(errno));
+        setenv("HOME", account->pw_dir, 1);
+        setenv("USER", account->pw_name, 1);
+        setenv("LOGNAME", account->pw_name, 1);
+    }
+    setenv(AW_SESSION_ENV, cmd->session, 1);
+    /* Killed with the launcher (SIGKILL cannot be passed on: a harness's
+     * timeout kills the `run` it started), as when it was the command.
+     * After setuid, which clears it; before exec, which keeps it. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 || getppid() != launcher)
+        _exit(AW_EXIT_PROBLEM);   /* the launcher is gone already */
+    restore_signals();
+    execv(cmd->program, cmd->argv);
+    fail(AW_EXIT_PROBLEM, "cannot run %s: %s", cmd->program, strerror(errno));
+}
+
+/* A child born in the cgroup cgroup_fd names; 0 in the child. Where clone3
+ * or CLONE_INTO_CGROUP is missing (before 5.7, or refused by a container's
+ * seccomp profile), a plain fork whose child joins by cgroup.procs. */
+static pid_t spawn_in_cgroup(int cgroup_fd, const char *cgroup)
+{
+    struct clone_args args = {.flags = CLONE_INTO_CGROUP, .exit_signal = SIGCHLD, .cgroup = (uint64_t)cgroup_fd};
+    long pid = syscall(SYS_clone3, &args, sizeof args);
+    if (pid >= 0 || (errno != ENOSYS && errno != EINVAL && errno != E2BIG && errno != EPERM))
+        return (pid_t)pid;
+    pid = fork();
+    if (pid == 0) {
+        char *procs = joined(cgroup, "cgroup.procs");
+        int fd = open(procs, O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, "0", 1) != 1)
+            fail(AW_EXIT_PROBLEM, "cannot join the session cgroup %s: %s", cgroup, strerror(errno));
+        close(fd);
+    }
+    return (pid_t)pid;
+}
+
+/* The child stopped (a terminal's Ctrl-Z, a read from the terminal in the
+ * background): stop the same way, so that the shell sees its job stopped;
+ * on SIGCONT go on waiting (the handler passes SIGCONT on). */
+static void stop_as(int sig)
+{
+    if (sig != SIGTSTP && sig != SIGTTIN && sig != SIGTTOU)
+        return;   /* a SIGSTOP sent to the command alone: whoever sent it continues it */
+    struct sigaction dfl = {.sa_handler = SIG_DFL}, mine;
+    sigaction(sig, &dfl, &mine);
+    sigset_t one;
+    sigemptyset(&one);
+    sigaddset(&one, sig);
+    sigprocmask(SIG_UNBLOCK, &one, NULL);
+    kill(getpid(), sig);
+    sigaction(sig, &mine, NULL);
+}
+
+/* Ends as the command ended: its exit code, or killed by the same signal
+ * (a shell then stops its loop on Ctrl-C, and reports what killed it);
+ * without a core dump of this process. 128+N when that signal cannot end it. */
+static void __attribute__((noreturn)) end_as(const siginfo_t *info)
+{
+    if (info->si_code == CLD_EXITED)
+        exit(info->si_status);
+    int sig = info->si_status;
+    struct rlimit no_core = {0, 0};
+    setrlimit(RLIMIT_CORE, &no_core);
+    signal(sig, SIG_DFL);
+    sigset_t one;
+    sigemptyset(&one);
+    sigaddset(&one, sig);
+    sigprocmask(SIG_UNBLOCK, &one, NULL);
+    kill(getpid(), sig);
+    exit(128 + sig);
+}
+
+static void __attribute__((noreturn)) start_command(const struct command *cmd, int cgroup_fd)
+{
+    volatile int *registered = mmap(NULL, sizeof(int), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (registered == MAP_FAILED)
+        fail(AW_EXIT_PROBLEM, "out of memory");
+    pid_t launcher = getpid();
+    catch_signals();
+    pid_t child = spawn_in_cgroup(cgroup_fd, cmd->cgroup);
+    if (child < 0)
+        fail(AW_EXIT_PROBLEM, "cannot start %s in the session cgroup %s: %s", cmd->program, cmd->cgroup,
+             strerror(errno));
+    if (child == 0)
+        become_command(cmd, launcher, registered);
+    close(cgroup_fd);
+    cgroup_made = NULL;
+    command_pid = child;
+    sigprocmask(SIG_SETMASK, &original_mask, NULL);
+    siginfo_t info;
+    for (;;) {
+        memset(&info, 0, sizeof info);
+        if (waitid(P_PID, (id_t)child, &info, WEXITED | WSTOPPED) != 0) {
+            if (errno == EINTR)
+                continue;
+            fail(AW_EXIT_PROBLEM, "cannot wait for %s: %s", cmd->program, strerror(errno));
+        }
+        if (info.si_code != CLD_STOPPED)
+            break;
+        stop_as(info.si_status);
+    }
+    command_pid = 0;
+    if (!*registered)
+        rmdir(cmd->cgroup);   /* the daemon never took the session: nothing ran in it */
+    end_as(&info);
+}
+
 static void __attribute__((noreturn)) start_session(const struct request *req)
 {
     if (geteuid() != 0)
@@ -949,16 +1158,17 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
              "session %s of instance %s", cgroup, session, instance, tag_session ?: "none",
              tag_instance ?: "none");
 
-    char *procs = joined(cgroup, "cgroup.procs"), pid[24];
-    int procs_fd = open(procs, O_WRONLY | O_CLOEXEC);
-    int pid_len = snprintf(pid, sizeof pid, "%d", getpid());
-    if (procs_fd < 0 || write(procs_fd, pid, (size_t)pid_len) != pid_len)
+    /* The command is born in the session cgroup, a child of this process,
+     * which stays to pass signals on and its status back (start_command). */
+    int cgroup_fd = open(cgroup, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (cgroup_fd < 0)
         fail(AW_EXIT_PROBLEM, "cannot join the session cgroup %s: %s", cgroup, strerror(errno));
-    close(procs_fd);
-    cgroup_made = NULL;   /* a cgroup with a process in it stays; the daemon removes it when empty */
-
-    /* From here on, failing means the command never runs: the filter stays. */
-    int listener = install_filter((const uint8_t *)filter, filter_len);
+    close(supervisor);   /* the command registers on a connection of its own */
+    struct command cmd = {
+        .run_dir = run_dir, .program = program, .argv = req->command, .account = account, .gid = gid,
+        .filter = (const uint8_t *)filter, .filter_len = filter_len, .session = session,
+        .cgroup = cgroup, .registration = &pk,
+    };
     pk.len = 0;
     put_map(&pk, 8);
     put_pair(&pk, "cmd", "register");
@@ -969,24 +1179,7 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
     put_pair(&pk, "on_behalf_of", on_behalf_of);
     put_pair(&pk, "host", host);
     put_pair(&pk, "cgroup", cgroup);
-    struct reply registered = exchange(supervisor, sessions_path, &pk, listener, "the daemon",
-                                       AW_EXIT_UNREACHABLE, SUPERVISOR_TIMEOUT);
-    close(listener);
-    close(supervisor);
-    if (!mp_ok(registered.data, registered.end))
-        fail(AW_EXIT_PROBLEM, "the daemon refused the session: %s",
-             mp_string(registered.data, registered.end, "error", NULL) ?: "no reason given");
-
-    if (account != NULL) {
-        if (initgroups(account->pw_name, gid) != 0 || setgid(gid) != 0 || setuid(account->pw_uid) != 0)
-            fail(AW_EXIT_PROBLEM, "cannot become user %s: %s", account->pw_name, strerror(errno));
-        setenv("HOME", account->pw_dir, 1);
-        setenv("USER", account->pw_name, 1);
-        setenv("LOGNAME", account->pw_name, 1);
-    }
-    setenv(AW_SESSION_ENV, session, 1);
-    execv(program, req->command);
-    fail(AW_EXIT_PROBLEM, "cannot run %s: %s", program, strerror(errno));
+    start_command(&cmd, cgroup_fd);
 }
 
 int main(int argc, char **argv)
