@@ -13,15 +13,19 @@
  * unchanged, whose help and errors stay the only ones. The Python CLI, given a
  * `run` line, resolves the settings and execs this program (session.launch).
  *
- * Session start, in this order (docs/sessions.md#start-up): resolve the
- * program, connect to the supervisor's sessions socket and fetch the session
- * filter and this instance's name from it (`launch`), find the session's
- * parent cgroup (this process's own when it is a delegated unit, else the
- * agent's, from the probe), make the session cgroup and set its xattrs, have
- * the probe watch it (`watch`), join it, install the filter with a listener,
- * register the listener with the supervisor (SCM_RIGHTS), drop to --user /
- * --group, exec. Every failure before the filter removes the cgroup; from the
- * filter on, failing means the command never runs. Errors are one line,
+ * Session start, in this order (docs/sessions.md#start-up): connect to the
+ * supervisor's sessions socket and ask it for the session filter and this
+ * instance's name (`launch`), resolve the program and the accounts while it
+ * answers, find the session's parent cgroup (this process's own when it is a
+ * delegated unit, else the agent's, from the probe), make the session cgroup
+ * and set its xattrs, have the probe watch it (`watch`), and start the
+ * command as a child born in it (clone3 CLONE_INTO_CGROUP: no migration to
+ * wait for). The child installs the filter with a listener, registers it with
+ * the supervisor on a connection of its own (SCM_RIGHTS; SO_PEERCRED names a
+ * process in the session cgroup), drops to --user / --group and execs; this
+ * process stays its parent, passes signals on and ends as the command ended.
+ * Every failure before the filter removes the cgroup; from the filter on,
+ * failing means the command never runs. Errors are one line,
  * `agentwarden: error: ...`, with docs/cli.md's exit codes.
  *
  * The filter itself is the supervisor's (seccomp_notify.build_filter, sent as
@@ -595,10 +599,8 @@ static int connect_to(int fd, const char *path)
     return connect(fd, (struct sockaddr *)&addr, sizeof addr);
 }
 
-/* One request (with fd_to_pass as SCM_RIGHTS when >= 0) and its answer, a map;
- * failures end the launcher with `unreachable_code` (who: "the daemon", "the probe"). */
-static struct reply exchange(int sock, const char *path, struct packer *pk, int fd_to_pass,
-                             const char *who, int unreachable_code, int timeout)
+/* The request (with fd_to_pass as SCM_RIGHTS when >= 0): 0, or sendmsg's errno. */
+static int send_request(int sock, struct packer *pk, int fd_to_pass, const char *who)
 {
     if (pk->overflow)
         fail(AW_EXIT_USAGE, "the request to %s is longer than %d bytes: shorten --task or --on-behalf-of",
@@ -618,8 +620,12 @@ static struct reply exchange(int sock, const char *path, struct packer *pk, int 
         cmsg->cmsg_len = CMSG_LEN(sizeof(int));
         memcpy(CMSG_DATA(cmsg), &fd_to_pass, sizeof(int));
     }
-    if (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0)
-        fail(unreachable_code, "cannot send to %s on %s: %s", who, path, strerror(errno));
+    return sendmsg(sock, &msg, MSG_NOSIGNAL) < 0 ? errno : 0;
+}
+
+/* The answer to a request sent, a map. */
+static struct reply read_reply(int sock, const char *path, const char *who, int unreachable_code, int timeout)
+{
     struct reply r = {.data = malloc(AW_MAX_ADMIN_REPLY_BYTES)};
     if (r.data == NULL)
         fail(AW_EXIT_PROBLEM, "out of memory");
@@ -636,6 +642,17 @@ static struct reply exchange(int sock, const char *path, struct packer *pk, int 
     if (mp_next(&p, r.end, &v) < 0 || v.kind != MP_MAP || (p = r.data, mp_skip(&p, r.end, 0) < 0))
         fail(AW_EXIT_PROBLEM, "%s sent a malformed answer on %s", who, path);
     return r;
+}
+
+/* One request and its answer; failures end the launcher with
+ * `unreachable_code` (who: "the daemon", "the probe"). */
+static struct reply exchange(int sock, const char *path, struct packer *pk, int fd_to_pass,
+                             const char *who, int unreachable_code, int timeout)
+{
+    int err = send_request(sock, pk, fd_to_pass, who);
+    if (err != 0)
+        fail(unreachable_code, "cannot send to %s on %s: %s", who, path, strerror(err));
+    return read_reply(sock, path, who, unreachable_code, timeout);
 }
 
 static char *probe_path, *sessions_path;
@@ -655,26 +672,59 @@ static struct reply probe_request(struct packer *pk)
     return r;
 }
 
+/* Why the supervisor's sessions socket could not be reached. */
+struct unreachable {
+    enum { REACHED, DIR_CLOSED, NO_SOCKET, NOT_CONNECTED } why;
+    int err;
+};
+
 /* Connected to the supervisor's sessions socket (SO_PEERCRED tells it who
- * asks), or one clear error (control.check_reachable's). */
-static int connect_supervisor(const char *run_dir)
+ * asks), or -1 and why (supervisor_unreachable says it). */
+static int open_supervisor(const char *run_dir, struct unreachable *problem)
 {
     struct stat st;
-    if (access(run_dir, X_OK) != 0 && stat(run_dir, &st) == 0 && S_ISDIR(st.st_mode))
-        fail(AW_EXIT_PERMISSION, "%s is not open to you: run this as root (sudo)", run_dir);
-    if (lstat(sessions_path, &st) != 0)
-        fail(AW_EXIT_UNREACHABLE, "the daemon is not running (no socket at %s); start it with "
-             "`agentwarden up`", sessions_path);
+    problem->why = REACHED;
+    if (access(run_dir, X_OK) != 0 && stat(run_dir, &st) == 0 && S_ISDIR(st.st_mode)) {
+        problem->why = DIR_CLOSED;
+        return -1;
+    }
+    if (lstat(sessions_path, &st) != 0) {
+        problem->why = NO_SOCKET;
+        return -1;
+    }
     int sock = seqpacket(SUPERVISOR_TIMEOUT);
     if (connect_to(sock, sessions_path) < 0) {
-        if (errno == EACCES || errno == EPERM)
-            fail(AW_EXIT_PERMISSION, "cannot reach %s: run this as root or as a member of the admin group",
-                 sessions_path);
-        if (errno == ECONNREFUSED || errno == ENOENT)
-            fail(AW_EXIT_UNREACHABLE, "the daemon is not running (nothing listens on %s, a socket left by "
-                 "a stopped daemon); start it with `agentwarden up`", sessions_path);
-        fail(AW_EXIT_UNREACHABLE, "cannot reach %s: %s", sessions_path, strerror(errno));
+        problem->why = NOT_CONNECTED;
+        problem->err = errno;
+        close(sock);
+        return -1;
     }
+    return sock;
+}
+
+/* One clear error (control.check_reachable's). */
+static void __attribute__((noreturn)) supervisor_unreachable(const char *run_dir, const struct unreachable *problem)
+{
+    if (problem->why == DIR_CLOSED)
+        fail(AW_EXIT_PERMISSION, "%s is not open to you: run this as root (sudo)", run_dir);
+    if (problem->why == NO_SOCKET)
+        fail(AW_EXIT_UNREACHABLE, "the daemon is not running (no socket at %s); start it with "
+             "`agentwarden up`", sessions_path);
+    if (problem->err == EACCES || problem->err == EPERM)
+        fail(AW_EXIT_PERMISSION, "cannot reach %s: run this as root or as a member of the admin group",
+             sessions_path);
+    if (problem->err == ECONNREFUSED || problem->err == ENOENT)
+        fail(AW_EXIT_UNREACHABLE, "the daemon is not running (nothing listens on %s, a socket left by "
+             "a stopped daemon); start it with `agentwarden up`", sessions_path);
+    fail(AW_EXIT_UNREACHABLE, "cannot reach %s: %s", sessions_path, strerror(problem->err));
+}
+
+static int connect_supervisor(const char *run_dir)
+{
+    struct unreachable problem;
+    int sock = open_supervisor(run_dir, &problem);
+    if (sock < 0)
+        supervisor_unreachable(run_dir, &problem);
     return sock;
 }
 
@@ -743,13 +793,17 @@ static int is_delegated(const char *path)
 
 /* Where the session cgroup goes: below this process's own cgroup when that is
  * a delegated unit (agent@NAME.service: nothing of ours ran in an agent's
- * cgroup before the session), else below the agent's tagged cgroup, as the
- * probe knows it (it scans the tree for one tagged since its last rescan). */
-static char *session_parent(const char *agent)
+ * cgroup before the session; delegated_parent), else below the agent's tagged
+ * cgroup, as the probe knows it (it scans the tree for one tagged since its
+ * last rescan; agent_parent). */
+static char *delegated_parent(void)
 {
     char *own = own_cgroup(cgroup2_root());
-    if (own != NULL && is_delegated(own))
-        return own;
+    return own != NULL && is_delegated(own) ? own : NULL;
+}
+
+static char *agent_parent(const char *agent)
+{
     struct packer pk = {0};
     put_map(&pk, 2);
     put_pair(&pk, "cmd", "agent");
@@ -1068,6 +1122,22 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
     if (regexec(&agent_name, req->agent, 0, NULL, 0) != 0)
         fail(AW_EXIT_PROBLEM, "invalid agent name '%s': use 1-64 letters, digits, '_', '.', '@' or '-', "
              "starting with a letter or digit", req->agent);
+    char *run_dir = resolve_run_dir();
+    if (run_dir == NULL)
+        hand_to_python();
+    sessions_path = joined(run_dir, AW_SESSIONS_SOCKET);
+    probe_path = joined(run_dir, AW_PROBE_SOCKET);
+
+    /* Ask the supervisor for the session filter and its instance at once, and
+     * read its answer after this side's own work: the two overlap. What this
+     * side finds wrong is still said first. */
+    struct unreachable problem;
+    int supervisor = open_supervisor(run_dir, &problem);
+    struct packer pk = {0};
+    put_map(&pk, 1);
+    put_pair(&pk, "cmd", "launch");
+    int send_error = supervisor >= 0 ? send_request(supervisor, &pk, -1, "the daemon") : 0;
+
     char *program = find_program(req->command[0]);
     if (program == NULL)
         fail(AW_EXIT_PROBLEM, "command not found: %s", req->command[0]);
@@ -1092,20 +1162,21 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
     const char *registering_user = req->user ? req->user : self ? strdup(self->pw_name) : "root";
     char host[256] = "";
     gethostname(host, sizeof host - 1);
-
-    char *run_dir = resolve_run_dir();
-    if (run_dir == NULL)
-        hand_to_python();
-    sessions_path = joined(run_dir, AW_SESSIONS_SOCKET);
-    probe_path = joined(run_dir, AW_PROBE_SOCKET);
+    char *parent = delegated_parent();
+    uint8_t random[6];
+    if (getrandom(random, sizeof random, 0) != sizeof random)
+        fail(AW_EXIT_PROBLEM, "getrandom failed: %s", strerror(errno));
+    char session[16];
+    snprintf(session, sizeof session, "s-%02x%02x%02x%02x%02x%02x", random[0], random[1], random[2],
+             random[3], random[4], random[5]);
 
     /* The supervisor listens, or this says why before anything is made; its
      * answer carries the session filter and the instance it serves. */
-    int supervisor = connect_supervisor(run_dir);
-    struct packer pk = {0};
-    put_map(&pk, 1);
-    put_pair(&pk, "cmd", "launch");
-    struct reply launch = exchange(supervisor, sessions_path, &pk, -1, "the daemon", AW_EXIT_UNREACHABLE, SUPERVISOR_TIMEOUT);
+    if (supervisor < 0)
+        supervisor_unreachable(run_dir, &problem);
+    if (send_error != 0)
+        fail(AW_EXIT_UNREACHABLE, "cannot send to the daemon on %s: %s", sessions_path, strerror(send_error));
+    struct reply launch = read_reply(supervisor, sessions_path, "the daemon", AW_EXIT_UNREACHABLE, SUPERVISOR_TIMEOUT);
     if (!mp_ok(launch.data, launch.end))
         fail(AW_EXIT_PROBLEM, "the daemon refused the session: %s",
              mp_string(launch.data, launch.end, "error", NULL) ?: "no reason given");
@@ -1116,13 +1187,8 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
         filter_len / sizeof(struct sock_filter) > BPF_MAXINSNS || instance == NULL || !*instance)
         fail(AW_EXIT_PROBLEM, "the daemon sent a malformed answer on %s: no session filter", sessions_path);
 
-    char *parent = session_parent(req->agent);
-    uint8_t random[6];
-    if (getrandom(random, sizeof random, 0) != sizeof random)
-        fail(AW_EXIT_PROBLEM, "getrandom failed: %s", strerror(errno));
-    char session[16];
-    snprintf(session, sizeof session, "s-%02x%02x%02x%02x%02x%02x", random[0], random[1], random[2],
-             random[3], random[4], random[5]);
+    if (parent == NULL)
+        parent = agent_parent(req->agent);
     char *cgroup = joined(parent, session);
     if (mkdir(cgroup, 0777) != 0)
         fail(AW_EXIT_PROBLEM, "cannot create the session cgroup %s: %s", cgroup, strerror(errno));
