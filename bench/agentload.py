@@ -66,7 +66,14 @@ def launchers(settings_env: dict) -> dict[str, list[str]]:
     if baseline:
         found[f"python3 -IS, baseline {Path(baseline).name}"] = ["/usr/bin/python3", "-IS", "-c", boot,
                                                                  baseline]
+        compiled = Path(baseline) / "agentwarden" / "_launcher"   # sh scripts/build-launcher.sh python3 there
+        if compiled.is_file():
+            found[baseline_launcher(baseline)] = [str(compiled)]
     return found
+
+
+def baseline_launcher(baseline: str) -> str:
+    return f"{INSTALLED}, baseline {Path(baseline).name}"
 
 
 def _timed(argv: list[str], env: dict, cwd: Path | None = None, join: Path | None = None) -> int:
@@ -219,22 +226,27 @@ def workload(env: dict, agent: str, agent_cgroup: Path, rounds: int, workdir: Pa
     # An agent's usual PATH: gcc's search for `as` goes through every directory of it.
     env = {**env, "TMPDIR": str(workdir), "HOME": str(workdir), "GIT_CONFIG_NOSYSTEM": "1",
            "LC_ALL": "C", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-    run_argv = launchers(env)[INSTALLED] + ["run", "--agent", agent, "--"]
-    sides = ("bare", "watched", "run")
+    found = launchers(env)
+    run_argv = {"run": found[INSTALLED] + ["run", "--agent", agent, "--"]}
+    baseline = env.get("AGENTWARDEN_BENCH_BASELINE")
+    if baseline and baseline_launcher(baseline) in found:   # before/after under run, paired too
+        run_argv["run, baseline"] = found[baseline_launcher(baseline)] + ["run", "--agent", agent, "--"]
+    sides = ("bare", "watched", *run_argv)
     samples = {side: [] for side in sides}
     order = random.Random(3)
     try:
         execs = count_execs(work, env)
         for side in sides:   # a warm-up pass of each
-            _workload_once(side, work, env, run_argv, agent_cgroup / "cgroup.procs")
+            _workload_once(side, work, env, run_argv.get(side, []), agent_cgroup / "cgroup.procs")
         for number in range(rounds):
             for side in order.sample(sides, len(sides)):
-                samples[side].append(_workload_once(side, work, env, run_argv, agent_cgroup / "cgroup.procs"))
+                samples[side].append(_workload_once(side, work, env, run_argv.get(side, []),
+                                                    agent_cgroup / "cgroup.procs"))
             log(f"  workload round {number + 1}/{rounds}: " + ", ".join(
                 f"{side} {samples[side][-1] / 1e9:.2f} s" for side in sides))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ratios = {side: [s / b for s, b in zip(samples[side], samples["bare"])] for side in ("watched", "run")}
+    ratios = {side: [s / b for s, b in zip(samples[side], samples["bare"])] for side in sides if side != "bare"}
     result = {"tool_calls": len(tool_calls()), "execs": execs, "rounds": rounds,
               "seconds": {side: [v / 1e9 for v in samples[side]] for side in sides},
               "median_s": {side: statistics.median(samples[side]) / 1e9 for side in sides},
@@ -242,5 +254,6 @@ def workload(env: dict, agent: str, agent_cgroup: Path, rounds: int, workdir: Pa
               "ratio_min": {side: min(r) for side, r in ratios.items()},
               "ratio_max": {side: max(r) for side, r in ratios.items()}}
     log(f"  workload: bare {result['median_s']['bare']:.2f} s, watched ×{result['ratio']['watched']:.3f}, "
-        f"under run ×{result['ratio']['run']:.3f} ({execs} execs in {result['tool_calls']} tool calls)")
+        f"under run ×{result['ratio']['run']:.3f} ({execs} execs in {result['tool_calls']} tool calls)"
+        + "".join(f", {side} ×{result['ratio'][side]:.3f}" for side in sides[3:]))
     return result
