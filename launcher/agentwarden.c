@@ -1094,6 +1094,15 @@ static void __attribute__((noreturn)) start_command(const struct command *cmd, i
     cgroup_made = NULL;
     command_pid = child;
     sigprocmask(SIG_SETMASK, &original_mask, NULL);
+    /* The command's stdin and stdout are its own: a writer into its stdin
+     * gets EPIPE once the command closes it, a reader of its stdout sees the
+     * end once the command closes it, not only when this process ends. */
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0) {
+        dup2(null, STDIN_FILENO);
+        dup2(null, STDOUT_FILENO);
+        close(null);
+    }
     siginfo_t info;
     for (;;) {
         memset(&info, 0, sizeof info);
