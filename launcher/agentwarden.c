@@ -658,18 +658,40 @@ static struct reply exchange(int sock, const char *path, struct packer *pk, int 
 static char *probe_path, *sessions_path;
 
 /* One request on the probe's watch socket (root only; wire.PROBE_COMMANDS). */
-static struct reply probe_request(struct packer *pk)
+/* A request sent to the probe, whose answer is read later (probe_answer);
+ * what went wrong on the way is said then, not before. */
+struct probe_call {
+    int sock, connect_error, send_error;
+};
+
+static struct probe_call probe_ask(struct packer *pk)
 {
-    int sock = seqpacket(PROBE_TIMEOUT);
-    if (connect_to(sock, probe_path) < 0) {
-        if (errno == EACCES || errno == EPERM)
-            fail(AW_EXIT_PERMISSION, "asking the probe needs root (CAP_BPF, CAP_SYS_ADMIN): run it with sudo");
+    struct probe_call call = {.sock = seqpacket(PROBE_TIMEOUT)};
+    if (connect_to(call.sock, probe_path) < 0)
+        call.connect_error = errno;
+    else
+        call.send_error = send_request(call.sock, pk, -1, "the probe");
+    return call;
+}
+
+static struct reply probe_answer(struct probe_call *call)
+{
+    if (call->connect_error == EACCES || call->connect_error == EPERM)
+        fail(AW_EXIT_PERMISSION, "asking the probe needs root (CAP_BPF, CAP_SYS_ADMIN): run it with sudo");
+    if (call->connect_error != 0)
         fail(AW_EXIT_UNREACHABLE, "the probe is not running (nothing listens on %s); start it with "
              "`agentwarden up`", probe_path);
-    }
-    struct reply r = exchange(sock, probe_path, pk, -1, "the probe", AW_EXIT_UNREACHABLE, PROBE_TIMEOUT);
-    close(sock);
+    if (call->send_error != 0)
+        fail(AW_EXIT_UNREACHABLE, "cannot send to the probe on %s: %s", probe_path, strerror(call->send_error));
+    struct reply r = read_reply(call->sock, probe_path, "the probe", AW_EXIT_UNREACHABLE, PROBE_TIMEOUT);
+    close(call->sock);
     return r;
+}
+
+static struct reply probe_request(struct packer *pk)
+{
+    struct probe_call call = probe_ask(pk);
+    return probe_answer(&call);
 }
 
 /* Why the supervisor's sessions socket could not be reached. */
@@ -802,13 +824,18 @@ static char *delegated_parent(void)
     return own != NULL && is_delegated(own) ? own : NULL;
 }
 
-static char *agent_parent(const char *agent)
+static struct probe_call ask_agent_parent(const char *agent)
 {
     struct packer pk = {0};
     put_map(&pk, 2);
     put_pair(&pk, "cmd", "agent");
     put_pair(&pk, "agent", agent);
-    struct reply r = probe_request(&pk);
+    return probe_ask(&pk);
+}
+
+static char *agent_parent(const char *agent, struct probe_call *asked)
+{
+    struct reply r = probe_answer(asked);
     const uint8_t *at;
     struct mp_value list, first;
     if (!mp_ok(r.data, r.end))
@@ -1137,15 +1164,20 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
     sessions_path = joined(run_dir, AW_SESSIONS_SOCKET);
     probe_path = joined(run_dir, AW_PROBE_SOCKET);
 
-    /* Ask the supervisor for the session filter and its instance at once, and
-     * read its answer after this side's own work: the two overlap. What this
-     * side finds wrong is still said first. */
+    /* Ask the supervisor for the session filter and its instance, and the
+     * probe for the agent's cgroup, at once, and read their answers after this
+     * side's own work: they overlap. What is wrong is said in the order it
+     * was: this side's first, then the supervisor's, then the probe's. */
     struct unreachable problem;
     int supervisor = open_supervisor(run_dir, &problem);
     struct packer pk = {0};
     put_map(&pk, 1);
     put_pair(&pk, "cmd", "launch");
     int send_error = supervisor >= 0 ? send_request(supervisor, &pk, -1, "the daemon") : 0;
+    char *parent = delegated_parent();
+    struct probe_call asked = {.sock = -1};
+    if (parent == NULL)
+        asked = ask_agent_parent(req->agent);   /* the probe answers meanwhile too */
 
     char *program = find_program(req->command[0]);
     if (program == NULL)
@@ -1171,7 +1203,6 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
     const char *registering_user = req->user ? req->user : self ? strdup(self->pw_name) : "root";
     char host[256] = "";
     gethostname(host, sizeof host - 1);
-    char *parent = delegated_parent();
     uint8_t random[6];
     if (getrandom(random, sizeof random, 0) != sizeof random)
         fail(AW_EXIT_PROBLEM, "getrandom failed: %s", strerror(errno));
@@ -1197,7 +1228,7 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
         fail(AW_EXIT_PROBLEM, "the daemon sent a malformed answer on %s: no session filter", sessions_path);
 
     if (parent == NULL)
-        parent = agent_parent(req->agent);
+        parent = agent_parent(req->agent, &asked);
     char *cgroup = joined(parent, session);
     if (mkdir(cgroup, 0777) != 0)
         fail(AW_EXIT_PROBLEM, "cannot create the session cgroup %s: %s", cgroup, strerror(errno));
