@@ -73,7 +73,14 @@ def launchers(settings_env: dict) -> dict[str, list[str]]:
     if baseline:
         found[f"python3 -IS, baseline {Path(baseline).name}"] = ["/usr/bin/python3", "-IS", "-c", boot,
                                                                  baseline]
+        compiled = Path(baseline) / "agentwarden" / "_launcher"   # sh scripts/build-launcher.sh python3 there
+        if compiled.is_file():
+            found[baseline_launcher(baseline)] = [str(compiled)]
     return found
+
+
+def baseline_launcher(baseline: str) -> str:
+    return f"{INSTALLED}, baseline {Path(baseline).name}"
 
 
 def _timed(argv: list[str], env: dict, cwd: Path | None = None, join: Path | None = None) -> int:
@@ -175,11 +182,7 @@ def tool_calls() -> list[tuple[str, str]]:
     return calls
 
 
-SIDES = ("bare", "watched", "run", "floor", "watched floor")
-
-
-def _workload_once(side: str, work: Path, env: dict, run_argv: list[str], agent_procs: Path,
-                   floor: Path) -> int:
+def _workload_once(side: str, work: Path, env: dict, prefix: list[str], agent_procs: Path) -> int:
     """One pass of every tool call; wall ns of the whole."""
     if work.exists():
         shutil.rmtree(work)
@@ -191,12 +194,10 @@ def _workload_once(side: str, work: Path, env: dict, run_argv: list[str], agent_
             total += _timed(call, env, work)
         elif side == "watched":
             total += _timed(call, env, work, join=agent_procs)
-        elif side == "run":
-            total += _timed(run_argv + call, env, work)
-        elif side == "floor":
-            total += _timed([str(floor)] + call, env, work)
-        else:
-            total += _timed([str(floor)] + call, env, work, join=agent_procs)
+        elif side == "watched floor":
+            total += _timed(prefix + call, env, work, join=agent_procs)
+        else:   # run (this tree's or the baseline's launcher), floor
+            total += _timed(prefix + call, env, work)
     return total
 
 
@@ -234,19 +235,24 @@ def workload(env: dict, agent: str, agent_cgroup: Path, rounds: int, workdir: Pa
     # An agent's usual PATH: gcc's search for `as` goes through every directory of it.
     env = {**env, "TMPDIR": str(workdir), "HOME": str(workdir), "GIT_CONFIG_NOSYSTEM": "1",
            "LC_ALL": "C", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-    run_argv = launchers(env)[INSTALLED] + ["run", "--agent", agent, "--"]
-    sides = SIDES
-    floor = sessions.build(workdir, "notify_floor")
+    found = launchers(env)
+    run_argv = {"run": found[INSTALLED] + ["run", "--agent", agent, "--"]}
+    baseline = env.get("AGENTWARDEN_BENCH_BASELINE")
+    if baseline and baseline_launcher(baseline) in found:   # before/after under run, paired too
+        run_argv["run, baseline"] = found[baseline_launcher(baseline)] + ["run", "--agent", agent, "--"]
+    floor = [str(sessions.build(workdir, "notify_floor"))]
+    prefixes = {**run_argv, "floor": floor, "watched floor": floor}
+    sides = ("bare", "watched", *prefixes)
     samples = {side: [] for side in sides}
     order = random.Random(3)
     try:
         execs = count_execs(work, env)
         for side in sides:   # a warm-up pass of each
-            _workload_once(side, work, env, run_argv, agent_cgroup / "cgroup.procs", floor)
+            _workload_once(side, work, env, prefixes.get(side, []), agent_cgroup / "cgroup.procs")
         for number in range(rounds):
             for side in order.sample(sides, len(sides)):
-                samples[side].append(_workload_once(side, work, env, run_argv, agent_cgroup / "cgroup.procs",
-                                                    floor))
+                samples[side].append(_workload_once(side, work, env, prefixes.get(side, []),
+                                                    agent_cgroup / "cgroup.procs"))
             log(f"  workload round {number + 1}/{rounds}: " + ", ".join(
                 f"{side} {samples[side][-1] / 1e9:.2f} s" for side in sides))
     finally:
@@ -261,6 +267,6 @@ def workload(env: dict, agent: str, agent_cgroup: Path, rounds: int, workdir: Pa
               "ratio_min": {side: min(r) for side, r in ratios.items()},
               "ratio_max": {side: max(r) for side, r in ratios.items()}}
     log(f"  workload: bare {result['median_s']['bare']:.2f} s, watched ×{result['ratio']['watched']:.3f}, "
-        f"under run ×{result['ratio']['run']:.3f}, floor ×{result['ratio']['floor']:.3f}, watched floor "
-        f"×{result['ratio']['watched floor']:.3f} ({execs} execs in {result['tool_calls']} tool calls)")
+        f"under run ×{result['ratio']['run']:.3f} ({execs} execs in {result['tool_calls']} tool calls)"
+        + "".join(f", {side} ×{result['ratio'][side]:.3f}" for side in sides[3:]))
     return result

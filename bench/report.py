@@ -647,7 +647,7 @@ def agentload_sections(result: dict) -> list[Section]:
     start_notes = [f"target: session start ≤ {MAX_START_MS:g} ms at the median ({side}): "
                    f"{v['median_ms']:.1f} ms: {'met' if v['median_ms'] <= MAX_START_MS else 'NOT met'}"
                    for side, v in start.items() if side != "bare"]
-    sides = [side for side in ("bare", "watched", "run", "floor", "watched floor") if side in work["median_s"]]
+    sides = list(work["median_s"])   # bare, watched, run, [run, baseline,] floor, watched floor
     work_rows = [[side, f"{work['median_s'][side]:.2f}",
                   "1" if side == "bare" else f"{work['ratio'][side]:.3f} ({work['ratio_min'][side]:.2f}-"
                                              f"{work['ratio_max'][side]:.2f})"]

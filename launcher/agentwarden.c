@@ -13,15 +13,19 @@
  * unchanged, whose help and errors stay the only ones. The Python CLI, given a
  * `run` line, resolves the settings and execs this program (session.launch).
  *
- * Session start, in this order (docs/sessions.md#start-up): resolve the
- * program, connect to the supervisor's sessions socket and fetch the session
- * filter and this instance's name from it (`launch`), find the session's
- * parent cgroup (this process's own when it is a delegated unit, else the
- * agent's, from the probe), make the session cgroup and set its xattrs, have
- * the probe watch it (`watch`), join it, install the filter with a listener,
- * register the listener with the supervisor (SCM_RIGHTS), drop to --user /
- * --group, exec. Every failure before the filter removes the cgroup; from the
- * filter on, failing means the command never runs. Errors are one line,
+ * Session start, in this order (docs/sessions.md#start-up): connect to the
+ * supervisor's sessions socket and ask it for the session filter and this
+ * instance's name (`launch`), resolve the program and the accounts while it
+ * answers, find the session's parent cgroup (this process's own when it is a
+ * delegated unit, else the agent's, from the probe), make the session cgroup
+ * and set its xattrs, have the probe watch it (`watch`), and start the
+ * command as a child born in it (clone3 CLONE_INTO_CGROUP: no migration to
+ * wait for). The child installs the filter with a listener, registers it with
+ * the supervisor on a connection of its own (SCM_RIGHTS; SO_PEERCRED names a
+ * process in the session cgroup), drops to --user / --group and execs; this
+ * process stays its parent, passes signals on and ends as the command ended.
+ * Every failure before the filter removes the cgroup; from the filter on,
+ * failing means the command never runs. Errors are one line,
  * `agentwarden: error: ...`, with docs/cli.md's exit codes.
  *
  * The filter itself is the supervisor's (seccomp_notify.build_filter, sent as
@@ -46,12 +50,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -590,10 +599,8 @@ static int connect_to(int fd, const char *path)
     return connect(fd, (struct sockaddr *)&addr, sizeof addr);
 }
 
-/* One request (with fd_to_pass as SCM_RIGHTS when >= 0) and its answer, a map;
- * failures end the launcher with `unreachable_code` (who: "the daemon", "the probe"). */
-static struct reply exchange(int sock, const char *path, struct packer *pk, int fd_to_pass,
-                             const char *who, int unreachable_code, int timeout)
+/* The request (with fd_to_pass as SCM_RIGHTS when >= 0): 0, or sendmsg's errno. */
+static int send_request(int sock, struct packer *pk, int fd_to_pass, const char *who)
 {
     if (pk->overflow)
         fail(AW_EXIT_USAGE, "the request to %s is longer than %d bytes: shorten --task or --on-behalf-of",
@@ -613,8 +620,12 @@ static struct reply exchange(int sock, const char *path, struct packer *pk, int 
         cmsg->cmsg_len = CMSG_LEN(sizeof(int));
         memcpy(CMSG_DATA(cmsg), &fd_to_pass, sizeof(int));
     }
-    if (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0)
-        fail(unreachable_code, "cannot send to %s on %s: %s", who, path, strerror(errno));
+    return sendmsg(sock, &msg, MSG_NOSIGNAL) < 0 ? errno : 0;
+}
+
+/* The answer to a request sent, a map. */
+static struct reply read_reply(int sock, const char *path, const char *who, int unreachable_code, int timeout)
+{
     struct reply r = {.data = malloc(AW_MAX_ADMIN_REPLY_BYTES)};
     if (r.data == NULL)
         fail(AW_EXIT_PROBLEM, "out of memory");
@@ -633,43 +644,109 @@ static struct reply exchange(int sock, const char *path, struct packer *pk, int 
     return r;
 }
 
+/* One request and its answer; failures end the launcher with
+ * `unreachable_code` (who: "the daemon", "the probe"). */
+static struct reply exchange(int sock, const char *path, struct packer *pk, int fd_to_pass,
+                             const char *who, int unreachable_code, int timeout)
+{
+    int err = send_request(sock, pk, fd_to_pass, who);
+    if (err != 0)
+        fail(unreachable_code, "cannot send to %s on %s: %s", who, path, strerror(err));
+    return read_reply(sock, path, who, unreachable_code, timeout);
+}
+
 static char *probe_path, *sessions_path;
 
 /* One request on the probe's watch socket (root only; wire.PROBE_COMMANDS). */
-static struct reply probe_request(struct packer *pk)
+/* A request sent to the probe, whose answer is read later (probe_answer);
+ * what went wrong on the way is said then, not before. */
+struct probe_call {
+    int sock, connect_error, send_error;
+};
+
+static struct probe_call probe_ask(struct packer *pk)
 {
-    int sock = seqpacket(PROBE_TIMEOUT);
-    if (connect_to(sock, probe_path) < 0) {
-        if (errno == EACCES || errno == EPERM)
-            fail(AW_EXIT_PERMISSION, "asking the probe needs root (CAP_BPF, CAP_SYS_ADMIN): run it with sudo");
+    struct probe_call call = {.sock = seqpacket(PROBE_TIMEOUT)};
+    if (connect_to(call.sock, probe_path) < 0)
+        call.connect_error = errno;
+    else
+        call.send_error = send_request(call.sock, pk, -1, "the probe");
+    return call;
+}
+
+static struct reply probe_answer(struct probe_call *call)
+{
+    if (call->connect_error == EACCES || call->connect_error == EPERM)
+        fail(AW_EXIT_PERMISSION, "asking the probe needs root (CAP_BPF, CAP_SYS_ADMIN): run it with sudo");
+    if (call->connect_error != 0)
         fail(AW_EXIT_UNREACHABLE, "the probe is not running (nothing listens on %s); start it with "
              "`agentwarden up`", probe_path);
-    }
-    struct reply r = exchange(sock, probe_path, pk, -1, "the probe", AW_EXIT_UNREACHABLE, PROBE_TIMEOUT);
-    close(sock);
+    if (call->send_error != 0)
+        fail(AW_EXIT_UNREACHABLE, "cannot send to the probe on %s: %s", probe_path, strerror(call->send_error));
+    struct reply r = read_reply(call->sock, probe_path, "the probe", AW_EXIT_UNREACHABLE, PROBE_TIMEOUT);
+    close(call->sock);
     return r;
 }
 
+static struct reply probe_request(struct packer *pk)
+{
+    struct probe_call call = probe_ask(pk);
+    return probe_answer(&call);
+}
+
+/* Why the supervisor's sessions socket could not be reached. */
+struct unreachable {
+    enum { REACHED, DIR_CLOSED, NO_SOCKET, NOT_CONNECTED } why;
+    int err;
+};
+
 /* Connected to the supervisor's sessions socket (SO_PEERCRED tells it who
- * asks), or one clear error (control.check_reachable's). */
-static int connect_supervisor(const char *run_dir)
+ * asks), or -1 and why (supervisor_unreachable says it). */
+static int open_supervisor(const char *run_dir, struct unreachable *problem)
 {
     struct stat st;
-    if (access(run_dir, X_OK) != 0 && stat(run_dir, &st) == 0 && S_ISDIR(st.st_mode))
-        fail(AW_EXIT_PERMISSION, "%s is not open to you: run this as root (sudo)", run_dir);
-    if (lstat(sessions_path, &st) != 0)
-        fail(AW_EXIT_UNREACHABLE, "the daemon is not running (no socket at %s); start it with "
-             "`agentwarden up`", sessions_path);
+    problem->why = REACHED;
+    if (access(run_dir, X_OK) != 0 && stat(run_dir, &st) == 0 && S_ISDIR(st.st_mode)) {
+        problem->why = DIR_CLOSED;
+        return -1;
+    }
+    if (lstat(sessions_path, &st) != 0) {
+        problem->why = NO_SOCKET;
+        return -1;
+    }
     int sock = seqpacket(SUPERVISOR_TIMEOUT);
     if (connect_to(sock, sessions_path) < 0) {
-        if (errno == EACCES || errno == EPERM)
-            fail(AW_EXIT_PERMISSION, "cannot reach %s: run this as root or as a member of the admin group",
-                 sessions_path);
-        if (errno == ECONNREFUSED || errno == ENOENT)
-            fail(AW_EXIT_UNREACHABLE, "the daemon is not running (nothing listens on %s, a socket left by "
-                 "a stopped daemon); start it with `agentwarden up`", sessions_path);
-        fail(AW_EXIT_UNREACHABLE, "cannot reach %s: %s", sessions_path, strerror(errno));
+        problem->why = NOT_CONNECTED;
+        problem->err = errno;
+        close(sock);
+        return -1;
     }
+    return sock;
+}
+
+/* One clear error (control.check_reachable's). */
+static void __attribute__((noreturn)) supervisor_unreachable(const char *run_dir, const struct unreachable *problem)
+{
+    if (problem->why == DIR_CLOSED)
+        fail(AW_EXIT_PERMISSION, "%s is not open to you: run this as root (sudo)", run_dir);
+    if (problem->why == NO_SOCKET)
+        fail(AW_EXIT_UNREACHABLE, "the daemon is not running (no socket at %s); start it with "
+             "`agentwarden up`", sessions_path);
+    if (problem->err == EACCES || problem->err == EPERM)
+        fail(AW_EXIT_PERMISSION, "cannot reach %s: run this as root or as a member of the admin group",
+             sessions_path);
+    if (problem->err == ECONNREFUSED || problem->err == ENOENT)
+        fail(AW_EXIT_UNREACHABLE, "the daemon is not running (nothing listens on %s, a socket left by "
+             "a stopped daemon); start it with `agentwarden up`", sessions_path);
+    fail(AW_EXIT_UNREACHABLE, "cannot reach %s: %s", sessions_path, strerror(problem->err));
+}
+
+static int connect_supervisor(const char *run_dir)
+{
+    struct unreachable problem;
+    int sock = open_supervisor(run_dir, &problem);
+    if (sock < 0)
+        supervisor_unreachable(run_dir, &problem);
     return sock;
 }
 
@@ -738,18 +815,27 @@ static int is_delegated(const char *path)
 
 /* Where the session cgroup goes: below this process's own cgroup when that is
  * a delegated unit (agent@NAME.service: nothing of ours ran in an agent's
- * cgroup before the session), else below the agent's tagged cgroup, as the
- * probe knows it (it scans the tree for one tagged since its last rescan). */
-static char *session_parent(const char *agent)
+ * cgroup before the session; delegated_parent), else below the agent's tagged
+ * cgroup, as the probe knows it (it scans the tree for one tagged since its
+ * last rescan; agent_parent). */
+static char *delegated_parent(void)
 {
     char *own = own_cgroup(cgroup2_root());
-    if (own != NULL && is_delegated(own))
-        return own;
+    return own != NULL && is_delegated(own) ? own : NULL;
+}
+
+static struct probe_call ask_agent_parent(const char *agent)
+{
     struct packer pk = {0};
     put_map(&pk, 2);
     put_pair(&pk, "cmd", "agent");
     put_pair(&pk, "agent", agent);
-    struct reply r = probe_request(&pk);
+    return probe_ask(&pk);
+}
+
+static char *agent_parent(const char *agent, struct probe_call *asked)
+{
+    struct reply r = probe_answer(asked);
     const uint8_t *at;
     struct mp_value list, first;
     if (!mp_ok(r.data, r.end))
@@ -849,6 +935,219 @@ static int install_filter(const uint8_t *program, uint32_t len)
     return (int)fd;
 }
 
+/* ---- the command: born in the session cgroup ------------------------------ */
+
+/* Joining a cgroup by writing cgroup.procs waits for the kernel's cgroup
+ * migration (an RCU grace period on a hybrid mount: 5-15 ms); a process
+ * made by clone3(CLONE_INTO_CGROUP) is born there instead. So the command is
+ * this process's child, and this process stays its parent: it passes signals
+ * on, follows the child's stops, and ends as the child ended. The launcher
+ * itself stays where it was started, outside the session. */
+
+struct command {
+    const char *run_dir, *program, *session, *cgroup;
+    char **argv;
+    const struct passwd *account;
+    gid_t gid;
+    const uint8_t *filter;
+    uint32_t filter_len;
+    struct packer *registration;
+};
+
+/* Passed on to the command: what a terminal, a service manager or a harness
+ * sends the process it started. SIGKILL and SIGSTOP cannot be caught: the
+ * command has PR_SET_PDEATHSIG, and a stopped launcher stops nothing. */
+static const int forwarded_signals[] = {SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2,
+                                        SIGWINCH, SIGCONT, SIGTSTP, SIGTTIN, SIGTTOU};
+#define FORWARDED_COUNT (sizeof forwarded_signals / sizeof forwarded_signals[0])
+
+static volatile pid_t command_pid;
+static int caught[FORWARDED_COUNT];   /* 1: handled here; 0: ignored when we started, left so */
+static sigset_t original_mask;
+
+static void forward(int sig, siginfo_t *info, void *context)
+{
+    (void)context;
+    pid_t child = command_pid;
+    if (child <= 0)
+        return;
+    int saved = errno;
+    /* The terminal signals its foreground process group (Ctrl-C, Ctrl-Z, a
+     * resize, a hang-up): the command already has it when it shares ours. A
+     * signal the command sent (kill(0, ...) reaches us too) is not sent back. */
+    int from_terminal = info->si_code == SI_KERNEL && getpgid(child) == getpgrp();
+    int from_command = info->si_code <= 0 && info->si_pid == child;
+    if (!from_terminal && !from_command)
+        kill(child, sig);
+    errno = saved;
+}
+
+static void catch_signals(void)
+{
+    sigset_t all;
+    sigemptyset(&all);
+    for (size_t i = 0; i < FORWARDED_COUNT; i++)
+        sigaddset(&all, forwarded_signals[i]);
+    sigprocmask(SIG_BLOCK, &all, &original_mask);   /* until the child's pid is known */
+    struct sigaction action = {.sa_sigaction = forward, .sa_flags = SA_SIGINFO | SA_RESTART};
+    sigfillset(&action.sa_mask);
+    for (size_t i = 0; i < FORWARDED_COUNT; i++) {
+        struct sigaction old;
+        sigaction(forwarded_signals[i], NULL, &old);
+        caught[i] = old.sa_handler != SIG_IGN;   /* nohup's SIGHUP, a background job's SIGINT stay ignored */
+        if (caught[i])
+            sigaction(forwarded_signals[i], &action, NULL);
+    }
+}
+
+/* In the child: the signals as they were when the launcher started (a
+ * pending one is delivered now, with its default action). */
+static void restore_signals(void)
+{
+    for (size_t i = 0; i < FORWARDED_COUNT; i++)
+        if (caught[i])
+            signal(forwarded_signals[i], SIG_DFL);
+    sigprocmask(SIG_SETMASK, &original_mask, NULL);
+}
+
+/* The child, in the session cgroup: filter, registration, user, exec. From
+ * here on, failing means the command never runs. */
+static void __attribute__((noreturn)) become_command(const struct command *cmd, pid_t launcher,
+                                                     volatile int *registered)
+{
+    cgroup_made = NULL;   /* the launcher removes it, if the daemon never took the session */
+    /* A connection of its own: the supervisor learns this process from the
+     * kernel (SO_PEERCRED) and checks that it is in the session cgroup. */
+    int supervisor = connect_supervisor(cmd->run_dir);
+    int listener = install_filter(cmd->filter, cmd->filter_len);
+    struct reply registered_reply = exchange(supervisor, sessions_path, cmd->registration, listener, "the daemon",
+                                             AW_EXIT_UNREACHABLE, SUPERVISOR_TIMEOUT);
+    close(listener);
+    close(supervisor);
+    if (!mp_ok(registered_reply.data, registered_reply.end))
+        fail(AW_EXIT_PROBLEM, "the daemon refused the session: %s",
+             mp_string(registered_reply.data, registered_reply.end, "error", NULL) ?: "no reason given");
+    *registered = 1;
+
+    const struct passwd *account = cmd->account;
+    if (account != NULL) {
+        if (initgroups(account->pw_name, cmd->gid) != 0 || setgid(cmd->gid) != 0 || setuid(account->pw_uid) != 0)
+            fail(AW_EXIT_PROBLEM, "cannot become user %s: %s", account->pw_name, strerror(errno));
+        setenv("HOME", account->pw_dir, 1);
+        setenv("USER", account->pw_name, 1);
+        setenv("LOGNAME", account->pw_name, 1);
+    }
+    setenv(AW_SESSION_ENV, cmd->session, 1);
+    /* Killed with the launcher (SIGKILL cannot be passed on: a harness's
+     * timeout kills the `run` it started), as when it was the command.
+     * After setuid, which clears it; before exec, which keeps it. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 || getppid() != launcher)
+        _exit(AW_EXIT_PROBLEM);   /* the launcher is gone already */
+    restore_signals();
+    execv(cmd->program, cmd->argv);
+    fail(AW_EXIT_PROBLEM, "cannot run %s: %s", cmd->program, strerror(errno));
+}
+
+/* A child born in the cgroup cgroup_fd names; 0 in the child. Where clone3
+ * or CLONE_INTO_CGROUP is missing (before 5.7, or refused by a container's
+ * seccomp profile), a plain fork whose child joins by cgroup.procs. */
+static pid_t spawn_in_cgroup(int cgroup_fd, const char *cgroup)
+{
+    struct clone_args args = {.flags = CLONE_INTO_CGROUP, .exit_signal = SIGCHLD, .cgroup = (uint64_t)cgroup_fd};
+    long pid = syscall(SYS_clone3, &args, sizeof args);
+    if (pid >= 0 || (errno != ENOSYS && errno != EINVAL && errno != E2BIG && errno != EPERM))
+        return (pid_t)pid;
+    pid = fork();
+    if (pid == 0) {
+        char *procs = joined(cgroup, "cgroup.procs");
+        int fd = open(procs, O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, "0", 1) != 1)
+            fail(AW_EXIT_PROBLEM, "cannot join the session cgroup %s: %s", cgroup, strerror(errno));
+        close(fd);
+    }
+    return (pid_t)pid;
+}
+
+/* The child stopped (a terminal's Ctrl-Z, a read from the terminal in the
+ * background): stop the same way, so that the shell sees its job stopped;
+ * on SIGCONT go on waiting (the handler passes SIGCONT on). */
+static void stop_as(int sig)
+{
+    if (sig != SIGTSTP && sig != SIGTTIN && sig != SIGTTOU)
+        return;   /* a SIGSTOP sent to the command alone: whoever sent it continues it */
+    struct sigaction dfl = {.sa_handler = SIG_DFL}, mine;
+    sigaction(sig, &dfl, &mine);
+    sigset_t one;
+    sigemptyset(&one);
+    sigaddset(&one, sig);
+    sigprocmask(SIG_UNBLOCK, &one, NULL);
+    kill(getpid(), sig);
+    sigaction(sig, &mine, NULL);
+}
+
+/* Ends as the command ended: its exit code, or killed by the same signal
+ * (a shell then stops its loop on Ctrl-C, and reports what killed it);
+ * without a core dump of this process. 128+N when that signal cannot end it. */
+static void __attribute__((noreturn)) end_as(const siginfo_t *info)
+{
+    if (info->si_code == CLD_EXITED)
+        exit(info->si_status);
+    int sig = info->si_status;
+    struct rlimit no_core = {0, 0};
+    setrlimit(RLIMIT_CORE, &no_core);
+    signal(sig, SIG_DFL);
+    sigset_t one;
+    sigemptyset(&one);
+    sigaddset(&one, sig);
+    sigprocmask(SIG_UNBLOCK, &one, NULL);
+    kill(getpid(), sig);
+    exit(128 + sig);
+}
+
+static void __attribute__((noreturn)) start_command(const struct command *cmd, int cgroup_fd)
+{
+    volatile int *registered = mmap(NULL, sizeof(int), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (registered == MAP_FAILED)
+        fail(AW_EXIT_PROBLEM, "out of memory");
+    pid_t launcher = getpid();
+    catch_signals();
+    pid_t child = spawn_in_cgroup(cgroup_fd, cmd->cgroup);
+    if (child < 0)
+        fail(AW_EXIT_PROBLEM, "cannot start %s in the session cgroup %s: %s", cmd->program, cmd->cgroup,
+             strerror(errno));
+    if (child == 0)
+        become_command(cmd, launcher, registered);
+    close(cgroup_fd);
+    cgroup_made = NULL;
+    command_pid = child;
+    sigprocmask(SIG_SETMASK, &original_mask, NULL);
+    /* The command's stdin and stdout are its own: a writer into its stdin
+     * gets EPIPE once the command closes it, a reader of its stdout sees the
+     * end once the command closes it, not only when this process ends. */
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0) {
+        dup2(null, STDIN_FILENO);
+        dup2(null, STDOUT_FILENO);
+        close(null);
+    }
+    siginfo_t info;
+    for (;;) {
+        memset(&info, 0, sizeof info);
+        if (waitid(P_PID, (id_t)child, &info, WEXITED | WSTOPPED) != 0) {
+            if (errno == EINTR)
+                continue;
+            fail(AW_EXIT_PROBLEM, "cannot wait for %s: %s", cmd->program, strerror(errno));
+        }
+        if (info.si_code != CLD_STOPPED)
+            break;
+        stop_as(info.si_status);
+    }
+    command_pid = 0;
+    if (!*registered)
+        rmdir(cmd->cgroup);   /* the daemon never took the session: nothing ran in it */
+    end_as(&info);
+}
+
 static void __attribute__((noreturn)) start_session(const struct request *req)
 {
     if (geteuid() != 0)
@@ -859,6 +1158,27 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
     if (regexec(&agent_name, req->agent, 0, NULL, 0) != 0)
         fail(AW_EXIT_PROBLEM, "invalid agent name '%s': use 1-64 letters, digits, '_', '.', '@' or '-', "
              "starting with a letter or digit", req->agent);
+    char *run_dir = resolve_run_dir();
+    if (run_dir == NULL)
+        hand_to_python();
+    sessions_path = joined(run_dir, AW_SESSIONS_SOCKET);
+    probe_path = joined(run_dir, AW_PROBE_SOCKET);
+
+    /* Ask the supervisor for the session filter and its instance, and the
+     * probe for the agent's cgroup, at once, and read their answers after this
+     * side's own work: they overlap. What is wrong is said in the order it
+     * was: this side's first, then the supervisor's, then the probe's. */
+    struct unreachable problem;
+    int supervisor = open_supervisor(run_dir, &problem);
+    struct packer pk = {0};
+    put_map(&pk, 1);
+    put_pair(&pk, "cmd", "launch");
+    int send_error = supervisor >= 0 ? send_request(supervisor, &pk, -1, "the daemon") : 0;
+    char *parent = delegated_parent();
+    struct probe_call asked = {.sock = -1};
+    if (parent == NULL)
+        asked = ask_agent_parent(req->agent);   /* the probe answers meanwhile too */
+
     char *program = find_program(req->command[0]);
     if (program == NULL)
         fail(AW_EXIT_PROBLEM, "command not found: %s", req->command[0]);
@@ -883,20 +1203,20 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
     const char *registering_user = req->user ? req->user : self ? strdup(self->pw_name) : "root";
     char host[256] = "";
     gethostname(host, sizeof host - 1);
-
-    char *run_dir = resolve_run_dir();
-    if (run_dir == NULL)
-        hand_to_python();
-    sessions_path = joined(run_dir, AW_SESSIONS_SOCKET);
-    probe_path = joined(run_dir, AW_PROBE_SOCKET);
+    uint8_t random[6];
+    if (getrandom(random, sizeof random, 0) != sizeof random)
+        fail(AW_EXIT_PROBLEM, "getrandom failed: %s", strerror(errno));
+    char session[16];
+    snprintf(session, sizeof session, "s-%02x%02x%02x%02x%02x%02x", random[0], random[1], random[2],
+             random[3], random[4], random[5]);
 
     /* The supervisor listens, or this says why before anything is made; its
      * answer carries the session filter and the instance it serves. */
-    int supervisor = connect_supervisor(run_dir);
-    struct packer pk = {0};
-    put_map(&pk, 1);
-    put_pair(&pk, "cmd", "launch");
-    struct reply launch = exchange(supervisor, sessions_path, &pk, -1, "the daemon", AW_EXIT_UNREACHABLE, SUPERVISOR_TIMEOUT);
+    if (supervisor < 0)
+        supervisor_unreachable(run_dir, &problem);
+    if (send_error != 0)
+        fail(AW_EXIT_UNREACHABLE, "cannot send to the daemon on %s: %s", sessions_path, strerror(send_error));
+    struct reply launch = read_reply(supervisor, sessions_path, "the daemon", AW_EXIT_UNREACHABLE, SUPERVISOR_TIMEOUT);
     if (!mp_ok(launch.data, launch.end))
         fail(AW_EXIT_PROBLEM, "the daemon refused the session: %s",
              mp_string(launch.data, launch.end, "error", NULL) ?: "no reason given");
@@ -907,13 +1227,8 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
         filter_len / sizeof(struct sock_filter) > BPF_MAXINSNS || instance == NULL || !*instance)
         fail(AW_EXIT_PROBLEM, "the daemon sent a malformed answer on %s: no session filter", sessions_path);
 
-    char *parent = session_parent(req->agent);
-    uint8_t random[6];
-    if (getrandom(random, sizeof random, 0) != sizeof random)
-        fail(AW_EXIT_PROBLEM, "getrandom failed: %s", strerror(errno));
-    char session[16];
-    snprintf(session, sizeof session, "s-%02x%02x%02x%02x%02x%02x", random[0], random[1], random[2],
-             random[3], random[4], random[5]);
+    if (parent == NULL)
+        parent = agent_parent(req->agent, &asked);
     char *cgroup = joined(parent, session);
     if (mkdir(cgroup, 0777) != 0)
         fail(AW_EXIT_PROBLEM, "cannot create the session cgroup %s: %s", cgroup, strerror(errno));
@@ -949,16 +1264,17 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
              "session %s of instance %s", cgroup, session, instance, tag_session ?: "none",
              tag_instance ?: "none");
 
-    char *procs = joined(cgroup, "cgroup.procs"), pid[24];
-    int procs_fd = open(procs, O_WRONLY | O_CLOEXEC);
-    int pid_len = snprintf(pid, sizeof pid, "%d", getpid());
-    if (procs_fd < 0 || write(procs_fd, pid, (size_t)pid_len) != pid_len)
+    /* The command is born in the session cgroup, a child of this process,
+     * which stays to pass signals on and its status back (start_command). */
+    int cgroup_fd = open(cgroup, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (cgroup_fd < 0)
         fail(AW_EXIT_PROBLEM, "cannot join the session cgroup %s: %s", cgroup, strerror(errno));
-    close(procs_fd);
-    cgroup_made = NULL;   /* a cgroup with a process in it stays; the daemon removes it when empty */
-
-    /* From here on, failing means the command never runs: the filter stays. */
-    int listener = install_filter((const uint8_t *)filter, filter_len);
+    close(supervisor);   /* the command registers on a connection of its own */
+    struct command cmd = {
+        .run_dir = run_dir, .program = program, .argv = req->command, .account = account, .gid = gid,
+        .filter = (const uint8_t *)filter, .filter_len = filter_len, .session = session,
+        .cgroup = cgroup, .registration = &pk,
+    };
     pk.len = 0;
     put_map(&pk, 8);
     put_pair(&pk, "cmd", "register");
@@ -969,24 +1285,7 @@ static void __attribute__((noreturn)) start_session(const struct request *req)
     put_pair(&pk, "on_behalf_of", on_behalf_of);
     put_pair(&pk, "host", host);
     put_pair(&pk, "cgroup", cgroup);
-    struct reply registered = exchange(supervisor, sessions_path, &pk, listener, "the daemon",
-                                       AW_EXIT_UNREACHABLE, SUPERVISOR_TIMEOUT);
-    close(listener);
-    close(supervisor);
-    if (!mp_ok(registered.data, registered.end))
-        fail(AW_EXIT_PROBLEM, "the daemon refused the session: %s",
-             mp_string(registered.data, registered.end, "error", NULL) ?: "no reason given");
-
-    if (account != NULL) {
-        if (initgroups(account->pw_name, gid) != 0 || setgid(gid) != 0 || setuid(account->pw_uid) != 0)
-            fail(AW_EXIT_PROBLEM, "cannot become user %s: %s", account->pw_name, strerror(errno));
-        setenv("HOME", account->pw_dir, 1);
-        setenv("USER", account->pw_name, 1);
-        setenv("LOGNAME", account->pw_name, 1);
-    }
-    setenv(AW_SESSION_ENV, session, 1);
-    execv(program, req->command);
-    fail(AW_EXIT_PROBLEM, "cannot run %s: %s", program, strerror(errno));
+    start_command(&cmd, cgroup_fd);
 }
 
 int main(int argc, char **argv)

@@ -5,9 +5,12 @@ docs/cli.md's exit code, nothing made, nothing run."""
 from __future__ import annotations
 
 import os
+import select
+import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import msgpack
@@ -197,3 +200,169 @@ def test_run_dir_from_the_config_file_and_what_the_launcher_cannot_read_goes_to_
                    2, "AGENTWARDEN_RUN_DIR")
     one_error_line(launch(["run", "--agent", "a", "--", "true"],
                           {**env, "AGENTWARDEN_CONFIG": str(tmp_path / "missing.toml")}), 2, "does not exist")
+
+
+# ---- the launcher as the command's parent (clone3 CLONE_INTO_CGROUP) ----------------
+
+PY = "/usr/bin/python3"
+
+
+@pytest.fixture
+def tool_agent(warden, agent_cgroup):
+    """An agent whose sessions may run what a coding agent runs (python3, sh, kill)."""
+    agent = f"g-{os.urandom(3).hex()}"
+    cg = agent_cgroup(agent)
+    warden.set_policy(agent, (
+        f'[agent.{agent}]\nmode = "enforce"\non-violation = "alert"\n'
+        f'[agent.{agent}.exec]\nallow = ["/usr/**", "/bin/**"]\n'
+        f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["/dev/null", "/dev/tty", "/dev/pts/**"]\n'))
+    return agent, cg
+
+
+def cgroup_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text().split("0::", 1)[1].strip()
+
+
+TRAPS_TERM = ("import os, signal, sys, time\n"
+              "def term(sig, frame):\n"
+              "    print('got TERM', flush=True)\n"
+              "    sys.exit(3)\n"
+              "signal.signal(signal.SIGTERM, term)\n"
+              "print(os.getpid(), flush=True)\n"
+              "time.sleep(60)\n")
+
+
+def test_the_command_is_born_in_the_session_and_gets_the_signals_sent_to_run(launcher, warden, tool_agent):
+    agent, cg = tool_agent
+    proc = subprocess.Popen([LAUNCHER, "run", "--agent", agent, "--", PY, "-c", TRAPS_TERM], env=warden.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        child = int(proc.stdout.readline())
+        # The command is the launcher's child, in the session cgroup; the launcher stays outside it.
+        [session_id] = sessions_below(cg.path)
+        assert child != proc.pid and psutil_ppid(child) == proc.pid
+        assert cgroup_of(child).endswith(f"/{cg.path.name}/{session_id}")
+        assert not cgroup_of(proc.pid).startswith(cgroup_of(child))
+        assert (cg.path / session_id / "cgroup.procs").read_text().split() == [str(child)]
+        proc.send_signal(signal.SIGTERM)   # as systemd, or a harness's terminate(), sends it
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out.strip() == "got TERM" and proc.returncode == 3, (out, err)
+
+
+def psutil_ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_run_ends_as_its_command_ended(launcher, warden, tool_agent):
+    agent, _ = tool_agent
+    run = [LAUNCHER, "run", "--agent", agent, "--"]
+    # An exit code is run's; a command killed by a signal kills run with it (no core
+    # dump of the launcher), so a shell sees 128+N, as for the command itself.
+    assert subprocess.run([*run, "sh", "-c", "exit 42"], env=warden.env, timeout=60).returncode == 42
+    killed = subprocess.run([*run, "sh", "-c", "kill -KILL $$"], env=warden.env, timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    for sig in (signal.SIGTERM, signal.SIGSEGV, signal.SIGINT):
+        shell = subprocess.run(["sh", "-c", f'"$@" sh -c "kill -{sig.name[3:]} \\$\\$"; echo status=$?', "sh", *run],
+                               env=warden.env, capture_output=True, text=True, timeout=60)
+        assert shell.stdout.strip() == f"status={128 + sig}", (sig, shell)
+    # Killing run (a harness's timeout: SIGKILL, which cannot be passed on) kills its command.
+    proc = subprocess.Popen([*run, PY, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"],
+                            env=warden.env, stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not Path(f"/proc/{child}").exists() or
+             Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+             what="the command to die with its launcher")
+
+
+# A small job-control shell: session leader on a new terminal, it runs argv in
+# a process group of its own in the foreground, reports a stop and continues
+# the job (fg), and prints the job's status.
+JOB_SHELL = r"""
+import os, signal, sys
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)
+    os.tcsetpgrp(0, os.getpgrp())
+    os.execv(sys.argv[1], sys.argv[1:])
+os.setpgid(pid, pid)
+os.tcsetpgrp(0, pid)
+while True:
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        break
+    print("job stopped by", signal.Signals(os.WSTOPSIG(status)).name, flush=True)
+    os.tcsetpgrp(0, pid)
+    os.killpg(pid, signal.SIGCONT)
+print("job status", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+COUNTS_SIGNALS = ("import signal, sys, time\n"
+                  "seen = []\n"
+                  "signal.signal(signal.SIGINT, lambda s, f: seen.append('INT'))\n"
+                  "print('ready', flush=True)\n"
+                  "deadline = time.monotonic() + 3\n"
+                  "while time.monotonic() < deadline:\n"
+                  "    time.sleep(0.05)\n"
+                  "print('seen', seen, flush=True)\n"
+                  "sys.exit(5)\n")
+
+
+def on_a_terminal(argv: list[str], key: bytes, env: dict) -> str:
+    """What the job shell and argv print on a new pseudo-terminal, typing key
+    (as a user does, on the terminal's side) once the command says ready."""
+    import fcntl
+    import pty
+    import termios
+    master, slave = pty.openpty()
+
+    def controlling_terminal():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([PY, "-c", JOB_SHELL, *argv], stdin=slave, stdout=slave, stderr=slave, env=env,
+                            start_new_session=True, preexec_fn=controlling_terminal)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            if not select.select([master], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                os.killpg(proc.pid, signal.SIGKILL)   # stuck (a job stopped for good): what it printed fails
+                break
+            try:
+                data = os.read(master, 4096)
+            except OSError:   # EIO: every end of the slave is closed
+                break
+            if not data:
+                break
+            out += data
+            if b"ready" in out and key:
+                time.sleep(0.5)   # in its sleep by now
+                os.write(master, key)
+                key = b""
+    finally:
+        proc.wait(timeout=60)
+        os.close(master)
+    return out.decode(errors="replace").replace("\r", "")
+
+
+def test_ctrl_c_and_ctrl_z_on_a_terminal_reach_the_command_once(launcher, warden, tool_agent):
+    agent, _ = tool_agent
+    run = [LAUNCHER, "run", "--agent", agent, "--"]
+    # Ctrl-C: the terminal signals the foreground group, the command once (run does not add a second).
+    out = on_a_terminal([*run, PY, "-c", COUNTS_SIGNALS], b"\x03", warden.env)
+    assert "seen ['INT']" in out and "job status 5" in out, out
+    # Ctrl-C to a command that does not catch it: run dies of SIGINT too (a shell's loop stops).
+    sleeper = "import time; print('ready', flush=True); time.sleep(30)"
+    out = on_a_terminal([*run, PY, "-c", sleeper], b"\x03", warden.env)
+    assert "job status -2" in out, out
+    # Ctrl-Z stops the job (the command, then run as it), fg continues it, it ends normally.
+    stops = "import time; print('ready', flush=True); time.sleep(2.5); print('done', flush=True)"
+    out = on_a_terminal([*run, PY, "-c", stops], b"\x1a", warden.env)
+    assert "job stopped by SIGTSTP" in out and "done" in out and "job status 0" in out, out

@@ -190,11 +190,14 @@ EOT
     tail_pid=$!
     check "systemctl start agent@swt-reviewer" systemctl start agent@swt-reviewer
     pid=$(prop agent@swt-reviewer MainPID)
-    # `agentwarden run` starts it as root, then executes the command as reviewer.
+    # `agentwarden run` (the main process: root, in the unit's own cgroup) starts the
+    # command as its child, born in the session cgroup, as reviewer.
     wait_for 20 "it runs as user reviewer in agents.slice, in a session" sh -c \
-        "test \"\$(ps -o user= -p $pid)\" = reviewer && test \"\$(systemctl show -p Slice --value agent@swt-reviewer)\" = agents.slice"
-    check "its process is in the session cgroup below the unit" sh -c "grep -q '/agent@swt-reviewer.service/s-' /proc/$pid/cgroup"
-    check "it has the task defaults" sh -c "tr '\\0' '\\n' < /proc/$pid/environ | grep -qx AGENTWARDEN_TASK_OWNER=alice"
+        "test \"\$(ps -o user= -p \$(pgrep -o -P $pid))\" = reviewer && test \"\$(systemctl show -p Slice --value agent@swt-reviewer)\" = agents.slice"
+    cmd=$(pgrep -o -P "$pid")
+    check "its process is in the session cgroup below the unit, run's outside it" sh -c \
+        "grep -q '/agent@swt-reviewer.service/s-' /proc/$cmd/cgroup && grep -q '/agent@swt-reviewer.service\$' /proc/$pid/cgroup"
+    check "it has the task defaults" sh -c "tr '\\0' '\\n' < /proc/$cmd/environ | grep -qx AGENTWARDEN_TASK_OWNER=alice"
     wait_for 30 "tail shows agent swt-reviewer's exec of /usr/bin/cat" \
         json_has /tmp/tail-reviewer.json "r.get('kind') == 'exec' and r.get('exec_path') == '/usr/bin/cat'"
     kill $tail_pid 2>/dev/null
@@ -290,8 +293,8 @@ EOT
     check "approve $hold from the CLI" agentwarden approve "$hold" --reason "systemd-test"
     wait_for 20 "the approved date ran, as user reviewer" sh -c \
         "grep -q held- /tmp/held-out && test \"\$(stat -c %U /tmp/held-out)\" = reviewer"
-    check "the agent's main process runs as reviewer" sh -c \
-        "test \"\$(ps -o user= -p \$(systemctl show -p MainPID --value agent@swt-holder))\" = reviewer"
+    check "the agent's command (run's child) runs as reviewer" sh -c \
+        "test \"\$(ps -o user= -p \$(pgrep -o -P \$(systemctl show -p MainPID --value agent@swt-holder)))\" = reviewer"
     wait_for 20 "the archive has the approved hold" archive_has swt-holder \
         "r.get('kind') == 'hold' and r.get('state') == 'approved' and r.get('on_behalf_of') == 'alice'"
     unit_cg=$(agent_cgroup agent@swt-holder.service)
