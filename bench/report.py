@@ -625,9 +625,6 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # bench/run.py's agent-load part (bench/agentload.py) and its notify part
 # (bench/notify.py's measurement, the same block `make bench-notify` writes).
@@ -691,3 +688,7 @@ def agentload_sections(result: dict) -> list[Section]:
                 f"same round (min-max).",
                 ["side", "median s", "× bare (min-max)"], work_rows, work_notes),
     ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
