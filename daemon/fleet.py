@@ -377,8 +377,11 @@ class FleetShipper:
     async def _publish_holds(self, js) -> None:
         kv = await self._holds_bucket(js)
         # Holds of an earlier run of this daemon ended with it (sessions fail closed).
+        prefix = fleet.token(self.host) + "."
         for key in sorted(self.hold_keys):
-            if not await self._until_done(partial(kv.delete, key), f"deleting hold key {key}"):
+            # Keys under another name (fleet_host changed) are not this account's to delete.
+            if key.startswith(prefix) and not await self._until_done(partial(kv.delete, key),
+                                                                     f"deleting hold key {key}"):
                 return
             self.hold_keys.discard(key)
         await self._save_hold_keys()

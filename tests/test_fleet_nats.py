@@ -111,3 +111,58 @@ def test_an_admins_ordered_consumer_reads_a_large_stream_without_stalling(cluste
     without that permission stalls after some megabytes."""
     count = 30_000
     assert asyncio.run(_publish_and_follow(cluster, count, 1024)) == count
+
+
+async def _bucket_keys(cluster: NatsCluster) -> set[str]:
+    nc = await _connect(cluster, ADMIN)
+    kv = await nc.jetstream(timeout=10).key_value(fleet.HOLDS_BUCKET)
+    try:
+        return set(await kv.keys())
+    except Exception:   # NoKeysError: empty
+        return set()
+    finally:
+        await nc.close()
+
+
+def test_a_restarted_shipper_deletes_the_hold_keys_of_its_last_run(cluster, tmp_path):
+    """The host's account may not list the bucket: a restarted daemon deletes
+    the keys its state file names (those under a former fleet_host are not its
+    own to delete: skipped, not retried forever) and goes on publishing holds."""
+    import time as clock
+
+    from agentwarden.daemon.fleet import HOLD_KEYS_FILE, FleetShipper
+    from agentwarden.settings import Settings
+
+    async def setup():
+        nc = await _connect(cluster, "collector")
+        await fleet_collector.ensure_fleet(nc.jetstream(timeout=10), 3)
+        await nc.close()
+        nc = await _connect(cluster, HOST)
+        kv = await nc.jetstream(timeout=10).key_value(fleet.HOLDS_BUCKET)
+        await kv.put(fleet.hold_key(HOST, "h1-dead"), b'{"state": "pending"}')
+        await nc.close()
+    asyncio.run(setup())
+    assert fleet.hold_key(HOST, "h1-dead") in asyncio.run(_bucket_keys(cluster))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / HOLD_KEYS_FILE).write_text(
+        '{"keys": ["%s", "former-name.h1-other"]}' % fleet.hold_key(HOST, "h1-dead"))
+    settings = Settings(state_dir=state, run_dir=tmp_path / "run", fleet_url=cluster.url, fleet_host=HOST,
+                        fleet_credentials=cluster.credentials(HOST))
+    shipper = FleetShipper(settings, tmp_path / "archive")
+    shipper.start()
+    try:
+        deadline = clock.monotonic() + 30
+        while fleet.hold_key(HOST, "h1-dead") in asyncio.run(_bucket_keys(cluster)):
+            assert clock.monotonic() < deadline, shipper.last_error
+            clock.sleep(0.3)
+        shipper.hold({"hold_id": "h2-new", "agent": "bot", "session": "s-1", "on_behalf_of": "", "task": "",
+                      "action": "exec date", "rule": "exec.hold", "required": 1, "approvers": [],
+                      "time": clock.time_ns(), "state": "pending"})
+        while fleet.hold_key(HOST, "h2-new") not in asyncio.run(_bucket_keys(cluster)):
+            assert clock.monotonic() < deadline, shipper.last_error
+            clock.sleep(0.3)
+        assert fleet.hold_key(HOST, "h2-new") in (state / HOLD_KEYS_FILE).read_text()
+        assert "former-name" not in (state / HOLD_KEYS_FILE).read_text()
+    finally:
+        shipper.stop()

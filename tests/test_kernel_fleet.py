@@ -227,13 +227,20 @@ def start_run(warden: Warden, agent: str, command: list[str]) -> subprocess.Pope
                             env=warden.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_fleet_hold(fleet_env: Fleet, agent: str) -> dict:
+def fleet_holds(fleet_env: Fleet) -> list[dict] | None:
+    """`fleet holds` as admin alice; None while JetStream cannot answer (just after a
+    cluster's restart it says so, exit 1, rather than listing nothing)."""
     import json
+    result = fleet_env.cli("alice", "holds", "--json", check=False)
+    if result.returncode != 0:
+        assert "temporarily unavailable" in result.stderr and "Traceback" not in result.stderr, result.stderr
+        return None
+    return [json.loads(line) for line in result.stdout.splitlines()]
 
+
+def wait_fleet_hold(fleet_env: Fleet, agent: str) -> dict:
     def found():
-        out = fleet_env.cli("alice", "holds", "--json").stdout
-        holds = [json.loads(line) for line in out.splitlines()]
-        return [h for h in holds if h["agent"] == agent]
+        return [h for h in fleet_holds(fleet_env) or [] if h["agent"] == agent]
     [hold] = wait_for(found, timeout=30, what=f"a hold of {agent} in `fleet holds`")
     return hold
 
@@ -279,8 +286,8 @@ def test_hold_on_a_approved_from_anywhere_by_three_distinct_admins(fleet_env):
     assert len(approved) == 1
     names = sorted(a["name"].split(" ")[0] for a in approved[0]["approvals"])
     assert len(names) == 3 and "alice" in names and "bob" in names, names
-    wait_for(lambda: not [h for h in fleet_env.cli("alice", "holds", "--json").stdout.splitlines()
-                          if agent in h], what="the hold to leave the fleet's holds")
+    wait_for(lambda: (holds := fleet_holds(fleet_env)) is not None and not [h for h in holds if h["agent"] == agent],
+             what="the hold to leave the fleet's holds")
 
 
 def test_forged_and_misrouted_decisions_are_refused_and_recorded(fleet_env):
