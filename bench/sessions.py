@@ -23,6 +23,7 @@ round, and every round does every operation. "Added" is the session's median min
 per-round differences is reported next to it."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import statistics
@@ -54,9 +55,12 @@ class Worker:
                                          stderr=stderr, text=True, bufsize=1, cwd=cwd)
 
     def time(self, operation: str) -> int:
-        self.proc.stdin.write(operation + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
+        try:
+            self.proc.stdin.write(operation + "\n")
+            self.proc.stdin.flush()
+            answer = self.proc.stdout.readline()
+        except BrokenPipeError:   # it stopped before reading the operation: say why below
+            answer = ""
         if not answer:
             self.proc.wait(timeout=10)
             raise RuntimeError(f"the {self.side} workload stopped (exit {self.proc.returncode}): "
@@ -65,7 +69,8 @@ class Worker:
 
     def close(self) -> None:
         if self.proc.stdin:
-            self.proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -92,7 +92,9 @@ struct aw_fast_forward {
 #define AW_FAST_COUNTER_STASHED 10          /* exec filenames taken from exec_stash */
 #define AW_FAST_COUNTER_PERFORMED 11        /* write-opens done here for the task (aw_fast_perform) */
 #define AW_FAST_COUNTER_RECORDS_LOST 12     /* their records not sent to the daemon (a gap) */
-#define AW_FAST_COUNTERS 13
+#define AW_FAST_COUNTER_EXEC_FILES_READ 13   /* allowed execs whose file was read to see what runs it */
+#define AW_FAST_COUNTER_EXEC_FILES_KNOWN 14  /* ... and those whose unchanged file was known already */
+#define AW_FAST_COUNTERS 15
 #define AW_FAST_RECENT 1024                 /* handling times kept for aw_fast_stats */
 
 /* The compiled rules' encoding (aw_fast_policy; layout in fastpath.c). */

@@ -162,6 +162,14 @@ struct open_call {
 #define NGROUPS_MAX_HERE 1024   /* more groups than this: the supervisor performs it */
 #define MAX_RECORD (3 * PAGE)
 
+/* A thread's /proc/TID (O_PATH), its status and a pidfd of it, kept open by
+ * the session's fast-path thread between performed opens (tid 0: none). */
+struct task_files {
+    pid_t tid;
+    int proc, status, pidfd;     /* pidfd -1: none (an older kernel) */
+};
+#define TASK_FILES 4             /* per session: 12 fds at most */
+
 /* A task's ids and credentials (read_status). */
 struct task_info {
     int tgid, ppid;
@@ -196,6 +204,7 @@ struct listener {
     int umask_now;               /* this thread's umask (its own fs_struct); -1: unknown */
     int switched;                /* what become() changed and restore() takes back (SWITCHED_*) */
     char status[8192];           /* /proc/TID/status, read for each performed open */
+    struct task_files tasks[TASK_FILES];   /* the /proc files of the threads it performed for lately */
     struct task_info task;
     char record[MAX_RECORD];     /* the performed open's record, msgpack */
     /* The session's receipt, a shared file mapping that outlives this process:
@@ -973,7 +982,7 @@ static struct {
     uint64_t seq;                /* of source "supervisor-fast" */
     pthread_mutex_t lock;        /* one record at a time, in seq order */
     struct stat root;            /* ours, to tell a chrooted task */
-    ino_t mount_ns, user_ns;
+    char mount_ns[64], user_ns[64];   /* ours, as their /proc links read: "mnt:[4026531841]" */
 } perf = { .release_fd = -1, .lock = PTHREAD_MUTEX_INITIALIZER };
 
 
@@ -983,14 +992,12 @@ static const char *field(const char *status, const char *name)
     return at ? at + strlen(name) : NULL;
 }
 
-/* The thread's ids and credentials from /proc/TID/status; -1 when unreadable. */
-static int read_status(struct listener *l, int proc, struct task_info *t)
+/* The thread's ids and credentials from its /proc/TID/status (status, an
+ * open fd: read from offset 0, the kernel writes it afresh); -1 when
+ * unreadable (ESRCH: that thread is gone). */
+static int read_status(struct listener *l, int status, struct task_info *t)
 {
-    int fd = openat(proc, "status", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    ssize_t got = read(fd, l->status, sizeof(l->status) - 1);
-    close(fd);
+    ssize_t got = pread(status, l->status, sizeof(l->status) - 1, 0);
     if (got <= 0 || got == (ssize_t)sizeof(l->status) - 1)
         return -1;
     l->status[got] = 0;
@@ -1027,6 +1034,18 @@ static int read_status(struct listener *l, int proc, struct task_info *t)
     return 0;
 }
 
+/* Whether the task's namespace (its /proc link `name`) is ours: 1, 0, or -1
+ * when it cannot be read. The link's text names the namespace; a readlink
+ * costs half a stat through it. */
+static int ns_is_ours(int proc, const char *name, const char *ours)
+{
+    char link[64];
+    ssize_t len = readlinkat(proc, name, link, sizeof(link));
+    if (len <= 0 || len >= (ssize_t)sizeof(link))
+        return -1;
+    return (size_t)len == strlen(ours) && !memcmp(link, ours, len);
+}
+
 /* Whether the task's root is not ours -- a chroot, or another mount
  * namespace (under systemd's ProtectSystem the supervisor has its own):
  * then the call is made chrooted into it. -1: unknown. */
@@ -1037,17 +1056,40 @@ static int other_root(int proc)
         return -1;
     if (st.st_dev != perf.root.st_dev || st.st_ino != perf.root.st_ino)
         return 1;
-    if (fstatat(proc, "ns/mnt", &st, 0) < 0)
-        return -1;
-    return st.st_ino != perf.mount_ns;
+    int ours = ns_is_ours(proc, "ns/mnt", perf.mount_ns);
+    return ours < 0 ? -1 : !ours;
+}
+
+/* PIDFD_GET_INFO (Linux 6.13), declared here: the C library's headers may
+ * predate it. The kernel takes a shorter struct than its own. */
+struct pidfd_info_here {
+    uint64_t mask, cgroupid;
+    uint32_t pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid;
+    int32_t exit_code;
+};
+#define PIDFD_GET_INFO_HERE _IOWR(0xFF, 11, struct pidfd_info_here)
+#define PIDFD_INFO_CGROUPID_HERE (1ULL << 2)
+#define PIDFD_THREAD_HERE O_EXCL
+
+/* The thread's cgroup v2 id (its directory's inode) from a pidfd of it,
+ * which the kernel gives without formatting /proc/TID/cgroup (a tenth of
+ * the cost); 0 when it cannot (an older kernel, the thread gone). */
+static uint64_t cgroup_id_of(int pidfd)
+{
+    struct pidfd_info_here info = { .mask = PIDFD_INFO_CGROUPID_HERE };
+    if (pidfd < 0 || ioctl(pidfd, PIDFD_GET_INFO_HERE, &info) < 0 || !(info.mask & PIDFD_INFO_CGROUPID_HERE))
+        return 0;
+    return info.cgroupid;
 }
 
 /* The task's user namespace is ours, and it is in the session's own cgroup. */
-static int same_world(struct listener *l, int proc)
+static int same_world(struct listener *l, int proc, int pidfd)
 {
-    struct stat st;
-    if (fstatat(proc, "ns/user", &st, 0) < 0 || st.st_ino != perf.user_ns)
+    if (ns_is_ours(proc, "ns/user", perf.user_ns) != 1)
         return 0;
+    uint64_t cgroup = cgroup_id_of(pidfd);
+    if (cgroup)
+        return cgroup == l->session_ino;
     int fd = openat(proc, "cgroup", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return 0;
@@ -1063,6 +1105,42 @@ static int same_world(struct listener *l, int proc)
     v2 += 3;
     size_t len = strcspn(v2, "\n");
     return len == strlen(l->session_cgroup) && !memcmp(v2, l->session_cgroup, len);
+}
+
+static void task_files_close(struct task_files *f)
+{
+    if (f->tid) {
+        close(f->proc);
+        close(f->status);
+        if (f->pidfd >= 0)
+            close(f->pidfd);
+    }
+    *f = (struct task_files){ .proc = -1, .status = -1, .pidfd = -1 };
+}
+
+/* The /proc files of thread tid, kept from an earlier call (afresh: opened
+ * again), or NULL. A /proc file stays bound to the thread it was opened for
+ * -- once that is gone its reads fail (ESRCH), whichever thread gets its
+ * number -- so a kept one reads what a new one would, three syscalls less.
+ * Out of fds, nothing is kept: the supervisor performs the call. */
+static struct task_files *task_files(struct listener *l, pid_t tid, int afresh)
+{
+    struct task_files *f = &l->tasks[(uint32_t)tid % TASK_FILES];
+    if (f->tid == tid && !afresh)
+        return f;
+    task_files_close(f);
+    char link[40];
+    snprintf(link, sizeof(link), "/proc/%u", (unsigned)tid);
+    int proc = open(link, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    int status = proc < 0 ? -1 : openat(proc, "status", O_RDONLY | O_CLOEXEC);
+    if (status < 0) {
+        if (proc >= 0)
+            close(proc);
+        return NULL;
+    }
+    *f = (struct task_files){ .tid = tid, .proc = proc, .status = status,
+                              .pidfd = (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD_HERE) };
+    return f;
 }
 
 static int set_groups(const gid_t *groups, int count)
@@ -1310,29 +1388,26 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
     struct task_info *t = &l->task;
     if (!l->can_perform || selfward(path))
         return 0;
-    char link[40];
-    snprintf(link, sizeof(link), "/proc/%u", n->pid);
-    int proc = open(link, O_PATH | O_DIRECTORY | O_CLOEXEC);   /* one walk to the task's /proc */
-    if (proc < 0)
+    /* The status first: kept files of a thread that is gone fail there, and are opened afresh. */
+    struct task_files *files = task_files(l, n->pid, 0);
+    if (files && read_status(l, files->status, t) < 0)
+        files = task_files(l, n->pid, 1);
+    if (!files || read_status(l, files->status, t) < 0)
         return 0;
+    int proc = files->proc;
     int chrooted = other_root(proc);
-    if (chrooted < 0 || read_status(l, proc, t) < 0 || !same_world(l, proc)) {
-        close(proc);
+    if (chrooted < 0 || !same_world(l, proc, files->pidfd))
         return 0;
-    }
     int base = AT_FDCWD;
     if (l->open.relative) {
-        char now[PAGE];
+        char now[PAGE], link[40];
         base = openat(proc, "cwd", O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (base < 0) {
-            close(proc);
+        if (base < 0)
             return 0;
-        }
         snprintf(link, sizeof(link), "/proc/self/fd/%d", base);
         ssize_t len = readlink(link, now, sizeof(now));
         if (len != l->open.cwd_len || memcmp(now, l->cwd, len)) {
             close(base);   /* moved since the check (another thread's chdir): the supervisor decides again */
-            close(proc);
             return 0;
         }
     }
@@ -1355,7 +1430,6 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
                 abort();
             if (base >= 0)
                 close(base);
-            close(proc);
             return 0;   /* no CAP_SYS_CHROOT: the supervisor's */
         }
     }
@@ -1368,7 +1442,6 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
         abort();   /* a thread stuck in a task's root: fail closed */
     if (base >= 0)
         close(base);
-    close(proc);
     if (fd < 0 && (err == ELOOP || err == ENXIO || err == ENOSYS))
         return 0;   /* a magic link, a FIFO without a reader, a device; or openat2 barred by a
                      * sandbox's seccomp filter (ENOSYS; systemd-nspawn's): the supervisor's */
@@ -1381,7 +1454,9 @@ static int perform_open(struct listener *l, const struct seccomp_notif *n, int r
             return 0;   /* /proc (reached through a link), /dev/tty: the supervisor's */
         }
         if (!(flags & (O_NONBLOCK | O_PATH)))
-            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);   /* it was only so a FIFO cannot hold us */
+            /* O_NONBLOCK was only so a FIFO cannot hold us. F_SETFL takes only the
+             * status flags, all of which the open kept (it fails otherwise). */
+            fcntl(fd, F_SETFL, (int)how.flags & ~O_NONBLOCK);
     }
     long ret = fd < 0 ? -err : 0;
     int delivered = 1;
@@ -1454,6 +1529,74 @@ static int binfmt_claims(const uint8_t *head, const char *filename)
     return 0;
 }
 
+/* The files runs_alone read that the kernel runs alone (ELF), by identity:
+ * device, inode, and what changes when anything about the file does -- its
+ * size, mode, and mtime and ctime to the nanosecond (a write, truncate,
+ * chmod or link count change moves ctime; since the kernel's multigrain
+ * timestamps, a change after a statx gets a ctime of its own). Its first
+ * bytes are kept, so binfmt_misc entries registered since are tried again at
+ * each exec. Direct-mapped: a file whose slot another takes is read again.
+ * A file changed in place within one clock tick without a change of size
+ * (coarse timestamps) could be taken for what it was: the BPF program's check
+ * of the interpreters (approved_interpreters: none for a file approved here)
+ * still kills its exec before the first instruction. Guarded by known_lock. */
+#define KNOWN_SLOTS 1024   /* a power of two; about 300 KiB */
+#define KNOWN_MASK (STATX_TYPE | STATX_MODE | STATX_INO | STATX_SIZE | STATX_MTIME | STATX_CTIME)
+
+struct known_file {
+    uint64_t ino, size;
+    uint32_t dev_major, dev_minor, mode, used;
+    struct statx_timestamp mtime, ctime;
+    uint8_t head[HEAD_SIZE];
+};
+
+static struct known_file *known;   /* KNOWN_SLOTS of them (aw_fast_start) */
+static pthread_mutex_t known_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static struct known_file *known_slot(const struct statx *sx)
+{
+    uint64_t h = (sx->stx_ino ^ ((uint64_t)sx->stx_dev_major << 40) ^ ((uint64_t)sx->stx_dev_minor << 20)) *
+                 0x9E3779B97F4A7C15ULL;
+    return &known[h >> 54 & (KNOWN_SLOTS - 1)];
+}
+
+static int same_file(const struct known_file *k, const struct statx *sx)
+{
+    return k->used && k->ino == sx->stx_ino && k->dev_major == sx->stx_dev_major &&
+           k->dev_minor == sx->stx_dev_minor && k->size == sx->stx_size && k->mode == sx->stx_mode &&
+           k->mtime.tv_sec == sx->stx_mtime.tv_sec && k->mtime.tv_nsec == sx->stx_mtime.tv_nsec &&
+           k->ctime.tv_sec == sx->stx_ctime.tv_sec && k->ctime.tv_nsec == sx->stx_ctime.tv_nsec;
+}
+
+/* Copies the first bytes of the file sx names into head when it is known; 1 then. */
+static int known_head(const struct statx *sx, uint8_t *head)
+{
+    if (!known)
+        return 0;
+    pthread_mutex_lock(&known_lock);
+    const struct known_file *k = known_slot(sx);
+    int hit = same_file(k, sx);
+    if (hit)
+        memcpy(head, k->head, HEAD_SIZE);
+    pthread_mutex_unlock(&known_lock);
+    return hit;
+}
+
+/* Remembers an ELF file's first bytes, read after sx was taken: a change
+ * meanwhile gave the file another marker, so the entry is never found. */
+static void know(const struct statx *sx, const uint8_t *head)
+{
+    if (!known)
+        return;
+    pthread_mutex_lock(&known_lock);
+    struct known_file *k = known_slot(sx);
+    *k = (struct known_file){ .ino = sx->stx_ino, .size = sx->stx_size, .dev_major = sx->stx_dev_major,
+                              .dev_minor = sx->stx_dev_minor, .mode = sx->stx_mode, .used = 1,
+                              .mtime = sx->stx_mtime, .ctime = sx->stx_ctime };
+    memcpy(k->head, head, HEAD_SIZE);
+    pthread_mutex_unlock(&known_lock);
+}
+
 /* Whether the kernel will run the file an exec names (a normalised absolute
  * path) alone: an ELF binary no binfmt_misc entry claims. Anything else -- a
  * #! script, a file a binfmt_misc entry claims, not ELF, not a regular file,
@@ -1461,9 +1604,10 @@ static int binfmt_claims(const uint8_t *head, const char *filename)
  * would run for it (interpreters.py); the BPF program kills a session exec
  * whose interpreters were not approved, so a file changed after this look
  * runs nothing unapproved. Looked up in the task's root, never through a
- * magic link; read as root (the kernel reads what it runs without read
- * permission), only a regular file, with O_NONBLOCK and O_NOATIME.
- * Called with fp.config held. */
+ * magic link; its first bytes read as root (the kernel reads what it runs
+ * without read permission), only a regular file, with O_NONBLOCK and
+ * O_NOATIME -- or taken from the files known (an unchanged one: its statx
+ * is the only look then). Called with fp.config held. */
 static int runs_alone(pid_t pid, const char *filename)
 {
     char link[40];
@@ -1477,19 +1621,34 @@ static int runs_alone(pid_t pid, const char *filename)
     close(root);
     if (found < 0)
         return missing;   /* the kernel runs nothing there either (a PATH search); a file put there meanwhile is checked */
-    struct stat st;
-    int fd = -1, known = fstat(found, &st) == 0, regular = known && S_ISREG(st.st_mode);
-    if (regular) {   /* never open a device; the kernel runs no directory, device or FIFO (EACCES) */
-        snprintf(link, sizeof(link), "/proc/self/fd/%d", found);
-        fd = open(link, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | O_NOATIME);
+    struct statx sx;
+    if (statx(found, "", AT_EMPTY_PATH | AT_STATX_SYNC_AS_STAT, KNOWN_MASK, &sx) < 0 ||
+        (sx.stx_mask & KNOWN_MASK) != KNOWN_MASK) {
+        close(found);
+        return 0;
     }
+    if (!S_ISREG(sx.stx_mode)) {   /* never open a device; the kernel runs no directory, device or FIFO (EACCES) */
+        close(found);
+        return 1;
+    }
+    uint8_t head[HEAD_SIZE] = {0};
+    if (known_head(&sx, head)) {
+        close(found);
+        count(AW_FAST_COUNTER_EXEC_FILES_KNOWN);
+        return !binfmt_claims(head, filename);
+    }
+    snprintf(link, sizeof(link), "/proc/self/fd/%d", found);
+    int fd = open(link, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | O_NOATIME);
     close(found);
     if (fd < 0)
-        return known && !regular;
-    uint8_t head[HEAD_SIZE] = {0};
+        return 0;
     ssize_t got = pread(fd, head, sizeof(head), 0);
     close(fd);
-    return got >= 4 && !memcmp(head, "\177ELF", 4) && !binfmt_claims(head, filename);
+    count(AW_FAST_COUNTER_EXEC_FILES_READ);
+    if (got < 4 || memcmp(head, "\177ELF", 4))
+        return 0;
+    know(&sx, head);
+    return !binfmt_claims(head, filename);
 }
 
 /* Continues an allowed call: checks it is still valid, approves an exec's
@@ -1609,6 +1768,8 @@ static void *serve(void *arg)
     }
     if (l->own_root >= 0)
         close(l->own_root);
+    for (int i = 0; i < TASK_FILES; i++)
+        task_files_close(&l->tasks[i]);
     return NULL;
 }
 
@@ -1655,6 +1816,7 @@ int aw_fast_start(int forward_fd, int execve_nr, int open_nr, int openat_nr, int
         fp.listeners_cap = 1 << 20;
     fp.listeners = calloc(fp.listeners_cap, sizeof(*fp.listeners));
     fp.table = calloc(TABLE_SLOTS, sizeof(*fp.table));
+    known = calloc(KNOWN_SLOTS, sizeof(*known));   /* none: every exec's file is read */
     if (!fp.listeners || !fp.table)
         return -ENOMEM;
     /* No SA_RESTART: the signal must end a blocked RECV with EINTR. */
@@ -1672,15 +1834,13 @@ int aw_fast_start(int forward_fd, int execve_nr, int open_nr, int openat_nr, int
 int aw_fast_perform(int release_fd)
 {
     if (release_fd >= 0) {
-        struct stat st;
         if (stat("/", &perf.root) < 0)
             return -errno;
-        if (stat("/proc/self/ns/mnt", &st) < 0)
-            return -errno;
-        perf.mount_ns = st.st_ino;
-        if (stat("/proc/self/ns/user", &st) < 0)
-            return -errno;
-        perf.user_ns = st.st_ino;
+        ssize_t mnt = readlink("/proc/self/ns/mnt", perf.mount_ns, sizeof(perf.mount_ns) - 1),
+                user = readlink("/proc/self/ns/user", perf.user_ns, sizeof(perf.user_ns) - 1);
+        if (mnt <= 0 || user <= 0)
+            return mnt < 0 || user < 0 ? -errno : -EINVAL;
+        perf.mount_ns[mnt] = perf.user_ns[user] = 0;
     }
     pthread_rwlock_wrlock(&fp.config);
     perf.release_fd = release_fd;

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import stop_process, wait_for
-from test_kernel_sessions import SHELL, _policy, holds, session_agent, start_run, wait_hold  # noqa: F401
+from test_kernel_sessions import (SHELL, _policy, fast_counter, holds, session_agent, start_run,  # noqa: F401
+                                  supervisor_health, wait_hold)
 
 pytestmark = pytest.mark.kernel
 
@@ -256,3 +257,49 @@ def test_a_shebang_swapped_after_the_check_is_killed_in_the_kernel(warden, sessi
     violations = [v for v in _records(warden, agent, "violation") if v["event"] == "exec"]
     assert violations and all(v["action_taken"] == "killed in the kernel: not what the session's supervisor "
                                                    "approved" for v in violations)
+
+
+def test_an_elf_binary_the_fast_path_knows_then_overwritten_by_a_script_runs_nothing_unapproved(
+        warden, session_agent, tmp_path, evil):
+    """The fast path reads an allowed ELF binary's first bytes once and then
+    knows it by its identity (device, inode, size, mode, mtime and ctime):
+    the same file overwritten in place -- same inode, same size -- by a #!
+    script whose interpreter is forbidden is read again and refused; a script
+    renamed over it (another inode) too. Never run."""
+    program = Path(shutil.copy("/usr/bin/true", tmp_path / "tool"))
+    marker = tmp_path / "marker"
+    agent, _ = session_agent(dict(exec_allow=TOOLS + [str(program)], write_allow=[f"{tmp_path}/**"]))
+    read_before = fast_counter(warden, "exec_files_read")
+    code, out, err = _run(warden, agent, f"{program}; echo status=$?")
+    assert "status=0" in out, (out, err)
+    known_before = supervisor_health(warden, lambda h: h["fast"]["exec_files_read"] > read_before)[
+        "fast"]["exec_files_known"]
+    code, out, err = _run(warden, agent, f"for i in 1 2 3 4 5; do {program} || exit 9; done; echo status=$?")
+    assert "status=0" in out, (out, err)
+    supervisor_health(warden, lambda h: h["fast"]["exec_files_known"] >= known_before + 5)
+
+    size, inode = program.stat().st_size, program.stat().st_ino
+    script = f"#!{evil}\n".encode()
+    with program.open("r+b") as f:   # in place: the inode the fast path knows
+        f.write(script + b"#" * (size - len(script) - 1) + b"\n")
+    assert program.stat().st_size == size and program.stat().st_ino == inode
+    code, out, err = _run(warden, agent, f"{program} {marker}; echo status=$?")
+    # Refused by the supervisor: the change moved the file's ctime (multigrain
+    # timestamps), so the fast path read it again; the kernel's check would
+    # have killed it otherwise (137).
+    assert "status=126" in out, (out, err)
+    assert not marker.exists()   # the forbidden interpreter never ran its first instruction
+
+    replacement = Path(shutil.copy("/usr/bin/true", tmp_path / "tool.new"))
+    os.replace(replacement, program)   # an ELF again, another inode: known once read
+    code, out, err = _run(warden, agent, f"{program} && {program} && echo status=$?")
+    assert "status=0" in out, (out, err)
+    swapped = _script(tmp_path / "tool.sh", f"#!{evil}")
+    os.replace(swapped, program)
+    code, out, err = _run(warden, agent, f"{program} {marker}; echo status=$?")
+    assert "status=126" in out or "status=137" in out, (out, err)
+    assert not marker.exists()
+    warden.settle()
+    refused = [v for v in _records(warden, agent, "violation") if f"through {evil}" in v.get("attempted", "")
+               or v.get("action_taken", "").startswith("killed in the kernel")]
+    assert len(refused) >= 2, refused   # each attempt, refused or killed, is a violation
