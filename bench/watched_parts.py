@@ -1,5 +1,7 @@
 """Where the watched coding workload's extra time goes: `.venv/bin/python
-bench/watched_parts.py [--rounds N] [--bpf-stats]` (as root).
+bench/watched_parts.py [--rounds N] [--bpf-stats] [--baseline [NAME=]DIR]
+[--sides ...] [--no-docs]` (as root). Rewrites the watched-parts block of
+docs/benchmarks.md and saves bench/results/watched-parts.json.
 
 The workload of bench/agentload.py, run once per side in each round, sides in
 a shuffled order, all against one `agentwarden up`:
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -40,12 +41,17 @@ import time
 from pathlib import Path
 
 import agentload
+import report
 from monitors import BENCH_AGENT, Agentwarden, BenchCgroup
 from run import one_bench_at_a_time
 
 from agentwarden import cgroups, control
 
 SIDES = ("bare", "kernel", "probe", "archive", "policy")
+DOCS_BLOCK = "watched-parts"
+RESULTS_NAME = "watched-parts.json"
+DESCRIBE = {"bare": "bare", "kernel": "kernel (probe stopped)", "probe": "probe (daemon stopped)",
+            "archive": "archive (no policy)", "policy": "policy (agentload's watched)"}
 STOP_AT_MOST = 4.0   # s a part stays stopped
 TICKS = os.sysconf("SC_CLK_TCK")
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -110,6 +116,40 @@ def run_pass(work: Path, env: dict, join: Path | None) -> tuple[int, int]:
             raise RuntimeError(f"{command[:80]}: {err.decode(errors='replace')[-300:]}")
         cpu += int((usage.ru_utime + usage.ru_stime) * 1e9)
     return wall, cpu
+
+
+def describe(side: str) -> str:
+    mode, _, name = side.partition("@")
+    mode, _, sched = mode.partition("/")
+    text = DESCRIBE.get(mode, mode)
+    return text + (f", {sched} scheduling" if sched else "") + (f", tree {name}" if name else "")
+
+
+def section(results: dict) -> report.Section:
+    summary = results["summary"]
+    rows = []
+    for side, s in summary.items():
+        rows.append([describe(side), f"{s['wall'] / 1e6:,.0f}", f"{s.get('wall_ratio', 1.0):.3f}",
+                     f"{s['own_cpu'] / 1e6:,.0f}", f"{s.get('own_cpu_ratio', 1.0):.3f}",
+                     f"{s['probe_cpu'] / 1e6:,.0f}", f"{s['daemon_cpu'] / 1e6:,.0f}",
+                     f"{s['probe_vcsw'] + s['probe_icsw']:,.0f}", f"{s['daemon_vcsw'] + s['daemon_icsw']:,.0f}",
+                     f"{s['bpf_ns'] / 1e6:,.1f}" if results["bpf_stats"] else "-"])
+    lost = "; ".join(f"{name}: {', '.join(f'{k} {v}' for k, v in counts.items())}"
+                     for name, counts in results["lost"].items())
+    return report.Section(
+        "Where the watched workload's time goes",
+        f"bench/agentload.py's workload, one pass per side per round, {results['rounds']} rounds in a shuffled "
+        "order, all against one `agentwarden up` (and a baseline tree's, for its sides). Sides: bare, not in the "
+        "tagged cgroup; kernel, the programs recording, the probe stopped; probe, the probe reading and sending, "
+        "the daemon stopped; archive, the whole pipeline with no policy; policy, with the workload's enforce "
+        "policy (on-violation alert), as agentload's watched side. Medians per pass: wall "
+        "ms and its ratio to bare in the same round; the workload's own CPU (user+system of its tool calls, "
+        "wait4) and its ratio; the probe's and the daemon's CPU (all threads, /proc/PID/stat, 10 ms ticks) and "
+        "context switches; the run time of the probe's BPF programs (kernel.bpf_stats_enabled, with "
+        "--bpf-stats). On a busy machine the wall times stretch; the CPU columns are steadier.",
+        ["side", "wall ms", "× bare", "workload CPU ms", "× bare", "probe CPU ms", "daemon CPU ms",
+         "probe switches", "daemon switches", "BPF ms"], rows,
+        [f"records lost: {lost}"])
 
 
 # MODE/SCHED: the probe's and the daemon's threads under another scheduling
@@ -208,8 +248,10 @@ def main() -> int:
     parser.add_argument("--baseline", action="append", default=[], metavar="[NAME=]DIR",
                         help="another tree of the project (git archive REF | tar -x -C DIR, its fast "
                              "path built), run as another agentwarden for the MODE@NAME sides (NAME: base)")
-    parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--no-docs", action="store_true",
+                        help="save the results in bench/results/ but leave docs/benchmarks.md alone")
     args = parser.parse_args()
+    meta, started = report.machine(" ".join([".venv/bin/python bench/watched_parts.py", *sys.argv[1:]])), time.monotonic()
     sides = tuple(args.sides.split(","))
     if os.geteuid() != 0:
         sys.exit("watched_parts: run as root")
@@ -256,17 +298,10 @@ def main() -> int:
             summary[side]["wall_ratio"] = statistics.median(paired)
             summary[side]["own_cpu_ratio"] = statistics.median(
                 got[n]["own_cpu"] / samples["bare"][n]["own_cpu"] for n in got if n in samples["bare"])
-    print(f"\n{'side':14} {'wall ms':>8} {'ratio':>6} {'own cpu':>8} {'ratio':>6} {'probe':>7} {'daemon':>7} {'d main':>7} "
-          f"{'p vcsw':>7} {'d vcsw':>7} {'p icsw':>7} {'d icsw':>7} {'bpf ms':>7} {'bpf runs':>9}")
-    for side, s in summary.items():
-        print(f"{side:14} {s['wall'] / 1e6:8.1f} {s.get('wall_ratio', 1.0):6.3f} {s['own_cpu'] / 1e6:8.1f} "
-              f"{s.get('own_cpu_ratio', 1.0):6.3f} "
-              f"{s['probe_cpu'] / 1e6:7.1f} {s['daemon_cpu'] / 1e6:7.1f} {s['daemon_main_cpu'] / 1e6:7.1f} "
-              f"{s['probe_vcsw']:7.0f} {s['daemon_vcsw']:7.0f} {s['probe_icsw']:7.0f} {s['daemon_icsw']:7.0f} "
-              f"{s['bpf_ns'] / 1e6:7.1f} {s['bpf_runs']:9.0f}")
-    print(f"records lost: {lost} (CPU in ms, medians over {args.rounds} rounds; the machine may be busy)")
-    if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "samples": samples, "lost": lost}, indent=1))
+    results = {"rounds": args.rounds, "bpf_stats": args.bpf_stats, "summary": summary, "lost": lost,
+               "samples": {side: list(got.values()) for side, got in samples.items()}}
+    report.publish(results, meta, started, lambda r: report.render_text(r, "watched parts", [section(r)]),
+                   RESULTS_NAME, lambda r: report.block(DOCS_BLOCK, r, section(r)), not args.no_docs)
     return 0
 
 
