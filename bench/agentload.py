@@ -18,6 +18,8 @@
    `agentwarden run --agent A -- sh -c CALL`, session start included). A round
    runs the whole workload once per side, in a shuffled order; the ratio of a
    side is the median over rounds of its time over bare's in the same round.
+   bench/watched_parts.py takes the watched side apart (kernel, probe,
+   daemon; CPU time and context switches of each).
 """
 from __future__ import annotations
 
