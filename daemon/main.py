@@ -43,7 +43,8 @@ _DECISIONS_OF = {decision: f"decisions_{decision}" for decision in wire.DECISION
 TICK_INTERVAL = 1.0       # seconds between periodic duties
 # Seconds between looks at the probe's life (two reads of /proc each) while
 # messages keep the loop busy: its exit wakes the loop through its pidfd anyway,
-# and PF_EXITING is seen this much later at most, of the most of a second it takes to die.
+# and a dying probe's PF_EXITING is seen at most this much later (dying takes it
+# most of a second).
 WATCH_CHECK_INTERVAL = 0.02
 RETENTION_INTERVAL = 10.0  # seconds between retention checks
 
