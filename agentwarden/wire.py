@@ -398,14 +398,20 @@ def decode_probe_request(raw: bytes) -> dict[str, Any]:
 
 
 def encode_kernel_rules(policy_hash: str | None, rules: list[dict[str, Any]],
-                        sidedoors: dict[str, list[str]], kill_on_leave: list[str] = ()) -> bytes:
+                        sidedoors: dict[str, list[str]], kill_on_leave: list[str] = (),
+                        exec_prompt: list[str] | None = None) -> bytes:
     """The daemon's in-kernel deny rules; each rule a map of agent, path,
     exact, applies ("exec" or "open") and rule (its text). sidedoors: agent ->
     the side doors its policy allows, for the agents the kernel kills at any
     other (enforcing, on-violation kill or kill-agent). kill_on_leave: the
-    agents whose processes the kernel kills when they leave their cgroups."""
-    return pack({"v": SCHEMA_VERSION, "type": "kernel-rules", "policy_hash": policy_hash,
-                 "rules": rules, "sidedoors": sidedoors, "kill_on_leave": list(kill_on_leave)})
+    agents whose processes the kernel kills when they leave their cgroups.
+    exec_prompt: the agents whose exec violations the daemon acts on (their
+    exec records wake the probe at once; a message without it: every agent's)."""
+    message = {"v": SCHEMA_VERSION, "type": "kernel-rules", "policy_hash": policy_hash,
+               "rules": rules, "sidedoors": sidedoors, "kill_on_leave": list(kill_on_leave)}
+    if exec_prompt is not None:
+        message["exec_prompt"] = list(exec_prompt)
+    return pack(message)
 
 
 _KERNEL_RULE_FIELDS = {"agent": Str, "path": Str, "exact": Bool, "applies": Str, "rule": Str}
@@ -438,4 +444,7 @@ def decode_kernel_rules(raw: bytes) -> dict[str, Any]:
     leave = msg.setdefault("kill_on_leave", [])
     if not isinstance(leave, list) or not all(isinstance(a, str) for a in leave):
         raise WireError("kernel rules: kill_on_leave is not a list of agent names")
+    prompt = msg.get("exec_prompt", [])
+    if not isinstance(prompt, list) or not all(isinstance(a, str) for a in prompt):
+        raise WireError("kernel rules: exec_prompt is not a list of agent names")
     return msg

@@ -23,6 +23,8 @@
    bench/notify_floor.c, a minimal supervisor that reads each notified exec's and
    write-open's arguments and continues it) and watched floor (the same, in the
    tagged agent cgroup: what `run` cannot go below while the calls are watched).
+   bench/watched_parts.py takes the watched side apart (kernel, probe,
+   daemon; CPU time and context switches of each).
 """
 from __future__ import annotations
 

@@ -270,10 +270,28 @@ static __always_inline u64 wakeup_flag(int at_once)
     return BPF_RB_FORCE_WAKEUP;
 }
 
+/* Whether an exec record of this agent cgroup wakes the probe at once: unless
+ * the daemon said its agent's exec violations are only recorded (monitor mode,
+ * on-violation alert, no policy), when the next wake-up is soon enough. */
+static __always_inline int exec_prompt(u64 agent_cgroup_id)
+{
+    u32 key = AW_POLICY_KNOWN_KEY;
+    u32 *known = agent_policy.lookup(&key);
+    if (!known || !(*known & AW_POLICY_KNOWN))
+        return 1;
+    u32 *number = agent_cgroups.lookup(&agent_cgroup_id);
+    if (!number)
+        return 1;
+    key = *number & ~AW_AGENT_SESSION_BIT;
+    u32 *policy = agent_policy.lookup(&key);
+    return policy && (*policy & AW_POLICY_EXEC_PROMPT);
+}
+
 /* Into the `vital` ring when vital, else into `events`; counted either way. */
 static __always_inline void emit_to(void *record, u32 size, u32 kind, int vital_ring)
 {
-    u64 flags = wakeup_flag(kind == AW_KIND_EXEC);
+    u64 flags = wakeup_flag(kind == AW_KIND_EXEC &&
+                            exec_prompt(((struct aw_header *)record)->agent_cgroup_id));
     long err = vital_ring ? vital.ringbuf_output(record, size, flags)
                           : events.ringbuf_output(record, size, flags);
     if (err == 0)

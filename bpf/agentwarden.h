@@ -57,6 +57,11 @@
 
 /* agent_policy value: what the policy asks of an agent's processes in the kernel. */
 #define AW_POLICY_KILL_ON_LEAVE 1   /* enforce mode, on-violation kill or kill-agent */
+#define AW_POLICY_EXEC_PROMPT 2     /* the daemon acts on its exec violations: wake the probe at once */
+/* agent_policy[AW_POLICY_KNOWN_KEY] (no agent's number) holds AW_POLICY_KNOWN once the
+ * probe has the daemon's AW_POLICY_EXEC_PROMPT list; until then every exec is prompt. */
+#define AW_POLICY_KNOWN_KEY 0
+#define AW_POLICY_KNOWN 4
 
 /* agent_tasks value flags */
 #define AW_TASK_LEFT 1   /* out of its agent's cgroups (or in another agent's) */

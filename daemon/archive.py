@@ -427,6 +427,15 @@ class ArchiveWriter:
                 self._fail(exc, f"cannot seal the archive segment {self.segment_path}")
 
     def _compress_worker(self) -> None:
+        # Compressing a sealed segment is the daemon's heaviest work (seconds
+        # of CPU for a full one) and nothing waits for it: it takes a CPU only
+        # when nothing else wants one, so the agents and the daemon's own
+        # decisions never wait behind it. A segment waiting its turn stays on
+        # disk as it was written.
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))   # 0: this thread
+        except (AttributeError, OSError) as exc:
+            log.warning("archive: compressing at normal priority (cannot lower it: %s)", exc)
         while True:
             path = self._compress_queue.get()
             if path is None:

@@ -168,6 +168,14 @@ class Governor:
     def kernel_kill_agents(self) -> list[str]:
         return policy_mod.kernel_kill_agents(self.policy) if self.policy else []
 
+    def acting_agents(self) -> list[str]:
+        """The agents whose violations _act acts on (enforce mode, on-violation
+        other than alert): only their exec records must reach the daemon at once."""
+        if not self.policy:
+            return []
+        return sorted(agent.name for agent in self.policy.agents.values()
+                      if agent.mode == "enforce" and agent.on_violation != "alert")
+
     def _decide_open(self, record: dict) -> policy_mod.Verdict:
         """decide() on an open, from the cache when an open with the same
         fields decide() reads was decided under this very policy object (a

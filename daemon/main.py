@@ -41,6 +41,11 @@ MAX_MESSAGES_PER_WAKE = 4  # then answer control and supervisor: they must not w
 _RECORDS_OF = {kind: f"records_{kind}" for kind in wire.RECORD_FIELDS}
 _DECISIONS_OF = {decision: f"decisions_{decision}" for decision in wire.DECISIONS}
 TICK_INTERVAL = 1.0       # seconds between periodic duties
+# Seconds between looks at the probe's life (two reads of /proc each) while
+# messages keep the loop busy: its exit wakes the loop through its pidfd anyway,
+# and a dying probe's PF_EXITING is seen at most this much later (dying takes it
+# most of a second).
+WATCH_CHECK_INTERVAL = 0.02
 RETENTION_INTERVAL = 10.0  # seconds between retention checks
 
 
@@ -179,7 +184,8 @@ class Daemon:
         current = self.governor.policy
         message = wire.encode_kernel_rules(current.hash if current else None, rules,
                                            self.governor.kernel_sidedoors(),
-                                           self.governor.kernel_kill_agents())
+                                           self.governor.kernel_kill_agents(),
+                                           self.governor.acting_agents())
         try:
             self.pub.send_multipart([wire.TOPIC_KERNEL_RULES, message], zmq.NOBLOCK)
         except zmq.Again:
@@ -565,6 +571,7 @@ class Daemon:
         poller.register(self.release_channel.fileno(), zmq.POLLIN)
         next_tick = time.monotonic() + TICK_INTERVAL
         watched_fd = None   # the probe's pidfd in the poller: its exit wakes this loop at once
+        next_watch = 0.0
         while not self.stopping:
             if self.watch.fileno() != watched_fd:
                 if watched_fd is not None:
@@ -594,7 +601,10 @@ class Daemon:
             if not self.ready_sent and self._sessions_open():
                 self.ready_sent = True
                 self.notifier.ready(self.status_line())
-            self.check_watch()
+            now = time.monotonic()
+            if now >= next_watch or (watched_fd is not None and watched_fd in ready):
+                next_watch = now + WATCH_CHECK_INTERVAL
+                self.check_watch()
             if self.archive.sync_due():
                 self.sync_archive()  # bounded loss: at most sync_interval after the first unsynced record
             self.notifier.alive()

@@ -337,7 +337,7 @@ class Probe:
         for key, leaf in entries.values():
             table[key] = leaf
         self._kernel_keys = [key for key, _ in entries.values()]
-        self._apply_agent_policy(message.get("kill_on_leave", []))
+        self._apply_agent_policy(message.get("kill_on_leave", []), message.get("exec_prompt"))
         self.decoder.deny_rules = names
         self._apply_sidedoors(message["sidedoors"])
         self.kernel_rules_hash = message.get("policy_hash")
@@ -361,18 +361,35 @@ class Probe:
             table[table.Key(number)] = table.Leaf(mask)
         self._sidedoor_agents = list(numbers)
 
-    def _apply_agent_policy(self, kill_on_leave: list[str]) -> None:
-        """agent_policy: which agents' processes the kernel kills when they leave."""
+    def _apply_agent_policy(self, kill_on_leave: list[str], exec_prompt: list[str] | None) -> None:
+        """agent_policy: which agents' processes the kernel kills when they
+        leave, and whose exec records wake this probe at once (exec_prompt
+        None: a daemon that does not say, every agent's)."""
         table = self.bpf[b"agent_policy"]
-        wanted = {self.tags.agent_number(agent) for agent in kill_on_leave}
+        wanted: dict[int, int] = collections.defaultdict(int)
+        for agent in kill_on_leave:
+            wanted[self.tags.agent_number(agent)] |= self.c["AW_POLICY_KILL_ON_LEAVE"]
+        if exec_prompt is not None:
+            for agent in exec_prompt:
+                wanted[self.tags.agent_number(agent)] |= self.c["AW_POLICY_EXEC_PROMPT"]
+        # Added first and the known flag last, removed in the opposite order:
+        # an acting agent's exec is never taken for a recorded-only one.
+        known = self.c["AW_POLICY_KNOWN_KEY"]
+        if exec_prompt is None:
+            try:
+                del table[table.Key(known)]
+            except KeyError:
+                pass
         for key in list(table.keys()):
-            if key.value not in wanted:
+            if key.value != known and key.value not in wanted:
                 try:
                     del table[key]
                 except KeyError:
                     pass
-        for number in wanted:
-            table[table.Key(number)] = table.Leaf(self.c["AW_POLICY_KILL_ON_LEAVE"])
+        for number, flags in wanted.items():
+            table[table.Key(number)] = table.Leaf(flags)
+        if exec_prompt is not None:
+            table[table.Key(known)] = table.Leaf(self.c["AW_POLICY_KNOWN"])
 
     def _poll_kernel_rules(self) -> None:
         while True:

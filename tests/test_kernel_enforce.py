@@ -2,14 +2,18 @@
 in-kernel kill, monitor mode, indirect exec routes, symlinks."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+
+from agentwarden import bpfsys, control, headers
 
 from conftest import TEST_CGROUP_PARENT, events_of, wait_for
 
@@ -259,3 +263,82 @@ def test_freeze_all_works_without_the_daemon(kernel, agent_cgroup, tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def _probe_maps(warden, *names: str) -> dict[str, int]:
+    """fds of this process for the probe's maps of these names (pidfd_getfd)."""
+
+    class Info(ctypes.Structure):   # the head of struct bpf_map_info
+        _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                    ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                    ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16)]
+
+    class InfoAttr(ctypes.Structure):
+        _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+    [probe] = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _child_probe(p, warden.proc.pid)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(probe)
+    found = {}
+    try:
+        for entry in Path(f"/proc/{probe}/fdinfo").iterdir():
+            try:
+                if "map_type" not in entry.read_text():
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(438, pidfd, int(entry.name), 0)   # pidfd_getfd
+            assert fd >= 0, os.strerror(ctypes.get_errno())
+            info = Info()
+            bpfsys._bpf(15, InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))   # BPF_OBJ_GET_INFO_BY_FD
+            if info.name.decode() in names and info.name.decode() not in found:
+                found[info.name.decode()] = fd
+            else:
+                os.close(fd)
+    finally:
+        os.close(pidfd)
+    return found
+
+
+def _child_probe(proc: Path, parent: int) -> bool:
+    try:
+        stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        return int(stat[1]) == parent and (proc / "cmdline").read_bytes().split(b"\0")[-2] == b"probe"
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def test_only_agents_whose_violations_act_have_their_execs_wake_the_probe(warden, agent_cgroup):
+    """The daemon names the agents whose exec violations it acts on (enforce,
+    on-violation other than alert); the probe marks them in agent_policy, and
+    says it knows (key 0): the kernel wakes it at once for their execs only."""
+    c = headers.header_constants()
+    agents = {action: _name(f"wake-{action}") for action in ("kill", "freeze", "alert", "monitor")}
+    cgs = {action: agent_cgroup(agent) for action, agent in agents.items()}
+    toml = "".join(_policy(agent, "monitor" if action == "monitor" else "enforce",
+                           "kill" if action == "monitor" else action, ["/usr/**"])
+                   for action, agent in agents.items())
+    warden.set_policy("wake", toml)
+    maps = _probe_maps(warden, "agent_policy", "agent_cgroups")
+    try:
+        def flags(action: str) -> int:
+            number = bpfsys.lookup(maps["agent_cgroups"], cgs[action].id.to_bytes(8, "little"), 4)
+            assert number is not None, f"{action}: its cgroup is not in agent_cgroups"
+            agent = int.from_bytes(number, "little") & ~c["AW_AGENT_SESSION_BIT"]
+            value = bpfsys.lookup(maps["agent_policy"], agent.to_bytes(4, "little"), 4)
+            return int.from_bytes(value, "little") if value else 0
+        known = bpfsys.lookup(maps["agent_policy"], c["AW_POLICY_KNOWN_KEY"].to_bytes(4, "little"), 4)
+        assert known and int.from_bytes(known, "little") & c["AW_POLICY_KNOWN"]
+        assert flags("kill") & c["AW_POLICY_EXEC_PROMPT"] and flags("freeze") & c["AW_POLICY_EXEC_PROMPT"]
+        assert not flags("alert") & c["AW_POLICY_EXEC_PROMPT"]
+        assert not flags("monitor") & c["AW_POLICY_EXEC_PROMPT"]
+        # The lazy agent's exec is recorded all the same.
+        assert cgs["alert"].run(["/usr/bin/true"]).returncode == 0
+    finally:
+        for fd in maps.values():
+            os.close(fd)
+        (warden.settings.policy_dir / "wake.toml").unlink()
+        control.request(warden.settings, "reload", timeout=10)
+    warden.settle()
+    assert events_of(warden.records(), cgs["alert"].id, "exec")
+

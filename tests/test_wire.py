@@ -354,6 +354,19 @@ def test_kernel_rules_carry_the_agents_killed_on_leaving():
             {"agent": "a", "path": "/x", "exact": True, "applies": "move", "rule": "r"}], {}))
 
 
+def test_kernel_rules_say_whose_execs_wake_the_probe_at_once():
+    """Absent (an older daemon): the probe keeps every exec prompt; present,
+    even empty, it is the whole list."""
+    assert "exec_prompt" not in wire.decode_kernel_rules(wire.encode_kernel_rules("sha256:x", [], {}))
+    raw = wire.encode_kernel_rules("sha256:x", [], {}, [], ["coder"])
+    assert wire.decode_kernel_rules(raw)["exec_prompt"] == ["coder"]
+    assert wire.decode_kernel_rules(wire.encode_kernel_rules(None, [], {}, [], []))["exec_prompt"] == []
+    for bad in ("coder", [1], None):
+        with pytest.raises(wire.WireError, match="exec_prompt"):
+            wire.decode_kernel_rules(wire.pack({"type": "kernel-rules", "policy_hash": None, "rules": [],
+                                                "exec_prompt": bad}))
+
+
 @pytest.mark.parametrize("fields", [0, 14, 15, 16, 40, 65535, 65536])
 def test_a_packed_batch_is_the_batch_packed(fields):
     """The daemon publishes events from their archived bodies: the bytes must
