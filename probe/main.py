@@ -585,6 +585,10 @@ class Probe:
                 # can only be in it if the addition was seen, and the tags
                 # record goes first, so the daemon knows its agent.
                 records.insert(0, self.tags.record())
+            if records:   # out before the periodic duties below: an exec the daemon kills for waits on none
+                self._queue(records)
+                self._flush()
+                records = []
             now = time.monotonic()
             self._poll_kernel_rules()   # each turn: a non-blocking read, and rules apply sooner
             if now >= next_tags:
