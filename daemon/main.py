@@ -36,6 +36,9 @@ from .sessions import Sessions
 log = logging.getLogger("agentwarden.daemon")
 
 # PUB topics: tail subscribes to events, the probe to the in-kernel deny rules.
+# Batches (up to the probe's 4,096 records each) queued on the ingest socket:
+# more waits in the kernel ring, whose drops are counted (memory, see probe/main.py).
+INGEST_HWM = 4
 MAX_MESSAGES_PER_WAKE = 4  # then answer control and supervisor: they must not wait
 # The counters' names, made once rather than per record.
 _RECORDS_OF = {kind: f"records_{kind}" for kind in wire.RECORD_FIELDS}
@@ -76,7 +79,7 @@ class Daemon:
         self.resolver = Resolver()
         self.ctx = zmq.Context.instance()
         self.pull = self._bind(zmq.PULL, settings.ingest_endpoint)
-        self.pull.setsockopt(zmq.RCVHWM, 10000)
+        self.pull.setsockopt(zmq.RCVHWM, INGEST_HWM)
         self.pub = self._bind(zmq.PUB, settings.events_endpoint)
         self.pub.setsockopt(zmq.SNDHWM, 10000)
         self.control = self._bind(zmq.REP, settings.control_endpoint)

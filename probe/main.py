@@ -30,6 +30,11 @@ MAX_BATCH = 4096            # records per ZeroMQ message
 # keeps these and drops the rest (counted).
 VITAL_KINDS = frozenset({"exec", "fork", "exit", "move"})
 MAX_BACKLOG = 1_000_000     # records held while the daemon is not reading
+# Memory: while this many decoded records wait for the daemon, the probe stops
+# draining the rings, so backpressure ends in the kernel ring (whose drops are
+# counted per CPU and sent as `gap` records), not in Python dicts.
+PAUSE_BACKLOG = 2 * MAX_BATCH
+SEND_HWM = 4                # batches ZeroMQ queues towards the daemon
 POLL_MS = 50
 # Seconds between heartbeats (see Probe.heartbeat): a detached program is
 # noticed within this, and the agents are frozen within 1 s.
@@ -273,7 +278,7 @@ class Probe:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.SNDHWM, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.sock.connect(settings.ingest_endpoint)
         # The daemon publishes the in-kernel deny rules of its policy.
         self.rules_sock = self.ctx.socket(zmq.SUB)
@@ -585,14 +590,22 @@ class Probe:
             # The BPF side wakes this loop at most once per wake-up interval
             # and queues later records silently: while records flow, look
             # again one interval later, whether woken or not.
-            self.bpf.ring_buffer_poll(self.active_poll_ms if active else POLL_MS)
-            active = bool(self.raw or self.raw_vital)
-            records = self._drain_ring()
+            paused = self.backlog_records >= PAUSE_BACKLOG
+            if paused:   # the daemon is behind: wait for it, the rings hold the rest
+                self.sock.poll(self.active_poll_ms, zmq.POLLOUT)
+            else:
+                self.bpf.ring_buffer_poll(self.active_poll_ms if active else POLL_MS)
+            active = paused or bool(self.raw or self.raw_vital)
+            records = [] if paused else self._drain_ring()
             if self.tags.take_added():
                 # Looked at after the drain: a record of a cgroup watch added
                 # can only be in it if the addition was seen, and the tags
                 # record goes first, so the daemon knows its agent.
                 records.insert(0, self.tags.record())
+            if records:   # out before the periodic duties below: an exec the daemon kills for waits on none
+                self._queue(records)
+                self._flush()
+                records = []
             now = time.monotonic()
             self._poll_kernel_rules()   # each turn: a non-blocking read, and rules apply sooner
             if now >= next_tags:
@@ -613,7 +626,8 @@ class Probe:
                     break
             if now >= next_health:
                 next_health = now + self.settings.health_interval
-                records.extend(self._drain_ring())
+                if not paused:
+                    records.extend(self._drain_ring())
                 records.extend(self.health())
                 self.notifier.alive(self.status_line())
             if records:
