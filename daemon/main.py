@@ -284,6 +284,8 @@ class Daemon:
         kind = record["kind"]
         counters = self.counters
         counters[_RECORDS_OF.get(kind) or f"records_{kind}"] += 1
+        if kind == "violation":
+            counters["violations"] += 1   # the supervisor's, for a session call it refused
         violation = None
         own: list[dict] = []   # records the daemon makes because of this one
         if kind in wire.EVENT_KINDS:

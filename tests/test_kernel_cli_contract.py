@@ -109,3 +109,30 @@ def test_up_interrupted_exits_130(kernel, tmp_path):
         assert "Traceback" not in own.output() and "Aborted" not in own.output()
     finally:
         own.stop()
+
+
+def test_a_second_up_is_refused_and_a_killed_up_takes_its_parts_along(kernel, tmp_path):
+    """`up` where a daemon already answers says so at once (it used to print its
+    banner from the other daemon's status, then restart a daemon that could not
+    take the archive's lock five times); `up` killed with SIGKILL takes its
+    daemon and probe along (they used to run on, orphaned), leaving the sockets
+    a stopped daemon leaves, which the commands then name."""
+    import psutil
+    own = Warden(tmp_path, run_dir=tmp_path / "own-run")
+    try:
+        daemon_pid = own.status()["daemon"]["pid"]
+        second = own.cli("up", check=False, timeout=60)
+        assert second.returncode == 1 and "watching" not in second.stdout, second.stdout
+        assert second.stderr.startswith(f"agentwarden: error: a daemon already runs on "
+                                        f"{own.settings.run_dir} (pid {daemon_pid}): stop it first")
+        assert second.stderr.count("\n") == 1, second.stderr
+        parts = psutil.Process(own.proc.pid).children()
+        assert daemon_pid in [p.pid for p in parts] and len(parts) == 2
+        own.proc.kill()
+        own.proc.wait()
+        _gone, alive = psutil.wait_procs(parts, timeout=30)
+        assert alive == [], alive
+        status = own.cli("status", check=False)
+        assert status.returncode == 3 and "nothing listens on" in status.stderr, status.stderr
+    finally:
+        own.stop()

@@ -171,3 +171,31 @@ def test_metrics_count_what_the_archive_holds_and_exports_follow_ocsf_and_ecs(ob
                                                    "--kind", "exec").stdout.splitlines()]
     assert {d["process"]["name"] for d in ecs} >= {"grep", "find", "tar", "id", "date"}
     assert all(d["agentwarden"]["agent"] == agent and d["event"]["category"] == ["process"] for d in ecs)
+
+
+def test_a_violation_a_session_refused_is_counted_too(observed, kernel):
+    """An exec.deny in a `run` session is refused by the supervisor before it
+    runs (no kernel event for the daemon to judge): its violation record counts
+    in agentwarden_violations_total like the daemon's own."""
+    warden = observed
+    agent = _name("obsdeny")
+    cg = AgentCgroup(kernel, warden, agent)
+    shells = ", ".join(f'"{s}"' for s in SHELL)
+    try:
+        cg.tag()
+        warden.set_policy(agent, f'[agent.{agent}]\nmode = "enforce"\non-violation = "hold"\n'
+                                 f'[agent.{agent}.exec]\nallow = [{shells}]\ndeny = ["/usr/bin/id"]\n'
+                                 f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["/dev/null"]\n')
+        done = subprocess.run([sys.executable, "-m", "agentwarden", "run", "--agent", agent, "--",
+                               "/bin/sh", "-c", "/usr/bin/id -u; echo after"], env=warden.env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout == "after\n", done.stderr
+        warden.settle()
+    finally:
+        cg.remove()
+    records = warden.records()
+    refused = [r for r in records if r["kind"] == "violation" and r.get("agent") == agent]
+    assert [r["action_taken"] for r in refused] == ["refused: EPERM"], refused
+    everyone = sum(1 for r in records if r["kind"] == "violation")
+    wait_for(lambda: scrape(warden)["agentwarden_violations_total"] == everyone,
+             what=f"agentwarden_violations_total == {everyone} (the archive's violation records)")

@@ -17,6 +17,7 @@ sessions fail closed.
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import resource
 import select
@@ -38,6 +39,7 @@ POLL_INTERVAL = 0.2                  # seconds between looks at the children
 # The services' StartLimitBurst / StartLimitIntervalSec.
 START_LIMIT_BURST = 5
 START_LIMIT_INTERVAL = 60.0
+PR_SET_PDEATHSIG = 1                 # prctl(2)
 
 
 def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Callable[[], None]) -> int:
@@ -58,24 +60,30 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
     env = {k: v for k, v in os.environ.items()
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
 
+    _refuse_if_running(settings)
     settings.prepare_run_dir()
     # Room for every session's listener (the soft limit is often 1024).
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     store = sdnotify.FdStore(settings.run_dir / "up-notify.sock")
 
+    die_with_up = _dies_with(os.getpid())
+
     def start(part: str) -> subprocess.Popen:
         argv = [sys.executable, "-m", "agentwarden", *flags, part]
         if part != "daemon":
-            return subprocess.Popen(argv, env=env)
+            return subprocess.Popen(argv, env=env, preexec_fn=die_with_up)
         # The daemon talks to us as to systemd: readiness, and the fd store.
         daemon_env = {**env, "NOTIFY_SOCKET": store.path}
         listen_env, fds = store.handed_over()
         if not fds:
-            return subprocess.Popen(argv, env=daemon_env)
+            return subprocess.Popen(argv, env=daemon_env, preexec_fn=die_with_up)
         full_env = {**daemon_env, **listen_env}
-        return subprocess.Popen(argv, env=full_env,
-                                preexec_fn=lambda: sdnotify.place_fds_and_exec(argv, full_env, fds))
+
+        def handed_over():
+            die_with_up()
+            sdnotify.place_fds_and_exec(argv, full_env, fds)
+        return subprocess.Popen(argv, env=full_env, preexec_fn=handed_over)
 
     def trusted(pid: int) -> bool:
         """The daemon, or a child of it (its session supervisor)."""
@@ -97,7 +105,8 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
             if failed:   # before it ever watched: a setup problem, restarting won't help
                 raise AgentwardenError("could not start: " + _exits(failed))
             try:
-                if control.request(settings, "status", timeout=1)["status"]["probe"]["health"]:
+                status = control.request(settings, "status", timeout=1)["status"]
+                if status["daemon"]["pid"] == children["daemon"].pid and status["probe"]["health"]:
                     on_ready()
                     break
             except AgentwardenError:
@@ -133,6 +142,30 @@ def run_probe_and_daemon(settings: Settings, ready_timeout: float, on_ready: Cal
                     child.kill()
                     child.wait()
         store.close()   # a real stop: the sessions' listeners close, their calls fail (ENOSYS)
+
+
+def _refuse_if_running(settings: Settings) -> None:
+    """Another daemon on these sockets (another `up`, a service, or the parts of
+    an `up` that was killed): starting a second one would only fail on its lock."""
+    try:
+        pid = control.request(settings, "status", timeout=1)["status"]["daemon"]["pid"]
+    except AgentwardenError:
+        return   # nothing answers: the sockets, if any, are a stopped daemon's
+    raise AgentwardenError(f"a daemon already runs on {settings.run_dir} (pid {pid}): stop it first "
+                           f"(kill {pid}, or systemctl stop agentwarden-daemon agentwarden-probe), "
+                           "or give this one another run_dir and state_dir")
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """For a child, before its exec: SIGTERM when `up` dies, even by SIGKILL
+    (PR_SET_PDEATHSIG), so no probe or daemon outlives the `up` that started it."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:   # `up` died before the line above
+            os._exit(1)
+    return arm
 
 
 def _exits(codes: dict[str, int]) -> str:
