@@ -961,6 +961,8 @@ static const int forwarded_signals[] = {SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR
                                         SIGWINCH, SIGCONT, SIGTSTP, SIGTTIN, SIGTTOU};
 #define FORWARDED_COUNT (sizeof forwarded_signals / sizeof forwarded_signals[0])
 
+/* The child's pid (no pidfd needed: it is this process's child, reaped only
+ * by waitid below, so until then the pid cannot name another process). */
 static volatile pid_t command_pid;
 static int caught[FORWARDED_COUNT];   /* 1: handled here; 0: ignored when we started, left so */
 static sigset_t original_mask;

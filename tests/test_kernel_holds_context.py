@@ -43,15 +43,16 @@ def test_holds_show_an_exec_tells_the_agent_and_names_the_hold_in_the_exec_recor
     assert shown["program"]["sha256"] == sha256(os.path.realpath("/usr/bin/date"))
     assert shown["agent_says"] == "need the time"
     # The held process (the shell's child, not yet date) and its ancestors up
-    # to the shell `run` became, with their command lines and cwd.
+    # to the shell `run` started (its child), with their command lines and cwd.
     chain = shown["ancestry"]
-    assert chain[-1]["pid"] == proc.pid and chain[-1]["argv"] == ["/bin/sh", "-c", script]
-    assert chain[0]["pid"] != proc.pid and chain[0]["cwd"] == os.getcwd()
+    [shell] = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert chain[-1]["pid"] == int(shell) and chain[-1]["argv"] == ["/bin/sh", "-c", script]
+    assert chain[0]["pid"] != int(shell) and chain[0]["cwd"] == os.getcwd()
     assert shown["recent"][-1]["verdict"] == f"held {hold['id']}"
     assert shown["user"] == "root" and shown["syscall"] == "execve"
     text = warden.cli("holds", "show", hold["id"]).stdout
     assert "agent says (its own claim, unverified): need the time" in text
-    assert f"sha256 {shown['program']['sha256']}" in text and f"{proc.pid:<7} /bin/sh -c" in text
+    assert f"sha256 {shown['program']['sha256']}" in text and f"{shell:<7} /bin/sh -c" in text
     warden.cli("approve", hold["id"], "--reason", "it is only the date")
     out, err = proc.communicate(timeout=30)
     assert out.startswith("held-") and "status=0" in out
