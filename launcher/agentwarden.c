@@ -1097,6 +1097,7 @@ static void __attribute__((noreturn)) end_as(const siginfo_t *info)
     int sig = info->si_status;
     struct rlimit no_core = {0, 0};
     setrlimit(RLIMIT_CORE, &no_core);
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);   /* nor to a core_pattern pipe, which ignores the limit */
     signal(sig, SIG_DFL);
     sigset_t one;
     sigemptyset(&one);
