@@ -16,8 +16,9 @@ boot and on `systemctl daemon-reload`) turns each definition into a drop-in for
 agent@NAME.service: WorkingDirectory=, Environment=, and an ExecStart= that runs
 the command as a held session, `agentwarden run --agent NAME --user USER ...`.
 The unit is delegated (Delegate=yes), so it is not itself the agent: `run` starts
-as root in the unit's own cgroup, makes the tagged session cgroup below it, joins
-it, and only then executes the agent's command as its user. Nothing of ours is
+as root in the unit's own cgroup, makes the tagged session cgroup below it, and
+starts the agent's command there as its child (born in it), as its user, once the
+session's filter is registered; `run` stays in the unit's cgroup as its parent. Nothing of ours is
 judged as the agent. This module imports only the standard library (generators
 run early).
 """
