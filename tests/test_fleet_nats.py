@@ -113,15 +113,27 @@ def test_an_admins_ordered_consumer_reads_a_large_stream_without_stalling(cluste
     assert asyncio.run(_publish_and_follow(cluster, count, 1024)) == count
 
 
-async def _bucket_keys(cluster: NatsCluster) -> set[str]:
+async def _bucket_keys(cluster: NatsCluster) -> set[str] | None:
+    """The bucket's keys, or None when the listing did not finish in 10 s
+    (nats-py's keys() can wait for good on a consumer that got no answer): the
+    caller asks again, within its own deadline, rather than hang the suite."""
     nc = await _connect(cluster, ADMIN)
-    kv = await nc.jetstream(timeout=10).key_value(fleet.HOLDS_BUCKET)
     try:
-        return set(await kv.keys())
+        kv = await nc.jetstream(timeout=10).key_value(fleet.HOLDS_BUCKET)
+        return set(await asyncio.wait_for(kv.keys(), 10))
+    except asyncio.TimeoutError:
+        return None
     except Exception:   # NoKeysError: empty
         return set()
     finally:
         await nc.close()
+
+
+def _keys_now(cluster: NatsCluster, deadline: float) -> set[str]:
+    import time as clock
+    while (keys := asyncio.run(_bucket_keys(cluster))) is None:
+        assert clock.monotonic() < deadline, "the holds bucket could not be listed"
+    return keys
 
 
 def test_a_restarted_shipper_deletes_the_hold_keys_of_its_last_run(cluster, tmp_path):
@@ -142,7 +154,7 @@ def test_a_restarted_shipper_deletes_the_hold_keys_of_its_last_run(cluster, tmp_
         await kv.put(fleet.hold_key(HOST, "h1-dead"), b'{"state": "pending"}')
         await nc.close()
     asyncio.run(setup())
-    assert fleet.hold_key(HOST, "h1-dead") in asyncio.run(_bucket_keys(cluster))
+    assert fleet.hold_key(HOST, "h1-dead") in _keys_now(cluster, clock.monotonic() + 30)
     state = tmp_path / "state"
     state.mkdir()
     (state / HOLD_KEYS_FILE).write_text(
@@ -153,13 +165,13 @@ def test_a_restarted_shipper_deletes_the_hold_keys_of_its_last_run(cluster, tmp_
     shipper.start()
     try:
         deadline = clock.monotonic() + 30
-        while fleet.hold_key(HOST, "h1-dead") in asyncio.run(_bucket_keys(cluster)):
+        while fleet.hold_key(HOST, "h1-dead") in _keys_now(cluster, deadline):
             assert clock.monotonic() < deadline, shipper.last_error
             clock.sleep(0.3)
         shipper.hold({"hold_id": "h2-new", "agent": "bot", "session": "s-1", "on_behalf_of": "", "task": "",
                       "action": "exec date", "rule": "exec.hold", "required": 1, "approvers": [],
                       "time": clock.time_ns(), "state": "pending"})
-        while fleet.hold_key(HOST, "h2-new") not in asyncio.run(_bucket_keys(cluster)):
+        while fleet.hold_key(HOST, "h2-new") not in _keys_now(cluster, deadline):
             assert clock.monotonic() < deadline, shipper.last_error
             clock.sleep(0.3)
         assert fleet.hold_key(HOST, "h2-new") in (state / HOLD_KEYS_FILE).read_text()

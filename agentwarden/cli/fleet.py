@@ -72,6 +72,9 @@ class _Connection:
             pass
 
 
+LIST_TIMEOUT = 10.0   # seconds a bucket's listing may take
+
+
 async def _kv_entries(conn: _Connection, bucket: str) -> list[dict]:
     js = conn.nc.jetstream()
     try:
@@ -80,7 +83,11 @@ async def _kv_entries(conn: _Connection, bucket: str) -> list[dict]:
         raise AgentwardenError(f"no {bucket} bucket on {conn.url} ({exc.__class__.__name__}): is the "
                                "collector running, or `agentwarden fleet init` done?") from None
     try:
-        keys = await kv.keys()
+        # nats-py's listing can wait for good on a consumer that got no answer.
+        keys = await asyncio.wait_for(kv.keys(), LIST_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise AgentwardenError(f"listing the {bucket} bucket on {conn.url} got no answer in "
+                               f"{LIST_TIMEOUT:g} s; try again, or check the cluster with `fleet status`") from None
     except Exception as exc:   # NoKeysError: empty
         if conn.refusal:
             raise AgentwardenError(f"NATS refused reading the {bucket} bucket to this account "
