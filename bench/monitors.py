@@ -404,6 +404,9 @@ class Auditd(Monitor):
         self._write_config()
         _auditctl("-a", "never,task")
 
+    # x86-64's umount2 has its tracepoint named sys_enter_umount; audit names the syscall.
+    TRACEPOINT_TO_AUDIT = {"umount": "umount2"}
+
     def _drop_unknown_syscalls(self) -> None:
         """auditctl refuses a whole rule for one syscall its table lacks (fchmodat2
         in bookworm's): such syscalls are left out, and the note says which."""
@@ -414,7 +417,10 @@ class Auditd(Monitor):
                 known.append(word)
                 continue
             name = next(words)
-            if subprocess.run(["ausyscall", "x86_64", name], capture_output=True).returncode == 0:
+            name = self.TRACEPOINT_TO_AUDIT.get(name, name)
+            # ausyscall matches by prefix (umount -> umount2): only an exact name is known.
+            found = subprocess.run(["ausyscall", "x86_64", name], capture_output=True, text=True)
+            if found.returncode == 0 and name in (line.split()[0] for line in found.stdout.splitlines() if line):
                 known.extend(("-S", name))
             else:
                 self.unknown.append(name)
