@@ -236,9 +236,27 @@ async def run_collector(url: str, credentials: fleet.Credentials, root: Path, re
     nats = fleet.nats_module()
     from nats.js import api
     collector = Collector(root, gap_wait)
+    said = {"error": None}
+
+    async def on_error(exc):
+        # nats-py calls this at every try (its default logs a traceback each
+        # time): one line per cause, until it connects again.
+        text = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+        if text != said["error"]:
+            said["error"] = text
+            log.error("fleet archive: cannot reach %s (%s); retrying: check fleet_url (or --url) and "
+                      "that the NATS server runs", url, text)
+
+    async def on_connected():
+        if said["error"] is not None:
+            said["error"] = None
+            log.info("fleet archive: connected to %s", url)
+
     nc = await nats.connect(fleet.servers(url), **fleet.connect_options(credentials),
                             name="agentwarden fleet archive", allow_reconnect=True,
-                            max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+                            max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                            error_cb=on_error, reconnected_cb=on_connected)
+    await on_connected()
     js = nc.jetstream()
     while True:
         try:

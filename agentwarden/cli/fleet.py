@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from agentwarden import fleet, render, wire
+from agentwarden.control import DaemonUnavailable
 from agentwarden.daemon import fleet_collector
 from agentwarden.errors import AgentwardenError, UsageProblem
 from agentwarden.settings import Settings
@@ -62,7 +63,8 @@ class _Connection:
                                          max_reconnect_attempts=2, error_cb=on_error,
                                          name="agentwarden fleet CLI")
         except Exception as exc:
-            raise AgentwardenError(f"cannot connect to {self.url}: {exc or exc.__class__.__name__}") from None
+            raise DaemonUnavailable(f"cannot connect to {self.url}: {exc or exc.__class__.__name__}; check "
+                                    "fleet_url (or --url) and that the NATS server runs") from None
         return self
 
     async def __aexit__(self, *exc):
@@ -357,9 +359,17 @@ def archive(directory: Optional[Path] = typer.Option(None, "--dir", help="defaul
             loop.add_signal_handler(sig, stop.set)
         ready = asyncio.Event()
         task = asyncio.create_task(fleet_collector.run_collector(*target, root, replicas, stop, ready=ready))
-        await asyncio.wait({task, asyncio.ensure_future(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({task, asyncio.ensure_future(ready.wait()), stopping},
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and not stop.is_set():
             typer.echo(f"fleet archive: collecting into {root}", err=True)
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set() and not ready.is_set():
+            # Still connecting (nats-py retries for good): nothing collected yet, nothing to close.
+            task.cancel()
+            typer.echo("fleet archive: stopped before it could connect", err=True)
+            return
         collector = await task
         typer.echo(f"fleet archive: stopped; {json.dumps(collector.state(), sort_keys=True)}", err=True)
     fleet.nats_module()
