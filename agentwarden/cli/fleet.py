@@ -88,6 +88,9 @@ async def _kv_entries(conn: _Connection, bucket: str) -> list[dict]:
         # nats-py's listing can wait for good on a consumer that got no answer.
         keys = await asyncio.wait_for(kv.keys(), LIST_TIMEOUT)
     except asyncio.TimeoutError:
+        if conn.refusal:   # a refused listing is never answered
+            raise AgentwardenError(f"NATS refused reading the {bucket} bucket to this account "
+                                   f"({conn.refusal}): use an admin's credentials") from None
         raise AgentwardenError(f"listing the {bucket} bucket on {conn.url} got no answer in "
                                f"{LIST_TIMEOUT:g} s; try again, or check the cluster with `fleet status`") from None
     except Exception as exc:   # NoKeysError: empty
