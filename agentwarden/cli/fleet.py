@@ -74,40 +74,65 @@ class _Connection:
             pass
 
 
-LIST_TIMEOUT = 10.0   # seconds a bucket's listing may take
+LIST_TIMEOUT = 10.0   # seconds a bucket's listing may take, retries of a cluster without a leader included
+
+
+def _refused(conn: _Connection, bucket: str) -> AgentwardenError:
+    return AgentwardenError(f"NATS refused reading the {bucket} bucket to this account "
+                            f"({conn.refusal}): use an admin's credentials")
+
+
+async def _bucket_keys(conn: _Connection, js, bucket: str) -> list[str]:
+    """The bucket's keys, from the stream's subject counts: one request answered by the
+    stream's leader. (nats-py's kv.keys() watches with a consumer, which could wait for good
+    when a cluster's leader changed under it.) Transient answers are retried until
+    LIST_TIMEOUT; a cluster that cannot answer by then is said to be so."""
+    stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+    deadline = time.monotonic() + LIST_TIMEOUT
+    last = "no answer"
+    while True:
+        try:
+            info = await asyncio.wait_for(js.stream_info(stream, subjects_filter=prefix + ">"), 5)
+            return [subject[len(prefix):] for subject in (info.state.subjects or {})]
+        except Exception as exc:
+            if conn.refusal:   # a refused request is never answered
+                raise _refused(conn, bucket) from None
+            from nats.js.errors import NotFoundError
+            if isinstance(exc, NotFoundError):
+                raise AgentwardenError(f"no {bucket} bucket on {conn.url}: is the collector running, "
+                                       "or `agentwarden fleet init` done?") from None
+            last = str(exc).strip() or exc.__class__.__name__
+        if time.monotonic() >= deadline:
+            raise AgentwardenError(f"listing the {bucket} bucket on {conn.url}: JetStream temporarily "
+                                   f"unavailable ({last}) for {LIST_TIMEOUT:g} s; try again, or check the "
+                                   "cluster with `fleet status`") from None
+        await asyncio.sleep(0.5)
 
 
 async def _kv_entries(conn: _Connection, bucket: str) -> list[dict]:
     js = conn.nc.jetstream()
+    keys = await _bucket_keys(conn, js, bucket)
+    if not keys:
+        return []
     try:
         kv = await js.key_value(bucket)
     except Exception as exc:
-        raise AgentwardenError(f"no {bucket} bucket on {conn.url} ({exc.__class__.__name__}): is the "
-                               "collector running, or `agentwarden fleet init` done?") from None
-    try:
-        # nats-py's listing can wait for good on a consumer that got no answer.
-        keys = await asyncio.wait_for(kv.keys(), LIST_TIMEOUT)
-    except asyncio.TimeoutError:
-        if conn.refusal:   # a refused listing is never answered
-            raise AgentwardenError(f"NATS refused reading the {bucket} bucket to this account "
-                                   f"({conn.refusal}): use an admin's credentials") from None
-        raise AgentwardenError(f"listing the {bucket} bucket on {conn.url} got no answer in "
-                               f"{LIST_TIMEOUT:g} s; try again, or check the cluster with `fleet status`") from None
-    except Exception as exc:   # NoKeysError: empty
         if conn.refusal:
-            raise AgentwardenError(f"NATS refused reading the {bucket} bucket to this account "
-                                   f"({conn.refusal}): use an admin's credentials") from None
-        from nats.js.errors import NoKeysError
-        if isinstance(exc, NoKeysError):
-            return []
-        raise AgentwardenError(f"cannot read the {bucket} bucket on {conn.url}: "
-                               f"{exc.__class__.__name__} {exc}") from None
+            raise _refused(conn, bucket) from None
+        raise AgentwardenError(f"cannot open the {bucket} bucket on {conn.url} ({exc.__class__.__name__}); "
+                               "try again, or check the cluster with `fleet status`") from None
     entries = []
     for key in keys:
         try:
             entry = await kv.get(key)
-        except Exception:   # deleted meanwhile
-            continue
+        except Exception as exc:
+            if conn.refusal:
+                raise _refused(conn, bucket) from None
+            from nats.js.errors import KeyDeletedError, KeyNotFoundError
+            if isinstance(exc, (KeyNotFoundError, KeyDeletedError)):   # deleted (a tombstone), or meanwhile
+                continue
+            raise AgentwardenError(f"cannot read {key} of the {bucket} bucket on {conn.url}: "
+                                   f"{exc.__class__.__name__} {exc}; try again") from None
         if entry.value:
             entries.append(json.loads(entry.value))
     return entries
