@@ -195,6 +195,21 @@ def hold_entry(host: str, record: dict) -> dict:
             "state": record["state"]}
 
 
+class _BucketWriter:
+    """Puts and deletes of one KV bucket's keys as the JetStream publishes they are, so a host
+    needs to publish only under its own keys: nats-py's js.key_value() first asks for the
+    bucket's stream info, which would also let a host list every host's hold keys."""
+
+    def __init__(self, js, bucket: str):
+        self.js, self.prefix = js, f"$KV.{bucket}."
+
+    async def put(self, key: str, value: bytes) -> None:
+        await self.js.publish(self.prefix + key, value)
+
+    async def delete(self, key: str) -> None:
+        await self.js.publish(self.prefix + key, b"", headers={"KV-Operation": "DEL"})
+
+
 class FleetShipper:
     def __init__(self, settings: Settings, archive_dir: Path):
         self.settings = settings
@@ -352,13 +367,8 @@ class FleetShipper:
             await asyncio.to_thread(save_acked, self.state_file, self.acked_seq)
             saved = self.acked_seq
 
-    async def _holds_bucket(self, js):
-        while not self._stop.is_set():
-            try:
-                return await js.key_value(fleet.HOLDS_BUCKET)
-            except Exception as exc:
-                self.last_error = f"the {fleet.HOLDS_BUCKET} bucket: {exc.__class__.__name__}: {exc}"
-                await asyncio.sleep(RETRY_MAX)
+    def _holds_bucket(self, js) -> "_BucketWriter":
+        return _BucketWriter(js, fleet.HOLDS_BUCKET)
 
     async def _until_done(self, operation, what: str) -> bool:
         """Retry operation() while NATS is away; False when the shipper stops first."""
@@ -375,7 +385,7 @@ class FleetShipper:
         await asyncio.to_thread(save_hold_keys, self.hold_keys_file, set(self.hold_keys))
 
     async def _publish_holds(self, js) -> None:
-        kv = await self._holds_bucket(js)
+        kv = self._holds_bucket(js)
         # Holds of an earlier run of this daemon ended with it (sessions fail closed).
         prefix = fleet.token(self.host) + "."
         for key in sorted(self.hold_keys):
@@ -412,18 +422,17 @@ class FleetShipper:
                 self.counters["holds_published"] += 1
 
     async def _host_entry(self, js) -> None:
-        kv = None
+        kv = _BucketWriter(js, fleet.HOSTS_BUCKET)
         while not self._stop.is_set():
             try:
-                kv = kv or await js.key_value(fleet.HOSTS_BUCKET)
                 state = {"host": self.host, "time": time.time_ns(), "acked_seq": self.acked_seq,
                          "last_ack": self.last_ack_time,
                          "pending_holds": len(self.pending), "counters": dict(self.counters),
                          **self.host_state}
                 state["lag"] = max(0, state.get("durable_seq", -1) - self.acked_seq)
                 await kv.put(fleet.token(self.host), json.dumps(state).encode())
-            except Exception:
-                kv = None
+            except Exception:   # NATS away: the next turn tries again
+                pass
             await asyncio.sleep(HOST_STATE_INTERVAL)
 
     async def _on_decision(self, msg) -> None:

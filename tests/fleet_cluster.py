@@ -28,8 +28,7 @@ def host_permissions(host: str) -> str:
     state, answer decisions for itself, read its own inbox. Never publish a
     decision, never read the buckets (other hosts' holds) or another inbox."""
     return f"""{{
-        publish: {{ allow: ["aw.rec.{host}.>", "$KV.aw-holds.{host}.>", "$KV.aw-hosts.{host}",
-                            "$JS.API.STREAM.INFO.KV_aw-holds", "$JS.API.STREAM.INFO.KV_aw-hosts"] }}
+        publish: {{ allow: ["aw.rec.{host}.>", "$KV.aw-holds.{host}.>", "$KV.aw-hosts.{host}"] }}
         subscribe: {{ allow: ["aw.decide.{host}", "{fleet.inbox_prefix(host)}.>"] }}
         allow_responses: true
     }}"""

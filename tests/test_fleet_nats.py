@@ -150,8 +150,9 @@ def test_a_restarted_shipper_deletes_the_hold_keys_of_its_last_run(cluster, tmp_
         await fleet_collector.ensure_fleet(nc.jetstream(timeout=10), 3)
         await nc.close()
         nc = await _connect(cluster, HOST)
-        kv = await nc.jetstream(timeout=10).key_value(fleet.HOLDS_BUCKET)
-        await kv.put(fleet.hold_key(HOST, "h1-dead"), b'{"state": "pending"}')
+        # A host publishes its keys (it may not ask for the bucket's info, as key_value() does).
+        await nc.jetstream(timeout=10).publish(f"$KV.{fleet.HOLDS_BUCKET}.{fleet.hold_key(HOST, 'h1-dead')}",
+                                               b'{"state": "pending"}')
         await nc.close()
     asyncio.run(setup())
     assert fleet.hold_key(HOST, "h1-dead") in _keys_now(cluster, clock.monotonic() + 30)
