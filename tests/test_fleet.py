@@ -212,3 +212,32 @@ def test_a_collector_restarted_mid_segment_goes_on_where_it_stopped(tmp_path):
     second.close()
     assert verify(tmp_path / "central" / "web-1", KEY).ok
     writer.close()
+
+
+def test_the_collector_says_once_it_cannot_reach_nats_and_stops_on_sigterm_while_connecting(tmp_path):
+    """No NATS server on the port: one line saying so (not a traceback per retry),
+    and SIGTERM ends it at once, with the archive directory untouched."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    creds = tmp_path / "collector.creds.toml"
+    creds.write_text('user = "collector"\npassword = "secret"\n')
+    (tmp_path / "config.toml").write_text("")   # not the host's config
+    env = {**os.environ, "AGENTWARDEN_CONFIG": str(tmp_path / "config.toml")}
+    proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "fleet", "archive", "--dir", str(tmp_path / "central"),
+                             "--url", f"nats://127.0.0.1:{port}", "--credentials", str(creds)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)   # several reconnect tries (every 0.5 s)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=5)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and not out
+    assert err.count("cannot reach") == 1, err
+    assert "stopped before it could connect" in err
+    assert not (tmp_path / "central").exists() or not any((tmp_path / "central").iterdir())
