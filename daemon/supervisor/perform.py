@@ -51,7 +51,7 @@ from agentwarden.policy.decide import is_write
 
 from ..resolver import proc_link
 from .listeners import Session
-from .reader import Request
+from .reader import Request, start_link
 
 log = logging.getLogger("agentwarden.daemon")
 
@@ -386,9 +386,8 @@ class Performer:
         which must still be what the check joined the path to."""
         if raw.startswith(b"/"):
             return AT_FDCWD
-        link = f"/proc/{task.tid}/cwd" if dirfd == AT_FDCWD else f"/proc/{task.tid}/fd/{dirfd}"
         try:
-            fd = os.open(link, os.O_PATH | os.O_CLOEXEC)
+            fd = os.open(start_link(task.tid, dirfd), os.O_PATH | os.O_CLOEXEC)
         except FileNotFoundError:
             raise Refused(errno.EBADF if dirfd != AT_FDCWD else errno.ENOENT) from None
         opened.append(fd)

@@ -52,8 +52,14 @@ def read(agent: str, n: sn.Notification, name: str) -> Request | None:
         return None
 
 
+def start_link(pid: int, dirfd: int) -> str:
+    """The /proc link of the directory a relative path of pid's starts from:
+    its cwd, or its directory fd."""
+    return f"/proc/{pid}/" + ("cwd" if dirfd == AT_FDCWD else f"fd/{dirfd}")
+
+
 def _base(pid: int, dirfd: int) -> str | None:
-    return proc_link(pid, "cwd") if dirfd == AT_FDCWD else proc_link(pid, f"fd/{dirfd}")
+    return proc_link(pid, "cwd" if dirfd == AT_FDCWD else f"fd/{dirfd}")
 
 
 def _resolve(pid: int, dirfd: int, raw: bytes) -> str | None:
@@ -158,7 +164,7 @@ def lookup_start(pid: int, dirfd: int, raw: bytes) -> tuple[str, int]:
     task's root for an absolute path, else its cwd or its directory fd."""
     if raw.startswith(b"/"):
         return f"/proc/{pid}/root", RESOLVE_IN_ROOT
-    return f"/proc/{pid}/" + ("cwd" if dirfd == AT_FDCWD else f"fd/{dirfd}"), 0
+    return start_link(pid, dirfd), 0
 
 
 def exec_cannot_run(n: sn.Notification, request: Request) -> int | None:
