@@ -9,7 +9,7 @@ VENV := .venv
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup run test bench bench-archive bench-notify bench-restart bench-drift bench-fleet fleet-demo archive-soak deb systemd-test
+.PHONY: setup run test bench bench-archive bench-notify bench-restart bench-drift bench-kill bench-fleet fleet-demo archive-soak deb systemd-test
 
 setup:
 	@sh scripts/setup.sh
@@ -53,6 +53,10 @@ fleet-demo: setup
 # median over 5 restarts (root); the restart block of docs/benchmarks.md likewise.
 bench-restart: setup
 	$(VENV)/bin/python bench/restart.py
+
+# Violation to process gone alone, 200 trials a path, for a p99 (TRIALS=n for another count).
+bench-kill: setup
+	$(VENV)/bin/python bench/kill.py --trials $(or $(TRIALS),200)
 
 # The kill -9 crash test, 500 times (ITERATIONS=n for another count).
 archive-soak: setup
