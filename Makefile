@@ -53,6 +53,7 @@ fleet-demo: setup
 # median over 5 restarts (root); the restart block of docs/benchmarks.md likewise.
 bench-restart: setup
 	$(VENV)/bin/python bench/restart.py
+bench-flood: setup ; $(VENV)/bin/python bench/flood.py $(BENCH_ARGS)
 
 # The kill -9 crash test, 500 times (ITERATIONS=n for another count).
 archive-soak: setup
