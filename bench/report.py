@@ -740,9 +740,11 @@ def flood_sections(result: dict) -> list[Section]:
                  f"violation): {result['forbidden_identified']}/{result['forbidden_execs']}"
                  + (f", violation {min(all_after):,.0f}-{max(all_after):,.0f} ms after the exec"
                     if all_after else ""))
-    if all_after:
-        notes.append("an exec record is never dropped, but it is archived in time order, behind the records "
-                     "made before it that are still queued: identified after follows the pipeline's lag")
+    exec_lost = sum(s["kinds"].get("exec", {}).get("lost", 0) for s in steps)
+    notes.append((f"no exec record was lost in any step (the `vital` ring); " if not exec_lost else
+                  f"{exec_lost} exec records were lost; ") +
+                 "each is archived in time order, behind the records made before it that are still "
+                 "queued: identified after follows the pipeline's lag")
     for s in steps:
         at = f"at {_rate_label(s)}"
         if s["target_rate"] and s["achieved_rate"] < 0.95 * s["target_rate"]:
