@@ -752,6 +752,9 @@ def flood_sections(result: dict) -> list[Section]:
                          "(it shares the CPUs with probe and daemon)")
         if not s["settled"]:
             notes.append(f"{at} the pipeline was not idle before the step")
+        survived = [f["mark"] for f in s["forbidden"] if not f["killed_in_kernel"]]
+        if survived:
+            notes.append(f"{at} forbidden execs not killed in the kernel: {', '.join(survived)}")
         missed = [f["mark"] for f in s["forbidden"] if not f["identified"]]
         if missed:
             notes.append(f"{at} forbidden execs NOT identified: {', '.join(missed)}")
