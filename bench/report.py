@@ -718,7 +718,8 @@ def flood_sections(result: dict) -> list[Section]:
                      f"{sum(k['kernel_emitted'] for k in kinds.values()):,}",
                      _by_kind({k: v["kernel_dropped"] for k, v in kinds.items()}),
                      _by_kind(s["gaps_by_stage"]), f"{sum(k['archived'] for k in kinds.values()):,}",
-                     f"{s['lost']:,}", "yes" if s["every_record"] else "no",
+                     f"{s['lost']:,}" + (f" ({100 * s['lost'] / s['records_made']:.1f}%)" if s["lost"] else ""),
+                     "yes" if s["every_record"] else "no",
                      "yes" if s["adds_up"] else "NO",
                      "timeout" if s["drain_s"] is None else f"{s['drain_s']:.2f}",
                      f"{sum(f['identified'] for f in s['forbidden'])}/{len(s['forbidden'])}",
@@ -778,7 +779,7 @@ def flood_sections(result: dict) -> list[Section]:
              f"`make bench-flood`; it is also a part of `make bench` (`--skip-flood` leaves it out).")
     main = Section("Flood: every record, rate by rate", intro,
                    ["target opens/s", "achieved opens/s", "records made", "kernel emitted",
-                    "kernel dropped", "gap records by stage", "archived", "lost", "every record",
+                    "kernel dropped", "gap records by stage", "archived", "lost (of made)", "every record",
                     "adds up", "drain s", "forbidden identified", "identified after ms (median / max)"],
                    rows, notes)
     shown = [s for s in steps if not s["every_record"]] or steps[-1:]
