@@ -53,6 +53,7 @@ fleet-demo: setup
 # median over 5 restarts (root); the restart block of docs/benchmarks.md likewise.
 bench-restart: setup
 	$(VENV)/bin/python bench/restart.py
+bench-flood: setup ; $(VENV)/bin/python bench/flood.py $(BENCH_ARGS)
 
 # Violation to process gone alone, 200 trials a path, for a p99 (TRIALS=n for another count).
 bench-kill: setup

@@ -286,6 +286,8 @@ def sections(results: dict) -> list[Section]:
         out += agentload_sections(results["agentload"])
     if "notify" in results:
         out.append(notify_section(results["notify"]))
+    if "flood" in results:
+        out += flood_sections(results["flood"])
     return out
 
 
@@ -589,7 +591,7 @@ def saved_blocks(directory: Path = RESULTS_DIR) -> dict[str, str]:
     blocks: dict[str, str] = {}
     for name, render in ((RUN_RESULTS, run_blocks), (ARCHIVE_RESULTS, archive_blocks),
                          (NOTIFY_RESULTS, notify_blocks), (DRIFT_RESULTS, drift_blocks),
-                         (RESTART_RESULTS, restart_blocks)):
+                         (RESTART_RESULTS, restart_blocks), (FLOOD_RESULTS, flood_blocks)):
         path = directory / name
         if path.exists():
             blocks.update(render(json.loads(path.read_text())))
@@ -688,6 +690,125 @@ def agentload_sections(result: dict) -> list[Section]:
                 f"same round (min-max).",
                 ["side", "median s", "× bare (min-max)"], work_rows, work_notes),
     ]
+
+
+
+# bench/flood.py's results (also bench/run.py's flood part, the same block).
+
+RUN_PARTS = RUN_PARTS + ("flood",)
+FLOOD_RESULTS = "flood-latest.json"   # bench/flood.py
+
+
+def _rate_label(step: dict) -> str:
+    return "unpaced" if step["target_rate"] == 0 else f"{step['target_rate']:,}"
+
+
+def _by_kind(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()) if v) or "0"
+
+
+def flood_sections(result: dict) -> list[Section]:
+    plan = result["plan"]
+    steps = sorted(result["steps"], key=lambda s: (s["target_rate"] == 0, s["target_rate"]))
+    rows = []
+    for s in steps:
+        kinds = s["kinds"]
+        after = [f["after_ms"] for f in s["forbidden"] if f["after_ms"] is not None]
+        rows.append([_rate_label(s), f"{s['achieved_rate']:,.0f}", f"{s['records_made']:,}",
+                     f"{sum(k['kernel_emitted'] for k in kinds.values()):,}",
+                     _by_kind({k: v["kernel_dropped"] for k, v in kinds.items()}),
+                     _by_kind(s["gaps_by_stage"]), f"{sum(k['archived'] for k in kinds.values()):,}",
+                     f"{s['lost']:,}" + (f" ({100 * s['lost'] / s['records_made']:.1f}%)" if s["lost"] else ""),
+                     "yes" if s["every_record"] else "no",
+                     "yes" if s["adds_up"] else "NO",
+                     "timeout" if s["drain_s"] is None else f"{s['drain_s']:.2f}",
+                     f"{sum(f['identified'] for f in s['forbidden'])}/{len(s['forbidden'])}",
+                     f"{statistics.median(after):,.0f} / {max(after):,.0f}" if after else "-"])
+    best, worst = result["largest_complete_rate"], result["lowest_lossy_rate"]
+    best_step = next((s for s in steps if s["every_record"] and s["achieved_rate"] == best), None)
+    notes = [f"largest rate at which every record arrived: {best:,.0f} opens/s "
+             f"({best_step['records_made_per_s']:,.0f} records/s)" if best_step else "every step lost records"]
+    if worst is not None:
+        notes.append(f"lowest rate that lost records: {worst:,.0f} opens/s; above the limit the exact "
+                     "counts " + ("add up, kind by kind: made = archived + drops counted by the kernel "
+                                  "and the gap records" if result["lossy_steps_add_up"] else
+                                  "do NOT add up in every step (see below)"))
+    else:
+        notes.append("no step lost a record, unpaced included: this machine cannot flood the pipeline "
+                     "with this many processes")
+    all_after = [f["after_ms"] for s in steps for f in s["forbidden"] if f["after_ms"] is not None]
+    notes.append(f"forbidden execs made while flooding, identified by name in the archive (exec record and "
+                 f"violation): {result['forbidden_identified']}/{result['forbidden_execs']}"
+                 + (f", violation {min(all_after):,.0f}-{max(all_after):,.0f} ms after the exec"
+                    if all_after else ""))
+    exec_lost = sum(s["kinds"].get("exec", {}).get("lost", 0) for s in steps)
+    notes.append((f"no exec record was lost in any step (the `vital` ring); " if not exec_lost else
+                  f"{exec_lost} exec records were lost; ") +
+                 "each is archived in time order, behind the records made before it that are still "
+                 "queued: identified after follows the pipeline's lag")
+    for s in steps:
+        at = f"at {_rate_label(s)}"
+        if s["target_rate"] and s["achieved_rate"] < 0.95 * s["target_rate"]:
+            notes.append(f"{at} the flood reached only {s['achieved_rate']:,.0f} opens/s "
+                         "(it shares the CPUs with probe and daemon)")
+        if not s["settled"]:
+            notes.append(f"{at} the pipeline was not idle before the step")
+        survived = [f["mark"] for f in s["forbidden"] if not f["killed_in_kernel"]]
+        if survived:
+            notes.append(f"{at} forbidden execs not killed in the kernel: {', '.join(survived)}")
+        missed = [f["mark"] for f in s["forbidden"] if not f["identified"]]
+        if missed:
+            notes.append(f"{at} forbidden execs NOT identified: {', '.join(missed)}")
+    blurred = [s for s in steps if s["other_bpf_users"]]
+    if blurred:
+        names = sorted({u.rsplit(" (", 1)[0] for s in blurred for u in s["other_bpf_users"]})
+        notes.append(f"in {len(blurred)} of {len(steps)} steps other processes held tracing BPF programs "
+                     f"({', '.join(names)}): other work shared the 2 CPUs")
+    intro = (f"{plan['flooders']} processes of bench/flood.c (static) in the tagged agent cgroup open and "
+             f"close files ({plan['files']:,} names each) in tight loops for {plan['seconds']:g} s per step, "
+             f"paced together to the target rate (opens/s; each open and each close is a record, `open` "
+             f"and `fd`), then unpaced; an enforce policy decides every open. Meanwhile another process "
+             f"of the agent execs a denied program {plan['execs']} times (killed in the kernel; its "
+             f"exec record takes the `vital` ring). Records made are counted by the workload, per kind; "
+             f"kernel emitted/dropped are the probe's counters; gap records by stage are the daemon's; "
+             f"lost = made − archived; adds up: made = archived + drops counted, kind by kind (table "
+             f"below). Drain: from the flood's end until every record is archived or counted. "
+             f"Identified after: the daemon's violation record's time minus the exec's. Rates: a "
+             f"ladder doubling from {plan['start_rate']:,}/s, then {plan['bisections']} bisection steps, "
+             f"then unpaced. Run it alone with `.venv/bin/python bench/flood.py [--quick]` (root) or "
+             f"`make bench-flood`; it is also a part of `make bench` (`--skip-flood` leaves it out).")
+    main = Section("Flood: every record, rate by rate", intro,
+                   ["target opens/s", "achieved opens/s", "records made", "kernel emitted",
+                    "kernel dropped", "gap records by stage", "archived", "lost (of made)", "every record",
+                    "adds up", "drain s", "forbidden identified", "identified after ms (median / max)"],
+                   rows, notes)
+    shown = [s for s in steps if not s["every_record"]] or steps[-1:]
+    kind_rows = []
+    for s in shown:
+        for kind, k in s["kinds"].items():
+            kind_rows.append([_rate_label(s), kind, f"{k['made']:,}", f"{k['kernel_emitted']:,}",
+                              f"{k['kernel_dropped']:,}", f"{k['later_dropped']:,}", f"{k['archived']:,}",
+                              f"{k['lost']:,}", "yes" if k["adds_up"] else "NO",
+                              "yes" if k["kernel_saw_all"] else "NO",
+                              "yes" if k["gap_records_match_kernel"] else "NO"])
+    kind_notes = [f"at {_rate_label(s)}: {s['unattributed']:,} records dropped by stages that do not say "
+                  "which kinds" for s in shown if s["unattributed"]]
+    counts = Section("Flood: the exact counts, kind by kind",
+                     "The steps that lost records (or the last step, when none did): made (the workload's "
+                     "count), the kernel's emitted and dropped counters, drops of later stages from gap "
+                     "records that name the kind, archived. Adds up: made = archived + kernel dropped + "
+                     "later dropped. Kernel saw all: emitted + dropped = made. Gap records = kernel: the "
+                     "kernel-stage gap records name the same drops as the kernel's counters.",
+                     ["target opens/s", "kind", "made", "kernel emitted", "kernel dropped", "later dropped",
+                      "archived", "made − archived", "adds up", "kernel saw all", "gap records = kernel"],
+                     kind_rows, kind_notes, text_columns=2)
+    return [main, counts]
+
+
+def flood_blocks(results: dict) -> dict[str, str]:
+    meta = results["meta"]
+    headline = f"Measured by `{meta['command']}`: {_headline(meta)}."
+    return {"flood": "\n".join([headline, *_markdown_sections(flood_sections(results))])}
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@
    call under `run`, paired in one run.
 6. Notify (bench/notify.py, also `make bench-notify`): hold to notification
    delivered.
+7. Flood (bench/flood.py, also `make bench-flood`): the largest rate at which
+   every record arrives, the exact counts above it, and a forbidden exec made
+   while flooding.
 
 Installs what it needs (gcc, bpftrace, auditd) when missing. Prints a report,
 saves it in bench/results/ (latest.json, latest.md, and a copy of the JSON
@@ -46,6 +49,7 @@ except ImportError:
              "(make bench sets the venv up)")
 
 import drift
+import flood
 import agentload
 import enforcement
 import notify
@@ -109,6 +113,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-agentload", action="store_true",
                         help="no session-start or coding-workload runs")
     parser.add_argument("--skip-notify", action="store_true", help="no hold-to-notification run")
+    parser.add_argument("--skip-flood", action="store_true", help="no flood run")
     parser.add_argument("--no-docs", action="store_true",
                         help="save the results in bench/results/ but leave docs/benchmarks.md alone")
     return parser.parse_args()
@@ -358,6 +363,9 @@ def main() -> int:
             log("notify: hold to notification delivered")
             (workdir / "notify").mkdir()
             results["notify"] = notify.measure(profile.notify_holds, workdir / "notify")
+        if not args.skip_flood:
+            (workdir / "flood").mkdir()
+            results["flood"] = flood.measure(flood.PROFILES[profile.name], workdir / "flood", cgroup)
     if results.get("untagged", {}).get("configs", {}).get("auditd", {}).get("visits"):
         log("note: audit has now been enabled in this boot; until a reboot every new process "
             "takes the slower audit syscall path unless "
