@@ -1,7 +1,9 @@
 /* agentwarden: exec, file-open, chdir, descriptor, fork and exit records for agent cgroups.
  *
  * Reads only tracepoint arguments and BPF helpers, never kernel struct
- * fields, so kernel headers of another version compile it correctly.
+ * fields through the headers, so kernel headers of another version compile
+ * it correctly; the one look at kernel objects (the file behind an fd, "which
+ * fd records go out") is at offsets from the running kernel's BTF.
  * Compiled by BCC from the probe; agentwarden.h defines every record,
  * fastpath.h the approvals and the stash it shares with the supervisor.
  */
@@ -779,6 +781,81 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     return 0;
 }
 
+/* ---- which fd records go out -------------------------------------------- */
+
+/* User space follows descriptors to name what a dirfd, fchdir, an f*() call
+ * or an AT_EMPTY_PATH call acts on, and which file a writer still holds
+ * (drift). A regular file opened read-only (not O_PATH) is none of these
+ * that it must follow: it cannot be a directory, nor written through. Such
+ * an fd is "unfollowed": its opens and copies say so (AW_FILE_FD_UNFOLLOWED,
+ * AW_FD_UNFOLLOWED), user space then forgets the number, and its closes,
+ * copies and F_SETFD are counted (AW_COUNTER_FD_SKIPPED), not emitted --
+ * over half the records of an agent's workload. The rule is safe because
+ * what it looks at never changes for an open file: an inode's type, and the
+ * access mode and O_PATH of a file's f_flags (F_SETFL cannot change them).
+ * It skips a record only while no other task shares the descriptor table
+ * (files_struct count 1): then nothing can put another file at that number
+ * between this look and the call. Read at the offsets of the running
+ * kernel's BTF (probe/btf.py, AW_OFF_*); without them every record goes out. */
+#ifdef AW_OFF_FILE_INODE
+#define AW_S_IFMT 0170000
+#define AW_S_IFREG 0100000
+#define AW_O_ACCMODE 3
+#define AW_O_PATH 010000000
+#define AW_FD_FOLLOWED 0      /* anything else, no file there, or not readable */
+#define AW_FD_PLAIN 1         /* a read-only regular file */
+#define AW_FD_PLAIN_OWN 2     /* that, in a table no other task shares */
+#define AW_FD_EMPTY 3         /* no file at that number */
+
+/* What fd names in the current task's descriptor table (AW_FD_*). */
+static __always_inline int fd_kind(s32 fd)
+{
+    if (fd < 0)
+        return AW_FD_FOLLOWED;
+    char *task = (char *)bpf_get_current_task();
+    char *files = 0, *fdt = 0, *file = 0, *inode = 0;
+    struct file **table = 0;
+    u32 max_fds = 0, f_flags = 0;
+    int users = 0;
+    u16 mode = 0;
+    if (bpf_probe_read_kernel(&files, sizeof(files), task + AW_OFF_TASK_FILES) || !files ||
+        bpf_probe_read_kernel(&users, sizeof(users), files + AW_OFF_FILES_COUNT) ||
+        bpf_probe_read_kernel(&fdt, sizeof(fdt), files + AW_OFF_FILES_FDT) || !fdt ||
+        bpf_probe_read_kernel(&max_fds, sizeof(max_fds), fdt + AW_OFF_FDT_MAX_FDS) ||
+        bpf_probe_read_kernel(&table, sizeof(table), fdt + AW_OFF_FDT_FD) || !table)
+        return AW_FD_FOLLOWED;
+    if ((u32)fd >= max_fds)
+        return AW_FD_EMPTY;
+    if (bpf_probe_read_kernel(&file, sizeof(file), &table[fd]))
+        return AW_FD_FOLLOWED;
+    if (!file)
+        return AW_FD_EMPTY;
+    if (bpf_probe_read_kernel(&f_flags, sizeof(f_flags), file + AW_OFF_FILE_FLAGS) ||
+        bpf_probe_read_kernel(&f_flags, sizeof(f_flags), file + AW_OFF_FILE_FLAGS) ||
+        bpf_probe_read_kernel(&inode, sizeof(inode), file + AW_OFF_FILE_INODE) || !inode ||
+        bpf_probe_read_kernel(&mode, sizeof(mode), inode + AW_OFF_INODE_MODE))
+        return AW_FD_FOLLOWED;
+    if ((mode & AW_S_IFMT) != AW_S_IFREG || (f_flags & AW_O_ACCMODE) || (f_flags & AW_O_PATH))
+        return AW_FD_FOLLOWED;
+    return users == 1 ? AW_FD_PLAIN_OWN : AW_FD_PLAIN;
+}
+
+#define AW_FD_FILTER 1
+#else
+#define AW_FD_FOLLOWED 0
+#define AW_FD_PLAIN 1
+#define AW_FD_PLAIN_OWN 2
+#define AW_FD_EMPTY 3
+static __always_inline int fd_kind(s32 fd) { return AW_FD_FOLLOWED; }
+#endif
+
+/* A new fd (of an open, a dup) that user space is to forget. */
+static __always_inline int fd_unfollowed(s32 fd)
+{
+    int kind = fd_kind(fd);
+    return kind == AW_FD_PLAIN || kind == AW_FD_PLAIN_OWN;
+}
+
 /* ---- files: open, openat, openat2, creat, chdir, fchdir ------------------ */
 
 static __always_inline int file_enter(u32 kind, u32 syscall, s32 dirfd, const char *path,
@@ -848,6 +925,8 @@ static __always_inline int file_exit(long ret)
         }
         unread_paths.delete(&key);
     }
+    if (e->h.kind == AW_KIND_OPEN && ret >= 0 && fd_unfollowed(ret))
+        e->flags |= AW_FILE_FD_UNFOLLOWED;
     u32 len = e->path_len;
     if (len > sizeof(e->path))
         len = sizeof(e->path);
@@ -1186,11 +1265,42 @@ BPF_HASH(inflight_fd, u64, struct aw_fd, AW_MAX_INFLIGHT);
 #define AW_FD_AT_EXIT 1
 #define AW_FD_AT_ENTRY 0
 
-static __always_inline int fd_enter(u32 syscall, s32 fd, u64 arg, u32 flags, int at_exit)
+/* A copy of oldfd to newfd (dup2, dup3) is not needed when oldfd is a plain
+ * file in an unshared table and newfd held nothing user space follows. */
+static __always_inline int dup_to_skips(s32 oldfd, s32 newfd)
+{
+    if (fd_kind(oldfd) != AW_FD_PLAIN_OWN)
+        return 0;
+    if (newfd == oldfd)
+        return 1;
+    int target = fd_kind(newfd);
+    return target == AW_FD_EMPTY || target == AW_FD_PLAIN_OWN;
+}
+
+/* aw_fd.reserved while in flight: the call is to be counted, not emitted
+ * (AW_COUNTER_FD_SKIPPED), if it succeeds. Never emitted set. */
+#define AW_FD_INFLIGHT_SKIP 1
+
+/* When a call's record is not needed (see "which fd records go out"); looked
+ * at only for agents' calls. */
+#define AW_SKIP_NEVER 0
+#define AW_SKIP_IF_PLAIN 1    /* fd is a plain file in an unshared table */
+#define AW_SKIP_IF_DUP_TO 2   /* that, and fd copied onto arg changes nothing followed */
+
+static __always_inline int fd_enter(u32 syscall, s32 fd, u64 arg, u32 flags, int at_exit, int when)
 {
     u64 agent = agent_cgroup();
     if (!agent)
         return 0;
+    int skip = 0;
+    if (when == AW_SKIP_IF_PLAIN)
+        skip = fd_kind(fd) == AW_FD_PLAIN_OWN;
+    else if (when == AW_SKIP_IF_DUP_TO)
+        skip = dup_to_skips(fd, (s32)arg);
+    if (skip && !at_exit) {
+        count(AW_COUNTER_FD_SKIPPED);
+        return 0;
+    }
     struct aw_fd r = {};
     fill_header(&r.h, AW_KIND_FD, agent);
     r.fd = fd;
@@ -1201,6 +1311,7 @@ static __always_inline int fd_enter(u32 syscall, s32 fd, u64 arg, u32 flags, int
         emit(&r, sizeof(r), AW_KIND_FD);
         return 0;
     }
+    r.reserved = skip ? AW_FD_INFLIGHT_SKIP : 0;
     u64 key = bpf_get_current_pid_tgid();
     if (inflight_fd.update(&key, &r))
         count(AW_COUNTER_DROPPED_BASE + AW_KIND_FD);
@@ -1214,8 +1325,15 @@ static __always_inline int fd_exit(long ret)
     if (!r)
         return 0;
     if (ret >= 0) {   /* a failed call made no descriptor: not recorded */
-        r->ret = ret;
-        emit(r, sizeof(*r), AW_KIND_FD);
+        if (r->reserved == AW_FD_INFLIGHT_SKIP) {
+            count(AW_COUNTER_FD_SKIPPED);
+        } else {
+            r->ret = ret;
+            /* every call in flight but F_SETFD returns a new descriptor */
+            if (r->syscall != AW_SYS_FCNTL_SETFD && fd_unfollowed(ret))
+                r->flags |= AW_FD_UNFOLLOWED;
+            emit(r, sizeof(*r), AW_KIND_FD);
+        }
     }
     inflight_fd.delete(&key);
     return 0;
@@ -1223,18 +1341,20 @@ static __always_inline int fd_exit(long ret)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_dup)
 {
-    return fd_enter(AW_SYS_DUP, (s32)args->fildes, 0, 0, AW_FD_AT_EXIT);
+    return fd_enter(AW_SYS_DUP, (s32)args->fildes, 0, 0, AW_FD_AT_EXIT, AW_SKIP_IF_PLAIN);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_dup2)
 {
-    return fd_enter(AW_SYS_DUP2, (s32)args->oldfd, (u32)args->newfd, 0, AW_FD_AT_EXIT);
+    return fd_enter(AW_SYS_DUP2, (s32)args->oldfd, (u32)args->newfd, 0, AW_FD_AT_EXIT,
+                    AW_SKIP_IF_DUP_TO);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_dup3)
 {
     return fd_enter(AW_SYS_DUP3, (s32)args->oldfd, (u32)args->newfd,
-                    (args->flags & AW_O_CLOEXEC) ? AW_FD_CLOEXEC : 0, AW_FD_AT_EXIT);
+                    (args->flags & AW_O_CLOEXEC) ? AW_FD_CLOEXEC : 0, AW_FD_AT_EXIT,
+                    AW_SKIP_IF_DUP_TO);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
@@ -1243,37 +1363,39 @@ TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
      * flag; the others (locks, status flags, ...) leave early. */
     u32 cmd = (u32)args->cmd;
     if (cmd == AW_F_DUPFD)
-        return fd_enter(AW_SYS_FCNTL_DUPFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT);
+        return fd_enter(AW_SYS_FCNTL_DUPFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT,
+                        AW_SKIP_IF_PLAIN);
     if (cmd == AW_F_DUPFD_CLOEXEC)
         return fd_enter(AW_SYS_FCNTL_DUPFD_CLOEXEC, (s32)args->fd, args->arg, AW_FD_CLOEXEC,
-                        AW_FD_AT_EXIT);
+                        AW_FD_AT_EXIT, AW_SKIP_IF_PLAIN);
     if (cmd == AW_F_SETFD)   /* at exit: a refused change (EBADF) changed nothing */
-        return fd_enter(AW_SYS_FCNTL_SETFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT);
+        return fd_enter(AW_SYS_FCNTL_SETFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT,
+                        AW_SKIP_IF_PLAIN);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
-    return fd_enter(AW_SYS_CLOSE, (s32)args->fd, 0, 0, AW_FD_AT_ENTRY);
+    return fd_enter(AW_SYS_CLOSE, (s32)args->fd, 0, 0, AW_FD_AT_ENTRY, AW_SKIP_IF_PLAIN);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
 {
     return fd_enter(AW_SYS_CLOSE_RANGE, (s32)args->fd, (u32)args->max_fd,
-                    (args->flags & AW_CLOSE_RANGE_CLOEXEC) ? AW_FD_CLOEXEC : 0, AW_FD_AT_ENTRY);
+                    (args->flags & AW_CLOSE_RANGE_CLOEXEC) ? AW_FD_CLOEXEC : 0, AW_FD_AT_ENTRY, AW_SKIP_NEVER);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_open)
 {
     /* A pidfd is always close-on-exec. */
-    return fd_enter(AW_SYS_PIDFD_OPEN, -1, (u32)args->pid, AW_FD_CLOEXEC, AW_FD_AT_EXIT);
+    return fd_enter(AW_SYS_PIDFD_OPEN, -1, (u32)args->pid, AW_FD_CLOEXEC, AW_FD_AT_EXIT, AW_SKIP_NEVER);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_getfd)
 {
     /* The fd it makes is always close-on-exec. */
     return fd_enter(AW_SYS_PIDFD_GETFD, (s32)args->pidfd, (u32)args->fd, AW_FD_CLOEXEC,
-                    AW_FD_AT_EXIT);
+                    AW_FD_AT_EXIT, AW_SKIP_NEVER);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_dup) { return fd_exit(args->ret); }

@@ -11,6 +11,15 @@ exec drops close-on-exec fds. /proc is the fallback for processes that were
 running before they were seen, and for descriptors made by calls the kernel
 program does not follow (sockets, pipes, received fds, ...).
 
+A regular file opened read-only is not followed either: the kernel program
+skips (and counts) its closes and copies, and marks the open or copy that made
+it ``fd_unfollowed``; the model forgets that number, as it would after a close.
+Such an fd can be no dirfd nor fchdir target (not a directory) and nothing is
+written through it, so the model never needs it but for an f*() or
+AT_EMPTY_PATH call on it (fchmod, fchown, fexecve), which takes /proc like a
+received fd. Keeping it would be wrong: with its close unseen, a later socket,
+pipe or memfd at that number would be taken for the file.
+
 Descriptor tables are kept per process (records carry the tgid), which is
 exact for threads: they share one table (CLONE_FILES) and, through CLONE_FS,
 the working directory. A process cloned with CLONE_FILES but without
@@ -160,8 +169,9 @@ class Resolver:
             record["resolved_path"] = _as_wire(resolved) if resolved else None
             if record["ret"] >= 0:
                 cloexec = bool(record["flags"] & O_CLOEXEC)
+                followed = resolved and not record.get("fd_unfollowed")
                 self._made(state, record["ret"], Descriptor(resolved, cloexec, write=is_write(record["flags"]))
-                           if resolved else None)
+                           if followed else None)
         elif kind == "chdir":
             if record["syscall"] == "fchdir":
                 target = self._base(pid, state, record["dirfd"])
@@ -271,7 +281,7 @@ class Resolver:
             else:  # dup, dup2, dup3, fcntl_dupfd, fcntl_dupfd_cloexec
                 source = self._descriptor_of(pid, fd)
             named = source._replace(cloexec=record["cloexec"]) if source else None
-            self._made(state, ret, named)
+            self._made(state, ret, None if record.get("fd_unfollowed") else named)
         path = named.path if named else None
         record["resolved_path"] = _as_wire(path) if path else None
 
