@@ -113,8 +113,9 @@
 #define AW_FILE_PATH_TRUNCATED 2
 #define AW_FILE_OPENAT2 4
 #define AW_FILE_KILLED_IN_KERNEL 8
-#define AW_FILE_FD_UNFOLLOWED 16   /* open: the fd it returned names a read-only regular
-                                      file, whose copies and closes are not recorded */
+/* open: the fd it returned names a read-only regular file, whose copies and
+ * closes are not recorded (counted: AW_COUNTER_FD_SKIPPED) */
+#define AW_FILE_FD_UNFOLLOWED 16
 
 /* Syscall identifiers carried in aw_file.syscall and aw_exec.syscall. */
 #define AW_SYS_EXECVE 1
