@@ -408,3 +408,27 @@ def test_a_symlinks_content_resolves_against_the_links_directory():
     absolute = change(PARENT, "symlink", "/etc/shadow", "/tmp/s")
     r.annotate(absolute)
     assert absolute["resolved_path"] == "/etc/shadow"
+
+
+def test_an_unfollowed_fd_is_forgotten_since_its_close_is_never_seen():
+    """The kernel skips closes and copies of read-only regular files and marks
+    the open or copy that made one (fd_unfollowed): the model forgets the
+    number, so that what later takes it unseen (a memfd, a socket, a received
+    dir fd) is not taken for that file."""
+    r = Resolver()
+    r.annotate(chdir(PARENT, "/work"))
+    r.annotate(open_(PARENT, "/allowed", ret=3, flags=O_DIRECTORY))
+    r.annotate({**open_(PARENT, "/etc/plain", ret=3), "fd_unfollowed": True})   # its close is never seen
+    assert 3 not in r.processes[PARENT].fds
+    truncated = change(PARENT, "ftruncate", dirfd=3)     # a memfd at 3 by now
+    r.annotate(truncated)
+    assert truncated["resolved_path"] is None
+    assert resolved(r, open_(PARENT, "key", dirfd=3, ret=-1)) is None
+    # a copy the kernel marks (made while the table was shared) is forgotten too,
+    # and it still replaces what its number named
+    r.annotate(open_(PARENT, "/allowed", ret=4, flags=O_DIRECTORY))
+    r.annotate({**fd_(PARENT, "dup2", 6, ret=4, arg=4), "fd_unfollowed": True})
+    assert 4 not in r.processes[PARENT].fds
+    # an open the kernel does not mark (a directory, a writer, O_PATH) is followed
+    r.annotate(open_(PARENT, "/etc", ret=5))
+    assert resolved(r, open_(PARENT, "hosts", dirfd=5)) == "/etc/hosts"
