@@ -70,7 +70,8 @@ BPF_PERCPU_ARRAY(task_scratch, struct aw_task, 1);
  * all CPUs: two that race both wake it, which is harmless. */
 BPF_ARRAY(last_wakeup, u64, 1);
 /* [kind] emitted, [AW_COUNTER_DROPPED_BASE + kind] lost, [AW_COUNTER_UNTRACKED]
- * agent processes agent_tasks had no room for; summed by the probe. */
+ * agent processes agent_tasks had no room for, [AW_COUNTER_FD_SKIPPED] fd
+ * records not needed (see "which fd records go out"); summed by the probe. */
 BPF_PERCPU_ARRAY(counters, u64, AW_COUNTER_SLOTS);
 /* Two rings: `vital` for exec, fork, exit and move records and for records of
  * calls killed in the kernel, `events` for the rest (opens, chdir, fds). A
