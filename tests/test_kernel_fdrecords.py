@@ -105,6 +105,11 @@ os.close(number)                                    # skipped: the model forgot 
 memfd = os.memfd_create("x")
 assert memfd == number
 os.ftruncate(memfd, 10)                             # not a truncation of other_path
+victim = os.open(plain_path, os.O_RDONLY)
+os.fchmod(victim, 0o600)                            # a change of plain.txt ...
+os.close(victim)                                    # skipped
+swapped = os.open(os.path.join(base, "swap.txt"), os.O_RDONLY)
+assert swapped == victim                            # ... never told as one of swap.txt
 w = os.open(os.path.join(base, "written"), os.O_WRONLY | os.O_CREAT, 0o600)
 os.close(w)
 stop = threading.Event()
@@ -120,14 +125,16 @@ print(json.dumps({"plain": plain, "d": d, "opath": opath, "memfd": memfd, "share
 def test_an_agent_cannot_hide_a_followed_fd_behind_the_rule(warden, agent_cgroup, tmp_path):
     """dup2 of a dir to a high number, a plain file dup2'd over it,
     F_DUPFD_CLOEXEC, close_range, an O_PATH fd, a number a memfd takes after
-    a skipped close, and a table shared by a thread: every path resolves to
-    what the fd names then, or not at all."""
+    a skipped close, fchmod of a plain fd whose number another file takes at
+    once, and a table shared by a thread: every path resolves to what the fd
+    names then, or not at all."""
     cg = agent_cgroup("fdhostile")
     base = tmp_path / "base"
     base.mkdir()
     plain, other = base / "plain.txt", base / "other.txt"
     plain.write_text("p\n")
     other.write_text("o\n")
+    (base / "swap.txt").write_text("s\n")
     warden.settle()
     before = _skipped(warden)
     result = cg.run([sys.executable, "-S", "-c", HOSTILE, str(base), str(plain), str(other)])
@@ -164,6 +171,7 @@ def test_an_agent_cannot_hide_a_followed_fd_behind_the_rule(warden, agent_cgroup
     assert [r for r in records[start:end] if r["kind"] == "fd" and fds["memfd"] in (r["fd"], r["ret"])] == []
     changes = {r["syscall"]: r for r in records if r["kind"] == "change"}
     assert changes["chmod"]["resolved_path"] == str(plain)
+    assert changes["fchmod"]["resolved_path"] in (str(plain), None)
     assert changes["ftruncate"]["dirfd"] == fds["memfd"]
     assert changes["ftruncate"]["resolved_path"] != str(other)
     assert _skipped(warden) - before >= 1

@@ -432,3 +432,38 @@ def test_an_unfollowed_fd_is_forgotten_since_its_close_is_never_seen():
     # an open the kernel does not mark (a directory, a writer, O_PATH) is followed
     r.annotate(open_(PARENT, "/etc", ret=5))
     assert resolved(r, open_(PARENT, "hosts", dirfd=5)) == "/etc/hosts"
+
+
+def test_an_unfollowed_fd_named_by_an_fd_call_is_what_proc_confirms(tmp_path):
+    """fchmod, fchown, fexecve or /proc/self/fd/N on a read-only regular file:
+    the model has the open's path as a claim, used only when /proc still shows
+    it; an agent that closes the fd and opens another file at its number
+    before the daemon looks (the close is never seen) gets no path at all."""
+    me = os.getpid()
+    forbidden, allowed = tmp_path / "forbidden", tmp_path / "allowed"
+    forbidden.write_text("f")
+    allowed.write_text("a")
+    r = Resolver()
+    r.annotate(chdir(me, str(tmp_path)))
+    fd = os.open(forbidden, os.O_RDONLY)
+    try:
+        r.annotate({**open_(me, "forbidden", ret=fd), "fd_unfollowed": True})
+        assert fd not in r.processes[me].fds
+        for record in (change(me, "fchmod", dirfd=fd), change(me, "chmod", f"/proc/self/fd/{fd}")):
+            r.annotate(record)
+            assert record["resolved_path"] == str(forbidden)
+        fchown = change(me, "fchown", dirfd=fd)   # the daemon looks after the swap below
+        os.close(fd)
+        assert os.open(allowed, os.O_RDONLY) == fd
+        r.annotate(fchown)
+        assert fchown["resolved_path"] is None
+        # a copy made in a shared table names the claim too; a seen close drops it
+        r.annotate({**open_(me, "allowed", ret=fd), "fd_unfollowed": True})
+        copy = os.dup(fd)
+        r.annotate({**fd_(me, "dup", fd, ret=copy), "fd_unfollowed": True})
+        assert r.processes[me].plain[copy] == str(allowed)
+        os.close(copy)
+        r.annotate(fd_(me, "close", copy))
+        assert copy not in r.processes[me].plain
+    finally:
+        os.close(fd)
