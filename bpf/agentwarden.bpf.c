@@ -832,7 +832,6 @@ static __always_inline int fd_kind(s32 fd)
     if (!file)
         return AW_FD_EMPTY;
     if (bpf_probe_read_kernel(&f_flags, sizeof(f_flags), file + AW_OFF_FILE_FLAGS) ||
-        bpf_probe_read_kernel(&f_flags, sizeof(f_flags), file + AW_OFF_FILE_FLAGS) ||
         bpf_probe_read_kernel(&inode, sizeof(inode), file + AW_OFF_FILE_INODE) || !inode ||
         bpf_probe_read_kernel(&mode, sizeof(mode), inode + AW_OFF_INODE_MODE))
         return AW_FD_FOLLOWED;
@@ -840,8 +839,6 @@ static __always_inline int fd_kind(s32 fd)
         return AW_FD_FOLLOWED;
     return users == 1 ? AW_FD_PLAIN_OWN : AW_FD_PLAIN;
 }
-
-#define AW_FD_FILTER 1
 #else
 #define AW_FD_FOLLOWED 0
 #define AW_FD_PLAIN 1
