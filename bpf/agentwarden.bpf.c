@@ -786,33 +786,41 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 
 /* User space follows descriptors to name what a dirfd, fchdir, an f*() call
  * or an AT_EMPTY_PATH call acts on, and which file a writer still holds
- * (drift). A regular file opened read-only (not O_PATH) is none of these
- * that it must follow: it cannot be a directory, nor written through. Such
- * an fd is "unfollowed": its opens and copies say so (AW_FILE_FD_UNFOLLOWED,
- * AW_FD_UNFOLLOWED), user space then forgets the number, and its closes,
- * copies and F_SETFD are counted (AW_COUNTER_FD_SKIPPED), not emitted --
- * over half the records of an agent's workload. The rule is safe because
- * what it looks at never changes for an open file: an inode's type, and the
- * access mode and O_PATH of a file's f_flags (F_SETFL cannot change them).
- * It skips a record only while no other task shares the descriptor table
- * (files_struct count 1): then nothing can put another file at that number
- * between this look and the call. Read at the offsets of the running
- * kernel's BTF (probe/btf.py, AW_OFF_*); without them every record goes out. */
+ * (drift). It must follow directories, O_PATH fds and regular files opened
+ * for writing, and anon inodes (pidfds, for pidfd_getfd); nothing else can
+ * be a dirfd nor a written file: a regular file opened read-only, a device,
+ * a pipe, a socket. Such an fd is "unfollowed": the open or copy that makes
+ * it says so (AW_FILE_FD_UNFOLLOWED, AW_FD_UNFOLLOWED), user space keeps no
+ * descriptor for its number, and its closes, copies and F_SETFD are counted
+ * (AW_COUNTER_FD_SKIPPED), not emitted -- most fd records of an agent's
+ * workload (its reads, its shell's /dev/null and pipe plumbing). A copy onto
+ * a number that holds a followed fd (dup2, dup3) still goes out. The rule is
+ * safe because what it looks at never changes for an open file: an inode's
+ * type, and the access mode and O_PATH of a file's f_flags (F_SETFL cannot
+ * change them). It skips a record only while no other task shares the
+ * descriptor table (files_struct count 1): then nothing can put another file
+ * at that number between this look and the call. Read at the offsets of the
+ * running kernel's BTF (probe/btf.py, AW_OFF_*); without them every record
+ * goes out. */
 #ifdef AW_OFF_FILE_INODE
 #define AW_S_IFMT 0170000
 #define AW_S_IFREG 0100000
+#define AW_S_IFCHR 0020000
+#define AW_S_IFBLK 0060000
+#define AW_S_IFIFO 0010000
+#define AW_S_IFSOCK 0140000
 #define AW_O_ACCMODE 3
 #define AW_O_PATH 010000000
-#define AW_FD_FOLLOWED 0      /* anything else, no file there, or not readable */
-#define AW_FD_PLAIN 1         /* a read-only regular file */
-#define AW_FD_PLAIN_OWN 2     /* that, in a table no other task shares */
-#define AW_FD_EMPTY 3         /* no file at that number */
+#define AW_FDK_FOLLOWED 0         /* followed, or not readable */
+#define AW_FDK_UNFOLLOWED 1       /* not followed, in a table other tasks share */
+#define AW_FDK_UNFOLLOWED_OWN 2   /* not followed, in a table no other task shares */
+#define AW_FDK_EMPTY 3            /* no file at that number */
 
 /* What fd names in the current task's descriptor table (AW_FD_*). */
 static __always_inline int fd_kind(s32 fd)
 {
     if (fd < 0)
-        return AW_FD_FOLLOWED;
+        return AW_FDK_FOLLOWED;
     char *task = (char *)bpf_get_current_task();
     char *files = 0, *fdt = 0, *file = 0, *inode = 0;
     struct file **table = 0;
@@ -824,34 +832,38 @@ static __always_inline int fd_kind(s32 fd)
         bpf_probe_read_kernel(&fdt, sizeof(fdt), files + AW_OFF_FILES_FDT) || !fdt ||
         bpf_probe_read_kernel(&max_fds, sizeof(max_fds), fdt + AW_OFF_FDT_MAX_FDS) ||
         bpf_probe_read_kernel(&table, sizeof(table), fdt + AW_OFF_FDT_FD) || !table)
-        return AW_FD_FOLLOWED;
+        return AW_FDK_FOLLOWED;
     if ((u32)fd >= max_fds)
-        return AW_FD_EMPTY;
+        return AW_FDK_EMPTY;
     if (bpf_probe_read_kernel(&file, sizeof(file), &table[fd]))
-        return AW_FD_FOLLOWED;
+        return AW_FDK_FOLLOWED;
     if (!file)
-        return AW_FD_EMPTY;
+        return AW_FDK_EMPTY;
     if (bpf_probe_read_kernel(&f_flags, sizeof(f_flags), file + AW_OFF_FILE_FLAGS) ||
         bpf_probe_read_kernel(&inode, sizeof(inode), file + AW_OFF_FILE_INODE) || !inode ||
         bpf_probe_read_kernel(&mode, sizeof(mode), inode + AW_OFF_INODE_MODE))
-        return AW_FD_FOLLOWED;
-    if ((mode & AW_S_IFMT) != AW_S_IFREG || (f_flags & AW_O_ACCMODE) || (f_flags & AW_O_PATH))
-        return AW_FD_FOLLOWED;
-    return users == 1 ? AW_FD_PLAIN_OWN : AW_FD_PLAIN;
+        return AW_FDK_FOLLOWED;
+    u32 type = mode & AW_S_IFMT;
+    if (f_flags & AW_O_PATH)
+        return AW_FDK_FOLLOWED;
+    if (type == AW_S_IFREG ? (f_flags & AW_O_ACCMODE) != 0 :
+        type != AW_S_IFCHR && type != AW_S_IFBLK && type != AW_S_IFIFO && type != AW_S_IFSOCK)
+        return AW_FDK_FOLLOWED;   /* a writable regular file, a directory, an anon inode, ... */
+    return users == 1 ? AW_FDK_UNFOLLOWED_OWN : AW_FDK_UNFOLLOWED;
 }
 #else
-#define AW_FD_FOLLOWED 0
-#define AW_FD_PLAIN 1
-#define AW_FD_PLAIN_OWN 2
-#define AW_FD_EMPTY 3
-static __always_inline int fd_kind(s32 fd) { return AW_FD_FOLLOWED; }
+#define AW_FDK_FOLLOWED 0
+#define AW_FDK_UNFOLLOWED 1
+#define AW_FDK_UNFOLLOWED_OWN 2
+#define AW_FDK_EMPTY 3
+static __always_inline int fd_kind(s32 fd) { return AW_FDK_FOLLOWED; }
 #endif
 
-/* A new fd (of an open, a dup) that user space is to forget. */
+/* A new fd (of an open, a dup) that user space is to keep no descriptor for. */
 static __always_inline int fd_unfollowed(s32 fd)
 {
     int kind = fd_kind(fd);
-    return kind == AW_FD_PLAIN || kind == AW_FD_PLAIN_OWN;
+    return kind == AW_FDK_UNFOLLOWED || kind == AW_FDK_UNFOLLOWED_OWN;
 }
 
 /* ---- files: open, openat, openat2, creat, chdir, fchdir ------------------ */
@@ -1263,16 +1275,16 @@ BPF_HASH(inflight_fd, u64, struct aw_fd, AW_MAX_INFLIGHT);
 #define AW_FD_AT_EXIT 1
 #define AW_FD_AT_ENTRY 0
 
-/* A copy of oldfd to newfd (dup2, dup3) is not needed when oldfd is a plain
- * file in an unshared table and newfd held nothing user space follows. */
+/* A copy of oldfd to newfd (dup2, dup3) is not needed when oldfd is
+ * unfollowed in an unshared table and newfd held nothing user space follows. */
 static __always_inline int dup_to_skips(s32 oldfd, s32 newfd)
 {
-    if (fd_kind(oldfd) != AW_FD_PLAIN_OWN)
+    if (fd_kind(oldfd) != AW_FDK_UNFOLLOWED_OWN)
         return 0;
     if (newfd == oldfd)
         return 1;
     int target = fd_kind(newfd);
-    return target == AW_FD_EMPTY || target == AW_FD_PLAIN_OWN;
+    return target == AW_FDK_EMPTY || target == AW_FDK_UNFOLLOWED_OWN;
 }
 
 /* aw_fd.reserved while in flight: the call is to be counted, not emitted
@@ -1282,8 +1294,8 @@ static __always_inline int dup_to_skips(s32 oldfd, s32 newfd)
 /* When a call's record is not needed (see "which fd records go out"); looked
  * at only for agents' calls. */
 #define AW_SKIP_NEVER 0
-#define AW_SKIP_IF_PLAIN 1    /* fd is a plain file in an unshared table */
-#define AW_SKIP_IF_DUP_TO 2   /* that, and fd copied onto arg changes nothing followed */
+#define AW_SKIP_IF_UNFOLLOWED 1   /* fd is unfollowed, in an unshared table */
+#define AW_SKIP_IF_DUP_TO 2       /* that, and fd copied onto arg replaces nothing followed */
 
 static __always_inline int fd_enter(u32 syscall, s32 fd, u64 arg, u32 flags, int at_exit, int when)
 {
@@ -1291,8 +1303,8 @@ static __always_inline int fd_enter(u32 syscall, s32 fd, u64 arg, u32 flags, int
     if (!agent)
         return 0;
     int skip = 0;
-    if (when == AW_SKIP_IF_PLAIN)
-        skip = fd_kind(fd) == AW_FD_PLAIN_OWN;
+    if (when == AW_SKIP_IF_UNFOLLOWED)
+        skip = fd_kind(fd) == AW_FDK_UNFOLLOWED_OWN;
     else if (when == AW_SKIP_IF_DUP_TO)
         skip = dup_to_skips(fd, (s32)arg);
     if (skip && !at_exit) {
@@ -1339,7 +1351,7 @@ static __always_inline int fd_exit(long ret)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_dup)
 {
-    return fd_enter(AW_SYS_DUP, (s32)args->fildes, 0, 0, AW_FD_AT_EXIT, AW_SKIP_IF_PLAIN);
+    return fd_enter(AW_SYS_DUP, (s32)args->fildes, 0, 0, AW_FD_AT_EXIT, AW_SKIP_IF_UNFOLLOWED);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_dup2)
@@ -1362,19 +1374,19 @@ TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
     u32 cmd = (u32)args->cmd;
     if (cmd == AW_F_DUPFD)
         return fd_enter(AW_SYS_FCNTL_DUPFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT,
-                        AW_SKIP_IF_PLAIN);
+                        AW_SKIP_IF_UNFOLLOWED);
     if (cmd == AW_F_DUPFD_CLOEXEC)
         return fd_enter(AW_SYS_FCNTL_DUPFD_CLOEXEC, (s32)args->fd, args->arg, AW_FD_CLOEXEC,
-                        AW_FD_AT_EXIT, AW_SKIP_IF_PLAIN);
+                        AW_FD_AT_EXIT, AW_SKIP_IF_UNFOLLOWED);
     if (cmd == AW_F_SETFD)   /* at exit: a refused change (EBADF) changed nothing */
         return fd_enter(AW_SYS_FCNTL_SETFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT,
-                        AW_SKIP_IF_PLAIN);
+                        AW_SKIP_IF_UNFOLLOWED);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
-    return fd_enter(AW_SYS_CLOSE, (s32)args->fd, 0, 0, AW_FD_AT_ENTRY, AW_SKIP_IF_PLAIN);
+    return fd_enter(AW_SYS_CLOSE, (s32)args->fd, 0, 0, AW_FD_AT_ENTRY, AW_SKIP_IF_UNFOLLOWED);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close_range)

@@ -1,9 +1,9 @@
 """The kernel skips the fd records user space does not need -- the closes,
-copies and F_SETFD of read-only regular files -- and counts them
-(`kernel_fd_skipped`), while every path of real tools still resolves and the
-fds user space follows (directories, writers, O_PATH, anything not a regular
-file, any fd of a shared table) keep their records, whatever order an agent
-makes, copies and closes them in."""
+copies and F_SETFD of read-only regular files, devices, pipes and sockets --
+and counts them (`kernel_fd_skipped`), while every path of real tools still
+resolves and the fds user space follows (directories, regular files opened
+for writing, O_PATH fds, anon inodes, any fd of a shared table) keep their
+records, whatever order an agent makes, copies and closes them in."""
 from __future__ import annotations
 
 import json
@@ -98,6 +98,13 @@ cloexec = fcntl.fcntl(d, fcntl.F_DUPFD_CLOEXEC, 300)
 attempt("c", cloexec)
 libc.syscall(436, 300, 300, 0)                      # close_range(300, 300)
 attempt("d", 300)                                   # EBADF: not base/d
+pipe_r, pipe_w = os.pipe()
+dir_copy = os.dup2(d, 400)
+os.dup2(pipe_r, 400)                                # a pipe over a followed fd
+attempt("e", 400)                                   # ENOTDIR: not base/e
+null = os.open("/dev/null", os.O_WRONLY)            # a device, even written: unfollowed
+os.dup2(null, 1)
+os.close(null)
 opath = os.open(plain_path, os.O_PATH)
 os.chmod(f"/proc/self/fd/{opath}", 0o640)           # glibc's fchmodat fallback, through O_PATH
 number = os.open(other_path, os.O_RDONLY)
@@ -118,12 +125,13 @@ t.start()                                           # the table is shared now
 shared = os.open(plain_path, os.O_RDONLY)
 os.close(shared)
 stop.set(); t.join()
-print(json.dumps({"plain": plain, "d": d, "opath": opath, "memfd": memfd, "shared": shared}))
+print(json.dumps({"plain": plain, "d": d, "opath": opath, "memfd": memfd, "shared": shared,
+                  "pipe_r": pipe_r}), file=sys.stderr)
 """.replace("import ctypes", "import json, ctypes")
 
 
 def test_an_agent_cannot_hide_a_followed_fd_behind_the_rule(warden, agent_cgroup, tmp_path):
-    """dup2 of a dir to a high number, a plain file dup2'd over it,
+    """dup2 of a dir to a high number, a plain file or a pipe dup2'd over it,
     F_DUPFD_CLOEXEC, close_range, an O_PATH fd, a number a memfd takes after
     a skipped close, fchmod of a plain fd whose number another file takes at
     once, and a table shared by a thread: every path resolves to what the fd
@@ -139,7 +147,7 @@ def test_an_agent_cannot_hide_a_followed_fd_behind_the_rule(warden, agent_cgroup
     before = _skipped(warden)
     result = cg.run([sys.executable, "-S", "-c", HOSTILE, str(base), str(plain), str(other)])
     assert result.returncode == 0, result.stderr.decode(errors="replace")
-    fds = json.loads(result.stdout)
+    fds = json.loads(result.stderr.decode().splitlines()[-1])
     warden.settle()
     records = events_of(warden.records(), cg.id)
     opens = {r["path"]: r for r in records if r["kind"] == "open"}
@@ -147,9 +155,11 @@ def test_an_agent_cannot_hide_a_followed_fd_behind_the_rule(warden, agent_cgroup
     assert opens["c"]["resolved_path"] == str(base / "c")
     assert opens["b"]["resolved_path"] != str(base / "b")
     assert opens["d"]["resolved_path"] is None
+    assert opens["e"]["resolved_path"] != str(base / "e")
     assert opens["through-plain"]["resolved_path"] != str(base / "through-plain")
     # Which opens the kernel marked: only the read-only regular files.
     assert opens[str(plain)]["fd_unfollowed"] and opens[str(other)]["fd_unfollowed"]
+    assert opens["/dev/null"]["fd_unfollowed"]
     for followed in (str(base), str(base / "written")):
         assert "fd_unfollowed" not in opens[followed], followed
     [opath_open] = [r for r in records if r["kind"] == "open" and r["ret"] == fds["opath"]
@@ -160,6 +170,7 @@ def test_an_agent_cannot_hide_a_followed_fd_behind_the_rule(warden, agent_cgroup
     fd_records = [(r["syscall"], r["fd"], r["ret"]) for r in records if r["kind"] == "fd"]
     assert ("dup2", fds["d"], 200) in fd_records
     assert ("dup2", fds["plain"], 200) in fd_records
+    assert ("dup2", fds["pipe_r"], 400) in fd_records
     assert ("fcntl_dupfd_cloexec", fds["d"], 300) in fd_records
     assert ("close_range", 300, 0) in fd_records
     assert ("close", fds["shared"], 0) in fd_records
