@@ -149,7 +149,7 @@ def section(results: dict) -> report.Section:
         "wait4) and its ratio; the probe's and the daemon's CPU (all threads, /proc/PID/stat, 10 ms ticks) and "
         "context switches; the run time of the probe's BPF programs (kernel.bpf_stats_enabled, with "
         "--bpf-stats); the records the programs emitted, of them `fd` records, and the `fd` records they "
-        "skipped (kernel_fd_skipped: closes and copies of read-only regular files). On a busy machine the wall "
+        "skipped (kernel_fd_skipped: closes and copies of read-only regular files, devices, pipes, sockets). On a busy machine the wall "
         "times stretch; the CPU columns are steadier.",
         ["side", "wall ms", "× bare", "workload CPU ms", "× bare", "probe CPU ms", "daemon CPU ms",
          "probe switches", "daemon switches", "BPF ms", "records", "fd records", "fd skipped"], rows,

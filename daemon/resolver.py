@@ -11,13 +11,14 @@ exec drops close-on-exec fds. /proc is the fallback for processes that were
 running before they were seen, and for descriptors made by calls the kernel
 program does not follow (sockets, pipes, received fds, ...).
 
-A regular file opened read-only is not followed either: the kernel program
-skips (and counts) its closes and copies, and marks the open or copy that made
-it ``fd_unfollowed``; the model drops that number from what it follows, as
+Nor are fds that can be no dirfd and are no written file: regular files
+opened read-only, devices, FIFOs, sockets (anything but a directory, an O_PATH
+fd, a regular file opened for writing or an anon inode). The kernel program
+skips (and counts) their closes and copies, and marks the open or copy that
+made one ``fd_unfollowed``; the model drops that number from what it follows, as
 after a close: with its close unseen, a later socket, pipe or memfd at that
-number must not be taken for the file. Such an fd can be no dirfd nor fchdir
-target (not a directory) and nothing is written through it, so the model
-needs it only for an f*(), AT_EMPTY_PATH or /proc/self/fd/N call on it
+number must not be taken for the file. The model needs such an fd only for
+an f*(), AT_EMPTY_PATH or /proc/self/fd/N call on it
 (fchmod, fchown, fexecve). For those it keeps what the open named as a claim
 (``ProcessState.plain``) that /proc must confirm: a process gone, or the
 number now naming something else (closed and taken again meanwhile, the

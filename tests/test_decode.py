@@ -452,7 +452,7 @@ def test_move_within_the_agent(decoder):
 
 
 def test_unfollowed_fds_are_said_so_and_only_then(decoder):
-    """An open or copy whose new fd names a read-only regular file (its closes
+    """An open or copy whose new fd is one the resolver does not follow (its closes
     and copies skipped in the kernel) carries fd_unfollowed; others have no such key."""
     opened = decoder.decode(file_record(ret=3, flags=C["AW_FILE_FD_UNFOLLOWED"]))
     assert opened["fd_unfollowed"] is True

@@ -157,7 +157,7 @@ def test_an_agent_cannot_hide_a_followed_fd_behind_the_rule(warden, agent_cgroup
     assert opens["d"]["resolved_path"] is None
     assert opens["e"]["resolved_path"] != str(base / "e")
     assert opens["through-plain"]["resolved_path"] != str(base / "through-plain")
-    # Which opens the kernel marked: only the read-only regular files.
+    # Which opens the kernel marked: the read-only regular files and the device, not the rest.
     assert opens[str(plain)]["fd_unfollowed"] and opens[str(other)]["fd_unfollowed"]
     assert opens["/dev/null"]["fd_unfollowed"]
     for followed in (str(base), str(base / "written")):

@@ -411,7 +411,7 @@ def test_a_symlinks_content_resolves_against_the_links_directory():
 
 
 def test_an_unfollowed_fd_is_forgotten_since_its_close_is_never_seen():
-    """The kernel skips closes and copies of read-only regular files and marks
+    """The kernel skips closes and copies of fds it does not follow and marks
     the open or copy that made one (fd_unfollowed): the model forgets the
     number, so that what later takes it unseen (a memfd, a socket, a received
     dir fd) is not taken for that file."""
