@@ -20,7 +20,7 @@ after a close: with its close unseen, a later socket, pipe or memfd at that
 number must not be taken for the file. The model needs such an fd only for
 an f*(), AT_EMPTY_PATH or /proc/self/fd/N call on it
 (fchmod, fchown, fexecve). For those it keeps what the open named as a claim
-(``ProcessState.plain``) that /proc must confirm: a process gone, or the
+(``ProcessState.claims``) that /proc must confirm: a process gone, or the
 number now naming something else (closed and taken again meanwhile, the
 swap an agent would try), leaves the path unresolved.
 
@@ -82,7 +82,7 @@ class ProcessState:
     fds: dict[int, Descriptor] = field(default_factory=dict)
     # fd -> what the last unfollowed open or copy at that number named: a
     # claim only (its close is never seen), used once /proc confirms it.
-    plain: dict[int, str] = field(default_factory=dict)
+    claims: dict[int, str] = field(default_factory=dict)
 
 
 def proc_link(pid: int, what: str) -> str | None:
@@ -136,7 +136,7 @@ class Resolver:
         if known:
             return known.path
         now = proc_link(pid, f"fd/{dirfd}")
-        claimed = state.plain.get(dirfd)
+        claimed = state.claims.get(dirfd)
         if claimed is not None and now != claimed:
             # The fd an unfollowed open made may have been closed unseen and
             # its number taken since (or the process is gone): unresolved.
@@ -167,7 +167,7 @@ class Resolver:
             parent = self._state(pid)
             if not record["ppid"]:
                 record["ppid"] = parent.ppid
-            child = ProcessState(cwd=parent.cwd, ppid=pid, fds=dict(parent.fds), plain=dict(parent.plain))
+            child = ProcessState(cwd=parent.cwd, ppid=pid, fds=dict(parent.fds), claims=dict(parent.claims))
             self._put(record["child_pid"], child)
             return
         if kind == "exit":
@@ -183,7 +183,7 @@ class Resolver:
             if record["ret"] >= 0:
                 cloexec = bool(record["flags"] & O_CLOEXEC)
                 if record.get("fd_unfollowed"):
-                    self._made(state, record["ret"], None, plain=resolved)
+                    self._made(state, record["ret"], None, claim=resolved)
                 else:
                     self._made(state, record["ret"], Descriptor(resolved, cloexec, write=is_write(record["flags"]))
                                if resolved else None)
@@ -257,15 +257,15 @@ class Resolver:
         return self._base(pid, state, int(match[2]))
 
     @staticmethod
-    def _made(state: ProcessState, fd: int, descriptor: Descriptor | None, plain: str | None = None) -> None:
+    def _made(state: ProcessState, fd: int, descriptor: Descriptor | None, claim: str | None = None) -> None:
         """fd now names descriptor; None: something the model cannot name
-        (plain: an unfollowed file, at that path). Its number was free, so
+        (claim: an unfollowed file, at that path). Its number was free, so
         whatever the model had under it is stale."""
-        state.plain.pop(fd, None)
+        state.claims.pop(fd, None)
         if descriptor is None or (fd not in state.fds and len(state.fds) >= MAX_FDS_PER_PROCESS):
             state.fds.pop(fd, None)
-            if plain and len(state.plain) < MAX_FDS_PER_PROCESS:
-                state.plain[fd] = plain
+            if claim and len(state.claims) < MAX_FDS_PER_PROCESS:
+                state.claims[fd] = claim
         else:
             state.fds[fd] = descriptor
 
@@ -277,7 +277,7 @@ class Resolver:
         named = None
         if syscall == "close":
             named = fds.pop(fd, None)
-            state.plain.pop(fd, None)
+            state.claims.pop(fd, None)
         elif syscall == "close_range":
             for n in [n for n in fds if fd <= n <= arg]:
                 if record["cloexec"]:
@@ -285,8 +285,8 @@ class Resolver:
                 else:
                     del fds[n]
             if not record["cloexec"]:
-                for n in [n for n in state.plain if fd <= n <= arg]:
-                    del state.plain[n]
+                for n in [n for n in state.claims if fd <= n <= arg]:
+                    del state.claims[n]
         elif ret < 0:
             pass
         elif syscall == "fcntl_setfd":
@@ -305,8 +305,8 @@ class Resolver:
                 source = self._descriptor_of(pid, fd)
             named = source._replace(cloexec=record["cloexec"]) if source else None
             if record.get("fd_unfollowed"):
-                claimed = state.plain.get(fd) if syscall != "pidfd_getfd" else None
-                self._made(state, ret, None, plain=claimed or (named.path if named else None))
+                claimed = state.claims.get(fd) if syscall != "pidfd_getfd" else None
+                self._made(state, ret, None, claim=claimed or (named.path if named else None))
             else:
                 self._made(state, ret, named)
         path = named.path if named else None

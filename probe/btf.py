@@ -16,7 +16,7 @@ from pathlib import Path
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 
 BTF_MAGIC = 0xEB9F
-KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
+KIND_INT, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 3, 4, 5, 6
 KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_DECL_TAG, KIND_ENUM64 = 13, 14, 15, 17, 19
 # Bytes that follow a type's 12-byte header: fixed, or per vlen entry.
 _FIXED_TAIL = {KIND_INT: 4, KIND_ARRAY: 12, KIND_VAR: 4, KIND_DECL_TAG: 4}
@@ -107,3 +107,5 @@ def fd_file_cflags(path: Path = VMLINUX_BTF) -> tuple[list[str], str | None]:
         return [f"-D{flag}={btf.offset(s, f)}" for (s, f), flag in FD_FILE_FIELDS.items()], None
     except (OSError, BtfError) as exc:
         return [], f"{path}: {exc}"
+    except (struct.error, ValueError, KeyError) as exc:   # a blob cut short or corrupt
+        return [], f"{path}: unreadable BTF ({exc})"

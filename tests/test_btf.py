@@ -54,3 +54,10 @@ def test_no_usable_btf_gives_no_flags_and_says_why(tmp_path):
     small = tmp_path / "small"
     small.write_bytes(_blob())   # a kernel's BTF without the fields the program reads
     assert fd_file_cflags(small) == ([], f"{small}: no struct task_struct")
+
+
+def test_a_blob_cut_short_gives_no_flags_and_says_why(tmp_path):
+    cut = tmp_path / "cut"
+    cut.write_bytes(_blob()[:40])
+    flags, why = fd_file_cflags(cut)
+    assert flags == [] and why.startswith(f"{cut}: ")

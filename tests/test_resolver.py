@@ -461,9 +461,9 @@ def test_an_unfollowed_fd_named_by_an_fd_call_is_what_proc_confirms(tmp_path):
         r.annotate({**open_(me, "allowed", ret=fd), "fd_unfollowed": True})
         copy = os.dup(fd)
         r.annotate({**fd_(me, "dup", fd, ret=copy), "fd_unfollowed": True})
-        assert r.processes[me].plain[copy] == str(allowed)
+        assert r.processes[me].claims[copy] == str(allowed)
         os.close(copy)
         r.annotate(fd_(me, "close", copy))
-        assert copy not in r.processes[me].plain
+        assert copy not in r.processes[me].claims
     finally:
         os.close(fd)
