@@ -482,6 +482,8 @@ class Probe:
             "kernel_dropped": {n: counts[base + k] for k, n in names.items()},
             # agent processes the kernel had no room to track: watched only in their cgroups
             "agent_tasks_untracked": counts[self.c["AW_COUNTER_UNTRACKED"]],
+            # fd records not needed (closes, copies of fds the resolver does not follow): counted, not sent
+            "kernel_fd_skipped": counts[self.c["AW_COUNTER_FD_SKIPPED"]],
             "decoded": self.counters["decoded"],
             "decode_errors": self.counters["decode_errors"],
             "batches_sent": self.counters["batches_sent"],

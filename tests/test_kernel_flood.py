@@ -38,8 +38,10 @@ def test_a_flood_of_opens_never_hides_a_forbidden_exec(warden, agent_cgroup, tmp
     warden.set_policy(agent, (f'[agent.{agent}]\nmode = "enforce"\non-violation = "kill"\n'
                               f'[agent.{agent}.exec]\nallow = ["/**"]\ndeny = ["/usr/bin/id"]\n'
                               f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["/**"]\n'))
+    # A directory: its closes go out too (a read-only file's are counted, not
+    # sent), so each open makes two records, the flood the ring was sized for.
     target = tmp_path / "flooded"
-    target.write_text("x")
+    target.mkdir()
     procs = str(cg.path / "cgroup.procs")
     status = warden.status()
     before = status["probe"]["health"]["kernel_dropped"]
