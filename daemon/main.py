@@ -20,6 +20,7 @@ from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
 from .archive import ArchiveWriter
+from .feed import Feed
 from .freeze_guard import FreezeGuard
 from .watch import WatchGuard
 from .governor import Governor
@@ -80,8 +81,10 @@ class Daemon:
         self.ctx = zmq.Context.instance()
         self.pull = self._bind(zmq.PULL, settings.ingest_endpoint)
         self.pull.setsockopt(zmq.RCVHWM, INGEST_HWM)
-        self.pub = self._bind(zmq.PUB, settings.events_endpoint)
+        self.pub = self._bind(zmq.XPUB, settings.events_endpoint)
         self.pub.setsockopt(zmq.SNDHWM, 10000)
+        self.feed = Feed(self.pub)
+        self.listened = False   # someone subscribed to the events at the batch's start (feed.py)
         self.control = self._bind(zmq.REP, settings.control_endpoint)
 
         self.started = time.time_ns()
@@ -269,6 +272,7 @@ class Daemon:
         self._handle_records(out)
 
     def _handle_records(self, out: list[dict]) -> None:
+        self.listened = self.feed.listened()
         with self.governor.batch():
             for record in list(out):
                 violation = self.handle_record(record)
@@ -316,7 +320,8 @@ class Daemon:
             own = self._watch_records(self.watch.heard(record))
         elif kind == "health" and record["stage"] == "supervisor":
             self.supervisor_health = record["counters"]
-        self.archive.append(record, keep_body=kind in wire.EVENT_KINDS)
+        # An event's packed body is kept for the feed only while someone listens.
+        self.archive.append(record, keep_body=self.listened and kind in wire.EVENT_KINDS)
         if kind == "hold":
             self.counters[f"holds_{record['state']}"] += 1
             if record["state"] not in ("pending", "approval"):
@@ -386,6 +391,9 @@ class Daemon:
             records, self.outbox = records + self.outbox, []
         if not records:
             return
+        if not self.feed.listened():
+            self.counters["publish_skipped"] += 1   # no subscriber: nothing to pack (feed.py)
+            return
         # An event is published as archived, plus its seq: its packed body is
         # reused (nothing changes an event after it is archived).
         packed = [wire.pack_with_last(body, "seq", record["seq"])
@@ -394,6 +402,7 @@ class Daemon:
         try:
             self.pub.send_multipart([wire.TOPIC_EVENTS, wire.encode_packed_batch("daemon", self.pub_seq, packed)],
                                     zmq.NOBLOCK)
+            self.counters["published"] += 1
         except zmq.Again:
             self.counters["publish_dropped"] += 1
         self.pub_seq += 1
