@@ -19,6 +19,7 @@ policy object changes, which every load does.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import time
@@ -38,9 +39,9 @@ from . import enforce
 # AT_SYMLINK_NOFOLLOW); the others act on the link itself.
 FOLLOWS_LAST = ("truncate", "chmod", "chown", "fchmodat", "fchmodat2", "fchownat")
 AT_SYMLINK_NOFOLLOW = 0x100
-# Verdicts on opens kept for repeated ones (see Governor._decide_open); when
-# full the cache starts over.
-DECISION_CACHE_SIZE = 65536
+# Verdicts on opens kept for repeated ones (see Governor._decide_open), about
+# half a kilobyte each; when full the least recently used one goes (counted).
+DECISION_CACHE_SIZE = 16384
 
 
 def real_paths(record: dict, look: Callable[[str], str | None] | None = None) -> dict[str, tuple[str, str]]:
@@ -125,9 +126,10 @@ class Governor:
         self.policy: policy_mod.PolicySet | None = None
         # (agent, path decided, access, failure, path shown) -> the verdict on
         # such an open, under the policy object it was made with
-        self._open_verdicts: dict[tuple, policy_mod.Verdict] = {}
+        self._open_verdicts: collections.OrderedDict[tuple, policy_mod.Verdict] = collections.OrderedDict()
         self._verdicts_policy: policy_mod.PolicySet | None = None
         self.cache_hits = 0
+        self.cache_evictions = 0   # verdicts dropped for room (decided again when needed)
         self._looked: dict[str, str | None] | None = None   # real paths looked up in this batch
 
     @contextlib.contextmanager
@@ -179,21 +181,32 @@ class Governor:
     def _decide_open(self, record: dict) -> policy_mod.Verdict:
         """decide() on an open, from the cache when an open with the same
         fields decide() reads was decided under this very policy object (a
-        reload makes a new one: the cache goes with the old)."""
-        if self.policy is not self._verdicts_policy or len(self._open_verdicts) >= DECISION_CACHE_SIZE:
-            self._open_verdicts = {}
+        reload makes a new one: the cache goes with the old). An evicted
+        verdict is decided again, the same way: eviction costs time, never a
+        different decision."""
+        cache = self._open_verdicts
+        if self.policy is not self._verdicts_policy:
+            cache = self._open_verdicts = collections.OrderedDict()
             self._verdicts_policy = self.policy
         resolved = record.get("resolved_path")
         ret = record.get("ret", 0)
         key = (record.get("agent"), resolved, policy_mod.is_write(record["flags"]),
                record.get("error") if ret < 0 else None,
                record.get("path", "") if resolved is None else None)
-        verdict = self._open_verdicts.get(key)
+        verdict = cache.get(key)
         if verdict is None:
-            verdict = self._open_verdicts[key] = policy_mod.decide(record, self.policy)
+            verdict = cache[key] = policy_mod.decide(record, self.policy)
+            if len(cache) > DECISION_CACHE_SIZE:
+                cache.popitem(last=False)
+                self.cache_evictions += 1
         else:
+            cache.move_to_end(key)
             self.cache_hits += 1
         return verdict
+
+    def cache_state(self) -> dict:
+        return {"entries": len(self._open_verdicts), "size": DECISION_CACHE_SIZE,
+                "hits": self.cache_hits, "evictions": self.cache_evictions}
 
     def _decide(self, record: dict) -> policy_mod.Verdict:
         decide = self._decide_open if record["kind"] == "open" else \

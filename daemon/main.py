@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import signal
@@ -51,6 +52,18 @@ TICK_INTERVAL = 1.0       # seconds between periodic duties
 # most of a second).
 WATCH_CHECK_INTERVAL = 0.02
 RETENTION_INTERVAL = 10.0  # seconds between retention checks
+# After this many events, a tick that finds no message waiting gives the C
+# heap's free pages back to the system: a burst's decoded batches leave them
+# behind, scattered among live objects, where the heap's top cannot shrink.
+TRIM_AFTER_EVENTS = 20_000
+
+
+def _heap_trimmer():
+    """glibc's malloc_trim, or None under another libc."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class Daemon:
@@ -98,6 +111,8 @@ class Daemon:
         self.pending_malformed = 0
         self.pending_malformed_detail = ""
         self.pub_seq = 0
+        self._trim_heap = _heap_trimmer()
+        self._trimmed_at = 0   # events counted at the last trim
         self.rate = 0.0
         self._rate_mark = (time.monotonic(), 0)
         self.stopping = False
@@ -280,7 +295,10 @@ class Daemon:
                     out.append(violation)
         self.archive.flush()
         self.publish(out)
-        self.check_archive()
+        if self.archive.sync_due():
+            self.sync_archive()   # a flood reaches the unsynced bound before sync_interval
+        else:
+            self.check_archive()
 
     def handle_record(self, record: dict) -> dict | None:
         """Archive one record (after enriching it); returns the violation it
@@ -434,6 +452,7 @@ class Daemon:
             self._next_retention = time.monotonic() + RETENTION_INTERVAL
             self.outbox.extend(self.archive.apply_retention())
         self.publish([])
+        self._trim_after_burst()
         self.alerts.tick()
         now = time.monotonic()
         mark_time, mark_events = self._rate_mark
@@ -447,6 +466,15 @@ class Daemon:
         if self.metrics:
             self.metrics_snapshot = {**self.status(), "hold_waits": self.hold_waits.export(),
                                      "taken": time.time_ns()}
+
+    def _trim_after_burst(self) -> None:
+        events = self.counters["events"]
+        if self._trim_heap is None or events - self._trimmed_at < TRIM_AFTER_EVENTS \
+                or self.pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
+        self._trim_heap(0)
+        self._trimmed_at = events
+        self.counters["heap_trims"] += 1
 
     def status_line(self) -> str:
         age = (time.time_ns() - self.probe_last_seen) / 1e9
@@ -498,6 +526,7 @@ class Daemon:
         return {
             "daemon": {"pid": os.getpid(), "started": self.started, "events_per_second": self.rate,
                        "counters": dict(self.counters), "archive": str(self.settings.archive_dir),
+                       "decision_cache": self.governor.cache_state(),
                        "cgroup_scope": self.settings.cgroup_scope,
                        "archive_seq": self.archive.seq,
                        "archive_state": {**self.archive.state(), "on_disk_full": self.disk_guard.state()},
