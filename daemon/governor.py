@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Callable
@@ -79,6 +80,15 @@ def real_paths(record: dict, look: Callable[[str], str | None] | None = None) ->
 
 
 _NO_SYMLINKS = open_how(os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+_DIRECTORY_NO_SYMLINKS = open_how(os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+# Directories a batch keeps open (O_PATH) for the symlink look of their entries.
+MAX_DIRECTORIES_PER_BATCH = 128
+
+
+def _normal(path: str) -> bool:
+    """Absolute, in normal form: no '..' the kernel would resolve physically."""
+    return path.startswith("/") and "//" not in path and "/./" not in path and "/.." not in path \
+        and not path.endswith("/.") and (not path.endswith("/") or path == "/")
 
 
 def _without_symlinks(path: str) -> bool:
@@ -86,8 +96,7 @@ def _without_symlinks(path: str) -> bool:
     RESOLVE_NO_SYMLINKS): then the path is where it leads. Two syscalls where
     the /proc/self/fd look costs three and a d_path. Only for paths in normal
     form ('..' would be resolved physically)."""
-    if not path.startswith("/") or "//" in path or "/./" in path or "/.." in path or path.endswith("/.") or \
-            (path.endswith("/") and path != "/"):
+    if not _normal(path):
         return False
     fd = openat2(AT_FDCWD, os.fsencode(path), _NO_SYMLINKS)
     if fd < 0:
@@ -100,8 +109,10 @@ def kernel_real_path(path: str) -> str | None:
     """The kernel's own resolution of path (an O_PATH open, which opens no
     device or FIFO, then its /proc/self/fd link): three syscalls where
     os.path.realpath makes one per component. None when nothing is there."""
-    if _without_symlinks(path):
-        return path
+    return path if _without_symlinks(path) else _real_path_through_links(path)
+
+
+def _real_path_through_links(path: str) -> str | None:
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
@@ -114,6 +125,54 @@ def kernel_real_path(path: str) -> str | None:
     if not real.startswith("/") or real.endswith(" (deleted)"):
         return os.path.realpath(path)  # unlinked meanwhile, or another mount namespace's view
     return real
+
+
+class BatchLooks:
+    """Real paths looked up while one batch is decided: each path once, and a
+    directory once — checked to have no symlink on its way (openat2 with
+    RESOLVE_NO_SYMLINKS) and kept open (O_PATH) while the batch lasts — then
+    each entry of it one lstat: not a symlink, the path is where it leads.
+    What kernel_real_path says, in one syscall per path where it makes two."""
+
+    def __init__(self):
+        self.paths: dict[str, str | None] = {}
+        self.directories: dict[str, int | None] = {}   # path -> O_PATH fd, None: not usable
+
+    def real_path(self, path: str) -> str | None:
+        if path not in self.paths:
+            self.paths[path] = path if self._plain(path) else kernel_real_path(path)
+        return self.paths[path]
+
+    def _plain(self, path: str) -> bool:
+        """Whether path is reached through no symlink (False: cannot tell)."""
+        if not _normal(path) or path == "/":
+            return False
+        parent, _, name = path.rpartition("/")
+        fd = self._directory(parent or "/")
+        if fd is None:
+            return False
+        try:
+            return not stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+        except (OSError, ValueError):
+            return False   # nothing there (the long way says what a dangling link says)
+
+    def _directory(self, path: str) -> int | None:
+        if path in self.directories:
+            return self.directories[path]
+        if len(self.directories) >= MAX_DIRECTORIES_PER_BATCH:
+            return None
+        try:
+            fd = openat2(AT_FDCWD, os.fsencode(path), _DIRECTORY_NO_SYMLINKS)
+        except ValueError:
+            fd = -1
+        self.directories[path] = fd if fd >= 0 else None
+        return self.directories[path]
+
+    def close(self) -> None:
+        for fd in self.directories.values():
+            if fd is not None:
+                os.close(fd)
+        self.directories.clear()
 
 
 class Governor:
@@ -130,7 +189,7 @@ class Governor:
         self._verdicts_policy: policy_mod.PolicySet | None = None
         self.cache_hits = 0
         self.cache_evictions = 0   # verdicts dropped for room (decided again when needed)
-        self._looked: dict[str, str | None] | None = None   # real paths looked up in this batch
+        self._looked: BatchLooks | None = None   # real paths looked up in this batch
 
     @contextlib.contextmanager
     def batch(self):
@@ -138,19 +197,16 @@ class Governor:
         it. Every event of the batch happened before its first look, so one
         look serves them all as well as one each (the look is "now", when
         the records arrive, either way)."""
-        self._looked = {}
+        self._looked = BatchLooks()
         try:
             yield
         finally:
+            self._looked.close()
             self._looked = None
 
     def _real_path_now(self, path: str) -> str | None:
         looked = self._looked
-        if looked is None:
-            return kernel_real_path(path)
-        if path not in looked:
-            looked[path] = kernel_real_path(path)
-        return looked[path]
+        return kernel_real_path(path) if looked is None else looked.real_path(path)
 
     def load(self) -> policy_mod.PolicySet | None:
         """Load the policy files; None when there are none. A broken policy

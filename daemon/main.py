@@ -92,10 +92,8 @@ class Daemon:
         self._next_retention = 0.0
         self.resolver = Resolver()
         self.ctx = zmq.Context.instance()
-        self.pull = self._bind(zmq.PULL, settings.ingest_endpoint)
-        self.pull.setsockopt(zmq.RCVHWM, INGEST_HWM)
-        self.pub = self._bind(zmq.XPUB, settings.events_endpoint)
-        self.pub.setsockopt(zmq.SNDHWM, 10000)
+        self.pull = self._bind(zmq.PULL, settings.ingest_endpoint, {zmq.RCVHWM: INGEST_HWM})
+        self.pub = self._bind(zmq.XPUB, settings.events_endpoint, {zmq.SNDHWM: 10000})
         self.feed = Feed(self.pub)
         self.listened = False   # someone subscribed to the events at the batch's start (feed.py)
         self.control = self._bind(zmq.REP, settings.control_endpoint)
@@ -144,9 +142,14 @@ class Daemon:
         # The fleet (NATS): its own thread reads the archive as its outbox; None without fleet_url.
         self.fleet = FleetShipper(settings, settings.archive_dir) if settings.fleet_url else None
 
-    def _bind(self, kind: int, endpoint: str):
+    def _bind(self, kind: int, endpoint: str, options: dict[int, int] | None = None):
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        # Before bind: a bound socket's connections take the options it had
+        # then (a high-water mark set after bind left ingest at ZeroMQ's 1,000
+        # batches, up to a gigabyte under a flood).
+        for option, value in (options or {}).items():
+            sock.setsockopt(option, value)
         path = endpoint[len("ipc://"):]
         if os.path.exists(path):
             os.unlink(path)  # a stale socket from a previous run
