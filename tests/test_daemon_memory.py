@@ -224,3 +224,52 @@ def test_the_heap_is_trimmed_once_a_burst_is_over(kernel, tmp_path):
     finally:
         probe.close()
         daemon.stop()
+
+
+@pytest.mark.kernel
+def test_ingest_queues_only_a_few_batches_while_the_daemon_is_busy(kernel, tmp_path):
+    """The ingest socket's high-water mark holds (it is set before bind): a
+    daemon that does not read takes a few batches, then the sender must keep
+    the rest (the probe: its bounded backlog, then the kernel ring, counted).
+    Set after bind, ZeroMQ queued 1,000 batches, up to a gigabyte."""
+    import zmq
+    from agentwarden import wire
+    from agentwarden.daemon import main as daemon_main
+    from agentwarden.settings import Settings
+    from fakeprobe import open_record as wire_open
+    settings = Settings(run_dir=tmp_path / "run", state_dir=tmp_path / "state",
+                        policy_dir=tmp_path / "policy.d", cgroup_scope="ingest-hwm")
+    settings.policy_dir.mkdir(parents=True)
+    daemon = daemon_main.Daemon(settings)   # its loop not running: nothing reads the socket
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.SNDHWM, 4)
+    push.connect(settings.ingest_endpoint)
+    try:
+        batch = wire.encode_batch("probe", 0, [wire_open(9000, 77, f"/work/hwm/{i:06d}" + "x" * 150)
+                                               for i in range(4096)])
+        accepted = 0
+
+        def full() -> bool:
+            nonlocal accepted
+            while accepted < 200:
+                try:
+                    push.send(batch, zmq.NOBLOCK)
+                except zmq.Again:
+                    return True
+                accepted += 1
+            return True
+        # The first sends race the connection: retry until the queue stays full.
+        wait_for(lambda: full() and accepted > 0 and not push.poll(200, zmq.POLLOUT), timeout=20,
+                 what="the ingest queue to fill")
+        print(f"{accepted} batches of {len(batch) / 2**20:.1f} MiB taken while the daemon did not read")
+        assert accepted <= daemon_main.INGEST_HWM + 4 + 4, accepted   # its HWM, the sender's, in flight
+        # Nothing taken is lost: the daemon archives every one once it reads.
+        for _ in range(accepted):
+            daemon.handle_message(daemon.pull.recv())
+        assert daemon.counters["records_open"] == accepted * 4096
+    finally:
+        push.close()
+        for sock in (daemon.pull, daemon.pub, daemon.control):
+            sock.close()
+        daemon.archive.close()
