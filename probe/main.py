@@ -21,7 +21,7 @@ from agentwarden.settings import Settings
 
 from . import loader
 from .decode import DecodeError, Decoder
-from .rings import Ring
+from .rings import open_ring
 from .watch_now import WatchServer
 
 log = logging.getLogger("agentwarden.probe")
@@ -268,8 +268,8 @@ class Probe:
                               constants["AW_AGENT_SESSION_BIT"], settings.cgroup_scope,
                               settings.instance, settings.agents_slice)
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
-        self.vital: Ring | None = None      # the rings, read from run()
-        self.events: Ring | None = None
+        self.vital = None    # the rings' readers (probe.rings), from run()
+        self.events = None
         # Decoded `vital` records newer than every `events` record taken, held
         # while `events` has records left in the kernel (see _drain).
         self.vital_held: list[dict] = []
@@ -620,7 +620,7 @@ class Probe:
 
     def run(self) -> None:
         self.tags.sync()
-        self.vital, self.events = Ring(self.bpf, "vital"), Ring(self.bpf, "events")
+        self.vital, self.events = open_ring(self.bpf, "vital"), open_ring(self.bpf, "events")
         try:
             self._run()
         finally:

@@ -320,6 +320,7 @@ def test_loading_gives_back_the_compilers_memory(kernel, tmp_path):
     from agentwarden import cgroups, headers
     from agentwarden.probe import loader
     from agentwarden.probe.main import Probe
+    from agentwarden.probe import rings
     from agentwarden.probe.rings import Ring
     from agentwarden.settings import Settings
     from conftest import AgentCgroup
@@ -350,11 +351,17 @@ def test_loading_gives_back_the_compilers_memory(kernel, tmp_path):
             assert probe.heartbeat() == []   # every heartbeat program ran
             cg.tag()
             assert probe.tags.watch(cg.path)["ok"]
-            probe.vital, probe.events = Ring(bpf, "vital"), Ring(bpf, "events")
-            assert cg.run(["/usr/bin/true", "after-release"]).returncode == 0
-            records = wait_for(lambda: [r for r in probe._drain() if r["kind"] == "exec"
-                                        and r["agent_cgroup_id"] == cg.id], what="the exec record")
-            assert [r["argv"] for r in records] == [["/usr/bin/true", "after-release"]]
+            # Both readers: libbpf's, and the probe's own mapping (x86-64).
+            for reader in (Ring, rings.MappedRing):
+                probe.vital, probe.events = reader(bpf, "vital"), reader(bpf, "events")
+                argv = ["/usr/bin/true", f"after-release-{reader.__name__}"]
+                assert cg.run(argv).returncode == 0
+                records = wait_for(lambda: [r for r in probe._drain() if r["kind"] == "exec"
+                                            and r["agent_cgroup_id"] == cg.id], what="the exec record")
+                assert [r["argv"] for r in records] == [argv]
+                probe.vital.close()
+                probe.events.close()
+                probe.vital = probe.events = None
         finally:
             for ring in (probe.vital, probe.events):
                 if ring is not None:
