@@ -600,10 +600,15 @@ class Probe:
         return list(heapq.merge(released, events, key=_record_time))
 
     def _drain_all(self) -> list[dict]:
-        """Everything left in the rings, at the end."""
+        """Everything left in the rings, at the end: for at most a second (an
+        agent still flooding would keep it going), then the `vital` records
+        still held, which wait for nothing now."""
         records = self._drain()
-        while self.events_behind:
+        deadline = time.monotonic() + 1
+        while self.events_behind and time.monotonic() < deadline:
             records += self._drain()
+        records += self.vital_held
+        self.vital_held = []
         return records
 
     def _wait(self, paused: bool, timeout_ms: int) -> None:
