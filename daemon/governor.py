@@ -142,6 +142,16 @@ class Governor:
         finally:
             self._looked = None
 
+    @contextlib.contextmanager
+    def unbatched(self):
+        """Decide a record that is not of the batch being decided (the priority
+        lane's): it may be newer than the batch's looks, so it looks itself."""
+        looked, self._looked = self._looked, None
+        try:
+            yield
+        finally:
+            self._looked = looked
+
     def _real_path_now(self, path: str) -> str | None:
         looked = self._looked
         if looked is None:

@@ -21,6 +21,7 @@ from agentwarden.settings import Settings
 
 from . import loader
 from .decode import DecodeError, Decoder
+from .priority import PriorityLane
 from .watch_now import WatchServer
 
 log = logging.getLogger("agentwarden.probe")
@@ -285,6 +286,8 @@ class Probe:
         self.rules_sock.setsockopt(zmq.LINGER, 0)
         self.rules_sock.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_KERNEL_RULES)
         self.rules_sock.connect(settings.events_endpoint)
+        # Copies of exec records for the daemon, ahead of the stream (priority.py).
+        self.priority = PriorityLane(self.ctx, settings.priority_endpoint, self.tags, self.counters)
         self.kernel_rules_hash: str | None = None
         self.kernel_rules_received = False
         self._kernel_keys: list = []
@@ -395,6 +398,7 @@ class Probe:
             table[table.Key(number)] = table.Leaf(flags)
         if exec_prompt is not None:
             table[table.Key(known)] = table.Leaf(self.c["AW_POLICY_KNOWN"])
+        self.priority.set_acting(exec_prompt)
 
     def _poll_kernel_rules(self) -> None:
         while True:
@@ -496,6 +500,9 @@ class Probe:
             # the watch socket: cgroups watched at once on request, and requests refused
             "watch_requests": self.counters["watch_requests"],
             "watch_refused": self.counters["watch_refused"],
+            # exec records copied to the daemon's priority lane, and copies dropped (no room)
+            "priority_sent": self.counters["priority_sent"],
+            "priority_dropped": self.counters["priority_dropped"],
         }}
         if self.stopped_by is not None:
             health["stopping"] = self.stopped_by
@@ -568,7 +575,9 @@ class Probe:
         self.bpf.ring_buffer_consume()
         vital, self.raw_vital = self.raw_vital, []
         raw, self.raw = self.raw[:first], self.raw[first:]
-        return list(heapq.merge(self._decode(vital), self._decode(raw), key=_record_time))
+        vital_records = self._decode(vital)
+        self.priority.send(vital_records)   # exec copies out now, before the rest is decoded
+        return list(heapq.merge(vital_records, self._decode(raw), key=_record_time))
 
     def _drain_all(self) -> list[dict]:
         """Everything left in the rings, at the end."""
@@ -642,6 +651,7 @@ class Probe:
             time.sleep(0.01)
         self.sock.close()
         self.rules_sock.close()
+        self.priority.close()
 
 
 def _record_time(record: dict) -> int:
