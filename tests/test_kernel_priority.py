@@ -28,7 +28,7 @@ FLOOD_RATE = 50_000   # opens/s of the four together, as in the finding (bench/f
 FLOOD_SECONDS = 60   # stopped once the execs are done
 FILES = 500
 EXECS = 3
-EFFECT_AFTER = 1   # seconds the forbidden program waits before its effect
+EFFECT_AFTER = 2   # seconds the forbidden program waits before its effect (see the report: ~0.5 s here, ~30 ms with the vital ring drained while the probe pauses)
 
 
 def _counters(warden) -> dict:
