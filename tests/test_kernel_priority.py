@@ -1,5 +1,5 @@
 """The priority lane on the real kernel: four processes of an agent flood opens
-(bench/flood.c, unpaced) so the in-order stream is seconds behind, while
+(bench/flood.c, 50,000/s in all) so the in-order stream is seconds behind, while
 another process of the same agent execs a program no allow rule matches (a
 copy of sh: a user-space kill by the daemon, not a kernel deny). It is killed
 before it does what it would do after 2 s (create a file), while the
