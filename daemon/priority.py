@@ -96,9 +96,15 @@ def exec_paths_alone(record: dict) -> dict | None:
     return {"resolved_filename": filename, "resolved_exec_path": exec_path}
 
 
+def judged_path(record: dict):
+    """The resolved path the decision reads (see exec_paths_alone)."""
+    return record.get("resolved_exec_path") if record["exec_path"] else record.get("resolved_filename")
+
+
 @dataclass
 class Decided:
     agent: str
+    path: str | bytes       # the resolved path it was decided on
     fields: dict            # what judge added to the record: verdict, real_path
     violation: dict         # the violation record, its action taken
 
@@ -201,7 +207,8 @@ class PriorityLane:
             return
         violation["ahead_of_order"] = True
         counters["priority_acted"] += 1
-        self.memo[key] = Decided(agent, {k: copy[k] for k in copy if k not in before}, violation)
+        self.memo[key] = Decided(agent, judged_path(copy), {k: copy[k] for k in copy if k not in before},
+                                 violation)
         if len(self.memo) > MEMO_SIZE:
             self.memo.popitem(last=False)
             counters["priority_evicted"] += 1
@@ -218,10 +225,12 @@ class PriorityLane:
             return self.governor.judge(record)
         record.update(decided.fields)
         self.counters["priority_in_order"] += 1
-        if record.get("agent") != decided.agent:   # a retag queued before it: said, never acted on twice
-            self.counters["priority_agent_changed"] += 1
-            log.warning("priority lane: exec of pid %d decided as agent %r's, in order it is %r's",
-                        record["pid"], decided.agent, record.get("agent"))
+        if record.get("agent") != decided.agent or judged_path(record) != decided.path:
+            # A retag queued before it, or a resolver that no longer resolves
+            # an absolute path alone: said, never acted on twice.
+            self.counters["priority_disagreed"] += 1
+            log.warning("priority lane: exec of pid %d decided as agent %r's of %r; in order: %r's of %r",
+                        record["pid"], decided.agent, decided.path, record.get("agent"), judged_path(record))
         return decided.violation
 
     def state(self) -> dict:

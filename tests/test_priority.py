@@ -17,7 +17,8 @@ import zmq
 from agentwarden import wire
 from agentwarden.daemon import priority
 from agentwarden.daemon.governor import Governor
-from agentwarden.daemon.priority import PriorityLane, exec_paths_alone
+from agentwarden.daemon.priority import PriorityLane, exec_paths_alone, judged_path
+from agentwarden.daemon.resolver import ProcessState, Resolver
 
 AGENT_CGROUP = 4242
 SESSION_CGROUP = 4343
@@ -182,3 +183,33 @@ def test_exec_paths_alone_are_the_resolvers_for_absolute_paths_only():
     assert exec_paths_alone({**exec_record(1, "/usr/bin/x"), "exec_path": "",
                              "filename_truncated": True}) is None
     assert exec_paths_alone(exec_record(1, os.fsdecode(b"/tmp/\xff"))) is not None
+
+
+@pytest.mark.parametrize("filename,exec_path,dirfd", [
+    ("/usr/bin/x", "/usr/bin/x", -100), ("x", "/usr/bin/x", -100), ("x", "/usr/bin//./x", 5),
+    ("/usr/bin/x", "", -100), ("/dev/fd/3", "/dev/fd/3", -100), ("", "/dev/fd/5", 5),
+    ("x", "x", -100), ("../x", "../x", 5), ("x", "", -100),
+])
+def test_the_lane_judges_the_path_the_in_order_resolver_would(filename, exec_path, dirfd):
+    """Whatever the process model holds (here a cwd and fds it knows), the
+    path the decision reads is the resolver's, or the lane leaves the exec."""
+    record = {**exec_record(777, filename, exec_path=exec_path), "dirfd": dirfd}
+    resolver = Resolver()
+    resolver.processes[777] = ProcessState(cwd="/home/agent", ppid=1)
+    in_order = dict(record)
+    resolver.annotate(in_order)
+    alone = exec_paths_alone(record)
+    if alone is None:
+        assert not (exec_path or filename).startswith("/")
+    else:
+        assert judged_path({**record, **alone}) == judged_path(in_order)
+
+
+def test_a_decision_the_in_order_view_does_not_share_is_counted(lane, victim):
+    proc = victim()
+    record = exec_record(proc.pid)
+    send(lane, [record])
+    in_order = {**record, "agent": "watching", "resolved_exec_path": record["exec_path"]}   # retagged
+    violation = lane.judge_in_order(in_order)
+    assert violation["action_taken"] == f"killed process {proc.pid}"   # what was done, said once
+    assert lane.counters["priority_disagreed"] == 1
