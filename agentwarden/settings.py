@@ -431,6 +431,11 @@ class Settings:
         return f"ipc://{self.run_dir / 'control.sock'}"
 
     @property
+    def priority_endpoint(self) -> str:
+        """probe PUSH -> daemon PULL: the priority lane (copies of exec records, ahead of ingest)"""
+        return f"ipc://{self.run_dir / 'priority.sock'}"
+
+    @property
     def archive(self) -> ArchiveSettings:
         """The archive_* settings as the daemon's archive takes them (validated there)."""
         return ArchiveSettings(

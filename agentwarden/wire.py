@@ -452,3 +452,9 @@ def decode_kernel_rules(raw: bytes) -> dict[str, Any]:
     if not isinstance(prompt, list) or not all(isinstance(a, str) for a in prompt):
         raise WireError("kernel rules: exec_prompt is not a list of agent names")
     return msg
+
+
+# The priority lane (probe/priority.py -> daemon/priority.py): `batch`
+# messages of this source carrying copies of the `vital` ring's exec records,
+# sent as they are drained, ahead of the in-order stream that also carries them.
+PRIORITY_SOURCE = "probe-priority"

@@ -9,12 +9,15 @@
  *       {"opens", "closes", "elapsed_ns", "late_ticks"}. The close of the
  *       cgroup.procs descriptor is the first (the open and the write came
  *       before the join, untagged); the exit follows the print.
- *   flood exec CGROUP_PROCS PROGRAM MARK
+ *   flood exec CGROUP_PROCS PROGRAM MARK [linger]
  *       Joins the cgroup (one close), then execve(PROGRAM, [PROGRAM, "target",
- *       MARK]): one exec record and, killed or not, one exit.
+ *       MARK]) (or "linger"): one exec record and, killed or not, one exit.
  *   flood target ...
  *       Returns at once: the forbidden program (a copy of this one), which
  *       makes no syscall of its own if it runs at all.
+ *   flood linger ...
+ *       Sleeps LINGER_SECONDS, then returns: the forbidden program the daemon
+ *       kills (no allow rule matches it), which runs until then unless killed.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -27,6 +30,7 @@
 
 #define NS_PER_S 1000000000LL
 #define TICK_NS 1000000LL
+#define LINGER_SECONDS 30
 
 static long long now_ns(void)
 {
@@ -92,9 +96,9 @@ static int flood(double rate, double seconds, const char *dir, long files, const
     return 0;
 }
 
-static int exec_joined(const char *procs, const char *program, const char *mark)
+static int exec_joined(const char *procs, const char *program, const char *mark, const char *mode)
 {
-    char *const argv[] = {(char *)program, "target", (char *)mark, NULL};
+    char *const argv[] = {(char *)program, (char *)mode, (char *)mark, NULL};
     char *const envp[] = {NULL};
     join_cgroup(procs);
     execve(program, argv, envp);
@@ -105,11 +109,17 @@ int main(int argc, char **argv)
 {
     if (argc == 7 && strcmp(argv[1], "flood") == 0)
         return flood(atof(argv[2]), atof(argv[3]), argv[4], atol(argv[5]), argv[6]);
-    if (argc == 5 && strcmp(argv[1], "exec") == 0)
-        return exec_joined(argv[2], argv[3], argv[4]);
+    if ((argc == 5 || (argc == 6 && strcmp(argv[5], "linger") == 0)) && strcmp(argv[1], "exec") == 0)
+        return exec_joined(argv[2], argv[3], argv[4], argc == 6 ? "linger" : "target");
     if (argc >= 2 && strcmp(argv[1], "target") == 0)
         return 0;
+    if (argc >= 2 && strcmp(argv[1], "linger") == 0) {
+        struct timespec linger = {LINGER_SECONDS, 0};
+        while (nanosleep(&linger, &linger) == -1 && errno == EINTR)
+            ;
+        return 0;
+    }
     fprintf(stderr, "usage: flood flood RATE SECONDS DIR FILES CGROUP_PROCS | "
-                    "flood exec CGROUP_PROCS PROGRAM MARK | flood target\n");
+                    "flood exec CGROUP_PROCS PROGRAM MARK [linger] | flood target | flood linger\n");
     return 2;
 }

@@ -11,7 +11,10 @@ Each step runs FLOODERS processes of bench/flood.c (static, so nothing runs in
 them that the bench did not count) in the agent cgroup, opening and closing
 files in tight loops paced to a total target rate, or unpaced. While they
 flood, another process of the same agent execs forbidden-tool a few times,
-each with its own mark in argv.
+each with its own mark in argv, and as many times forbidden-lingering, which
+no allow rule matches: the daemon kills it in user space; left alone it would
+run 30 s. "Ran" is its exit record's time minus its exec record's: how long
+a forbidden program kept running while the pipeline was flooded.
 
 The workload counts the records it makes, per kind, exactly: one `open` per
 open, one `fd` per close (the first is the close of cgroup.procs after the
@@ -56,6 +59,7 @@ from prereqs import BENCH_DIR, BenchError  # noqa: E402
 
 FLOOD_SOURCE = BENCH_DIR / "flood.c"
 FORBIDDEN = "forbidden-tool"
+FORBIDDEN_USER = "forbidden-lingering"   # killed by the daemon (no allow rule), else runs 30 s
 UNPACED = 0                      # a step's target rate when the flood is not paced
 KINDS = ("open", "fd", "exec", "exit")   # the kinds the workload makes
 # Gap stages whose detail names the kinds lost ("kind=count, ..."); the others
@@ -173,8 +177,8 @@ def account(made: dict[str, int], emitted: dict[str, int], dropped: dict[str, in
 # ---- measuring ------------------------------------------------------------------
 
 
-def build(workdir: Path) -> tuple[Path, Path]:
-    """The static flood binary, and its copy that is the forbidden program."""
+def build(workdir: Path) -> tuple[Path, Path, Path]:
+    """The static flood binary, and its copies that are the forbidden programs."""
     binary = workdir / "flood"
     result = subprocess.run(["gcc", "-O2", "-Wall", "-static", "-o", str(binary), str(FLOOD_SOURCE)],
                             capture_output=True, text=True)
@@ -182,7 +186,9 @@ def build(workdir: Path) -> tuple[Path, Path]:
         raise BenchError(f"gcc could not build {FLOOD_SOURCE} (static: needs libc6-dev):\n{result.stderr}")
     forbidden = workdir / FORBIDDEN
     shutil.copy(binary, forbidden)
-    return binary, forbidden
+    lingering = workdir / FORBIDDEN_USER
+    shutil.copy(binary, lingering)
+    return binary, forbidden, lingering
 
 
 def policy(files_dir: Path, forbidden: Path) -> str:
@@ -236,31 +242,41 @@ def records_from(archive_dir: Path, first: int):
                 yield item.record
 
 
-def _forbidden_found(records, forbidden: Path, marks: dict[str, dict]) -> list[dict]:
-    """Each forbidden exec: its exec record (path and mark) and violation."""
-    execs, violations = {}, {}
+def _forbidden_found(records, marks: dict[str, dict]) -> list[dict]:
+    """Each forbidden exec (marks: mark -> its program, return code, whether
+    the daemon kills it in user space): its exec record (path and mark),
+    violation and, for a user-space kill, how long it ran (exit - exec)."""
+    programs = {run["program"] for run in marks.values()}
+    execs, violations, exits = {}, {}, {}
     for record in records:
         kind = record.get("kind")
-        if kind == "exec" and record.get("exec_path") == str(forbidden):
+        if kind == "exec" and record.get("exec_path") in programs:
             mark = (record.get("argv") or [None, None, None])[-1]
             execs[mark] = record
+        elif kind == "exit":
+            exits.setdefault(record.get("pid"), []).append(record)
         elif kind == "violation" and record.get("event") == "exec":
-            for mark in marks:
-                if mark in record.get("attempted", "") and str(forbidden) in record.get("attempted", ""):
+            for mark, run in marks.items():
+                if mark in record.get("attempted", "") and run["program"] in record.get("attempted", ""):
                     violations[mark] = record
     found = []
     for mark, run in marks.items():
         exec_record, violation = execs.get(mark), violations.get(mark)
         identified = exec_record is not None and violation is not None
+        exit_record = next((e for e in exits.get(exec_record["pid"], []) if e["time"] >= exec_record["time"]),
+                           None) if exec_record else None
         found.append({"mark": mark, "returncode": run["returncode"], "exec_recorded": exec_record is not None,
                       "violation": violation is not None, "identified": identified,
                       "killed_in_kernel": bool(exec_record and exec_record.get("killed_in_kernel")),
-                      "after_ms": (violation["time"] - exec_record["time"]) / 1e6 if identified else None})
+                      "after_ms": (violation["time"] - exec_record["time"]) / 1e6 if identified else None,
+                      "user_space": run["user_space"],
+                      "killed": bool(violation and violation["action_taken"].startswith("killed process")),
+                      "ran_ms": (exit_record["time"] - exec_record["time"]) / 1e6 if exit_record else None})
     return found
 
 
-def flood_step(aw: Agentwarden, binary: Path, forbidden: Path, cgroup: BenchCgroup, files_dir: Path,
-               plan: FloodPlan, rate: int, number: int) -> dict:
+def flood_step(aw: Agentwarden, binary: Path, forbidden: Path, lingering: Path, cgroup: BenchCgroup,
+               files_dir: Path, plan: FloodPlan, rate: int, number: int) -> dict:
     settled = aw.settle()
     others = other_bpf_users(aw.processes().values())
     before = Counts.read(aw)
@@ -271,16 +287,22 @@ def flood_step(aw: Agentwarden, binary: Path, forbidden: Path, cgroup: BenchCgro
     flooders = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for _ in range(plan.flooders)]
     marks: dict[str, dict] = {}
+    lingerers: dict[str, subprocess.Popen] = {}
     try:
         for i in range(plan.execs):   # spread over the flood, from another process of the agent
             time.sleep(max(0.0, started + plan.seconds * (i + 1) / (plan.execs + 1) - time.monotonic()))
             mark = f"flood-step{number}-exec{i}"
             done = subprocess.run([str(binary), "exec", str(cgroup.procs), str(forbidden), mark],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            marks[mark] = {"returncode": done.returncode}
+            marks[mark] = {"returncode": done.returncode, "program": str(forbidden), "user_space": False}
+            mark = f"flood-step{number}-user{i}"   # the daemon's to kill; not waited for here
+            lingerers[mark] = subprocess.Popen([str(binary), "exec", str(cgroup.procs), str(lingering), mark,
+                                                "linger"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         outputs = [f.communicate(timeout=plan.seconds + 120) for f in flooders]
+        for mark, proc in lingerers.items():   # killed by the daemon, or done after 30 s
+            marks[mark] = {"returncode": proc.wait(timeout=120), "program": str(lingering), "user_space": True}
     finally:
-        for f in flooders:
+        for f in [*flooders, *lingerers.values()]:
             if f.poll() is None:
                 f.kill()
                 f.wait()
@@ -291,8 +313,9 @@ def flood_step(aw: Agentwarden, binary: Path, forbidden: Path, cgroup: BenchCgro
     outs = [json.loads(out) for out, _ in outputs]
     opens = sum(o["opens"] for o in outs)
     elapsed = max(o["elapsed_ns"] for o in outs) / 1e9
-    made = {"open": opens, "fd": sum(o["closes"] for o in outs) + plan.execs,
-            "exec": plan.execs, "exit": plan.flooders + plan.execs}
+    execs = len(marks)   # forbidden execs, both programs
+    made = {"open": opens, "fd": sum(o["closes"] for o in outs) + execs,
+            "exec": execs, "exit": plan.flooders + execs}
 
     def counted() -> Counts | None:
         try:
@@ -311,7 +334,7 @@ def flood_step(aw: Agentwarden, binary: Path, forbidden: Path, cgroup: BenchCgro
     read_started = time.monotonic()
     records = list(records_from(aw.settings.archive_dir, before.archive_seq))
     gaps = [r for r in records if r.get("kind") == "gap"]
-    forbidden_execs = _forbidden_found(records, forbidden, marks)
+    forbidden_execs = _forbidden_found(records, marks)
     del records
     accounting = account(made, delta.emitted, delta.dropped, delta.archived, gaps)
     step = {"target_rate": rate, "flooders": plan.flooders, "seconds": elapsed, "opens": opens,
@@ -321,10 +344,14 @@ def flood_step(aw: Agentwarden, binary: Path, forbidden: Path, cgroup: BenchCgro
             "archive_read_s": time.monotonic() - read_started,
             "forbidden": forbidden_execs, **accounting}
     found = sum(f["identified"] for f in forbidden_execs)
+    user = [f for f in forbidden_execs if f["user_space"]]
+    ran = sorted(f["ran_ms"] for f in user if f["ran_ms"] is not None)
     log(f"  {step['achieved_rate']:,.0f} opens/s ({total / elapsed:,.0f} records/s): "
         f"lost {step['lost']:,} of {total:,}, "
         f"{'adds up' if step['adds_up'] else 'does NOT add up'}; drain "
-        f"{'timeout' if lag is None else f'{lag:.2f} s'}; forbidden execs identified {found}/{plan.execs}")
+        f"{'timeout' if lag is None else f'{lag:.2f} s'}; forbidden execs identified {found}/{execs}; "
+        f"killed by the daemon {sum(f['killed'] for f in user)}/{len(user)}"
+        + (f", ran {ran[len(ran) // 2]:,.0f} ms median, {ran[-1]:,.0f} max" if ran else ""))
     return step
 
 
@@ -336,7 +363,7 @@ def _wait_for_kernel_rules(aw: Agentwarden) -> None:
 
 def measure(plan: FloodPlan, workdir: Path, cgroup: BenchCgroup) -> dict:
     """Needs root; an agentwarden of its own under `workdir`, watching `cgroup`."""
-    binary, forbidden = build(workdir)
+    binary, forbidden, lingering = build(workdir)
     files_dir = workdir / "flood-files"
     files_dir.mkdir()
     for i in range(plan.files):
@@ -352,7 +379,7 @@ def measure(plan: FloodPlan, workdir: Path, cgroup: BenchCgroup) -> dict:
                                  plan)) is not None:
             log(f"flood: {plan.flooders} processes, "
                 f"{'unpaced' if rate == UNPACED else f'{rate:,} opens/s'} for {plan.seconds:g} s")
-            steps.append(flood_step(aw, binary, forbidden, cgroup, files_dir, plan, rate, len(steps)))
+            steps.append(flood_step(aw, binary, forbidden, lingering, cgroup, files_dir, plan, rate, len(steps)))
     finally:
         aw.stop()
     complete = [s for s in steps if s["every_record"]]

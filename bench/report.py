@@ -714,6 +714,8 @@ def flood_sections(result: dict) -> list[Section]:
     for s in steps:
         kinds = s["kinds"]
         after = [f["after_ms"] for f in s["forbidden"] if f["after_ms"] is not None]
+        user = [f for f in s["forbidden"] if f.get("user_space")]
+        ran = [f["ran_ms"] for f in user if f.get("ran_ms") is not None]
         rows.append([_rate_label(s), f"{s['achieved_rate']:,.0f}", f"{s['records_made']:,}",
                      f"{sum(k['kernel_emitted'] for k in kinds.values()):,}",
                      _by_kind({k: v["kernel_dropped"] for k, v in kinds.items()}),
@@ -723,7 +725,9 @@ def flood_sections(result: dict) -> list[Section]:
                      "yes" if s["adds_up"] else "NO",
                      "timeout" if s["drain_s"] is None else f"{s['drain_s']:.2f}",
                      f"{sum(f['identified'] for f in s['forbidden'])}/{len(s['forbidden'])}",
-                     f"{statistics.median(after):,.0f} / {max(after):,.0f}" if after else "-"])
+                     f"{statistics.median(after):,.0f} / {max(after):,.0f}" if after else "-",
+                     f"{sum(f['killed'] for f in user)}/{len(user)}" if user else "-",
+                     f"{statistics.median(ran):,.0f} / {max(ran):,.0f}" if ran else "-"])
     best, worst = result["largest_complete_rate"], result["lowest_lossy_rate"]
     best_step = next((s for s in steps if s["every_record"] and s["achieved_rate"] == best), None)
     notes = [f"largest rate at which every record arrived: {best:,.0f} opens/s "
@@ -742,7 +746,7 @@ def flood_sections(result: dict) -> list[Section]:
                  + (f", violation {min(all_after):,.0f}-{max(all_after):,.0f} ms after the exec"
                     if all_after else ""))
     exec_lost = sum(s["kinds"].get("exec", {}).get("lost", 0) for s in steps)
-    notes.append((f"no exec record was lost in any step (the `vital` ring); " if not exec_lost else
+    notes.append(("no exec record was lost in any step (the `vital` ring); " if not exec_lost else
                   f"{exec_lost} exec records were lost; ") +
                  "each is archived in time order, behind the records made before it that are still "
                  "queued: identified after follows the pipeline's lag")
@@ -753,12 +757,16 @@ def flood_sections(result: dict) -> list[Section]:
                          "(it shares the CPUs with probe and daemon)")
         if not s["settled"]:
             notes.append(f"{at} the pipeline was not idle before the step")
-        survived = [f["mark"] for f in s["forbidden"] if not f["killed_in_kernel"]]
+        survived = [f["mark"] for f in s["forbidden"] if not f["killed_in_kernel"] and not f.get("user_space")]
         if survived:
             notes.append(f"{at} forbidden execs not killed in the kernel: {', '.join(survived)}")
         missed = [f["mark"] for f in s["forbidden"] if not f["identified"]]
         if missed:
             notes.append(f"{at} forbidden execs NOT identified: {', '.join(missed)}")
+        spared = [f["mark"] for f in s["forbidden"] if f.get("user_space") and not f["killed"]]
+        if spared:
+            notes.append(f"{at} forbidden execs the daemon did NOT kill (ran to their end, or ended before "
+                         f"the kill): {', '.join(spared)}")
     blurred = [s for s in steps if s["other_bpf_users"]]
     if blurred:
         names = sorted({u.rsplit(" (", 1)[0] for s in blurred for u in s["other_bpf_users"]})
@@ -769,18 +777,23 @@ def flood_sections(result: dict) -> list[Section]:
              f"paced together to the target rate (opens/s; each open and each close is a record, `open` "
              f"and `fd`), then unpaced; an enforce policy decides every open. Meanwhile another process "
              f"of the agent execs a denied program {plan['execs']} times (killed in the kernel; its "
-             f"exec record takes the `vital` ring). Records made are counted by the workload, per kind; "
+             f"exec record takes the `vital` ring), and as many times a program no allow rule matches, "
+             f"which the daemon kills in user space (left alone it runs 30 s). Records made are counted "
+             f"by the workload, per kind; "
              f"kernel emitted/dropped are the probe's counters; gap records by stage are the daemon's; "
              f"lost = made − archived; adds up: made = archived + drops counted, kind by kind (table "
              f"below). Drain: from the flood's end until every record is archived or counted. "
-             f"Identified after: the daemon's violation record's time minus the exec's. Rates: a "
+             f"Identified after: the daemon's violation record's time minus the exec's, for both "
+             f"programs. User-space kills: killed by the daemon / all; ran: the program's exit record's "
+             f"time minus its exec record's. Rates: a "
              f"ladder doubling from {plan['start_rate']:,}/s, then {plan['bisections']} bisection steps, "
              f"then unpaced. Run it alone with `.venv/bin/python bench/flood.py [--quick]` (root) or "
              f"`make bench-flood`; it is also a part of `make bench` (`--skip-flood` leaves it out).")
     main = Section("Flood: every record, rate by rate", intro,
                    ["target opens/s", "achieved opens/s", "records made", "kernel emitted",
                     "kernel dropped", "gap records by stage", "archived", "lost (of made)", "every record",
-                    "adds up", "drain s", "forbidden identified", "identified after ms (median / max)"],
+                    "adds up", "drain s", "forbidden identified", "identified after ms (median / max)",
+                    "user-space kills", "ran ms (median / max)"],
                    rows, notes)
     shown = [s for s in steps if not s["every_record"]] or steps[-1:]
     kind_rows = []

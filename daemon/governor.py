@@ -204,6 +204,16 @@ class Governor:
             self._looked.close()
             self._looked = None
 
+    @contextlib.contextmanager
+    def unbatched(self):
+        """Decide a record that is not of the batch being decided (the priority
+        lane's): it may be newer than the batch's looks, so it looks itself."""
+        looked, self._looked = self._looked, None
+        try:
+            yield
+        finally:
+            self._looked = looked
+
     def _real_path_now(self, path: str) -> str | None:
         looked = self._looked
         return kernel_real_path(path) if looked is None else looked.real_path(path)

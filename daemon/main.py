@@ -30,6 +30,7 @@ from .drift import ExpiredChanges, OutsideCapture
 from .fleet import FleetShipper
 from .notify import HoldAlerts
 from .performed import Performed
+from .priority import LANE_HWM, PriorityLane
 from .releases import Channel, Releases
 from .resolver import Resolver
 from agentwarden.archive.segments import load_key
@@ -97,6 +98,9 @@ class Daemon:
         self.feed = Feed(self.pub)
         self.listened = False   # someone subscribed to the events at the batch's start (feed.py)
         self.control = self._bind(zmq.REP, settings.control_endpoint)
+        self._priority_sock = self._bind(zmq.PULL, settings.priority_endpoint)
+        PriorityLane.restrict(settings.priority_endpoint)
+        self._priority_sock.setsockopt(zmq.RCVHWM, LANE_HWM)
 
         self.started = time.time_ns()
         self.counters: collections.Counter = collections.Counter()
@@ -120,6 +124,9 @@ class Daemon:
         self.release_channel = Channel()   # the supervisor's `release` records, in order (releases.py)
         self.releases = Releases(self.counters)
         self.performed = Performed()   # the supervisor's performed calls, each to its place
+        # Exec records decided and acted on ahead of the in-order stream (priority.py).
+        self.priority = PriorityLane(self._priority_sock, self.governor, self.agents, self._is_session,
+                                     self.counters)
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
         # Sessions' listeners kept by the service manager (systemd's fd store,
         # or `up`) while this process was gone: the supervisor resumes them.
@@ -296,6 +303,7 @@ class Daemon:
                 violation = self.handle_record(record)
                 if violation:
                     out.append(violation)
+                self.priority.between_records()   # an exec to kill must not wait for this batch
         self.archive.flush()
         self.publish(out)
         if self.archive.sync_due():
@@ -320,7 +328,7 @@ class Daemon:
             self.releases.annotate(record)
             counters["events"] += 1
             if kind in wire.DECIDED_KINDS:
-                violation = self.governor.judge(record)
+                violation = (self.priority.judge_in_order if kind == "exec" else self.governor.judge)(record)
                 verdict = record.get("verdict")
                 if verdict:
                     decision = verdict["decision"]
@@ -615,6 +623,7 @@ class Daemon:
             self.fleet.start()
         sdnotify.fds_close([fd for _, fd in self.inherited])   # the supervisor's now (and the store's)
         poller.register(self.release_channel.fileno(), zmq.POLLIN)
+        poller.register(self.priority.sock, zmq.POLLIN)
         next_tick = time.monotonic() + TICK_INTERVAL
         watched_fd = None   # the probe's pidfd in the poller: its exit wakes this loop at once
         next_watch = 0.0
@@ -627,6 +636,8 @@ class Daemon:
                     poller.register(watched_fd, zmq.POLLIN)
             to_sync = self.archive.seconds_to_sync()
             ready = dict(poller.poll(200 if to_sync is None else min(200, int(to_sync * 1000) + 1)))
+            if self.priority.sock in ready:
+                self.priority.drain()   # first: an exec to kill waits for nothing
             if self.release_channel.fileno() in ready:
                 self.drain_releases()
             if self.pull in ready:
@@ -675,7 +686,7 @@ class Daemon:
         self.archive.close()
         if self.fleet:
             self.fleet.stop()   # after the last sync: what it had not shipped, the next start ships
-        for sock in (self.pull, self.pub, self.control, self.release_channel):
+        for sock in (self.pull, self.pub, self.control, self.release_channel, self.priority):
             sock.close()
 
 

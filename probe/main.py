@@ -21,6 +21,7 @@ from agentwarden.settings import Settings
 
 from . import loader
 from .decode import DecodeError, Decoder
+from .priority import PriorityLane
 from .rings import open_ring
 from .watch_now import WatchServer
 
@@ -298,6 +299,8 @@ class Probe:
         self.rules_sock.setsockopt(zmq.LINGER, 0)
         self.rules_sock.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_KERNEL_RULES)
         self.rules_sock.connect(settings.events_endpoint)
+        # Copies of exec records for the daemon, ahead of the stream (priority.py).
+        self.priority = PriorityLane(self.ctx, settings.priority_endpoint, self.tags, self.counters)
         self.kernel_rules_hash: str | None = None
         self.kernel_rules_received = False
         self._kernel_keys: list = []
@@ -400,6 +403,7 @@ class Probe:
             table[table.Key(number)] = table.Leaf(flags)
         if exec_prompt is not None:
             table[table.Key(known)] = table.Leaf(self.c["AW_POLICY_KNOWN"])
+        self.priority.set_acting(exec_prompt)
 
     def _poll_kernel_rules(self) -> None:
         while True:
@@ -505,6 +509,9 @@ class Probe:
             # the watch socket: cgroups watched at once on request, and requests refused
             "watch_requests": self.counters["watch_requests"],
             "watch_refused": self.counters["watch_refused"],
+            # exec records copied to the daemon's priority lane, and copies dropped (no room)
+            "priority_sent": self.counters["priority_sent"],
+            "priority_dropped": self.counters["priority_dropped"],
         }}
         if self.stopped_by is not None:
             health["stopping"] = self.stopped_by
@@ -585,7 +592,9 @@ class Probe:
             self.events_behind = True   # not looked at: records may wait there
         events = self._decode(self.events.take())
         held = self.vital_held
-        held += self._decode(vital.take())
+        fresh = self._decode(vital.take())
+        self.priority.send(fresh)   # exec copies out now, before they wait for their turn
+        held += fresh
         times = [r["time"] for r in events if r["kind"] != "gap"]
         if times:
             self.events_until = max(self.events_until, max(times))
@@ -693,6 +702,7 @@ class Probe:
             time.sleep(0.01)
         self.sock.close()
         self.rules_sock.close()
+        self.priority.close()
 
 
 def _record_time(record: dict) -> int:

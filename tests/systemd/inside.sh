@@ -226,6 +226,9 @@ EOT
     wait_for 30 "the violation is recorded, and the daemon killed the agent's cgroup" \
         archive_has swt-intruder "r.get('kind') == 'violation' and 'sleep' in r.get('attempted', '') and r.get('action_taken', '').startswith('killed every process')"
     wait_for 10 "agent-swt-intruder is gone" sh -c "! systemctl is-active --quiet agent-swt-intruder"
+    expect_mode "600 root:agentwarden" /run/agentwarden/priority.sock
+    check "the priority lane carries the probe's exec records to the daemon under the units" \
+        sh -c "agentwarden status --json | python3 -c 'import json, sys; sys.exit(json.load(sys.stdin)[\"daemon\"][\"counters\"].get(\"priority_records\", 0) < 1)'"
     wait_for 10 "journalctl -o json: the violation's entry carries AGENTWARDEN_AGENT and AGENTWARDEN_VERDICT" \
         journal_has "AGENTWARDEN_RECORD=violation AGENTWARDEN_AGENT=swt-intruder" \
         "r.get('AGENTWARDEN_VERDICT') == 'violation' and r.get('PRIORITY') == '4' and 'sleep' in r.get('MESSAGE', '') and r.get('AGENTWARDEN_SESSION', '').startswith('swt-intruder') and r.get('_SYSTEMD_UNIT') == 'agentwarden-daemon.service'"
