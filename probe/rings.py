@@ -1,6 +1,6 @@
 """Reading the BPF ring buffers, each ring on its own -- `vital` while
-`events` backs up in the kernel -- and a read can stop after a number of
-records, leaving the rest in the kernel ring.
+`events` backs up in the kernel -- and a read can stop once the records it
+holds reach a number of bytes, leaving the rest in the kernel ring.
 
 On x86-64 (MappedRing) the probe reads a ring through one mapping of its
 pages; libbpf (Ring, through BCC's libbcc as bcc.BPF.open_ring_buffer does)
@@ -24,6 +24,8 @@ _STOP = -1
 
 
 class Ring:
+    """A ring read through libbpf's consumer, its own for this ring."""
+
     def __init__(self, bpf, name: str):
         from bcc import libbcc   # loaded with the program (probe.loader.load_bcc)
         self._lib = libbcc.lib
