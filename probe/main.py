@@ -37,12 +37,16 @@ MAX_BACKLOG = 1_000_000     # records held while the daemon is not reading
 # drops are counted per kind and sent as `gap` records), not in Python dicts.
 # It keeps draining `vital`: those records wait in the probe instead.
 PAUSE_BACKLOG = 2 * MAX_BATCH
-# Records taken from the `events` ring per drain: what one drain decodes and
-# holds at once stays small, the rest waits in the kernel ring.
+# Records decoded from `events` per drain: what one drain holds decoded at
+# once stays small.
 EVENTS_PER_DRAIN = MAX_BATCH
+# Bytes of `events` records read ahead of decoding: while the daemon is
+# behind they wait here undecoded (an open is about 150 bytes, 1 KB as a
+# dict), a second ring's worth; past it `events` backs up in the kernel.
+EVENTS_READ_AHEAD = 16 * 2**20
 # `vital` records held while `events` is not drained (see Probe._drain); past
 # this many, `vital` too backs up into the kernel, where drops are counted.
-MAX_VITAL_HELD = 200_000
+MAX_VITAL_HELD = 50_000
 SEND_HWM = 4                # batches ZeroMQ queues towards the daemon
 POLL_MS = 50
 # Seconds between heartbeats (see Probe.heartbeat): a detached program is
@@ -573,24 +577,25 @@ class Probe:
 
     def _drain(self, take_events: bool = True) -> list[dict]:
         """Records from the rings, merged by time, in an order the daemon can
-        follow: `vital` is read, then at most EVENTS_PER_DRAIN records of
-        `events`, then `vital` again, so every `vital` record emitted before an
-        `events` record taken goes out with it. And a `vital` record never goes
-        out before an `events` record of its time still in the kernel (a
-        process's exit before its last opens, a fork before its parent's chdir):
-        while `events` is behind, the `vital` records from the first newer than
-        every `events` record taken wait in vital_held (their ring order kept).
-        take_events False (the daemon is behind): `vital` alone is read, up to
-        MAX_VITAL_HELD records held."""
-        vital = self.vital
+        follow: `vital` is read, then `events` (up to EVENTS_READ_AHEAD bytes
+        read, undecoded), then `vital` again, so every `vital` record emitted
+        before an `events` record read goes out with it or before. Of the
+        `events` records read, the first EVENTS_PER_DRAIN are decoded. And a
+        `vital` record never goes out before an `events` record of its time
+        not yet decoded (a process's exit before its last opens, a fork before
+        its parent's chdir): while `events` has more, the `vital` records from
+        the first newer than every `events` record decoded wait in vital_held
+        (their ring order kept). take_events False (the daemon is behind):
+        nothing is decoded from `events`, and while MAX_VITAL_HELD `vital`
+        records are held neither ring is read."""
+        vital, reader = self.vital, self.events
+        ring_left = True
         if take_events or len(self.vital_held) < MAX_VITAL_HELD:
             vital.read()
-        if take_events:
-            self.events_behind = self.events.read(EVENTS_PER_DRAIN)
+            ring_left = reader.read(EVENTS_READ_AHEAD)
             vital.read()
-        else:
-            self.events_behind = True   # not looked at: records may wait there
-        events = self._decode(self.events.take())
+        events = self._decode(reader.take(EVENTS_PER_DRAIN)) if take_events else []
+        self.events_behind = ring_left or bool(reader.records)
         held = self.vital_held
         fresh = self._decode(vital.take())
         self.priority.send(fresh)   # exec copies out now, before they wait for their turn
@@ -628,10 +633,12 @@ class Probe:
         poller = zmq.Poller()
         if not paused or len(self.vital_held) < MAX_VITAL_HELD:
             poller.register(self.vital.fd, zmq.POLLIN)
+            if self.events.held < EVENTS_READ_AHEAD:
+                poller.register(self.events.fd, zmq.POLLIN)
         if paused:
             poller.register(self.sock, zmq.POLLOUT)
-        else:
-            poller.register(self.events.fd, zmq.POLLIN)
+        elif self.events.records:
+            timeout_ms = 0   # read ahead, not decoded yet: on at once
         poller.poll(timeout_ms)
 
     def run(self) -> None:

@@ -1,6 +1,6 @@
 """Reading the BPF ring buffers, each ring on its own -- `vital` while
-`events` backs up in the kernel -- and a read can stop after a number of
-records, leaving the rest in the kernel ring.
+`events` backs up in the kernel -- and a read can stop once the records it
+holds reach a number of bytes, leaving the rest in the kernel ring.
 
 On x86-64 (MappedRing) the probe reads a ring through one mapping of its
 pages; libbpf (Ring, through BCC's libbcc as bcc.BPF.open_ring_buffer does)
@@ -24,13 +24,16 @@ _STOP = -1
 
 
 class Ring:
+    """A ring read through libbpf's consumer, its own for this ring."""
+
     def __init__(self, bpf, name: str):
         from bcc import libbcc   # loaded with the program (probe.loader.load_bcc)
         self._lib = libbcc.lib
         self.name = name
         self.fd = bpf[name.encode()].map_fd   # pollable: readable while records wait
-        self.records: list[bytes] = []
-        self._until = 0   # len(records) at which the current read stops
+        self.records: list[bytes] = []   # read, not yet taken
+        self.held = 0   # their bytes
+        self._most = 0   # held bytes at which the current read stops
         self._callback = _SAMPLE_FN(self._take)   # kept alive: libbpf calls it
         self._manager = self._lib.bpf_new_ringbuf(self.fd, self._callback, None)
         if not self._manager:
@@ -38,22 +41,22 @@ class Ring:
                                    "failed; see its message above)")
 
     def _take(self, _ctx, data, size) -> int:
-        records = self.records
-        records.append(ct.string_at(data, size))
-        return _STOP if len(records) >= self._until else 0
+        self.records.append(ct.string_at(data, size))
+        self.held += size
+        return _STOP if self.held >= self._most else 0
 
-    def read(self, limit: int | None = None) -> bool:
-        """Add the ring's records to `records`, at most `limit` of them (None:
-        every one, including those queued while it reads). True when it stopped
-        at the limit: records may be left in the ring."""
-        self._until = len(self.records) + limit if limit is not None else 1 << 62
-        if self._until == len(self.records):
+    def read(self, most: int | None = None) -> bool:
+        """Add the ring's records to `records` until they hold `most` bytes
+        (None: every record, including those queued while it reads). True when
+        it stopped there: records may be left in the ring."""
+        self._most = most if most is not None else 1 << 62
+        if self.held >= self._most:
             return True
         return self._lib.bpf_consume_ringbuf(self._manager) < 0
 
-    def take(self) -> list[bytes]:
-        records, self.records = self.records, []
-        return records
+    def take(self, count: int | None = None) -> list[bytes]:
+        """The first `count` records read (None: all)."""
+        return _take_first(self, count)
 
     def close(self) -> None:
         if self._manager:
@@ -85,7 +88,8 @@ class MappedRing:
         self.name = name
         self.fd = table.map_fd   # pollable: readable while records wait
         self.size = int(table.max_entries)   # data bytes, a power of two
-        self.records: list[bytes] = []
+        self.records: list[bytes] = []   # read, not yet taken
+        self.held = 0   # their bytes
         page = mmap.PAGESIZE
         try:
             self._consumer_page = mmap.mmap(self.fd, page, mmap.MAP_SHARED,
@@ -98,45 +102,47 @@ class MappedRing:
         self._consumer = ct.c_uint64.from_buffer(self._consumer_page)
         self._data = page   # offset of the data pages in _pages
 
-    def read(self, limit: int | None = None) -> bool:
-        """Add the ring's records to `records`, at most `limit` of them (None:
-        every one, including those queued while it reads). True when it stopped
-        at the limit: records may be left in the ring."""
+    def read(self, most: int | None = None) -> bool:
+        """As Ring.read."""
         pages, data, mask, end = self._pages, self._data, self.size - 1, self._data + self.size
         position = _POSITION.unpack_from
         length_at = _LENGTH.unpack_from
         consumer = self._consumer
         records = self.records
-        left = limit if limit is not None else -1
-        if left == 0:
-            return True
-        cons = consumer.value
-        while True:
-            prod = position(pages, 0)[0]
-            if cons >= prod:
-                return False
-            while cons < prod:
-                header = data + (cons & mask)
-                length = length_at(pages, header)[0]
-                if length & _RECORD_BUSY:
-                    return False   # not committed yet: the next read takes it
-                size = length & ~_RECORD_DISCARDED
-                if not length & _RECORD_DISCARDED:
-                    start = data + ((cons + _HEADER_SIZE) & mask)
-                    stop = start + size
-                    if stop <= end:
-                        records.append(pages[start:stop])
-                    else:   # wraps around the end of the data pages
-                        records.append(pages[start:end] + pages[data:stop - self.size])
-                    left -= 1
-                cons += (size + _HEADER_SIZE + 7) & ~7
-                consumer.value = cons
-                if left == 0:
-                    return True
+        most = most if most is not None else 1 << 62
+        held = self.held
+        try:
+            if held >= most:
+                return True
+            cons = consumer.value
+            while True:
+                prod = position(pages, 0)[0]
+                if cons >= prod:
+                    return False
+                while cons < prod:
+                    header = data + (cons & mask)
+                    length = length_at(pages, header)[0]
+                    if length & _RECORD_BUSY:
+                        return False   # not committed yet: the next read takes it
+                    size = length & ~_RECORD_DISCARDED
+                    if not length & _RECORD_DISCARDED:
+                        start = data + ((cons + _HEADER_SIZE) & mask)
+                        stop = start + size
+                        if stop <= end:
+                            records.append(pages[start:stop])
+                        else:   # wraps around the end of the data pages
+                            records.append(pages[start:end] + pages[data:stop - self.size])
+                        held += size
+                    cons += (size + _HEADER_SIZE + 7) & ~7
+                    consumer.value = cons
+                    if held >= most:
+                        return True
+        finally:
+            self.held = held
 
-    def take(self) -> list[bytes]:
-        records, self.records = self.records, []
-        return records
+    def take(self, count: int | None = None) -> list[bytes]:
+        """The first `count` records read (None: all)."""
+        return _take_first(self, count)
 
     def close(self) -> None:
         if self._pages is not None:
@@ -144,6 +150,16 @@ class MappedRing:
             self._consumer_page.close()
             self._pages.close()
             self._pages = None
+
+
+def _take_first(reader, count: int | None) -> list[bytes]:
+    records = reader.records
+    if count is None or count >= len(records):
+        reader.records, reader.held = [], 0
+        return records
+    first, reader.records = records[:count], records[count:]
+    reader.held -= sum(map(len, first))
+    return first
 
 
 def open_ring(bpf, name: str):
