@@ -5,11 +5,13 @@ An XPUB socket hears of each topic's first subscriber and of its last one
 leaving (a subscriber that disconnects unsubscribes). The feed keeps the set of
 prefixes subscribed now; a batch is packed and sent only when one of them
 matches the events topic, and counted as skipped otherwise. The set is read
-from the socket just before each decision, so it is the socket's own view at
-that moment: a subscriber is promised what a PUB socket promised it — every
-batch published after its subscription reached the daemon (subscriptions join
-asynchronously: `tail` waits for its first record), the batch seq showing what
-it missed by reading too slowly.
+from the socket when a batch begins (the daemon then frees each record once
+archived), so it is the socket's own view at that moment: a subscriber is
+promised what a PUB socket promised it — every batch begun after its
+subscription reached the daemon (subscriptions join asynchronously: `tail`
+waits for its first record), the batch seq showing what it missed by reading
+too slowly. Only our own clients subscribe; one that sent an unsubscribe for a
+topic it never subscribed to would make ZeroMQ say the topic is left.
 
 The same socket carries the kernel rules to the probe and the supervisor
 (their own topic, sent each tick whoever listens).

@@ -38,7 +38,7 @@ from .sessions import Sessions
 
 log = logging.getLogger("agentwarden.daemon")
 
-# PUB topics: tail subscribes to events, the probe to the in-kernel deny rules.
+# Feed topics (feed.py): tail subscribes to events, the probe to the in-kernel deny rules.
 # Batches (up to the probe's 4,096 records each) queued on the ingest socket:
 # more waits in the kernel ring, whose drops are counted (memory, see probe/main.py).
 INGEST_HWM = 4
@@ -294,18 +294,31 @@ class Daemon:
                     continue
                 out.extend(self.performed.before(record))
                 out.append(record)
+        del batch   # its records live in out alone (see _handle_records)
         self._handle_records(out)
 
     def _handle_records(self, out: list[dict]) -> None:
+        """Handle, archive and publish out's records. While nobody listens to
+        the feed, out is emptied as they are handled: each record is freed
+        once archived, so a flood's batch is never held whole and enriched."""
         self.listened = self.feed.listened()
         with self.governor.batch():
-            for record in list(out):
-                violation = self.handle_record(record)
-                if violation:
-                    out.append(violation)
-                self.priority.between_records()   # an exec to kill must not wait for this batch
+            if self.listened:
+                for record in list(out):
+                    violation = self.handle_record(record)
+                    if violation:
+                        out.append(violation)
+                    self.priority.between_records()   # an exec to kill must not wait for this batch
+            else:
+                out.reverse()
+                while out:
+                    self.handle_record(out.pop())   # its violation archived; no one to publish to
+                    self.priority.between_records()
         self.archive.flush()
-        self.publish(out)
+        if self.listened:
+            self.publish(out)
+        else:
+            self._skip_publish()
         if self.archive.sync_due():
             self.sync_archive()   # a flood reaches the unsynced bound before sync_interval
         else:
@@ -436,6 +449,12 @@ class Daemon:
             self.counters["publish_dropped"] += 1
         self.pub_seq += 1
 
+    def _skip_publish(self) -> None:
+        """Nobody listened when the batch began: nothing of it is packed."""
+        self.archive.take_bodies()
+        self.outbox = []
+        self.counters["publish_skipped"] += 1
+
     # -- periodic --------------------------------------------------------------
 
     def tick(self) -> None:
@@ -463,6 +482,7 @@ class Daemon:
             self._next_retention = time.monotonic() + RETENTION_INTERVAL
             self.outbox.extend(self.archive.apply_retention())
         self.publish([])
+        self.feed.listened()   # subscriptions read while idle too: their queue stays short
         self._trim_after_burst()
         self.alerts.tick()
         now = time.monotonic()
