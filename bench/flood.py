@@ -271,6 +271,7 @@ def _forbidden_found(records, marks: dict[str, dict]) -> list[dict]:
                       "after_ms": (violation["time"] - exec_record["time"]) / 1e6 if identified else None,
                       "user_space": run["user_space"],
                       "killed": bool(violation and violation["action_taken"].startswith("killed process")),
+                      "action_taken": violation["action_taken"] if violation else None,
                       "ran_ms": (exit_record["time"] - exec_record["time"]) / 1e6 if exit_record else None})
     return found
 

@@ -763,7 +763,8 @@ def flood_sections(result: dict) -> list[Section]:
         missed = [f["mark"] for f in s["forbidden"] if not f["identified"]]
         if missed:
             notes.append(f"{at} forbidden execs NOT identified: {', '.join(missed)}")
-        spared = [f["mark"] for f in s["forbidden"] if f.get("user_space") and not f["killed"]]
+        spared = [f"{f['mark']} ({f.get('action_taken')})" for f in s["forbidden"]
+                  if f.get("user_space") and not f["killed"]]
         if spared:
             notes.append(f"{at} forbidden execs the daemon did NOT kill (ran to their end, or ended before "
                          f"the kill): {', '.join(spared)}")
