@@ -62,6 +62,10 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
     # close_range, recorded as they start (ret 0). Archived like every event, so
     # that the archive alone re-derives each resolved path (their cost: in the
     # real-tools test a third of the agent's archived bytes, mostly closes).
+    # Closes, copies and F_SETFD of fds the resolver does not follow (read-only
+    # regular files, devices, FIFOs, sockets) are counted in the kernel instead
+    # (kernel_fd_skipped); the open or copy that made such an fd has an extra
+    # `fd_unfollowed: True` (see docs/architecture.md).
     "fd": {**_TASK, "syscall": Str, "fd": Int, "arg": Int, "ret": Int, "error": OptStr,
            "cloexec": Bool},
     # A file changed without being opened (`syscall`: unlink, unlinkat, rmdir,

@@ -746,7 +746,7 @@ def flood_sections(result: dict) -> list[Section]:
                  + (f", violation {min(all_after):,.0f}-{max(all_after):,.0f} ms after the exec"
                     if all_after else ""))
     exec_lost = sum(s["kinds"].get("exec", {}).get("lost", 0) for s in steps)
-    notes.append((f"no exec record was lost in any step (the `vital` ring); " if not exec_lost else
+    notes.append(("no exec record was lost in any step (the `vital` ring); " if not exec_lost else
                   f"{exec_lost} exec records were lost; ") +
                  "each is archived in time order, behind the records made before it that are still "
                  "queued: identified after follows the pipeline's lag")

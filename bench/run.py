@@ -188,7 +188,7 @@ def run_untagged(profile: Profile, workdir: Path, workload: Workload, cgroup: Be
 def baseline_tree() -> Path | None:
     """AGENTWARDEN_BENCH_BASELINE=DIR: another tree of the project (`git
     archive REF | tar -x -C DIR`, then `sh scripts/build-fastpath.sh` there),
-    whose agentwarden is one more side of the untagged and session parts, and
+    whose agentwarden is one more side of the untagged, throughput and session parts, and
     whose `run` is one more session-start side (bench/agentload.py): before
     and after in one run."""
     value = os.environ.get("AGENTWARDEN_BENCH_BASELINE")
@@ -222,9 +222,15 @@ def run_throughput(profile: Profile, workdir: Path, workload: Workload, cgroup: 
     plan = ThroughputPlan(rates=list(profile.rates), seconds=profile.seconds,
                           files=THROUGHPUT_FILES, drain_timeout=max(30.0, 4 * profile.seconds))
     results = []
-    for number, (name, describe, make_policy) in enumerate(THROUGHPUT_SERIES):
+    # With a baseline tree, each series again with its agentwarden, right after: before/after in one run.
+    sides = [(name, describe, make_policy, None) for name, describe, make_policy in THROUGHPUT_SERIES]
+    if baseline_tree():
+        sides = [side for name, describe, make_policy, _ in sides for side in
+                 ((name, describe, make_policy, None),
+                  (f"{name}, baseline {baseline_tree().name}", describe, make_policy, baseline_tree()))]
+    for number, (name, describe, make_policy, baseline) in enumerate(sides):
         aw = Agentwarden(workdir / f"throughput-{number}", cgroup,
-                         policy=make_policy(files_dir) if make_policy else None)
+                         policy=make_policy(files_dir) if make_policy else None, baseline=baseline)
         cleanup.callback(aw.stop)
         log(f"throughput, {name}: starting agentwarden")
         aw.start()

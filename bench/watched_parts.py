@@ -133,7 +133,9 @@ def section(results: dict) -> report.Section:
                      f"{s['own_cpu'] / 1e6:,.0f}", f"{s.get('own_cpu_ratio', 1.0):.3f}",
                      f"{s['probe_cpu'] / 1e6:,.0f}", f"{s['daemon_cpu'] / 1e6:,.0f}",
                      f"{s['probe_vcsw'] + s['probe_icsw']:,.0f}", f"{s['daemon_vcsw'] + s['daemon_icsw']:,.0f}",
-                     f"{s['bpf_ns'] / 1e6:,.1f}" if results["bpf_stats"] else "-"])
+                     f"{s['bpf_ns'] / 1e6:,.1f}" if results["bpf_stats"] else "-",
+                     f"{s.get('records', 0):,.0f}", f"{s.get('fd_records', 0):,.0f}",
+                     f"{s.get('fd_skipped', 0):,.0f}"])
     lost = "; ".join(f"{name}: {', '.join(f'{k} {v}' for k, v in counts.items())}"
                      for name, counts in results["lost"].items())
     return report.Section(
@@ -146,9 +148,11 @@ def section(results: dict) -> report.Section:
         "ms and its ratio to bare in the same round; the workload's own CPU (user+system of its tool calls, "
         "wait4) and its ratio; the probe's and the daemon's CPU (all threads, /proc/PID/stat, 10 ms ticks) and "
         "context switches; the run time of the probe's BPF programs (kernel.bpf_stats_enabled, with "
-        "--bpf-stats). On a busy machine the wall times stretch; the CPU columns are steadier.",
+        "--bpf-stats); the records the programs emitted, of them `fd` records, and the `fd` records they "
+        "skipped (kernel_fd_skipped: closes and copies of read-only regular files, devices, pipes, sockets). On a busy machine the wall "
+        "times stretch; the CPU columns are steadier.",
         ["side", "wall ms", "× bare", "workload CPU ms", "× bare", "probe CPU ms", "daemon CPU ms",
-         "probe switches", "daemon switches", "BPF ms"], rows,
+         "probe switches", "daemon switches", "BPF ms", "records", "fd records", "fd skipped"], rows,
         [f"records lost: {lost}"])
 
 
@@ -196,6 +200,14 @@ class Instance:
         self.policy_on = on
 
 
+def kernel_counts(inst: Instance) -> tuple[int, int, int]:
+    """The probe's counts so far: records the programs emitted, of them fd
+    records, and fd records they skipped (a tree without the filter: 0)."""
+    health = inst.aw.status()["probe"]["health"]
+    emitted = health.get("kernel_emitted", {})
+    return sum(emitted.values()), emitted.get("fd", 0), health.get("kernel_fd_skipped", 0)
+
+
 def measure_pass(side: str, instances: dict[str, Instance], work: Path, env: dict) -> dict:
     mode, _, name = side.partition("@")
     mode, _, sched = mode.partition("/")
@@ -205,6 +217,7 @@ def measure_pass(side: str, instances: dict[str, Instance], work: Path, env: dic
         other.aw.settle()
     stopped = {"kernel": inst.probe, "probe": inst.daemon}.get(mode)
     pids = {"probe": inst.probe, "daemon": inst.daemon}
+    counts_before = kernel_counts(inst)
     before = {name: (cpu_ns(pid), switches(pid)) for name, pid in pids.items()}
     main_before = cpu_ns(inst.daemon, inst.daemon)
     progs_before = prog_stats(inst.probe)
@@ -229,6 +242,9 @@ def measure_pass(side: str, instances: dict[str, Instance], work: Path, env: dic
     if stopped and wall > STOP_AT_MOST * 1e9:
         return None
     sample = {"wall": wall, "own_cpu": own, "daemon_main_cpu": cpu_ns(inst.daemon, inst.daemon) - main_before}
+    inst.aw.settle()   # outside the timing: the probe's counters of the pass
+    for key, was, now in zip(("records", "fd_records", "fd_skipped"), counts_before, kernel_counts(inst)):
+        sample[key] = now - was
     for name in pids:
         sample[f"{name}_cpu"] = after[name][0] - before[name][0]
         sample[f"{name}_vcsw"] = after[name][1][0] - before[name][1][0]

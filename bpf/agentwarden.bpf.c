@@ -1,7 +1,9 @@
 /* agentwarden: exec, file-open, chdir, descriptor, fork and exit records for agent cgroups.
  *
  * Reads only tracepoint arguments and BPF helpers, never kernel struct
- * fields, so kernel headers of another version compile it correctly.
+ * fields through the headers, so kernel headers of another version compile
+ * it correctly; the one look at kernel objects (the file behind an fd, "which
+ * fd records go out") is at offsets from the running kernel's BTF.
  * Compiled by BCC from the probe; agentwarden.h defines every record,
  * fastpath.h the approvals and the stash it shares with the supervisor.
  */
@@ -68,7 +70,8 @@ BPF_PERCPU_ARRAY(task_scratch, struct aw_task, 1);
  * all CPUs: two that race both wake it, which is harmless. */
 BPF_ARRAY(last_wakeup, u64, 1);
 /* [kind] emitted, [AW_COUNTER_DROPPED_BASE + kind] lost, [AW_COUNTER_UNTRACKED]
- * agent processes agent_tasks had no room for; summed by the probe. */
+ * agent processes agent_tasks had no room for, [AW_COUNTER_FD_SKIPPED] fd
+ * records not needed (see "which fd records go out"); summed by the probe. */
 BPF_PERCPU_ARRAY(counters, u64, AW_COUNTER_SLOTS);
 /* Two rings: `vital` for exec, fork, exit and move records and for records of
  * calls killed in the kernel, `events` for the rest (opens, chdir, fds). A
@@ -779,6 +782,90 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     return 0;
 }
 
+/* ---- which fd records go out -------------------------------------------- */
+
+/* User space follows descriptors to name what a dirfd, fchdir, an f*() call
+ * or an AT_EMPTY_PATH call acts on, and which file a writer still holds
+ * (drift). It must follow directories, O_PATH fds and regular files opened
+ * for writing, and anon inodes (pidfds, for pidfd_getfd); nothing else can
+ * be a dirfd nor a written file: a regular file opened read-only, a device,
+ * a pipe, a socket. Such an fd is "unfollowed": the open or copy that makes
+ * it says so (AW_FILE_FD_UNFOLLOWED, AW_FD_UNFOLLOWED), user space keeps no
+ * descriptor for its number, and its closes, copies and F_SETFD are counted
+ * (AW_COUNTER_FD_SKIPPED), not emitted -- most fd records of an agent's
+ * workload (its reads, its shell's /dev/null and pipe plumbing). A copy onto
+ * a number that holds a followed fd (dup2, dup3) still goes out. The rule is
+ * safe because what it looks at never changes for an open file: an inode's
+ * type, and the access mode and O_PATH of a file's f_flags (F_SETFL cannot
+ * change them). It skips a record only while no other task shares the
+ * descriptor table (files_struct count 1): then nothing can put another file
+ * at that number between this look and the call. Read at the offsets of the
+ * running kernel's BTF (probe/btf.py, AW_OFF_*); without them every record
+ * goes out. */
+#ifdef AW_OFF_FILE_INODE
+#define AW_S_IFMT 0170000
+#define AW_S_IFREG 0100000
+#define AW_S_IFCHR 0020000
+#define AW_S_IFBLK 0060000
+#define AW_S_IFIFO 0010000
+#define AW_S_IFSOCK 0140000
+#define AW_O_ACCMODE 3
+#define AW_O_PATH 010000000
+#define AW_FDK_FOLLOWED 0         /* followed, or not readable */
+#define AW_FDK_UNFOLLOWED 1       /* not followed, in a table other tasks share */
+#define AW_FDK_UNFOLLOWED_OWN 2   /* not followed, in a table no other task shares */
+#define AW_FDK_EMPTY 3            /* no file at that number */
+
+/* What fd names in the current task's descriptor table (AW_FD_*). */
+static __always_inline int fd_kind(s32 fd)
+{
+    if (fd < 0)
+        return AW_FDK_FOLLOWED;
+    char *task = (char *)bpf_get_current_task();
+    char *files = 0, *fdt = 0, *file = 0, *inode = 0;
+    struct file **table = 0;
+    u32 max_fds = 0, f_flags = 0;
+    int users = 0;
+    u16 mode = 0;
+    if (bpf_probe_read_kernel(&files, sizeof(files), task + AW_OFF_TASK_FILES) || !files ||
+        bpf_probe_read_kernel(&users, sizeof(users), files + AW_OFF_FILES_COUNT) ||
+        bpf_probe_read_kernel(&fdt, sizeof(fdt), files + AW_OFF_FILES_FDT) || !fdt ||
+        bpf_probe_read_kernel(&max_fds, sizeof(max_fds), fdt + AW_OFF_FDT_MAX_FDS) ||
+        bpf_probe_read_kernel(&table, sizeof(table), fdt + AW_OFF_FDT_FD) || !table)
+        return AW_FDK_FOLLOWED;
+    if ((u32)fd >= max_fds)
+        return AW_FDK_EMPTY;
+    if (bpf_probe_read_kernel(&file, sizeof(file), &table[fd]))
+        return AW_FDK_FOLLOWED;
+    if (!file)
+        return AW_FDK_EMPTY;
+    if (bpf_probe_read_kernel(&f_flags, sizeof(f_flags), file + AW_OFF_FILE_FLAGS) ||
+        bpf_probe_read_kernel(&inode, sizeof(inode), file + AW_OFF_FILE_INODE) || !inode ||
+        bpf_probe_read_kernel(&mode, sizeof(mode), inode + AW_OFF_INODE_MODE))
+        return AW_FDK_FOLLOWED;
+    u32 type = mode & AW_S_IFMT;
+    if (f_flags & AW_O_PATH)
+        return AW_FDK_FOLLOWED;
+    if (type == AW_S_IFREG ? (f_flags & AW_O_ACCMODE) != 0 :
+        type != AW_S_IFCHR && type != AW_S_IFBLK && type != AW_S_IFIFO && type != AW_S_IFSOCK)
+        return AW_FDK_FOLLOWED;   /* a writable regular file, a directory, an anon inode, ... */
+    return users == 1 ? AW_FDK_UNFOLLOWED_OWN : AW_FDK_UNFOLLOWED;
+}
+#else
+#define AW_FDK_FOLLOWED 0
+#define AW_FDK_UNFOLLOWED 1
+#define AW_FDK_UNFOLLOWED_OWN 2
+#define AW_FDK_EMPTY 3
+static __always_inline int fd_kind(s32 fd) { return AW_FDK_FOLLOWED; }
+#endif
+
+/* A new fd (of an open, a dup) that user space is to keep no descriptor for. */
+static __always_inline int fd_unfollowed(s32 fd)
+{
+    int kind = fd_kind(fd);
+    return kind == AW_FDK_UNFOLLOWED || kind == AW_FDK_UNFOLLOWED_OWN;
+}
+
 /* ---- files: open, openat, openat2, creat, chdir, fchdir ------------------ */
 
 static __always_inline int file_enter(u32 kind, u32 syscall, s32 dirfd, const char *path,
@@ -848,6 +935,8 @@ static __always_inline int file_exit(long ret)
         }
         unread_paths.delete(&key);
     }
+    if (e->h.kind == AW_KIND_OPEN && ret >= 0 && fd_unfollowed(ret))
+        e->flags |= AW_FILE_FD_UNFOLLOWED;
     u32 len = e->path_len;
     if (len > sizeof(e->path))
         len = sizeof(e->path);
@@ -1186,11 +1275,42 @@ BPF_HASH(inflight_fd, u64, struct aw_fd, AW_MAX_INFLIGHT);
 #define AW_FD_AT_EXIT 1
 #define AW_FD_AT_ENTRY 0
 
-static __always_inline int fd_enter(u32 syscall, s32 fd, u64 arg, u32 flags, int at_exit)
+/* A copy of oldfd to newfd (dup2, dup3) is not needed when oldfd is
+ * unfollowed in an unshared table and newfd held nothing user space follows. */
+static __always_inline int dup_to_skips(s32 oldfd, s32 newfd)
+{
+    if (fd_kind(oldfd) != AW_FDK_UNFOLLOWED_OWN)
+        return 0;
+    if (newfd == oldfd)
+        return 1;
+    int target = fd_kind(newfd);
+    return target == AW_FDK_EMPTY || target == AW_FDK_UNFOLLOWED_OWN;
+}
+
+/* aw_fd.reserved while in flight: the call is to be counted, not emitted
+ * (AW_COUNTER_FD_SKIPPED), if it succeeds. Never emitted set. */
+#define AW_FD_INFLIGHT_SKIP 1
+
+/* When a call's record is not needed (see "which fd records go out"); looked
+ * at only for agents' calls. */
+#define AW_SKIP_NEVER 0
+#define AW_SKIP_IF_UNFOLLOWED 1   /* fd is unfollowed, in an unshared table */
+#define AW_SKIP_IF_DUP_TO 2       /* that, and fd copied onto arg replaces nothing followed */
+
+static __always_inline int fd_enter(u32 syscall, s32 fd, u64 arg, u32 flags, int at_exit, int when)
 {
     u64 agent = agent_cgroup();
     if (!agent)
         return 0;
+    int skip = 0;
+    if (when == AW_SKIP_IF_UNFOLLOWED)
+        skip = fd_kind(fd) == AW_FDK_UNFOLLOWED_OWN;
+    else if (when == AW_SKIP_IF_DUP_TO)
+        skip = dup_to_skips(fd, (s32)arg);
+    if (skip && !at_exit) {
+        count(AW_COUNTER_FD_SKIPPED);
+        return 0;
+    }
     struct aw_fd r = {};
     fill_header(&r.h, AW_KIND_FD, agent);
     r.fd = fd;
@@ -1201,6 +1321,7 @@ static __always_inline int fd_enter(u32 syscall, s32 fd, u64 arg, u32 flags, int
         emit(&r, sizeof(r), AW_KIND_FD);
         return 0;
     }
+    r.reserved = skip ? AW_FD_INFLIGHT_SKIP : 0;
     u64 key = bpf_get_current_pid_tgid();
     if (inflight_fd.update(&key, &r))
         count(AW_COUNTER_DROPPED_BASE + AW_KIND_FD);
@@ -1214,8 +1335,15 @@ static __always_inline int fd_exit(long ret)
     if (!r)
         return 0;
     if (ret >= 0) {   /* a failed call made no descriptor: not recorded */
-        r->ret = ret;
-        emit(r, sizeof(*r), AW_KIND_FD);
+        if (r->reserved == AW_FD_INFLIGHT_SKIP) {
+            count(AW_COUNTER_FD_SKIPPED);
+        } else {
+            r->ret = ret;
+            /* every call in flight but F_SETFD returns a new descriptor */
+            if (r->syscall != AW_SYS_FCNTL_SETFD && fd_unfollowed(ret))
+                r->flags |= AW_FD_UNFOLLOWED;
+            emit(r, sizeof(*r), AW_KIND_FD);
+        }
     }
     inflight_fd.delete(&key);
     return 0;
@@ -1223,18 +1351,20 @@ static __always_inline int fd_exit(long ret)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_dup)
 {
-    return fd_enter(AW_SYS_DUP, (s32)args->fildes, 0, 0, AW_FD_AT_EXIT);
+    return fd_enter(AW_SYS_DUP, (s32)args->fildes, 0, 0, AW_FD_AT_EXIT, AW_SKIP_IF_UNFOLLOWED);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_dup2)
 {
-    return fd_enter(AW_SYS_DUP2, (s32)args->oldfd, (u32)args->newfd, 0, AW_FD_AT_EXIT);
+    return fd_enter(AW_SYS_DUP2, (s32)args->oldfd, (u32)args->newfd, 0, AW_FD_AT_EXIT,
+                    AW_SKIP_IF_DUP_TO);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_dup3)
 {
     return fd_enter(AW_SYS_DUP3, (s32)args->oldfd, (u32)args->newfd,
-                    (args->flags & AW_O_CLOEXEC) ? AW_FD_CLOEXEC : 0, AW_FD_AT_EXIT);
+                    (args->flags & AW_O_CLOEXEC) ? AW_FD_CLOEXEC : 0, AW_FD_AT_EXIT,
+                    AW_SKIP_IF_DUP_TO);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
@@ -1243,37 +1373,39 @@ TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
      * flag; the others (locks, status flags, ...) leave early. */
     u32 cmd = (u32)args->cmd;
     if (cmd == AW_F_DUPFD)
-        return fd_enter(AW_SYS_FCNTL_DUPFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT);
+        return fd_enter(AW_SYS_FCNTL_DUPFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT,
+                        AW_SKIP_IF_UNFOLLOWED);
     if (cmd == AW_F_DUPFD_CLOEXEC)
         return fd_enter(AW_SYS_FCNTL_DUPFD_CLOEXEC, (s32)args->fd, args->arg, AW_FD_CLOEXEC,
-                        AW_FD_AT_EXIT);
+                        AW_FD_AT_EXIT, AW_SKIP_IF_UNFOLLOWED);
     if (cmd == AW_F_SETFD)   /* at exit: a refused change (EBADF) changed nothing */
-        return fd_enter(AW_SYS_FCNTL_SETFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT);
+        return fd_enter(AW_SYS_FCNTL_SETFD, (s32)args->fd, args->arg, 0, AW_FD_AT_EXIT,
+                        AW_SKIP_IF_UNFOLLOWED);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
-    return fd_enter(AW_SYS_CLOSE, (s32)args->fd, 0, 0, AW_FD_AT_ENTRY);
+    return fd_enter(AW_SYS_CLOSE, (s32)args->fd, 0, 0, AW_FD_AT_ENTRY, AW_SKIP_IF_UNFOLLOWED);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
 {
     return fd_enter(AW_SYS_CLOSE_RANGE, (s32)args->fd, (u32)args->max_fd,
-                    (args->flags & AW_CLOSE_RANGE_CLOEXEC) ? AW_FD_CLOEXEC : 0, AW_FD_AT_ENTRY);
+                    (args->flags & AW_CLOSE_RANGE_CLOEXEC) ? AW_FD_CLOEXEC : 0, AW_FD_AT_ENTRY, AW_SKIP_NEVER);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_open)
 {
     /* A pidfd is always close-on-exec. */
-    return fd_enter(AW_SYS_PIDFD_OPEN, -1, (u32)args->pid, AW_FD_CLOEXEC, AW_FD_AT_EXIT);
+    return fd_enter(AW_SYS_PIDFD_OPEN, -1, (u32)args->pid, AW_FD_CLOEXEC, AW_FD_AT_EXIT, AW_SKIP_NEVER);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_getfd)
 {
     /* The fd it makes is always close-on-exec. */
     return fd_enter(AW_SYS_PIDFD_GETFD, (s32)args->pidfd, (u32)args->fd, AW_FD_CLOEXEC,
-                    AW_FD_AT_EXIT);
+                    AW_FD_AT_EXIT, AW_SKIP_NEVER);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_dup) { return fd_exit(args->ret); }

@@ -28,7 +28,10 @@
  * tracked (agent_tasks full: they are watched only inside their cgroups). */
 #define AW_COUNTER_DROPPED_BASE 16
 #define AW_COUNTER_UNTRACKED 32
-#define AW_COUNTER_SLOTS 33
+/* fd records not emitted: their fd was one user space does not follow (see
+ * "which fd records go out" in the program). */
+#define AW_COUNTER_FD_SKIPPED 33
+#define AW_COUNTER_SLOTS 34
 
 /* Limits. A path longer than AW_MAX_PATH is cut and flagged; it then never
  * matches an allow rule (user space treats it as unresolvable). */
@@ -110,6 +113,10 @@
 #define AW_FILE_PATH_TRUNCATED 2
 #define AW_FILE_OPENAT2 4
 #define AW_FILE_KILLED_IN_KERNEL 8
+/* open: the fd it returned is one user space does not follow (a read-only
+ * regular file, a device, a FIFO, a socket): its copies and closes are not
+ * recorded (counted: AW_COUNTER_FD_SKIPPED) */
+#define AW_FILE_FD_UNFOLLOWED 16
 
 /* Syscall identifiers carried in aw_file.syscall and aw_exec.syscall. */
 #define AW_SYS_EXECVE 1
@@ -250,6 +257,7 @@ struct aw_task {
 
 /* aw_fd.flags */
 #define AW_FD_CLOEXEC 1   /* the new fd is close-on-exec; close_range: marks instead of closing */
+#define AW_FD_UNFOLLOWED 2   /* the new fd is one user space does not follow (as AW_FILE_FD_UNFOLLOWED) */
 
 /* dup / dup2 / dup3 / fcntl(F_DUPFD, F_DUPFD_CLOEXEC, F_SETFD) / close /
  * close_range / pidfd_open / pidfd_getfd: how a process's descriptors change,

@@ -7,7 +7,9 @@ The format is in segments.py. The writer's promises:
   is pending to the OS in one write; ``sync`` fsyncs and then rewrites the head
   file. ``durable_seq`` is the highest seq known to be on stable storage.
 - **Bounded loss**: the daemon calls ``sync`` when ``sync_due`` — at most
-  ``sync_interval`` after the first record that is not yet fsynced.
+  ``sync_interval`` after the first record that is not yet fsynced, or
+  sooner once ``MAX_UNSYNCED_BYTES`` wait (bounded memory: what is written but
+  not fsynced is kept to write again).
 - **Torn tails**: at start, an incomplete record at the end of the last
   segment (a crash mid-write) is cut, and an ``archive`` record
   ``torn-tail-cut`` says where and how many bytes. Anything else unreadable is
@@ -41,8 +43,8 @@ import msgpack
 from agentwarden.settings import ArchiveSettings
 
 from agentwarden.archive.segments import (fsync_dir, COMPRESSED_SUFFIXES, GENESIS, HEAD_FILE, LOCK_FILE, SEGMENT_NAME, ArchiveError,
-                       Header, NewerFormat, SegmentFile, SegmentReader, TornHeader, chain_hash, compress_bytes,
-                       decompress_bytes, encode_head, encode_header, key_id, list_segments,
+                       Header, NewerFormat, SegmentFile, SegmentReader, TornHeader, chain_hash, compressor,
+                       decompressed_pieces, encode_head, encode_header, key_id, list_segments,
                        load_segment, read_head, read_header, read_records, segment_name)
 
 __all__ = ["ArchiveWriter", "ArchiveError", "read_records", "boot_id"]
@@ -52,6 +54,11 @@ log = logging.getLogger("agentwarden.daemon")
 MAX_PENDING_BYTES = 64 << 20   # held in memory while the archive cannot be written
 RETRY_INTERVAL = 1.0           # s between attempts while writing fails
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Written but not yet fsynced, kept to write again if the fsync fails: past
+# this much, sync is due at once rather than after sync_interval (a flood
+# would otherwise hold sync_interval's worth of records in memory).
+MAX_UNSYNCED_BYTES = 4 << 20
+COMPRESS_PIECE = 1 << 20       # bytes of a sealed segment compressed (and checked) at a time
 
 
 def boot_id() -> str:
@@ -73,6 +80,15 @@ def _write_all(fd: int, data: bytes) -> int:
             exc.done = done
             raise
     return done
+
+
+def _decompresses_to(copy: Path, original: Any, compression: str) -> bool:
+    """Whether the compressed file copy holds exactly what file original holds."""
+    with open(copy, "rb") as f:
+        for piece in decompressed_pieces(f, compression, COMPRESS_PIECE):
+            if original.read(len(piece)) != piece:
+                return False
+    return original.read(1) == b""
 
 
 def _archive_record(event: str, detail: str, **fields: Any) -> dict:
@@ -98,6 +114,7 @@ class ArchiveWriter:
         self.pending: list[bytes] = []  # envelopes not yet written
         self.pending_bytes = 0
         self.unsynced: list[bytes] = []  # written since the last fsync (rewritten if it fails)
+        self.unsynced_bytes = 0
         self.written_seq, self.written_chain = -1, GENESIS
         self.durable_seq, self.durable_chain = -1, GENESIS
         self.fd: int | None = None
@@ -330,6 +347,7 @@ class ArchiveWriter:
             self._fail(exc, f"cannot write the archive in {self.directory}")
             return False
         self.unsynced.append(data)
+        self.unsynced_bytes += len(data)
         self.pending, self.pending_bytes = [], 0
         self.written_seq, self.written_chain = self.seq - 1, self.chain
         return True
@@ -349,12 +367,12 @@ class ArchiveWriter:
             self.size = self.synced_size
             self.pending = self.unsynced + self.pending
             self.pending_bytes = sum(len(p) for p in self.pending)
-            self.unsynced = []
+            self.unsynced, self.unsynced_bytes = [], 0
             self.written_seq, self.written_chain = self.durable_seq, self.durable_chain
             raise
         self.counters["fsyncs"] += 1
         self.synced_size = self.size
-        self.unsynced = []
+        self.unsynced, self.unsynced_bytes = [], 0
         self.durable_seq, self.durable_chain = self.written_seq, self.written_chain
 
     def sync(self) -> bool:
@@ -381,7 +399,8 @@ class ArchiveWriter:
         now = time.monotonic() if now is None else now
         if self.failure:
             return now >= self.retry_at
-        return self.unsynced_since is not None and now - self.unsynced_since >= self.config.sync_interval
+        return self.unsynced_since is not None and (now - self.unsynced_since >= self.config.sync_interval
+                                                    or self.unsynced_bytes >= MAX_UNSYNCED_BYTES)
 
     def seconds_to_sync(self) -> float | None:
         """How long the daemon may sleep before sync is due (None: nothing to sync)."""
@@ -389,6 +408,8 @@ class ArchiveWriter:
             return max(0.0, self.retry_at - time.monotonic())
         if self.unsynced_since is None:
             return None
+        if self.unsynced_bytes >= MAX_UNSYNCED_BYTES:
+            return 0.0
         return max(0.0, self.unsynced_since + self.config.sync_interval - time.monotonic())
 
     def _write_head(self) -> None:
@@ -447,26 +468,35 @@ class ArchiveWriter:
                 log.warning("archive: cannot compress %s: %s", path.name, exc)
 
     def _compress(self, path: Path) -> None:
+        """Compress a sealed segment piece by piece (a whole one in memory, with
+        its compressed copy and the check's, was the daemon's largest peak),
+        then check that the copy decompresses to the very bytes, again piece
+        by piece, before it replaces the segment."""
         compression = self.config.compress
         suffix = next(s for s, c in COMPRESSED_SUFFIXES.items() if c == compression)
         try:
-            data = path.read_bytes()
+            source = open(path, "rb")
         except FileNotFoundError:
             return
-        packed = compress_bytes(data, compression)
-        if decompress_bytes(packed, compression) != data:
-            raise ArchiveError("the compressed copy does not decompress to the original")
         final = path.with_name(path.name + suffix)
         tmp = final.with_name(final.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, packed)
-            os.fsync(fd)
-        except OSError:
-            os.close(fd)
-            tmp.unlink()
-            raise
-        os.close(fd)
+        with source:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    packer = compressor(compression)
+                    while piece := source.read(COMPRESS_PIECE):
+                        _write_all(fd, packer.compress(piece))
+                    _write_all(fd, packer.flush())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                source.seek(0)
+                if not _decompresses_to(tmp, source, compression):
+                    raise ArchiveError("the compressed copy does not decompress to the original")
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         with self._files_lock:
             if not path.exists():  # retention took it meanwhile
                 tmp.unlink()

@@ -19,8 +19,10 @@ policy object changes, which every load does.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Callable
@@ -38,9 +40,9 @@ from . import enforce
 # AT_SYMLINK_NOFOLLOW); the others act on the link itself.
 FOLLOWS_LAST = ("truncate", "chmod", "chown", "fchmodat", "fchmodat2", "fchownat")
 AT_SYMLINK_NOFOLLOW = 0x100
-# Verdicts on opens kept for repeated ones (see Governor._decide_open); when
-# full the cache starts over.
-DECISION_CACHE_SIZE = 65536
+# Verdicts on opens kept for repeated ones (see Governor._decide_open), about
+# half a kilobyte each; when full the least recently used one goes (counted).
+DECISION_CACHE_SIZE = 16384
 
 
 def real_paths(record: dict, look: Callable[[str], str | None] | None = None) -> dict[str, tuple[str, str]]:
@@ -78,6 +80,15 @@ def real_paths(record: dict, look: Callable[[str], str | None] | None = None) ->
 
 
 _NO_SYMLINKS = open_how(os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+_DIRECTORY_NO_SYMLINKS = open_how(os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+# Directories a batch keeps open (O_PATH) for the symlink look of their entries.
+MAX_DIRECTORIES_PER_BATCH = 128
+
+
+def _normal(path: str) -> bool:
+    """Absolute, in normal form: no '..' the kernel would resolve physically."""
+    return path.startswith("/") and "//" not in path and "/./" not in path and "/.." not in path \
+        and not path.endswith("/.") and (not path.endswith("/") or path == "/")
 
 
 def _without_symlinks(path: str) -> bool:
@@ -85,8 +96,7 @@ def _without_symlinks(path: str) -> bool:
     RESOLVE_NO_SYMLINKS): then the path is where it leads. Two syscalls where
     the /proc/self/fd look costs three and a d_path. Only for paths in normal
     form ('..' would be resolved physically)."""
-    if not path.startswith("/") or "//" in path or "/./" in path or "/.." in path or path.endswith("/.") or \
-            (path.endswith("/") and path != "/"):
+    if not _normal(path):
         return False
     fd = openat2(AT_FDCWD, os.fsencode(path), _NO_SYMLINKS)
     if fd < 0:
@@ -99,8 +109,10 @@ def kernel_real_path(path: str) -> str | None:
     """The kernel's own resolution of path (an O_PATH open, which opens no
     device or FIFO, then its /proc/self/fd link): three syscalls where
     os.path.realpath makes one per component. None when nothing is there."""
-    if _without_symlinks(path):
-        return path
+    return path if _without_symlinks(path) else _real_path_through_links(path)
+
+
+def _real_path_through_links(path: str) -> str | None:
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
@@ -115,6 +127,54 @@ def kernel_real_path(path: str) -> str | None:
     return real
 
 
+class BatchLooks:
+    """Real paths looked up while one batch is decided: each path once, and a
+    directory once — checked to have no symlink on its way (openat2 with
+    RESOLVE_NO_SYMLINKS) and kept open (O_PATH) while the batch lasts — then
+    each entry of it one lstat: not a symlink, the path is where it leads.
+    What kernel_real_path says, in one syscall per path where it makes two."""
+
+    def __init__(self):
+        self.paths: dict[str, str | None] = {}
+        self.directories: dict[str, int | None] = {}   # path -> O_PATH fd, None: not usable
+
+    def real_path(self, path: str) -> str | None:
+        if path not in self.paths:
+            self.paths[path] = path if self._plain(path) else kernel_real_path(path)
+        return self.paths[path]
+
+    def _plain(self, path: str) -> bool:
+        """Whether path is reached through no symlink (False: cannot tell)."""
+        if not _normal(path) or path == "/":
+            return False
+        parent, _, name = path.rpartition("/")
+        fd = self._directory(parent or "/")
+        if fd is None:
+            return False
+        try:
+            return not stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+        except (OSError, ValueError):
+            return False   # nothing there (the long way says what a dangling link says)
+
+    def _directory(self, path: str) -> int | None:
+        if path in self.directories:
+            return self.directories[path]
+        if len(self.directories) >= MAX_DIRECTORIES_PER_BATCH:
+            return None
+        try:
+            fd = openat2(AT_FDCWD, os.fsencode(path), _DIRECTORY_NO_SYMLINKS)
+        except ValueError:
+            fd = -1
+        self.directories[path] = fd if fd >= 0 else None
+        return self.directories[path]
+
+    def close(self) -> None:
+        for fd in self.directories.values():
+            if fd is not None:
+                os.close(fd)
+        self.directories.clear()
+
+
 class Governor:
     def __init__(self, policy_paths: list[Path],
                  agent_cgroup: Callable[[int], Path | None],
@@ -125,10 +185,11 @@ class Governor:
         self.policy: policy_mod.PolicySet | None = None
         # (agent, path decided, access, failure, path shown) -> the verdict on
         # such an open, under the policy object it was made with
-        self._open_verdicts: dict[tuple, policy_mod.Verdict] = {}
+        self._open_verdicts: collections.OrderedDict[tuple, policy_mod.Verdict] = collections.OrderedDict()
         self._verdicts_policy: policy_mod.PolicySet | None = None
         self.cache_hits = 0
-        self._looked: dict[str, str | None] | None = None   # real paths looked up in this batch
+        self.cache_evictions = 0   # verdicts dropped for room (decided again when needed)
+        self._looked: BatchLooks | None = None   # real paths looked up in this batch
 
     @contextlib.contextmanager
     def batch(self):
@@ -136,10 +197,11 @@ class Governor:
         it. Every event of the batch happened before its first look, so one
         look serves them all as well as one each (the look is "now", when
         the records arrive, either way)."""
-        self._looked = {}
+        self._looked = BatchLooks()
         try:
             yield
         finally:
+            self._looked.close()
             self._looked = None
 
     @contextlib.contextmanager
@@ -154,11 +216,7 @@ class Governor:
 
     def _real_path_now(self, path: str) -> str | None:
         looked = self._looked
-        if looked is None:
-            return kernel_real_path(path)
-        if path not in looked:
-            looked[path] = kernel_real_path(path)
-        return looked[path]
+        return kernel_real_path(path) if looked is None else looked.real_path(path)
 
     def load(self) -> policy_mod.PolicySet | None:
         """Load the policy files; None when there are none. A broken policy
@@ -189,21 +247,32 @@ class Governor:
     def _decide_open(self, record: dict) -> policy_mod.Verdict:
         """decide() on an open, from the cache when an open with the same
         fields decide() reads was decided under this very policy object (a
-        reload makes a new one: the cache goes with the old)."""
-        if self.policy is not self._verdicts_policy or len(self._open_verdicts) >= DECISION_CACHE_SIZE:
-            self._open_verdicts = {}
+        reload makes a new one: the cache goes with the old). An evicted
+        verdict is decided again, the same way: eviction costs time, never a
+        different decision."""
+        cache = self._open_verdicts
+        if self.policy is not self._verdicts_policy:
+            cache = self._open_verdicts = collections.OrderedDict()
             self._verdicts_policy = self.policy
         resolved = record.get("resolved_path")
         ret = record.get("ret", 0)
         key = (record.get("agent"), resolved, policy_mod.is_write(record["flags"]),
                record.get("error") if ret < 0 else None,
                record.get("path", "") if resolved is None else None)
-        verdict = self._open_verdicts.get(key)
+        verdict = cache.get(key)
         if verdict is None:
-            verdict = self._open_verdicts[key] = policy_mod.decide(record, self.policy)
+            verdict = cache[key] = policy_mod.decide(record, self.policy)
+            if len(cache) > DECISION_CACHE_SIZE:
+                cache.popitem(last=False)
+                self.cache_evictions += 1
         else:
+            cache.move_to_end(key)
             self.cache_hits += 1
         return verdict
+
+    def cache_state(self) -> dict:
+        return {"entries": len(self._open_verdicts), "size": DECISION_CACHE_SIZE,
+                "hits": self.cache_hits, "evictions": self.cache_evictions}
 
     def _decide(self, record: dict) -> policy_mod.Verdict:
         decide = self._decide_open if record["kind"] == "open" else \

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from agentwarden.errors import AgentwardenError
 from agentwarden.settings import Settings
 
 from .archive import ArchiveWriter
+from .feed import Feed
 from .freeze_guard import FreezeGuard
 from .watch import WatchGuard
 from .governor import Governor
@@ -51,6 +53,18 @@ TICK_INTERVAL = 1.0       # seconds between periodic duties
 # most of a second).
 WATCH_CHECK_INTERVAL = 0.02
 RETENTION_INTERVAL = 10.0  # seconds between retention checks
+# After this many events, a tick that finds no message waiting gives the C
+# heap's free pages back to the system: a burst's decoded batches leave them
+# behind, scattered among live objects, where the heap's top cannot shrink.
+TRIM_AFTER_EVENTS = 20_000
+
+
+def _heap_trimmer():
+    """glibc's malloc_trim, or None under another libc."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class Daemon:
@@ -79,10 +93,10 @@ class Daemon:
         self._next_retention = 0.0
         self.resolver = Resolver()
         self.ctx = zmq.Context.instance()
-        self.pull = self._bind(zmq.PULL, settings.ingest_endpoint)
-        self.pull.setsockopt(zmq.RCVHWM, INGEST_HWM)
-        self.pub = self._bind(zmq.PUB, settings.events_endpoint)
-        self.pub.setsockopt(zmq.SNDHWM, 10000)
+        self.pull = self._bind(zmq.PULL, settings.ingest_endpoint, {zmq.RCVHWM: INGEST_HWM})
+        self.pub = self._bind(zmq.XPUB, settings.events_endpoint, {zmq.SNDHWM: 10000})
+        self.feed = Feed(self.pub)
+        self.listened = False   # someone subscribed to the events at the batch's start (feed.py)
         self.control = self._bind(zmq.REP, settings.control_endpoint)
         self._priority_sock = self._bind(zmq.PULL, settings.priority_endpoint)
         PriorityLane.restrict(settings.priority_endpoint)
@@ -99,6 +113,8 @@ class Daemon:
         self.pending_malformed = 0
         self.pending_malformed_detail = ""
         self.pub_seq = 0
+        self._trim_heap = _heap_trimmer()
+        self._trimmed_at = 0   # events counted at the last trim
         self.rate = 0.0
         self._rate_mark = (time.monotonic(), 0)
         self.stopping = False
@@ -133,9 +149,14 @@ class Daemon:
         # The fleet (NATS): its own thread reads the archive as its outbox; None without fleet_url.
         self.fleet = FleetShipper(settings, settings.archive_dir) if settings.fleet_url else None
 
-    def _bind(self, kind: int, endpoint: str):
+    def _bind(self, kind: int, endpoint: str, options: dict[int, int] | None = None):
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        # Before bind: a bound socket's connections take the options it had
+        # then (a high-water mark set after bind left ingest at ZeroMQ's 1,000
+        # batches, up to a gigabyte under a flood).
+        for option, value in (options or {}).items():
+            sock.setsockopt(option, value)
         path = endpoint[len("ipc://"):]
         if os.path.exists(path):
             os.unlink(path)  # a stale socket from a previous run
@@ -276,6 +297,7 @@ class Daemon:
         self._handle_records(out)
 
     def _handle_records(self, out: list[dict]) -> None:
+        self.listened = self.feed.listened()
         with self.governor.batch():
             for record in list(out):
                 violation = self.handle_record(record)
@@ -284,7 +306,10 @@ class Daemon:
                 self.priority.between_records()   # an exec to kill must not wait for this batch
         self.archive.flush()
         self.publish(out)
-        self.check_archive()
+        if self.archive.sync_due():
+            self.sync_archive()   # a flood reaches the unsynced bound before sync_interval
+        else:
+            self.check_archive()
 
     def handle_record(self, record: dict) -> dict | None:
         """Archive one record (after enriching it); returns the violation it
@@ -324,7 +349,8 @@ class Daemon:
             own = self._watch_records(self.watch.heard(record))
         elif kind == "health" and record["stage"] == "supervisor":
             self.supervisor_health = record["counters"]
-        self.archive.append(record, keep_body=kind in wire.EVENT_KINDS)
+        # An event's packed body is kept for the feed only while someone listens.
+        self.archive.append(record, keep_body=self.listened and kind in wire.EVENT_KINDS)
         if kind == "hold":
             self.counters[f"holds_{record['state']}"] += 1
             if record["state"] not in ("pending", "approval"):
@@ -394,6 +420,9 @@ class Daemon:
             records, self.outbox = records + self.outbox, []
         if not records:
             return
+        if not self.feed.listened():
+            self.counters["publish_skipped"] += 1   # no subscriber: nothing to pack (feed.py)
+            return
         # An event is published as archived, plus its seq: its packed body is
         # reused (nothing changes an event after it is archived).
         packed = [wire.pack_with_last(body, "seq", record["seq"])
@@ -402,6 +431,7 @@ class Daemon:
         try:
             self.pub.send_multipart([wire.TOPIC_EVENTS, wire.encode_packed_batch("daemon", self.pub_seq, packed)],
                                     zmq.NOBLOCK)
+            self.counters["published"] += 1
         except zmq.Again:
             self.counters["publish_dropped"] += 1
         self.pub_seq += 1
@@ -433,6 +463,7 @@ class Daemon:
             self._next_retention = time.monotonic() + RETENTION_INTERVAL
             self.outbox.extend(self.archive.apply_retention())
         self.publish([])
+        self._trim_after_burst()
         self.alerts.tick()
         now = time.monotonic()
         mark_time, mark_events = self._rate_mark
@@ -446,6 +477,15 @@ class Daemon:
         if self.metrics:
             self.metrics_snapshot = {**self.status(), "hold_waits": self.hold_waits.export(),
                                      "taken": time.time_ns()}
+
+    def _trim_after_burst(self) -> None:
+        events = self.counters["events"]
+        if self._trim_heap is None or events - self._trimmed_at < TRIM_AFTER_EVENTS \
+                or self.pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
+        self._trim_heap(0)
+        self._trimmed_at = events
+        self.counters["heap_trims"] += 1
 
     def status_line(self) -> str:
         age = (time.time_ns() - self.probe_last_seen) / 1e9
@@ -497,6 +537,7 @@ class Daemon:
         return {
             "daemon": {"pid": os.getpid(), "started": self.started, "events_per_second": self.rate,
                        "counters": dict(self.counters), "archive": str(self.settings.archive_dir),
+                       "decision_cache": self.governor.cache_state(),
                        "cgroup_scope": self.settings.cgroup_scope,
                        "archive_seq": self.archive.seq,
                        "archive_state": {**self.archive.state(), "on_disk_full": self.disk_guard.state()},

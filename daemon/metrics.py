@@ -103,6 +103,8 @@ class Collector:
                       ("kind",), health.get("kernel_emitted") or {})
         yield counter("kernel_dropped_records", "records the BPF program had no room for, by kind",
                       ("kind",), health.get("kernel_dropped") or {})
+        yield counter("kernel_fd_records_skipped", "fd records the BPF program counted instead of sending "
+                      "(closes and copies of read-only regular files, devices, pipes, sockets)", values=health.get("kernel_fd_skipped"))
         yield counter("probe_records_decoded", "records the probe decoded", values=health.get("decoded"))
         yield counter("probe_records_sent", "records the probe sent to the daemon",
                       values=health.get("records_sent"))

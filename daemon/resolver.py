@@ -11,6 +11,19 @@ exec drops close-on-exec fds. /proc is the fallback for processes that were
 running before they were seen, and for descriptors made by calls the kernel
 program does not follow (sockets, pipes, received fds, ...).
 
+Nor are fds that can be no dirfd and are no written file: regular files
+opened read-only, devices, FIFOs, sockets (anything but a directory, an O_PATH
+fd, a regular file opened for writing or an anon inode). The kernel program
+skips (and counts) their closes and copies, and marks the open or copy that
+made one ``fd_unfollowed``; the model drops that number from what it follows, as
+after a close: with its close unseen, a later socket, pipe or memfd at that
+number must not be taken for the file. The model needs such an fd only for
+an f*(), AT_EMPTY_PATH or /proc/self/fd/N call on it
+(fchmod, fchown, fexecve). For those it keeps what the open named as a claim
+(``ProcessState.claims``) that /proc must confirm: a process gone, or the
+number now naming something else (closed and taken again meanwhile, the
+swap an agent would try), leaves the path unresolved.
+
 Descriptor tables are kept per process (records carry the tgid), which is
 exact for threads: they share one table (CLONE_FILES) and, through CLONE_FS,
 the working directory. A process cloned with CLONE_FILES but without
@@ -67,6 +80,9 @@ class ProcessState:
     cwd: str | None
     ppid: int
     fds: dict[int, Descriptor] = field(default_factory=dict)
+    # fd -> what the last unfollowed open or copy at that number named: a
+    # claim only (its close is never seen), used once /proc confirms it.
+    claims: dict[int, str] = field(default_factory=dict)
 
 
 def proc_link(pid: int, what: str) -> str | None:
@@ -119,7 +135,13 @@ class Resolver:
         known = state.fds.get(dirfd)
         if known:
             return known.path
-        return proc_link(pid, f"fd/{dirfd}")
+        now = proc_link(pid, f"fd/{dirfd}")
+        claimed = state.claims.get(dirfd)
+        if claimed is not None and now != claimed:
+            # The fd an unfollowed open made may have been closed unseen and
+            # its number taken since (or the process is gone): unresolved.
+            return None
+        return now
 
     def resolve(self, pid: int, state: ProcessState, dirfd: int, path: str | bytes,
                 unusable: bool) -> str | None:
@@ -145,7 +167,7 @@ class Resolver:
             parent = self._state(pid)
             if not record["ppid"]:
                 record["ppid"] = parent.ppid
-            child = ProcessState(cwd=parent.cwd, ppid=pid, fds=dict(parent.fds))
+            child = ProcessState(cwd=parent.cwd, ppid=pid, fds=dict(parent.fds), claims=dict(parent.claims))
             self._put(record["child_pid"], child)
             return
         if kind == "exit":
@@ -160,8 +182,11 @@ class Resolver:
             record["resolved_path"] = _as_wire(resolved) if resolved else None
             if record["ret"] >= 0:
                 cloexec = bool(record["flags"] & O_CLOEXEC)
-                self._made(state, record["ret"], Descriptor(resolved, cloexec, write=is_write(record["flags"]))
-                           if resolved else None)
+                if record.get("fd_unfollowed"):
+                    self._made(state, record["ret"], None, claim=resolved)
+                else:
+                    self._made(state, record["ret"], Descriptor(resolved, cloexec, write=is_write(record["flags"]))
+                               if resolved else None)
         elif kind == "chdir":
             if record["syscall"] == "fchdir":
                 target = self._base(pid, state, record["dirfd"])
@@ -232,11 +257,15 @@ class Resolver:
         return self._base(pid, state, int(match[2]))
 
     @staticmethod
-    def _made(state: ProcessState, fd: int, descriptor: Descriptor | None) -> None:
-        """fd now names descriptor; None: something the model cannot name. Its
-        number was free, so whatever the model had under it is stale."""
+    def _made(state: ProcessState, fd: int, descriptor: Descriptor | None, claim: str | None = None) -> None:
+        """fd now names descriptor; None: something the model cannot name
+        (claim: an unfollowed file, at that path). Its number was free, so
+        whatever the model had under it is stale."""
+        state.claims.pop(fd, None)
         if descriptor is None or (fd not in state.fds and len(state.fds) >= MAX_FDS_PER_PROCESS):
             state.fds.pop(fd, None)
+            if claim and len(state.claims) < MAX_FDS_PER_PROCESS:
+                state.claims[fd] = claim
         else:
             state.fds[fd] = descriptor
 
@@ -248,12 +277,16 @@ class Resolver:
         named = None
         if syscall == "close":
             named = fds.pop(fd, None)
+            state.claims.pop(fd, None)
         elif syscall == "close_range":
             for n in [n for n in fds if fd <= n <= arg]:
                 if record["cloexec"]:
                     fds[n] = fds[n]._replace(cloexec=True)
                 else:
                     del fds[n]
+            if not record["cloexec"]:
+                for n in [n for n in state.claims if fd <= n <= arg]:
+                    del state.claims[n]
         elif ret < 0:
             pass
         elif syscall == "fcntl_setfd":
@@ -271,7 +304,11 @@ class Resolver:
             else:  # dup, dup2, dup3, fcntl_dupfd, fcntl_dupfd_cloexec
                 source = self._descriptor_of(pid, fd)
             named = source._replace(cloexec=record["cloexec"]) if source else None
-            self._made(state, ret, named)
+            if record.get("fd_unfollowed"):
+                claimed = state.claims.get(fd) if syscall != "pidfd_getfd" else None
+                self._made(state, ret, None, claim=claimed or (named.path if named else None))
+            else:
+                self._made(state, ret, named)
         path = named.path if named else None
         record["resolved_path"] = _as_wire(path) if path else None
 

@@ -162,7 +162,7 @@ class Decoder:
             raise DecodeError(f"record of {len(raw)} bytes, but its path needs {path_end}")
         c = self.c
         killed = bool(flags & c["AW_FILE_KILLED_IN_KERNEL"])
-        return {
+        record = {
             "kind": "open", "time": ts_ns + self.boot_to_wall_ns,
             "pid": tgid, "tid": pid, "ppid": ppid, "uid": uid, "gid": gid, "comm": from_c(_cstr(comm)),
             "cgroup_id": cgroup_id, "agent_cgroup_id": agent_cgroup_id,
@@ -175,6 +175,9 @@ class Decoder:
             "killed_in_kernel": killed,
             "kernel_rule": self.deny_rules.get(rule, f"kernel rule {rule}") if killed else None,
         }
+        if flags & c["AW_FILE_FD_UNFOLLOWED"]:
+            record["fd_unfollowed"] = True
+        return record
 
     def _exec(self, record, f, raw, layout):
         c, flags = self.c, f["flags"]
@@ -216,6 +219,8 @@ class Decoder:
         self._file_common(record, f, raw, layout)
         record.update({"flags": f["open_flags"], "mode": f["mode"], "resolve": f["resolve"],
                        **self._kernel_kill(f, self.c["AW_FILE_KILLED_IN_KERNEL"])})
+        if f["flags"] & self.c["AW_FILE_FD_UNFOLLOWED"]:
+            record["fd_unfollowed"] = True
 
     def _chdir(self, record, f, raw, layout):
         self._file_common(record, f, raw, layout)
@@ -232,6 +237,8 @@ class Decoder:
             "fd": f["fd"], "arg": f["arg"], "ret": f["ret"], "error": _error(f["ret"]),
             "cloexec": bool(f["flags"] & self.c["AW_FD_CLOEXEC"]),
         })
+        if f["flags"] & self.c["AW_FD_UNFOLLOWED"]:
+            record["fd_unfollowed"] = True
 
     def _change(self, record, f, raw, layout):
         c, flags = self.c, f["flags"]

@@ -13,6 +13,7 @@ from agentwarden.doctor import PROC_PID_INIT_INO
 from agentwarden.errors import AgentwardenError, NeedsRoot
 from agentwarden.headers import bpf_dir
 from agentwarden.settings import KEYS
+from probe.btf import fd_file_cflags
 
 log = logging.getLogger("agentwarden.probe")
 
@@ -141,6 +142,10 @@ def _compile_and_attach(wakeup_interval: float):
         cflags.append("-DAW_HAVE_GROUP_DEAD=1")
     cflags += [f"-DAW_HAVE_SYS_{name.upper()}=1" for name in OPTIONAL_SYSCALLS
                if (tracefs / f"events/syscalls/sys_enter_{name}").is_dir()]
+    fd_cflags, why_not = fd_file_cflags()
+    if why_not:
+        log.warning("recording every descriptor change (no offsets of the file behind an fd: %s)", why_not)
+    cflags += fd_cflags
     log.info("compiling the BPF program (BCC, against the headers in %s)…", kernel_headers_dir())
     if exec_stash_supported():
         try:

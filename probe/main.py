@@ -22,6 +22,7 @@ from agentwarden.settings import Settings
 from . import loader
 from .decode import DecodeError, Decoder
 from .priority import PriorityLane
+from .rings import open_ring
 from .watch_now import WatchServer
 
 log = logging.getLogger("agentwarden.probe")
@@ -32,9 +33,16 @@ MAX_BATCH = 4096            # records per ZeroMQ message
 VITAL_KINDS = frozenset({"exec", "fork", "exit", "move"})
 MAX_BACKLOG = 1_000_000     # records held while the daemon is not reading
 # Memory: while this many decoded records wait for the daemon, the probe stops
-# draining the rings, so backpressure ends in the kernel ring (whose drops are
-# counted per CPU and sent as `gap` records), not in Python dicts.
+# draining the `events` ring, so backpressure ends in the kernel ring (whose
+# drops are counted per kind and sent as `gap` records), not in Python dicts.
+# It keeps draining `vital`: those records wait in the probe instead.
 PAUSE_BACKLOG = 2 * MAX_BATCH
+# Records taken from the `events` ring per drain: what one drain decodes and
+# holds at once stays small, the rest waits in the kernel ring.
+EVENTS_PER_DRAIN = MAX_BATCH
+# `vital` records held while `events` is not drained (see Probe._drain); past
+# this many, `vital` too backs up into the kernel, where drops are counted.
+MAX_VITAL_HELD = 200_000
 SEND_HWM = 4                # batches ZeroMQ queues towards the daemon
 POLL_MS = 50
 # Seconds between heartbeats (see Probe.heartbeat): a detached program is
@@ -261,8 +269,13 @@ class Probe:
                               constants["AW_AGENT_SESSION_BIT"], settings.cgroup_scope,
                               settings.instance, settings.agents_slice)
         self.notifier = sdnotify.Notifier()  # systemd readiness, watchdog, status
-        self.raw: list[bytes] = []          # from the `events` ring
-        self.raw_vital: list[bytes] = []    # from the `vital` ring
+        self.vital = None    # the rings' readers (probe.rings), from run()
+        self.events = None
+        # Decoded `vital` records newer than every `events` record taken, held
+        # while `events` has records left in the kernel (see _drain).
+        self.vital_held: list[dict] = []
+        self.events_until = 0   # the latest time of an `events` record taken
+        self.events_behind = False   # the last drain left records in `events`
         # How long to wait for a wake-up while records flow. Rounded up: a
         # shorter look could miss a record queued without one. With no
         # interval the kernel wakes the probe itself whenever it has caught up.
@@ -297,14 +310,6 @@ class Probe:
     def _leaf(table):
         leaf = table.Leaf
         return getattr(leaf, "_type_", leaf)  # per-CPU leaves are arrays of the struct
-
-    def _on_record(self, _ctx, data, size):
-        self.raw.append(ct.string_at(data, size))
-        return 0
-
-    def _on_vital(self, _ctx, data, size):
-        self.raw_vital.append(ct.string_at(data, size))
-        return 0
 
     # -- in-kernel deny rules ---------------------------------------------------
 
@@ -451,7 +456,7 @@ class Probe:
 
     def status_line(self) -> str:
         return (f"watching {len(self.tags.current)} agent cgroups; {self.counters['decoded']} "
-                f"records decoded; backlog {self.backlog_records}")
+                f"records decoded; backlog {self.backlog_records + len(self.vital_held)}")
 
     # -- counters --------------------------------------------------------------
 
@@ -486,12 +491,16 @@ class Probe:
             "kernel_dropped": {n: counts[base + k] for k, n in names.items()},
             # agent processes the kernel had no room to track: watched only in their cgroups
             "agent_tasks_untracked": counts[self.c["AW_COUNTER_UNTRACKED"]],
+            # fd records not needed (closes, copies of fds the resolver does not follow): counted, not sent
+            "kernel_fd_skipped": counts[self.c["AW_COUNTER_FD_SKIPPED"]],
             "decoded": self.counters["decoded"],
             "decode_errors": self.counters["decode_errors"],
             "batches_sent": self.counters["batches_sent"],
             "records_sent": self.counters["records_sent"],
             "backlog_dropped": self.counters["backlog_dropped"],
-            "backlog": self.backlog_records,
+            # decoded records waiting to be sent, `vital` ones held (see _drain) included
+            "backlog": self.backlog_records + len(self.vital_held),
+            "vital_held": len(self.vital_held),
             "tagged_cgroups": len(self.tags.current),
             "kernel_rules": len(self._kernel_keys),
             "kernel_sidedoor_agents": len(self._sidedoor_agents),
@@ -562,34 +571,79 @@ class Probe:
         self.counters["decoded"] += len(raw)
         return records
 
-    def _drain_ring(self) -> list[dict]:
-        """The records of both rings, merged by time (stamped at each call's
-        start): each ring's own order is kept, and so is a task's across them.
-        Both rings are consumed twice (`vital` first each time), and what the
-        second look found in `events` waits for the next drain: every `vital`
-        record emitted before an `events` record that goes out now goes out
-        with it. (The other way round, a task's `events` record emitted during
-        the last look at `vital` -- microseconds -- can follow a `vital` one.)"""
-        self.bpf.ring_buffer_consume()
-        first = len(self.raw)
-        self.bpf.ring_buffer_consume()
-        vital, self.raw_vital = self.raw_vital, []
-        raw, self.raw = self.raw[:first], self.raw[first:]
-        vital_records = self._decode(vital)
-        self.priority.send(vital_records)   # exec copies out now, before the rest is decoded
-        return list(heapq.merge(vital_records, self._decode(raw), key=_record_time))
+    def _drain(self, take_events: bool = True) -> list[dict]:
+        """Records from the rings, merged by time, in an order the daemon can
+        follow: `vital` is read, then at most EVENTS_PER_DRAIN records of
+        `events`, then `vital` again, so every `vital` record emitted before an
+        `events` record taken goes out with it. And a `vital` record never goes
+        out before an `events` record of its time still in the kernel (a
+        process's exit before its last opens, a fork before its parent's chdir):
+        while `events` is behind, the `vital` records from the first newer than
+        every `events` record taken wait in vital_held (their ring order kept).
+        take_events False (the daemon is behind): `vital` alone is read, up to
+        MAX_VITAL_HELD records held."""
+        vital = self.vital
+        if take_events or len(self.vital_held) < MAX_VITAL_HELD:
+            vital.read()
+        if take_events:
+            self.events_behind = self.events.read(EVENTS_PER_DRAIN)
+            vital.read()
+        else:
+            self.events_behind = True   # not looked at: records may wait there
+        events = self._decode(self.events.take())
+        held = self.vital_held
+        fresh = self._decode(vital.take())
+        self.priority.send(fresh)   # exec copies out now, before they wait for their turn
+        held += fresh
+        times = [r["time"] for r in events if r["kind"] != "gap"]
+        if times:
+            self.events_until = max(self.events_until, max(times))
+        if not self.events_behind:
+            released, self.vital_held = held, []
+        else:
+            until = self.events_until
+            cut = next((i for i, r in enumerate(held) if r["time"] > until), len(held))
+            released, self.vital_held = held[:cut], held[cut:]
+        if not released:
+            return events
+        if not events:
+            return released
+        return list(heapq.merge(released, events, key=_record_time))
 
     def _drain_all(self) -> list[dict]:
-        """Everything left in the rings, at the end."""
-        records = self._drain_ring()
-        raw, self.raw = self.raw, []
-        return records + self._decode(raw)
+        """Everything left in the rings, at the end: for at most a second (an
+        agent still flooding would keep it going), then the `vital` records
+        still held, which wait for nothing now."""
+        records = self._drain()
+        deadline = time.monotonic() + 1
+        while self.events_behind and time.monotonic() < deadline:
+            records += self._drain()
+        records += self.vital_held
+        self.vital_held = []
+        return records
+
+    def _wait(self, paused: bool, timeout_ms: int) -> None:
+        """Until a ring has records or timeout_ms pass; paused: until `vital`
+        has records (while it may hold more) or the daemon reads again."""
+        poller = zmq.Poller()
+        if not paused or len(self.vital_held) < MAX_VITAL_HELD:
+            poller.register(self.vital.fd, zmq.POLLIN)
+        if paused:
+            poller.register(self.sock, zmq.POLLOUT)
+        else:
+            poller.register(self.events.fd, zmq.POLLIN)
+        poller.poll(timeout_ms)
 
     def run(self) -> None:
         self.tags.sync()
-        # Added first, so consumed first (see _drain_ring).
-        self.bpf[b"vital"].open_ring_buffer(self._on_vital)
-        self.bpf[b"events"].open_ring_buffer(self._on_record)
+        self.vital, self.events = open_ring(self.bpf, "vital"), open_ring(self.bpf, "events")
+        try:
+            self._run()
+        finally:
+            self.vital.close()
+            self.events.close()
+
+    def _run(self) -> None:
         self._queue(self.health())
         self.notifier.ready(self.status_line())
         next_tags = next_health = next_beat = time.monotonic()
@@ -598,14 +652,12 @@ class Probe:
             self.notifier.alive()
             # The BPF side wakes this loop at most once per wake-up interval
             # and queues later records silently: while records flow, look
-            # again one interval later, whether woken or not.
+            # again one interval later, whether woken or not. While the
+            # daemon is behind, `events` holds the rest in the kernel.
             paused = self.backlog_records >= PAUSE_BACKLOG
-            if paused:   # the daemon is behind: wait for it, the rings hold the rest
-                self.sock.poll(self.active_poll_ms, zmq.POLLOUT)
-            else:
-                self.bpf.ring_buffer_poll(self.active_poll_ms if active else POLL_MS)
-            active = paused or bool(self.raw or self.raw_vital)
-            records = [] if paused else self._drain_ring()
+            self._wait(paused, self.active_poll_ms if active or paused else POLL_MS)
+            records = self._drain(take_events=not paused)
+            active = paused or self.events_behind or bool(records)
             if self.tags.take_added():
                 # Looked at after the drain: a record of a cgroup watch added
                 # can only be in it if the addition was seen, and the tags
@@ -635,8 +687,7 @@ class Probe:
                     break
             if now >= next_health:
                 next_health = now + self.settings.health_interval
-                if not paused:
-                    records.extend(self._drain_ring())
+                records.extend(self._drain(take_events=not paused))
                 records.extend(self.health())
                 self.notifier.alive(self.status_line())
             if records:

@@ -233,7 +233,8 @@ def test_open(decoder):
 @pytest.mark.parametrize("fields", [
     {}, {"path": b"/tmp/\xff.txt\0", "ret": -13}, {"path": b"", "flags": C["AW_FILE_PATH_UNREADABLE"]},
     {"path": b"/" + b"x" * (C["AW_MAX_PATH"] - 2) + b"\0", "flags": C["AW_FILE_PATH_TRUNCATED"]},
-    {"flags": C["AW_FILE_KILLED_IN_KERNEL"], "deny_rule": 7}, {"syscall": 99}])
+    {"flags": C["AW_FILE_KILLED_IN_KERNEL"], "deny_rule": 7}, {"syscall": 99},
+    {"flags": C["AW_FILE_FD_UNFOLLOWED"], "ret": 3}])
 def test_the_open_fast_path_decodes_as_the_general_one(decoder, fields):
     """decode() takes a one-step path for opens: the same record, keys in the same order."""
     decoder.deny_rules[7] = "files.deny /etc/shadow"
@@ -448,3 +449,17 @@ def test_move_within_the_agent(decoder):
     assert record["dst_agent_cgroup_id"] == 9000 and record["dst_path"] == "/agents/a/sub"
     with pytest.raises(DecodeError, match="dst_path"):
         decoder.decode(move_record()[:-2])
+
+
+def test_unfollowed_fds_are_said_so_and_only_then(decoder):
+    """An open or copy whose new fd is one the resolver does not follow (its closes
+    and copies skipped in the kernel) carries fd_unfollowed; others have no such key."""
+    opened = decoder.decode(file_record(ret=3, flags=C["AW_FILE_FD_UNFOLLOWED"]))
+    assert opened["fd_unfollowed"] is True
+    assert "fd_unfollowed" not in decoder.decode(file_record(ret=3))
+    copied = bytes(AwFd(h=header(C["AW_KIND_FD"]), ret=4, fd=3, syscall=C["AW_SYS_DUP"],
+                        flags=C["AW_FD_UNFOLLOWED"]))
+    assert decoder.decode(copied)["fd_unfollowed"] is True
+    assert not decoder.decode(copied)["cloexec"]
+    wire.validate_record(decoder.decode(copied))
+    wire.validate_record(opened)

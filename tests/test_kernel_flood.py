@@ -1,9 +1,13 @@
 """Execs are never the records a flood drops: four processes of an agent open
 a file in a tight loop, 1M opens in all, while another execs a forbidden
 program 20 times: each exec is recorded, judged and killed. Opens may be
-dropped (counted); exec, fork and exit records have a ring of their own."""
+dropped (counted); exec, fork and exit records have a ring of their own,
+which the probe keeps draining while the daemon does not read (the opens then
+back up in the kernel)."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +15,7 @@ import uuid
 
 import pytest
 
+from agentwarden import headers
 from agentwarden.control import DaemonUnavailable
 from conftest import events_of, wait_for
 
@@ -38,8 +43,10 @@ def test_a_flood_of_opens_never_hides_a_forbidden_exec(warden, agent_cgroup, tmp
     warden.set_policy(agent, (f'[agent.{agent}]\nmode = "enforce"\non-violation = "kill"\n'
                               f'[agent.{agent}.exec]\nallow = ["/**"]\ndeny = ["/usr/bin/id"]\n'
                               f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["/**"]\n'))
+    # A directory: its closes go out too (a read-only file's are counted, not
+    # sent), so each open makes two records, the flood the ring was sized for.
     target = tmp_path / "flooded"
-    target.write_text("x")
+    target.mkdir()
     procs = str(cg.path / "cgroup.procs")
     status = warden.status()
     before = status["probe"]["health"]["kernel_dropped"]
@@ -95,3 +102,86 @@ def test_a_flood_of_opens_never_hides_a_forbidden_exec(warden, agent_cgroup, tmp
     assert sorted(v["attempted"] for v in violations) == sorted(
         f"exec /usr/bin/id exec-{i} (/usr/bin/id)" for i in range(EXECS))
     assert all(v["action_taken"].startswith("killed in the kernel") for v in violations)
+
+
+# Opens in the kernel's `events` ring, about 150 bytes each, before the execs:
+# the probe's backlog (8,192) and the 16 MB ring are full by then.
+STOPPED_OPENS = 400_000
+STOPPED_EXECS = 1200   # find -exec: more exec records than the `vital` ring holds
+
+
+def test_execs_while_the_daemon_does_not_read_are_all_recorded(warden, agent_cgroup, tmp_path):
+    """The daemon stopped (SIGSTOP) while an agent floods opens: the probe's
+    backlog fills, it stops draining `events` (opens back up in the kernel,
+    dropped and counted), but keeps draining `vital`. Meanwhile the agent's
+    `find -exec` runs more execs than the `vital` ring can hold, then a
+    forbidden exec is killed in the kernel: once the daemon reads again,
+    every exec is recorded and the forbidden one judged, no exec, fork or exit lost."""
+    agent = f"stopped-{uuid.uuid4().hex[:6]}"
+    cg = agent_cgroup(agent)
+    warden.set_policy(agent, (f'[agent.{agent}]\nmode = "enforce"\non-violation = "kill"\n'
+                              f'[agent.{agent}.exec]\nallow = ["/**"]\ndeny = ["/usr/bin/id"]\n'
+                              f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["/**"]\n'))
+    c = headers.header_constants()
+    # Each exec record carries its filename and the kernel's copy of it, AW_MAX_PATH
+    # bytes each: the execs need more than twice the `vital` ring.
+    assert STOPPED_EXECS * 2 * c["AW_MAX_PATH"] > 2 * c["AW_VITAL_RINGBUF_PAGES"] * os.sysconf("SC_PAGE_SIZE")
+    work = tmp_path / "work"
+    work.mkdir()
+    for i in range(STOPPED_EXECS):
+        (work / f"f{i:04}").write_text("x")
+    target = tmp_path / "flooded"
+    target.write_text("x")
+    procs = str(cg.path / "cgroup.procs")
+    status = warden.status()
+    before = status["probe"]["health"]["kernel_dropped"]
+    violations_before = status["daemon"]["counters"].get("violations", 0)
+    daemon = status["daemon"]["pid"]
+    os.kill(daemon, signal.SIGSTOP)
+    flooder = None
+    try:
+        # Opens until killed, a line every REPORT_EVERY: the flood goes on through the execs.
+        flooder = subprocess.Popen([sys.executable, "-S", "-c", FLOOD, str(target), str(1 << 40),
+                                    str(REPORT_EVERY)], stdout=subprocess.PIPE,
+                                   preexec_fn=lambda: open(procs, "w").write("0"))
+        for _ in range(STOPPED_OPENS // REPORT_EVERY):
+            assert flooder.stdout.readline(), "the flood ended early"
+        found = cg.run(["find", str(work), "-type", "f", "-exec", "/usr/bin/true", "{}", ";"], timeout=300)
+        assert found.returncode == 0, found.stderr
+        forbidden = cg.run(["/usr/bin/id", "while-stopped"])
+        assert forbidden.returncode == -9   # killed in the kernel before it ran
+        assert flooder.poll() is None, "the flood ended before the execs"
+    finally:
+        if flooder is not None:
+            flooder.kill()
+            flooder.wait()
+            flooder.stdout.close()
+        os.kill(daemon, signal.SIGCONT)
+
+    def judged() -> bool:
+        try:
+            return warden.status()["daemon"]["counters"].get("violations", 0) > violations_before
+        except DaemonUnavailable:
+            return False   # busy with the flood's records: it answers between batches
+    wait_for(judged, timeout=300, interval=1, what="the forbidden exec's violation")
+
+    def settled() -> bool:
+        try:
+            warden.settle(timeout=30)
+            return True
+        except (DaemonUnavailable, AssertionError):
+            return False
+    wait_for(settled, timeout=300, interval=0, what="the pipeline to drain")   # the next tests share it
+    after = warden.status()["probe"]["health"]["kernel_dropped"]
+    dropped = {kind: after[kind] - before.get(kind, 0) for kind in after}
+    assert dropped["open"] > 0, "no open was dropped: the probe never stopped draining `events`"
+    assert dropped["exec"] == dropped["fork"] == dropped["exit"] == 0, dropped
+    records = warden.records()
+    execs = events_of(records, cg.id, "exec")
+    trues = sorted(r["argv"][1] for r in execs if r["argv"][:1] == ["/usr/bin/true"])
+    assert trues == sorted(str(path) for path in work.iterdir())
+    [killed] = [r for r in execs if r["argv"] == ["/usr/bin/id", "while-stopped"]]
+    assert killed["killed_in_kernel"]
+    [violation] = [r for r in records if r["kind"] == "violation" and r["agent"] == agent]
+    assert violation["attempted"] == "exec /usr/bin/id while-stopped (/usr/bin/id)"
+    assert violation["action_taken"].startswith("killed in the kernel")

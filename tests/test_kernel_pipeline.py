@@ -311,17 +311,27 @@ def test_decoder_layouts_match_the_c_header(kernel):
         bpf.cleanup()
 
 
-def test_loading_gives_back_the_compilers_memory(kernel):
+def test_loading_gives_back_the_compilers_memory(kernel, tmp_path):
     """BCC compiles in the probe's process: once the program is loaded, the
-    compiler libraries' pages are dropped (read-only ones only) and the
-    program's maps still work."""
+    compiler libraries' pages are dropped (read-only ones only), and what the
+    probe does after still works: its maps answer, its programs run (the
+    heartbeat), its rings are read (a tagged cgroup's exec, decoded), and the
+    compiler runs again in the same process (a second program loaded)."""
+    from agentwarden import cgroups, headers
     from agentwarden.probe import loader
+    from agentwarden.probe.main import Probe
+    from agentwarden.probe import rings
+    from agentwarden.probe.rings import Ring
+    from agentwarden.settings import Settings
+    from conftest import AgentCgroup
 
     def compiler_resident() -> int:
         mappings = loader._clean_compiler_mappings(Path("/proc/self/smaps").read_text())
         return sum(resident for _start, _end, resident in mappings)
 
     bpf = loader.compile_and_attach()
+    again = None
+    cg = AgentCgroup(kernel, None, "released")
     try:
         left = compiler_resident()
         table = bpf[b"counters"]
@@ -333,8 +343,40 @@ def test_loading_gives_back_the_compilers_memory(kernel):
         for start, _end, _resident in loader._clean_compiler_mappings(text):
             header = next(line for line in text.splitlines() if line.startswith(f"{start:x}-"))
             assert "w" not in header.split()[1]
+        # A probe on this program: heartbeat, tags into the maps, the rings read and decoded.
+        settings = Settings(run_dir=tmp_path / "run", state_dir=tmp_path / "state",
+                            policy_dir=tmp_path / "policy", cgroup_scope=cg.path.parent.name)
+        probe = Probe(settings, bpf, headers.header_constants())
+        try:
+            assert probe.heartbeat() == []   # every heartbeat program ran
+            cg.tag()
+            assert probe.tags.watch(cg.path)["ok"]
+            # Both readers: libbpf's, and the probe's own mapping (x86-64).
+            for reader in (Ring, rings.MappedRing):
+                probe.vital, probe.events = reader(bpf, "vital"), reader(bpf, "events")
+                argv = ["/usr/bin/true", f"after-release-{reader.__name__}"]
+                assert cg.run(argv).returncode == 0
+                records = wait_for(lambda: [r for r in probe._drain() if r["kind"] == "exec"
+                                            and r["agent_cgroup_id"] == cg.id], what="the exec record")
+                assert [r["argv"] for r in records] == [argv]
+                probe.vital.close()
+                probe.events.close()
+                probe.vital = probe.events = None
+        finally:
+            for ring in (probe.vital, probe.events):
+                if ring is not None:
+                    ring.close()
+            probe.sock.close()
+            probe.rules_sock.close()
+        # The compiler's dropped pages come back from their files when it runs again.
+        again = loader.compile_and_attach()
+        assert again[b"counters"].sum(table.Key(0)).value >= 0
     finally:
+        if again is not None:
+            again.cleanup()
         bpf.cleanup()
+        cgroups.untag(cg.path)
+        cg.remove()
 
 
 def test_records_queued_without_a_wakeup_still_arrive_within_the_interval(warden, agent_cgroup, tmp_path):

@@ -32,7 +32,7 @@ def snapshot(**over) -> dict:
         "probe": {"last_seen": 1_796_000_000_000_000_000 - 10**9,
                   "health": {"kernel_emitted": {"exec": 5, "open": 9}, "kernel_dropped": {"exec": 0, "open": 1},
                              "decoded": 14, "records_sent": 14, "decode_errors": 0, "backlog": 0,
-                             "tagged_cgroups": 2}},
+                             "tagged_cgroups": 2, "kernel_fd_skipped": 40}},
         "drops": {"kernel": 1},
         "sessions": {"sessions": 1, "continued": 4, "refused": 1, "held": 1, "unreadable": 0,
                      "handling_histogram": {"bounds": [0.001, 0.01], "counts": [3, 2, 1], "sum": 0.5},
@@ -74,6 +74,7 @@ def test_a_scrape_reads_the_snapshot():
         assert m['agentwarden_decisions_total{verdict="violation"}'] == 2
         assert m['agentwarden_hold_records_total{state="approved"}'] == 1 and m["agentwarden_holds_pending"] == 1
         assert m['agentwarden_kernel_dropped_records_total{kind="open"}'] == 1
+        assert m["agentwarden_kernel_fd_records_skipped_total"] == 40
         assert m['agentwarden_dropped_records_total{stage="kernel"}'] == 1
         assert m['agentwarden_dropped_records_total{stage="transport"}'] == 0   # every stage, 0 until a loss
         assert m["agentwarden_archive_lag_records"] == 4 and m["agentwarden_archive_bytes_written_total"] == 4096

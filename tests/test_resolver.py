@@ -408,3 +408,62 @@ def test_a_symlinks_content_resolves_against_the_links_directory():
     absolute = change(PARENT, "symlink", "/etc/shadow", "/tmp/s")
     r.annotate(absolute)
     assert absolute["resolved_path"] == "/etc/shadow"
+
+
+def test_an_unfollowed_fd_is_forgotten_since_its_close_is_never_seen():
+    """The kernel skips closes and copies of fds it does not follow and marks
+    the open or copy that made one (fd_unfollowed): the model forgets the
+    number, so that what later takes it unseen (a memfd, a socket, a received
+    dir fd) is not taken for that file."""
+    r = Resolver()
+    r.annotate(chdir(PARENT, "/work"))
+    r.annotate(open_(PARENT, "/allowed", ret=3, flags=O_DIRECTORY))
+    r.annotate({**open_(PARENT, "/etc/plain", ret=3), "fd_unfollowed": True})   # its close is never seen
+    assert 3 not in r.processes[PARENT].fds
+    truncated = change(PARENT, "ftruncate", dirfd=3)     # a memfd at 3 by now
+    r.annotate(truncated)
+    assert truncated["resolved_path"] is None
+    assert resolved(r, open_(PARENT, "key", dirfd=3, ret=-1)) is None
+    # a copy the kernel marks (made while the table was shared) is forgotten too,
+    # and it still replaces what its number named
+    r.annotate(open_(PARENT, "/allowed", ret=4, flags=O_DIRECTORY))
+    r.annotate({**fd_(PARENT, "dup2", 6, ret=4, arg=4), "fd_unfollowed": True})
+    assert 4 not in r.processes[PARENT].fds
+    # an open the kernel does not mark (a directory, a writer, O_PATH) is followed
+    r.annotate(open_(PARENT, "/etc", ret=5))
+    assert resolved(r, open_(PARENT, "hosts", dirfd=5)) == "/etc/hosts"
+
+
+def test_an_unfollowed_fd_named_by_an_fd_call_is_what_proc_confirms(tmp_path):
+    """fchmod, fchown, fexecve or /proc/self/fd/N on a read-only regular file:
+    the model has the open's path as a claim, used only when /proc still shows
+    it; an agent that closes the fd and opens another file at its number
+    before the daemon looks (the close is never seen) gets no path at all."""
+    me = os.getpid()
+    forbidden, allowed = tmp_path / "forbidden", tmp_path / "allowed"
+    forbidden.write_text("f")
+    allowed.write_text("a")
+    r = Resolver()
+    r.annotate(chdir(me, str(tmp_path)))
+    fd = os.open(forbidden, os.O_RDONLY)
+    try:
+        r.annotate({**open_(me, "forbidden", ret=fd), "fd_unfollowed": True})
+        assert fd not in r.processes[me].fds
+        for record in (change(me, "fchmod", dirfd=fd), change(me, "chmod", f"/proc/self/fd/{fd}")):
+            r.annotate(record)
+            assert record["resolved_path"] == str(forbidden)
+        fchown = change(me, "fchown", dirfd=fd)   # the daemon looks after the swap below
+        os.close(fd)
+        assert os.open(allowed, os.O_RDONLY) == fd
+        r.annotate(fchown)
+        assert fchown["resolved_path"] is None
+        # a copy made in a shared table names the claim too; a seen close drops it
+        r.annotate({**open_(me, "allowed", ret=fd), "fd_unfollowed": True})
+        copy = os.dup(fd)
+        r.annotate({**fd_(me, "dup", fd, ret=copy), "fd_unfollowed": True})
+        assert r.processes[me].claims[copy] == str(allowed)
+        os.close(copy)
+        r.annotate(fd_(me, "close", copy))
+        assert copy not in r.processes[me].claims
+    finally:
+        os.close(fd)

@@ -289,11 +289,43 @@ def decompress_bytes(data: bytes, compression: str | None) -> bytes:
 
 
 def compress_bytes(data: bytes, compression: str) -> bytes:
+    packer = compressor(compression)
+    return packer.compress(data) + packer.flush()
+
+
+def compressor(compression: str) -> Any:
+    """A streaming compressor (compress(), flush()) making what compress_bytes makes:
+    the daemon compresses a sealed segment piece by piece, never whole in memory."""
     if compression == "xz":
-        return lzma.compress(data, preset=1)  # as small as preset 6 here, seven times faster
+        return lzma.LZMACompressor(preset=1)  # as small as preset 6 here, seven times faster
     if compression == "zlib":
-        return zlib.compress(data, 9)
+        return zlib.compressobj(9)
     raise ValueError(compression)
+
+
+def decompressed_pieces(f: Any, compression: str, piece: int = 1 << 20) -> Iterator[bytes]:
+    """A compressed segment's content read from file f, at most piece bytes at
+    a time (memory stays bounded however well it compressed). Raises
+    ArchiveError when the stream is damaged or ends early."""
+    try:
+        if compression == "xz":
+            unpacker = lzma.LZMADecompressor()
+            while not unpacker.eof:
+                data = f.read(piece) if unpacker.needs_input else b""
+                if unpacker.needs_input and not data:
+                    raise ArchiveError("the compressed stream ends early")
+                yield unpacker.decompress(data, max_length=piece)
+        elif compression == "zlib":
+            unpacker = zlib.decompressobj()
+            while not unpacker.eof:
+                data = unpacker.unconsumed_tail or f.read(piece)
+                if not data:
+                    raise ArchiveError("the compressed stream ends early")
+                yield unpacker.decompress(data, piece)
+        else:
+            raise ValueError(compression)
+    except (lzma.LZMAError, zlib.error) as exc:
+        raise ArchiveError(f"cannot be decompressed: {exc}") from None
 
 
 @dataclass
