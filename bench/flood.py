@@ -368,7 +368,9 @@ def measure(plan: FloodPlan, workdir: Path, cgroup: BenchCgroup) -> dict:
     files_dir = workdir / "flood-files"
     files_dir.mkdir()
     for i in range(plan.files):
-        (files_dir / f"f{i}").touch()
+        # Directories: the kernel sends the close of a directory fd (one of a
+        # read-only regular file it only counts), so each close stays a record.
+        (files_dir / f"f{i}").mkdir()
     aw = Agentwarden(workdir / "flood-agentwarden", cgroup, policy=policy(files_dir, forbidden))
     try:
         log("flood: starting agentwarden")

@@ -774,7 +774,7 @@ def flood_sections(result: dict) -> list[Section]:
         notes.append(f"in {len(blurred)} of {len(steps)} steps other processes held tracing BPF programs "
                      f"({', '.join(names)}): other work shared the 2 CPUs")
     intro = (f"{plan['flooders']} processes of bench/flood.c (static) in the tagged agent cgroup open and "
-             f"close files ({plan['files']:,} names each) in tight loops for {plan['seconds']:g} s per step, "
+             f"close directories ({plan['files']:,} names each) in tight loops for {plan['seconds']:g} s per step, "
              f"paced together to the target rate (opens/s; each open and each close is a record, `open` "
              f"and `fd`), then unpaced; an enforce policy decides every open. Meanwhile another process "
              f"of the agent execs a denied program {plan['execs']} times (killed in the kernel; its "
