@@ -749,7 +749,8 @@ def flood_sections(result: dict) -> list[Section]:
     notes.append(("no exec record was lost in any step (the `vital` ring); " if not exec_lost else
                   f"{exec_lost} exec records were lost; ") +
                  "each is archived in time order, behind the records made before it that are still "
-                 "queued: identified after follows the pipeline's lag")
+                 "queued, but decided and acted on from the priority lane's copy as soon as the probe "
+                 "drains it (violations `ahead_of_order`): identified after does not follow the pipeline's lag")
     for s in steps:
         at = f"at {_rate_label(s)}"
         if s["target_rate"] and s["achieved_rate"] < 0.95 * s["target_rate"]:
