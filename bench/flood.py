@@ -271,6 +271,7 @@ def _forbidden_found(records, marks: dict[str, dict]) -> list[dict]:
                       "after_ms": (violation["time"] - exec_record["time"]) / 1e6 if identified else None,
                       "user_space": run["user_space"],
                       "killed": bool(violation and violation["action_taken"].startswith("killed process")),
+                      "action_taken": violation["action_taken"] if violation else None,
                       "ran_ms": (exit_record["time"] - exec_record["time"]) / 1e6 if exit_record else None})
     return found
 
@@ -367,7 +368,9 @@ def measure(plan: FloodPlan, workdir: Path, cgroup: BenchCgroup) -> dict:
     files_dir = workdir / "flood-files"
     files_dir.mkdir()
     for i in range(plan.files):
-        (files_dir / f"f{i}").touch()
+        # Directories: the kernel sends the close of a directory fd (one of a
+        # read-only regular file it only counts), so each close stays a record.
+        (files_dir / f"f{i}").mkdir()
     aw = Agentwarden(workdir / "flood-agentwarden", cgroup, policy=policy(files_dir, forbidden))
     try:
         log("flood: starting agentwarden")

@@ -749,7 +749,8 @@ def flood_sections(result: dict) -> list[Section]:
     notes.append(("no exec record was lost in any step (the `vital` ring); " if not exec_lost else
                   f"{exec_lost} exec records were lost; ") +
                  "each is archived in time order, behind the records made before it that are still "
-                 "queued: identified after follows the pipeline's lag")
+                 "queued, but decided and acted on from the priority lane's copy as soon as the probe "
+                 "drains it (violations `ahead_of_order`): identified after does not follow the pipeline's lag")
     for s in steps:
         at = f"at {_rate_label(s)}"
         if s["target_rate"] and s["achieved_rate"] < 0.95 * s["target_rate"]:
@@ -763,7 +764,8 @@ def flood_sections(result: dict) -> list[Section]:
         missed = [f["mark"] for f in s["forbidden"] if not f["identified"]]
         if missed:
             notes.append(f"{at} forbidden execs NOT identified: {', '.join(missed)}")
-        spared = [f["mark"] for f in s["forbidden"] if f.get("user_space") and not f["killed"]]
+        spared = [f"{f['mark']} ({f.get('action_taken')})" for f in s["forbidden"]
+                  if f.get("user_space") and not f["killed"]]
         if spared:
             notes.append(f"{at} forbidden execs the daemon did NOT kill (ran to their end, or ended before "
                          f"the kill): {', '.join(spared)}")
@@ -773,7 +775,7 @@ def flood_sections(result: dict) -> list[Section]:
         notes.append(f"in {len(blurred)} of {len(steps)} steps other processes held tracing BPF programs "
                      f"({', '.join(names)}): other work shared the 2 CPUs")
     intro = (f"{plan['flooders']} processes of bench/flood.c (static) in the tagged agent cgroup open and "
-             f"close files ({plan['files']:,} names each) in tight loops for {plan['seconds']:g} s per step, "
+             f"close directories ({plan['files']:,} names each) in tight loops for {plan['seconds']:g} s per step, "
              f"paced together to the target rate (opens/s; each open and each close is a record, `open` "
              f"and `fd`), then unpaced; an enforce policy decides every open. Meanwhile another process "
              f"of the agent execs a denied program {plan['execs']} times (killed in the kernel; its "

@@ -98,9 +98,8 @@ class Daemon:
         self.feed = Feed(self.pub)
         self.listened = False   # someone subscribed to the events at the batch's start (feed.py)
         self.control = self._bind(zmq.REP, settings.control_endpoint)
-        self._priority_sock = self._bind(zmq.PULL, settings.priority_endpoint)
+        self._priority_sock = self._bind(zmq.PULL, settings.priority_endpoint, {zmq.RCVHWM: LANE_HWM})
         PriorityLane.restrict(settings.priority_endpoint)
-        self._priority_sock.setsockopt(zmq.RCVHWM, LANE_HWM)
 
         self.started = time.time_ns()
         self.counters: collections.Counter = collections.Counter()

@@ -2,7 +2,7 @@
 (bench/flood.c, 50,000/s in all) so the in-order stream is seconds behind, while
 another process of the same agent execs a program no allow rule matches (a
 copy of sh: a user-space kill by the daemon, not a kernel deny). It is killed
-before it does what it would do after 2 s (create a file), while the
+before it does what it would do after a second (create a file), while the
 in-order path has not yet reached its record; the archive then holds its exec
 record once and exactly one violation naming it, "killed process N", decided
 ahead of order, archived right after the exec record; `log verify` passes."""
@@ -28,7 +28,7 @@ FLOOD_RATE = 50_000   # opens/s of the four together, as in the finding (bench/f
 FLOOD_SECONDS = 60   # stopped once the execs are done
 FILES = 500
 EXECS = 3
-EFFECT_AFTER = 2   # seconds the forbidden program waits before its effect
+EFFECT_AFTER = 1   # seconds the forbidden program waits before its effect
 
 
 def _counters(warden) -> dict:
