@@ -177,8 +177,8 @@ def throughput_section(series: dict) -> Section:
                          "(it shares the CPUs with probe and daemon)")
         if s["lost"] > 0:
             notes.append(f"{at} lost {s['lost']:,} of {s['ops']:,} ({100 * s['lost'] / s['ops']:.1f}%): "
-                         f"kernel {s['kernel_dropped']:,}, gap records by stage "
-                         f"{s['stage_drops'] or 'none'}")
+                         f"kernel {s['kernel_dropped']:,} opens; gap records by stage, every kind "
+                         f"(the closes' fd records too) {s['stage_drops'] or 'none'}")
     intro = (f"{series['describe']}. One process in the tagged cgroup opens "
              f"{series['files']:,} distinct files in turn, paced at each target rate for "
              f"{series['seconds']:g} s; only its opens are counted (kernel_emitted/dropped['open'], "
