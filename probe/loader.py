@@ -13,7 +13,7 @@ from agentwarden.doctor import PROC_PID_INIT_INO
 from agentwarden.errors import AgentwardenError, NeedsRoot
 from agentwarden.headers import bpf_dir
 from agentwarden.settings import KEYS
-from probe.btf import fd_file_cflags
+from .btf import fd_file_cflags
 
 log = logging.getLogger("agentwarden.probe")
 

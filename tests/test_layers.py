@@ -51,3 +51,23 @@ def test_a_core_module_importing_the_daemon_breaks_the_contract(tmp_path):
     result = lint(tree)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "agentwarden.wire -> agentwarden.daemon.main" in result.stdout
+
+
+def test_no_module_imports_a_source_directory_as_a_top_level_package():
+    """probe/, daemon/ and bpf/ are installed inside `agentwarden` (package-dir):
+    `from probe.x import y` works from a checkout (the repo root on sys.path)
+    and fails in the .deb, so every import of them names agentwarden or is relative."""
+    import re
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = config.get("package-dir", {})
+    tops = sorted({path.split("/")[0] for package, path in mapping.items()
+                   if path.split("/")[0] != package.split(".")[0]})
+    assert {"probe", "daemon", "bpf"} <= set(tops), tops
+    pattern = re.compile(r"^\s*(?:from|import)\s+(?:%s)(?:\.|\s|$)" % "|".join(map(re.escape, tops)), re.M)
+    offenders = []
+    for package in config["packages"]:
+        source = ROOT / mapping.get(package, package.replace(".", "/"))
+        for module in source.glob("*.py"):
+            for match in pattern.finditer(module.read_text()):
+                offenders.append(f"{module.relative_to(ROOT)}: {match.group(0).strip()}")
+    assert not offenders, offenders
