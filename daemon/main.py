@@ -301,18 +301,15 @@ class Daemon:
         the feed, out is emptied as they are handled: each record is freed
         once archived, so a flood's batch is never held whole and enriched."""
         self.listened = self.feed.listened()
+        pending = out[::-1]
+        if not self.listened:
+            out.clear()   # no one to publish to: each record goes with its turn
         with self.governor.batch():
-            if self.listened:
-                for record in list(out):
-                    violation = self.handle_record(record)
-                    if violation:
-                        out.append(violation)
-                    self.priority.between_records()   # an exec to kill must not wait for this batch
-            else:
-                out.reverse()
-                while out:
-                    self.handle_record(out.pop())   # its violation archived; no one to publish to
-                    self.priority.between_records()
+            while pending:
+                violation = self.handle_record(pending.pop())
+                if violation and self.listened:
+                    out.append(violation)   # archived already; published after the batch's records
+                self.priority.between_records()   # an exec to kill must not wait for this batch
         self.archive.flush()
         if self.listened:
             self.publish(out)
