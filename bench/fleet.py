@@ -148,7 +148,9 @@ async def holds(cluster: NatsCluster, warden: Agentwarden, key: fleet.AdminKey, 
     nats = fleet.nats_module()
     creds = fleet.load_credentials(cluster.credentials("alice"))
     nc = await nats.connect(fleet.servers(cluster.url), **fleet.connect_options(creds))
-    kv = await nc.jetstream().key_value(fleet.HOLDS_BUCKET)
+    js = nc.jetstream()
+    kv = await js.key_value(fleet.HOLDS_BUCKET)
+    prefix = f"$KV.{fleet.HOLDS_BUCKET}.{fleet.token(HOST)}."
     script = f"i=0; while [ $i -lt {count} ]; do /usr/bin/true held-$i; echo ran-$i; i=$((i+1)); done"
     proc = subprocess.Popen([sys.executable, "-m", "agentwarden", "run", "--agent", BENCH_AGENT, "--",
                              "/bin/sh", "-c", script], env=warden.env, stdout=subprocess.PIPE,
@@ -162,12 +164,13 @@ async def holds(cluster: NatsCluster, warden: Agentwarden, key: fleet.AdminKey, 
             while entry is None:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"bench: hold {number} never showed in {fleet.HOLDS_BUCKET}")
-                try:
-                    keys = [k for k in await kv.keys() if k.startswith(fleet.token(HOST) + ".")]
-                except Exception:   # no keys yet
-                    keys = []
-                for k in keys:
-                    got = await kv.get(k)
+                # As `fleet holds` lists them: the bucket stream's subjects (admins may not watch it).
+                info = await js.stream_info(f"KV_{fleet.HOLDS_BUCKET}", subjects_filter=prefix + ">")
+                for subject in info.state.subjects or {}:
+                    try:
+                        got = await kv.get(subject[len(f"$KV.{fleet.HOLDS_BUCKET}."):])
+                    except Exception:   # a deleted key's tombstone
+                        continue
                     if got.value:
                         entry = json.loads(got.value)
                         seen = time.time_ns()

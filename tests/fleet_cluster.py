@@ -34,19 +34,42 @@ def host_permissions(host: str) -> str:
     }}"""
 
 
+# The JetStream API an admin and the collector use, by name: never `$JS.API.>`,
+# which would let them delete or purge the stream, the buckets or the
+# collector's consumer (an audit trail an admin can erase is none).
+_FLEET_STREAMS = (fleet.STREAM, f"KV_{fleet.HOLDS_BUCKET}", f"KV_{fleet.HOSTS_BUCKET}")
+_MADE_AND_READ = ["$JS.API.INFO", "$JS.API.STREAM.NAMES",
+                  *(f"$JS.API.STREAM.{verb}.{stream}" for stream in _FLEET_STREAMS for verb in ("INFO", "CREATE"))]
+
+
+def _quoted(subjects: list[str]) -> str:
+    return ", ".join(f'"{s}"' for s in subjects)
+
+
 def admin_permissions(admin: str) -> str:
-    """Decisions, reading the stream and buckets (ordered consumers answer
-    flow control: $JS.FC); never records."""
+    """Decisions; reading the stream (an ordered consumer of its own, which
+    answers flow control: $JS.FC) and the buckets; making them (`fleet init`).
+    Never records, never deleting or purging anything."""
+    reads = [*_MADE_AND_READ,
+             *(f"$JS.API.{api}.{stream}{tail}" for stream in _FLEET_STREAMS[1:]
+               for api, tail in (("DIRECT.GET", ""), ("DIRECT.GET", ".>"), ("STREAM.MSG.GET", ""))),
+             # ordered consumers are unnamed: not .<name>, which could redefine the collector's
+             f"$JS.API.CONSUMER.CREATE.{fleet.STREAM}", f"$JS.API.CONSUMER.INFO.{fleet.STREAM}.>"]
     return f"""{{
-        publish: {{ allow: ["aw.decide.>", "$JS.API.>", "$JS.FC.>"] }}
+        publish: {{ allow: ["aw.decide.>", {_quoted(reads)}, "$JS.FC.>"] }}
         subscribe: {{ allow: ["{fleet.inbox_prefix(admin)}.>"] }}
     }}"""
 
 
 def collector_permissions(user: str) -> str:
-    """Consume and acknowledge the stream (and create it and the buckets)."""
+    """Consume and acknowledge the stream through its own durable consumer
+    (and make the stream and the buckets). Never deleting or purging anything."""
+    durable = f"{fleet.STREAM}.{fleet.COLLECTOR_DURABLE}"
+    consumes = [*_MADE_AND_READ, f"$JS.API.CONSUMER.DURABLE.CREATE.{durable}",
+                f"$JS.API.CONSUMER.CREATE.{durable}", f"$JS.API.CONSUMER.CREATE.{durable}.>",
+                f"$JS.API.CONSUMER.INFO.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.{durable}"]
     return f"""{{
-        publish: {{ allow: ["$JS.API.>", "$JS.ACK.AW_RECORDS.>"] }}
+        publish: {{ allow: [{_quoted(consumes)}, "$JS.ACK.{fleet.STREAM}.>"] }}
         subscribe: {{ allow: ["{fleet.inbox_prefix(user)}.>"] }}
     }}"""
 

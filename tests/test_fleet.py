@@ -241,3 +241,22 @@ def test_the_collector_says_once_it_cannot_reach_nats_and_stops_on_sigterm_while
     assert err.count("cannot reach") == 1, err
     assert "stopped before it could connect" in err
     assert not (tmp_path / "central").exists() or not any((tmp_path / "central").iterdir())
+
+
+def test_the_permissions_in_docs_fleet_md_are_those_the_tests_run():
+    """docs/fleet.md shows each role's NATS permissions; tests/fleet_cluster.py
+    makes the servers the tests prove them on: the same subjects."""
+    import re
+
+    import fleet_cluster
+    text = (Path(__file__).resolve().parent.parent / "docs" / "fleet.md").read_text()
+
+    def subjects(block: str) -> dict[str, set[str]]:
+        return {kind: set(re.findall(r'"([^"]+)"', found))
+                for kind, found in re.findall(r"(publish|subscribe): \{ allow: \[(.*?)\] \}", block, re.S)}
+    for user, made in (("web-3", fleet_cluster.host_permissions("web-3")),
+                       ("alice", fleet_cluster.admin_permissions("alice")),
+                       ("collector", fleet_cluster.collector_permissions("collector"))):
+        shown = text[text.index(f'{{ user: "{user}"'):]
+        shown = shown[:shown.find("{ user:", 1)]   # up to the next user (the last: to the end)
+        assert subjects(shown) == subjects(made), user

@@ -114,17 +114,26 @@ def test_an_admins_ordered_consumer_reads_a_large_stream_without_stalling(cluste
 
 
 async def _bucket_keys(cluster: NatsCluster) -> set[str] | None:
-    """The bucket's keys, or None when the listing did not finish in 10 s
-    (nats-py's keys() can wait for good on a consumer that got no answer): the
-    caller asks again, within its own deadline, rather than hang the suite."""
+    """The bucket's keys as `fleet holds` lists them (the stream's subject
+    counts; an admin may not watch the bucket with a consumer of its own), or
+    None when the cluster did not answer in 10 s: the caller asks again."""
+    from nats.js.errors import KeyDeletedError, KeyNotFoundError
     nc = await _connect(cluster, ADMIN)
+    prefix = f"$KV.{fleet.HOLDS_BUCKET}."
     try:
-        kv = await nc.jetstream(timeout=10).key_value(fleet.HOLDS_BUCKET)
-        return set(await asyncio.wait_for(kv.keys(), 10))
+        js = nc.jetstream(timeout=10)
+        info = await asyncio.wait_for(js.stream_info(f"KV_{fleet.HOLDS_BUCKET}", subjects_filter=prefix + ">"), 10)
+        kv = await js.key_value(fleet.HOLDS_BUCKET)
+        keys = set()
+        for subject in info.state.subjects or {}:
+            try:
+                await kv.get(subject[len(prefix):])
+            except (KeyDeletedError, KeyNotFoundError):   # a tombstone: deleted
+                continue
+            keys.add(subject[len(prefix):])
+        return keys
     except asyncio.TimeoutError:
         return None
-    except Exception:   # NoKeysError: empty
-        return set()
     finally:
         await nc.close()
 
@@ -179,3 +188,60 @@ def test_a_restarted_shipper_deletes_the_hold_keys_of_its_last_run(cluster, tmp_
         assert "former-name" not in (state / HOLD_KEYS_FILE).read_text()
     finally:
         shipper.stop()
+
+
+async def _destructive_attempts(cluster: NatsCluster, user: str) -> dict[str, str]:
+    """What user gets asking JetStream to erase the fleet's trail: each outcome's text."""
+    nc = await _connect(cluster, user)
+    js = nc.jetstream(timeout=1)   # a refused request is never answered
+    attempts = {
+        "delete the records stream": js.delete_stream(fleet.STREAM),
+        "purge the records stream": js.purge_stream(fleet.STREAM),
+        "delete a record": js.delete_msg(fleet.STREAM, 1),
+        "delete the holds bucket": js.delete_stream(f"KV_{fleet.HOLDS_BUCKET}"),
+        "purge the hosts bucket": js.purge_stream(f"KV_{fleet.HOSTS_BUCKET}"),
+        "delete the collector's consumer": js.delete_consumer(fleet.STREAM, fleet.COLLECTOR_DURABLE),
+    }
+    outcomes = {}
+    try:
+        for name, attempt in attempts.items():
+            try:
+                outcomes[name] = f"done: {await attempt}"
+            except Exception as exc:
+                outcomes[name] = f"{exc.__class__.__name__}: {exc}"
+    finally:
+        await nc.close()
+    return outcomes
+
+
+def test_neither_an_admin_nor_the_collector_can_erase_the_stream_the_buckets_or_the_consumer(cluster, tmp_path):
+    """Admins read and decide, the collector consumes: neither account may
+    delete or purge the records, the buckets or the collector's durable
+    consumer (their JetStream API is allowed by name, never `$JS.API.>`)."""
+    async def setup() -> int:
+        nc = await _connect(cluster, "collector")
+        js = nc.jetstream(timeout=10)
+        await fleet_collector.ensure_fleet(js, 3)
+        sub = await js.pull_subscribe(f"{fleet.RECORD_PREFIX}.>", durable=fleet.COLLECTOR_DURABLE,
+                                      stream=fleet.STREAM)
+        await nc.close()
+        nc = await _connect(cluster, HOST)
+        await nc.jetstream(timeout=10).publish(f"{fleet.RECORD_PREFIX}.{HOST}.bot.exec", b"a record")
+        await nc.close()
+        return 1 if sub else 0
+    assert asyncio.run(setup()) == 1
+    for user in (ADMIN, "collector"):
+        outcomes = asyncio.run(_destructive_attempts(cluster, user))
+        for name, outcome in outcomes.items():
+            assert not outcome.startswith("done"), (user, name, outcome)
+        assert f'Publish Violation - User "{user}", Subject "$JS.API.STREAM.DELETE.{fleet.STREAM}"' \
+            in cluster.server_log()
+
+    async def still_there() -> tuple[int, int]:
+        nc = await _connect(cluster, ADMIN)
+        js = nc.jetstream(timeout=10)
+        info = await js.stream_info(fleet.STREAM)
+        consumer = await js.consumer_info(fleet.STREAM, fleet.COLLECTOR_DURABLE)
+        await nc.close()
+        return info.state.messages, consumer.num_pending
+    assert asyncio.run(still_there()) == (1, 1)
