@@ -164,6 +164,27 @@ class Warden:
                 h2.get("decoded", 0) >= emitted and h2.get("backlog", 0) == 0
         wait_for(quiet, timeout=timeout, interval=0, what="the pipeline to settle")
 
+    def settle_after_flood(self) -> None:
+        """settle(), patiently: after a flood the daemon answers between batches
+        only, and the next tests share this pipeline."""
+        def settled() -> bool:
+            try:
+                self.settle(timeout=30)
+                return True
+            except (control.DaemonUnavailable, AssertionError):
+                return False
+        wait_for(settled, timeout=300, interval=0, what="the pipeline to drain")
+
+    def wait_for_violations(self, before: int, count: int, what: str) -> None:
+        """Until the daemon has counted count violations more than before (under a
+        flood it answers between batches only)."""
+        def judged() -> bool:
+            try:
+                return self.status()["daemon"]["counters"].get("violations", 0) - before >= count
+            except control.DaemonUnavailable:
+                return False
+        wait_for(judged, timeout=300, interval=1, what=what)
+
     def stop(self) -> None:
         stop_process(self.proc)
         self.log.close()

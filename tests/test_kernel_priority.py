@@ -95,17 +95,10 @@ def test_a_forbidden_exec_is_killed_ahead_of_a_flood(warden, agent_cgroup, tmp_p
             f.stdout.close()
             f.stderr.close()
     print(runs)   # in_order_yet: whether the flood left the in-order path behind (the machine decides)
-
-    def settled() -> bool:
-        try:
-            warden.settle(timeout=30)
-            return True
-        except (DaemonUnavailable, AssertionError):
-            return False
     try:
         _check_runs(warden, runs, before, tmp_path)
     finally:
-        wait_for(settled, timeout=300, interval=0, what="the pipeline to drain")   # the next tests share it
+        warden.settle_after_flood()
     records = warden.records()
     execs = [r for r in events_of(records, cg.id, "exec") if r["argv"][:1] == [str(forbidden)]]
     violations = [r for r in records if r["kind"] == "violation" and r["agent"] == agent]
