@@ -6,10 +6,18 @@ The format is in segments.py. The writer's promises:
   chain hash at once (so the daemon can publish the seq); ``flush`` writes what
   is pending to the OS in one write; ``sync`` fsyncs and then rewrites the head
   file. ``durable_seq`` is the highest seq known to be on stable storage.
-- **Bounded loss**: the daemon calls ``sync`` when ``sync_due`` — at most
+- **Bounded loss**: the daemon calls ``sync_soon`` when ``sync_due`` — at most
   ``sync_interval`` after the first record that is not yet fsynced, or
   sooner once ``MAX_UNSYNCED_BYTES`` wait (bounded memory: what is written but
   not fsynced is kept to write again).
+- **The disk never holds the daemon's loop**: ``sync_soon`` writes what is
+  pending, then hands the fsync (of a dup of the segment's fd) and the head
+  file's rewrite to the ``archive-sync`` thread and returns; the loop takes
+  the outcome at a later ``sync_soon`` (``sync_due`` says when). ``durable_seq``
+  and the head name only what that fsync covered; a failed one is undone
+  as a failed ``sync`` is. The loop waits for the disk only to seal or close
+  a segment, for ``sync``, and when twice ``MAX_UNSYNCED_BYTES`` wait behind a
+  slow fsync (memory stays bounded).
 - **Torn tails**: at start, an incomplete record at the end of the last
   segment (a crash mid-write) is cut, and an ``archive`` record
   ``torn-tail-cut`` says where and how many bytes. Anything else unreadable is
@@ -59,6 +67,19 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # would otherwise hold sync_interval's worth of records in memory).
 MAX_UNSYNCED_BYTES = 4 << 20
 COMPRESS_PIECE = 1 << 20       # bytes of a sealed segment compressed (and checked) at a time
+SYNC_POLL = 0.005              # s between the loop's looks at an fsync in flight
+
+
+class _SyncJob:
+    """One background fsync: what it covers, and its outcome once done."""
+
+    def __init__(self, fd: int, size: int, seq: int, chain: bytes, count: int, nbytes: int, segment: str):
+        self.fd, self.size, self.seq, self.chain = fd, size, seq, chain
+        self.count, self.nbytes, self.segment = count, nbytes, segment   # unsynced entries and bytes covered
+        self.started = time.monotonic()
+        self.seconds = 0.0
+        self.error: OSError | None = None
+        self.done = threading.Event()
 
 
 def boot_id() -> str:
@@ -137,6 +158,9 @@ class ArchiveWriter:
         self._compress_queue: queue.Queue = queue.Queue()
         self._compressor = threading.Thread(target=self._compress_worker, name="archive-compress",
                                             daemon=True)
+        self._sync_job: _SyncJob | None = None   # the fsync in flight on the archive-sync thread
+        self._sync_queue: queue.Queue = queue.Queue()
+        self._syncer = threading.Thread(target=self._sync_worker, name="archive-sync", daemon=True)
         self.recovered: list[dict] = []       # what recovery found, appended as archive records
         try:
             self._recover()
@@ -144,6 +168,7 @@ class ArchiveWriter:
             raise ArchiveError(f"cannot recover the archive in {directory}: "
                                f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})") from None
         self._compressor.start()
+        self._syncer.start()
         for record in self.recovered:
             self.append(record)
         self.sync()
@@ -325,6 +350,7 @@ class ArchiveWriter:
 
     def _seal(self) -> None:
         """Make the active segment durable and close it; the next flush opens another."""
+        self._wait_for_sync()
         self._fsync()
         os.close(self.fd)
         self.fd = None
@@ -358,25 +384,100 @@ class ArchiveWriter:
         try:
             os.fsync(self.fd)
         except OSError:
-            # After a failed fsync the kernel may have dropped the pages: cut back
-            # to what is known durable and write it again from memory later.
-            try:
-                os.ftruncate(self.fd, self.synced_size)
-            except OSError:
-                pass
-            self.size = self.synced_size
-            self.pending = self.unsynced + self.pending
-            self.pending_bytes = sum(len(p) for p in self.pending)
-            self.unsynced, self.unsynced_bytes = [], 0
-            self.written_seq, self.written_chain = self.durable_seq, self.durable_chain
+            self._undo_unsynced()
             raise
         self.counters["fsyncs"] += 1
         self.synced_size = self.size
         self.unsynced, self.unsynced_bytes = [], 0
         self.durable_seq, self.durable_chain = self.written_seq, self.written_chain
 
+    def _undo_unsynced(self) -> None:
+        """After a failed fsync the kernel may have dropped the pages: cut back
+        to what is known durable and write it again from memory later."""
+        try:
+            os.ftruncate(self.fd, self.synced_size)
+        except OSError:
+            pass
+        self.size = self.synced_size
+        self.pending = self.unsynced + self.pending
+        self.pending_bytes = sum(len(p) for p in self.pending)
+        self.unsynced, self.unsynced_bytes = [], 0
+        self.written_seq, self.written_chain = self.durable_seq, self.durable_chain
+
+    # -- fsync off the loop ------------------------------------------------------------
+
+    def _sync_worker(self) -> None:
+        while True:
+            job = self._sync_queue.get()
+            if job is None:
+                return
+            try:
+                os.fsync(job.fd)
+            except OSError as exc:
+                job.error = exc
+            finally:
+                os.close(job.fd)
+            job.seconds = time.monotonic() - job.started
+            if job.error is None:
+                self._write_head(job.seq, job.chain, job.segment)
+            job.done.set()
+
+    def sync_soon(self) -> bool:
+        """The daemon loop's sync: write what is pending and start its fsync on
+        the archive-sync thread, or take the outcome of the one in flight.
+        Returns False while the archive is failing."""
+        job = self._sync_job
+        if job is not None:
+            if not job.done.is_set() and self.unsynced_bytes < 2 * MAX_UNSYNCED_BYTES:
+                return self.failure is None
+            try:
+                self._wait_for_sync()   # done, or so much waits that memory must not grow further
+            except OSError as exc:
+                self._fail(exc, f"cannot fsync the archive in {self.directory}")
+                return False
+            return True
+        if self.failure:
+            return self.sync()   # retried the plain way, RETRY_INTERVAL apart
+        if self.pending and not self.flush():
+            return False
+        if self.fd is None or self.size == self.synced_size:
+            return self.sync()   # nothing to fsync (at most a head to write)
+        try:
+            fd = os.dup(self.fd)
+        except OSError as exc:
+            self._fail(exc, f"cannot fsync the archive in {self.directory}")
+            return False
+        self._sync_job = _SyncJob(fd, self.size, self.written_seq, self.written_chain, len(self.unsynced),
+                                  self.unsynced_bytes, self.segment_path.name if self.segment_path else "")
+        self.unsynced_since = None   # every record written is covered; the next append starts the clock
+        self._sync_queue.put(self._sync_job)
+        return True
+
+    def _wait_for_sync(self) -> None:
+        """Wait for the fsync in flight, if any, and take its outcome: what it
+        covered is durable, or (raised) undone to be written again."""
+        job, self._sync_job = self._sync_job, None
+        if job is None:
+            return
+        job.done.wait()
+        self.counters["background_fsyncs"] += 1
+        self.counters["fsync_longest_ms"] = max(self.counters["fsync_longest_ms"], round(job.seconds * 1000))
+        if job.error is not None:
+            self._undo_unsynced()
+            raise job.error
+        self.counters["fsyncs"] += 1
+        self.synced_size = job.size
+        del self.unsynced[:job.count]
+        self.unsynced_bytes -= job.nbytes
+        self.durable_seq, self.durable_chain = job.seq, job.chain
+
     def sync(self) -> bool:
         """Flush and fsync; then the head file names the new durable seq."""
+        try:
+            self._wait_for_sync()
+        except OSError as exc:
+            self._fail(exc, f"cannot fsync the archive in {self.directory}")
+            return False
         before = self.durable_seq
         # Nothing pending, yet failing: a write already went through since
         # (say, after a full disk was freed); the fsync below settles it.
@@ -397,6 +498,9 @@ class ArchiveWriter:
 
     def sync_due(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
+        job = self._sync_job
+        if job is not None:   # its outcome to take, or too much waiting behind it
+            return job.done.is_set() or self.unsynced_bytes >= 2 * MAX_UNSYNCED_BYTES
         if self.failure:
             return now >= self.retry_at
         return self.unsynced_since is not None and (now - self.unsynced_since >= self.config.sync_interval
@@ -404,6 +508,8 @@ class ArchiveWriter:
 
     def seconds_to_sync(self) -> float | None:
         """How long the daemon may sleep before sync is due (None: nothing to sync)."""
+        if self._sync_job is not None:
+            return 0.0 if self.sync_due() else SYNC_POLL
         if self.failure:
             return max(0.0, self.retry_at - time.monotonic())
         if self.unsynced_since is None:
@@ -412,10 +518,14 @@ class ArchiveWriter:
             return 0.0
         return max(0.0, self.unsynced_since + self.config.sync_interval - time.monotonic())
 
-    def _write_head(self) -> None:
+    def _write_head(self, seq: int | None = None, chain: bytes | None = None, segment: str | None = None) -> None:
+        """The head file names seq (default: durable_seq) and its chain; the
+        archive-sync thread writes it for the fsync it made."""
+        if seq is None:
+            seq, chain = self.durable_seq, self.durable_chain
+            segment = self.segment_path.name if self.segment_path else ""
         tmp = self.directory / (HEAD_FILE + ".tmp")
-        data = encode_head(self.key, self.durable_seq, self.durable_chain,
-                           self.segment_path.name if self.segment_path else "", time.time_ns())
+        data = encode_head(self.key, seq, chain, segment, time.time_ns())
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
@@ -564,6 +674,7 @@ class ArchiveWriter:
             "durable_chain": self.durable_chain.hex(),
             "segment": self.segment_path.name if self.segment_path else None,
             "pending_records": len(self.pending),
+            "sync_in_flight": self._sync_job is not None,
             "dropped": self.dropped,
             "keyed": bool(self.key),
             "key_id": key_id(self.key),
@@ -578,6 +689,8 @@ class ArchiveWriter:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        self._sync_queue.put(None)
+        self._syncer.join(timeout=1)
         self._compress_queue.put(None)
         self._compressor.join(timeout=1)  # a compression still running resumes at the next start
         os.close(self._lock_fd)

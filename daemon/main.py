@@ -516,7 +516,7 @@ class Daemon:
     # -- archive ---------------------------------------------------------------
 
     def sync_archive(self) -> None:
-        self.archive.sync()
+        self.archive.sync_soon()   # the fsync runs on the archive's own thread: enforcement never waits on the disk
         self.check_archive()
 
     def check_archive(self) -> None:

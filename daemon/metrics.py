@@ -135,6 +135,8 @@ class Collector:
                     archive["pending_records"])
         yield gauge("archive_ok", "1 while the archive is written, 0 while it fails", archive["state"] == "ok")
         yield counter("archive_fsyncs", "fsyncs of the archive", values=archive["counters"].get("fsyncs", 0))
+        yield gauge("archive_fsync_longest_seconds", "the longest fsync of the archive (off the daemon's loop): a slow disk",
+                    archive["counters"].get("fsync_longest_ms", 0) / 1000)
 
         # -- decisions and holds -----------------------------------------------------
         yield counter("decisions", "decided events (exec, open, change, side door, move), by verdict",

@@ -283,3 +283,143 @@ def test_read_items_reports_what_it_skips(tmp_path):
     errors: list[str] = []
     items = list(read_items(tmp_path, errors))
     assert items and errors and segments[0].path.name in errors[0]
+
+
+class HeldFsync:
+    """os.fsync as a slow or failing disk makes it, on the archive-sync thread
+    only (the loop's own fsyncs, sealing or closing, run as they do)."""
+
+    def __init__(self, monkeypatch, fail: bool = False):
+        import threading
+        self.real, self.fail = os.fsync, fail
+        self.entered, self.release = threading.Event(), threading.Event()
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd: int) -> None:
+        import threading
+        if threading.current_thread().name == "archive-sync" and not self.release.is_set():
+            self.entered.set()
+            self.release.wait(30)
+            if self.fail:
+                self.fail = False
+                raise OSError(5, "Input/output error")
+        self.real(fd)
+
+
+def _when_due(writer: ArchiveWriter) -> None:
+    deadline = time.monotonic() + 20
+    while not writer.sync_due():
+        assert time.monotonic() < deadline, "the background fsync never ended"
+        time.sleep(0.005)
+
+
+def test_a_slow_fsync_holds_up_neither_appends_nor_writes_and_the_head_waits_for_it(tmp_path, monkeypatch):
+    writer = write(tmp_path, 100)
+    held = HeldFsync(monkeypatch)
+    for n in range(100, 200):
+        writer.append(gap(n))
+    started = time.monotonic()
+    assert writer.sync_soon()
+    assert held.entered.wait(10)
+    for n in range(200, 300):   # the loop goes on while the disk is slow
+        writer.append(gap(n))
+    assert writer.flush()
+    assert time.monotonic() - started < 5   # it never waited for the held fsync (held up to 30 s)
+    assert writer.state()["sync_in_flight"] and not writer.sync_due()
+    assert writer.durable_seq == 99 and read_head(tmp_path).seq == 99   # nothing claimed before the fsync ends
+    held.release.set()
+    _when_due(writer)
+    assert writer.sync_soon()
+    # Durable: what the fsync covered, not the records written while it ran.
+    assert writer.durable_seq == 199 and read_head(tmp_path).seq == 199
+    assert writer.counters["background_fsyncs"] == 1
+    writer.close()
+    assert counts(tmp_path) == list(range(300))
+    assert verify(tmp_path, None).ok
+
+
+def test_a_failed_background_fsync_is_undone_written_again_and_verifies(tmp_path, monkeypatch):
+    writer = write(tmp_path, 50)
+    held = HeldFsync(monkeypatch, fail=True)
+    for n in range(50, 100):
+        writer.append(gap(n))
+    assert writer.sync_soon()
+    assert held.entered.wait(10)
+    for n in range(100, 120):
+        writer.append(gap(n))
+    assert writer.flush()
+    held.release.set()
+    _when_due(writer)
+    assert not writer.sync_soon()   # the failure is taken: undone, kept in memory, retried later
+    assert "cannot fsync" in writer.failure and writer.durable_seq == 49 and writer.size == writer.synced_size
+    assert writer.pending and writer.written_seq == 49   # the 70 records are to be written again
+    writer.retry_at = 0   # as RETRY_INTERVAL later
+    assert writer.sync_soon()   # the plain way while failing; the disk works again
+    assert writer.failure is None and writer.durable_seq == 119
+    writer.close()
+    assert counts(tmp_path) == list(range(120))
+    assert verify(tmp_path, None).ok
+
+
+def test_a_segment_sealed_while_its_fsync_runs_waits_for_it(tmp_path, monkeypatch):
+    import threading
+    writer = write(tmp_path, 20, segment_bytes=8192, compress="none")
+    held = HeldFsync(monkeypatch)
+    for n in range(20, 40):
+        writer.append(gap(n))
+    assert writer.sync_soon()
+    assert held.entered.wait(10)
+    threading.Timer(0.3, held.release.set).start()
+    for n in range(40, 200):   # past segment_bytes: the flush seals, after the fsync in flight
+        writer.append(gap(n))
+        writer.flush()
+    assert len(list_segments(tmp_path)) > 1
+    writer.close()
+    assert counts(tmp_path) == list(range(200))
+    assert verify(tmp_path, None).ok
+
+
+def test_the_daemon_decides_and_archives_while_its_fsync_is_held(tmp_path, monkeypatch):
+    """A real Daemon (in process, as bench/record_cost.py makes one): with its
+    archive's fsync held, its loop's sync returns at once, and a batch that
+    breaks the policy is still decided, its violation archived."""
+    from agentwarden import wire
+    from agentwarden.daemon.main import Daemon
+    from agentwarden.settings import Settings
+    settings = Settings(run_dir=tmp_path / "run", state_dir=tmp_path / "state", policy_dir=tmp_path / "policy.d",
+                        cgroup_scope="held-fsync")
+    settings.policy_dir.mkdir(parents=True)
+    (settings.policy_dir / "a.toml").write_text('[agent.a]\nmode = "monitor"\non-violation = "alert"\n'
+                                                '[agent.a.files]\nread-allow = ["/usr/**"]\n')
+    daemon = Daemon(settings)
+    held = HeldFsync(monkeypatch)
+    held.release.set()   # the first sync (the tags record) as usual
+    try:
+        daemon.handle_message(wire.encode_batch("probe", 0, [{"kind": "tags", "time": time.time_ns(), "agents": {
+            "4242": {"agent": "a", "path": "/sys/fs/cgroup/held-fsync", "level": 1, "watched": True}}}]))
+        daemon.archive.sync()
+        held.release.clear()
+
+        def opened(path: str) -> dict:
+            pid = os.getpid()
+            return {"kind": "open", "time": time.time_ns(), "pid": pid, "tid": pid, "ppid": 1, "uid": 0, "gid": 0,
+                    "comm": "agent", "cgroup_id": 4242, "agent_cgroup_id": 4242, "syscall": "openat",
+                    "path": path, "dirfd": -100, "ret": 3, "error": None, "path_unreadable": False,
+                    "path_truncated": False, "flags": os.O_RDONLY, "mode": 0, "resolve": 0,
+                    "killed_in_kernel": False, "kernel_rule": None}
+        daemon.handle_message(wire.encode_batch("probe", 1, [opened("/usr/lib/os-release")]))
+        started = time.monotonic()
+        daemon.sync_archive()
+        assert held.entered.wait(10)
+        violations = daemon.counters["violations"]
+        daemon.handle_message(wire.encode_batch("probe", 2, [opened("/etc/shadow")]))
+        daemon.sync_archive()   # due again or not: it must not wait for the held fsync
+        assert time.monotonic() - started < 5, "the loop waited for the disk"
+        assert daemon.counters["violations"] == violations + 1
+        assert daemon.archive.state()["sync_in_flight"]
+    finally:
+        held.release.set()
+        daemon.archive.close()
+    shadow = [r for r in read_records(settings.archive_dir) if r.get("path") == "/etc/shadow"]
+    [violation] = [r for r in read_records(settings.archive_dir) if r["kind"] == "violation"]
+    assert shadow and violation["attempted"].endswith("/etc/shadow") and violation["event_seq"] == shadow[0]["seq"]
