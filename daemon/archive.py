@@ -386,10 +386,16 @@ class ArchiveWriter:
         except OSError:
             self._undo_unsynced()
             raise
+        self._made_durable(self.size, len(self.unsynced), self.unsynced_bytes, self.written_seq, self.written_chain)
+
+    def _made_durable(self, size: int, count: int, nbytes: int, seq: int, chain: bytes) -> None:
+        """An fsync covered the segment up to size: the first count unsynced
+        writes (nbytes) and the records up to seq are durable now."""
         self.counters["fsyncs"] += 1
-        self.synced_size = self.size
-        self.unsynced, self.unsynced_bytes = [], 0
-        self.durable_seq, self.durable_chain = self.written_seq, self.written_chain
+        self.synced_size = size
+        del self.unsynced[:count]
+        self.unsynced_bytes -= nbytes
+        self.durable_seq, self.durable_chain = seq, chain
 
     def _undo_unsynced(self) -> None:
         """After a failed fsync the kernel may have dropped the pages: cut back
@@ -426,12 +432,11 @@ class ArchiveWriter:
         """The daemon loop's sync: write what is pending and start its fsync on
         the archive-sync thread, or take the outcome of the one in flight.
         Returns False while the archive is failing."""
-        job = self._sync_job
-        if job is not None:
-            if not job.done.is_set() and self.unsynced_bytes < 2 * MAX_UNSYNCED_BYTES:
+        if self._sync_job is not None:
+            if not self._sync_to_take():
                 return self.failure is None
             try:
-                self._wait_for_sync()   # done, or so much waits that memory must not grow further
+                self._wait_for_sync()
             except OSError as exc:
                 self._fail(exc, f"cannot fsync the archive in {self.directory}")
                 return False
@@ -453,6 +458,11 @@ class ArchiveWriter:
         self._sync_queue.put(self._sync_job)
         return True
 
+    def _sync_to_take(self) -> bool:
+        """Whether the loop takes the fsync in flight now: it ended, or so much
+        waits behind it that memory must not grow further (the loop then waits)."""
+        return self._sync_job.done.is_set() or self.unsynced_bytes >= 2 * MAX_UNSYNCED_BYTES
+
     def _wait_for_sync(self) -> None:
         """Wait for the fsync in flight, if any, and take its outcome: what it
         covered is durable, or (raised) undone to be written again."""
@@ -465,11 +475,7 @@ class ArchiveWriter:
         if job.error is not None:
             self._undo_unsynced()
             raise job.error
-        self.counters["fsyncs"] += 1
-        self.synced_size = job.size
-        del self.unsynced[:job.count]
-        self.unsynced_bytes -= job.nbytes
-        self.durable_seq, self.durable_chain = job.seq, job.chain
+        self._made_durable(job.size, job.count, job.nbytes, job.seq, job.chain)
 
     def sync(self) -> bool:
         """Flush and fsync; then the head file names the new durable seq."""
@@ -498,9 +504,8 @@ class ArchiveWriter:
 
     def sync_due(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        job = self._sync_job
-        if job is not None:   # its outcome to take, or too much waiting behind it
-            return job.done.is_set() or self.unsynced_bytes >= 2 * MAX_UNSYNCED_BYTES
+        if self._sync_job is not None:
+            return self._sync_to_take()
         if self.failure:
             return now >= self.retry_at
         return self.unsynced_since is not None and (now - self.unsynced_since >= self.config.sync_interval

@@ -7,6 +7,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -290,13 +291,11 @@ class HeldFsync:
     only (the loop's own fsyncs, sealing or closing, run as they do)."""
 
     def __init__(self, monkeypatch, fail: bool = False):
-        import threading
         self.real, self.fail = os.fsync, fail
         self.entered, self.release = threading.Event(), threading.Event()
         monkeypatch.setattr(os, "fsync", self)
 
     def __call__(self, fd: int) -> None:
-        import threading
         if threading.current_thread().name == "archive-sync" and not self.release.is_set():
             self.entered.set()
             self.release.wait(30)
@@ -362,7 +361,6 @@ def test_a_failed_background_fsync_is_undone_written_again_and_verifies(tmp_path
 
 
 def test_a_segment_sealed_while_its_fsync_runs_waits_for_it(tmp_path, monkeypatch):
-    import threading
     writer = write(tmp_path, 20, segment_bytes=8192, compress="none")
     held = HeldFsync(monkeypatch)
     for n in range(20, 40):
