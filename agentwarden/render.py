@@ -233,6 +233,8 @@ def human(record: dict[str, Any], with_date: bool = False) -> str:
     if kind in ("open", "chdir"):
         path = record.get("resolved_path") or record["path"]
         extra = f" {open_mode(record['flags'])}" if kind == "open" else ""
+        if record.get("count"):   # repeated opens, folded in the kernel
+            extra += f" ×{record['count']} until {at(record['last_time'])}"
         return f"{head} {text(path)}{extra} {_result(record)}"
     if kind == "fork":
         return f"{head} child {record['child_pid']}"

@@ -321,6 +321,10 @@ KEYS: dict[str, Key] = {k.name: k for k in (
         "while records flow, the kernel wakes the probe at most once per this many seconds (a "
         "wake-up costs the agent's syscall about 10 us); 0 wakes it for every record, for the "
         "quickest after-the-fact kills"),
+    Key("fold_interval", 1.0, _seconds_between(0, 10, "must be between 0 and 10 seconds (0: no folding)"),
+        "repeated opens (same thread, absolute path, flags, result and file) are counted in the "
+        "kernel and sent as one record with their count at most this many seconds later, at once "
+        "when they stop; a file's first open always goes out as it happens. 0 sends every open"),
     Key("exec_fast_path", True, _flag,
         "sessions: an exec or write-open of an absolute path that the agent's allow rules allow "
         "(no deny or hold rule matching) is answered by the supervisor's compiled thread (about "
@@ -385,6 +389,7 @@ class Settings:
     health_interval: float = KEYS["health_interval"].default
     tag_scan_interval: float = KEYS["tag_scan_interval"].default
     wakeup_interval: float = KEYS["wakeup_interval"].default
+    fold_interval: float = KEYS["fold_interval"].default
     exec_fast_path: bool = KEYS["exec_fast_path"].default
     remember_max: float = KEYS["remember_max"].default
     hold_messages: bool = KEYS["hold_messages"].default

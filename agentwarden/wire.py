@@ -51,6 +51,9 @@ RECORD_FIELDS: dict[str, dict[str, tuple]] = {
              "mode": Int, "resolve": Int, "ret": Int, "error": OptStr,
              "path_unreadable": Bool, "path_truncated": Bool,
              "killed_in_kernel": Bool, "kernel_rule": OptStr},
+    # Repeated opens folded in the kernel come as one open record with two more
+    # fields (checked by validate_record): `count`, the opens it stands for,
+    # made between its `time` and `last_time` (see docs/architecture.md).
     "chdir": {**_TASK, "syscall": Str, "path": PathLike, "dirfd": Int, "ret": Int,
               "error": OptStr, "path_unreadable": Bool, "path_truncated": Bool},
     "fork": {**_TASK, "child_pid": Int},
@@ -272,12 +275,23 @@ def validate_record(record: Any) -> dict[str, Any]:
                 signature = None
             # Validity depends only on the fields' types: a signature seen valid once is valid.
             if signature in valid and (kind != "exec" or all(type(a) in PathLike for a in record["argv"])):
+                if kind == "open" and "count" in record:
+                    _validate_count(record)
                 return record
     _validate_slowly(record)
+    if record["kind"] == "open" and "count" in record:
+        _validate_count(record)
     getter, valid = _FAST_CHECKS[record["kind"]]
     if type(record) is dict and len(valid) < MAX_SIGNATURES:
         valid.add(tuple(map(type, getter(record))))
     return record
+
+
+def _validate_count(record: dict) -> None:
+    """The fields of a record of repeated opens."""
+    count, last = record["count"], record.get("last_time")
+    if type(count) is not int or count < 1 or type(last) is not int:
+        raise WireError(f"open record has a malformed count ({count!r}) or last_time ({last!r})")
 
 
 def _validate_slowly(record: Any) -> None:

@@ -291,7 +291,7 @@ static __always_inline int exec_prompt(u64 agent_cgroup_id)
 }
 
 /* Into the `vital` ring when vital, else into `events`; counted either way. */
-static __always_inline void emit_to(void *record, u32 size, u32 kind, int vital_ring)
+static __always_inline long emit_to(void *record, u32 size, u32 kind, int vital_ring)
 {
     u64 flags = wakeup_flag(kind == AW_KIND_EXEC &&
                             exec_prompt(((struct aw_header *)record)->agent_cgroup_id));
@@ -301,6 +301,7 @@ static __always_inline void emit_to(void *record, u32 size, u32 kind, int vital_
         count(kind);
     else
         count(AW_COUNTER_DROPPED_BASE + kind);
+    return err;
 }
 
 /* Records of what starts, changes or ends a process go to the `vital` ring. */
@@ -816,8 +817,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 #define AW_FDK_UNFOLLOWED_OWN 2   /* not followed, in a table no other task shares */
 #define AW_FDK_EMPTY 3            /* no file at that number */
 
-/* What fd names in the current task's descriptor table (AW_FD_*). */
-static __always_inline int fd_kind(s32 fd)
+/* What fd names in the current task's descriptor table (AW_FDK_*); and,
+ * when it is unfollowed and inode is given, the inode behind it. */
+static __always_inline int fd_kind_inode(s32 fd, char **inode_out)
 {
     if (fd < 0)
         return AW_FDK_FOLLOWED;
@@ -849,14 +851,19 @@ static __always_inline int fd_kind(s32 fd)
     if (type == AW_S_IFREG ? (f_flags & AW_O_ACCMODE) != 0 :
         type != AW_S_IFCHR && type != AW_S_IFBLK && type != AW_S_IFIFO && type != AW_S_IFSOCK)
         return AW_FDK_FOLLOWED;   /* a writable regular file, a directory, an anon inode, ... */
+    if (inode_out)
+        *inode_out = inode;
     return users == 1 ? AW_FDK_UNFOLLOWED_OWN : AW_FDK_UNFOLLOWED;
 }
+
+static __always_inline int fd_kind(s32 fd) { return fd_kind_inode(fd, 0); }
 #else
 #define AW_FDK_FOLLOWED 0
 #define AW_FDK_UNFOLLOWED 1
 #define AW_FDK_UNFOLLOWED_OWN 2
 #define AW_FDK_EMPTY 3
 static __always_inline int fd_kind(s32 fd) { return AW_FDK_FOLLOWED; }
+static __always_inline int fd_kind_inode(s32 fd, char **inode_out) { return AW_FDK_FOLLOWED; }
 #endif
 
 /* A new fd (of an open, a dup) that user space is to keep no descriptor for. */
@@ -867,6 +874,107 @@ static __always_inline int fd_unfollowed(s32 fd)
 }
 
 /* ---- files: open, openat, openat2, creat, chdir, fchdir ------------------ */
+
+/* ---- repeated opens ------------------------------------------------------ */
+
+/* A tool that opens the same file again and again (a build reading its
+ * headers, a loop) would make a record each time that says what the last
+ * one said, but for its time. Such an open is folded: counted under the key
+ * of the first one, which went out, in the map `folded` points at. The probe
+ * swaps `folded` between folded_a and folded_b (an update of a map of maps:
+ * the kernel returns from it only once no program still holds the old one)
+ * and sends, for each key of the old map with a count, one record: the key's
+ * open, how many more were made, the first and last of their times. Nothing
+ * is lost or approximated but the single times, and a key's first open always
+ * goes out as it happens, decided at once. Folded: only an open of an
+ * absolute path (what it names does not depend on a cwd or dirfd that may
+ * have changed) of at most AW_FOLD_PATH_MAX bytes, read whole, not killed in
+ * the kernel, that failed or returned an fd user space does not follow, in a
+ * descriptor table no other task shares (nothing can swap the file at that
+ * number before the look); keyed on the whole record and the file's identity
+ * (superblock, inode number and generation), so a symlink or mount that now
+ * leads elsewhere makes another key. Without BTF offsets, or before the probe
+ * points `folded` at a map, every open goes out. */
+#ifdef AW_OFF_INODE_INO
+_Static_assert(offsetof(struct aw_file, path) == AW_FILE_HEAD, "AW_FILE_HEAD");
+BPF_HASH(folded_a, struct aw_fold_key, struct aw_fold, AW_MAX_FOLDED);
+BPF_HASH(folded_b, struct aw_fold_key, struct aw_fold, AW_MAX_FOLDED);
+BPF_ARRAY_OF_MAPS(folded, "folded_a", 1);
+BPF_PERCPU_ARRAY(fold_scratch, struct aw_fold_key, 1);
+
+/* The key of an open that may be folded, else 0. */
+static __always_inline struct aw_fold_key *fold_key(struct aw_file *e, long ret, char *inode, int own)
+{
+    if (e->h.kind != AW_KIND_OPEN ||
+        (e->flags & (AW_FILE_KILLED_IN_KERNEL | AW_FILE_PATH_UNREADABLE | AW_FILE_PATH_TRUNCATED)))
+        return 0;
+    u32 len = e->path_len;
+    if (len < 2 || len > AW_FOLD_PATH_MAX || e->path[0] != '/')
+        return 0;
+    if (ret >= 0 && (!own || !inode))
+        return 0;
+    u32 zero = 0;
+    struct aw_fold_key *k = fold_scratch.lookup(&zero);
+    if (!k)
+        return 0;
+    __builtin_memset(k, 0, sizeof(*k));
+    if (inode) {
+        char *sb = 0;
+        if (bpf_probe_read_kernel(&sb, sizeof(sb), inode + AW_OFF_INODE_SB) ||
+            bpf_probe_read_kernel(&k->ino, sizeof(k->ino), inode + AW_OFF_INODE_INO) ||
+            bpf_probe_read_kernel(&k->generation, sizeof(k->generation), inode + AW_OFF_INODE_GENERATION) ||
+            !sb)
+            return 0;
+        k->sb = (u64)sb;
+    }
+    __builtin_memcpy(k->record, e, AW_FILE_HEAD);
+    ((struct aw_header *)k->record)->ts_ns = 0;
+    /* The path without its NUL (the key's zeros end it), masked for the verifier. */
+    if (bpf_probe_read_kernel(k->record + AW_FILE_HEAD, (len - 1) & (AW_FOLD_PATH_MAX - 1), e->path))
+        return 0;
+    return k;
+}
+
+/* Counts the open under its key when the key's first open went out in this
+ * generation (1: nothing to emit). */
+static __always_inline int folded_again(struct aw_fold_key *k, u64 ts_ns)
+{
+    u32 zero = 0;
+    void *map = folded.lookup(&zero);
+    if (!map)
+        return 0;
+    struct aw_fold *f = bpf_map_lookup_elem(map, k);
+    if (!f)
+        return 0;
+    /* Only this thread makes this key (its tid is in it): no other writer. */
+    if (!f->count)
+        f->first_ns = ts_ns;
+    f->last_ns = ts_ns;
+    f->count++;
+    count(AW_COUNTER_FOLDED);
+    return 1;
+}
+
+/* After the key's open went out: its repeats are folded from now on (when
+ * the map is full they go out one by one). */
+static __always_inline void fold_from_now(struct aw_fold_key *k)
+{
+    u32 zero = 0;
+    void *map = folded.lookup(&zero);
+    if (!map)
+        return;
+    struct aw_fold none = {};
+    bpf_map_update_elem(map, k, &none, BPF_NOEXIST);
+}
+#else
+static __always_inline struct aw_fold_key *fold_key(struct aw_file *e, long ret, char *inode, int own)
+{
+    return 0;
+}
+static __always_inline int folded_again(struct aw_fold_key *k, u64 ts_ns) { return 0; }
+static __always_inline void fold_from_now(struct aw_fold_key *k) {}
+#endif
+
 
 static __always_inline int file_enter(u32 kind, u32 syscall, s32 dirfd, const char *path,
                                       u64 open_flags, u64 mode, u64 resolve, u32 flags)
@@ -935,13 +1043,27 @@ static __always_inline int file_exit(long ret)
         }
         unread_paths.delete(&key);
     }
-    if (e->h.kind == AW_KIND_OPEN && ret >= 0 && fd_unfollowed(ret))
-        e->flags |= AW_FILE_FD_UNFOLLOWED;
+    char *inode = 0;
+    int fd_table_own = 0;
+    if (e->h.kind == AW_KIND_OPEN && ret >= 0) {
+        int kind = fd_kind_inode(ret, &inode);
+        if (kind == AW_FDK_UNFOLLOWED || kind == AW_FDK_UNFOLLOWED_OWN)
+            e->flags |= AW_FILE_FD_UNFOLLOWED;
+        fd_table_own = kind == AW_FDK_UNFOLLOWED_OWN;
+    }
+    struct aw_fold_key *fold = fold_key(e, ret, inode, fd_table_own);
+    if (fold && folded_again(fold, e->h.ts_ns)) {
+        inflight_file.delete(&key);
+        return 0;
+    }
     u32 len = e->path_len;
     if (len > sizeof(e->path))
         len = sizeof(e->path);
     /* A call killed in the kernel is a violation: its record takes the vital ring. */
-    emit_to(e, offsetof(struct aw_file, path) + len, e->h.kind, e->flags & AW_FILE_KILLED_IN_KERNEL);
+    long err = emit_to(e, offsetof(struct aw_file, path) + len, e->h.kind,
+                       e->flags & AW_FILE_KILLED_IN_KERNEL);
+    if (fold && !err)
+        fold_from_now(fold);
     inflight_file.delete(&key);
     return 0;
 }

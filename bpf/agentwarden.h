@@ -31,7 +31,10 @@
 /* fd records not emitted: their fd was one user space does not follow (see
  * "which fd records go out" in the program). */
 #define AW_COUNTER_FD_SKIPPED 33
-#define AW_COUNTER_SLOTS 34
+/* opens not emitted: folded into a repeat count (see "repeated opens" in the
+ * program); the probe sends one record for each key's count. */
+#define AW_COUNTER_FOLDED 34
+#define AW_COUNTER_SLOTS 35
 
 /* Limits. A path longer than AW_MAX_PATH is cut and flagged; it then never
  * matches an allow rule (user space treats it as unresolvable). */
@@ -246,6 +249,28 @@ struct aw_file {
     u32 deny_rule;        /* in-kernel deny rule that killed it, else 0 */
     u32 reserved;
     char path[AW_MAX_PATH];
+};
+#define AW_FILE_HEAD 120   /* offsetof(struct aw_file, path), asserted in the program */
+
+/* Repeated opens (see "repeated opens" in the program). An open of an
+ * absolute path of at most AW_FOLD_PATH_MAX bytes whose record would say
+ * exactly what an earlier one of the same generation said -- same thread,
+ * path, flags, result, fd number and file -- is counted under the earlier
+ * one's key instead of going out. */
+#define AW_FOLD_PATH_MAX 256
+#define AW_MAX_FOLDED 16384
+struct aw_fold_key {
+    u64 sb;           /* the opened file's superblock, inode number and */
+    u64 ino;          /* generation: 0 for a failed open */
+    u32 generation;
+    u32 reserved;
+    /* the record (struct aw_file) with ts_ns 0 and its path, zero-filled */
+    char record[AW_FILE_HEAD + AW_FOLD_PATH_MAX];
+};
+struct aw_fold {
+    u64 count;        /* opens folded since the key's record went out */
+    u64 first_ns;     /* the first and the last of them (ts_ns) */
+    u64 last_ns;
 };
 
 /* sched_process_fork (the child may be a thread) and process exit. */

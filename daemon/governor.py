@@ -43,6 +43,8 @@ AT_SYMLINK_NOFOLLOW = 0x100
 # Verdicts on opens kept for repeated ones (see Governor._decide_open), about
 # half a kilobyte each; when full the least recently used one goes (counted).
 DECISION_CACHE_SIZE = 16384
+# Looks kept per open that the kernel may fold repeats of (see Governor._note_real_paths).
+LOOKS_KEPT = 4
 
 
 def real_paths(record: dict, look: Callable[[str], str | None] | None = None) -> dict[str, tuple[str, str]]:
@@ -190,6 +192,8 @@ class Governor:
         self.cache_hits = 0
         self.cache_evictions = 0   # verdicts dropped for room (decided again when needed)
         self._looked: BatchLooks | None = None   # real paths looked up in this batch
+        # _foldable_key -> (time, real paths looked up) of such opens' records (see _note_real_paths)
+        self._first_looks: collections.OrderedDict[tuple, list] = collections.OrderedDict()
 
     @contextlib.contextmanager
     def batch(self):
@@ -270,6 +274,46 @@ class Governor:
             self.cache_hits += 1
         return verdict
 
+    @staticmethod
+    def _foldable_key(record: dict) -> tuple | None:
+        """What an open the kernel may fold repeats of shares with the record
+        of their count (bpf program, "repeated opens"); None for any other."""
+        ret = record.get("ret", 0)
+        if record["kind"] != "open" or not (ret < 0 or record.get("fd_unfollowed")):
+            return None
+        return (record.get("agent_cgroup_id"), record.get("tid"), record.get("path"), record.get("flags"), ret)
+
+    def _note_real_paths(self, record: dict, real: dict) -> None:
+        """Where an open's path led when its record came, kept for the record of
+        its repeats, which comes up to fold_interval later (the latest few
+        per thread, path, flags and result: the repeats of one file may be
+        counted while the path already leads to another)."""
+        key = self._foldable_key(record) if "count" not in record else None
+        if key is None:
+            return
+        looks = self._first_looks
+        seen = looks.get(key)
+        if seen is None:
+            seen = looks[key] = []
+        else:
+            looks.move_to_end(key)
+        seen.append((record.get("time", 0), real))
+        del seen[:-LOOKS_KEPT]
+        if len(looks) > DECISION_CACHE_SIZE:
+            looks.popitem(last=False)
+
+    def _folded_real_paths(self, record: dict) -> dict | None:
+        """For a record of repeated opens, what the look said for the open whose
+        repeats it counts: the latest of its thread, path, flags and result
+        made before them. None: not kept (look now)."""
+        if "count" not in record:
+            return None
+        key = self._foldable_key(record)
+        for made, real in reversed(self._first_looks.get(key) or ()):
+            if made <= record["time"]:
+                return real
+        return None
+
     def cache_state(self) -> dict:
         return {"entries": len(self._open_verdicts), "size": DECISION_CACHE_SIZE,
                 "hits": self.cache_hits, "evictions": self.cache_evictions}
@@ -278,7 +322,10 @@ class Governor:
         decide = self._decide_open if record["kind"] == "open" else \
             lambda r: policy_mod.decide(r, self.policy)
         verdict = decide(record)
-        real = real_paths(record, self._real_path_now)
+        real = self._folded_real_paths(record)
+        if real is None:
+            real = real_paths(record, self._real_path_now)
+            self._note_real_paths(record, real)
         if not real:
             return verdict
         for real_key, path in real.values():
@@ -305,7 +352,7 @@ class Governor:
         agent_policy = self.policy.agents.get(record["agent"])
         wanted = verdict.action or (agent_policy.on_violation if agent_policy else "alert")
         taken = self._act(record, verdict, wanted)
-        return {
+        violation = {
             "kind": "violation", "time": time.time_ns(), "agent": record["agent"],
             "pid": record.get("moved_pid", record["pid"]), "comm": record["comm"], "event": record["kind"],
             "event_seq": record.get("seq"), "attempted": attempted(record),
@@ -313,6 +360,9 @@ class Governor:
             "reason": verdict.reason, "policy_hash": verdict.policy_hash, "mode": verdict.mode,
             "action": wanted, "action_taken": taken,
         }
+        if "count" in record:   # repeated opens, folded in the kernel: the violation stands for as many
+            violation["count"] = record["count"]
+        return violation
 
     def supervised(self, record: dict) -> bool:
         """Execs, writing opens, renames, unlinks and truncates of `agentwarden

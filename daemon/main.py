@@ -336,6 +336,8 @@ class Daemon:
             self.resolver.annotate(record)
             self.releases.annotate(record)
             counters["events"] += 1
+            if kind == "open":   # a record of repeated opens stands for `count` of them
+                counters["opens"] += record.get("count", 1)
             if kind in wire.DECIDED_KINDS:
                 violation = (self.priority.judge_in_order if kind == "exec" else self.governor.judge)(record)
                 verdict = record.get("verdict")

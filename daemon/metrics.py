@@ -105,6 +105,11 @@ class Collector:
                       ("kind",), health.get("kernel_dropped") or {})
         yield counter("kernel_fd_records_skipped", "fd records the BPF program counted instead of sending "
                       "(closes and copies of read-only regular files, devices, pipes, sockets)", values=health.get("kernel_fd_skipped"))
+        yield counter("kernel_folded_opens", "repeated opens the BPF program counted under an earlier "
+                      "open's key instead of sending (the probe sends their counts)",
+                      values=health.get("kernel_folded_opens"))
+        yield counter("daemon_opens", "opens the daemon archived, a record of repeated opens counting "
+                      "for as many", values=counters.get("opens", 0))
         yield counter("probe_records_decoded", "records the probe decoded", values=health.get("decoded"))
         yield counter("probe_records_sent", "records the probe sent to the daemon",
                       values=health.get("records_sent"))

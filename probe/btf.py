@@ -33,6 +33,10 @@ FD_FILE_FIELDS = {
     ("file", "f_inode"): "AW_OFF_FILE_INODE",
     ("file", "f_flags"): "AW_OFF_FILE_FLAGS",
     ("inode", "i_mode"): "AW_OFF_INODE_MODE",
+    # the identity of an opened file, for folding repeated opens
+    ("inode", "i_sb"): "AW_OFF_INODE_SB",
+    ("inode", "i_ino"): "AW_OFF_INODE_INO",
+    ("inode", "i_generation"): "AW_OFF_INODE_GENERATION",
 }
 
 

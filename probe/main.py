@@ -21,6 +21,7 @@ from agentwarden.settings import Settings
 
 from . import loader
 from .decode import DecodeError, Decoder
+from .fold import Folder
 from .priority import PriorityLane
 from .rings import open_ring
 from .watch_now import WatchServer
@@ -305,10 +306,23 @@ class Probe:
         self.rules_sock.connect(settings.events_endpoint)
         # Copies of exec records for the daemon, ahead of the stream (priority.py).
         self.priority = PriorityLane(self.ctx, settings.priority_endpoint, self.tags, self.counters)
+        # Repeated opens folded in the kernel, their counts sent by a thread of this class.
+        self.folder = self._folder(settings.fold_interval)
         self.kernel_rules_hash: str | None = None
         self.kernel_rules_received = False
         self._kernel_keys: list = []
         self._sidedoor_agents: list[int] = []   # agent numbers in sidedoor_allowed
+
+    def _folder(self, interval: float) -> Folder | None:
+        if not interval:
+            return None
+        try:
+            self.bpf[b"folded"]
+        except KeyError:   # no BTF offsets: every open goes out
+            return None
+        table = self.bpf[b"counters"]
+        return Folder(self.bpf, self.decoder, self.c, interval,
+                      lambda slot: int(table.sum(table.Key(slot)).value))
 
     @staticmethod
     def _leaf(table):
@@ -499,6 +513,10 @@ class Probe:
             "agent_tasks_untracked": counts[self.c["AW_COUNTER_UNTRACKED"]],
             # fd records not needed (closes, copies of fds the resolver does not follow): counted, not sent
             "kernel_fd_skipped": counts[self.c["AW_COUNTER_FD_SKIPPED"]],
+            # opens folded into a repeat count in the kernel, and what the probe sent of them:
+            # records that each stand for `count` opens, and the opens they stand for
+            "kernel_folded_opens": counts[self.c["AW_COUNTER_FOLDED"]],
+            **(self.folder.counters if self.folder else {"fold_records": 0, "folded_opens": 0, "fold_swaps": 0}),
             "decoded": self.counters["decoded"],
             "decode_errors": self.counters["decode_errors"],
             "batches_sent": self.counters["batches_sent"],
@@ -529,6 +547,13 @@ class Probe:
     # -- sending ---------------------------------------------------------------
 
     def _queue(self, records: list[dict]) -> None:
+        # Into the last batch waiting while it has room: a backlog of many small
+        # batches would go out at ZeroMQ's high-water mark (SEND_HWM) a turn.
+        if self.backlog and len(self.backlog[-1]) < MAX_BATCH:
+            room = MAX_BATCH - len(self.backlog[-1])
+            self.backlog[-1].extend(records[:room])
+            self.backlog_records += len(records[:room])
+            records = records[room:]
         for i in range(0, len(records), MAX_BATCH):
             chunk = records[i:i + MAX_BATCH]
             self.backlog.append(chunk)
@@ -629,6 +654,10 @@ class Probe:
         self.vital_held = []
         return records
 
+    def _folded_last(self) -> list[dict]:
+        """The counts of repeated opens not sent yet, at the end."""
+        return self.folder.last() if self.folder else []
+
     def _wait(self, paused: bool, timeout_ms: int) -> None:
         """Until a ring has records or timeout_ms pass; paused: until `vital`
         has records (while it may hold more) or the daemon reads again."""
@@ -637,7 +666,7 @@ class Probe:
             poller.register(self.vital.fd, zmq.POLLIN)
             if self.events.held < EVENTS_READ_AHEAD:
                 poller.register(self.events.fd, zmq.POLLIN)
-        if paused:
+        if paused or self.backlog:   # batches wait for room at the daemon: on as soon as there is
             poller.register(self.sock, zmq.POLLOUT)
         elif self.events.records:
             timeout_ms = 0   # read ahead, not decoded yet: on at once
@@ -646,6 +675,8 @@ class Probe:
     def run(self) -> None:
         self.tags.sync()
         self.vital, self.events = open_ring(self.bpf, "vital"), open_ring(self.bpf, "events")
+        if self.folder:
+            self.folder.start()
         try:
             self._run()
         finally:
@@ -666,6 +697,8 @@ class Probe:
             paused = self.backlog_records >= PAUSE_BACKLOG
             self._wait(paused, self.active_poll_ms if active or paused else POLL_MS)
             records = self._drain(take_events=not paused)
+            if self.folder:
+                records += self.folder.take()   # after the drain: each key's first open goes first
             active = paused or self.events_behind or bool(records)
             if self.tags.take_added():
                 # Looked at after the drain: a record of a cgroup watch added
@@ -691,7 +724,7 @@ class Probe:
                     log.error("BPF programs stopped running (detached?): %s; exiting %d to be restarted",
                               ", ".join(stopped), EXIT_PROGRAMS_STOPPED)
                     self.programs_stopped = stopped
-                    self._queue(records + self._drain_all() + self.health())
+                    self._queue(records + self._drain_all() + self._folded_last() + self.health())
                     self._flush()
                     break
             if now >= next_health:
@@ -704,7 +737,7 @@ class Probe:
             self._flush()
         # Last words: whatever is left in the ring and the final counters.
         self.notifier.stopping("sending the last records")
-        self._queue(self._drain_all() + self.health())
+        self._queue(self._drain_all() + self._folded_last() + self.health())
         deadline = time.monotonic() + 2
         while self.backlog and time.monotonic() < deadline:
             self._flush()

@@ -160,8 +160,10 @@ class Warden:
             second = self.status()
             h1, h2 = first["probe"]["health"], second["probe"]["health"]
             emitted = sum(h2["kernel_emitted"].values())
+            # Repeated opens folded in the kernel: their counts sent too.
+            folded_sent = h2.get("folded_opens", 0) >= h2.get("kernel_folded_opens", 0)
             return (h1 == h2 or h1.get("decoded") == h2.get("decoded")) and \
-                h2.get("decoded", 0) >= emitted and h2.get("backlog", 0) == 0
+                h2.get("decoded", 0) >= emitted and h2.get("backlog", 0) == 0 and folded_sent
         wait_for(quiet, timeout=timeout, interval=0, what="the pipeline to settle")
 
     def settle_after_flood(self) -> None:
