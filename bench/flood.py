@@ -210,9 +210,14 @@ class Counts:
     def read(cls, aw: Agentwarden) -> "Counts":
         st = aw.status()
         health, counters = st["probe"]["health"], st["daemon"]["counters"]
-        return cls({k: health.get("kernel_emitted", {}).get(k, 0) for k in KINDS},
+        # Opens: repeats folded in the kernel count as seen there, and a record of
+        # repeats as the opens it stands for (counters["opens"]).
+        folded = health.get("kernel_folded_opens", 0)
+        return cls({k: health.get("kernel_emitted", {}).get(k, 0) + (folded if k == "open" else 0)
+                    for k in KINDS},
                    {k: health.get("kernel_dropped", {}).get(k, 0) for k in KINDS},
-                   {k: counters.get(f"records_{k}", 0) for k in KINDS},
+                   {k: counters.get("opens", 0) if k == "open" else counters.get(f"records_{k}", 0)
+                    for k in KINDS},
                    dict(st["drops"]), st["daemon"]["archive_seq"])
 
     def since(self, before: "Counts") -> "Counts":

@@ -128,31 +128,36 @@ class ThroughputPlan:
 @dataclass(frozen=True)
 class PipelineCounters:
     """The counters that follow the workload's opens through the pipeline."""
-    emitted_open: int   # the kernel put them in the ring buffer
+    emitted_open: int   # the kernel put them in the ring buffer, a record each
     dropped_open: int   # the kernel could not (ring buffer or in-flight map full)
-    archived_open: int  # the daemon archived them
+    folded_open: int    # the kernel counted them under an earlier open's key (repeats)
+    archived_open: int  # the daemon archived them (a record of repeats counts as many)
+    archived_records: int  # the open records that carried them
     stage_drops: dict[str, int]  # gap records by stage, as the daemon counted them
 
     @classmethod
     def read(cls, aw: Agentwarden) -> "PipelineCounters":
         st = aw.status()
-        health = st["probe"]["health"]
+        health, counters = st["probe"]["health"], st["daemon"]["counters"]
         return cls(health.get("kernel_emitted", {}).get("open", 0),
                    health.get("kernel_dropped", {}).get("open", 0),
-                   st["daemon"]["counters"].get("records_open", 0),
+                   health.get("kernel_folded_opens", 0),
+                   counters.get("opens", counters.get("records_open", 0)),
+                   counters.get("records_open", 0),
                    dict(st["drops"]))
 
     def since(self, before: "PipelineCounters") -> "PipelineCounters":
         stages = set(self.stage_drops) | set(before.stage_drops)
         return PipelineCounters(
             self.emitted_open - before.emitted_open, self.dropped_open - before.dropped_open,
-            self.archived_open - before.archived_open,
+            self.folded_open - before.folded_open, self.archived_open - before.archived_open,
+            self.archived_records - before.archived_records,
             {s: self.stage_drops.get(s, 0) - before.stage_drops.get(s, 0) for s in stages
              if self.stage_drops.get(s, 0) != before.stage_drops.get(s, 0)})
 
     @property
     def kernel_seen(self) -> int:
-        return self.emitted_open + self.dropped_open
+        return self.emitted_open + self.dropped_open + self.folded_open
 
 
 def _cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
@@ -216,6 +221,7 @@ def _throughput_step(aw: Agentwarden, workload: Workload, cgroup: BenchCgroup, f
         "late_ticks": out["late_ticks"], "other_bpf_users": others, "settled": settled,
         "kernel_emitted": delta.emitted_open, "kernel_dropped": delta.dropped_open,
         "stage_drops": delta.stage_drops, "archived": delta.archived_open,
+        "kernel_folded": delta.folded_open, "records": delta.archived_records,
         # Anything the kernel saw but the archive lacks, wherever it was lost.
         "lost": delta.kernel_seen - delta.archived_open,
         # Nonzero when the kernel counted opens other than the workload's, or

@@ -187,7 +187,8 @@ class Agentwarden(Monitor):
     label = "agentwarden"
 
     def __init__(self, workdir: Path, cgroup: BenchCgroup, policy: str | None = None,
-                 baseline: Path | None = None):
+                 baseline: Path | None = None, env: dict[str, str] | None = None):
+        """env: settings for its processes (AGENTWARDEN_*), over the environment's."""
         super().__init__()
         workdir.mkdir(parents=True, exist_ok=True)
         # Before/after in one run: baseline is another tree of the project
@@ -209,7 +210,7 @@ class Agentwarden(Monitor):
         self.env = {**os.environ, "AGENTWARDEN_RUN_DIR": str(self.settings.run_dir),
                     "AGENTWARDEN_STATE_DIR": str(self.settings.state_dir),
                     "AGENTWARDEN_POLICY_DIR": str(self.settings.policy_dir),
-                    "AGENTWARDEN_CGROUP_SCOPE": self.settings.cgroup_scope}
+                    "AGENTWARDEN_CGROUP_SCOPE": self.settings.cgroup_scope, **(env or {})}
         # `-m agentwarden` looks in the current directory first: the baseline's
         # processes (up, its probe and daemon, run) start in its tree.
         self.cwd = importable(baseline) if baseline is not None else None

@@ -140,14 +140,15 @@ def target_verdicts(untagged: dict) -> list[str]:
 
 
 def throughput_section(series: dict) -> Section:
-    headers = ["target/s", "achieved/s", "opens", "kernel drops", "other drops", "archived",
-               "lost", "drain s", "archived/s", "probe CPU %", "daemon CPU %", "status s",
+    headers = ["target/s", "achieved/s", "opens", "kernel drops", "other drops", "folded", "archived",
+               "records", "lost", "drain s", "archived/s", "probe CPU %", "daemon CPU %", "status s",
                "sustained"]
     rows = []
     for s in series["steps"]:
         other = ", ".join(f"{k}={v:,}" for k, v in sorted(s["stage_drops"].items()) if k != "kernel")
         rows.append([f"{s['target_rate']:,}", f"{s['achieved_rate']:,.0f}", f"{s['ops']:,}",
-                     f"{s['kernel_dropped']:,}", other or "0", f"{s['archived']:,}",
+                     f"{s['kernel_dropped']:,}", other or "0", f"{s.get('kernel_folded', 0):,}",
+                     f"{s['archived']:,}", f"{s.get('records', s['archived']):,}",
                      f"{s['lost']:,}" + ("*" if s["unexplained"] else ""),
                      "timeout" if s["drain_lag_s"] is None else f"{s['drain_lag_s']:.2f}",
                      "-" if s["archive_rate"] is None else f"{s['archive_rate']:,.0f}",

@@ -87,10 +87,10 @@ class Profile:
 
 PROFILES = {
     "full": Profile("full", rounds=12, reps=2, open_count=200_000, exec_count=800,
-                    rates=(25_000, 50_000, 75_000, 100_000, 125_000, 150_000, 200_000),
+                    rates=(25_000, 50_000, 75_000, 100_000, 150_000, 200_000, 300_000),
                     seconds=4, decisions=200_000, kill_trials=200, session_rounds=2000),
     "quick": Profile("quick", rounds=2, reps=1, open_count=100_000, exec_count=300,
-                     rates=(25_000, 100_000), seconds=2, decisions=20_000, kill_trials=30,
+                     rates=(25_000, 150_000, 300_000), seconds=2, decisions=20_000, kill_trials=30,
                      session_rounds=200, starts=20, workload_rounds=2, notify_holds=20),
 }
 
@@ -208,12 +208,17 @@ def allow_policy(files_dir: Path) -> str:
             f'[agent.{BENCH_AGENT}.files]\nread-allow = ["{files_dir}/**"]\n')
 
 
-# name, what the daemon does with each event, the policy it runs with.
+# Every open as a record of its own: repeats are not folded in the kernel.
+EVERY_OPEN = {"AGENTWARDEN_FOLD_INTERVAL": "0"}
+# name, what the daemon does with each event, the policy it runs with, settings.
 THROUGHPUT_SERIES = (
-    ("no policy", "Archive only: no policy, so the daemon records events without deciding",
-     None),
+    ("no policy", "Archive only: no policy, so the daemon records events without deciding; "
+     "repeated opens folded in the kernel (the default)", None, None),
     ("policy in force", "A policy in force: the daemon decides every open (all allowed) "
-     "before archiving it", allow_policy),
+     "before archiving it; repeated opens folded in the kernel (the default)", allow_policy, None),
+    ("policy in force, every open a record", "A policy in force, and fold_interval = 0: every "
+     "open is a record of its own, as before repeats were folded (what the pipeline itself "
+     "sustains)", allow_policy, EVERY_OPEN),
 )
 
 
@@ -223,14 +228,14 @@ def run_throughput(profile: Profile, workdir: Path, workload: Workload, cgroup: 
                           files=THROUGHPUT_FILES, drain_timeout=max(30.0, 4 * profile.seconds))
     results = []
     # With a baseline tree, each series again with its agentwarden, right after: before/after in one run.
-    sides = [(name, describe, make_policy, None) for name, describe, make_policy in THROUGHPUT_SERIES]
+    sides = [(name, describe, make_policy, env, None) for name, describe, make_policy, env in THROUGHPUT_SERIES]
     if baseline_tree():
-        sides = [side for name, describe, make_policy, _ in sides for side in
-                 ((name, describe, make_policy, None),
-                  (f"{name}, baseline {baseline_tree().name}", describe, make_policy, baseline_tree()))]
-    for number, (name, describe, make_policy, baseline) in enumerate(sides):
+        sides = [side for name, describe, make_policy, env, _ in sides for side in
+                 ((name, describe, make_policy, env, None),
+                  (f"{name}, baseline {baseline_tree().name}", describe, make_policy, env, baseline_tree()))]
+    for number, (name, describe, make_policy, env, baseline) in enumerate(sides):
         aw = Agentwarden(workdir / f"throughput-{number}", cgroup,
-                         policy=make_policy(files_dir) if make_policy else None, baseline=baseline)
+                         policy=make_policy(files_dir) if make_policy else None, baseline=baseline, env=env)
         cleanup.callback(aw.stop)
         log(f"throughput, {name}: starting agentwarden")
         aw.start()
