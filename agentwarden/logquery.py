@@ -225,6 +225,8 @@ def export_record(record: dict, header, attribution: Attribution) -> dict[str, A
             line[key] = _plain(value)
     if record["kind"] == "open" and isinstance(record.get("flags"), int):
         line["access"] = render.open_mode(record["flags"])
+    if record["kind"] == "open" and isinstance(record.get("last_time"), int):
+        line["last_time_iso"] = iso(record["last_time"])   # repeated opens: the last of them
     if record["kind"] == "drift":
         line.update(drift_fields(record))
     return line

@@ -193,6 +193,10 @@ def to_ocsf(line: dict) -> dict:
         "unmapped": {"agentwarden": {"kind": kind, **{k: line.get(k) for k in ATTRIBUTION},
                                      **_extra(line)}},
     }
+    if line.get("count"):   # repeated opens (or their violation): how many, first and last
+        event.update(count=line["count"], start_time=line["time"] // 1_000_000)
+        if line.get("last_time"):
+            event["end_time"] = line["last_time"] // 1_000_000
     return _drop_empty(event)
 
 
@@ -200,7 +204,7 @@ def _extra(line: dict) -> dict:
     """What a finding's reader needs beyond the class's attributes."""
     keys = {"violation": ("decision", "rule", "reason", "action", "action_taken", "mode", "event_seq"),
             "hold": ("hold_id", "state", "on_behalf_of", "rule", "required", "approvers", "waited"),
-            "open": ("access",), "change": ("syscall", "resolved_path2", "path2")}.get(line["kind"], ())
+            "open": ("access", "count"), "change": ("syscall", "resolved_path2", "path2")}.get(line["kind"], ())
     return {k: line.get(k) for k in keys}
 
 
@@ -262,6 +266,8 @@ def to_ecs(line: dict) -> dict:
         event.update(kind="alert" if state == "pending" else "event", category=["intrusion_detection"],
                      type=[decided or "info"], action=f"hold-{state}", reason=line.get("reason"),
                      outcome="unknown", severity=_severity(line))
+    if line.get("count"):   # repeated opens: the first and the last of them (their number below)
+        event.update(start=line.get("time_iso"), end=line.get("last_time_iso"))
     event.update(module="agentwarden", dataset=f"agentwarden.{kind}", sequence=line.get("seq"),
                  id=f"{line.get('host')}/{line.get('boot_id')}/{line.get('seq')}",
                  created=line.get("time_iso"))

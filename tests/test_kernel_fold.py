@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from conftest import events_of, wait_for
-from test_kernel_enforce import _policy, _violations
+from test_kernel_enforce import _policy
 
 pytestmark = pytest.mark.kernel
 

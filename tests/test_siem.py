@@ -34,6 +34,9 @@ SAMPLES = {
     "exit": dict(kind="exit", **TASK),
     "read": dict(kind="open", **TASK, syscall="openat", path="a.txt", resolved_path="/w/a.txt",
                  flags=os.O_RDONLY, ret=3, error=None),
+    # Repeated opens folded in the kernel: one record for 49 of them.
+    "repeated reads": dict(kind="open", **TASK, syscall="openat", path="/w/a.txt", resolved_path="/w/a.txt",
+                           flags=os.O_RDONLY, ret=3, error=None, count=49, last_time=NS + 2_000_000_000),
     "write": dict(kind="open", **TASK, syscall="openat", path="b.txt", resolved_path="/w/b.txt",
                   flags=os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ret=3, error=None),
     **{f"change {c}": dict(kind="change", **TASK, syscall=c, path="/w/x", path2="/w/y" if "ren" in c else "",
@@ -119,3 +122,12 @@ def test_the_checks_catch_what_is_not_in_the_schemas():
     assert ecs_problems({**doc, "process": {**doc["process"], "cmdline": "x"}}) == ["'process.cmdline' is not an ECS field"]
     assert ecs_problems({**doc, "event": {**doc["event"], "type": ["deletion"]}}) == [
         "event.type 'deletion' is not expected with categories ['process']"]
+
+
+def test_a_record_of_repeated_opens_says_how_many_and_when_in_both():
+    exported = line(SAMPLES["repeated reads"])
+    ocsf, ecs = siem.to_ocsf(exported), siem.to_ecs(exported)
+    assert (ocsf["count"], ocsf["start_time"], ocsf["end_time"]) == (49, NS // 1_000_000, NS // 1_000_000 + 2000)
+    assert ecs["event"]["start"] == "2026-11-30T00:53:20.123456789Z"
+    assert ecs["event"]["end"] == "2026-11-30T00:53:22.123456789Z"
+    assert ecs["agentwarden"]["count"] == 49

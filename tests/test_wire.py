@@ -220,6 +220,15 @@ def test_wrong_field_types_are_rejected(kind, field, value):
         wire.decode_batch(batch_bytes([record(kind, **{field: value})]))
 
 
+@pytest.mark.parametrize("count,last_time", [(0, 1), (-3, 1), (True, 1), ("9", 1), (2.0, 1), (5, None),
+                                              (5, "later")])
+def test_a_record_of_repeated_opens_needs_a_positive_count_and_a_last_time(count, last_time):
+    # Seen once valid, a signature takes the fast path: the count is checked there too.
+    wire.decode_batch(batch_bytes([record("open", count=3, last_time=2)]))
+    with pytest.raises(WireError, match="open record has a malformed count"):
+        wire.decode_batch(batch_bytes([record("open", count=count, last_time=last_time)]))
+
+
 def test_optional_fields_accept_none_and_str():
     for detail in (None, "ring buffer full"):
         batch = wire.decode_batch(batch_bytes([record("gap", detail=detail)]))
