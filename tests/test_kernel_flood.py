@@ -43,7 +43,8 @@ def test_a_flood_of_opens_never_hides_a_forbidden_exec(warden, agent_cgroup, tmp
                               f'[agent.{agent}.exec]\nallow = ["/**"]\ndeny = ["/usr/bin/id"]\n'
                               f'[agent.{agent}.files]\nread-allow = ["/**"]\nwrite-allow = ["/**"]\n'))
     # A directory: its closes go out too (a read-only file's are counted, not
-    # sent), so each open makes two records, the flood the ring was sized for.
+    # sent), so each open makes two records, the flood the ring was sized for;
+    # and its repeated opens are never folded (a read-only file's would be).
     target = tmp_path / "flooded"
     target.mkdir()
     procs = str(cg.path / "cgroup.procs")
@@ -122,8 +123,10 @@ def test_execs_while_the_daemon_does_not_read_are_all_recorded(warden, agent_cgr
     work.mkdir()
     for i in range(STOPPED_EXECS):
         (work / f"f{i:04}").write_text("x")
+    # A directory: each open is a record (repeated opens of a read-only file
+    # would be folded in the kernel into one record with a count: no flood).
     target = tmp_path / "flooded"
-    target.write_text("x")
+    target.mkdir()
     procs = str(cg.path / "cgroup.procs")
     status = warden.status()
     before = status["probe"]["health"]["kernel_dropped"]

@@ -1,5 +1,5 @@
 """The priority lane on the real kernel: four processes of an agent flood opens
-(bench/flood.c, 50,000/s in all; on a slower or busier machine the in-order stream
+of directories (bench/flood.c, 50,000 records/s in all; on a slower or busier machine the in-order stream
 falls seconds behind), while
 another process of the same agent execs a program no allow rule matches (a
 copy of sh: a user-space kill by the daemon, not a kernel deny). It is killed
@@ -25,7 +25,10 @@ pytestmark = pytest.mark.kernel
 
 FLOOD_SOURCE = Path(__file__).resolve().parent.parent / "bench" / "flood.c"
 FLOODERS = 4
-FLOOD_RATE = 50_000   # opens/s of the four together, as in the finding (bench/flood.py): below the loss limit
+# Opens/s of the four together, of directories: each open and its close are
+# records (50,000 records/s, as in the finding, bench/flood.py: below the loss
+# limit), and repeated opens of a directory are never folded in the kernel.
+FLOOD_RATE = 25_000
 FLOOD_SECONDS = 60   # stopped once the execs are done
 FILES = 500
 EXECS = 3
@@ -66,7 +69,7 @@ def test_a_forbidden_exec_is_killed_ahead_of_a_flood(warden, agent_cgroup, tmp_p
     files = tmp_path / "files"
     files.mkdir()
     for i in range(FILES):
-        (files / f"f{i}").touch()
+        (files / f"f{i}").mkdir()
     forbidden = tmp_path / "forbidden-sh"   # sh, where no allow rule matches it
     shutil.copy("/usr/bin/sh", forbidden)
     before = _counters(warden)
