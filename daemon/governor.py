@@ -44,7 +44,7 @@ AT_SYMLINK_NOFOLLOW = 0x100
 # half a kilobyte each; when full the least recently used one goes (counted).
 DECISION_CACHE_SIZE = 16384
 # Looks kept per open that the kernel may fold repeats of (see Governor._note_real_paths).
-LOOKS_KEPT = 4
+LOOKS_KEPT = 3
 
 
 def real_paths(record: dict, look: Callable[[str], str | None] | None = None) -> dict[str, tuple[str, str]]:
@@ -192,8 +192,9 @@ class Governor:
         self.cache_hits = 0
         self.cache_evictions = 0   # verdicts dropped for room (decided again when needed)
         self._looked: BatchLooks | None = None   # real paths looked up in this batch
-        # _foldable_key -> (time, real paths looked up) of such opens' records (see _note_real_paths)
-        self._first_looks: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        # _foldable_key -> the time of such an open's record (its path is where it
+        # leads), or the latest few (time, real paths) (see _note_real_paths)
+        self._first_looks: dict[int, int | tuple] = {}
 
     @contextlib.contextmanager
     def batch(self):
@@ -275,32 +276,36 @@ class Governor:
         return verdict
 
     @staticmethod
-    def _foldable_key(record: dict) -> tuple | None:
+    def _foldable_key(record: dict) -> int | None:
         """What an open the kernel may fold repeats of shares with the record
-        of their count (bpf program, "repeated opens"); None for any other."""
+        of their count (bpf program, "repeated opens"), hashed (Python's str
+        hash is keyed per process: no one can make two collide on purpose);
+        None for any other open."""
         ret = record.get("ret", 0)
         if record["kind"] != "open" or not (ret < 0 or record.get("fd_unfollowed")):
             return None
-        return (record.get("agent_cgroup_id"), record.get("tid"), record.get("path"), record.get("flags"), ret)
+        return hash((record.get("agent_cgroup_id"), record.get("tid"), record.get("path"), record.get("flags"), ret))
 
     def _note_real_paths(self, record: dict, real: dict) -> None:
         """Where an open's path led when its record came, kept for the record of
-        its repeats, which comes up to fold_interval later (the latest few
-        per thread, path, flags and result: the repeats of one file may be
-        counted while the path already leads to another)."""
+        its repeats, which comes up to fold_interval later: the look's time,
+        and what it found where that is not the path itself. The latest
+        LOOKS_KEPT per thread, path, flags and result (the repeats of one
+        file may be counted while the path already leads to another); the
+        common case, one look of a path that is where it leads, costs an int."""
         key = self._foldable_key(record) if "count" not in record else None
         if key is None:
             return
         looks = self._first_looks
-        seen = looks.get(key)
-        if seen is None:
-            seen = looks[key] = []
+        made = record.get("time", 0)
+        before = looks.pop(key, None)   # back in at the end: the oldest go first
+        if before is None and not real:
+            looks[key] = made
         else:
-            looks.move_to_end(key)
-        seen.append((record.get("time", 0), real))
-        del seen[:-LOOKS_KEPT]
+            kept = () if before is None else (((before, {}),) if type(before) is int else before)
+            looks[key] = (kept + ((made, real),))[-LOOKS_KEPT:]
         if len(looks) > DECISION_CACHE_SIZE:
-            looks.popitem(last=False)
+            del looks[next(iter(looks))]
 
     def _folded_real_paths(self, record: dict) -> dict | None:
         """For a record of repeated opens, what the look said for the open whose
@@ -308,8 +313,10 @@ class Governor:
         made before them. None: not kept (look now)."""
         if "count" not in record:
             return None
-        key = self._foldable_key(record)
-        for made, real in reversed(self._first_looks.get(key) or ()):
+        seen = self._first_looks.get(self._foldable_key(record))
+        if seen is None:
+            return None
+        for made, real in reversed(((seen, {}),) if type(seen) is int else seen):
             if made <= record["time"]:
                 return real
         return None
