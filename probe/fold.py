@@ -44,7 +44,8 @@ class Folder:
         self._ready: list[dict] = []    # records made, not yet taken by the loop
         self._ready_lock = threading.Lock()
         self._stop = threading.Event()
-        self.counters = {"fold_records": 0, "folded_opens": 0, "fold_swaps": 0}
+        # records and opens sent, swaps, and failures of the thread (logged; it lives on)
+        self.counters = {"fold_records": 0, "folded_opens": 0, "fold_swaps": 0, "fold_errors": 0}
         self._point(0)
         self._thread = threading.Thread(target=self._run, name="fold", daemon=True)
 
@@ -79,7 +80,12 @@ class Folder:
         pending = False
         while not self._stop.wait(LOOK):
             now = time.monotonic()
-            counts = self._counts()
+            try:
+                counts = self._counts()
+            except Exception:   # the thread lives on: the counts wait in the kernel
+                self.counters["fold_errors"] += 1
+                log.exception("folding repeated opens: reading the kernel's counters failed")
+                continue
             if counts[0] != folded_seen[0]:
                 pending, last_change = True, now
             folded_seen = counts
@@ -89,9 +95,10 @@ class Folder:
                 try:
                     self._swap()
                 except Exception:   # never take the probe down: counts wait for the next swap
+                    self.counters["fold_errors"] += 1
                     log.exception("folding repeated opens: the swap failed")
                     continue
-                last_swap, pending, opens_seen = now, False, self._counts()
+                last_swap, pending, opens_seen = now, False, counts
 
     def _counts(self) -> tuple[int, int]:
         return self._counter_sum(self._folded_slot), self._counter_sum(self._open_slot)

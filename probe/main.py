@@ -516,7 +516,8 @@ class Probe:
             # opens folded into a repeat count in the kernel, and what the probe sent of them:
             # records that each stand for `count` opens, and the opens they stand for
             "kernel_folded_opens": counts[self.c["AW_COUNTER_FOLDED"]],
-            **(self.folder.counters if self.folder else {"fold_records": 0, "folded_opens": 0, "fold_swaps": 0}),
+            **(self.folder.counters if self.folder else
+               {"fold_records": 0, "folded_opens": 0, "fold_swaps": 0, "fold_errors": 0}),
             "decoded": self.counters["decoded"],
             "decode_errors": self.counters["decode_errors"],
             "batches_sent": self.counters["batches_sent"],
