@@ -129,14 +129,6 @@ def _real_path_through_links(path: str) -> str | None:
     return real
 
 
-def _looks_of(kept: int | tuple | None) -> tuple:
-    """The (time, real paths) pairs a Governor._first_looks value stands for:
-    an int is one look of a path that is where it leads."""
-    if kept is None:
-        return ()
-    return ((kept, {}),) if type(kept) is int else kept
-
-
 class BatchLooks:
     """Real paths looked up while one batch is decided: each path once, and a
     directory once — checked to have no symlink on its way (openat2 with
@@ -310,7 +302,8 @@ class Governor:
         if before is None and not real:
             looks[key] = made
         else:
-            looks[key] = (_looks_of(before) + ((made, real),))[-LOOKS_KEPT:]
+            kept = () if before is None else (((before, {}),) if type(before) is int else before)
+            looks[key] = (kept + ((made, real),))[-LOOKS_KEPT:]
         if len(looks) > DECISION_CACHE_SIZE:
             del looks[next(iter(looks))]
 
@@ -320,7 +313,10 @@ class Governor:
         made before them. None: not kept (look now)."""
         if "count" not in record:
             return None
-        for made, real in reversed(_looks_of(self._first_looks.get(self._foldable_key(record)))):
+        seen = self._first_looks.get(self._foldable_key(record))
+        if seen is None:
+            return None
+        for made, real in reversed(((seen, {}),) if type(seen) is int else seen):
             if made <= record["time"]:
                 return real
         return None

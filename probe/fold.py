@@ -26,9 +26,6 @@ LOOK = 0.05   # seconds
 QUIET = 0.15  # seconds
 # Where the record (struct aw_file, ts_ns 0) starts in struct aw_fold_key: after sb, ino, generation, reserved.
 RECORD_OFFSET = 24
-# The probe's health counters of folding: records and opens sent, swaps, and
-# failures of the thread (logged; it lives on).
-COUNTERS = ("fold_records", "folded_opens", "fold_swaps", "fold_errors")
 
 
 class Folder:
@@ -47,7 +44,8 @@ class Folder:
         self._ready: list[dict] = []    # records made, not yet taken by the loop
         self._ready_lock = threading.Lock()
         self._stop = threading.Event()
-        self.counters = dict.fromkeys(COUNTERS, 0)
+        # records and opens sent, swaps, and failures of the thread (logged; it lives on)
+        self.counters = {"fold_records": 0, "folded_opens": 0, "fold_swaps": 0, "fold_errors": 0}
         self._point(0)
         self._thread = threading.Thread(target=self._run, name="fold", daemon=True)
 

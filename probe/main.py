@@ -21,7 +21,7 @@ from agentwarden.settings import Settings
 
 from . import loader
 from .decode import DecodeError, Decoder
-from .fold import COUNTERS as FOLD_COUNTERS, Folder
+from .fold import Folder
 from .priority import PriorityLane
 from .rings import open_ring
 from .watch_now import WatchServer
@@ -516,7 +516,8 @@ class Probe:
             # opens folded into a repeat count in the kernel, and what the probe sent of them:
             # records that each stand for `count` opens, and the opens they stand for
             "kernel_folded_opens": counts[self.c["AW_COUNTER_FOLDED"]],
-            **(self.folder.counters if self.folder else dict.fromkeys(FOLD_COUNTERS, 0)),
+            **(self.folder.counters if self.folder else
+               {"fold_records": 0, "folded_opens": 0, "fold_swaps": 0, "fold_errors": 0}),
             "decoded": self.counters["decoded"],
             "decode_errors": self.counters["decode_errors"],
             "batches_sent": self.counters["batches_sent"],
@@ -551,9 +552,9 @@ class Probe:
         # batches would go out at ZeroMQ's high-water mark (SEND_HWM) a turn.
         if self.backlog and len(self.backlog[-1]) < MAX_BATCH:
             room = MAX_BATCH - len(self.backlog[-1])
-            topped, records = records[:room], records[room:]
-            self.backlog[-1].extend(topped)
-            self.backlog_records += len(topped)
+            self.backlog[-1].extend(records[:room])
+            self.backlog_records += len(records[:room])
+            records = records[room:]
         for i in range(0, len(records), MAX_BATCH):
             chunk = records[i:i + MAX_BATCH]
             self.backlog.append(chunk)
